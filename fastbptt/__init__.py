@@ -1,0 +1,15 @@
+"""fastbptt: fast, exact Backpropagation Through Time for recurrent networks.
+
+    params = fastbptt.init_params(D, H, Q, seed=0)
+    loss, grads, h_T = fastbptt.loss_and_grad(params, X, Y)
+
+Importing compiles nothing and needs no GPU; kernels compile on first use and are
+cached on disk.
+"""
+from .api import init_params, loss, loss_and_grad, rnn_backward, rnn_forward
+from .truncation import Randomized, Truncated
+
+__version__ = "0.1.0"
+
+__all__ = ["init_params", "loss_and_grad", "loss", "rnn_forward", "rnn_backward",
+           "Truncated", "Randomized", "__version__"]

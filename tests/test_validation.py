@@ -1,0 +1,159 @@
+"""Bad input: a clear ValueError/TypeError/KeyError naming the argument, never a crash."""
+import numpy as np
+import pytest
+
+import fastbptt
+from conftest import make_case
+
+
+@pytest.fixture
+def case(rng):
+    return make_case(rng, T=4, B=3, D=5, H=6, Q=7)
+
+
+def call(params, X, Y, h0=None, **kw):
+    return fastbptt.loss_and_grad(params, X, Y, h0, **kw)
+
+
+def test_token_out_of_range_message(case):
+    params, X, Y, h0 = case
+    X = X.copy()
+    X[1, 2] = 31
+    with pytest.raises(ValueError, match=r"X: token id 31 out of range \[0, 5\)"):
+        call(params, X, Y)
+    X[1, 2] = -1
+    with pytest.raises(ValueError, match=r"X: token id -1 out of range"):
+        call(params, X, Y)
+
+
+def test_target_out_of_range(case):
+    params, X, Y, h0 = case
+    Y = Y.copy()
+    Y[0, 0] = 7
+    with pytest.raises(ValueError, match=r"Y: token id 7 out of range \[0, 7\)"):
+        call(params, X, Y)
+
+
+@pytest.mark.parametrize("mutate, exc, pattern", [
+    (lambda p: p.pop("W_hh"), KeyError, "W_hh"),
+    (lambda p: p.update(extra=np.zeros(3)), ValueError, "extra"),
+    (lambda p: p.update(W_hh=p["W_hh"][:, :5]), ValueError, "W_hh"),
+    (lambda p: p.update(b_h=np.zeros(5)), ValueError, "b_h"),
+    (lambda p: p.update(W_hq=np.zeros((5, 7))), ValueError, "W_hq"),
+    (lambda p: p.update(b_q=np.zeros(6)), ValueError, "b_q"),
+    (lambda p: p.update(W_xh=np.zeros(6)), ValueError, "W_xh"),
+    (lambda p: p.update(W_xh=np.zeros((5, 6), np.int64)), TypeError, "W_xh"),
+    (lambda p: p.update(W_xh=np.zeros((5, 6), np.float16)), TypeError, "W_xh"),
+    (lambda p: p["W_hh"].__setitem__((0, 0), np.nan), ValueError, "W_hh.*non-finite"),
+    (lambda p: p["b_q"].__setitem__(0, np.inf), ValueError, "b_q.*non-finite"),
+])
+def test_bad_params(case, mutate, exc, pattern):
+    params, X, Y, h0 = case
+    params = {k: v.copy() for k, v in params.items()}
+    mutate(params)
+    with pytest.raises(exc, match=pattern):
+        call(params, X, Y)
+
+
+def test_params_not_a_dict(case):
+    _, X, Y, _ = case
+    with pytest.raises(TypeError, match="params"):
+        call([1, 2], X, Y)
+
+
+@pytest.mark.parametrize("make_X, exc, pattern", [
+    (lambda X: X[:, :, None], ValueError, "X"),
+    (lambda X: X[0], ValueError, "X"),
+    (lambda X: X[:0], ValueError, "X: empty"),
+    (lambda X: X.astype(bool), TypeError, "X"),
+    (lambda X: X.astype(np.float64), ValueError, "X: dense input must have shape"),
+    (lambda X: np.zeros((4, 3, 4)), ValueError, "X: dense input has D=4"),
+    (lambda X: np.full((4, 3, 5), np.nan), ValueError, "X: non-finite"),
+    (lambda X: X.astype(str), TypeError, "X"),
+])
+def test_bad_X(case, make_X, exc, pattern):
+    params, X, Y, _ = case
+    with pytest.raises(exc, match=pattern):
+        call(params, make_X(X), Y)
+
+
+@pytest.mark.parametrize("make_Y, exc, pattern", [
+    (lambda Y: Y[:3], ValueError, r"Y: expected shape \(4, 3\)"),
+    (lambda Y: Y.astype(np.float32), TypeError, "Y"),
+    (lambda Y: Y[..., None], ValueError, "Y"),
+])
+def test_bad_Y(case, make_Y, exc, pattern):
+    params, X, Y, _ = case
+    with pytest.raises(exc, match=pattern):
+        call(params, X, make_Y(Y))
+
+
+@pytest.mark.parametrize("h0, exc, pattern", [
+    (np.zeros((3, 5)), ValueError, "h0: expected shape"),
+    (np.zeros((3, 6), np.int64), TypeError, "h0"),
+    (np.full((3, 6), np.inf), ValueError, "h0: non-finite"),
+])
+def test_bad_h0(case, h0, exc, pattern):
+    params, X, Y, _ = case
+    with pytest.raises(exc, match=pattern):
+        call(params, X, Y, h0)
+
+
+@pytest.mark.parametrize("kw, exc, pattern", [
+    (dict(activation="sigmoid"), ValueError, "activation"),
+    (dict(activation=None), ValueError, "activation"),
+    (dict(reduction="max"), ValueError, "reduction"),
+    (dict(device="tpu"), ValueError, "device"),
+    (dict(truncation="partial"), ValueError, "truncation"),
+    (dict(truncation=3), TypeError, "truncation"),
+])
+def test_bad_options(case, kw, exc, pattern):
+    params, X, Y, _ = case
+    with pytest.raises(exc, match=pattern):
+        call(params, X, Y, **kw)
+
+
+def test_cuda_without_gpu_is_a_clear_runtime_error(case):
+    params, X, Y, _ = case
+    try:
+        import fastbptt._cuda as cu
+        if cu.available():
+            pytest.skip("a CUDA device is available here")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match=r"device='cuda' needs numba-cuda and a CUDA GPU"):
+        call(params, X, Y, device="cuda")
+
+
+@pytest.mark.parametrize("ctor, exc", [
+    (lambda: fastbptt.Truncated(0), ValueError), (lambda: fastbptt.Truncated(-2), ValueError),
+    (lambda: fastbptt.Truncated(2.5), TypeError), (lambda: fastbptt.Truncated(True), TypeError),
+    (lambda: fastbptt.Randomized(0), ValueError), (lambda: fastbptt.Randomized(-0.1), ValueError),
+    (lambda: fastbptt.Randomized(1.01), ValueError), (lambda: fastbptt.Randomized("0.5"), TypeError),
+    (lambda: fastbptt.Randomized(0.5, seed="x"), TypeError),
+])
+def test_bad_truncation_objects(ctor, exc):
+    with pytest.raises(exc, match="Truncated|Randomized"):
+        ctor()
+
+
+def test_rnn_backward_bad_shapes(case):
+    params, X, _, h0 = case
+    Hs = fastbptt.rnn_forward(params, X, h0)
+    with pytest.raises(ValueError, match="dHs"):
+        fastbptt.rnn_backward(params, X, Hs, Hs[:2], h0)
+    with pytest.raises(ValueError, match="Hs"):
+        fastbptt.rnn_backward(params, X, Hs[:, :2], Hs, h0)
+
+
+@pytest.mark.parametrize("args, exc", [
+    ((0, 3, 4), ValueError), ((2, -1, 4), ValueError), ((2, 3.0, 4), TypeError),
+])
+def test_bad_init_sizes(args, exc):
+    with pytest.raises(exc, match="size"):
+        fastbptt.init_params(*args)
+
+
+def test_bad_init_dtype():
+    with pytest.raises(TypeError, match="dtype"):
+        fastbptt.init_params(2, 3, 4, dtype=np.int32)
