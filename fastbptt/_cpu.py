@@ -43,7 +43,7 @@ def tanh(x):
     return np.tanh(x)
 
 
-@overload(tanh, jit_options={"fastmath": FASTMATH})
+@overload(tanh, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
 def _tanh_ov(x):
     if x == types.float32:
         def tanh_f32(x):
@@ -64,7 +64,7 @@ def _tanh_ov(x):
     return lambda x: np.tanh(x)
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def tanh_cpu(out, x):
     """out = tanh(x), elementwise (the kernels' tanh, exposed for tests) · out, x (N,)"""
     for i in range(x.shape[0]):
@@ -72,7 +72,7 @@ def tanh_cpu(out, x):
 
 
 # ------------------------------------------------------------------ input projection
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def embed_tokens_cpu(pre, X, W_xh, b_h):
     """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h
 
@@ -87,7 +87,7 @@ def embed_tokens_cpu(pre, X, W_xh, b_h):
                 dst[j] = row[j] + b_h[j]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def embed_dense_cpu(pre, X, W_xh, b_h):
     """pre = X W_xh + b_h over all T·B rows at once (one GEMM)
 
@@ -101,19 +101,21 @@ def embed_dense_cpu(pre, X, W_xh, b_h):
 
 
 # ------------------------------------------------------------------------ recurrence
-@njit(cache=True, fastmath=FASTMATH)
-def rnn_forward_cpu(Hs, h0, W_hh, act):
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_forward_cpu(Hx, W_hh, act):
     """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
 
-    Hs (T,B,H) in: pre_t, out: h_t · h0 (B,H) · W_hh (H,H) · act 0=tanh 1=relu 2=identity
+    Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hh (H,H) · act 0=tanh 1=relu
+    2=identity.  h_0 sits in front of h_1..h_T so that ∂W_hh is one GEMM over Hx[:T].
     Per step one (B,H)x(H,H) GEMM into a buffer, then the add and φ fused in one pass.
     """
-    T, B, H = Hs.shape
-    rec = np.empty((B, H), Hs.dtype)          # h_{t-1} W_hh, reused every step
-    zero = Hs.dtype.type(0)
-    for t in range(T):
-        np.dot(h0 if t == 0 else Hs[t - 1], W_hh, rec)
-        h = Hs[t]
+    T = Hx.shape[0] - 1
+    B, H = Hx.shape[1], Hx.shape[2]
+    rec = np.empty((B, H), Hx.dtype)          # h_{t-1} W_hh, reused every step
+    zero = Hx.dtype.type(0)
+    for t in range(1, T + 1):
+        np.dot(Hx[t - 1], W_hh, rec)
+        h = Hx[t]
         if act == TANH:
             for b in range(B):
                 for j in range(H):
@@ -129,36 +131,37 @@ def rnn_forward_cpu(Hs, h0, W_hh, act):
                     h[b, j] += rec[b, j]
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def _dz_step(dz, a_direct, carry, xi, h, act):
-    """dz = (a_direct + xi · carry) ⊙ φ'(h)   (inverts h_t = φ(z_t); xi = 0 skips carry)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _dz_step(dz, carry, xi, h, act):
+    """dz ← (dz + xi · carry) ⊙ φ'(h)   (inverts h_t = φ(z_t); xi = 0 skips carry)
 
-    dz, a_direct, carry, h (B,H); dz may alias a_direct.
+    dz (B,H) in: the direct adjoint, out: ∂L/∂z · carry, h (B,H).  One branch-free
+    loop per case, so each vectorizes.
     """
     B, H = dz.shape
     one = h.dtype.type(1)
     zero = h.dtype.type(0)
-    for b in range(B):
-        for j in range(H):
-            a = a_direct[b, j]
-            if xi != zero:
-                a += xi * carry[b, j]
-            hv = h[b, j]
-            if act == TANH:
-                dz[b, j] = a * (one - hv * hv)
-            elif act == RELU:
-                dz[b, j] = a if hv > zero else zero
-            else:
-                dz[b, j] = a
+    if xi != zero:
+        for b in range(B):
+            for j in range(H):
+                dz[b, j] += xi * carry[b, j]
+    if act == TANH:
+        for b in range(B):
+            for j in range(H):
+                dz[b, j] *= one - h[b, j] * h[b, j]
+    elif act == RELU:
+        for b in range(B):
+            for j in range(H):
+                dz[b, j] = dz[b, j] if h[b, j] > zero else zero
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def rnn_backward_cpu(dZ, dh0, Hs, W_hh, xi, act):
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_backward_cpu(dZ, dh0, Hx, W_hh, xi, act):
     """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
     then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
 
-    dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hs (T,B,H) ·
-    W_hh (H,H) · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}: randomized
+    dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
+    h_0..h_T · W_hh (H,H) · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}: randomized
     truncation, a zero skips that step's GEMM) · act 0=tanh 1=relu 2=identity
     """
     T, B, H = dZ.shape
@@ -167,7 +170,7 @@ def rnn_backward_cpu(dZ, dh0, Hs, W_hh, xi, act):
     zero = dZ.dtype.type(0)
     for t in range(T - 1, -1, -1):
         x = xi[t + 1] if t + 1 < T else zero
-        _dz_step(dZ[t], dZ[t], carry, x, Hs[t], act)   # inverts h_t = φ(z_t)
+        _dz_step(dZ[t], carry, x, Hx[t + 1], act)   # inverts h_t = φ(z_t)
         if t > 0 and xi[t] != zero:
             np.dot(dZ[t], W_hhT, carry)                 # inverts h_{t-1} W_hh
     if xi[0] != zero:
@@ -179,8 +182,8 @@ def rnn_backward_cpu(dZ, dh0, Hs, W_hh, xi, act):
         dh0[:] = zero
 
 
-@njit(cache=True, fastmath=FASTMATH)
-def rnn_backward_truncated_cpu(dZ, dh0, Hs, W_hh, k, act):
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, k, act):
     """Per-term truncation after k steps:  dz_s = Σ_{t=s}^{min(s+k-1,T)} (l_t's adjoint at z_s),
     ∂L/∂h_0 = dz_1 W_hhᵀ (only the terms with t <= k reach step 1).
 
@@ -188,8 +191,8 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hs, W_hh, k, act):
     C_t ← C_t ⊙ φ'(h_{t-d}) is added into dz_{t-d}, then C_t ← C_t W_hhᵀ for all t > d in
     one GEMM over (T-d-1)·B rows.  Cost: min(k,T) - 1 GEMMs of at most T·B rows.
 
-    dZ (T,B,H) in: dHs (direct terms), out: dz_t · dh0 (B,H) out · Hs (T,B,H) ·
-    W_hh (H,H) · k >= 1 · act 0=tanh 1=relu 2=identity
+    dZ (T,B,H) in: dHs (direct terms), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
+    h_0..h_T · W_hh (H,H) · k >= 1 · act 0=tanh 1=relu 2=identity
     """
     T, B, H = dZ.shape
     W_hhT = np.ascontiguousarray(W_hh.T)
@@ -200,7 +203,7 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hs, W_hh, k, act):
     depth = min(k, T)
     for d in range(depth):
         for t in range(d, T):                  # C_t sits at step s = t - d
-            _dz_step(chain[t], chain[t], chain[t], zero, Hs[t - d], act)
+            _dz_step(chain[t], chain[t], zero, Hx[t - d + 1], act)
             dst = dZ[t - d]
             src = chain[t]
             for b in range(B):
@@ -214,18 +217,14 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hs, W_hh, k, act):
 
 
 # ------------------------------------------------------------------ weight gradients
-@njit(cache=True, fastmath=FASTMATH)
-def rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hs, h0):
-    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (two GEMMs over all rows, after the loop)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hx):
+    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one GEMM over all T·B rows, after the loop)
 
-    dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) · Hs (T,B,H) · h0 (B,H)
+    dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) · Hx (T+1,B,H) h_0..h_T
     """
     T, B, H = dZ.shape
-    np.dot(h0.T, dZ[0], dW_hh)
-    if T > 1:
-        dZ2 = dZ.reshape(T * B, H)
-        Hs2 = Hs.reshape(T * B, H)
-        dW_hh += np.dot(Hs2[:(T - 1) * B].T, dZ2[B:])
+    np.dot(Hx[:T].reshape(T * B, H).T, dZ.reshape(T * B, H), dW_hh)
     db_h[:] = 0
     for t in range(T):
         for b in range(B):
@@ -233,7 +232,7 @@ def rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hs, h0):
                 db_h[j] += dZ[t, b, j]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def embed_tokens_backward_cpu(dW_xh, dZ, X):
     """∂W_xh = Σ_t x_tᵀ dz_t for one-hot x_t: a scatter-add, dW_xh[X[t,b]] += dz_t[b]
 
@@ -249,7 +248,7 @@ def embed_tokens_backward_cpu(dW_xh, dZ, X):
                 dst[j] += src[j]
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def embed_dense_backward_cpu(dW_xh, dZ, X):
     """∂W_xh = Xᵀ dZ over all T·B rows (one GEMM)
 
@@ -259,7 +258,7 @@ def embed_dense_backward_cpu(dW_xh, dZ, X):
 
 
 # ---------------------------------------------------------------------- softmax head
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _softmax_row(o, b_q):
     """o ← exp(o + b_q - m) with m = max(o + b_q); returns (m, Σ exp) so logsumexp = m + log Σ
 
@@ -278,7 +277,7 @@ def _softmax_row(o, b_q):
     return m, s
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, Hs, Y, W_hq, b_q, scale):
     """o = H W_hq + b_q;  L = scale · Σ_n (logsumexp(o_n) - o_n[y_n]);
     do = scale · (softmax(o) - onehot(y));  ∂W_hq = Hᵀ do,  ∂b_q = Σ_n do_n,  dHs = do W_hqᵀ
@@ -308,7 +307,7 @@ def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, Hs, Y, W_hq, b_q, scale)
     return total * scale
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def head_loss_cpu(logits, Hs, Y, W_hq, b_q):
     """Σ_n (logsumexp(o_n) - o_n[y_n]) with o = H W_hq + b_q (forward only; float64 result)
 
@@ -330,34 +329,33 @@ def head_loss_cpu(logits, Hs, Y, W_hq, b_q):
 # Inputs arrive validated, C-contiguous, writeable, in one float dtype (token ids int64).
 
 def forward(P, X, h0, act):
-    """Hs (T,B,H) = h_1..h_T for token ids X (T,B) or dense X (T,B,D)."""
+    """Hx (T+1,B,H) = h_0..h_T for token ids X (T,B) or dense X (T,B,D)."""
     T, B = X.shape[:2]
     H = P["W_hh"].shape[0]
-    Hs = np.empty((T, B, H), P["W_hh"].dtype)
+    Hx = np.empty((T + 1, B, H), P["W_hh"].dtype)
+    Hx[0] = h0
     if X.ndim == 2:
-        embed_tokens_cpu(Hs, X, P["W_xh"], P["b_h"])
+        embed_tokens_cpu(Hx[1:], X, P["W_xh"], P["b_h"])
     else:
-        embed_dense_cpu(Hs.reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["b_h"])
-    rnn_forward_cpu(Hs, h0, P["W_hh"], act)
-    return Hs
+        embed_dense_cpu(Hx[1:].reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["b_h"])
+    rnn_forward_cpu(Hx, P["W_hh"], act)
+    return Hx
 
 
-def backward(P, X, Hs, dZ, h0, act, k, xi):
-    """Gradients of W_xh, W_hh, b_h and h0 given dZ = ∂L/∂h_t (direct terms; overwritten).
-
-    k: per-term truncation depth (Truncated(k), k < T), or None for the sweep with
-    crossing factors xi (T,) (ones: full gradient; {0, 1/p}: randomized).
-    """
+def backward(P, X, Hx, dZ, act, k, xi):
+    """Gradients of W_xh, W_hh, b_h and h0 given Hx = h_0..h_T and dZ = ∂L/∂h_t (direct
+    terms; overwritten).  k: per-term truncation depth (Truncated(k), k < T), or None
+    for the sweep with crossing factors xi (T,) (ones: full; {0, 1/p}: randomized)."""
     T, B, H = dZ.shape
     dt = dZ.dtype
     dh0 = np.empty((B, H), dt)
     if k is None:
-        rnn_backward_cpu(dZ, dh0, Hs, P["W_hh"], xi, act)
+        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], xi, act)
     else:
-        rnn_backward_truncated_cpu(dZ, dh0, Hs, P["W_hh"], k, act)
+        rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], k, act)
     dW_hh = np.empty((H, H), dt)
     db_h = np.empty(H, dt)
-    rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hs, h0)
+    rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hx)
     dW_xh = np.empty(P["W_xh"].shape, dt)
     if X.ndim == 2:
         embed_tokens_backward_cpu(dW_xh, dZ, X)
@@ -368,27 +366,27 @@ def backward(P, X, Hs, dZ, h0, act, k, xi):
 
 def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
     """(loss, grads, h_T): forward, fused softmax-CE head, backward."""
-    Hs = forward(P, X, h0, act)
-    T, B, H = Hs.shape
+    Hx = forward(P, X, h0, act)
+    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
     Q = P["W_hq"].shape[1]
-    dt = Hs.dtype
+    dt = Hx.dtype
     dHs = np.empty((T, B, H), dt)
     dW_hq = np.empty((H, Q), dt)
     db_q = np.empty(Q, dt)
     logits = np.empty((T * B, Q), dt)
     loss = head_forward_backward_cpu(dHs.reshape(T * B, H), dW_hq, db_q, logits,
-                                     Hs.reshape(T * B, H), Y.reshape(T * B), P["W_hq"],
+                                     Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"],
                                      P["b_q"], scale)
-    grads = backward(P, X, Hs, dHs, h0, act, k, xi)
+    grads = backward(P, X, Hx, dHs, act, k, xi)
     grads["W_hq"] = dW_hq
     grads["b_q"] = db_q
-    return loss, grads, Hs[-1].copy()
+    return loss, grads, Hx[T].copy()
 
 
 def loss(P, X, Y, h0, act):
     """(Σ of the T·B cross-entropy terms, h_T), forward only."""
-    Hs = forward(P, X, h0, act)
-    T, B, H = Hs.shape
-    logits = np.empty((T * B, P["W_hq"].shape[1]), Hs.dtype)
-    total = head_loss_cpu(logits, Hs.reshape(T * B, H), Y.reshape(T * B), P["W_hq"], P["b_q"])
-    return total, Hs[-1].copy()
+    Hx = forward(P, X, h0, act)
+    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
+    logits = np.empty((T * B, P["W_hq"].shape[1]), Hx.dtype)
+    total = head_loss_cpu(logits, Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"], P["b_q"])
+    return total, Hx[T].copy()

@@ -120,7 +120,7 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
     D, H = P["W_xh"].shape[0], P["W_hh"].shape[0]
     Xc = _inputs("X", X, D, dt)
     h0c = _state("h0", h0, Xc.shape[1], H, dt)
-    return be.forward(P, Xc, h0c, _activation(activation))
+    return be.forward(P, Xc, h0c, _activation(activation))[1:]
 
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
@@ -142,7 +142,8 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     dZ = _floats("dHs", dHs, (T, B, H), dt, copy=True)     # the kernels overwrite it
     h0c = _state("h0", h0, B, H, dt)
     k, xi = _truncation(truncation, T, dt)
-    return be.backward(P, Xc, Hsc, dZ, h0c, _activation(activation), k, xi)
+    Hx = np.concatenate([h0c[None], Hsc])                  # h_0..h_T, as the forward keeps them
+    return be.backward(P, Xc, Hx, dZ, _activation(activation), k, xi)
 
 
 # ------------------------------------------------------------------------- dispatch
