@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml setup.cfg
 test: install
 	$(BIN)/python -m pytest
 
+# the book's run (d2l 0.17 §8.5: first 10,000 tokens, H=512, 500 epochs), bounded to ~2 minutes
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/fastbptt train --max-chars 10000 --max-minutes 2
 
 bench: install
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-only

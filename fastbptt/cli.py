@@ -1,0 +1,132 @@
+"""``fastbptt train | generate | bench`` — the command line (also ``python -m fastbptt``).
+
+Bad input prints one line on stderr and exits with code 2; a diverged training exits
+with 3; Ctrl-C with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+
+import numpy as np
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _train_parser(sub):
+    p = sub.add_parser("train", help="train the character-level RNN language model",
+                       description="Train the book's character-level RNN language model (d2l 0.17 "
+                                   "§8.5). Defaults are the book's.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # every model/data option defaults to None here: "not given", so that --resume can
+    # tell given options (which must agree with the checkpoint) from defaults
+    g = p.add_argument_group("data")
+    g.add_argument("--text", metavar="PATH", help="UTF-8 text file (default: the embedded The Time Machine)")
+    g.add_argument("--tokenize", choices=["book", "chars"],
+                   help="book: letters only, lower case, lines joined (d2l 0.17); chars: raw characters "
+                        "(default: book)")
+    g.add_argument("--max-chars", type=int, metavar="N", help="keep the first N tokens (the book: 10000)")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="hold out the last F of the tokens for validation (default: 0 with --max-chars, else 0.1)")
+    g = p.add_argument_group("model and optimization")
+    g.add_argument("--hidden", type=int, help="hidden size H (default: 512)")
+    g.add_argument("--num-steps", type=int, help="time steps T per minibatch (default: 35)")
+    g.add_argument("--batch-size", type=int, help="sequences B per minibatch (default: 32)")
+    g.add_argument("--lr", type=float, help="learning rate (default: 1 for sgd, 0.002 for adam)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"], help="(default: sgd)")
+    g.add_argument("--epochs", type=int, help="epochs to train to (default: 500)")
+    g.add_argument("--clip", type=float, metavar="THETA",
+                   help="global gradient-norm clipping threshold; inf disables (default: 1)")
+    g.add_argument("--sampling", choices=["sequential", "random"],
+                   help="sequential: state carried across minibatches (detached); random: shuffled "
+                        "windows, state reset (default: sequential)")
+    g.add_argument("--truncation", metavar="full|k:N|random:P",
+                   help="full BPTT, Truncated(N) per loss term, or Randomized(P) (default: full)")
+    g.add_argument("--activation", choices=["tanh", "relu", "identity"], help="(default: tanh)")
+    g.add_argument("--seed", type=int, help="seed of every random draw (default: 0)")
+    g.add_argument("--device", choices=["cpu", "cuda"], help="(default: cpu)")
+    g = p.add_argument_group("run")
+    g.add_argument("--checkpoint", metavar="PATH", help=".npz checkpoint written atomically at epoch ends")
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="write it every N epochs")
+    g.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint")
+    g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")
+    g.add_argument("--plot", metavar="PATH", help="PNG of perplexity against epoch")
+    g.add_argument("--max-minutes", type=float, metavar="M", help="stop at the first epoch end past M minutes")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args):
+    from . import trainer as tr
+    fields = {f.name for f in dataclasses.fields(tr.TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    try:
+        result = tr.train(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                          resume=args.resume, json_log=args.json_log, plot=args.plot,
+                          max_minutes=args.max_minutes, quiet=args.quiet, **given)
+    except tr.TrainingDiverged as e:
+        print(f"fastbptt train: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except tr.TrainingInterrupted as e:
+        print(f"fastbptt train: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    last = result.history[-1] if result.history else None
+    if last is None:
+        print(f"nothing to do: the checkpoint is already at epoch {result.config.epochs}")
+    else:
+        val = f", validation perplexity {last['val_ppl']:.2f}" if last["val_ppl"] is not None else ""
+        stop = " (stopped: --max-minutes)" if result.stopped == "max-minutes" else ""
+        print(f"epoch {last['epoch']}: perplexity {last['train_ppl']:.2f}{val}, "
+              f"{last['tokens_per_s']:,.1f} tokens/s on {result.config.device}{stop}")
+    for text in result.generated.values():
+        print(text)
+    return 0
+
+
+def _generate_parser(sub):
+    p = sub.add_parser("generate", help="generate text from a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", metavar="PATH", required=True, help="a checkpoint of fastbptt train")
+    p.add_argument("--prefix", default="time traveller", help="text to warm the state up on")
+    p.add_argument("--length", type=int, default=50, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the book); > 0: sampled")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args):
+    from .data import Vocab
+    from .generation import generate
+    from .trainer import load_checkpoint
+    params, _, meta = load_checkpoint(args.checkpoint)
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    print(generate(params, Vocab(idx_to_token=meta["vocab"]), args.prefix, args.length,
+                   temperature=args.temperature, seed=args.seed, activation=meta["config"].activation))
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fastbptt", description="Fast, exact BPTT for recurrent networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _generate_parser(sub)
+    from . import bench
+    bench.add_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"fastbptt {args.command}: warning: {msg}\n"
+    try:
+        code = args.run(args)
+    except (ValueError, TypeError) as e:
+        print(f"fastbptt {args.command}: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fastbptt {args.command}: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)

@@ -1,0 +1,45 @@
+"""Text generation from a trained model (the book's ``predict_ch8``, plus sampling)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from . import api
+
+
+def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activation="tanh"):
+    """``prefix`` followed by ``length`` generated tokens.
+
+    Warm-up: the prefix is run through the RNN (its characters must be in ``vocab``; others
+    map to ``<unk>`` with a warning).  Then each step feeds the last token back: greedy
+    (argmax) at ``temperature`` 0, the book's choice; otherwise a draw from
+    softmax(o / temperature) with ``numpy.random.default_rng(seed)``.
+    """
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"--prefix: expected a non-empty string, got {prefix!r}")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise ValueError(f"--length: expected a non-negative integer, got {length!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0 and np.isfinite(temperature)):
+        raise ValueError(f"--temperature: expected a number >= 0, got {temperature!r}")
+    unknown = vocab.unknown(prefix)
+    if unknown:
+        warnings.warn(f"--prefix: {', '.join(map(repr, unknown))} not in the vocabulary; read as <unk>",
+                      stacklevel=2)
+    rng = np.random.default_rng(seed)
+    ids = vocab.encode(list(prefix))
+    Hs = api.rnn_forward(params, ids[:, None], activation=activation)       # (T, 1, H)
+    h = Hs[-1]
+    out = []
+    W_hq, b_q = np.asarray(params["W_hq"], np.float64), np.asarray(params["b_q"], np.float64)
+    for _ in range(length):
+        o = h[0].astype(np.float64) @ W_hq + b_q
+        if temperature == 0:
+            nxt = int(np.argmax(o))
+        else:
+            z = o / temperature
+            p = np.exp(z - z.max())
+            nxt = int(rng.choice(len(p), p=p / p.sum()))
+        out.append(nxt)
+        h = api.rnn_forward(params, np.array([[nxt]]), h, activation=activation)[0]
+    return prefix + vocab.decode(out)

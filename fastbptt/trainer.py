@@ -1,0 +1,457 @@
+"""The book's character-level RNN language model, trained with fastbptt (d2l 0.17 §8.5).
+
+Each minibatch is one :func:`fastbptt.loss_and_grad` call, then global-norm gradient
+clipping and an in-place SGD (or Adam) update.  With ``sampling="sequential"`` the
+hidden state is carried from one minibatch to the next as a plain array (so no gradient
+crosses: the book's ``detach``) and reset at each epoch start; with ``"random"`` it is
+reset every minibatch.  Checkpoints hold everything needed to resume *exactly*.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import api, data
+from .truncation import Randomized, Truncated
+
+CHECKPOINT_FORMAT = "fastbptt-checkpoint/1"
+LOG_KEYS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "clipped_frac", "lr",
+            "elapsed_s")
+
+
+@dataclass
+class TrainConfig:
+    """What defines a training run; a checkpoint stores it and ``resume`` must agree with it.
+
+    Defaults are the book's (d2l 0.17 §8.5): H=512, 35 steps, batch 32, SGD lr 1, 500
+    epochs, clipping at θ=1, sequential sampling, full BPTT, tanh.
+    """
+
+    text: str | None = None           # a UTF-8 file; None: the embedded The Time Machine
+    tokenize: str = "book"
+    max_chars: int | None = None      # keep the first N tokens (the book: 10000)
+    val_fraction: float | None = None  # None: 0 with max_chars (the book), else 0.1
+    hidden: int = 512
+    num_steps: int = 35
+    batch_size: int = 32
+    lr: float | None = None           # None: 1 for sgd (the book), 0.002 for adam
+    optimizer: str = "sgd"
+    epochs: int = 500
+    clip: float = 1.0                 # global-norm threshold θ; inf: no clipping
+    sampling: str = "sequential"
+    truncation: str = "full"          # full | k:N | random:P
+    activation: str = "tanh"
+    seed: int = 0
+    device: str = "cpu"
+
+    # options that may differ between a checkpoint and the run that resumes it
+    RESUMABLE = ("epochs", "device")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the data-dependent defaults filled in, after checking every value."""
+        c = dataclasses.replace(self)
+        if c.val_fraction is None:
+            c.val_fraction = 0.0 if c.max_chars is not None else 0.1
+        if c.lr is None:
+            c.lr = 1.0 if c.optimizer == "sgd" else 0.002
+        for name in ("hidden", "num_steps", "batch_size", "epochs"):
+            _positive_int(name, getattr(c, name))
+        if c.max_chars is not None:
+            _positive_int("max_chars", c.max_chars)
+        _positive_int("seed", c.seed + 1)
+        for name in ("lr", "clip"):
+            v = getattr(c, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isnan(v):
+                raise ValueError(f"--{_flag(name)}: expected a positive number, got {v!r}")
+        if not math.isfinite(c.lr):
+            raise ValueError(f"--lr: expected a finite positive number, got {c.lr!r}")
+        if not 0.0 <= c.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction: expected a number in [0, 1), got {c.val_fraction!r}")
+        for name, allowed in (("tokenize", data.TOKENIZERS), ("optimizer", ("sgd", "adam")),
+                              ("sampling", tuple(data.SAMPLERS)), ("activation", ("tanh", "relu", "identity")),
+                              ("device", ("cpu", "cuda"))):
+            if getattr(c, name) not in allowed:
+                raise ValueError(f"--{_flag(name)}: expected one of {', '.join(allowed)}, got {getattr(c, name)!r}")
+        parse_truncation(c.truncation)
+        return c
+
+
+@dataclass
+class TrainResult:
+    params: dict
+    vocab: data.Vocab
+    history: list
+    config: TrainConfig
+    stopped: str = "done"             # done | max-minutes
+    generated: dict = field(default_factory=dict)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C: stopped after saving the last completed epoch."""
+
+
+def _flag(name):
+    return name.replace("_", "-")
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"--{_flag(name)}: expected a positive integer, got {v!r}")
+
+
+def parse_truncation(spec):
+    """``full`` → None, ``k:N`` → Truncated(N), ``random:P`` → p (Randomized is drawn per step)."""
+    if spec == "full":
+        return None
+    m = re.fullmatch(r"k:(\d+)|random:([0-9.eE+-]+)", str(spec))
+    try:
+        if m and m.group(1) is not None:
+            return Truncated(int(m.group(1)))
+        if m:
+            return Randomized(float(m.group(2))).p
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--truncation: {e}") from None
+    raise ValueError(f"--truncation: expected full, k:N (N >= 1) or random:P (0 < P <= 1), got {spec!r}")
+
+
+# --------------------------------------------------------------------------- corpus
+@dataclass
+class Corpus:
+    vocab: data.Vocab
+    train: np.ndarray
+    val: np.ndarray
+    sha256: str
+
+
+def load_corpus(cfg: TrainConfig) -> Corpus:
+    text = data.load_text(cfg.text)
+    tokens = data.tokenize(text, cfg.tokenize)
+    if cfg.max_chars is not None:
+        tokens = tokens[:cfg.max_chars]
+    n_val = int(len(tokens) * cfg.val_fraction)
+    train_tokens, val_tokens = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    data.check_length(len(train_tokens), cfg.num_steps, cfg.batch_size, "training split")
+    vocab = data.Vocab(train_tokens)
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Corpus(vocab, vocab.encode(train_tokens), vocab.encode(val_tokens), sha)
+
+
+# ---------------------------------------------------------------------- optimization
+def clip_gradients(grads, theta):
+    """Global-norm clipping over the parameter gradients (not ∂h0), in place; returns the norm."""
+    norm = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for k, g in grads.items() if k != "h0"))
+    if norm > theta:
+        s = theta / norm
+        for k, g in grads.items():
+            if k != "h0":
+                g *= s
+    return norm
+
+
+class SGD:
+    """p ← p − lr·g (the book's ``sgd`` with batch_size=1: the loss is already a mean)."""
+
+    def __init__(self, params, lr):
+        self.lr = lr
+
+    def step(self, params, grads):
+        for k, p in params.items():
+            g = grads[k]
+            g *= self.lr
+            p -= g
+
+    def state(self):
+        return {}
+
+    def load(self, state):
+        pass
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015), bias-corrected, in place."""
+
+    def __init__(self, params, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.lr, self.b1, self.b2, self.eps = lr, beta1, beta2, eps
+        self.m = {k: np.zeros_like(p) for k, p in params.items()}
+        self.v = {k: np.zeros_like(p) for k, p in params.items()}
+        self.t = 0
+
+    def step(self, params, grads):
+        self.t += 1
+        c1 = 1.0 - self.b1 ** self.t
+        c2 = 1.0 - self.b2 ** self.t
+        for k, p in params.items():
+            g, m, v = grads[k], self.m[k], self.v[k]
+            m *= self.b1
+            m += (1.0 - self.b1) * g
+            v *= self.b2
+            g *= g
+            v += (1.0 - self.b2) * g
+            denom = np.sqrt(v / c2)
+            denom += self.eps
+            p -= (self.lr / c1) * m / denom
+
+    def state(self):
+        out = {f"m/{k}": v for k, v in self.m.items()}
+        out.update({f"v/{k}": v for k, v in self.v.items()})
+        out["t"] = np.array(self.t)
+        return out
+
+    def load(self, state):
+        for k in self.m:
+            self.m[k][...] = state[f"m/{k}"]
+            self.v[k][...] = state[f"v/{k}"]
+        self.t = int(state["t"])
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam}
+
+
+# ---------------------------------------------------------------------- epochs
+def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
+    """One pass over the training split.  Returns (Σ loss·tokens, tokens, Σ norm, clipped, steps)."""
+    total, n, norm_sum, clipped, steps = 0.0, 0, 0.0, 0, 0
+    state = None
+    sampler = data.SAMPLERS[cfg.sampling]
+    for X, Y in sampler(corpus_ids, cfg.batch_size, cfg.num_steps, rng):
+        if cfg.sampling == "random":
+            state = None
+        tr = Randomized(trunc, seed=int(rng.integers(2**63))) if isinstance(trunc, float) else trunc
+        loss, grads, state = api.loss_and_grad(params, X, Y, state, activation=cfg.activation,
+                                               truncation=tr, device=cfg.device)
+        if not math.isfinite(loss):
+            return loss, n, norm_sum, clipped, steps
+        norm = clip_gradients(grads, cfg.clip)
+        with np.errstate(over="ignore", invalid="ignore"):
+            opt.step(params, grads)
+            # ‖p‖² is inf/nan iff an update overflowed; one BLAS dot per array, no copy
+            if not all(math.isfinite(np.dot(p.ravel(), p.ravel())) for p in params.values()):
+                return math.inf, n, norm_sum, clipped, steps
+        total += loss * X.size
+        n += X.size
+        norm_sum += norm
+        clipped += norm > cfg.clip
+        steps += 1
+    return total, n, norm_sum, clipped, steps
+
+
+def evaluate(params, ids, cfg):
+    """Perplexity of ``ids``: forward only, state carried across windows of num_steps."""
+    total, n, state = 0.0, 0, None
+    for X, Y in data.eval_batches(ids, cfg.batch_size, cfg.num_steps):
+        loss, state = api.loss(params, X, Y, state, activation=cfg.activation, reduction="sum",
+                               device=cfg.device)
+        total += loss
+        n += X.size
+    return math.exp(total / n)
+
+
+# ------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path, params, opt_state, vocab, cfg, rng_state, epoch, history, sha256):
+    """Atomically (temporary file + rename) write everything needed to resume exactly."""
+    meta = {"config": dataclasses.asdict(cfg), "vocab": vocab.idx_to_token, "epoch": epoch,
+            "history": history, "rng": rng_state, "text_sha256": sha256}
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    arrays.update({f"opt/{k}": v for k, v in opt_state.items()})
+    arrays["format"] = np.array(CHECKPOINT_FORMAT)
+    arrays["meta"] = np.array(json.dumps(meta))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path):
+    """(params, optimizer state, meta) of a checkpoint, or ValueError saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--checkpoint: no such file: {path}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = set(z.files)
+            if "format" not in files or str(z["format"]) != CHECKPOINT_FORMAT:
+                raise ValueError(f"--checkpoint: {path} is not a fastbptt checkpoint")
+            meta = json.loads(str(z["meta"]))
+            params = {k[6:]: z[k] for k in files if k.startswith("param/")}
+            opt = {k[4:]: z[k] for k in files if k.startswith("opt/")}
+    except ValueError as e:
+        if str(e).startswith("--checkpoint"):
+            raise
+        raise ValueError(f"--checkpoint: {path} is not a fastbptt checkpoint ({e})") from None
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"--checkpoint: {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    try:
+        cfg = TrainConfig(**meta["config"])
+        V, H = len(meta["vocab"]), cfg.hidden
+        shapes = {"W_xh": (V, H), "W_hh": (H, H), "b_h": (H,), "W_hq": (H, V), "b_q": (V,)}
+        if {k: tuple(v.shape) for k, v in params.items()} != shapes:
+            raise ValueError("parameter shapes do not match its vocabulary and --hidden")
+        meta["config"] = cfg
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--checkpoint: {path} is truncated or corrupt ({e})") from None
+    return params, opt, meta
+
+
+def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
+    """The saved configuration, with the options that may change taken from ``given``;
+    any other given option that differs from the saved one is an error."""
+    conflicts = [f"--{_flag(k)} {v!r} (checkpoint: {getattr(saved, k)!r})" for k, v in given.items()
+                 if k not in TrainConfig.RESUMABLE and v != getattr(saved, k)]
+    if conflicts:
+        raise ValueError("--resume: options conflict with the checkpoint's configuration: "
+                         + "; ".join(conflicts))
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in TrainConfig.RESUMABLE})
+
+
+# ------------------------------------------------------------------------------- train
+def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, plot=None,
+          max_minutes=None, quiet=False, sample_prefixes=("time traveller", "traveller"),
+          **options) -> TrainResult:
+    """Train the character-level RNN language model; returns params, vocab and history.
+
+    ``options`` are the fields of :class:`TrainConfig` (``text``, ``hidden``, ``lr``, …).
+    ``checkpoint``: a ``.npz`` path written atomically every ``checkpoint_every`` epochs;
+    ``resume=True`` continues from it exactly (options given must agree with it, except
+    ``epochs`` and ``device``).  ``json_log``: one JSON object per epoch with
+    :data:`LOG_KEYS`.  ``plot``: a PNG of perplexity against epoch.  ``max_minutes``:
+    stop at the first epoch end past that.  Raises ValueError for bad options,
+    :class:`TrainingDiverged` on a NaN/inf loss, :class:`TrainingInterrupted` on Ctrl-C.
+    """
+    unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise TypeError(f"train: unknown option(s) {', '.join(sorted(unknown))}")
+    _positive_int("checkpoint_every", checkpoint_every)
+    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
+        raise ValueError(f"--max-minutes: expected a positive number, got {max_minutes!r}")
+    if resume:
+        if checkpoint is None:
+            raise ValueError("--resume: needs --checkpoint PATH of the run to continue")
+        saved_params, saved_opt, meta = load_checkpoint(checkpoint)
+        cfg = merge_resume_config(meta["config"], options).resolved()
+    else:
+        cfg = TrainConfig(**options).resolved()
+    corpus = load_corpus(cfg)
+    params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed)
+    opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    history, start = [], 0
+    if resume:
+        if meta["text_sha256"] != corpus.sha256 or meta["vocab"] != corpus.vocab.idx_to_token:
+            raise ValueError("--resume: the text differs from the one the checkpoint was trained on")
+        for k in params:
+            params[k][...] = saved_params[k]
+        opt.load(saved_opt)
+        rng.bit_generator.state = meta["rng"]
+        history, start = meta["history"], meta["epoch"]
+    trunc = parse_truncation(cfg.truncation)
+    elapsed0 = history[-1]["elapsed_s"] if history else 0.0
+    t_start = time.perf_counter()
+    snapshot = None                  # the last epoch end not yet on disk (for Ctrl-C)
+    saved_epoch = start if resume else None
+    stopped = "done"
+
+    def save(state):
+        epoch, p, o, r, h = state
+        save_checkpoint(checkpoint, p, o, corpus.vocab, cfg, r, epoch, h, corpus.sha256)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.epochs, initial=start, disable=quiet, unit="epoch", dynamic_ncols=True)
+    try:
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            total, n, norm_sum, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc)
+            dt = time.perf_counter() - t0
+            if not math.isfinite(total):
+                kept = f"; the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else ""
+                raise TrainingDiverged(f"epoch {epoch + 1}: the loss became {total} — lower --lr "
+                                       f"(now {cfg.lr}) or clip harder (--clip, now {cfg.clip}){kept}")
+            row = {"epoch": epoch + 1, "train_ppl": math.exp(total / n),
+                   "val_ppl": evaluate(params, corpus.val, cfg) if len(corpus.val) > 1 else None,
+                   "tokens_per_s": n / dt, "grad_norm": norm_sum / steps,
+                   "clipped_frac": clipped / steps, "lr": cfg.lr,
+                   "elapsed_s": elapsed0 + time.perf_counter() - t_start}
+            history.append(row)
+            if json_log:
+                _write_json_log(json_log, history)
+            if checkpoint:
+                state = (epoch + 1, params, opt.state(), rng.bit_generator.state, history)
+                if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                    save(state)
+                    saved_epoch, snapshot = epoch + 1, None
+                else:                # keep a copy: a Ctrl-C mid-epoch must not save half an epoch
+                    snapshot = (epoch + 1, {k: v.copy() for k, v in params.items()},
+                                {k: np.copy(v) for k, v in opt.state().items()}, state[3], list(history))
+            post = {"ppl": f"{row['train_ppl']:.2f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
+            if row["val_ppl"] is not None:
+                post["val"] = f"{row['val_ppl']:.2f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if max_minutes is not None and time.perf_counter() - t_start > 60 * max_minutes:
+                stopped = "max-minutes"
+                break
+        if snapshot is not None:     # stopped early between two checkpoint epochs
+            save(snapshot)
+    except KeyboardInterrupt:
+        if snapshot is not None:
+            save(snapshot)
+            saved_epoch = snapshot[0]
+        done = saved_epoch if checkpoint else (history[-1]["epoch"] if history else start)
+        hint = (f"; resume with: fastbptt train --checkpoint {checkpoint} --resume"
+                if checkpoint else "; pass --checkpoint PATH to be able to resume")
+        raise TrainingInterrupted(f"interrupted after epoch {done}{hint}") from None
+    finally:
+        bar.close()
+    if plot:
+        plot_history(history, plot)
+    result = TrainResult(params, corpus.vocab, history, cfg, stopped)
+    from .generation import generate
+    for prefix in sample_prefixes:
+        result.generated[prefix] = generate(params, corpus.vocab, prefix, 50, activation=cfg.activation)
+    return result
+
+
+def _write_json_log(path, history):
+    buf = io.StringIO()
+    for row in history:
+        buf.write(json.dumps({k: row[k] for k in LOG_KEYS}) + "\n")
+    Path(path).write_text(buf.getvalue())
+
+
+def plot_history(history, path):
+    """PNG of train (and validation) perplexity against epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [r["train_ppl"] for r in history], label="train")
+    if any(r["val_ppl"] is not None for r in history):
+        ax.plot(epochs, [r["val_ppl"] for r in history], label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
