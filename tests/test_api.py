@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 import fastbptt
 import reference
-from conftest import assert_close, make_case
+from helpers import assert_close, make_case
 
 ACTS = ["tanh", "relu", "identity"]
 DTYPES = [np.float64, np.float32]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import reference
-from conftest import make_case
+from helpers import make_case
 
 EPS = 1e-6
 
