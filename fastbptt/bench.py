@@ -1,6 +1,307 @@
-"""``fastbptt bench``: loss_and_grad against its peers, in one process run."""
+"""``fastbptt bench``: one loss_and_grad (loss + full BPTT gradient of a char-RNN LM
+minibatch, float32) against its peers, all timed in the same process run.
+
+Every peer is first checked to give the same loss as fastbptt; compile and warm-up
+calls happen before timing and are not counted.  Reported per config and system:
+median and IQR ms per call, tokens/s (T·B per call), GFLOP/s with
+FLOPs = 6·T·B·H² + 6·T·B·H·Q, the same-run float32 GEMM rate (numpy 2048³) and the
+fraction of it reached, and fastbptt's speedup over each peer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import api, peers
+
+#: name: (T, B, V, H) — V = D = Q
+CONFIGS = {
+    "d2l-scratch": (35, 32, 28, 512),     # the book's from-scratch setting
+    "d2l-concise": (35, 32, 28, 256),     # the book's concise setting
+    "wide": (64, 64, 256, 1024),          # large layers, GEMM-bound
+    "latency": (256, 1, 64, 256),         # one long sequence, sequential-bound
+}
+SYSTEMS = ("fastbptt", "numpy", "torch-rnn", "torch-scratch", "jax")
+SWEEP_H = (64, 128, 256, 512, 1024, 2048)     # at T=64, B=32, V=64
+SWEEP_B = (1, 4, 16, 64, 256)                 # at T=64, H=256, V=64
 
 
+def flops(T, B, V, H):
+    return 6 * T * B * H * H + 6 * T * B * H * V
+
+
+def workload(T, B, V, H, seed=0):
+    """float32 params at a scale where tanh is nonlinear (so the loss check means something),
+    token ids X and targets Y (T,B), zero h0."""
+    rng = np.random.default_rng(seed)
+    p = api.init_params(V, H, V, seed=seed)
+    p["W_xh"] *= 50.0                                   # std 0.5
+    p["W_hh"] *= 100.0 / np.sqrt(H)                     # spectral radius ≈ 1
+    p["W_hq"] *= 100.0 / np.sqrt(H)
+    X = rng.integers(0, V, (T, B))
+    Y = rng.integers(0, V, (T, B))
+    return p, X, Y, np.zeros((B, H), np.float32)
+
+
+def make_fastbptt(params, X, Y, h0, device="cpu"):
+    def call():
+        loss, grads, _ = api.loss_and_grad(params, X, Y, h0, device=device)
+        return loss
+    return call
+
+
+MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": peers.make_torch_rnn,
+          "torch-scratch": peers.make_torch_scratch, "jax": peers.make_jax}
+
+
+def time_call(fn, min_runs, min_seconds):
+    """Per-call seconds over at least ``min_runs`` calls and ``min_seconds`` in all."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if len(times) >= 2000:
+            break
+    return np.array(times)
+
+
+def gemm_rate(n=2048, runs=5):
+    """The same-run float32 GEMM rate of numpy, GFLOP/s (best of ``runs``)."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    out = np.empty_like(a)
+    np.matmul(a, a, out=out)
+    best = min(time_call(lambda: np.matmul(a, a, out=out), runs, 0.0))
+    return 2 * n ** 3 / best / 1e9
+
+
+@dataclass
+class Row:
+    config: str
+    system: str
+    T: int
+    B: int
+    V: int
+    H: int
+    status: str                    # ok | skipped: why | mismatch: why
+    median_ms: float = float("nan")
+    iqr_ms: float = float("nan")
+    tokens_per_s: float = float("nan")
+    gflops: float = float("nan")
+    pct_gemm: float = float("nan")
+    speedup: float = float("nan")  # fastbptt over this system (time_system / time_fastbptt)
+
+
+def run(configs=tuple(CONFIGS), systems=SYSTEMS, quick=False, threads=None, device="cpu",
+        shapes=None, progress=True):
+    """Time every (config, system); returns (rows, machine info with the GEMM rate)."""
+    from tqdm.auto import tqdm
+    _set_threads(threads)
+    shapes = shapes or {c: CONFIGS[c] for c in configs}
+    min_runs, min_s = (3, 0.2) if quick else (10, 1.0)
+    gemm = gemm_rate(runs=3 if quick else 5)
+    rows = []
+    bar = tqdm(total=len(shapes) * len(systems), disable=not progress, unit="timing", leave=False)
+    for name, (T, B, V, H) in shapes.items():
+        params, X, Y, h0 = workload(T, B, V, H)
+        want = make_fastbptt(params, X, Y, h0, device)()
+        base = None
+        for system in systems:
+            bar.set_description(f"{name} {system}")
+            row = Row(name, system, T, B, V, H, "ok")
+            try:
+                fn = MAKERS[system](params, X, Y, h0, device)
+                got = float(fn())                       # also the warm-up / compile call
+            except ImportError as e:
+                row.status = f"skipped: {e}"
+            else:
+                if not abs(got - want) <= 1e-4 * max(1.0, abs(want)):
+                    row.status = f"mismatch: loss {got:.6f} != fastbptt {want:.6f}"
+                else:
+                    fn()
+                    t = time_call(fn, min_runs, min_s)
+                    med = float(np.median(t))
+                    row.median_ms = med * 1e3
+                    row.iqr_ms = float(np.subtract(*np.percentile(t, [75, 25]))) * 1e3
+                    row.tokens_per_s = T * B / med
+                    row.gflops = flops(T, B, V, H) / med / 1e9
+                    row.pct_gemm = 100 * row.gflops / gemm
+                    if system == "fastbptt":
+                        base = med
+                    if base is not None:
+                        row.speedup = med / base
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows, machine_info(gemm, threads, device)
+
+
+def _set_threads(threads):
+    if threads is None:
+        return
+    import numba
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def machine_info(gemm, threads, device):
+    import numba
+    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": threads or os.cpu_count(), "device": device,
+            "numpy": np.__version__, "numba": numba.__version__,
+            "gemm_gflops": gemm, "note": "compile time excluded (warm-up call before timing)"}
+
+
+# ------------------------------------------------------------------------------ reports
+HEADER = ("config", "system", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "% GEMM", "fastbptt ×")
+
+
+def _cells(r):
+    if r.status != "ok":
+        return (r.config, r.system, r.status, "", "", "", "", "")
+    return (r.config, r.system, f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}", f"{r.tokens_per_s:,.0f}",
+            f"{r.gflops:.1f}", f"{r.pct_gemm:.1f}", "" if r.system == "fastbptt" else f"{r.speedup:.2f}")
+
+
+def table(rows, info):
+    cells = [HEADER] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"same-run float32 GEMM (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s · "
+                 f"{info['threads']} threads · {info['note']}")
+    return "\n".join(lines)
+
+
+def markdown(rows, info):
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    out.append("")
+    out.append(f"Same-run float32 GEMM rate (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s; "
+               f"{info['threads']} threads on {info['cpus']} CPUs ({info['processor']}); numpy "
+               f"{info['numpy']}, numba {info['numba']}; {info['note']}.")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows, path):
+    """Bar chart: fastbptt's speedup over each peer, and % of the GEMM rate, per config."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    configs = list(dict.fromkeys(r.config for r in rows))
+    systems = list(dict.fromkeys(r.system for r in rows))
+    peers_ = [s for s in systems if s != "fastbptt"]
+    get = {(r.config, r.system): r for r in rows}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    w = 0.8 / max(1, len(peers_))
+    x = np.arange(len(configs))
+    for i, s in enumerate(peers_):
+        a1.bar(x + i * w, [get[c, s].speedup if (c, s) in get else np.nan for c in configs], w, label=s)
+    a1.axhline(1.0, color="k", lw=0.8)
+    a1.axhline(2.0, color="k", lw=0.8, ls="--")
+    a1.set_xticks(x + w * (len(peers_) - 1) / 2, configs)
+    a1.set_ylabel("fastbptt speedup (× faster)")
+    a1.set_yscale("log")
+    a1.legend(fontsize=8)
+    w = 0.8 / len(systems)
+    for i, s in enumerate(systems):
+        a2.bar(x + i * w, [get[c, s].pct_gemm if (c, s) in get else np.nan for c in configs], w, label=s)
+    a2.set_xticks(x + w * (len(systems) - 1) / 2, configs)
+    a2.set_ylabel("% of the same-run GEMM rate")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def sweep(systems=SYSTEMS, quick=False, threads=None, progress=True):
+    """Time against H (T=64, B=32, V=64) and against B (T=64, H=256, V=64)."""
+    by_h = {f"H={h}": (64, 32, 64, h) for h in SWEEP_H}
+    by_b = {f"B={b}": (64, b, 64, 256) for b in SWEEP_B}
+    rows_h, info = run(systems=systems, quick=quick, threads=threads, shapes=by_h, progress=progress)
+    rows_b, _ = run(systems=systems, quick=quick, threads=threads, shapes=by_b, progress=progress)
+    return rows_h, rows_b, info
+
+
+def plot_sweep(rows_h, rows_b, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, rows, key, label in ((axes[0], rows_h, "H", "hidden size H (T=64, B=32)"),
+                                 (axes[1], rows_b, "B", "batch size B (T=64, H=256)")):
+        for s in dict.fromkeys(r.system for r in rows):
+            pts = [(getattr(r, key), r.median_ms) for r in rows if r.system == s and r.status == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=s)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms per loss_and_grad")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------- CLI
 def add_parser(sub):
-    p = sub.add_parser("bench", help="benchmark loss_and_grad against numpy, torch and jax")
-    p.set_defaults(run=lambda args: 0)
+    import argparse
+    p = sub.add_parser("bench", help="time loss_and_grad against numpy, torch and jax (same run)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
+                   help=f"configs to run (default: all of {', '.join(CONFIGS)})")
+    p.add_argument("--peers", nargs="+", choices=[s for s in SYSTEMS if s != "fastbptt"],
+                   default=[s for s in SYSTEMS if s != "fastbptt"], metavar="PEER",
+                   help="peers to time beside fastbptt (default: all; a missing one is skipped)")
+    p.add_argument("--threads", type=int, help="threads for numba, BLAS and torch (default: all cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--sweep", action="store_true", help="also time against H and B and plot it (--plot)")
+    p.add_argument("--json", metavar="PATH", help="write every number as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
+    p.add_argument("--plot", metavar="PATH", help="PNG bar chart of speedups and %% of GEMM "
+                                                  "(with --sweep also PATH-sweep.png)")
+    p.set_defaults(run=_run_cli)
+
+
+def _run_cli(args):
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
+    systems = ("fastbptt",) + tuple(args.peers)
+    rows, info = run(args.configs, systems, args.quick, args.threads, args.device)
+    print(table(rows, info))
+    result = {"machine": info, "rows": [asdict(r) for r in rows]}
+    if args.sweep:
+        rows_h, rows_b, _ = sweep(systems, args.quick, args.threads)
+        print(table(rows_h + rows_b, info))
+        result["sweep"] = [asdict(r) for r in rows_h + rows_b]
+        if args.plot:
+            root, ext = os.path.splitext(args.plot)
+            plot_sweep(rows_h, rows_b, f"{root}-sweep{ext or '.png'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows, info))
+    if args.plot:
+        plot(rows, args.plot)
+    return 0

@@ -1,0 +1,40 @@
+"""The benchmark harness: a quick smoke run (benchmarks proper live in bench/)."""
+import json
+
+import numpy as np
+import pytest
+
+from fastbptt import bench, cli, peers
+
+
+def test_flops_formula():
+    assert bench.flops(35, 32, 28, 512) == 6 * 35 * 32 * 512 ** 2 + 6 * 35 * 32 * 512 * 28
+
+
+def test_numpy_peer_matches_fastbptt_gradients():
+    import fastbptt
+    params, X, Y, h0 = bench.workload(7, 3, 11, 16)
+    loss, grads = peers.numpy_loss_and_grad(params, X, Y, h0)
+    want_loss, want, _ = fastbptt.loss_and_grad(params, X, Y, h0)
+    assert loss == pytest.approx(want_loss, rel=1e-5)
+    for k in want:
+        np.testing.assert_allclose(grads[k], want[k], rtol=2e-3, atol=2e-6, err_msg=k)
+
+
+def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--quick", "--configs", "latency", "--peers", "numpy", "jax",
+                  "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot", f"{out}.png"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "latency" in text and "GEMM" in text
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert rows["fastbptt"]["status"] == "ok" and rows["fastbptt"]["median_ms"] > 0
+    assert rows["numpy"]["status"] == "ok"
+    assert rows["numpy"]["speedup"] == pytest.approx(rows["numpy"]["median_ms"] / rows["fastbptt"]["median_ms"])
+    assert rows["jax"]["status"] == "ok" or rows["jax"]["status"].startswith("skipped")
+    assert result["machine"]["gemm_gflops"] > 0
+    assert "| latency | fastbptt |" in (tmp_path / "b.md").read_text()
+    assert (tmp_path / "b.png").stat().st_size > 1000
