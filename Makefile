@@ -20,7 +20,9 @@ test: install
 demo: install
 	$(BIN)/fastbptt train --max-chars 10000 --max-minutes 2
 
+# peers: torch's CPU build is pinned so that pip does not pull the CUDA build
 bench: install
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[peers]"
 	$(BIN)/python -m pytest bench --benchmark-enable --benchmark-only
 
 clean:
