@@ -1,36 +1,27 @@
-"""loss_and_grad at the book's two settings, float32, beside a plain numpy BPTT.
+"""loss_and_grad (float32, full BPTT) beside each peer, per config of `fastbptt bench`.
 
-One benchmark group per setting, both systems in it, so the table's ratios are
-same-run ratios.  Compile time is excluded (a warm-up call before timing).
-`make test` runs this file as a smoke check with benchmarking disabled.
+One benchmark group per config with every system in it, so the table's ratios are
+same-run ratios.  Each system is checked to give fastbptt's loss, then called once
+to compile/warm up outside the timer.  A peer that is not installed is skipped.
+`make test` runs this file as a smoke check with benchmarking disabled; `make bench`
+times it.
 """
 import numba
-import numpy as np
+import pytest
 
-import fastbptt
-from fastbptt.peers import numpy_loss_and_grad
+from fastbptt import bench
 
 
-def _info(benchmark, name, shape):
-    T, B, V, H = shape
+@pytest.mark.parametrize("system", bench.SYSTEMS)
+def test_loss_and_grad(benchmark, workload, system):
+    name, (T, B, V, H), params, X, Y, h0 = workload
+    want = bench.make_fastbptt(params, X, Y, h0)()
+    try:
+        fn = bench.MAKERS[system](params, X, Y, h0)
+    except ImportError as e:
+        pytest.skip(f"{system}: {e}")
+    assert abs(fn() - want) <= 1e-4 * max(1.0, abs(want))      # same loss, and the warm-up call
     benchmark.group = name
-    benchmark.extra_info.update(T=T, B=B, V=V, H=H, threads=numba.get_num_threads(), device="cpu")
-
-
-def test_fastbptt(benchmark, workload):
-    name, shape, params, X, Y, h0 = workload
-    _info(benchmark, name, shape)
-    want, _ = numpy_loss_and_grad(params, X, Y, h0)
-    loss, _, _ = fastbptt.loss_and_grad(params, X, Y, h0)      # warm-up: compile outside the timer
-    assert abs(loss - want) < 1e-4
-    benchmark(fastbptt.loss_and_grad, params, X, Y, h0)
-
-
-def test_numpy_reference(benchmark, workload):
-    name, shape, params, X, Y, h0 = workload
-    _info(benchmark, name, shape)
-    loss, grads = numpy_loss_and_grad(params, X, Y, h0)
-    _, want, _ = fastbptt.loss_and_grad(params, X, Y, h0)
-    for k in want:
-        np.testing.assert_allclose(grads[k], want[k], rtol=1e-3, atol=1e-6)
-    benchmark(numpy_loss_and_grad, params, X, Y, h0)
+    benchmark.extra_info.update(T=T, B=B, V=V, H=H, threads=numba.get_num_threads(), device="cpu",
+                                gflop=bench.flops(T, B, V, H) / 1e9)
+    benchmark(fn)
