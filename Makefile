@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-cuda-sim demo bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml setup.cfg
 
 test: install
 	$(BIN)/python -m pytest
+	$(MAKE) test-cuda-sim
+
+# the CUDA kernels on the numba-cuda simulator (no GPU needed): tiny shapes, single block
+test-cuda-sim: install
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/test_cuda.py -p no:randomly
 
 # the book's run (d2l 0.17 §8.5: first 10,000 tokens, H=512, 500 epochs), bounded to ~2 minutes
 demo: install

@@ -1,0 +1,142 @@
+"""The CUDA path against the CPU path.
+
+Without a GPU these run under the CUDA simulator (``make test-cuda-sim`` sets
+NUMBA_ENABLE_CUDASIM=1), with tiny shapes and a single block per persistent launch:
+the simulator does not honour grid-wide sync across several blocks.  Tests marked
+``gpu`` need a real CUDA GPU and run at the benchmark shapes.
+"""
+import os
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import config
+from helpers import make_case
+
+cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install fastbptt[cuda])")
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+if not SIM and not cuda.is_available():
+    pytest.skip("no CUDA GPU here; the simulator tests run under NUMBA_ENABLE_CUDASIM=1 "
+                "(make test-cuda-sim, part of make test)", allow_module_level=True)
+
+from fastbptt import _cuda  # noqa: E402
+
+TOL = {np.float64: 1e-9, np.float32: 3e-4}
+ACTS = ["tanh", "relu", "identity"]
+sim_only = pytest.mark.skipif(not SIM, reason="simulator-sized case")
+gpu = pytest.mark.skipif(SIM or not cuda.is_available(), reason="needs a real CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Small blocks keep the simulator (a Python thread per CUDA thread) fast; one block
+    of CUDA_PERSIST_COLS >= H columns makes every persistent launch a single block."""
+    if SIM:
+        monkeypatch.setattr(config, "CUDA_BLOCK", 8)
+        monkeypatch.setattr(config, "CUDA_PERSIST_THREADS", 8)
+        monkeypatch.setattr(config, "CUDA_PERSIST_COLS", 8)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts top-level kernel launches under the simulator."""
+    from numba.cuda.simulator import kernel as simkernel
+    counter = {"n": 0}
+    real = simkernel.FakeCUDAKernel.__call__
+
+    def counting(self, *args):
+        if not self._device and not simkernel._kernel_context:
+            counter["n"] += 1
+        return real(self, *args)
+
+    monkeypatch.setattr(simkernel.FakeCUDAKernel, "__call__", counting)
+    return counter
+
+
+def rel_err(got, want):
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def compare(params, X, Y, h0, **kw):
+    dtype = params["W_hh"].dtype.type
+    l1, g1, h1 = fastbptt.loss_and_grad(params, X, Y, h0, **kw)
+    l2, g2, h2 = fastbptt.loss_and_grad(params, X, Y, h0, device="cuda", **kw)
+    assert abs(l2 - l1) <= TOL[dtype] * max(1.0, abs(l1))
+    assert rel_err(h2, h1) <= TOL[dtype]
+    assert set(g2) == set(g1)
+    for k in g1:
+        assert g2[k].dtype == g1[k].dtype and g2[k].shape == g1[k].shape, k
+        assert rel_err(g2[k], g1[k]) <= TOL[dtype], k
+
+
+@sim_only
+@pytest.mark.parametrize("path", ["step", "persistent"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(2), fastbptt.Randomized(0.5, seed=4)])
+def test_loss_and_grad_equals_cpu(path, dtype, act, truncation, rng, monkeypatch):
+    monkeypatch.setattr(config, "CUDA_RECURRENCE", path)
+    params, X, Y, h0 = make_case(rng, T=4, B=2, D=5, H=6, Q=5)
+    compare({k: v.astype(dtype) for k, v in params.items()}, X, Y, h0, activation=act, truncation=truncation)
+
+
+@sim_only
+@pytest.mark.parametrize("path", ["step", "persistent"])
+def test_dense_input_sum_reduction_and_no_h0(path, rng, monkeypatch):
+    monkeypatch.setattr(config, "CUDA_RECURRENCE", path)
+    params, X, Y, _ = make_case(rng, T=3, B=3, D=4, H=5, Q=4, dense=True)
+    compare(params, X, Y, None, reduction="sum")
+
+
+@sim_only
+@pytest.mark.parametrize("path", ["step", "persistent"])
+def test_rnn_forward_backward_and_loss_equal_cpu(path, rng, monkeypatch):
+    monkeypatch.setattr(config, "CUDA_RECURRENCE", path)
+    params, X, Y, h0 = make_case(rng, T=4, B=2, D=5, H=7, Q=3)
+    Hs = fastbptt.rnn_forward(params, X, h0)
+    assert rel_err(fastbptt.rnn_forward(params, X, h0, device="cuda"), Hs) <= 1e-9
+    dHs = rng.normal(size=Hs.shape)
+    want = fastbptt.rnn_backward(params, X, Hs, dHs, h0, truncation=fastbptt.Truncated(3))
+    got = fastbptt.rnn_backward(params, X, Hs, dHs, h0, truncation=fastbptt.Truncated(3), device="cuda")
+    for k in want:
+        assert rel_err(got[k], want[k]) <= 1e-9, k
+    l1, _ = fastbptt.loss(params, X, Y, h0)
+    l2, _ = fastbptt.loss(params, X, Y, h0, device="cuda")
+    assert abs(l1 - l2) <= 1e-12
+
+
+@sim_only
+def test_persistent_path_launches_once_per_sweep(rng, monkeypatch, launches):
+    params, X, Y, h0 = make_case(rng, T=6, B=2, D=5, H=6, Q=5)
+    counts = {}
+    for path in ("step", "persistent"):
+        monkeypatch.setattr(config, "CUDA_RECURRENCE", path)
+        launches["n"] = 0
+        fastbptt.loss_and_grad(params, X, Y, h0, device="cuda")
+        counts[path] = launches["n"]
+    # step path: a forward launch per step, a dz and a carry launch per backward step;
+    # persistent path: one launch per sweep
+    assert counts["step"] - counts["persistent"] == (6 - 1) + (2 * 6 - 1)
+    assert counts["persistent"] > 0
+
+
+def test_persistent_limits_and_auto_rule(monkeypatch):
+    monkeypatch.setattr(config, "CUDA_RECURRENCE", "auto")
+    hmax = _cuda.persistent_max_hidden(np.float32)
+    assert hmax == 48 * 1024 // (4 * config.CUDA_PERSIST_COLS)
+    assert _cuda.use_persistent(1, hmax, np.dtype(np.float32))
+    assert not _cuda.use_persistent(1, hmax + 1, np.dtype(np.float32))          # falls back to step
+    assert not _cuda.use_persistent(config.CUDA_PERSIST_MAX_B + 1, 64, np.dtype(np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(35, 32, 28, 512), (35, 32, 28, 256), (256, 1, 64, 256), (256, 4, 64, 1024)])
+@pytest.mark.parametrize("path", ["step", "persistent", "auto"])
+def test_gpu_matches_cpu_at_benchmark_shapes(shape, path, monkeypatch):
+    from fastbptt import bench
+    monkeypatch.setattr(config, "CUDA_RECURRENCE", path)
+    T, B, V, H = shape
+    params, X, Y, h0 = bench.workload(T, B, V, H)
+    params = {k: v.astype(np.float64) for k, v in params.items()}
+    compare(params, X, Y, h0)
