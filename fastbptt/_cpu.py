@@ -364,6 +364,18 @@ def backward(P, X, Hx, dZ, act, k, xi):
     return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "h0": dh0}
 
 
+def adjoints(P, Hx, dZ, act):
+    """A (T+1,B,H) = ∂L/∂h_0 … ∂L/∂h_T of the full gradient, given Hx = h_0..h_T and
+    dZ = the direct terms ∂L/∂h_t (overwritten): a_t = dHs_t + dz_{t+1} W_hhᵀ, a_0 = dz_1 W_hhᵀ."""
+    T, B, H = dZ.shape
+    A = np.zeros((T + 1, B, H), dZ.dtype)
+    A[1:] = dZ
+    dh0 = np.empty((B, H), dZ.dtype)
+    rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], np.ones(T, dZ.dtype), act)
+    A[:T] += (dZ.reshape(T * B, H) @ P["W_hh"].T).reshape(T, B, H)     # one GEMM over all rows
+    return A
+
+
 def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
     """(loss, grads, h_T): forward, fused softmax-CE head, backward."""
     Hx = forward(P, X, h0, act)

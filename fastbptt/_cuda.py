@@ -482,6 +482,21 @@ def backward(P, X, Hx, dZ, act, k, xi):
                                   act, k, xi))
 
 
+def adjoints(P, Hx, dZ, act):
+    """A (T+1,B,H) = ∂L/∂h_0 … ∂L/∂h_T of the full gradient, as ``_cpu.adjoints``."""
+    T, B, H = dZ.shape
+    D = _to_device(P)
+    dZd = cuda.to_device(dZ)
+    dh0 = cuda.device_array((B, H), dZ.dtype)
+    rnn_backward_cuda(dZd, dh0, cuda.to_device(Hx), D["W_hh"], np.ones(T, dZ.dtype), act)
+    C = cuda.device_array((T * B, H), dZ.dtype)
+    gemm(C, dZd.reshape(T * B, H), D["W_hh"], tb=True)
+    A = np.zeros((T + 1, B, H), dZ.dtype)
+    A[1:] = dZ
+    A[:T] += C.copy_to_host().reshape(T, B, H)
+    return A
+
+
 def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
     """(loss, grads, h_T), as ``_cpu.loss_and_grad``."""
     D = _to_device(P)

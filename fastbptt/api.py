@@ -146,6 +146,24 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     return be.backward(P, Xc, Hx, dZ, _activation(activation), k, xi)
 
 
+def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"):
+    """The adjoints of the full gradient, (T+1,B,H): A[t] = ∂L/∂h_t for t = 0..T.
+
+    a_t = dHs_t + dz_{t+1} W_hhᵀ (a_T = dHs_T, a_0 = dz_1 W_hhᵀ = ∂L/∂h_0), where dHs holds
+    each step's direct term as in :func:`rnn_backward`.  With dHs nonzero only at step t,
+    A[t-j] = ∂l_t/∂h_{t-j}: how the gradient of one loss term flows back j steps.
+    """
+    be = _backend(device)
+    P, dt = _params(params, RNN_KEYS)
+    D, H = P["W_xh"].shape[0], P["W_hh"].shape[0]
+    Xc = _inputs("X", X, D, dt)
+    T, B = Xc.shape[:2]
+    Hsc = _floats("Hs", Hs, (T, B, H), dt)
+    dZ = _floats("dHs", dHs, (T, B, H), dt, copy=True)
+    h0c = _state("h0", h0, B, H, dt)
+    return be.adjoints(P, np.concatenate([h0c[None], Hsc]), dZ, _activation(activation))
+
+
 # ------------------------------------------------------------------------- dispatch
 def _backend(device):
     """The module that runs the kernels for ``device``; CUDA is imported only when asked for."""

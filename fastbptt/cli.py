@@ -1,4 +1,4 @@
-"""``fastbptt train | generate | bench`` — the command line (also ``python -m fastbptt``).
+"""``fastbptt train | generate | bench | diagnose`` — the command line (also ``python -m fastbptt``).
 
 Bad input prints one line on stderr and exits with code 2; a diverged training exits
 with 3; Ctrl-C with 130.
@@ -107,11 +107,75 @@ def _run_generate(args):
     return 0
 
 
+def _diagnose_parser(sub):
+    p = sub.add_parser("diagnose", help="how gradients flow back in time, and what truncation costs",
+                       description="Per-lag gradient norms, the spectrum of W_hh and of the step "
+                                   "Jacobians, truncation bias/variance/time, the book's three-way "
+                                   "comparison and clipping statistics, as figures, JSON and a report.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint of fastbptt train")
+    src.add_argument("--init", action="store_true", help="freshly initialized parameters instead")
+    p.add_argument("--hidden", type=int, default=64, help="H, with --init")
+    p.add_argument("--scale", type=float, default=0.01, help="std of the initial weights, with --init")
+    p.add_argument("--activation", choices=["tanh", "relu", "identity"], default="tanh", help="with --init")
+    p.add_argument("--text", metavar="PATH", help="UTF-8 text (default: the checkpoint's, or the embedded corpus)")
+    p.add_argument("--tokenize", choices=["book", "chars"], default=None, help="(default: the checkpoint's, or book)")
+    p.add_argument("--max-chars", type=int, metavar="N", help="keep the first N tokens")
+    p.add_argument("--num-steps", type=int, default=32, help="T of the probe window and of the trained models")
+    p.add_argument("--batch-size", type=int, default=32, help="B of the probe and of the trained models")
+    p.add_argument("--seeds", type=int, default=30, help="seeds per Randomized(p) in the truncation study")
+    p.add_argument("--train-epochs", type=int, default=10, help="epochs of each model of the book's comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", metavar="DIR", help="write the figures, diagnostics.json and report.md here")
+    p.add_argument("--json", metavar="PATH", help="write every number plotted as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_diagnose)
+
+
+def _run_diagnose(args):
+    from . import api, data, diagnostics
+    from .trainer import load_checkpoint
+    for name in ("hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if not args.scale > 0:
+        raise ValueError(f"--scale: expected a positive number, got {args.scale}")
+    history, text, tokenize, activation = None, args.text, args.tokenize or "book", args.activation
+    if args.checkpoint:
+        params, _, meta = load_checkpoint(args.checkpoint)
+        params = {k: v.astype(np.float32) for k, v in params.items()}
+        cfg = meta["config"]
+        vocab = data.Vocab(idx_to_token=meta["vocab"])
+        history, activation = meta["history"], cfg.activation
+        text = text if text is not None else cfg.text
+        tokenize = args.tokenize or cfg.tokenize
+        tokens = data.tokenize(data.load_text(text), tokenize)
+    else:
+        tokens = data.tokenize(data.load_text(text), tokenize)
+        vocab = data.Vocab(tokens)
+        params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed)
+        params = {k: v * np.float32(args.scale / 0.01) for k, v in params.items()}
+    if args.max_chars is not None:
+        tokens = tokens[:args.max_chars]
+    result = diagnostics.run(params, vocab, vocab.encode(tokens), text=text, tokenize=tokenize,
+                             max_chars=args.max_chars, activation=activation, num_steps=args.num_steps,
+                             batch_size=args.batch_size, seeds=args.seeds, train_epochs=args.train_epochs,
+                             history=history, report=args.report, json_path=args.json, seed=args.seed,
+                             progress=not args.quiet)
+    for name, run in result["book_figure"].items():
+        print(f"{name:>10}: final validation perplexity {run['history'][-1]['val_ppl']:.3f}")
+    if args.report:
+        print(f"report: {args.report}/report.md")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastbptt", description="Fast, exact BPTT for recurrent networks.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
+    _diagnose_parser(sub)
     from . import bench
     bench.add_parser(sub)
     return parser

@@ -26,6 +26,8 @@ from . import api, data
 from .truncation import Randomized, Truncated
 
 CHECKPOINT_FORMAT = "fastbptt-checkpoint/1"
+#: the quantiles of the per-step gradient norms kept in each epoch's history row
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 LOG_KEYS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "clipped_frac", "lr",
             "elapsed_s")
 
@@ -224,8 +226,9 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 
 # ---------------------------------------------------------------------- epochs
 def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
-    """One pass over the training split.  Returns (Σ loss·tokens, tokens, Σ norm, clipped, steps)."""
-    total, n, norm_sum, clipped, steps = 0.0, 0, 0.0, 0, 0
+    """One pass over the training split.  Returns (Σ loss·tokens, tokens, norms, clipped, steps)
+    with ``norms`` the list of the steps' gradient norms before clipping."""
+    total, n, norms, clipped, steps = 0.0, 0, [], 0, 0
     state = None
     sampler = data.SAMPLERS[cfg.sampling]
     for X, Y in sampler(corpus_ids, cfg.batch_size, cfg.num_steps, rng):
@@ -235,19 +238,19 @@ def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
         loss, grads, state = api.loss_and_grad(params, X, Y, state, activation=cfg.activation,
                                                truncation=tr, device=cfg.device)
         if not math.isfinite(loss):
-            return loss, n, norm_sum, clipped, steps
+            return loss, n, norms, clipped, steps
         norm = clip_gradients(grads, cfg.clip)
         with np.errstate(over="ignore", invalid="ignore"):
             opt.step(params, grads)
             # ‖p‖² is inf/nan iff an update overflowed; one BLAS dot per array, no copy
             if not all(math.isfinite(np.dot(p.ravel(), p.ravel())) for p in params.values()):
-                return math.inf, n, norm_sum, clipped, steps
+                return math.inf, n, norms, clipped, steps
         total += loss * X.size
         n += X.size
-        norm_sum += norm
+        norms.append(norm)
         clipped += norm > cfg.clip
         steps += 1
-    return total, n, norm_sum, clipped, steps
+    return total, n, norms, clipped, steps
 
 
 def evaluate(params, ids, cfg):
@@ -379,7 +382,7 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            total, n, norm_sum, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc)
+            total, n, norms, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc)
             dt = time.perf_counter() - t0
             if not math.isfinite(total):
                 kept = f"; the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else ""
@@ -387,9 +390,11 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
                                        f"(now {cfg.lr}) or clip harder (--clip, now {cfg.clip}){kept}")
             row = {"epoch": epoch + 1, "train_ppl": math.exp(total / n),
                    "val_ppl": evaluate(params, corpus.val, cfg) if len(corpus.val) > 1 else None,
-                   "tokens_per_s": n / dt, "grad_norm": norm_sum / steps,
+                   "tokens_per_s": n / dt, "grad_norm": float(np.mean(norms)),
                    "clipped_frac": clipped / steps, "lr": cfg.lr,
-                   "elapsed_s": elapsed0 + time.perf_counter() - t_start}
+                   "elapsed_s": elapsed0 + time.perf_counter() - t_start,
+                   # beyond the JSON log: for diagnostics (fastbptt diagnose)
+                   "tokens": n, "grad_norm_quantiles": np.quantile(norms, QUANTILES).tolist()}
             history.append(row)
             if json_log:
                 _write_json_log(json_log, history)

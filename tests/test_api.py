@@ -329,3 +329,26 @@ def test_init_params_shapes_scale_and_seed():
     assert all(np.array_equal(p[k], q[k]) for k in p)
     assert not np.array_equal(p["W_hh"], r["W_hh"])
     assert fastbptt.init_params(2, 3, 4, dtype=np.float64)["W_xh"].dtype == np.float64
+
+
+def test_rnn_adjoints_are_the_full_sweeps_adjoints(rng):
+    params, X, _, h0 = make_case(rng, T=5, B=2, D=4, H=3, Q=2)
+    Hs = fastbptt.rnn_forward(params, X, h0)
+    dHs = rng.normal(size=Hs.shape)
+    A = fastbptt.rnn_adjoints(params, X, Hs, dHs, h0)
+    assert A.shape == (6, 2, 3)
+    np.testing.assert_allclose(A[0], fastbptt.rnn_backward(params, X, Hs, dHs, h0)["h0"], rtol=1e-12)
+    np.testing.assert_array_equal(A[5], dHs[4])
+    # a_t = ∂L/∂h_t: perturb h_2 through its pre-activation and compare L = Σ dHs·h
+    eps = 1e-6
+    x, Z, _ = reference.forward(params, X, h0, "tanh")
+    for b, i in ((0, 1), (1, 2)):
+        Ls = []
+        for sgn in (1, -1):
+            h = np.asarray(Hs[1]).copy()
+            h[b, i] += sgn * eps
+            hs = [h]
+            for t in range(2, 5):
+                hs.append(np.tanh(params["W_xh"][X[t]] + hs[-1] @ params["W_hh"] + params["b_h"]))
+            Ls.append(sum((dHs[t] * hs[t - 1]).sum() for t in range(1, 5)))
+        assert A[2][b, i] == pytest.approx((Ls[0] - Ls[1]) / (2 * eps), rel=1e-6)
