@@ -140,3 +140,12 @@ def test_gpu_matches_cpu_at_benchmark_shapes(shape, path, monkeypatch):
     params, X, Y, h0 = bench.workload(T, B, V, H)
     params = {k: v.astype(np.float64) for k, v in params.items()}
     compare(params, X, Y, h0)
+
+
+@sim_only
+def test_rnn_adjoints_equal_cpu(rng):
+    params, X, _, h0 = make_case(rng, T=4, B=2, D=5, H=6, Q=3)
+    Hs = fastbptt.rnn_forward(params, X, h0)
+    dHs = rng.normal(size=Hs.shape)
+    want = fastbptt.rnn_adjoints(params, X, Hs, dHs, h0)
+    assert rel_err(fastbptt.rnn_adjoints(params, X, Hs, dHs, h0, device="cuda"), want) <= 1e-9
