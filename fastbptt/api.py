@@ -75,18 +75,11 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     h_T : (B,H) last hidden state.
     """
     be = _backend(device)
-    P, dt = _params(params, PARAM_KEYS)
-    D, H, Q = P["W_xh"].shape[0], P["W_hh"].shape[0], P["W_hq"].shape[1]
-    Xc = _inputs("X", X, D, dt)
-    T, B = Xc.shape[:2]
-    Yc = _token_ids("Y", Y, (T, B), Q, "targets; Y holds class ids of the W_hq columns")
-    h0c = _state("h0", h0, B, H, dt)
-    act = _activation(activation)
-    k, xi = _truncation(truncation, T, dt)
-    if reduction not in config.REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-    scale = 1.0 / (T * B) if reduction == "mean" else 1.0
-    loss, grads, h_T = be.loss_and_grad(P, Xc, Yc, h0c, act, k, xi, scale)
+    P, dt, Xc, h0c = _model_inputs(params, PARAM_KEYS, X, h0)
+    Yc = _targets(Y, Xc, P)
+    k, xi = _truncation(truncation, Xc.shape[0], dt)
+    scale = _scale(reduction, Xc)
+    loss, grads, h_T = be.loss_and_grad(P, Xc, Yc, h0c, _activation(activation), k, xi, scale)
     return float(loss), grads, h_T
 
 
@@ -96,17 +89,11 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
     For evaluation (validation perplexity = exp(mean loss)) without the backward cost.
     """
     be = _backend(device)
-    P, dt = _params(params, PARAM_KEYS)
-    D, H, Q = P["W_xh"].shape[0], P["W_hh"].shape[0], P["W_hq"].shape[1]
-    Xc = _inputs("X", X, D, dt)
-    T, B = Xc.shape[:2]
-    Yc = _token_ids("Y", Y, (T, B), Q, "targets; Y holds class ids of the W_hq columns")
-    h0c = _state("h0", h0, B, H, dt)
-    act = _activation(activation)
-    if reduction not in config.REDUCTIONS:
-        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
-    total, h_T = be.loss(P, Xc, Yc, h0c, act)
-    return float(total / (T * B) if reduction == "mean" else total), h_T
+    P, dt, Xc, h0c = _model_inputs(params, PARAM_KEYS, X, h0)
+    Yc = _targets(Y, Xc, P)
+    scale = _scale(reduction, Xc)
+    total, h_T = be.loss(P, Xc, Yc, h0c, _activation(activation))
+    return float(total * scale), h_T
 
 
 def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
@@ -116,10 +103,7 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
     X, h0 and activation as in :func:`loss_and_grad`.
     """
     be = _backend(device)
-    P, dt = _params(params, RNN_KEYS)
-    D, H = P["W_xh"].shape[0], P["W_hh"].shape[0]
-    Xc = _inputs("X", X, D, dt)
-    h0c = _state("h0", h0, Xc.shape[1], H, dt)
+    P, dt, Xc, h0c = _model_inputs(params, RNN_KEYS, X, h0)
     return be.forward(P, Xc, h0c, _activation(activation))[1:]
 
 
@@ -134,15 +118,9 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     Returns ``{"W_xh", "W_hh", "b_h", "h0"}``, in the params' dtype.
     """
     be = _backend(device)
-    P, dt = _params(params, RNN_KEYS)
-    D, H = P["W_xh"].shape[0], P["W_hh"].shape[0]
-    Xc = _inputs("X", X, D, dt)
-    T, B = Xc.shape[:2]
-    Hsc = _floats("Hs", Hs, (T, B, H), dt)
-    dZ = _floats("dHs", dHs, (T, B, H), dt, copy=True)     # the kernels overwrite it
-    h0c = _state("h0", h0, B, H, dt)
-    k, xi = _truncation(truncation, T, dt)
-    Hx = np.concatenate([h0c[None], Hsc])                  # h_0..h_T, as the forward keeps them
+    P, dt, Xc, h0c = _model_inputs(params, RNN_KEYS, X, h0)
+    Hx, dZ = _states_and_adjoints(Hs, dHs, Xc, h0c)
+    k, xi = _truncation(truncation, Xc.shape[0], dt)
     return be.backward(P, Xc, Hx, dZ, _activation(activation), k, xi)
 
 
@@ -154,14 +132,9 @@ def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"
     A[t-j] = ∂l_t/∂h_{t-j}: how the gradient of one loss term flows back j steps.
     """
     be = _backend(device)
-    P, dt = _params(params, RNN_KEYS)
-    D, H = P["W_xh"].shape[0], P["W_hh"].shape[0]
-    Xc = _inputs("X", X, D, dt)
-    T, B = Xc.shape[:2]
-    Hsc = _floats("Hs", Hs, (T, B, H), dt)
-    dZ = _floats("dHs", dHs, (T, B, H), dt, copy=True)
-    h0c = _state("h0", h0, B, H, dt)
-    return be.adjoints(P, np.concatenate([h0c[None], Hsc]), dZ, _activation(activation))
+    P, dt, Xc, h0c = _model_inputs(params, RNN_KEYS, X, h0)
+    Hx, dZ = _states_and_adjoints(Hs, dHs, Xc, h0c)
+    return be.adjoints(P, Hx, dZ, _activation(activation))
 
 
 # ------------------------------------------------------------------------- dispatch
@@ -182,6 +155,32 @@ def _backend(device):
 
 
 # ----------------------------------------------------------------------- validation
+def _model_inputs(params, keys, X, h0):
+    """(params, dtype, X, h0) validated and normalized; h0 None becomes zeros."""
+    P, dt = _params(params, keys)
+    Xc = _inputs("X", X, P["W_xh"].shape[0], dt)
+    return P, dt, Xc, _state("h0", h0, Xc.shape[1], P["W_hh"].shape[0], dt)
+
+
+def _targets(Y, Xc, P):
+    return _token_ids("Y", Y, Xc.shape[:2], P["W_hq"].shape[1],
+                      "targets; Y holds class ids of the W_hq columns")
+
+
+def _scale(reduction, Xc):
+    if reduction not in config.REDUCTIONS:
+        raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
+    return 1.0 / (Xc.shape[0] * Xc.shape[1]) if reduction == "mean" else 1.0
+
+
+def _states_and_adjoints(Hs, dHs, Xc, h0c):
+    """Hx = h_0..h_T (T+1,B,H) as the forward keeps them, and a writeable copy of dHs."""
+    shape = Xc.shape[:2] + h0c.shape[1:]
+    Hsc = _floats("Hs", Hs, shape, h0c.dtype)
+    dZ = _floats("dHs", dHs, shape, h0c.dtype, copy=True)     # the kernels overwrite it
+    return np.concatenate([h0c[None], Hsc]), dZ
+
+
 def _size(name, n):
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"{name}: expected a positive int, got {type(n).__name__} {n!r}")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from . import api, peers
+from ._plot import pyplot, save
 
 #: name: (T, B, V, H) — V = D = Q
 CONFIGS = {
@@ -201,9 +202,7 @@ def markdown(rows, info):
 
 def plot(rows, path):
     """Bar chart: fastbptt's speedup over each peer, and % of the GEMM rate, per config."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     configs = list(dict.fromkeys(r.config for r in rows))
     systems = list(dict.fromkeys(r.system for r in rows))
     peers_ = [s for s in systems if s != "fastbptt"]
@@ -225,9 +224,7 @@ def plot(rows, path):
     a2.set_xticks(x + w * (len(systems) - 1) / 2, configs)
     a2.set_ylabel("% of the same-run GEMM rate")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def sweep(systems=SYSTEMS, quick=False, threads=None, progress=True):
@@ -240,9 +237,7 @@ def sweep(systems=SYSTEMS, quick=False, threads=None, progress=True):
 
 
 def plot_sweep(rows_h, rows_b, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, rows, key, label in ((axes[0], rows_h, "H", "hidden size H (T=64, B=32)"),
                                  (axes[1], rows_b, "B", "batch size B (T=64, H=256)")):
@@ -256,9 +251,7 @@ def plot_sweep(rows_h, rows_b, path):
         ax.set_ylabel("ms per loss_and_grad")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ---------------------------------------------------------------------------------- CLI

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import api, data
+from ._plot import pyplot, save
 from .truncation import Randomized, Truncated
 
 RADII = (0.5, 1.0, 2.0)
@@ -226,15 +227,8 @@ def clipping_stats(history):
 
 
 # ----------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_lag_norms(lags, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, norms in lags.items():
         ax.plot(range(len(norms)), norms, marker=".", label=name)
@@ -243,13 +237,11 @@ def plot_lag_norms(lags, path):
     ax.set_ylabel("mean ‖∂l_t/∂h_{t−j}‖")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_spectrum(spec, path):
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.5))
     th = np.linspace(0, 2 * np.pi, 200)
     a1.plot(np.cos(th), np.sin(th), "k--", lw=0.8)
@@ -270,14 +262,12 @@ def plot_spectrum(spec, path):
     a3.set_xlabel("power-iteration step k")
     a3.set_title("1 − |cos(M^k x, v₁)|")
     a3.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_truncation(rows, path):
     """Truncated(k) against k, Randomized(p) against p (zeros drawn at 1e-16), and time per call."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.5))
     floor = lambda v: [max(x, 1e-16) for x in v]          # noqa: E731  (log axes)
     rk = [r for r in rows if r["strategy"] == "truncated"]
@@ -299,13 +289,11 @@ def plot_truncation(rows, path):
     for ax in (a1, a2):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_book_figure(runs, path):
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, run in runs.items():
         tokens = np.cumsum([r["tokens"] for r in run["history"]])
@@ -314,13 +302,11 @@ def plot_book_figure(runs, path):
     ax.set_ylabel("validation perplexity")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_clipping(stats, path):
-    plt = _plt()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
     for name, s in stats.items():
         a1.plot(s["epoch"], s["clipped_frac"], marker=".", label=name)
@@ -338,9 +324,7 @@ def plot_clipping(stats, path):
     a2.set_xlabel("epoch")
     a2.set_ylabel("gradient norm before clipping")
     a2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ------------------------------------------------------------------------------- run

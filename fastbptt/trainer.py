@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import api, data
+from ._plot import pyplot, save
 from .truncation import Randomized, Truncated
 
 CHECKPOINT_FORMAT = "fastbptt-checkpoint/1"
@@ -444,9 +445,7 @@ def _write_json_log(path, history):
 
 def plot_history(history, path):
     """PNG of train (and validation) perplexity against epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["train_ppl"] for r in history], label="train")
@@ -457,6 +456,4 @@ def plot_history(history, path):
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
