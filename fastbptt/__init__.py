@@ -6,7 +6,7 @@
 Importing compiles nothing and needs no GPU; kernels compile on first use and are
 cached on disk.
 """
-from .api import init_params, loss, loss_and_grad, rnn_adjoints, rnn_backward, rnn_forward
+from .api import init_params, loss, loss_and_grad, rnn_adjoints, rnn_backward, rnn_forward, to_device
 from .generation import generate
 from .trainer import train
 from .truncation import Randomized, Truncated
@@ -14,4 +14,4 @@ from .truncation import Randomized, Truncated
 __version__ = "0.1.0"
 
 __all__ = ["init_params", "loss_and_grad", "loss", "rnn_forward", "rnn_backward", "rnn_adjoints",
-           "Truncated", "Randomized", "train", "generate", "__version__"]
+           "to_device", "Truncated", "Randomized", "train", "generate", "__version__"]

@@ -402,3 +402,44 @@ def loss(P, X, Y, h0, act):
     logits = np.empty((T * B, P["W_hq"].shape[1]), Hx.dtype)
     total = head_loss_cpu(logits, Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"], P["b_q"])
     return total, Hx[T].copy()
+
+
+# --------------------------------------------------- arrays (for api.py's validation)
+# api.py decides what to check; these say how on this backend's arrays.
+
+def as_array(name, a):
+    """``a`` as a numpy array; a CUDA array is an error on the CPU."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        raise TypeError(f"{name}: a CUDA array needs device='cuda'")
+    try:
+        return np.asarray(a)
+    except Exception as e:
+        raise TypeError(f"{name}: expected an array, got {type(a).__name__} ({e})") from None
+
+
+def normalized(name, a, dtype, copy=False):
+    """C-contiguous, writeable, of ``dtype``: ``a`` itself only if it already is all that and no
+    copy is asked for."""
+    if copy:
+        return np.array(a, dtype=dtype, order="C", copy=True)
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
+def first_nonfinite(a):
+    """None if every value is finite, else a description of the first one that is not."""
+    if np.isfinite(a).all():
+        return None
+    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(a))[0])
+    return f"{a[bad]} at index {bad}"
+
+
+def id_range(ids):
+    return int(ids.min()), int(ids.max())
+
+
+def stack_states(h0, Hs):
+    """Hx (T+1,B,H) = h_0, h_1..h_T, as the forward keeps them."""
+    return np.concatenate([h0[None], Hs])

@@ -283,6 +283,15 @@ def _carry_cuda(carry, dZ, s, W_hh):
 
 
 @cuda.jit
+def _zero_cuda(out):
+    """out = 0 (2-D)"""
+    N, M = out.shape
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for idx in range(start, N * M, stride):
+        out[idx // M, idx % M] = 0
+
+
+@cuda.jit
 def _scale_cuda(out, src, scale):
     """out = scale · src, elementwise (2-D)"""
     N, M = out.shape
@@ -332,7 +341,7 @@ def rnn_backward_truncated_cuda(dZ, dh0, Hx, W_hh, k, act):
     chain = cuda.device_array_like(dZ)
     chain.copy_to_device(dZ)
     nxt = cuda.device_array_like(dZ)
-    _scale_cuda[_grid(T * B * H)](dZ.reshape(T * B, H), dZ.reshape(T * B, H), 0.0)
+    _zero_cuda[_grid(T * B * H)](dZ.reshape(T * B, H))
     depth = min(k, T)
     for d in range(depth):
         _chain_step_cuda[_grid(B * H)](chain, dZ, d, Hx, act)
@@ -426,10 +435,29 @@ def head_loss_cuda(logits, Hs, Y, W_hq, b_q):
 
 
 # ------------------------------------------------------- composites (called by api.py)
-# Host arrays in (validated by api.py), host arrays out; device buffers in between.
+# Arrays come validated from api.py, each on the host or on the device.  Host arrays are
+# copied to the device; results come back to the host unless the params live on the
+# device (fastbptt.to_device), in which case they stay there, zero-copy.
 
-def _to_device(P):
-    return {k: cuda.to_device(v) for k, v in P.items()}
+def _on_device(a):
+    """A numba device array, or any object with the CUDA array interface (CuPy, torch)."""
+    return not isinstance(a, np.ndarray) and (cuda.devicearray.is_cuda_ndarray(a)
+                                               or hasattr(a, "__cuda_array_interface__"))
+
+
+def _dev(a):
+    return a if _on_device(a) else cuda.to_device(a)
+
+
+def _results(P):
+    """How results leave: as device arrays when the params are on the device, else copied back."""
+    if _on_device(P["W_hh"]):
+        return lambda a: a
+    return lambda a: a.copy_to_host()
+
+
+def to_device(P):
+    return {k: _dev(v) for k, v in P.items()}
 
 
 def _forward_device(D, X, h0, act):
@@ -437,7 +465,7 @@ def _forward_device(D, X, h0, act):
     H = D["W_hh"].shape[0]
     Hx = cuda.device_array((T + 1, B, H), D["W_hh"].dtype)
     Hx[0].copy_to_device(h0)
-    Xd = cuda.to_device(X)
+    Xd = _dev(X)
     if X.ndim == 2:
         embed_tokens_cuda[_grid(T * B * H)](Hx[1:], Xd, D["W_xh"], D["b_h"])
     else:
@@ -457,7 +485,8 @@ def _backward_device(D, X, Xd, Hx, dZ, act, k, xi):
     dW_hh = cuda.device_array((H, H), dt)
     db_h = cuda.device_array(H, dt)
     rnn_weight_grads_cuda(dW_hh, db_h, dZ, Hx)
-    dW_xh = cuda.to_device(np.zeros(D["W_xh"].shape, dt))
+    dW_xh = cuda.device_array(D["W_xh"].shape, dt)
+    _zero_cuda[_grid(dW_xh.size)](dW_xh)
     if X.ndim == 2:
         embed_tokens_backward_cuda[_grid(T * B * H)](dW_xh, dZ, Xd)
     else:
@@ -465,64 +494,145 @@ def _backward_device(D, X, Xd, Hx, dZ, act, k, xi):
     return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "h0": dh0}
 
 
-def _host(grads):
-    return {k: v.copy_to_host() for k, v in grads.items()}
-
-
 def forward(P, X, h0, act):
     """Hx (T+1,B,H) = h_0..h_T, as ``_cpu.forward``."""
-    Hx, _ = _forward_device(_to_device(P), X, h0, act)
-    return Hx.copy_to_host()
+    Hx, _ = _forward_device(to_device(P), X, h0, act)
+    return _results(P)(Hx)
 
 
 def backward(P, X, Hx, dZ, act, k, xi):
-    """Gradients of W_xh, W_hh, b_h, h0, as ``_cpu.backward``."""
-    D = _to_device(P)
-    return _host(_backward_device(D, X, cuda.to_device(X), cuda.to_device(Hx), cuda.to_device(dZ),
-                                  act, k, xi))
+    """Gradients of W_xh, W_hh, b_h, h0, as ``_cpu.backward`` (dZ is overwritten)."""
+    out = _results(P)
+    g = _backward_device(to_device(P), X, _dev(X), _dev(Hx), _dev(dZ), act, k, xi)
+    return {name: out(v) for name, v in g.items()}
 
 
 def adjoints(P, Hx, dZ, act):
     """A (T+1,B,H) = ∂L/∂h_0 … ∂L/∂h_T of the full gradient, as ``_cpu.adjoints``."""
     T, B, H = dZ.shape
-    D = _to_device(P)
-    dZd = cuda.to_device(dZ)
+    D = to_device(P)
+    dZd = _dev(dZ)
+    A = cuda.device_array((T + 1, B, H), dZ.dtype)
+    _zero_cuda[_grid(B * H)](A[0])
+    A[1:].copy_to_device(dZd)                              # the direct terms, before the sweep
     dh0 = cuda.device_array((B, H), dZ.dtype)
-    rnn_backward_cuda(dZd, dh0, cuda.to_device(Hx), D["W_hh"], np.ones(T, dZ.dtype), act)
-    C = cuda.device_array((T * B, H), dZ.dtype)
-    gemm(C, dZd.reshape(T * B, H), D["W_hh"], tb=True)
-    A = np.zeros((T + 1, B, H), dZ.dtype)
-    A[1:] = dZ
-    A[:T] += C.copy_to_host().reshape(T, B, H)
-    return A
+    rnn_backward_cuda(dZd, dh0, _dev(Hx), D["W_hh"], np.ones(T, dZ.dtype), act)
+    gemm(A[:T].reshape(T * B, H), dZd.reshape(T * B, H), D["W_hh"], tb=True, beta=1.0)
+    return _results(P)(A)
 
 
 def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
     """(loss, grads, h_T), as ``_cpu.loss_and_grad``."""
-    D = _to_device(P)
+    out = _results(P)
+    D = to_device(P)
     Hx, Xd = _forward_device(D, X, h0, act)
     T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
-    Q = P["W_hq"].shape[1]
+    Q = D["W_hq"].shape[1]
     dt = Hx.dtype
     dHs = cuda.device_array((T, B, H), dt)
     dW_hq = cuda.device_array((H, Q), dt)
     db_q = cuda.device_array(Q, dt)
     logits = cuda.device_array((T * B, Q), dt)
     loss = head_forward_backward_cuda(dHs.reshape(T * B, H), dW_hq, db_q, logits,
-                                      Hx[1:].reshape(T * B, H), cuda.to_device(Y.reshape(T * B)),
+                                      Hx[1:].reshape(T * B, H), _dev(Y).reshape(T * B),
                                       D["W_hq"], D["b_q"], scale)
     grads = _backward_device(D, X, Xd, Hx, dHs, act, k, xi)
     grads["W_hq"] = dW_hq
     grads["b_q"] = db_q
-    return loss, _host(grads), Hx[T].copy_to_host()
+    return loss, {name: out(v) for name, v in grads.items()}, out(Hx[T])
 
 
 def loss(P, X, Y, h0, act):
     """(Σ of the T·B cross-entropy terms, h_T), forward only, as ``_cpu.loss``."""
-    D = _to_device(P)
+    D = to_device(P)
     Hx, _ = _forward_device(D, X, h0, act)
     T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
-    logits = cuda.device_array((T * B, P["W_hq"].shape[1]), Hx.dtype)
-    total = head_loss_cuda(logits, Hx[1:].reshape(T * B, H), cuda.to_device(Y.reshape(T * B)),
-                           D["W_hq"], D["b_q"])
-    return total, Hx[T].copy_to_host()
+    logits = cuda.device_array((T * B, D["W_hq"].shape[1]), Hx.dtype)
+    total = head_loss_cuda(logits, Hx[1:].reshape(T * B, H), _dev(Y).reshape(T * B), D["W_hq"], D["b_q"])
+    return total, _results(P)(Hx[T])
+
+
+# --------------------------------------------------- arrays (for api.py's validation)
+# The same functions as in _cpu; host arrays are handled as there, device arrays here.
+
+@cuda.jit
+def _cast_cuda(out, src):
+    """out = src with out's dtype, elementwise (1-D views)"""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, out.shape[0], stride):
+        out[i] = src[i]
+
+
+@cuda.jit
+def _count_nonfinite_cuda(count, a):
+    """count[0] += the number of NaN/inf in a (1-D view)"""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, a.shape[0], stride):
+        if not math.isfinite(a[i]):
+            cuda.atomic.add(count, 0, 1)
+
+
+@cuda.jit
+def _id_range_cuda(lohi, ids):
+    """lohi = (min, max) of ids (1-D view), by atomics"""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, ids.shape[0], stride):
+        cuda.atomic.min(lohi, 0, ids[i])
+        cuda.atomic.max(lohi, 1, ids[i])
+
+
+def as_array(name, a):
+    """A numpy array, or a CUDA-array-interface object (numba, CuPy, torch) wrapped zero-copy."""
+    if isinstance(a, np.ndarray) or cuda.devicearray.is_cuda_ndarray(a):
+        return a
+    if hasattr(a, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(a)                 # zero-copy view of CuPy/torch memory
+    try:
+        return np.asarray(a)
+    except Exception as e:
+        raise TypeError(f"{name}: expected an array, got {type(a).__name__} ({e})") from None
+
+
+def normalized(name, a, dtype, copy=False):
+    """Host arrays as in _cpu; a device array must be C-contiguous, and is cast (or copied when
+    asked) on the device."""
+    if not _on_device(a):
+        from ._cpu import normalized as host_normalized
+        return host_normalized(name, a, dtype, copy)
+    if not a.is_c_contiguous():
+        raise TypeError(f"{name}: a CUDA array must be C-contiguous (copy it on the device first)")
+    if a.dtype == dtype and not copy:
+        return a
+    out = cuda.device_array(a.shape, dtype)
+    if a.size:
+        _cast_cuda[_grid(a.size)](out.reshape(a.size), a.reshape(a.size))
+    return out
+
+
+def first_nonfinite(a):
+    if not _on_device(a):
+        from ._cpu import first_nonfinite as host_first_nonfinite
+        return host_first_nonfinite(a)
+    count = cuda.to_device(np.zeros(1, np.int64))
+    _count_nonfinite_cuda[_grid(a.size)](count, a.reshape(a.size))
+    n = int(count.copy_to_host()[0])
+    return None if n == 0 else f"{n} NaN/inf values on the device"
+
+
+def id_range(ids):
+    if not _on_device(ids):
+        return int(ids.min()), int(ids.max())
+    lohi = cuda.to_device(np.array([np.iinfo(np.int64).max, np.iinfo(np.int64).min], np.int64))
+    _id_range_cuda[_grid(ids.size)](lohi, ids.reshape(ids.size))
+    lo, hi = lohi.copy_to_host()
+    return int(lo), int(hi)
+
+
+def stack_states(h0, Hs):
+    """Hx (T+1,B,H) = h_0, h_1..h_T (on the device when either is)."""
+    if not (_on_device(h0) or _on_device(Hs)):
+        return np.concatenate([h0[None], Hs])
+    Hx = cuda.device_array((Hs.shape[0] + 1,) + tuple(Hs.shape[1:]), Hs.dtype)
+    Hx[0].copy_to_device(h0)
+    Hx[1:].copy_to_device(Hs)
+    return Hx

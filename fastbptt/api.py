@@ -75,8 +75,8 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     h_T : (B,H) last hidden state.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(params, PARAM_KEYS, X, h0)
-    Yc = _targets(Y, Xc, P)
+    P, dt, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
+    Yc = _targets(be, Y, Xc, P)
     k, xi = _truncation(truncation, Xc.shape[0], dt)
     scale = _scale(reduction, Xc)
     loss, grads, h_T = be.loss_and_grad(P, Xc, Yc, h0c, _activation(activation), k, xi, scale)
@@ -89,8 +89,8 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
     For evaluation (validation perplexity = exp(mean loss)) without the backward cost.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(params, PARAM_KEYS, X, h0)
-    Yc = _targets(Y, Xc, P)
+    P, dt, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
+    Yc = _targets(be, Y, Xc, P)
     scale = _scale(reduction, Xc)
     total, h_T = be.loss(P, Xc, Yc, h0c, _activation(activation))
     return float(total * scale), h_T
@@ -103,7 +103,7 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
     X, h0 and activation as in :func:`loss_and_grad`.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(params, RNN_KEYS, X, h0)
+    P, dt, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
     return be.forward(P, Xc, h0c, _activation(activation))[1:]
 
 
@@ -118,8 +118,8 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     Returns ``{"W_xh", "W_hh", "b_h", "h0"}``, in the params' dtype.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(params, RNN_KEYS, X, h0)
-    Hx, dZ = _states_and_adjoints(Hs, dHs, Xc, h0c)
+    P, dt, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
+    Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
     k, xi = _truncation(truncation, Xc.shape[0], dt)
     return be.backward(P, Xc, Hx, dZ, _activation(activation), k, xi)
 
@@ -132,9 +132,19 @@ def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"
     A[t-j] = ∂l_t/∂h_{t-j}: how the gradient of one loss term flows back j steps.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(params, RNN_KEYS, X, h0)
-    Hx, dZ = _states_and_adjoints(Hs, dHs, Xc, h0c)
+    P, dt, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
+    Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
     return be.adjoints(P, Hx, dZ, _activation(activation))
+
+
+def to_device(params):
+    """The params copied to the GPU once, as numba device arrays, for ``device="cuda"`` calls
+    in a loop: with params on the device, inputs may be numpy or CUDA arrays (numba, CuPy,
+    torch: zero-copy) and every result stays on the device.  Validated like any call."""
+    be = _backend("cuda")
+    keys = PARAM_KEYS if isinstance(params, Mapping) and "W_hq" in params else RNN_KEYS
+    P, _ = _params(be, params, keys)
+    return be.to_device(P)
 
 
 # ------------------------------------------------------------------------- dispatch
@@ -155,15 +165,15 @@ def _backend(device):
 
 
 # ----------------------------------------------------------------------- validation
-def _model_inputs(params, keys, X, h0):
+def _model_inputs(be, params, keys, X, h0):
     """(params, dtype, X, h0) validated and normalized; h0 None becomes zeros."""
-    P, dt = _params(params, keys)
-    Xc = _inputs("X", X, P["W_xh"].shape[0], dt)
-    return P, dt, Xc, _state("h0", h0, Xc.shape[1], P["W_hh"].shape[0], dt)
+    P, dt = _params(be, params, keys)
+    Xc = _inputs(be, "X", X, P["W_xh"].shape[0], dt)
+    return P, dt, Xc, _state(be, "h0", h0, Xc.shape[1], P["W_hh"].shape[0], dt)
 
 
-def _targets(Y, Xc, P):
-    return _token_ids("Y", Y, Xc.shape[:2], P["W_hq"].shape[1],
+def _targets(be, Y, Xc, P):
+    return _token_ids(be, "Y", Y, Xc.shape[:2], P["W_hq"].shape[1],
                       "targets; Y holds class ids of the W_hq columns")
 
 
@@ -173,12 +183,12 @@ def _scale(reduction, Xc):
     return 1.0 / (Xc.shape[0] * Xc.shape[1]) if reduction == "mean" else 1.0
 
 
-def _states_and_adjoints(Hs, dHs, Xc, h0c):
+def _states_and_adjoints(be, Hs, dHs, Xc, h0c):
     """Hx = h_0..h_T (T+1,B,H) as the forward keeps them, and a writeable copy of dHs."""
-    shape = Xc.shape[:2] + h0c.shape[1:]
-    Hsc = _floats("Hs", Hs, shape, h0c.dtype)
-    dZ = _floats("dHs", dHs, shape, h0c.dtype, copy=True)     # the kernels overwrite it
-    return np.concatenate([h0c[None], Hsc]), dZ
+    shape = tuple(Xc.shape[:2]) + tuple(h0c.shape[1:])
+    Hsc = _floats(be, "Hs", Hs, shape, h0c.dtype)
+    dZ = _floats(be, "dHs", dHs, shape, h0c.dtype, copy=True)     # the kernels overwrite it
+    return be.stack_states(h0c, Hsc), dZ
 
 
 def _size(name, n):
@@ -199,30 +209,15 @@ def _dtype(name, dtype):
     return dt
 
 
-def _array(name, a):
-    if isinstance(a, np.ndarray):
-        return a
-    if hasattr(a, "__cuda_array_interface__"):
-        raise TypeError(f"{name}: a CUDA array needs device='cuda'")
-    try:
-        return np.asarray(a)
-    except Exception as e:
-        raise TypeError(f"{name}: expected an array, got {type(a).__name__} ({e})") from None
+def _finite(be, name, a):
+    """``a`` (normalized) if every value is finite, else a ValueError saying where."""
+    bad = be.first_nonfinite(a)
+    if bad is not None:
+        raise ValueError(f"{name}: non-finite value {bad}")
+    return a
 
 
-def _contiguous(a, dtype):
-    """C-contiguous, writeable, of ``dtype``; the same object only if it already is all that."""
-    a = np.ascontiguousarray(a, dtype=dtype)
-    return a if a.flags.writeable else a.copy()
-
-
-def _check_finite(name, a):
-    if not np.isfinite(a).all():
-        bad = np.argwhere(~np.isfinite(a))[0]
-        raise ValueError(f"{name}: non-finite value {a[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
-
-
-def _params(params, keys):
+def _params(be, params, keys):
     if not isinstance(params, Mapping):
         raise TypeError(f"params: expected a dict with keys {', '.join(keys)}, got {type(params).__name__}")
     for key in keys:
@@ -231,11 +226,11 @@ def _params(params, keys):
     extra = sorted(str(k) for k in params if k not in PARAM_KEYS)
     if extra:
         raise ValueError(f"params: unexpected key(s) {', '.join(map(repr, extra))} (expected {', '.join(PARAM_KEYS)})")
-    arrays = {key: _array(f"params[{key!r}]", params[key]) for key in keys}
+    arrays = {key: be.as_array(f"params[{key!r}]", params[key]) for key in keys}
     for key, a in arrays.items():
         if a.dtype.type not in _FLOATS:
             raise TypeError(f"params[{key!r}]: expected float32 or float64, got {a.dtype}")
-    dt = np.result_type(*arrays.values())
+    dt = np.result_type(*(a.dtype for a in arrays.values()))
     want_ndim = {"W_xh": 2, "W_hh": 2, "b_h": 1, "W_hq": 2, "b_q": 1}
     for key, a in arrays.items():
         if a.ndim != want_ndim[key]:
@@ -251,28 +246,25 @@ def _params(params, keys):
         if arrays[key].shape != shape:
             raise ValueError(f"params[{key!r}]: expected shape {shape} (from W_xh {D}x{H}"
                              f"{', W_hq' if key == 'b_q' else ''}), got {arrays[key].shape}")
-    P = {}
-    for key, a in arrays.items():
-        _check_finite(f"params[{key!r}]", a)
-        P[key] = _contiguous(a, dt)
+    P = {key: _finite(be, f"params[{key!r}]", be.normalized(f"params[{key!r}]", a, dt))
+         for key, a in arrays.items()}
     return P, dt
 
 
-def _inputs(name, X, D, dt):
-    X = _array(name, X)
+def _inputs(be, name, X, D, dt):
+    X = be.as_array(name, X)
     if X.dtype.kind in "iu":
         if X.ndim != 2:
             raise ValueError(f"{name}: integer token ids must have shape (T,B), got {X.shape}")
         _nonempty(name, X.shape, "(T,B)")
-        return _token_ids(name, X, X.shape, D, "input; X holds ids of the W_xh rows")
+        return _token_ids(be, name, X, X.shape, D, "input; X holds ids of the W_xh rows")
     if X.dtype.kind == "f":
         if X.ndim != 3:
             raise ValueError(f"{name}: dense input must have shape (T,B,D), got {X.shape}")
         _nonempty(name, X.shape[:2], "(T,B,D)")
         if X.shape[2] != D:
             raise ValueError(f"{name}: dense input has D={X.shape[2]} but W_xh has {D} rows")
-        _check_finite(name, X)
-        return _contiguous(X, dt)
+        return _finite(be, name, be.normalized(name, X, dt))
     raise TypeError(f"{name}: expected integer token ids (T,B) or floating (T,B,D), got dtype {X.dtype}")
 
 
@@ -281,33 +273,33 @@ def _nonempty(name, shape, layout):
         raise ValueError(f"{name}: empty sequence or batch, shape {shape} {layout}; T and B must be >= 1")
 
 
-def _token_ids(name, ids, shape, n, what):
-    ids = _array(name, ids)
+def _token_ids(be, name, ids, shape, n, what):
+    ids = be.as_array(name, ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected integer ids, got dtype {ids.dtype}")
-    if ids.shape != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} (T,B), got {ids.shape}")
-    lo, hi = int(ids.min()), int(ids.max())
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (T,B), got {tuple(ids.shape)}")
+    ids = be.normalized(name, ids, np.int64)
+    lo, hi = be.id_range(ids)
     if lo < 0 or hi >= n:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name}: token id {bad} out of range [0, {n}); {what}")
-    return _contiguous(ids, np.int64)
+    return ids
 
 
-def _state(name, h0, B, H, dt):
+def _state(be, name, h0, B, H, dt):
     if h0 is None:
         return np.zeros((B, H), dt)
-    return _floats(name, h0, (B, H), dt)
+    return _floats(be, name, h0, (B, H), dt)
 
 
-def _floats(name, a, shape, dt, copy=False):
-    a = _array(name, a)
+def _floats(be, name, a, shape, dt, copy=False):
+    a = be.as_array(name, a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
-    if a.shape != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {a.shape}")
-    _check_finite(name, a)
-    return np.array(a, dtype=dt, order="C", copy=True) if copy else _contiguous(a, dt)
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
+    return _finite(be, name, be.normalized(name, a, dt, copy=copy))
 
 
 def _activation(activation):

@@ -149,3 +149,35 @@ def test_rnn_adjoints_equal_cpu(rng):
     dHs = rng.normal(size=Hs.shape)
     want = fastbptt.rnn_adjoints(params, X, Hs, dHs, h0)
     assert rel_err(fastbptt.rnn_adjoints(params, X, Hs, dHs, h0, device="cuda"), want) <= 1e-9
+
+
+@sim_only
+def test_params_on_the_device_and_device_inputs_stay_on_the_device(rng):
+    params, X, Y, h0 = make_case(rng, T=4, B=2, D=5, H=6, Q=5)
+    want_loss, want, want_hT = fastbptt.loss_and_grad(params, X, Y, h0)
+    D = fastbptt.to_device(params)
+    assert all(cuda.devicearray.is_cuda_ndarray(v) for v in D.values())
+    for args in [(X, Y, h0),
+                 (cuda.to_device(X.astype(np.int32)), cuda.to_device(Y), cuda.to_device(h0))]:
+        loss, grads, h_T = fastbptt.loss_and_grad(D, *args, device="cuda")
+        assert abs(loss - want_loss) <= 1e-12
+        assert cuda.devicearray.is_cuda_ndarray(h_T) and all(cuda.devicearray.is_cuda_ndarray(g) for g in grads.values())
+        assert rel_err(h_T.copy_to_host(), want_hT) <= 1e-9
+        for k in want:
+            assert rel_err(grads[k].copy_to_host(), want[k]) <= 1e-9, k
+    Hs = fastbptt.rnn_forward(D, cuda.to_device(X), device="cuda")
+    assert cuda.devicearray.is_cuda_ndarray(Hs)
+    np.testing.assert_allclose(Hs.copy_to_host(), fastbptt.rnn_forward(params, X), rtol=1e-12)
+
+
+@sim_only
+def test_device_inputs_are_validated_on_the_device(rng):
+    params, X, Y, h0 = make_case(rng, T=3, B=2, D=5, H=4, Q=5)
+    bad = X.copy()
+    bad[1, 1] = 9
+    with pytest.raises(ValueError, match=r"X: token id 9 out of range \[0, 5\)"):
+        fastbptt.loss_and_grad(params, cuda.to_device(bad), Y, h0, device="cuda")
+    nan = params["W_hh"].copy()
+    nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"params\['W_hh'\]: non-finite"):
+        fastbptt.loss_and_grad(dict(params, W_hh=cuda.to_device(nan)), X, Y, h0, device="cuda")

@@ -157,3 +157,13 @@ def test_bad_init_sizes(args, exc):
 def test_bad_init_dtype():
     with pytest.raises(TypeError, match="dtype"):
         fastbptt.init_params(2, 3, 4, dtype=np.int32)
+
+
+def test_cuda_array_on_the_cpu_path_is_a_type_error(case):
+    params, X, Y, _ = case
+
+    class DeviceArray:                      # anything exposing the CUDA array interface
+        __cuda_array_interface__ = {"shape": (4, 3), "typestr": "<i8", "data": (0, False), "version": 3}
+
+    with pytest.raises(TypeError, match="X: a CUDA array needs device='cuda'"):
+        call(params, DeviceArray(), Y)
