@@ -20,9 +20,9 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .config import FASTMATH
+from .config import ACTIVATIONS, FASTMATH
 
-TANH, RELU, IDENTITY = 0, 1, 2
+TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
 # --------------------------------------------------------------------------- tanh
 # float32: Eigen's rational approximation (odd degree-13 polynomial over an even

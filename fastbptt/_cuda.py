@@ -27,8 +27,9 @@ import numpy as np
 from numba import cuda
 
 from . import config
+from .config import ACTIVATIONS
 
-TANH, RELU, IDENTITY = 0, 1, 2
+TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 _SHARED_BYTES = 48 * 1024
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 

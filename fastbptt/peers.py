@@ -21,18 +21,18 @@ def numpy_loss_and_grad(params, X, Y, h0):
     for t in range(T):
         h = np.tanh(Hs[t] + h @ W_hh, out=Hs[t])
     H2 = Hs.reshape(N, H)
-    O = H2 @ W_hq + b_q
-    O -= O.max(axis=1, keepdims=True)
-    np.exp(O, out=O)
-    O /= O.sum(axis=1, keepdims=True)
+    prob = H2 @ W_hq + b_q
+    prob -= prob.max(axis=1, keepdims=True)
+    np.exp(prob, out=prob)
+    prob /= prob.sum(axis=1, keepdims=True)
     rows = np.arange(N)
     y = Y.reshape(N)
-    loss = -np.log(O[rows, y]).mean()
-    O[rows, y] -= 1.0
-    O /= N
-    dW_hq = H2.T @ O
-    db_q = O.sum(axis=0)
-    dZ = (O @ W_hq.T).reshape(T, B, H)
+    loss = -np.log(prob[rows, y]).mean()
+    prob[rows, y] -= 1.0
+    prob /= N
+    dW_hq = H2.T @ prob
+    db_q = prob.sum(axis=0)
+    dZ = (prob @ W_hq.T).reshape(T, B, H)
     W_hhT = np.ascontiguousarray(W_hh.T)
     carry = None
     for t in range(T - 1, -1, -1):

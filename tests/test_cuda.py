@@ -161,7 +161,8 @@ def test_params_on_the_device_and_device_inputs_stay_on_the_device(rng):
                  (cuda.to_device(X.astype(np.int32)), cuda.to_device(Y), cuda.to_device(h0))]:
         loss, grads, h_T = fastbptt.loss_and_grad(D, *args, device="cuda")
         assert abs(loss - want_loss) <= 1e-12
-        assert cuda.devicearray.is_cuda_ndarray(h_T) and all(cuda.devicearray.is_cuda_ndarray(g) for g in grads.values())
+        on_device = cuda.devicearray.is_cuda_ndarray
+        assert on_device(h_T) and all(on_device(g) for g in grads.values())
         assert rel_err(h_T.copy_to_host(), want_hT) <= 1e-9
         for k in want:
             assert rel_err(grads[k].copy_to_host(), want[k]) <= 1e-9, k
