@@ -72,7 +72,8 @@ class TrainConfig:
             _positive_int(name, getattr(c, name))
         if c.max_chars is not None:
             _positive_int("max_chars", c.max_chars)
-        _positive_int("seed", c.seed + 1)
+        if isinstance(c.seed, bool) or not isinstance(c.seed, (int, np.integer)) or c.seed < 0:
+            raise ValueError(f"--seed: expected a non-negative integer, got {c.seed!r}")
         for name in ("lr", "clip"):
             v = getattr(c, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isnan(v):

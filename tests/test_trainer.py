@@ -118,7 +118,8 @@ def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [
     ["--text", "/no/such/file"], ["--hidden", "0"], ["--lr", "-1"], ["--clip", "0"], ["--epochs", "0"],
     ["--truncation", "k:0"], ["--truncation", "rand:0.5"], ["--truncation", "random:1.5"],
-    ["--resume"], ["--num-steps", "500", "--batch-size", "500"], ["--batch-size", "-3"],
+    ["--resume"], ["--num-steps", "500", "--batch-size", "500"], ["--batch-size", "-3"], ["--seed", "-1"],
+    ["--val-fraction", "1.5"], ["--max-minutes", "0"], ["--checkpoint-every", "0"],
 ])
 def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
     assert run_cli("train", "--max-chars", 4000, "--quiet", *argv) == 2
@@ -162,3 +163,34 @@ def test_generate_greedy_sampled_and_unknown_prefix():
     assert out.startswith("az")
     with pytest.raises(ValueError, match="--length"):
         fastbptt.generate(params, vocab, "ab", -1)
+
+
+def test_ctrl_c_saves_the_last_epoch_exits_130_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    ck = tmp_path / "ck.npz"
+    argv = ["train", "--max-chars", 4000, "--hidden", 32, "--num-steps", 10, "--batch-size", 8,
+            "--checkpoint", ck, "--checkpoint-every", 2, "--quiet"]
+    straight = fastbptt.train(**SMALL, epochs=4, sample_prefixes=())
+    calls = {"n": 0}
+    real = api.loss_and_grad
+    per_epoch = straight.history[0]["tokens"] // (10 * 8)       # minibatches per epoch
+
+    def interrupt_in_epoch_4(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3 * per_epoch + 1:               # a step inside epoch 4
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "loss_and_grad", interrupt_in_epoch_4)
+    assert run_cli(*argv, "--epochs", 6) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after epoch 3" in err and "--resume" in err
+    monkeypatch.setattr(api, "loss_and_grad", real)
+    _, _, meta = trainer.load_checkpoint(ck)
+    assert meta["epoch"] == 3                           # the snapshot of epoch 3, not half of epoch 4
+    resumed = fastbptt.train(**SMALL, epochs=4, checkpoint=ck, resume=True, sample_prefixes=())
+    assert [r["train_ppl"] for r in resumed.history] == [r["train_ppl"] for r in straight.history]
+
+
+def test_max_minutes_stops_at_an_epoch_end(tmp_path):
+    res = fastbptt.train(**SMALL, epochs=50, max_minutes=1e-6, sample_prefixes=())
+    assert res.stopped == "max-minutes" and len(res.history) == 1
