@@ -18,8 +18,7 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 def _train_parser(sub):
     p = sub.add_parser("train", help="train the character-level RNN language model",
                        description="Train the book's character-level RNN language model (d2l 0.17 "
-                                   "§8.5). Defaults are the book's.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "§8.5). Defaults are the book's.")
     # every model/data option defaults to None here: "not given", so that --resume can
     # tell given options (which must agree with the checkpoint) from defaults
     g = p.add_argument_group("data")
@@ -49,7 +48,7 @@ def _train_parser(sub):
     g.add_argument("--device", choices=["cpu", "cuda"], help="(default: cpu)")
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint", metavar="PATH", help=".npz checkpoint written atomically at epoch ends")
-    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="write it every N epochs")
+    g.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="write it every N epochs (default: 1)")
     g.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint")
     g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")
     g.add_argument("--plot", metavar="PATH", help="PNG of perplexity against epoch")
