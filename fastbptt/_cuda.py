@@ -319,7 +319,10 @@ def rnn_backward_cuda(dZ, dh0, Hx, W_hh, xi, act):
             _dz_step_cuda[g](dZ, s, carry, x, Hx, act)
             if xi[s] != 0:
                 _carry_cuda[g](carry, dZ, s, W_hh)
-    _scale_cuda[_grid(B * H)](dh0, carry, xi[0])
+    if xi[0] != 0:                    # as on the CPU: the carry of step 1 exists only when ξ_1 != 0
+        _scale_cuda[_grid(B * H)](dh0, carry, xi[0])
+    else:
+        _zero_cuda[_grid(B * H)](dh0)
 
 
 @cuda.jit

@@ -182,3 +182,16 @@ def test_device_inputs_are_validated_on_the_device(rng):
     nan[0, 0] = np.nan
     with pytest.raises(ValueError, match=r"params\['W_hh'\]: non-finite"):
         fastbptt.loss_and_grad(dict(params, W_hh=cuda.to_device(nan)), X, Y, h0, device="cuda")
+
+
+@sim_only
+@pytest.mark.parametrize("path", ["step", "persistent"])
+def test_randomized_with_every_crossing_dropped(path, rng, monkeypatch):
+    """ξ = 0 everywhere: no carry is ever computed, and ∂L/∂h_0 must be exactly 0."""
+    monkeypatch.setattr(config, "CUDA_RECURRENCE", path)
+    params, X, Y, h0 = make_case(rng, T=3, B=2, D=5, H=6, Q=5)
+    tr = next(fastbptt.Randomized(0.05, seed=s) for s in range(100)
+              if not fastbptt.Randomized(0.05, seed=s).draw(3, np.float64).any())
+    _, grads, _ = fastbptt.loss_and_grad(params, X, Y, h0, truncation=tr, device="cuda")
+    assert np.all(grads["h0"] == 0)
+    compare(params, X, Y, h0, truncation=tr)
