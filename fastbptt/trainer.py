@@ -187,7 +187,8 @@ class SGD:
 
 
 class Adam:
-    """Adam (Kingma & Ba 2015), bias-corrected, in place."""
+    """Adam (Kingma & Ba 2015), bias-corrected, in place: no temporaries, the gradient
+    array (the trainer's own) serves as scratch."""
 
     def __init__(self, params, lr, beta1=0.9, beta2=0.999, eps=1e-8):
         self.lr, self.b1, self.b2, self.eps = lr, beta1, beta2, eps
@@ -201,14 +202,19 @@ class Adam:
         c2 = 1.0 - self.b2 ** self.t
         for k, p in params.items():
             g, m, v = grads[k], self.m[k], self.v[k]
+            m -= g                          # m ← b1·m + (1−b1)·g  =  b1·(m − g) + g
             m *= self.b1
-            m += (1.0 - self.b1) * g
+            m += g
+            g *= g                          # v ← b2·v + (1−b2)·g²
+            v -= g
             v *= self.b2
-            g *= g
-            v += (1.0 - self.b2) * g
-            denom = np.sqrt(v / c2)
-            denom += self.eps
-            p -= (self.lr / c1) * m / denom
+            v += g
+            np.divide(v, c2, out=g)         # p ← p − lr/c1 · m / (√(v/c2) + eps)
+            np.sqrt(g, out=g)
+            g += self.eps
+            np.divide(m, g, out=g)
+            g *= self.lr / c1
+            p -= g
 
     def state(self):
         out = {f"m/{k}": v for k, v in self.m.items()}

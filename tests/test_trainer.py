@@ -194,3 +194,17 @@ def test_ctrl_c_saves_the_last_epoch_exits_130_and_resumes_exactly(tmp_path, mon
 def test_max_minutes_stops_at_an_epoch_end(tmp_path):
     res = fastbptt.train(**SMALL, epochs=50, max_minutes=1e-6, sample_prefixes=())
     assert res.stopped == "max-minutes" and len(res.history) == 1
+
+
+def test_adam_matches_the_textbook_update():
+    rng = np.random.default_rng(0)
+    p = {"W": rng.normal(size=(3, 4))}
+    want = p["W"].copy()
+    opt = trainer.Adam(p, 0.01)
+    m, v = np.zeros((3, 4)), np.zeros((3, 4))
+    for t in range(1, 6):
+        g = rng.normal(size=(3, 4))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        want -= 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        opt.step(p, {"W": g.copy()})
+    np.testing.assert_allclose(p["W"], want, rtol=1e-12, atol=1e-14)
