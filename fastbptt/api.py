@@ -75,9 +75,9 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     h_T : (B,H) last hidden state.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
+    P, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
     Yc = _targets(be, Y, Xc, P)
-    k, xi = _truncation(truncation, Xc.shape[0], dt)
+    k, xi = _truncation(truncation, Xc.shape[0], h0c.dtype)
     scale = _scale(reduction, Xc)
     loss, grads, h_T = be.loss_and_grad(P, Xc, Yc, h0c, _activation(activation), k, xi, scale)
     return float(loss), grads, h_T
@@ -89,7 +89,7 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
     For evaluation (validation perplexity = exp(mean loss)) without the backward cost.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
+    P, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
     Yc = _targets(be, Y, Xc, P)
     scale = _scale(reduction, Xc)
     total, h_T = be.loss(P, Xc, Yc, h0c, _activation(activation))
@@ -103,7 +103,7 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
     X, h0 and activation as in :func:`loss_and_grad`.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
+    P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
     return be.forward(P, Xc, h0c, _activation(activation))[1:]
 
 
@@ -118,9 +118,9 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     Returns ``{"W_xh", "W_hh", "b_h", "h0"}``, in the params' dtype.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
+    P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
-    k, xi = _truncation(truncation, Xc.shape[0], dt)
+    k, xi = _truncation(truncation, Xc.shape[0], h0c.dtype)
     return be.backward(P, Xc, Hx, dZ, _activation(activation), k, xi)
 
 
@@ -132,7 +132,7 @@ def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"
     A[t-j] = ∂l_t/∂h_{t-j}: how the gradient of one loss term flows back j steps.
     """
     be = _backend(device)
-    P, dt, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
+    P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
     return be.adjoints(P, Hx, dZ, _activation(activation))
 
@@ -166,10 +166,10 @@ def _backend(device):
 
 # ----------------------------------------------------------------------- validation
 def _model_inputs(be, params, keys, X, h0):
-    """(params, dtype, X, h0) validated and normalized; h0 None becomes zeros."""
+    """(params, X, h0) validated and normalized to the params' dtype; h0 None becomes zeros."""
     P, dt = _params(be, params, keys)
     Xc = _inputs(be, "X", X, P["W_xh"].shape[0], dt)
-    return P, dt, Xc, _state(be, "h0", h0, Xc.shape[1], P["W_hh"].shape[0], dt)
+    return P, Xc, _state(be, "h0", h0, Xc.shape[1], P["W_hh"].shape[0], dt)
 
 
 def _targets(be, Y, Xc, P):
