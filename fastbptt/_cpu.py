@@ -16,11 +16,13 @@ kernel validates (``fastbptt.api`` does, once).  Only the recurrence is sequenti
 the input projection, the head and every weight gradient are one product over all
 T·B rows.  ``fastbptt._cuda`` mirrors this module function for function.
 """
+import threading
+
 import numpy as np
-from numba import njit, types
+from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .config import ACTIVATIONS, FASTMATH
+from .config import ACTIVATIONS, CPU_KC, CPU_MC, CPU_SHORT_K, FASTMATH
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -87,149 +89,364 @@ def embed_tokens_cpu(pre, X, W_xh, b_h):
                 dst[j] = row[j] + b_h[j]
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def embed_dense_cpu(pre, X, W_xh, b_h):
-    """pre = X W_xh + b_h over all T·B rows at once (one GEMM)
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_dense_cpu(pre, X, W_xh, b_h, n):
+    """pre = X W_xh + b_h over all T·B rows at once (one product)
 
-    pre (T·B,H) out · X (T·B,D) · W_xh (D,H) · b_h (H,)
+    pre (T·B,H) out · X (T·B,D) · W_xh (D,H) · b_h (H,) · n row chunks
     """
-    np.dot(X, W_xh, pre)
     N, H = pre.shape
-    for n in range(N):
-        for j in range(H):
-            pre[n, j] += b_h[j]
+    W_xhT = np.ascontiguousarray(W_xh.T)
+    one = pre.dtype.type(1)
+    for c in prange(n):
+        r0, r1 = N * c // n, N * (c + 1) // n
+        for r in range(r0, r1):
+            pre[r] = b_h
+        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, W_xhT, one, 0, H)
+
+
+# ---------------------------------------------------------------- recurrent product
+# The per-step product C (M,N) += α · A (M,K) Btᵀ with Bt (N,K) row-major, so that every
+# output is a dot product of two contiguous rows.  A 4x4 block of outputs keeps 16
+# accumulators in registers and reads 4 + 4 rows per k; LLVM vectorizes the k loop (the
+# fast-math reassociation lets it), which reaches ~95 % of a core's FMA peak at
+# (32,512)x(512,512) against ~75 % for a BLAS call of that size (measured; the README's
+# "Performance" section).  The recurrent kernels split the N output columns into one
+# chunk per thread, so each thread keeps its slice of W_hh in its own L2 for all T steps,
+# and run the step's activation on the chunk right after its product, while it is in cache.
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _dot4x4(a0, a1, a2, a3, w0, w1, w2, w3):
+    """the 4x4 block of dot products (a_r · w_c) of eight rows of length K, as 4 row tuples"""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = a0.dtype.type(0)
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = a0.dtype.type(0)
+    for k in range(w0.shape[0]):
+        s00 += a0[k] * w0[k]; s01 += a0[k] * w1[k]; s02 += a0[k] * w2[k]; s03 += a0[k] * w3[k]   # noqa: E702
+        s10 += a1[k] * w0[k]; s11 += a1[k] * w1[k]; s12 += a1[k] * w2[k]; s13 += a1[k] * w3[k]   # noqa: E702
+        s20 += a2[k] * w0[k]; s21 += a2[k] * w1[k]; s22 += a2[k] * w2[k]; s23 += a2[k] * w3[k]   # noqa: E702
+        s30 += a3[k] * w0[k]; s31 += a3[k] * w1[k]; s32 += a3[k] * w2[k]; s33 += a3[k] * w3[k]   # noqa: E702
+    return ((s00, s01, s02, s03), (s10, s11, s12, s13), (s20, s21, s22, s23),
+            (s30, s31, s32, s33))
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _dot1x4(a, w0, w1, w2, w3):
+    """the 1x4 block of dot products (a · w_c)"""
+    s0 = s1 = s2 = s3 = a.dtype.type(0)
+    for k in range(w0.shape[0]):
+        s0 += a[k] * w0[k]; s1 += a[k] * w1[k]; s2 += a[k] * w2[k]; s3 += a[k] * w3[k]   # noqa: E702
+    return (s0, s1, s2, s3)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _dot(a, w):
+    s = a.dtype.type(0)
+    for k in range(w.shape[0]):
+        s += a[k] * w[k]
+    return s
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _add4(row, c, alpha, s):
+    row[c] += alpha * s[0]
+    row[c + 1] += alpha * s[1]
+    row[c + 2] += alpha * s[2]
+    row[c + 3] += alpha * s[3]
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka=0):
+    """C[:, j0:j1] += α · A[:, ka:ka+K] Bt[j0:j1]ᵀ
+
+    C (M,N) · A (M, >= ka+K) · Bt (N,K) · j0 a multiple of 4.  Blocked for the caches:
+    K in equal slices of at most CPU_KC and M in panels of CPU_MC rows, so that a panel
+    of A stays in L2 while four rows of Bt sit in L1 and every row of the panel passes
+    them; 4x4 blocks, then the rows and the columns left over.  (At K <= CPU_KC it is
+    one slice: a slice costs 16 horizontal sums per block, measured slower below 1024.)
+    """
+    M = C.shape[0]
+    K = Bt.shape[1]
+    c4 = j0 + (j1 - j0) // 4 * 4
+    nk = (K + CPU_KC - 1) // CPU_KC
+    for s in range(nk):
+        k0, k1 = K * s // nk, K * (s + 1) // nk
+        p0, p1 = ka + k0, ka + k1
+        for m0 in range(0, M, CPU_MC):
+            m1 = min(m0 + CPU_MC, M)
+            for c in range(j0, c4, 4):
+                w0, w1, w2, w3 = Bt[c, k0:k1], Bt[c + 1, k0:k1], Bt[c + 2, k0:k1], Bt[c + 3, k0:k1]
+                r = m0
+                while r + 4 <= m1:
+                    s4 = _dot4x4(A[r, p0:p1], A[r + 1, p0:p1], A[r + 2, p0:p1], A[r + 3, p0:p1],
+                                 w0, w1, w2, w3)
+                    _add4(C[r], c, alpha, s4[0])
+                    _add4(C[r + 1], c, alpha, s4[1])
+                    _add4(C[r + 2], c, alpha, s4[2])
+                    _add4(C[r + 3], c, alpha, s4[3])
+                    r += 4
+                for i in range(r, m1):
+                    _add4(C[i], c, alpha, _dot1x4(A[i, p0:p1], w0, w1, w2, w3))
+            for j in range(c4, j1):
+                for i in range(m0, m1):
+                    C[i, j] += alpha * _dot(A[i, p0:p1], Bt[j, k0:k1])
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _matmul_nn_acc(C, A, B, alpha, j0, j1, ka=0):
+    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1]
+
+    C (M,N) · A (M, >= ka+K) · B (K,N).  Rows of C are updated along N (vectorized), four
+    rows and four k at a time, so that each pass over a row does 16 multiply-adds per
+    element loaded, and no horizontal sums: the form for a short K.
+    """
+    M = C.shape[0]
+    K = B.shape[0]
+    k4 = K // 4 * 4
+    i = 0
+    while i + 4 <= M:
+        c0, c1, c2, c3 = C[i, j0:j1], C[i + 1, j0:j1], C[i + 2, j0:j1], C[i + 3, j0:j1]
+        for k in range(0, k4, 4):
+            b0, b1, b2, b3 = B[k, j0:j1], B[k + 1, j0:j1], B[k + 2, j0:j1], B[k + 3, j0:j1]
+            p = ka + k
+            x00, x01, x02, x03 = alpha * A[i, p], alpha * A[i, p + 1], alpha * A[i, p + 2], alpha * A[i, p + 3]
+            x10, x11, x12, x13 = alpha * A[i + 1, p], alpha * A[i + 1, p + 1], alpha * A[i + 1, p + 2], alpha * A[i + 1, p + 3]
+            x20, x21, x22, x23 = alpha * A[i + 2, p], alpha * A[i + 2, p + 1], alpha * A[i + 2, p + 2], alpha * A[i + 2, p + 3]
+            x30, x31, x32, x33 = alpha * A[i + 3, p], alpha * A[i + 3, p + 1], alpha * A[i + 3, p + 2], alpha * A[i + 3, p + 3]
+            for j in range(c0.shape[0]):
+                w0, w1, w2, w3 = b0[j], b1[j], b2[j], b3[j]
+                c0[j] += x00 * w0 + x01 * w1 + x02 * w2 + x03 * w3
+                c1[j] += x10 * w0 + x11 * w1 + x12 * w2 + x13 * w3
+                c2[j] += x20 * w0 + x21 * w1 + x22 * w2 + x23 * w3
+                c3[j] += x30 * w0 + x31 * w1 + x32 * w2 + x33 * w3
+        for k in range(k4, K):
+            _axpy(c0, alpha * A[i, ka + k], B[k, j0:j1])
+            _axpy(c1, alpha * A[i + 1, ka + k], B[k, j0:j1])
+            _axpy(c2, alpha * A[i + 2, ka + k], B[k, j0:j1])
+            _axpy(c3, alpha * A[i + 3, ka + k], B[k, j0:j1])
+        i += 4
+    for r in range(i, M):
+        c = C[r, j0:j1]
+        for k in range(0, k4, 4):
+            b0, b1, b2, b3 = B[k, j0:j1], B[k + 1, j0:j1], B[k + 2, j0:j1], B[k + 3, j0:j1]
+            p = ka + k
+            x0, x1, x2, x3 = alpha * A[r, p], alpha * A[r, p + 1], alpha * A[r, p + 2], alpha * A[r, p + 3]
+            for j in range(c.shape[0]):
+                c[j] += x0 * b0[j] + x1 * b1[j] + x2 * b2[j] + x3 * b3[j]
+        for k in range(k4, K):
+            _axpy(c, alpha * A[r, ka + k], B[k, j0:j1])
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _axpy(y, a, x):
+    for j in range(y.shape[0]):
+        y[j] += a * x[j]
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka=0):
+    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], with B (K,N) given in both layouts
+    (Bt = Bᵀ, C-contiguous): as dot products of rows (_matmul_nt_acc), or along the rows
+    of B (_matmul_nn_acc) when K <= CPU_SHORT_K, where a dot product is too short for its
+    vector loop (measured at (1120,28)x(28,512): 149 vs 40 GFLOP/s; at B = 1 and 2 the
+    row form was slower, 3.5 vs 3.1 µs per (1,256)x(256,256) step)."""
+    if B.shape[0] > CPU_SHORT_K:
+        _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
+    else:
+        _matmul_nn_acc(C, A, B, alpha, j0, j1, ka)
+
+
+@njit(inline="always")
+def _chunk(N, c, n):
+    """columns [j0, j1) of chunk c of n, starts aligned to the 4-wide blocks"""
+    j0 = N * c // n // 4 * 4
+    j1 = N if c == n - 1 else N * (c + 1) // n // 4 * 4
+    return j0, j1
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _activate(h, j0, j1, act):
+    """h[:, j0:j1] ← φ(h[:, j0:j1]).  Loops run over a slice from 0 so that they vectorize
+    (a loop from j0 keeps numba's negative-index check and does not)."""
+    zero = h.dtype.type(0)
+    for b in range(h.shape[0]):
+        z = h[b, j0:j1]
+        if act == TANH:
+            for j in range(z.shape[0]):
+                z[j] = tanh(z[j])
+        elif act == RELU:
+            for j in range(z.shape[0]):
+                z[j] = z[j] if z[j] > zero else zero
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _dphi(dz, h, j0, j1, act):
+    """dz[:, j0:j1] ⊙= φ'(z) written with h = φ(z):  tanh: 1 - h²,  relu: [h > 0],  identity: 1"""
+    zero = h.dtype.type(0)
+    one = h.dtype.type(1)
+    for b in range(h.shape[0]):
+        d = dz[b, j0:j1]
+        y = h[b, j0:j1]
+        if act == TANH:
+            for j in range(d.shape[0]):
+                d[j] *= one - y[j] * y[j]
+        elif act == RELU:
+            for j in range(d.shape[0]):
+                d[j] = d[j] if y[j] > zero else zero
 
 
 # ------------------------------------------------------------------------ recurrence
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_forward_cpu(Hx, W_hh, act):
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_forward_cpu(Hx, W_hh, act, n):
     """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
 
     Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hh (H,H) · act 0=tanh 1=relu
-    2=identity.  h_0 sits in front of h_1..h_T so that ∂W_hh is one GEMM over Hx[:T].
-    Per step one (B,H)x(H,H) GEMM into a buffer, then the add and φ fused in one pass.
+    2=identity · n column chunks, one per thread.  h_0 sits in front of h_1..h_T so that
+    ∂W_hh is one product over Hx[:T].  Per step, each thread adds h_{t-1} W_hh into its
+    chunk of pre_t's columns and applies φ there (one parallel region per step; W_hhᵀ is
+    copied once per call).
     """
     T = Hx.shape[0] - 1
-    B, H = Hx.shape[1], Hx.shape[2]
-    rec = np.empty((B, H), Hx.dtype)          # h_{t-1} W_hh, reused every step
-    zero = Hx.dtype.type(0)
+    H = Hx.shape[2]
+    W_hhT = np.ascontiguousarray(W_hh.T)      # rows of W_hhᵀ are the columns of the product
+    one = Hx.dtype.type(1)
     for t in range(1, T + 1):
-        np.dot(Hx[t - 1], W_hh, rec)
-        h = Hx[t]
-        if act == TANH:
-            for b in range(B):
-                for j in range(H):
-                    h[b, j] = tanh(h[b, j] + rec[b, j])
-        elif act == RELU:
-            for b in range(B):
-                for j in range(H):
-                    z = h[b, j] + rec[b, j]
-                    h[b, j] = z if z > zero else zero
-        else:
-            for b in range(B):
-                for j in range(H):
-                    h[b, j] += rec[b, j]
+        for c in prange(n):
+            j0, j1 = _chunk(H, c, n)
+            _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, j0, j1)
+            _activate(Hx[t], j0, j1, act)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _dz_step(dz, carry, xi, h, act):
-    """dz ← (dz + xi · carry) ⊙ φ'(h)   (inverts h_t = φ(z_t); xi = 0 skips carry)
-
-    dz (B,H) in: the direct adjoint, out: ∂L/∂z · carry, h (B,H).  One branch-free
-    loop per case, so each vectorizes.
-    """
-    B, H = dz.shape
-    one = h.dtype.type(1)
-    zero = h.dtype.type(0)
-    if xi != zero:
-        for b in range(B):
-            for j in range(H):
-                dz[b, j] += xi * carry[b, j]
-    if act == TANH:
-        for b in range(B):
-            for j in range(H):
-                dz[b, j] *= one - h[b, j] * h[b, j]
-    elif act == RELU:
-        for b in range(B):
-            for j in range(H):
-                dz[b, j] = dz[b, j] if h[b, j] > zero else zero
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_backward_cpu(dZ, dh0, Hx, W_hh, xi, act):
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_backward_cpu(dZ, dh0, Hx, W_hh, xi, act, n):
     """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
     then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
 
     dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
     h_0..h_T · W_hh (H,H) · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}: randomized
-    truncation, a zero skips that step's GEMM) · act 0=tanh 1=relu 2=identity
+    truncation, a zero skips that step's product) · act 0=tanh 1=relu 2=identity · n column
+    chunks.  Per step, each thread adds ξ_{t+1} dz_{t+1} W_hhᵀ into its chunk of the columns
+    of dHs_t and multiplies by φ' there.
     """
     T, B, H = dZ.shape
-    W_hhT = np.ascontiguousarray(W_hh.T)      # once per call: rows of the product are contiguous
-    carry = np.zeros((B, H), dZ.dtype)        # dz_{t+1} W_hhᵀ
+    W_hhT = np.ascontiguousarray(W_hh.T)
     zero = dZ.dtype.type(0)
     for t in range(T - 1, -1, -1):
         x = xi[t + 1] if t + 1 < T else zero
-        _dz_step(dZ[t], carry, x, Hx[t + 1], act)   # inverts h_t = φ(z_t)
-        if t > 0 and xi[t] != zero:
-            np.dot(dZ[t], W_hhT, carry)                 # inverts h_{t-1} W_hh
+        for c in prange(n):
+            j0, j1 = _chunk(H, c, n)
+            if x != zero:
+                _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, j0, j1)   # dz_{t+1} W_hhᵀ
+            _dphi(dZ[t], Hx[t + 1], j0, j1, act)                       # ⊙ φ'(z_t)
+    dh0[:] = zero
     if xi[0] != zero:
-        np.dot(dZ[0], W_hhT, dh0)
-        for b in range(B):
-            for j in range(H):
-                dh0[b, j] *= xi[0]
-    else:
-        dh0[:] = zero
+        for c in prange(n):
+            j0, j1 = _chunk(H, c, n)
+            _matmul_acc(dh0, dZ[0], W_hhT, W_hh, xi[0], j0, j1)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, k, act):
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, k, act, n):
     """Per-term truncation after k steps:  dz_s = Σ_{t=s}^{min(s+k-1,T)} (l_t's adjoint at z_s),
     ∂L/∂h_0 = dz_1 W_hhᵀ (only the terms with t <= k reach step 1).
 
     The chains of all loss terms advance together, one depth d = 0..k-1 at a time:
     C_t ← C_t ⊙ φ'(h_{t-d}) is added into dz_{t-d}, then C_t ← C_t W_hhᵀ for all t > d in
-    one GEMM over (T-d-1)·B rows.  Cost: min(k,T) - 1 GEMMs of at most T·B rows.
+    one product over (T-d-1)·B rows.  Cost: min(k,T) - 1 products of at most T·B rows.
 
     dZ (T,B,H) in: dHs (direct terms), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
-    h_0..h_T · W_hh (H,H) · k >= 1 · act 0=tanh 1=relu 2=identity
+    h_0..h_T · W_hh (H,H) · k >= 1 · act 0=tanh 1=relu 2=identity · n column chunks
     """
     T, B, H = dZ.shape
     W_hhT = np.ascontiguousarray(W_hh.T)
     chain = dZ.copy()                          # C_t for every loss term t
     nxt = np.empty_like(dZ)
     zero = dZ.dtype.type(0)
+    one = dZ.dtype.type(1)
     dZ[:] = zero
     depth = min(k, T)
     for d in range(depth):
-        for t in range(d, T):                  # C_t sits at step s = t - d
-            _dz_step(chain[t], chain[t], zero, Hx[t - d + 1], act)
-            dst = dZ[t - d]
-            src = chain[t]
-            for b in range(B):
-                for j in range(H):
-                    dst[b, j] += src[b, j]
+        for t in prange(d, T):                 # C_t sits at step s = t - d (one chain per s)
+            _dphi(chain[t], Hx[t - d + 1], 0, H, act)
+            dst = dZ[t - d].reshape(B * H)
+            src = chain[t].reshape(B * H)
+            for i in range(B * H):
+                dst[i] += src[i]
         if d + 1 < depth:                      # move every live chain one step back
-            np.dot(chain.reshape(T * B, H)[(d + 1) * B:], W_hhT,
-                   nxt.reshape(T * B, H)[(d + 1) * B:])
+            rows = chain.reshape(T * B, H)[(d + 1) * B:]
+            out = nxt.reshape(T * B, H)[(d + 1) * B:]
+            out[:] = zero
+            for c in prange(n):
+                j0, j1 = _chunk(H, c, n)
+                _matmul_acc(out, rows, W_hhT, W_hh, one, j0, j1)
             chain, nxt = nxt, chain
-    np.dot(dZ[0], W_hhT, dh0)
+    dh0[:] = zero
+    for c in prange(n):
+        j0, j1 = _chunk(H, c, n)
+        _matmul_acc(dh0, dZ[0], W_hhT, W_hh, one, j0, j1)
 
 
 # ------------------------------------------------------------------ weight gradients
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hx):
-    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one GEMM over all T·B rows, after the loop)
+def _transpose(dst, src, j0, j1):
+    """dst[j] = src[:, j] for j in [j0, j1) · dst (H,N) · src (N,H); 16 rows of src at a time
+    so that each written line is filled at once"""
+    N = src.shape[0]
+    for r0 in range(0, N, 16):
+        r1 = min(r0 + 16, N)
+        for j in range(j0, j1):
+            d = dst[j, r0:r1]
+            for i in range(d.shape[0]):
+                d[i] = src[r0 + i, j]
 
-    dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) · Hx (T+1,B,H) h_0..h_T
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def gemm_cpu(C, A, B, Bt, n):
+    """C += A B · C (M,N) · A (M,K) · B (K,N) and Bt = Bᵀ (N,K) · n column chunks"""
+    one = C.dtype.type(1)
+    for c in prange(n):
+        j0, j1 = _chunk(C.shape[1], c, n)
+        _matmul_acc(C, A, B, Bt, one, j0, j1)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def transpose_cpu(dst, src, n):
+    """dst = srcᵀ · dst (H,N) out · src (N,H) · n chunks of dst's rows"""
+    for c in prange(n):
+        j0, j1 = _chunk(src.shape[1], c, n)
+        _transpose(dst, src, j0, j1)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def rnn_weight_grads_cpu(dW_hh, db_h, dZT, dZ, HxT, n):
+    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over all T·B rows, after the loop)
+
+    dW_hh (H,H) out · db_h (H,) out · dZT (H,T·B) out: dZᵀ · dZ (T,B,H) · HxT (H,(T+1)·B)
+    h_0..h_T transposed · n chunks.  With both factors transposed, ∂W_hh[i,j] is the dot
+    product of two contiguous rows, HxT[i, :T·B] · dZT[j], as in the recurrence; ∂b_h[j]
+    is the sum of dZT[j].
     """
     T, B, H = dZ.shape
-    np.dot(Hx[:T].reshape(T * B, H).T, dZ.reshape(T * B, H), dW_hh)
-    db_h[:] = 0
-    for t in range(T):
-        for b in range(B):
-            for j in range(H):
-                db_h[j] += dZ[t, b, j]
+    zero = dZ.dtype.type(0)
+    one = dZ.dtype.type(1)
+    for c in prange(n):
+        j0, j1 = _chunk(H, c, n)
+        _transpose(dZT, dZ.reshape(T * B, H), j0, j1)
+    for c in prange(n):
+        j0, j1 = _chunk(H, c, n)
+        dW_hh[:, j0:j1] = zero
+        _matmul_acc(dW_hh, HxT, dZ.reshape(T * B, H), dZT, one, j0, j1)
+        _row_sums(db_h, dZT, j0, j1)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _row_sums(out, A, j0, j1):
+    """out[j] = Σ_k A[j, k] for j in [j0, j1)"""
+    for j in range(j0, j1):
+        a = A[j]
+        s = a.dtype.type(0)
+        for k in range(a.shape[0]):
+            s += a[k]
+        out[j] = s
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -248,16 +465,30 @@ def embed_tokens_backward_cpu(dW_xh, dZ, X):
                 dst[j] += src[j]
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def embed_dense_backward_cpu(dW_xh, dZ, X):
-    """∂W_xh = Xᵀ dZ over all T·B rows (one GEMM)
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_dense_backward_cpu(dW_xh, dZ, dZT, X, n):
+    """∂W_xh = Xᵀ dZ over all T·B rows (one product): ∂W_xh[d,j] = Xᵀ[d] · dZT[j]
 
-    dW_xh (D,H) out · dZ (T·B,H) · X (T·B,D)
+    dW_xh (D,H) out · dZ (T·B,H) and dZT (H,T·B) = dZᵀ · X (T·B,D) · n chunks
     """
-    np.dot(X.T, dZ, dW_xh)
+    N, D = X.shape
+    XT = np.empty((D, N), X.dtype)
+    for c in prange(n):
+        d0, d1 = _chunk(D, c, n)
+        _transpose(XT, X, d0, d1)
+    zero = X.dtype.type(0)
+    one = X.dtype.type(1)
+    for c in prange(n):
+        j0, j1 = _chunk(dW_xh.shape[1], c, n)
+        dW_xh[:, j0:j1] = zero
+        _matmul_acc(dW_xh, XT, dZ, dZT, one, j0, j1)
 
 
 # ---------------------------------------------------------------------- softmax head
+# Rows n = 1..T·B are independent: each thread takes a chunk of rows through the product,
+# the softmax-CE and both head gradients, keeping its own partial sums of L, ∂b_q and
+# ∂W_hqᵀ, which are added once at the end.
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _softmax_row(o, b_q):
     """o ← exp(o + b_q - m) with m = max(o + b_q); returns (m, Σ exp) so logsumexp = m + log Σ
@@ -278,68 +509,145 @@ def _softmax_row(o, b_q):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, Hs, Y, W_hq, b_q, scale):
+def _xent_rows(logits, Y, b_q, scale, grad):
+    """Σ_n (logsumexp(o_n) - o_n[y_n]) over the rows of logits (o without b_q); with grad,
+    logits ← scale · (softmax(o) - onehot(y))"""
+    total = 0.0
+    for r in range(logits.shape[0]):
+        o = logits[r]
+        y = Y[r]
+        o_y = o[y] + b_q[y]
+        m, s = _softmax_row(o, b_q)
+        total += m + np.log(s) - o_y
+        if grad:
+            inv = o.dtype.type(scale / s)
+            for q in range(o.shape[0]):
+                o[q] *= inv
+            o[y] -= scale
+    return total
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_hq, b_q, scale, n):
     """o = H W_hq + b_q;  L = scale · Σ_n (logsumexp(o_n) - o_n[y_n]);
     do = scale · (softmax(o) - onehot(y));  ∂W_hq = Hᵀ do,  ∂b_q = Σ_n do_n,  dHs = do W_hqᵀ
 
     dHs (N,H) out · dW_hq (H,Q) out · db_q (Q,) out · logits (N,Q) work, out: do ·
-    Hs (N,H) · Y (N,) int64 targets · W_hq (H,Q) · b_q (Q,) · scale: 1/N or 1.
-    N = T·B rows; returns L (float64).  Softmax and CE fused, stable via the row max.
+    doT (Q,N) out: doᵀ · Hs (N,H) · HsT (H, off+N): Hsᵀ from column off · Y (N,) int64
+    targets · W_hq (H,Q) · b_q (Q,) · scale: 1/N or 1 · n chunks.  N = T·B rows; returns
+    L (float64).  Softmax and CE fused, stable via the row max; rows are independent, so
+    each thread takes a chunk of them through o, the loss, do and dHs.
     """
     N, Q = logits.shape
-    np.dot(Hs, W_hq, logits)
-    total = 0.0
-    db_q[:] = 0
-    for n in range(N):
-        o = logits[n]
-        y = Y[n]
-        o_y = o[y] + b_q[y]
-        m, s = _softmax_row(o, b_q)
-        total += m + np.log(s) - o_y
-        inv = o.dtype.type(scale / s)
-        for q in range(Q):
-            o[q] *= inv
-        o[y] -= scale
-        for q in range(Q):
-            db_q[q] += o[q]
-    np.dot(Hs.T, logits, dW_hq)
-    np.dot(logits, W_hq.T, dHs)
-    return total * scale
+    H = Hs.shape[1]
+    W_hqT = np.ascontiguousarray(W_hq.T)
+    part_L = np.zeros(n)
+    zero = Hs.dtype.type(0)
+    one = Hs.dtype.type(1)
+    for c in prange(n):
+        r0, r1 = N * c // n, N * (c + 1) // n
+        logits[r0:r1] = zero
+        _matmul_acc(logits[r0:r1], Hs[r0:r1], W_hq, W_hqT, one, 0, Q)
+        part_L[c] = _xent_rows(logits[r0:r1], Y[r0:r1], b_q, scale, True)
+        dHs[r0:r1] = zero
+        _matmul_acc(dHs[r0:r1], logits[r0:r1], W_hqT, W_hq, one, 0, H)  # do W_hqᵀ
+    for c in prange(n):
+        q0, q1 = _chunk(Q, c, n)
+        _transpose(doT, logits, q0, q1)
+        _row_sums(db_q, doT, q0, q1)
+    for c in prange(n):                                               # rows of ∂W_hq
+        j0, j1 = _chunk(H, c, n)
+        dW_hq[j0:j1] = zero
+        _matmul_acc(dW_hq[j0:j1], HsT[j0:j1], logits, doT, one, 0, Q, off)
+    return part_L.sum() * scale
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def head_loss_cpu(logits, Hs, Y, W_hq, b_q):
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def head_loss_cpu(logits, Hs, Y, W_hq, b_q, n):
     """Σ_n (logsumexp(o_n) - o_n[y_n]) with o = H W_hq + b_q (forward only; float64 result)
 
-    logits (N,Q) work · Hs (N,H) · Y (N,) int64 · W_hq (H,Q) · b_q (Q,)
+    logits (N,Q) work · Hs (N,H) · Y (N,) int64 · W_hq (H,Q) · b_q (Q,) · n row chunks
     """
     N, Q = logits.shape
-    np.dot(Hs, W_hq, logits)
-    total = 0.0
-    for n in range(N):
-        o = logits[n]
-        o_y = o[Y[n]] + b_q[Y[n]]
-        m, s = _softmax_row(o, b_q)
-        total += m + np.log(s) - o_y
-    return total
+    W_hqT = np.ascontiguousarray(W_hq.T)
+    part_L = np.zeros(n)
+    zero = Hs.dtype.type(0)
+    one = Hs.dtype.type(1)
+    for c in prange(n):
+        r0, r1 = N * c // n, N * (c + 1) // n
+        logits[r0:r1] = zero
+        _matmul_acc(logits[r0:r1], Hs[r0:r1], W_hq, W_hqT, one, 0, Q)
+        part_L[c] = _xent_rows(logits[r0:r1], Y[r0:r1], b_q, 1.0, False)
+    return part_L.sum()
 
 
 # ------------------------------------------------------- composites (called by api.py)
 # Plain Python: allocate each buffer once per call and run the kernels in order.
 # Inputs arrive validated, C-contiguous, writeable, in one float dtype (token ids int64).
+# Every kernel splits its work into n = numba.get_num_threads() chunks, one per thread.
+
+class _Scratch(threading.local):
+    """Work buffers that never leave a call, kept for the next call of the same shapes:
+    a fresh multi-MB buffer costs a page fault per 4 KiB on first touch (≈1 ms per call
+    at d2l-scratch, measured).  One set per thread, for the last two shape signatures."""
+
+    def __init__(self):
+        self.sets = {}
+
+    def get(self, key, shapes, dtype):
+        bufs = self.sets.pop(key, None)
+        if bufs is None:
+            bufs = tuple(np.empty(shape, dtype) for shape in shapes)
+        self.sets[key] = bufs                   # most recent last
+        while len(self.sets) > 2:
+            del self.sets[next(iter(self.sets))]
+        return bufs
+
+
+_scratch = _Scratch()
+
+
+def _embed(P, X, Hx, n):
+    """Hx[0] stays h_0; Hx[1:] ← pre_t = x_t W_xh + b_h."""
+    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
+    if X.ndim == 2:
+        embed_tokens_cpu(Hx[1:], X, P["W_xh"], P["b_h"])
+    else:
+        embed_dense_cpu(Hx[1:].reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["b_h"], n)
+
+
+def _forward_into(P, X, h0, act, Hx, n):
+    Hx[0] = h0
+    _embed(P, X, Hx, n)
+    rnn_forward_cpu(Hx, P["W_hh"], act, n)
+
 
 def forward(P, X, h0, act):
     """Hx (T+1,B,H) = h_0..h_T for token ids X (T,B) or dense X (T,B,D)."""
     T, B = X.shape[:2]
-    H = P["W_hh"].shape[0]
-    Hx = np.empty((T + 1, B, H), P["W_hh"].dtype)
-    Hx[0] = h0
-    if X.ndim == 2:
-        embed_tokens_cpu(Hx[1:], X, P["W_xh"], P["b_h"])
-    else:
-        embed_dense_cpu(Hx[1:].reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["b_h"])
-    rnn_forward_cpu(Hx, P["W_hh"], act)
+    Hx = np.empty((T + 1, B, P["W_hh"].shape[0]), P["W_hh"].dtype)
+    _forward_into(P, X, h0, act, Hx, get_num_threads())
     return Hx
+
+
+def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
+    """The gradients of W_xh, W_hh, b_h, h0 (dZ: the direct terms, overwritten)."""
+    T, B, H = dZ.shape
+    dt = dZ.dtype
+    dh0 = np.empty((B, H), dt)
+    if k is None:
+        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], xi, act, n)
+    else:
+        rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], k, act, n)
+    dW_hh = np.empty((H, H), dt)
+    db_h = np.empty(H, dt)
+    rnn_weight_grads_cpu(dW_hh, db_h, dZT, dZ, HxT, n)
+    dW_xh = np.empty(P["W_xh"].shape, dt)
+    if X.ndim == 2:
+        embed_tokens_backward_cpu(dW_xh, dZ, X)
+    else:
+        embed_dense_backward_cpu(dW_xh, dZ.reshape(T * B, H), dZT, X.reshape(T * B, -1), n)
+    return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "h0": dh0}
 
 
 def backward(P, X, Hx, dZ, act, k, xi):
@@ -347,21 +655,10 @@ def backward(P, X, Hx, dZ, act, k, xi):
     terms; overwritten).  k: per-term truncation depth (Truncated(k), k < T), or None
     for the sweep with crossing factors xi (T,) (ones: full; {0, 1/p}: randomized)."""
     T, B, H = dZ.shape
-    dt = dZ.dtype
-    dh0 = np.empty((B, H), dt)
-    if k is None:
-        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], xi, act)
-    else:
-        rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], k, act)
-    dW_hh = np.empty((H, H), dt)
-    db_h = np.empty(H, dt)
-    rnn_weight_grads_cpu(dW_hh, db_h, dZ, Hx)
-    dW_xh = np.empty(P["W_xh"].shape, dt)
-    if X.ndim == 2:
-        embed_tokens_backward_cpu(dW_xh, dZ, X)
-    else:
-        embed_dense_backward_cpu(dW_xh, dZ.reshape(T * B, H), X.reshape(T * B, -1))
-    return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "h0": dh0}
+    n = get_num_threads()
+    HxT = np.empty((H, (T + 1) * B), dZ.dtype)
+    transpose_cpu(HxT, Hx.reshape((T + 1) * B, H), n)
+    return _backward(P, X, Hx, HxT, dZ, np.empty((H, T * B), dZ.dtype), act, k, xi, n)
 
 
 def adjoints(P, Hx, dZ, act):
@@ -371,25 +668,31 @@ def adjoints(P, Hx, dZ, act):
     A = np.zeros((T + 1, B, H), dZ.dtype)
     A[1:] = dZ
     dh0 = np.empty((B, H), dZ.dtype)
-    rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], np.ones(T, dZ.dtype), act)
-    A[:T] += (dZ.reshape(T * B, H) @ P["W_hh"].T).reshape(T, B, H)     # one GEMM over all rows
+    n = get_num_threads()
+    rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], np.ones(T, dZ.dtype), act, n)
+    W_hh = P["W_hh"]
+    gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), np.ascontiguousarray(W_hh.T), W_hh, n)
     return A
 
 
 def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
     """(loss, grads, h_T): forward, fused softmax-CE head, backward."""
-    Hx = forward(P, X, h0, act)
-    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
-    Q = P["W_hq"].shape[1]
-    dt = Hx.dtype
-    dHs = np.empty((T, B, H), dt)
+    T, B = X.shape[:2]
+    H, Q = P["W_hq"].shape
+    N = T * B
+    dt = P["W_hh"].dtype
+    n = get_num_threads()
+    Hx, HxT, dHs, dZT, logits, doT = _scratch.get(
+        ("loss_and_grad", T, B, H, Q, dt),
+        ((T + 1, B, H), (H, N + B), (T, B, H), (H, N), (N, Q), (Q, N)), dt)
+    _forward_into(P, X, h0, act, Hx, n)
+    transpose_cpu(HxT, Hx.reshape(N + B, H), n)
     dW_hq = np.empty((H, Q), dt)
     db_q = np.empty(Q, dt)
-    logits = np.empty((T * B, Q), dt)
-    loss = head_forward_backward_cpu(dHs.reshape(T * B, H), dW_hq, db_q, logits,
-                                     Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"],
-                                     P["b_q"], scale)
-    grads = backward(P, X, Hx, dHs, act, k, xi)
+    loss = head_forward_backward_cpu(dHs.reshape(N, H), dW_hq, db_q, logits, doT,
+                                     Hx[1:].reshape(N, H), HxT, B, Y.reshape(N), P["W_hq"],
+                                     P["b_q"], scale, n)
+    grads = _backward(P, X, Hx, HxT, dHs, dZT, act, k, xi, n)
     grads["W_hq"] = dW_hq
     grads["b_q"] = db_q
     return loss, grads, Hx[T].copy()
@@ -397,10 +700,14 @@ def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
 
 def loss(P, X, Y, h0, act):
     """(Σ of the T·B cross-entropy terms, h_T), forward only."""
-    Hx = forward(P, X, h0, act)
-    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
-    logits = np.empty((T * B, P["W_hq"].shape[1]), Hx.dtype)
-    total = head_loss_cpu(logits, Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"], P["b_q"])
+    T, B = X.shape[:2]
+    H, Q = P["W_hq"].shape
+    dt = P["W_hh"].dtype
+    n = get_num_threads()
+    Hx, logits = _scratch.get(("loss", T, B, H, Q, dt), ((T + 1, B, H), (T * B, Q)), dt)
+    _forward_into(P, X, h0, act, Hx, n)
+    total = head_loss_cpu(logits, Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"],
+                          P["b_q"], n)
     return total, Hx[T].copy()
 
 

@@ -8,6 +8,18 @@ Kernels read these at compile time; tests may change them before the first call.
 #: ``ninf``, so that NaN/inf checks on results keep their meaning.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+#: Cache blocking of the CPU products (``fastbptt._cpu._matmul_nt_acc``): the inner
+#: dimension in slices of at most CPU_KC, the rows in panels of CPU_MC (a panel of
+#: CPU_MC x CPU_KC float32 is 512 KiB, half of one core's L2 here; measured best of
+#: KC in {512, 1024, 2048} x MC in {64, 128, 256} at the benchmark shapes).
+CPU_KC = 2048
+CPU_MC = 64
+
+#: CPU products with an inner dimension K <= this (the head's dHs = do W_hqᵀ, K = Q) run
+#: row-wise along N; longer ones as dot products of rows (measured crossover, see
+#: ``fastbptt._cpu._matmul_nn_acc``).
+CPU_SHORT_K = 64
+
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 

@@ -51,6 +51,16 @@ def test_truncated_matches_per_term_reference(dtype, act, k, dense, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("truncation,k", [(None, None), (fastbptt.Truncated(3), 3)])
+def test_matches_reference_at_shapes_that_reach_every_blocked_path(dtype, dense, truncation, k, rng):
+    # T·B = 2200 rows: two K slices in ∂W_hh; H = 70: two row panels and a column tail;
+    # Q = 67 and D = 66: the head and the dense input take the dot-product form too.
+    params, X, Y, h0 = make_case(rng, T=40, B=55, D=66, H=70, Q=67, dense=dense, scale=0.15)
+    check_against_reference(cast(params, dtype), X, Y, h0, "tanh", truncation, k=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ACTS)
 def test_randomized_matches_reference_with_same_xi(dtype, act, rng):
     params, X, Y, h0 = make_case(rng, T=8, B=2, D=5, H=6, Q=5)
