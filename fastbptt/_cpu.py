@@ -22,7 +22,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .config import ACTIVATIONS, CPU_KC, CPU_MC, CPU_SHORT_K, FASTMATH
+from .config import ACTIVATIONS, CPU_KC, CPU_MC, CPU_SERIAL_MACS, CPU_SHORT_K, FASTMATH
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -246,13 +246,15 @@ def _axpy(y, a, x):
 def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka=0):
     """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], with B (K,N) given in both layouts
     (Bt = Bᵀ, C-contiguous): as dot products of rows (_matmul_nt_acc), or along the rows
-    of B (_matmul_nn_acc) when K <= CPU_SHORT_K, where a dot product is too short for its
-    vector loop (measured at (1120,28)x(28,512): 149 vs 40 GFLOP/s; at B = 1 and 2 the
-    row form was slower, 3.5 vs 3.1 µs per (1,256)x(256,256) step)."""
-    if B.shape[0] > CPU_SHORT_K:
-        _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
-    else:
+    of B (_matmul_nn_acc) where that was measured faster: when K <= CPU_SHORT_K, too
+    short for the dot product's vector loop ((1120,28)x(28,512): 149 vs 40 GFLOP/s), and
+    for fewer than 4 rows taken whole on one thread, where B streams row after row and no
+    horizontal sums are left ((1,256)x(256,256): 2.6 vs 3.2 µs; on a column chunk of
+    each row the dot products were faster)."""
+    if B.shape[0] <= CPU_SHORT_K or (C.shape[0] < 4 and j1 - j0 == C.shape[1]):
         _matmul_nn_acc(C, A, B, alpha, j0, j1, ka)
+    else:
+        _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
 
 
 @njit(inline="always")
@@ -310,10 +312,14 @@ def rnn_forward_cpu(Hx, W_hh, act, n):
     W_hhT = np.ascontiguousarray(W_hh.T)      # rows of W_hhᵀ are the columns of the product
     one = Hx.dtype.type(1)
     for t in range(1, T + 1):
-        for c in prange(n):
-            j0, j1 = _chunk(H, c, n)
-            _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, j0, j1)
-            _activate(Hx[t], j0, j1, act)
+        if n == 1:                             # a step too small to share (see step_threads)
+            _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, 0, H)
+            _activate(Hx[t], 0, H, act)
+        else:
+            for c in prange(n):
+                j0, j1 = _chunk(H, c, n)
+                _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, j0, j1)
+                _activate(Hx[t], j0, j1, act)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -332,11 +338,16 @@ def rnn_backward_cpu(dZ, dh0, Hx, W_hh, xi, act, n):
     zero = dZ.dtype.type(0)
     for t in range(T - 1, -1, -1):
         x = xi[t + 1] if t + 1 < T else zero
-        for c in prange(n):
-            j0, j1 = _chunk(H, c, n)
+        if n == 1:
             if x != zero:
-                _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, j0, j1)   # dz_{t+1} W_hhᵀ
-            _dphi(dZ[t], Hx[t + 1], j0, j1, act)                       # ⊙ φ'(z_t)
+                _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, 0, H)
+            _dphi(dZ[t], Hx[t + 1], 0, H, act)
+        else:
+            for c in prange(n):
+                j0, j1 = _chunk(H, c, n)
+                if x != zero:
+                    _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, j0, j1)   # dz_{t+1} W_hhᵀ
+                _dphi(dZ[t], Hx[t + 1], j0, j1, act)                       # ⊙ φ'(z_t)
     dh0[:] = zero
     if xi[0] != zero:
         for c in prange(n):
@@ -607,6 +618,13 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def step_threads(B, H, n):
+    """Threads for one recurrent step: 1 when the step's B·H² multiply-adds are too few
+    to pay for a parallel region (≈1 µs; measured at B=1, H=256: 2.6 µs per step on one
+    thread vs 3.1 µs on two; at B=2 or H=512 two threads were faster)."""
+    return 1 if B * H * H <= CPU_SERIAL_MACS else n
+
+
 def _embed(P, X, Hx, n):
     """Hx[0] stays h_0; Hx[1:] ← pre_t = x_t W_xh + b_h."""
     T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
@@ -619,7 +637,7 @@ def _embed(P, X, Hx, n):
 def _forward_into(P, X, h0, act, Hx, n):
     Hx[0] = h0
     _embed(P, X, Hx, n)
-    rnn_forward_cpu(Hx, P["W_hh"], act, n)
+    rnn_forward_cpu(Hx, P["W_hh"], act, step_threads(Hx.shape[1], Hx.shape[2], n))
 
 
 def forward(P, X, h0, act):
@@ -636,7 +654,7 @@ def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
     dt = dZ.dtype
     dh0 = np.empty((B, H), dt)
     if k is None:
-        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], xi, act, n)
+        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], xi, act, step_threads(B, H, n))
     else:
         rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], k, act, n)
     dW_hh = np.empty((H, H), dt)
@@ -669,7 +687,7 @@ def adjoints(P, Hx, dZ, act):
     A[1:] = dZ
     dh0 = np.empty((B, H), dZ.dtype)
     n = get_num_threads()
-    rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], np.ones(T, dZ.dtype), act, n)
+    rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], np.ones(T, dZ.dtype), act, step_threads(B, H, n))
     W_hh = P["W_hh"]
     gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), np.ascontiguousarray(W_hh.T), W_hh, n)
     return A

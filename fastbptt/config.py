@@ -20,6 +20,10 @@ CPU_MC = 64
 #: ``fastbptt._cpu._matmul_nn_acc``).
 CPU_SHORT_K = 64
 
+#: A recurrent step of at most this many multiply-adds (B·H²) runs on one thread: a
+#: parallel region costs about 1 µs (see ``fastbptt._cpu.step_threads``).
+CPU_SERIAL_MACS = 65536
+
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 

@@ -50,13 +50,21 @@ def test_truncated_matches_per_term_reference(dtype, act, k, dense, rng):
     check_against_reference(cast(params, dtype), X, Y, h0, act, fastbptt.Truncated(k), k=min(k, 6))
 
 
+# T·B = 2200 rows: two K slices in ∂W_hh; H = 70: two row panels and a column tail;
+# Q = 67 and D = 66: the head and the dense input take the dot-product form too.
+# B = 1 and 2 with B·H² over CPU_SERIAL_MACS: steps split over threads with fewer rows
+# than one 4x4 block.  (The other tests' small shapes take the one-thread step.)
+BLOCKED_SHAPES = [dict(T=40, B=55, D=66, H=70, Q=67), dict(T=9, B=2, D=5, H=190, Q=7),
+                  dict(T=6, B=1, D=70, H=259, Q=3)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("truncation,k", [(None, None), (fastbptt.Truncated(3), 3)])
-def test_matches_reference_at_shapes_that_reach_every_blocked_path(dtype, dense, truncation, k, rng):
-    # T·B = 2200 rows: two K slices in ∂W_hh; H = 70: two row panels and a column tail;
-    # Q = 67 and D = 66: the head and the dense input take the dot-product form too.
-    params, X, Y, h0 = make_case(rng, T=40, B=55, D=66, H=70, Q=67, dense=dense, scale=0.15)
+@pytest.mark.parametrize("shape", BLOCKED_SHAPES)
+def test_matches_reference_at_shapes_that_reach_every_blocked_path(shape, dtype, dense, truncation,
+                                                                   k, rng):
+    params, X, Y, h0 = make_case(rng, **shape, dense=dense, scale=0.15)
     check_against_reference(cast(params, dtype), X, Y, h0, "tanh", truncation, k=k)
 
 
@@ -363,3 +371,23 @@ def test_rnn_adjoints_are_the_full_sweeps_adjoints(rng):
                 hs.append(np.tanh(params["W_xh"][X[t]] + hs[-1] @ params["W_hh"] + params["b_h"]))
             Ls.append(sum((dHs[t] * hs[t - 1]).sum() for t in range(1, 5)))
         assert A[2][b, i] == pytest.approx((Ls[0] - Ls[1]) / (2 * eps), rel=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_count_changes_only_rounding(threads, rng):
+    import numba
+    params, X, Y, h0 = make_case(rng, T=7, B=9, D=6, H=90, Q=70, scale=0.15)
+    want = reference.loss_and_grad(params, X, Y, h0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        loss, grads, _ = fastbptt.loss_and_grad(params, X, Y, h0, truncation=fastbptt.Truncated(2))
+        loss_full, grads_full, _ = fastbptt.loss_and_grad(params, X, Y, h0)
+    finally:
+        numba.set_num_threads(before)
+    assert_close(loss_full, want.loss, np.float64, "loss")
+    for name in GRAD_KEYS:
+        assert_close(grads_full[name], want.grads[name], np.float64, name)
+    trunc = reference.loss_and_grad(params, X, Y, h0, k=2)
+    for name in GRAD_KEYS:
+        assert_close(grads[name], trunc.grads[name], np.float64, name)
