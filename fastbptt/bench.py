@@ -60,6 +60,10 @@ MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": pee
           "torch-scratch": peers.make_torch_scratch, "jax": peers.make_jax}
 
 
+#: interleaved timing rounds per config (see ``run``)
+ROUNDS = 5
+
+
 def time_call(fn, min_runs, min_seconds):
     """Per-call seconds over at least ``min_runs`` calls and ``min_seconds`` in all."""
     times = []
@@ -101,46 +105,60 @@ class Row:
 
 def run(configs=tuple(CONFIGS), systems=SYSTEMS, quick=False, threads=None, device="cpu",
         shapes=None, progress=True):
-    """Time every (config, system); returns (rows, machine info with the GEMM rate)."""
+    """Time every (config, system); returns (rows, machine info with the GEMM rate).
+
+    Per config, every system is checked and warmed up first, then timed in ROUNDS
+    interleaved rounds (each system a slice of the time in every round), so that a
+    slow spell of a shared host falls on all of them alike; the median is over all
+    calls of all rounds."""
     from tqdm.auto import tqdm
     _set_threads(threads)
     shapes = shapes or {c: CONFIGS[c] for c in configs}
+    rounds = 2 if quick else ROUNDS
     min_runs, min_s = (3, 0.2) if quick else (10, 1.0)
     gemm = gemm_rate(runs=3 if quick else 5)
     rows = []
-    bar = tqdm(total=len(shapes) * len(systems), disable=not progress, unit="timing", leave=False)
+    bar = tqdm(total=len(shapes) * rounds, disable=not progress, unit="round", leave=False)
     for name, (T, B, V, H) in shapes.items():
         params, X, Y, h0 = workload(T, B, V, H)
         want = make_fastbptt(params, X, Y, h0, device)()
-        base = None
+        fns, times = {}, {}
         for system in systems:
-            bar.set_description(f"{name} {system}")
             row = Row(name, system, T, B, V, H, "ok")
+            rows.append(row)
             try:
                 fn = MAKERS[system](params, X, Y, h0, device)
                 got = float(fn())                       # also the warm-up / compile call
             except ImportError as e:
                 row.status = f"skipped: {e}"
-            else:
-                if not abs(got - want) <= 1e-4 * max(1.0, abs(want)):
-                    row.status = f"mismatch: loss {got:.6f} != fastbptt {want:.6f}"
-                else:
-                    fn()
-                    t = time_call(fn, min_runs, min_s)
-                    med = float(np.median(t))
-                    row.median_ms = med * 1e3
-                    row.iqr_ms = float(np.subtract(*np.percentile(t, [75, 25]))) * 1e3
-                    row.tokens_per_s = T * B / med
-                    row.gflops = flops(T, B, V, H) / med / 1e9
-                    row.pct_gemm = 100 * row.gflops / gemm
-                    if system == "fastbptt":
-                        base = med
-                    if base is not None:
-                        row.speedup = med / base
-            rows.append(row)
+                continue
+            if not abs(got - want) <= 1e-4 * max(1.0, abs(want)):
+                row.status = f"mismatch: loss {got:.6f} != fastbptt {want:.6f}"
+                continue
+            fn()
+            fns[system], times[system] = fn, []
+        for _ in range(rounds):
+            bar.set_description(name)
+            for system, fn in fns.items():
+                times[system].extend(time_call(fn, -(-min_runs // rounds), min_s / rounds))
             bar.update(1)
+        base = np.median(times["fastbptt"]) if "fastbptt" in times else None
+        for row in rows:
+            if row.config == name and row.system in times:
+                _fill(row, np.array(times[row.system]), gemm, base)
     bar.close()
     return rows, machine_info(gemm, threads, device)
+
+
+def _fill(row, t, gemm, base):
+    med = float(np.median(t))
+    row.median_ms = med * 1e3
+    row.iqr_ms = float(np.subtract(*np.percentile(t, [75, 25]))) * 1e3
+    row.tokens_per_s = row.T * row.B / med
+    row.gflops = flops(row.T, row.B, row.V, row.H) / med / 1e9
+    row.pct_gemm = 100 * row.gflops / gemm
+    if base is not None:
+        row.speedup = med / base
 
 
 def _set_threads(threads):
@@ -162,9 +180,13 @@ def _set_threads(threads):
 
 def machine_info(gemm, threads, device):
     import numba
+    try:
+        layer = numba.threading_layer()          # known once a parallel kernel has run
+    except ValueError:
+        layer = "not started"
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": threads or os.cpu_count(), "device": device,
-            "numpy": np.__version__, "numba": numba.__version__,
+            "numpy": np.__version__, "numba": numba.__version__, "threading_layer": layer,
             "gemm_gflops": gemm, "note": "compile time excluded (warm-up call before timing)"}
 
 
@@ -186,7 +208,8 @@ def table(rows, info):
              for row in cells]
     lines.insert(1, "-" * len(lines[0]))
     lines.append(f"same-run float32 GEMM (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s · "
-                 f"{info['threads']} threads · {info['note']}")
+                 f"{info['threads']} threads · numba threading layer {info['threading_layer']} · "
+                 f"{info['note']}")
     return "\n".join(lines)
 
 
@@ -196,7 +219,8 @@ def markdown(rows, info):
     out.append("")
     out.append(f"Same-run float32 GEMM rate (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s; "
                f"{info['threads']} threads on {info['cpus']} CPUs ({info['processor']}); numpy "
-               f"{info['numpy']}, numba {info['numba']}; {info['note']}.")
+               f"{info['numpy']}, numba {info['numba']} (threading layer "
+               f"{info['threading_layer']}); {info['note']}.")
     return "\n".join(out) + "\n"
 
 
