@@ -32,7 +32,7 @@ def test_softmax_head_is_stable_for_huge_logits():
     dW, db, logits = np.empty((2, 2), np.float32), np.empty(2, np.float32), np.empty((2, 2), np.float32)
     doT = np.empty((2, 2), np.float32)
     loss = _cpu.head_forward_backward_cpu(dHs, dW, db, logits, doT, Hs, np.ascontiguousarray(Hs.T), 0,
-                                          Y, W_hq, b_q, 1.0, 2)
+                                          Y, W_hq, W_hq.T.copy(), b_q, 1.0, 2)
     assert np.isfinite(loss) and abs(loss - (2000.0 + np.log(2))) < 1e-2
     assert np.all(np.isfinite(dHs)) and np.all(np.isfinite(dW))
 
