@@ -16,8 +16,11 @@ kernel validates (``fastbptt.api`` does, once).  Only the recurrence is sequenti
 the input projection, the head and every weight gradient are one product over all
 T·B rows.  ``fastbptt._cuda`` mirrors this module function for function.
 """
+import functools
+import importlib
 import threading
 
+import numba
 import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
@@ -617,9 +620,30 @@ _scratch = _Scratch()
 
 def step_threads(B, H, n):
     """Threads for one recurrent step: 1 when the step's B·H² multiply-adds are too few
-    to pay for a parallel region (≈1 µs; measured at B=1, H=256: 2.6 µs per step on one
-    thread vs 3.1 µs on two; at B=2 or H=512 two threads were faster)."""
-    return 1 if B * H * H <= CPU_SERIAL_MACS else n
+    to pay for a parallel region (≈1 µs with numba's omp or tbb layer; measured at B=1,
+    H=256: 2.6 µs per step on one thread vs 3.1 µs on two; at B=2 or H=512 two threads
+    were faster), and always 1 on numba's fallback "workqueue" layer, whose regions cost
+    ≈80 µs each."""
+    return 1 if B * H * H <= CPU_SERIAL_MACS or not _cheap_regions() else n
+
+
+@functools.cache
+def _cheap_regions():
+    """Whether numba's threading layer is omp or tbb (numba takes the first one it can
+    load, else workqueue; it says which only after a parallel kernel ran)."""
+    try:
+        return numba.threading_layer() != "workqueue"
+    except ValueError:
+        pass
+    if numba.config.THREADING_LAYER == "workqueue":
+        return False
+    for layer in ("tbbpool", "omppool"):
+        try:
+            importlib.import_module(f"numba.np.ufunc.{layer}")
+            return True
+        except ImportError:
+            pass
+    return False
 
 
 def _transposed(P, n, *keys):
