@@ -25,7 +25,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .config import ACTIVATIONS, CPU_KC, CPU_MC, CPU_SERIAL_MACS, CPU_SHORT_K, FASTMATH
+from .config import (ACTIVATIONS, CPU_KC, CPU_MC, CPU_SERIAL_MACS, CPU_SERIAL_W_BYTES, CPU_SHORT_K,
+                     FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -618,13 +619,17 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def step_threads(B, H, n):
+def step_threads(B, H, itemsize, n):
     """Threads for one recurrent step: 1 when the step's B·H² multiply-adds are too few
-    to pay for a parallel region (≈1 µs with numba's omp or tbb layer; measured at B=1,
-    H=256: 2.6 µs per step on one thread vs 3.1 µs on two; at B=2 or H=512 two threads
-    were faster), and always 1 on numba's fallback "workqueue" layer, whose regions cost
-    ≈80 µs each."""
-    return 1 if B * H * H <= CPU_SERIAL_MACS or not _cheap_regions() else n
+    to pay for a parallel region and the split of W_hh over two L2 caches is not needed
+    (W_hh fits in CPU_SERIAL_W_BYTES), and always 1 on numba's fallback "workqueue"
+    layer, whose regions cost ≈80 µs each.  Measured per step, one thread vs two:
+    (B,H) = (1,256) 2.5 vs 3.3 µs, (4,256) 6.6 vs 9.4, (32,64) 6.6 vs 18.9, (8,128) 4.1 vs
+    3.8; (32,128) 16.5 vs 11.3, (1,512) 12.8 vs 7.5 (W_hh 1 MiB: each thread keeps half)."""
+    if not _cheap_regions():
+        return 1
+    small = B * H * H <= CPU_SERIAL_MACS and H * H * itemsize <= CPU_SERIAL_W_BYTES
+    return 1 if small else n
 
 
 @functools.cache
@@ -671,7 +676,8 @@ def _embed(P, X, Hx, n):
 def _forward_into(P, X, h0, act, Hx, n):
     Hx[0] = h0
     _embed(P, X, Hx, n)
-    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(Hx.shape[1], Hx.shape[2], n))
+    B, H = Hx.shape[1], Hx.shape[2]
+    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(B, H, Hx.itemsize, n))
 
 
 def _input_keys(X):
@@ -693,7 +699,8 @@ def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
     dt = dZ.dtype
     dh0 = np.empty((B, H), dt)
     if k is None:
-        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], xi, act, step_threads(B, H, n))
+        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], xi, act,
+                         step_threads(B, H, dZ.itemsize, n))
     else:
         rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], k, act, n)
     dW_hh = np.empty((H, H), dt)
@@ -729,7 +736,7 @@ def adjoints(P, Hx, dZ, act):
     A[1:] = dZ
     dh0 = np.empty((B, H), dZ.dtype)
     rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], np.ones(T, dZ.dtype), act,
-                     step_threads(B, H, n))
+                     step_threads(B, H, dZ.itemsize, n))
     gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), P["W_hhT"], P["W_hh"], n)
     return A
 
