@@ -77,46 +77,23 @@ def tanh_cpu(out, x):
         out[i] = tanh(x[i])
 
 
-# ------------------------------------------------------------------ input projection
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def embed_tokens_cpu(pre, X, W_xh, b_h):
-    """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h
-
-    pre (T,B,H) out · X (T,B) int64 token ids · W_xh (D,H) · b_h (H,)
-    """
-    T, B, H = pre.shape
-    for t in range(T):
-        for b in range(B):
-            row = W_xh[X[t, b]]
-            dst = pre[t, b]
-            for j in range(H):
-                dst[j] = row[j] + b_h[j]
-
-
-@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def embed_dense_cpu(pre, X, W_xh, W_xhT, b_h, n):
-    """pre = X W_xh + b_h over all T·B rows at once (one product)
-
-    pre (T·B,H) out · X (T·B,D) · W_xh (D,H) and W_xhT = W_xhᵀ · b_h (H,) · n row chunks
-    """
-    N, H = pre.shape
-    one = pre.dtype.type(1)
-    for c in prange(n):
-        r0, r1 = N * c // n, N * (c + 1) // n
-        for r in range(r0, r1):
-            pre[r] = b_h
-        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, W_xhT, one, 0, H)
-
-
-# ---------------------------------------------------------------- recurrent product
-# The per-step product C (M,N) += α · A (M,K) Btᵀ with Bt (N,K) row-major, so that every
-# output is a dot product of two contiguous rows.  A 4x4 block of outputs keeps 16
-# accumulators in registers and reads 4 + 4 rows per k; LLVM vectorizes the k loop (the
-# fast-math reassociation lets it), which reaches ~95 % of a core's FMA peak at
-# (32,512)x(512,512) against ~75 % for a BLAS call of that size (measured; the README's
-# "Performance" section).  The recurrent kernels split the N output columns into one
-# chunk per thread, so each thread keeps its slice of W_hh in its own L2 for all T steps,
-# and run the step's activation on the chunk right after its product, while it is in cache.
+# -------------------------------------------------------------------------- products
+# Every product of a loss_and_grad, C (M,N) += α · A (M,K) B (K,N), runs here on numba's
+# threads; none calls BLAS.  (numba's np.dot calls scipy's OpenBLAS, whose threads and
+# numba's spin-wait for work after each call; alternating the two pools made each
+# steal the cores the other needed: 24 ms per call at d2l-scratch, where its parts
+# timed alone took 14 ms.)
+#
+# The main form takes B transposed, Bt (N,K), so that each output is the dot product of
+# two contiguous rows: a 4x4 block of outputs keeps 16 accumulators in registers and
+# reads 4 + 4 rows per k, LLVM vectorizes the k loop (fast-math reassociation lets it),
+# 8 loads per 16 FMAs, ~95 % of one core's FMA peak at (32,512)x(512,512) against ~77 %
+# for one sgemm call of that size (measured: 97.6 vs 79.5 GFLOP/s).  Each output ends in
+# one horizontal sum, so for a short K (the head's dHs = do W_hqᵀ, K = Q) a row form
+# without sums is faster; _matmul_acc picks the form.  Callers split the output columns
+# (or rows) into one chunk per thread; the recurrent kernels do so once per step, so each
+# thread keeps its slice of W_hh in its own L2 for all T steps and applies the step's
+# activation to its chunk right after the product, while it is in cache.
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 def _dot4x4(a0, a1, a2, a3, w0, w1, w2, w3):
@@ -211,10 +188,11 @@ def _matmul_nn_acc(C, A, B, alpha, j0, j1, ka=0):
         for k in range(0, k4, 4):
             b0, b1, b2, b3 = B[k, j0:j1], B[k + 1, j0:j1], B[k + 2, j0:j1], B[k + 3, j0:j1]
             p = ka + k
-            x00, x01, x02, x03 = alpha * A[i, p], alpha * A[i, p + 1], alpha * A[i, p + 2], alpha * A[i, p + 3]
-            x10, x11, x12, x13 = alpha * A[i + 1, p], alpha * A[i + 1, p + 1], alpha * A[i + 1, p + 2], alpha * A[i + 1, p + 3]
-            x20, x21, x22, x23 = alpha * A[i + 2, p], alpha * A[i + 2, p + 1], alpha * A[i + 2, p + 2], alpha * A[i + 2, p + 3]
-            x30, x31, x32, x33 = alpha * A[i + 3, p], alpha * A[i + 3, p + 1], alpha * A[i + 3, p + 2], alpha * A[i + 3, p + 3]
+            a0, a1, a2, a3 = A[i, p:p + 4], A[i + 1, p:p + 4], A[i + 2, p:p + 4], A[i + 3, p:p + 4]
+            x00, x01, x02, x03 = alpha * a0[0], alpha * a0[1], alpha * a0[2], alpha * a0[3]
+            x10, x11, x12, x13 = alpha * a1[0], alpha * a1[1], alpha * a1[2], alpha * a1[3]
+            x20, x21, x22, x23 = alpha * a2[0], alpha * a2[1], alpha * a2[2], alpha * a2[3]
+            x30, x31, x32, x33 = alpha * a3[0], alpha * a3[1], alpha * a3[2], alpha * a3[3]
             for j in range(c0.shape[0]):
                 w0, w1, w2, w3 = b0[j], b1[j], b2[j], b3[j]
                 c0[j] += x00 * w0 + x01 * w1 + x02 * w2 + x03 * w3
@@ -297,6 +275,37 @@ def _dphi(dz, h, j0, j1, act):
         elif act == RELU:
             for j in range(d.shape[0]):
                 d[j] = d[j] if y[j] > zero else zero
+
+
+# ------------------------------------------------------------------ input projection
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def embed_tokens_cpu(pre, X, W_xh, b_h):
+    """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h
+
+    pre (T,B,H) out · X (T,B) int64 token ids · W_xh (D,H) · b_h (H,)
+    """
+    T, B, H = pre.shape
+    for t in range(T):
+        for b in range(B):
+            row = W_xh[X[t, b]]
+            dst = pre[t, b]
+            for j in range(H):
+                dst[j] = row[j] + b_h[j]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_dense_cpu(pre, X, W_xh, W_xhT, b_h, n):
+    """pre = X W_xh + b_h over all T·B rows at once (one product)
+
+    pre (T·B,H) out · X (T·B,D) · W_xh (D,H) and W_xhT = W_xhᵀ · b_h (H,) · n row chunks
+    """
+    N, H = pre.shape
+    one = pre.dtype.type(1)
+    for c in prange(n):
+        r0, r1 = N * c // n, N * (c + 1) // n
+        for r in range(r0, r1):
+            pre[r] = b_h
+        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, W_xhT, one, 0, H)
 
 
 # ------------------------------------------------------------------------ recurrence
@@ -497,9 +506,9 @@ def embed_dense_backward_cpu(dW_xh, dZ, dZT, X, n):
 
 
 # ---------------------------------------------------------------------- softmax head
-# Rows n = 1..T·B are independent: each thread takes a chunk of rows through the product,
-# the softmax-CE and both head gradients, keeping its own partial sums of L, ∂b_q and
-# ∂W_hqᵀ, which are added once at the end.
+# Rows n = 1..T·B are independent: each thread takes a chunk of rows through the logits,
+# the softmax-CE and dHs; ∂W_hq = Hsᵀ do is then one product over all rows, from the
+# transposed copies of H (made for ∂W_hh as well) and of do.
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _softmax_row(o, b_q):
@@ -547,9 +556,8 @@ def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_
 
     dHs (N,H) out · dW_hq (H,Q) out · db_q (Q,) out · logits (N,Q) work, out: do ·
     doT (Q,N) out: doᵀ · Hs (N,H) · HsT (H, off+N): Hsᵀ from column off · Y (N,) int64
-    targets · W_hq (H,Q) and W_hqT = W_hqᵀ · b_q (Q,) · scale: 1/N or 1 · n chunks.  N = T·B rows; returns
-    L (float64).  Softmax and CE fused, stable via the row max; rows are independent, so
-    each thread takes a chunk of them through o, the loss, do and dHs.
+    targets · W_hq (H,Q) and W_hqT = W_hqᵀ · b_q (Q,) · scale: 1/N or 1 · n chunks.
+    N = T·B rows; returns L (float64).  Softmax and CE fused, stable via the row max.
     """
     N, Q = logits.shape
     H = Hs.shape[1]
