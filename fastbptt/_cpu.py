@@ -25,7 +25,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .config import (ACTIVATIONS, CPU_KC, CPU_MC, CPU_SERIAL_MACS, CPU_SERIAL_W_BYTES, CPU_SHORT_K,
+from .config import (ACTIVATIONS, CPU_KC, CPU_MC, CPU_MIN_COLS, CPU_SERIAL_MACS, CPU_SHORT_K,
                      FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
@@ -608,8 +608,9 @@ def head_loss_cpu(logits, Hs, Y, W_hq, W_hqT, b_q, n):
 
 class _Scratch(threading.local):
     """Work buffers that never leave a call, kept for the next call of the same shapes:
-    a fresh multi-MB buffer costs a page fault per 4 KiB on first touch (≈1 ms per call
-    at d2l-scratch, measured).  One set per thread, for the last two shape signatures."""
+    a fresh multi-MB buffer costs a page fault per 4 KiB on first touch (four fresh
+    buffers of d2l-scratch's sizes: 5.5 ms to allocate and fill, 0.28 ms to refill,
+    measured).  One set per thread, for the last two shape signatures."""
 
     def __init__(self):
         self.sets = {}
@@ -627,17 +628,16 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def step_threads(B, H, itemsize, n):
-    """Threads for one recurrent step: 1 when the step's B·H² multiply-adds are too few
-    to pay for a parallel region and the split of W_hh over two L2 caches is not needed
-    (W_hh fits in CPU_SERIAL_W_BYTES), and always 1 on numba's fallback "workqueue"
-    layer, whose regions cost ≈80 µs each.  Measured per step, one thread vs two:
-    (B,H) = (1,256) 2.5 vs 3.3 µs, (4,256) 6.6 vs 9.4, (32,64) 6.6 vs 18.9, (8,128) 4.1 vs
-    3.8; (32,128) 16.5 vs 11.3, (1,512) 12.8 vs 7.5 (W_hh 1 MiB: each thread keeps half)."""
-    if not _cheap_regions():
+def step_threads(B, H, n):
+    """Threads for one recurrent step: 1 when the step's B·H² multiply-adds are fewer than
+    CPU_SERIAL_MACS or a thread's chunk would have fewer than CPU_MIN_COLS columns, and
+    always 1 on numba's fallback "workqueue" layer, whose regions cost ≈80 µs each.
+    Measured (whole loss_and_grad, T=64, one thread vs two, ms): (B,H) = (32,64) 1.97 vs
+    3.39, (64,64) 4.22 vs 6.86, (1,128) 0.87 vs 1.36 (T=256); (8,128) 1.09 vs 1.06,
+    (16,128) 2.01 vs 1.78, (1,256) 2.44 vs 2.34 (T=256), (4,256) 1.94 vs 1.72."""
+    if not _cheap_regions() or B * H * H < CPU_SERIAL_MACS or H // n < CPU_MIN_COLS:
         return 1
-    small = B * H * H <= CPU_SERIAL_MACS and H * H * itemsize <= CPU_SERIAL_W_BYTES
-    return 1 if small else n
+    return n
 
 
 @functools.cache
@@ -685,7 +685,7 @@ def _forward_into(P, X, h0, act, Hx, n):
     Hx[0] = h0
     _embed(P, X, Hx, n)
     B, H = Hx.shape[1], Hx.shape[2]
-    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(B, H, Hx.itemsize, n))
+    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(B, H, n))
 
 
 def _input_keys(X):
@@ -708,7 +708,7 @@ def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
     dh0 = np.empty((B, H), dt)
     if k is None:
         rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], xi, act,
-                         step_threads(B, H, dZ.itemsize, n))
+                         step_threads(B, H, n))
     else:
         rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], k, act, n)
     dW_hh = np.empty((H, H), dt)
@@ -744,7 +744,7 @@ def adjoints(P, Hx, dZ, act):
     A[1:] = dZ
     dh0 = np.empty((B, H), dZ.dtype)
     rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], np.ones(T, dZ.dtype), act,
-                     step_threads(B, H, dZ.itemsize, n))
+                     step_threads(B, H, n))
     gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), P["W_hhT"], P["W_hh"], n)
     return A
 

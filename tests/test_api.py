@@ -50,11 +50,11 @@ def test_truncated_matches_per_term_reference(dtype, act, k, dense, rng):
     check_against_reference(cast(params, dtype), X, Y, h0, act, fastbptt.Truncated(k), k=min(k, 6))
 
 
-# T·B = 2200 rows: two K slices in ∂W_hh; H = 70: two row panels and a column tail;
+# T·B = 2200 rows: two K slices in ∂W_hh; H = 130: three row panels and a column tail;
 # Q = 67 and D = 66: the head and the dense input take the dot-product form too.
 # B = 1 and 2 with B·H² over CPU_SERIAL_MACS: steps split over threads with fewer rows
 # than one 4x4 block.  (The other tests' small shapes take the one-thread step.)
-BLOCKED_SHAPES = [dict(T=40, B=55, D=66, H=70, Q=67), dict(T=5, B=2, D=5, H=370, Q=7),
+BLOCKED_SHAPES = [dict(T=40, B=55, D=66, H=130, Q=67), dict(T=5, B=2, D=5, H=370, Q=7),
                   dict(T=4, B=1, D=70, H=520, Q=3)]
 
 
@@ -64,7 +64,8 @@ BLOCKED_SHAPES = [dict(T=40, B=55, D=66, H=70, Q=67), dict(T=5, B=2, D=5, H=370,
 @pytest.mark.parametrize("shape", BLOCKED_SHAPES)
 def test_matches_reference_at_shapes_that_reach_every_blocked_path(shape, dtype, dense, truncation,
                                                                    k, rng):
-    params, X, Y, h0 = make_case(rng, **shape, dense=dense, scale=0.15)
+    # W_hh's spectral radius ≈ 0.8: float32 rounding is not amplified along 40 steps
+    params, X, Y, h0 = make_case(rng, **shape, dense=dense, scale=0.8 / np.sqrt(shape["H"]))
     check_against_reference(cast(params, dtype), X, Y, h0, "tanh", truncation, k=k)
 
 
