@@ -25,8 +25,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
-from .config import (ACTIVATIONS, CPU_KC, CPU_MC, CPU_MIN_COLS, CPU_SERIAL_MACS, CPU_SHORT_K,
-                     FASTMATH)
+from .config import (ACTIVATIONS, CPU_BLAS_STEP_MACS, CPU_KC, CPU_MC, CPU_MIN_COLS,
+                     CPU_SERIAL_MACS, CPU_SHORT_K, FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -79,10 +79,11 @@ def tanh_cpu(out, x):
 
 # -------------------------------------------------------------------------- products
 # Every product of a loss_and_grad, C (M,N) += α · A (M,K) B (K,N), runs here on numba's
-# threads; none calls BLAS.  (numba's np.dot calls scipy's OpenBLAS, whose threads and
-# numba's spin-wait for work after each call; alternating the two pools made each
-# steal the cores the other needed: 24 ms per call at d2l-scratch, where its parts
-# timed alone took 14 ms.)
+# threads.  (numba's np.dot calls scipy's OpenBLAS, whose threads and numba's spin-wait
+# for work after each call; alternating the two pools made each steal the cores the
+# other needed: 24 ms per call at d2l-scratch, where its parts timed alone took 14 ms.
+# The one BLAS call left, _step_product, is a step small enough for OpenBLAS to keep
+# on the calling thread.)
 #
 # The main form takes B transposed, Bt (N,K), so that each output is the dot product of
 # two contiguous rows: a 4x4 block of outputs keeps 16 accumulators in registers and
@@ -238,6 +239,22 @@ def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka=0):
         _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
 
 
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _step_product(C, A, B, Bt, alpha, rec):
+    """C += α · A B on the calling thread, for a recurrent step too small to share: through
+    BLAS while M·K·N <= CPU_BLAS_STEP_MACS, under OpenBLAS's threshold for threads, so
+    the call stays on this thread (measured at (1,256)x(256,256): 2.41 µs against 2.61
+    for _matmul_acc; a whole latency-config call 2.02-2.07 against 2.15-2.35 ms), else
+    _matmul_acc.  rec (M,N): scratch."""
+    if A.shape[0] * B.shape[0] * B.shape[1] <= CPU_BLAS_STEP_MACS:
+        np.dot(A, B, rec)
+        for i in range(C.shape[0]):
+            for j in range(C.shape[1]):
+                C[i, j] += alpha * rec[i, j]
+    else:
+        _matmul_acc(C, A, B, Bt, alpha, 0, C.shape[1])
+
+
 @njit(inline="always")
 def _chunk(N, c, n):
     """columns [j0, j1) of chunk c of n, starts aligned to the 4-wide blocks"""
@@ -319,12 +336,12 @@ def rnn_forward_cpu(Hx, W_hh, W_hhT, act, n):
     product over Hx[:T].  Per step, each thread adds h_{t-1} W_hh into its chunk of pre_t's
     columns and applies φ there (one parallel region per step).
     """
-    T = Hx.shape[0] - 1
-    H = Hx.shape[2]
+    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
     one = Hx.dtype.type(1)
+    rec = np.empty((B, H), Hx.dtype)          # scratch of the one-thread step
     for t in range(1, T + 1):
         if n == 1:                             # a step too small to share (see step_threads)
-            _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, 0, H)
+            _step_product(Hx[t], Hx[t - 1], W_hh, W_hhT, one, rec)
             _activate(Hx[t], 0, H, act)
         else:
             for c in prange(n):
@@ -346,11 +363,12 @@ def rnn_backward_cpu(dZ, dh0, Hx, W_hh, W_hhT, xi, act, n):
     """
     T, B, H = dZ.shape
     zero = dZ.dtype.type(0)
+    rec = np.empty((B, H), dZ.dtype)          # scratch of the one-thread step
     for t in range(T - 1, -1, -1):
         x = xi[t + 1] if t + 1 < T else zero
         if n == 1:
             if x != zero:
-                _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, 0, H)
+                _step_product(dZ[t], dZ[t + 1], W_hhT, W_hh, x, rec)
             _dphi(dZ[t], Hx[t + 1], 0, H, act)
         else:
             for c in prange(n):
@@ -629,13 +647,14 @@ _scratch = _Scratch()
 
 
 def step_threads(B, H, n):
-    """Threads for one recurrent step: 1 when the step's B·H² multiply-adds are fewer than
-    CPU_SERIAL_MACS or a thread's chunk would have fewer than CPU_MIN_COLS columns, and
+    """Threads for one recurrent step: 1 when the step has at most CPU_SERIAL_MACS
+    multiply-adds (B·H²) or a thread's chunk would have fewer than CPU_MIN_COLS columns, and
     always 1 on numba's fallback "workqueue" layer, whose regions cost ≈80 µs each.
     Measured (whole loss_and_grad, T=64, one thread vs two, ms): (B,H) = (32,64) 1.97 vs
     3.39, (64,64) 4.22 vs 6.86, (1,128) 0.87 vs 1.36 (T=256); (8,128) 1.09 vs 1.06,
-    (16,128) 2.01 vs 1.78, (1,256) 2.44 vs 2.34 (T=256), (4,256) 1.94 vs 1.72."""
-    if not _cheap_regions() or B * H * H < CPU_SERIAL_MACS or H // n < CPU_MIN_COLS:
+    (16,128) 2.01 vs 1.78, (4,256) 1.94 vs 1.72; (1,256) (T=256): 2.02-2.07 with the BLAS
+    step of _step_product against 2.26-2.36 on two threads."""
+    if not _cheap_regions() or B * H * H <= CPU_SERIAL_MACS or H // n < CPU_MIN_COLS:
         return 1
     return n
 

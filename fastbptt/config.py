@@ -20,12 +20,14 @@ CPU_MC = 64
 #: ``fastbptt._cpu._matmul_nn_acc``).
 CPU_SHORT_K = 64
 
-#: A recurrent step runs on one thread when it has fewer than CPU_SERIAL_MACS
-#: multiply-adds (B·H²) or a thread would get fewer than CPU_MIN_COLS of its output
-#: columns: a parallel region costs about 1 µs, narrow chunks more (measured; see
-#: ``fastbptt._cpu.step_threads``).
+#: A recurrent step runs on one thread when it has at most CPU_SERIAL_MACS multiply-adds
+#: (B·H²) or a thread would get fewer than CPU_MIN_COLS of its output columns: a parallel
+#: region costs about 1 µs, narrow chunks more (measured; see
+#: ``fastbptt._cpu.step_threads``).  Such a step with at most CPU_BLAS_STEP_MACS runs
+#: through BLAS, below OpenBLAS's own threshold for threads (4·65536).
 CPU_SERIAL_MACS = 65536
 CPU_MIN_COLS = 64
+CPU_BLAS_STEP_MACS = 65536
 
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
