@@ -566,6 +566,15 @@ def _xent_rows(logits, Y, b_q, scale, grad):
     return total
 
 
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _head_rows(logits, Hs, Y, W_hq, W_hqT, b_q, scale, grad):
+    """logits ← o = Hs W_hq for a chunk of rows; returns their Σ (logsumexp(o_n) - o_n[y_n]),
+    and with grad leaves logits ← scale · (softmax(o) - onehot(y))"""
+    logits[:] = 0
+    _matmul_acc(logits, Hs, W_hq, W_hqT, logits.dtype.type(1), 0, logits.shape[1])
+    return _xent_rows(logits, Y, b_q, scale, grad)
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_hq, W_hqT, b_q,
                               scale, n):
@@ -584,9 +593,7 @@ def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_
     one = Hs.dtype.type(1)
     for c in prange(n):
         r0, r1 = N * c // n, N * (c + 1) // n
-        logits[r0:r1] = zero
-        _matmul_acc(logits[r0:r1], Hs[r0:r1], W_hq, W_hqT, one, 0, Q)
-        part_L[c] = _xent_rows(logits[r0:r1], Y[r0:r1], b_q, scale, True)
+        part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, W_hqT, b_q, scale, True)
         dHs[r0:r1] = zero
         _matmul_acc(dHs[r0:r1], logits[r0:r1], W_hqT, W_hq, one, 0, H)  # do W_hqᵀ
     for c in prange(n):
@@ -607,15 +614,11 @@ def head_loss_cpu(logits, Hs, Y, W_hq, W_hqT, b_q, n):
     logits (N,Q) work · Hs (N,H) · Y (N,) int64 · W_hq (H,Q) and W_hqT = W_hqᵀ · b_q (Q,) ·
     n row chunks
     """
-    N, Q = logits.shape
+    N = logits.shape[0]
     part_L = np.zeros(n)
-    zero = Hs.dtype.type(0)
-    one = Hs.dtype.type(1)
     for c in prange(n):
         r0, r1 = N * c // n, N * (c + 1) // n
-        logits[r0:r1] = zero
-        _matmul_acc(logits[r0:r1], Hs[r0:r1], W_hq, W_hqT, one, 0, Q)
-        part_L[c] = _xent_rows(logits[r0:r1], Y[r0:r1], b_q, 1.0, False)
+        part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, W_hqT, b_q, 1.0, False)
     return part_L.sum()
 
 
