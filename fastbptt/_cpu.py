@@ -228,12 +228,9 @@ def _axpy(y, a, x):
 def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka=0):
     """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], with B (K,N) given in both layouts
     (Bt = Bᵀ, C-contiguous): as dot products of rows (_matmul_nt_acc), or along the rows
-    of B (_matmul_nn_acc) where that was measured faster: when K <= CPU_SHORT_K, too
-    short for the dot product's vector loop ((1120,28)x(28,512): 149 vs 40 GFLOP/s), and
-    for fewer than 4 rows taken whole on one thread, where B streams row after row and no
-    horizontal sums are left ((1,256)x(256,256): 2.6 vs 3.2 µs; on a column chunk of
-    each row the dot products were faster)."""
-    if B.shape[0] <= CPU_SHORT_K or (C.shape[0] < 4 and j1 - j0 == C.shape[1]):
+    of B (_matmul_nn_acc) when K <= CPU_SHORT_K, too short for the dot product's vector
+    loop (measured at (1120,28)x(28,512): 149 vs 40 GFLOP/s)."""
+    if B.shape[0] <= CPU_SHORT_K:
         _matmul_nn_acc(C, A, B, alpha, j0, j1, ka)
     else:
         _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
