@@ -29,6 +29,7 @@ from .config import (ACTIVATIONS, CPU_BLAS_STEP_MACS, CPU_KC, CPU_MC, CPU_MIN_CO
                      CPU_SERIAL_MACS, CPU_SHORT_K, FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
+_0 = np.int64(0)    # a 0 that types as int64, not Literal[int](0): one compilation per kernel
 
 # --------------------------------------------------------------------------- tanh
 # float32: Eigen's rational approximation (odd degree-13 polynomial over an even
@@ -136,7 +137,7 @@ def _add4(row, c, alpha, s):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka=0):
+def _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka):
     """C[:, j0:j1] += α · A[:, ka:ka+K] Bt[j0:j1]ᵀ
 
     C (M,N) · A (M, >= ka+K) · Bt (N,K) · j0 a multiple of 4.  Blocked for the caches:
@@ -173,7 +174,7 @@ def _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka=0):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _matmul_nn_acc(C, A, B, alpha, j0, j1, ka=0):
+def _matmul_nn_acc(C, A, B, alpha, j0, j1, ka):
     """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1]
 
     C (M,N) · A (M, >= ka+K) · B (K,N).  Rows of C are updated along N (vectorized), four
@@ -225,7 +226,7 @@ def _axpy(y, a, x):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka=0):
+def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka):
     """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], with B (K,N) given in both layouts
     (Bt = Bᵀ, C-contiguous): as dot products of rows (_matmul_nt_acc), or along the rows
     of B (_matmul_nn_acc) when K <= CPU_SHORT_K, too short for the dot product's vector
@@ -249,7 +250,7 @@ def _step_product(C, A, B, Bt, alpha, rec):
             for j in range(C.shape[1]):
                 C[i, j] += alpha * rec[i, j]
     else:
-        _matmul_acc(C, A, B, Bt, alpha, 0, C.shape[1])
+        _matmul_acc(C, A, B, Bt, alpha, _0, C.shape[1], _0)
 
 
 @njit(inline="always")
@@ -319,7 +320,7 @@ def embed_dense_cpu(pre, X, W_xh, W_xhT, b_h, n):
         r0, r1 = N * c // n, N * (c + 1) // n
         for r in range(r0, r1):
             pre[r] = b_h
-        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, W_xhT, one, 0, H)
+        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, W_xhT, one, _0, H, _0)
 
 
 # ------------------------------------------------------------------------ recurrence
@@ -343,7 +344,7 @@ def rnn_forward_cpu(Hx, W_hh, W_hhT, act, n):
         else:
             for c in prange(n):
                 j0, j1 = _chunk(H, c, n)
-                _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, j0, j1)
+                _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, j0, j1, _0)
                 _activate(Hx[t], j0, j1, act)
 
 
@@ -371,13 +372,13 @@ def rnn_backward_cpu(dZ, dh0, Hx, W_hh, W_hhT, xi, act, n):
             for c in prange(n):
                 j0, j1 = _chunk(H, c, n)
                 if x != zero:
-                    _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, j0, j1)   # dz_{t+1} W_hhᵀ
+                    _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, j0, j1, _0)   # dz_{t+1} W_hhᵀ
                 _dphi(dZ[t], Hx[t + 1], j0, j1, act)                       # ⊙ φ'(z_t)
     dh0[:] = zero
     if xi[0] != zero:
         for c in prange(n):
             j0, j1 = _chunk(H, c, n)
-            _matmul_acc(dh0, dZ[0], W_hhT, W_hh, xi[0], j0, j1)
+            _matmul_acc(dh0, dZ[0], W_hhT, W_hh, xi[0], j0, j1, _0)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -413,12 +414,12 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, W_hhT, k, act, n):
             out[:] = zero
             for c in prange(n):
                 j0, j1 = _chunk(H, c, n)
-                _matmul_acc(out, rows, W_hhT, W_hh, one, j0, j1)
+                _matmul_acc(out, rows, W_hhT, W_hh, one, j0, j1, _0)
             chain, nxt = nxt, chain
     dh0[:] = zero
     for c in prange(n):
         j0, j1 = _chunk(H, c, n)
-        _matmul_acc(dh0, dZ[0], W_hhT, W_hh, one, j0, j1)
+        _matmul_acc(dh0, dZ[0], W_hhT, W_hh, one, j0, j1, _0)
 
 
 # ------------------------------------------------------------------ weight gradients
@@ -441,7 +442,7 @@ def gemm_cpu(C, A, B, Bt, n):
     one = C.dtype.type(1)
     for c in prange(n):
         j0, j1 = _chunk(C.shape[1], c, n)
-        _matmul_acc(C, A, B, Bt, one, j0, j1)
+        _matmul_acc(C, A, B, Bt, one, j0, j1, _0)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -470,7 +471,7 @@ def rnn_weight_grads_cpu(dW_hh, db_h, dZT, dZ, HxT, n):
     for c in prange(n):
         j0, j1 = _chunk(H, c, n)
         dW_hh[:, j0:j1] = zero
-        _matmul_acc(dW_hh, HxT, dZ.reshape(T * B, H), dZT, one, j0, j1)
+        _matmul_acc(dW_hh, HxT, dZ.reshape(T * B, H), dZT, one, j0, j1, _0)
         _row_sums(db_h, dZT, j0, j1)
 
 
@@ -517,7 +518,7 @@ def embed_dense_backward_cpu(dW_xh, dZ, dZT, X, n):
     for c in prange(n):
         j0, j1 = _chunk(dW_xh.shape[1], c, n)
         dW_xh[:, j0:j1] = zero
-        _matmul_acc(dW_xh, XT, dZ, dZT, one, j0, j1)
+        _matmul_acc(dW_xh, XT, dZ, dZT, one, j0, j1, _0)
 
 
 # ---------------------------------------------------------------------- softmax head
@@ -568,7 +569,7 @@ def _head_rows(logits, Hs, Y, W_hq, W_hqT, b_q, scale, grad):
     """logits ← o = Hs W_hq for a chunk of rows; returns their Σ (logsumexp(o_n) - o_n[y_n]),
     and with grad leaves logits ← scale · (softmax(o) - onehot(y))"""
     logits[:] = 0
-    _matmul_acc(logits, Hs, W_hq, W_hqT, logits.dtype.type(1), 0, logits.shape[1])
+    _matmul_acc(logits, Hs, W_hq, W_hqT, logits.dtype.type(1), _0, logits.shape[1], _0)
     return _xent_rows(logits, Y, b_q, scale, grad)
 
 
@@ -592,7 +593,7 @@ def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_
         r0, r1 = N * c // n, N * (c + 1) // n
         part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, W_hqT, b_q, scale, True)
         dHs[r0:r1] = zero
-        _matmul_acc(dHs[r0:r1], logits[r0:r1], W_hqT, W_hq, one, 0, H)  # do W_hqᵀ
+        _matmul_acc(dHs[r0:r1], logits[r0:r1], W_hqT, W_hq, one, _0, H, _0)  # do W_hqᵀ
     for c in prange(n):
         q0, q1 = _chunk(Q, c, n)
         _transpose(doT, logits, q0, q1)
@@ -600,7 +601,7 @@ def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_
     for c in prange(n):                                               # rows of ∂W_hq
         j0, j1 = _chunk(H, c, n)
         dW_hq[j0:j1] = zero
-        _matmul_acc(dW_hq[j0:j1], HsT[j0:j1], logits, doT, one, 0, Q, off)
+        _matmul_acc(dW_hq[j0:j1], HsT[j0:j1], logits, doT, one, _0, Q, off)
     return part_L.sum() * scale
 
 
