@@ -155,6 +155,22 @@ def rnn_step_cuda(Hx, t, W_hh, act):
 _persistent_cache = {}
 
 
+@cuda.jit(device=True)
+def _stage_slice(W_s, W_hh, j0, C, rows):
+    """Copy block j0's slice of W_hh into shared memory W_s (H·C): its C columns in k-major
+    order (W_s[k·C + jl] = W_hh[k, j0+jl], the forward's h W_hh) or, with rows, its C rows
+    in k-minor order (W_s[jl·H + k] = W_hh[j0+jl, k], the backward's dz W_hhᵀ); zeros past H."""
+    H = W_hh.shape[0]
+    for idx in range(cuda.threadIdx.x, H * C, cuda.blockDim.x):
+        if rows:
+            jl, k = idx // H, idx % H
+            W_s[idx] = W_hh[j0 + jl, k] if j0 + jl < H else 0
+        else:
+            k, jl = idx // C, idx % C
+            W_s[idx] = W_hh[k, j0 + jl] if j0 + jl < H else 0
+    cuda.syncthreads()
+
+
 def _persistent_kernels(dtype):
     """The persistent forward/backward kernels for ``dtype`` (shared arrays need a fixed type)."""
     if dtype in _persistent_cache:
@@ -171,10 +187,7 @@ def _persistent_kernels(dtype):
         j0 = cuda.blockIdx.x * C
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
         W_s = cuda.shared.array(0, dtype=nbt)
-        for idx in range(tid, H * C, nt):
-            k, jl = idx // C, idx % C
-            W_s[idx] = W_hh[k, j0 + jl] if j0 + jl < H else 0
-        cuda.syncthreads()
+        _stage_slice(W_s, W_hh, j0, C, False)
         grid = cuda.cg.this_grid()
         for t in range(1, T + 1):
             for idx in range(tid, B * C, nt):
@@ -197,10 +210,7 @@ def _persistent_kernels(dtype):
         j0 = cuda.blockIdx.x * C
         tid, nt = cuda.threadIdx.x, cuda.blockDim.x
         W_s = cuda.shared.array(0, dtype=nbt)
-        for idx in range(tid, C * H, nt):
-            jl, k = idx // H, idx % H
-            W_s[idx] = W_hh[j0 + jl, k] if j0 + jl < H else 0
-        cuda.syncthreads()
+        _stage_slice(W_s, W_hh, j0, C, True)
         grid = cuda.cg.this_grid()
         for s in range(T - 1, -1, -1):
             x = xi[s + 1] if s + 1 < T else 0
