@@ -1,6 +1,8 @@
 """Tunables of fastbptt, in one place.
 
-Kernels read these at compile time; tests may change them before the first call.
+Kernels read these at compile time; tests may change them before the first call.  The
+CPU kernels' on-disk cache keeps the values they were compiled with: after changing one,
+delete ``fastbptt/__pycache__/*.nbi`` and ``*.nbc`` (numba does not see the change).
 """
 
 #: LLVM fast-math flags for the CPU kernels: everything that lets loops vectorize
