@@ -354,10 +354,11 @@ def rnn_backward_cpu(dZ, dh0, Hx, W_hh, W_hhT, xi, act, n):
     then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
 
     dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
-    h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}: randomized
-    truncation, a zero skips that step's product) · act 0=tanh 1=relu 2=identity · n column
-    chunks.  Per step, each thread adds ξ_{t+1} dz_{t+1} W_hhᵀ into its chunk of the columns
-    of dHs_t and multiplies by φ' there.
+    h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ · xi (T,) ξ_1..ξ_T (all ones: full gradient;
+    {0, 1/p}: randomized truncation, a zero skips that step's product) · act 0=tanh 1=relu
+    2=identity · n column chunks (1: the step runs on this thread).  Per step, each thread
+    adds ξ_{t+1} dz_{t+1} W_hhᵀ into its chunk of the columns of dHs_t and multiplies by φ'
+    there.
     """
     T, B, H = dZ.shape
     zero = dZ.dtype.type(0)
@@ -454,10 +455,10 @@ def transpose_cpu(dst, src, n):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_weight_grads_cpu(dW_hh, db_h, dZT, dZ, HxT, n):
+def rnn_weight_grads_cpu(dW_hh, db_h, dZ, dZT, HxT, n):
     """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over all T·B rows, after the loop)
 
-    dW_hh (H,H) out · db_h (H,) out · dZT (H,T·B) out: dZᵀ · dZ (T,B,H) · HxT (H,(T+1)·B)
+    dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) and dZT (H,T·B) = dZᵀ · HxT (H,(T+1)·B)
     h_0..h_T transposed · n chunks.  With both factors transposed, ∂W_hh[i,j] is the dot
     product of two contiguous rows, HxT[i, :T·B] · dZT[j], as in the recurrence; ∂b_h[j]
     is the sum of dZT[j].
@@ -465,9 +466,6 @@ def rnn_weight_grads_cpu(dW_hh, db_h, dZT, dZ, HxT, n):
     T, B, H = dZ.shape
     zero = dZ.dtype.type(0)
     one = dZ.dtype.type(1)
-    for c in prange(n):
-        j0, j1 = _chunk(H, c, n)
-        _transpose(dZT, dZ.reshape(T * B, H), j0, j1)
     for c in prange(n):
         j0, j1 = _chunk(H, c, n)
         dW_hh[:, j0:j1] = zero
@@ -503,18 +501,13 @@ def embed_tokens_backward_cpu(dW_xh, dZ, X):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def embed_dense_backward_cpu(dW_xh, dZ, dZT, X, n):
-    """∂W_xh = Xᵀ dZ over all T·B rows (one product): ∂W_xh[d,j] = Xᵀ[d] · dZT[j]
+def embed_dense_backward_cpu(dW_xh, dZ, dZT, XT, n):
+    """∂W_xh = Xᵀ dZ over all T·B rows (one product): ∂W_xh[d,j] = XT[d] · dZT[j]
 
-    dW_xh (D,H) out · dZ (T·B,H) and dZT (H,T·B) = dZᵀ · X (T·B,D) · n chunks
+    dW_xh (D,H) out · dZ (T·B,H) and dZT (H,T·B) = dZᵀ · XT (D,T·B) = Xᵀ · n chunks
     """
-    N, D = X.shape
-    XT = np.empty((D, N), X.dtype)
-    for c in prange(n):
-        d0, d1 = _chunk(D, c, n)
-        _transpose(XT, X, d0, d1)
-    zero = X.dtype.type(0)
-    one = X.dtype.type(1)
+    zero = XT.dtype.type(0)
+    one = XT.dtype.type(1)
     for c in prange(n):
         j0, j1 = _chunk(dW_xh.shape[1], c, n)
         dW_xh[:, j0:j1] = zero
@@ -733,12 +726,16 @@ def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
         rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], k, act, n)
     dW_hh = np.empty((H, H), dt)
     db_h = np.empty(H, dt)
-    rnn_weight_grads_cpu(dW_hh, db_h, dZT, dZ, HxT, n)
+    transpose_cpu(dZT, dZ.reshape(T * B, H), n)
+    rnn_weight_grads_cpu(dW_hh, db_h, dZ, dZT, HxT, n)
     dW_xh = np.empty(P["W_xh"].shape, dt)
     if X.ndim == 2:
         embed_tokens_backward_cpu(dW_xh, dZ, X)
     else:
-        embed_dense_backward_cpu(dW_xh, dZ.reshape(T * B, H), dZT, X.reshape(T * B, -1), n)
+        X2 = X.reshape(T * B, -1)
+        XT = np.empty((X2.shape[1], T * B), dt)
+        transpose_cpu(XT, X2, n)
+        embed_dense_backward_cpu(dW_xh, dZ.reshape(T * B, H), dZT, XT, n)
     return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "h0": dh0}
 
 
