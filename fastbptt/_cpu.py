@@ -23,10 +23,12 @@ import threading
 import numba
 import numpy as np
 from numba import get_num_threads, njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .config import (ACTIVATIONS, CPU_BLAS_STEP_MACS, CPU_KC, CPU_MC, CPU_MIN_COLS,
-                     CPU_SERIAL_MACS, CPU_SHORT_K, FASTMATH)
+                     CPU_SERIAL_MACS, CPU_SHORT_K, CPU_SPLIT_BYTES, CPU_WAIT_SPINS,
+                     FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 _0 = np.int64(0)    # a 0 that types as int64, not Literal[int](0): one compilation per kernel
@@ -93,9 +95,7 @@ def tanh_cpu(out, x):
 # for one sgemm call of that size (measured: 97.6 vs 79.5 GFLOP/s).  Each output ends in
 # one horizontal sum, so for a short K (the head's dHs = do W_hqᵀ, K = Q) a row form
 # without sums is faster; _matmul_acc picks the form.  Callers split the output columns
-# (or rows) into one chunk per thread; the recurrent kernels do so once per step, so each
-# thread keeps its slice of W_hh in its own L2 for all T steps and applies the step's
-# activation to its chunk right after the product, while it is in cache.
+# (or rows) into one chunk per thread (the sweeps: see "recurrence").
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 def _dot4x4(a0, a1, a2, a3, w0, w1, w2, w3):
@@ -324,28 +324,129 @@ def embed_dense_cpu(pre, X, W_xh, W_xhT, b_h, n):
 
 
 # ------------------------------------------------------------------------ recurrence
+# A sweep runs its T steps in one parallel region.  Each thread owns a chunk of the
+# output columns ("lane"), so its slice of W_hh stays in its own L2 for all T steps, and
+# applies φ (or φ') to its chunk right after its product; between steps the threads
+# meet at a spin barrier on atomics (≈0.2 µs) instead of a region per step (≈1.1 µs,
+# and a worker woken per step).  Per (1,256)·(256,256) step: 1.95 µs on two threads
+# against 2.91 on one (BLAS) and 3.04 with a region per step; (32,256)·(256,256):
+# 27.6 vs 28.7 µs with a region per step (measured).
+#
+# Nothing may assume that the threading layer runs the lanes at the same time (tbb may
+# run them one after another on one thread): steps are claimed with a compare-and-swap,
+# and a thread that has waited CPU_WAIT_SPINS polls for a lane whose thread has not
+# started claims and computes that lane's step itself (from then on without waiting,
+# while that lane has not started).  Each step is computed exactly once either way.
+
+@intrinsic
+def _load_acquire(typingctx, flags, i):
+    """flags[i], an atomic load with acquire ordering (flags: 1-D int64)"""
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_flag_ptr(context, builder, sig, args), "acquire", 8)
+    return types.int64(flags, i), codegen
+
+
+@intrinsic
+def _store_release(typingctx, flags, i, value):
+    """flags[i] = value, an atomic store with release ordering"""
+    def codegen(context, builder, sig, args):
+        value = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(value, _flag_ptr(context, builder, sig, args), "release", 8)
+        return context.get_dummy_value()
+    return types.void(flags, i, value), codegen
+
+
+@intrinsic
+def _claim(typingctx, flags, i, expected):
+    """atomically flags[i] += 1 if flags[i] == expected; True when this call did it"""
+    def codegen(context, builder, sig, args):
+        old = context.cast(builder, args[2], sig.args[2], types.int64)
+        pair = builder.cmpxchg(_flag_ptr(context, builder, sig, args), old,
+                               builder.add(old, old.type(1)), "acq_rel", "acquire")
+        return builder.extract_value(pair, 1)
+    return types.boolean(flags, i, expected), codegen
+
+
+def _flag_ptr(context, builder, sig, args):
+    ary = context.make_array(sig.args[0])(context, builder, args[0])
+    i = context.cast(builder, args[1], sig.args[1], types.intp)
+    return cgutils.get_item_pointer(context, builder, sig.args[0], ary, [i])
+
+
+_LINE = 16                  # int64 flags per lane: [started, claimed steps, done steps], padded
+_STARTED, _CLAIMED, _DONE = 0, 1, 2
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _step_chunk(S, Hx, W, WT, xi, s, j0, j1, act, backward, rec):
+    """Step s (0-based, in sweep order) of a sweep, columns [j0, j1):
+    forward (S = Hx):  h_t = φ(pre_t + h_{t-1} W_hh) with t = s + 1;
+    backward (S = dZ): dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(z_t) with t = T-1-s.
+    A whole step (j0 = 0, j1 = H) goes through _step_product (rec: its scratch)."""
+    whole = j0 == 0 and j1 == S.shape[2]
+    if backward:
+        t = S.shape[0] - 1 - s
+        x = xi[t + 1] if t + 1 < S.shape[0] else S.dtype.type(0)
+        if x != 0:                                          # ξ = 0 skips the product
+            if whole:
+                _step_product(S[t], S[t + 1], WT, W, x, rec)
+            else:
+                _matmul_acc(S[t], S[t + 1], WT, W, x, j0, j1, _0)
+        _dphi(S[t], Hx[t + 1], j0, j1, act)
+    else:
+        t = s + 1
+        if whole:
+            _step_product(S[t], S[t - 1], W, WT, S.dtype.type(1), rec)
+        else:
+            _matmul_acc(S[t], S[t - 1], W, WT, S.dtype.type(1), j0, j1, _0)
+        _activate(S[t], j0, j1, act)
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def _sweep(S, Hx, W, WT, xi, act, backward, n):
+    """Every step of a sweep (see _step_chunk), each on n column chunks: on this thread
+    when n = 1, else in one parallel region, one lane per chunk, step s + 1 of any
+    lane starting once every lane has done step s."""
+    steps = S.shape[0] if backward else S.shape[0] - 1
+    H = S.shape[2]
+    rec = np.empty(S.shape[1:], S.dtype)      # the one-thread step's scratch
+    if n == 1:
+        for s in range(steps):
+            _step_chunk(S, Hx, W, WT, xi, s, 0, H, act, backward, rec)
+        return
+    flags = np.zeros(n * _LINE, np.int64)
+    for c in prange(n):
+        _store_release(flags, c * _LINE + _STARTED, 1)
+        patient = True
+        for s in range(steps):
+            for o in range(n):                 # wait until every lane has done step s - 1
+                f = o * _LINE
+                spins = 0
+                while _load_acquire(flags, f + _DONE) < s:
+                    if _load_acquire(flags, f + _STARTED) == 0:
+                        spins += 1
+                        if not patient or spins > CPU_WAIT_SPINS:
+                            patient = False
+                            if _claim(flags, f + _CLAIMED, s - 1):
+                                j0, j1 = _chunk(H, o, n)
+                                _step_chunk(S, Hx, W, WT, xi, s - 1, j0, j1, act, backward, rec)
+                                _store_release(flags, f + _DONE, s)
+            f = c * _LINE
+            if _claim(flags, f + _CLAIMED, s):
+                j0, j1 = _chunk(H, c, n)
+                _step_chunk(S, Hx, W, WT, xi, s, j0, j1, act, backward, rec)
+                _store_release(flags, f + _DONE, s + 1)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def rnn_forward_cpu(Hx, W_hh, W_hhT, act, n):
     """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
 
     Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ ·
-    act 0=tanh 1=relu 2=identity · n column chunks, one per thread (1: the step runs on
-    this thread, no parallel region).  h_0 sits in front of h_1..h_T so that ∂W_hh is one
-    product over Hx[:T].  Per step, each thread adds h_{t-1} W_hh into its chunk of pre_t's
-    columns and applies φ there (one parallel region per step).
+    act 0=tanh 1=relu 2=identity · n column chunks, one per thread (1: on this thread).
+    h_0 sits in front of h_1..h_T so that ∂W_hh is one product over Hx[:T].
     """
-    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
-    one = Hx.dtype.type(1)
-    rec = np.empty((B, H), Hx.dtype)          # scratch of the one-thread step
-    for t in range(1, T + 1):
-        if n == 1:                             # a step too small to share (see step_threads)
-            _step_product(Hx[t], Hx[t - 1], W_hh, W_hhT, one, rec)
-            _activate(Hx[t], 0, H, act)
-        else:
-            for c in prange(n):
-                j0, j1 = _chunk(H, c, n)
-                _matmul_acc(Hx[t], Hx[t - 1], W_hh, W_hhT, one, j0, j1, _0)
-                _activate(Hx[t], j0, j1, act)
+    _sweep(Hx, Hx, W_hh, W_hhT, np.empty(0, Hx.dtype), act, False, n)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -356,29 +457,13 @@ def rnn_backward_cpu(dZ, dh0, Hx, W_hh, W_hhT, xi, act, n):
     dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
     h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ · xi (T,) ξ_1..ξ_T (all ones: full gradient;
     {0, 1/p}: randomized truncation, a zero skips that step's product) · act 0=tanh 1=relu
-    2=identity · n column chunks (1: the step runs on this thread).  Per step, each thread
-    adds ξ_{t+1} dz_{t+1} W_hhᵀ into its chunk of the columns of dHs_t and multiplies by φ'
-    there.
+    2=identity · n column chunks (1: on this thread).
     """
-    T, B, H = dZ.shape
-    zero = dZ.dtype.type(0)
-    rec = np.empty((B, H), dZ.dtype)          # scratch of the one-thread step
-    for t in range(T - 1, -1, -1):
-        x = xi[t + 1] if t + 1 < T else zero
-        if n == 1:
-            if x != zero:
-                _step_product(dZ[t], dZ[t + 1], W_hhT, W_hh, x, rec)
-            _dphi(dZ[t], Hx[t + 1], 0, H, act)
-        else:
-            for c in prange(n):
-                j0, j1 = _chunk(H, c, n)
-                if x != zero:
-                    _matmul_acc(dZ[t], dZ[t + 1], W_hhT, W_hh, x, j0, j1, _0)   # dz_{t+1} W_hhᵀ
-                _dphi(dZ[t], Hx[t + 1], j0, j1, act)                       # ⊙ φ'(z_t)
-    dh0[:] = zero
-    if xi[0] != zero:
+    _sweep(dZ, Hx, W_hh, W_hhT, xi, act, True, n)
+    dh0[:] = 0
+    if xi[0] != 0:
         for c in prange(n):
-            j0, j1 = _chunk(H, c, n)
+            j0, j1 = _chunk(dh0.shape[1], c, n)
             _matmul_acc(dh0, dZ[0], W_hhT, W_hh, xi[0], j0, j1, _0)
 
 
@@ -640,15 +725,20 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def step_threads(B, H, n):
-    """Threads for one recurrent step: 1 when the step has at most CPU_SERIAL_MACS
-    multiply-adds (B·H²) or a thread's chunk would have fewer than CPU_MIN_COLS columns, and
-    always 1 on numba's fallback "workqueue" layer, whose regions cost ≈80 µs each.
-    Measured (whole loss_and_grad, T=64, one thread vs two, ms): (B,H) = (32,64) 1.97 vs
-    3.39, (64,64) 4.22 vs 6.86, (1,128) 0.87 vs 1.36 (T=256); (8,128) 1.09 vs 1.06,
-    (16,128) 2.01 vs 1.78, (4,256) 1.94 vs 1.72; (1,256) (T=256): 2.02-2.07 with the BLAS
-    step of _step_product against 2.26-2.36 on two threads."""
-    if not _cheap_regions() or B * H * H <= CPU_SERIAL_MACS or H // n < CPU_MIN_COLS:
+def step_threads(B, W_hh, n):
+    """Threads (lanes) for the steps of a sweep: n when each thread gets at least
+    CPU_MIN_COLS columns and the step has at least CPU_SERIAL_MACS multiply-adds (B·H²) or
+    W_hh (H,H) takes at least CPU_SPLIT_BYTES, else 1; always 1 on numba's fallback
+    "workqueue" layer, whose regions cost ≈80 µs each.  Measured (whole loss_and_grad,
+    T=64, ms, one thread vs two): (B,H) = (32,64) 1.79 vs 3.08, (64,64) 3.18 vs 5.31,
+    (4,128) 0.48-0.50 vs 0.55-0.66, (6,128) 0.86 vs 0.74, (8,128) 1.02 vs 0.92, (16,128)
+    2.64 vs 1.63, (2,192) 1.24 vs 0.69; T=256: (1,128) 0.73 vs 0.87, (1,192) 1.75 vs
+    1.47, (1,256) 2.00-2.72 vs 1.84-2.25 (a B = 1 step reads all of W_hh from L2: two
+    threads read half each)."""
+    H = W_hh.shape[0]
+    if not _cheap_regions() or H // n < CPU_MIN_COLS:
+        return 1
+    if B * H * H < CPU_SERIAL_MACS and W_hh.nbytes < CPU_SPLIT_BYTES:
         return 1
     return n
 
@@ -697,8 +787,7 @@ def _embed(P, X, Hx, n):
 def _forward_into(P, X, h0, act, Hx, n):
     Hx[0] = h0
     _embed(P, X, Hx, n)
-    B, H = Hx.shape[1], Hx.shape[2]
-    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(B, H, n))
+    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(Hx.shape[1], P["W_hh"], n))
 
 
 def _input_keys(X):
@@ -721,7 +810,7 @@ def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
     dh0 = np.empty((B, H), dt)
     if k is None:
         rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], xi, act,
-                         step_threads(B, H, n))
+                         step_threads(B, P["W_hh"], n))
     else:
         rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], k, act, n)
     dW_hh = np.empty((H, H), dt)
@@ -761,7 +850,7 @@ def adjoints(P, Hx, dZ, act):
     A[1:] = dZ
     dh0 = np.empty((B, H), dZ.dtype)
     rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], np.ones(T, dZ.dtype), act,
-                     step_threads(B, H, n))
+                     step_threads(B, P["W_hh"], n))
     gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), P["W_hhT"], P["W_hh"], n)
     return A
 

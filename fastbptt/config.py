@@ -22,14 +22,21 @@ CPU_MC = 64
 #: ``fastbptt._cpu._matmul_nn_acc``).
 CPU_SHORT_K = 64
 
-#: A recurrent step runs on one thread when it has at most CPU_SERIAL_MACS multiply-adds
-#: (B·H²) or a thread would get fewer than CPU_MIN_COLS of its output columns: a parallel
-#: region costs about 1 µs, narrow chunks more (measured; see
-#: ``fastbptt._cpu.step_threads``).  Such a step with at most CPU_BLAS_STEP_MACS runs
+#: The steps of a recurrent sweep are split over the threads when a thread gets at least
+#: CPU_MIN_COLS of the output columns and the step has at least CPU_SERIAL_MACS
+#: multiply-adds (B·H²) or W_hh takes at least CPU_SPLIT_BYTES (a small-batch step
+#: streams W_hh from L2; split, each thread streams its half): measured, see
+#: ``fastbptt._cpu.step_threads``.  A one-thread step with at most CPU_BLAS_STEP_MACS runs
 #: through BLAS, below OpenBLAS's own threshold for threads (4·65536).
-CPU_SERIAL_MACS = 65536
+CPU_SERIAL_MACS = 1 << 17
+CPU_SPLIT_BYTES = 1 << 17
 CPU_MIN_COLS = 64
 CPU_BLAS_STEP_MACS = 65536
+
+#: A thread of a recurrent sweep that has polled this many times for a step of a lane
+#: whose thread has not started yet computes that step itself (see ``fastbptt._cpu._sweep``;
+#: a threading layer may run a region's lanes one after another).  ≈1 ms of polling.
+CPU_WAIT_SPINS = 1 << 20
 
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}

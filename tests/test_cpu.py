@@ -77,3 +77,58 @@ def test_parallel_product_and_transpose_split_any_way(n, rng):
     T_ = np.empty((70, 13))
     _cpu.transpose_cpu(T_, A, n)
     assert np.array_equal(T_, A.T)
+
+
+# ------------------------------------------------------------------- the sweeps' lanes
+def _sweep_case(rng, T=9, B=3, H=200):
+    W = (rng.normal(size=(H, H)) / np.sqrt(H)).astype(np.float64)
+    Hx = rng.normal(size=(T + 1, B, H))
+    dZ = rng.normal(size=(T, B, H))
+    xi = np.where(rng.random(T) < 0.3, 0.0, 2.0)
+    xi[T - 2] = 0.0                                        # one skipped product for sure
+    return W, np.ascontiguousarray(W.T), Hx, dZ, xi
+
+
+def _reference_sweeps(W, Hx, dZ, xi):
+    """float64 numpy: h_t = tanh(pre_t + h_{t-1} W); dz_t = (d_t + ξ_{t+1} dz_{t+1} Wᵀ)(1 - h_t²)"""
+    H = Hx.copy()
+    for t in range(1, H.shape[0]):
+        H[t] = np.tanh(H[t] + H[t - 1] @ W)
+    D = dZ.copy()
+    T = D.shape[0]
+    for t in range(T - 1, -1, -1):
+        carry = xi[t + 1] * D[t + 1] @ W.T if t + 1 < T else 0.0
+        D[t] = (D[t] + carry) * (1 - Hx[t + 1] ** 2)
+    return H, D, xi[0] * D[0] @ W.T
+
+
+@pytest.mark.parametrize("threads,lanes", [(1, 2), (1, 3), (2, 3), (2, 2), (1, 1)])
+def test_sweeps_are_exact_however_the_lanes_are_run(threads, lanes, rng):
+    # with fewer threads than lanes, a lane starts only after another has finished:
+    # the running one must take over the missing lane's steps instead of waiting forever
+    numba = pytest.importorskip("numba")
+    W, WT, Hx, dZ, xi = _sweep_case(rng)
+    want_H, want_D, want_dh0 = _reference_sweeps(W, Hx, dZ, xi)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        H = Hx.copy()
+        _cpu.rnn_forward_cpu(H, W, WT, _cpu.TANH, lanes)
+        D, dh0 = dZ.copy(), np.empty_like(dZ[0])
+        _cpu.rnn_backward_cpu(D, dh0, Hx, W, WT, xi, _cpu.TANH, lanes)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(H, want_H, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(D, want_D, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dh0, want_dh0, rtol=1e-12, atol=1e-12)
+
+
+def test_step_threads_rule():
+    W = lambda H, dt=np.float32: np.empty((H, H), dt)          # noqa: E731
+    n = 2
+    if _cpu.step_threads(32, W(512), n) == 1:
+        pytest.skip("numba's workqueue layer: every step runs on one thread")
+    assert _cpu.step_threads(32, W(64), n) == 1               # 32 columns per thread
+    assert _cpu.step_threads(4, W(128), n) == 1               # 2^16 multiply-adds, W 64 KiB
+    assert _cpu.step_threads(8, W(128), n) == n               # 2^17 multiply-adds
+    assert _cpu.step_threads(1, W(192), n) == n               # W 144 KiB, read from L2 each step
