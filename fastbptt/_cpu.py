@@ -93,9 +93,9 @@ def tanh_cpu(out, x):
 # The main form takes B transposed, Bt (N,K), so that each output is the dot product of
 # two contiguous rows: a 4x4 block of outputs keeps 16 vector accumulators in registers
 # and reads 4 + 4 rows per k, 8 loads per 16 FMAs (_dot4x4, written in LLVM IR so that
-# the 16 horizontal sums at the end share one transpose-and-add tree): 101 GFLOP/s on one
-# core at (32,512)x(512,256), against 96 when LLVM vectorizes the plain loop and 79.5 for
-# one sgemm call of (32,512)x(512,512) (measured).  Each output still ends in a horizontal
+# the 16 horizontal sums at the end share one transpose-and-add tree): 100.7 GFLOP/s on
+# one core at (32,512)x(512,256), against 95.8 when LLVM vectorizes the plain loop (same
+# run) and 79.5 for one sgemm call of (32,512)x(512,512) (measured).  Each output still ends in a horizontal
 # sum, so for a short K (the head's dHs = do W_hqᵀ, K = Q) a row form
 # without sums is faster; _matmul_acc picks the form.  Callers split the output columns
 # (or rows) into one chunk per thread (the sweeps: see "recurrence").
@@ -108,8 +108,8 @@ def _dot4x4(typingctx, a0, a1, a2, a3, w0, w1, w2, w3):
     Written in LLVM IR: 16 vector accumulators over K (full vectors, then one masked
     load for the rest), then one transpose-and-add tree for all 16 horizontal sums
     (45 shuffles and adds, against 128 when LLVM reduces each accumulator on its own:
-    at (32,512)x(512,256) 103.9 vs 96.6 GFLOP/s on one core, at (32,256)x(256,128)
-    93.8 vs 83.3, measured).
+    at (32,512)x(512,256) 100.7 vs 95.8 GFLOP/s on one core, at (32,256)x(256,128)
+    89.3 vs 82.4, measured in one run).
     """
     sig = types.UniTuple(a0.dtype, 16)(a0, a1, a2, a3, w0, w1, w2, w3)
 
