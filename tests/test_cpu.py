@@ -79,6 +79,17 @@ def test_parallel_product_and_transpose_split_any_way(n, rng):
     assert np.array_equal(T_, A.T)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,H", [(1, 1), (5, 3), (16, 16), (17, 33), (40, 130), (300, 70)])
+def test_transpose_is_exact_in_tiles_and_at_the_edges(N, H, dtype, rng):
+    # tiles of 16 (float32) or 8 (float64) rows and columns, the rest element by element
+    src = rng.normal(size=(N, H)).astype(dtype)
+    for n in (1, 2, 3):
+        dst = np.full((H, N), np.nan, dtype)
+        _cpu.transpose_cpu(dst, src, n)
+        assert np.array_equal(dst, src.T)
+
+
 # ------------------------------------------------------------------- the sweeps' lanes
 def _sweep_case(rng, T=9, B=3, H=200):
     W = (rng.normal(size=(H, H)) / np.sqrt(H)).astype(np.float64)
