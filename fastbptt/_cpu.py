@@ -22,14 +22,13 @@ import threading
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .config import (ACTIVATIONS, CPU_BLAS_STEP_MACS, CPU_KC, CPU_MC, CPU_MIN_COLS,
-                     CPU_SERIAL_MACS, CPU_SHORT_K, CPU_SPLIT_BYTES, CPU_WAIT_SPINS,
+                     CPU_SERIAL_MACS, CPU_SPLIT_BYTES, CPU_WAIT_SPINS,
                      FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
@@ -90,114 +89,105 @@ def tanh_cpu(out, x):
 # The one BLAS call left, _step_product, is a step small enough for OpenBLAS to keep
 # on the calling thread.)
 #
-# The main form takes B transposed, Bt (N,K), so that each output is the dot product of
-# two contiguous rows: a 4x4 block of outputs keeps 16 vector accumulators in registers
-# and reads 4 + 4 rows per k, 8 loads per 16 FMAs (_dot4x4, written in LLVM IR so that
-# the 16 horizontal sums at the end share one transpose-and-add tree): 100.7 GFLOP/s on
-# one core at (32,512)x(512,256), against 95.8 when LLVM vectorizes the plain loop (same
-# run) and 79.5 for one sgemm call of (32,512)x(512,512) (measured).  Each output still ends in a horizontal
-# sum, so for a short K (the head's dHs = do W_hqᵀ, K = Q) a row form
-# without sums is faster; _matmul_acc picks the form.  Callers split the output columns
+# The product is built from one register tile, as in BLAS (_outer_tile, in LLVM IR): a
+# tile of 4 rows x 4 vectors of C (64 float32 columns) stays in 16 vector registers for
+# all of K; each k adds the outer product of 4 broadcast elements of A and 4 vectors of
+# B's row k, 16 FMAs per 8 loads, and no horizontal sums.  One core, GFLOP/s, against
+# dot products of rows in 4x4 blocks (the previous form; same run): (32,512)x(512,256)
+# 112.8 vs 101.6, (32,256)x(256,128) 108.8 vs 90.7, the head's (560,28)x(28,512) 105.8
+# vs 35.3; one OpenBLAS sgemm call of (32,512)x(512,512): 79.5.  Cache blocking: K in
+# slices of at most CPU_KC, rows in panels of CPU_MC.  Callers split the output columns
 # (or rows) into one chunk per thread (the sweeps: see "recurrence").
 
-@intrinsic
-def _dot4x4(typingctx, a0, a1, a2, a3, w0, w1, w2, w3):
-    """the 4x4 block of dot products s[4r+c] = a_r · w_c of eight contiguous rows of length
-    K (float32 or float64), as a 16-tuple
+def _lanes(fty, context):
+    """elements per 64-byte vector: 16 float32, 8 float64"""
+    return 64 // context.get_abi_sizeof(fty)
 
-    Written in LLVM IR: 16 vector accumulators over K (full vectors, then one masked
-    load for the rest), then one transpose-and-add tree for all 16 horizontal sums
-    (45 shuffles and adds, against 128 when LLVM reduces each accumulator on its own:
-    at (32,512)x(512,256) 100.7 vs 95.8 GFLOP/s on one core, at (32,256)x(256,128)
-    89.3 vs 82.4, measured in one run).
+
+@intrinsic
+def _outer_tile(typingctx, C, A, B, alpha, r0, j0, w, ka, K, R, NV):
+    """C[r0:r0+R, j0:j0+w] += α · A[r0:r0+R, ka:ka+K] B[:K, j0:j0+w]
+
+    R (rows) and NV (vectors per row) literal ints, (NV-1)·L < w <= NV·L with L = 16
+    (float32) or 8 (float64) the lanes of a 64-byte vector; the last vector of each row is
+    loaded and stored under a mask of its w - (NV-1)·L valid lanes.  C, A, B: 2-D, rows
+    contiguous.  The R·NV accumulators live in registers for all of K.
     """
-    sig = types.UniTuple(a0.dtype, 16)(a0, a1, a2, a3, w0, w1, w2, w3)
+    if not isinstance(R, types.IntegerLiteral) or not isinstance(NV, types.IntegerLiteral):
+        return None                            # numba retries with the literal values
+    nrow, nvec = R.literal_value, NV.literal_value
 
     def codegen(context, builder, sig, args):
-        fty = context.get_value_type(sig.args[0].dtype)
-        lanes = _vector_bits() // (8 * context.get_abi_sizeof(fty))
-        vty, i32 = ir.VectorType(fty, lanes), ir.IntType(32)
-        rows = [context.make_array(t)(context, builder, v) for t, v in zip(sig.args, args)]
-        ptrs = [builder.bitcast(r.data, vty.as_pointer()) for r in rows]
-        K = cgutils.unpack_tuple(builder, rows[4].shape, 1)[0]
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{_vec_suffix(vty)}")
+        cty, aty, bty = sig.args[:3]
+        fty = context.get_value_type(cty.dtype)
+        L, size = _lanes(fty, context), context.get_abi_sizeof(fty)
+        vty, i32 = ir.VectorType(fty, L), ir.IntType(32)
+        cary, aary, bary = (context.make_array(t)(context, builder, v)
+                            for t, v in zip(sig.args[:3], args[:3]))
+        alpha = context.cast(builder, args[3], sig.args[3], cty.dtype)
+        r0, j0, w, ka, K = (context.cast(builder, args[i], sig.args[i], types.intp)
+                            for i in range(4, 9))
+        fma = _vector_intrinsic(builder, "fma", vty, [vty] * 3)
         zero = ir.Constant(vty, None)
-        # for i < K // lanes:  acc[4r+c] += a_r[i] * w_c[i]  (vectors of `lanes` elements)
+        rest = builder.trunc(builder.sub(w, w.type((nvec - 1) * L)), i32)
+        mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(i32, L), list(range(L))),
+                                   _splat(builder, rest, L))
+        mload = _vector_intrinsic(builder, "masked.load", vty, [vty.as_pointer(), i32, mask.type, vty])
+        mstore = _vector_intrinsic(builder, "masked.store", vty, [vty, vty.as_pointer(), i32, mask.type])
+
+        def vector(ty, ary, r, v):             # pointer to vector v of row r, from column j0
+            p = cgutils.get_item_pointer(context, builder, ty, ary, [r, builder.add(j0, j0.type(v * L))])
+            return builder.bitcast(p, vty.as_pointer())
+
+        def load(p, v):
+            if v < nvec - 1:
+                return builder.load(p, align=size)
+            return builder.call(mload, [p, i32(size), mask, zero])
+
+        rows = [builder.add(r0, r0.type(r)) for r in range(nrow)]
+        arow = [cgutils.get_item_pointer(context, builder, aty, aary, [r, ka]) for r in rows]
+        # for k < K:  acc[r][v] += A[r0+r, ka+k] * B[k, j0+v·L : j0+(v+1)·L]
         entry = builder.basic_block
-        head, body, tail, masked, sums = (builder.append_basic_block(f"dot4x4.{n}")
-                                          for n in ("head", "body", "tail", "masked", "sums"))
+        head, body, done = (builder.append_basic_block(f"tile.{n}") for n in ("head", "body", "done"))
         builder.branch(head)
         builder.position_at_end(head)
-        i = builder.phi(K.type)
-        acc = [builder.phi(vty) for _ in range(16)]
-        builder.cbranch(builder.icmp_signed("<", i, builder.sdiv(K, K.type(lanes))), body, tail)
+        k = builder.phi(K.type)
+        acc = [builder.phi(vty) for _ in range(nrow * nvec)]
+        builder.cbranch(builder.icmp_signed("<", k, K), body, done)
         builder.position_at_end(body)
-        vecs = [builder.load(builder.gep(p, [i]), align=context.get_abi_sizeof(fty)) for p in ptrs]
-        new = [builder.call(fma, [vecs[r], vecs[4 + c], acc[4 * r + c]])
-               for r in range(4) for c in range(4)]
-        i.add_incoming(K.type(0), entry)
-        i.add_incoming(builder.add(i, K.type(1)), body)
-        builder.branch(head)
-        for phi, v in zip(acc, new):
+        b = [load(vector(bty, bary, k, v), v) for v in range(nvec)]
+        a = [_splat(builder, builder.load(builder.gep(p, [k]), align=size), L) for p in arow]
+        new = [builder.call(fma, [a[r], b[v], acc[r * nvec + v]]) for r in range(nrow) for v in range(nvec)]
+        k.add_incoming(K.type(0), entry)
+        k.add_incoming(builder.add(k, K.type(1)), body)
+        for phi, x in zip(acc, new):
             phi.add_incoming(zero, entry)
-            phi.add_incoming(v, body)
-        # the last K % lanes elements, if any: masked loads (zeros past the end)
-        builder.position_at_end(tail)
-        rest = builder.trunc(builder.srem(K, K.type(lanes)), i32)
-        builder.cbranch(builder.icmp_signed("==", rest, i32(0)), sums, masked)
-        builder.position_at_end(masked)
-        mask = builder.icmp_unsigned("<", ir.Constant(ir.VectorType(i32, lanes), list(range(lanes))),
-                                     _splat(builder, rest, lanes))
-        load = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vty, [vty.as_pointer(), i32, mask.type, vty]),
-            f"llvm.masked.load.{_vec_suffix(vty)}.p0{_vec_suffix(vty)}")
-        vecs = [builder.call(load, [builder.gep(p, [i]), i32(context.get_abi_sizeof(fty)), mask, zero])
-                for p in ptrs]
-        last = [builder.call(fma, [vecs[r], vecs[4 + c], acc[4 * r + c]])
-                for r in range(4) for c in range(4)]
-        builder.branch(sums)
-        builder.position_at_end(sums)
-        merged = []
-        for a, b in zip(acc, last):
-            phi = builder.phi(vty)
-            phi.add_incoming(a, tail)
-            phi.add_incoming(b, masked)
-            merged.append(phi)
-        acc = merged
-        # transpose-and-add: each level adds the two halves of every accumulator's lanes,
-        # packing two vectors' halves into one, until every lane is one whole sum
-        seg = lanes                                  # lanes per accumulator in each vector
-        while seg > 1 and len(acc) > 1:
-            half, blocks = seg // 2, lanes // seg
-            lo = [b * seg + j for b in range(blocks) for j in range(half)]
-            hi = [b * seg + half + j for b in range(blocks) for j in range(half)]
-            lo = ir.Constant(ir.VectorType(i32, lanes), lo + [lanes + t for t in lo])
-            hi = ir.Constant(ir.VectorType(i32, lanes), hi + [lanes + t for t in hi])
-            acc = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi))
-                   for x, y in zip(acc[0::2], acc[1::2])]
-            seg = half
-        out = []
-        for v in acc:                                # in order: accumulator 0, 1, ...
-            for j in range(0, lanes, seg):
-                s = builder.extract_element(v, i32(j))
-                for t in range(j + 1, j + seg):      # (seg > 1 only for vectors of > 16 lanes)
-                    s = builder.fadd(s, builder.extract_element(v, i32(t)))
-                out.append(s)
-        return context.make_tuple(builder, sig.return_type, out)
+            phi.add_incoming(x, body)
+        builder.branch(head)
+        # C += α · acc
+        builder.position_at_end(done)
+        alpha = _splat(builder, alpha, L)
+        for r in range(nrow):
+            for v in range(nvec):
+                p = vector(cty, cary, rows[r], v)
+                x = builder.call(fma, [alpha, acc[r * nvec + v], load(p, v)])
+                if v < nvec - 1:
+                    builder.store(x, p, align=size)
+                else:
+                    builder.call(mstore, [x, p, i32(size), mask])
+        return context.get_dummy_value()
 
-    return sig, codegen
+    return types.void(C, A, B, alpha, r0, j0, w, ka, K, R, NV), codegen
 
 
-def _vector_bits():
-    """the widest vectors numba's target has: 512 bits with AVX-512, else 256"""
-    features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
-    return 512 if "+avx512f" in features else 256
-
-
-def _vec_suffix(vty):
-    return f"v{vty.count}f{vty.element.intrinsic_name[1:]}"
+def _vector_intrinsic(builder, name, vty, argtys):
+    """declare llvm.<name> for vectors vty (its result vty, or void for a store)"""
+    suffix = f"v{vty.count}f{vty.element.intrinsic_name[1:]}"
+    if name.startswith("masked."):
+        suffix += f".p0{suffix}"
+    ret = ir.VoidType() if name.endswith("store") else vty
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys),
+                                          f"llvm.{name}.{suffix}")
 
 
 def _splat(builder, x, n):
@@ -205,153 +195,68 @@ def _splat(builder, x, n):
     return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
 
 
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _dot1x4(a, w0, w1, w2, w3):
-    """the 1x4 block of dot products (a · w_c)"""
-    s0 = s1 = s2 = s3 = a.dtype.type(0)
-    for k in range(w0.shape[0]):
-        s0 += a[k] * w0[k]; s1 += a[k] * w1[k]; s2 += a[k] * w2[k]; s3 += a[k] * w3[k]   # noqa: E702
-    return (s0, s1, s2, s3)
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _dot(a, w):
-    s = a.dtype.type(0)
-    for k in range(w.shape[0]):
-        s += a[k] * w[k]
-    return s
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _add4(row, c, alpha, s):
-    row[c] += alpha * s[0]
-    row[c + 1] += alpha * s[1]
-    row[c + 2] += alpha * s[2]
-    row[c + 3] += alpha * s[3]
+@njit(inline="always")
+def _tile_rows(C, A, B, alpha, m0, m1, j, w, ka, K, NV):
+    """rows [m0, m1) of C's tile column [j, j+w): 4 rows at a time, then one by one"""
+    r = m0
+    while r + 4 <= m1:
+        _outer_tile(C, A, B, alpha, r, j, w, ka, K, 4, NV)
+        r += 4
+    for i in range(r, m1):
+        _outer_tile(C, A, B, alpha, i, j, w, ka, K, 1, NV)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka):
-    """C[:, j0:j1] += α · A[:, ka:ka+K] Bt[j0:j1]ᵀ
+def _matmul_acc(C, A, B, alpha, j0, j1, ka):
+    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1]
 
-    C (M,N) · A (M, >= ka+K) · Bt (N,K) · j0 a multiple of 4.  Blocked for the caches:
-    K in equal slices of at most CPU_KC and M in panels of CPU_MC rows, so that a panel
-    of A stays in L2 while four rows of Bt sit in L1 and every row of the panel passes
-    them; 4x4 blocks, then the rows and the columns left over.  (At K <= CPU_KC it is
-    one slice: a slice costs 16 horizontal sums per block, measured slower below 1024.)
+    C (M,N) · A (M, >= ka+K) · B (K,N).  Tiles of 4 rows x 4 vectors (_outer_tile), the
+    columns left over in a tile of fewer vectors; K in equal slices of at most CPU_KC and
+    M in panels of CPU_MC rows, so that a panel of A and the slice of B under a tile
+    column stay in L2 (best of KC in {512, 1024, 2048} x MC in {32, 64, 128} measured at
+    the benchmark shapes).
     """
-    M = C.shape[0]
-    K = Bt.shape[1]
-    c4 = j0 + (j1 - j0) // 4 * 4
+    M, K = C.shape[0], B.shape[0]
+    W = 4 * (64 // C.itemsize)
     nk = (K + CPU_KC - 1) // CPU_KC
     for s in range(nk):
         k0, k1 = K * s // nk, K * (s + 1) // nk
-        p0, p1 = ka + k0, ka + k1
+        Bs = B[k0:k1]
         for m0 in range(0, M, CPU_MC):
             m1 = min(m0 + CPU_MC, M)
-            for c in range(j0, c4, 4):
-                w0, w1, w2, w3 = Bt[c, k0:k1], Bt[c + 1, k0:k1], Bt[c + 2, k0:k1], Bt[c + 3, k0:k1]
-                r = m0
-                while r + 4 <= m1:
-                    s = _dot4x4(A[r, p0:p1], A[r + 1, p0:p1], A[r + 2, p0:p1], A[r + 3, p0:p1],
-                                w0, w1, w2, w3)
-                    _add4(C[r], c, alpha, s[0:4])
-                    _add4(C[r + 1], c, alpha, s[4:8])
-                    _add4(C[r + 2], c, alpha, s[8:12])
-                    _add4(C[r + 3], c, alpha, s[12:16])
-                    r += 4
-                for i in range(r, m1):
-                    _add4(C[i], c, alpha, _dot1x4(A[i, p0:p1], w0, w1, w2, w3))
-            for j in range(c4, j1):
-                for i in range(m0, m1):
-                    C[i, j] += alpha * _dot(A[i, p0:p1], Bt[j, k0:k1])
+            for j in range(j0, j1, W):
+                w = min(W, j1 - j)
+                nv = (4 * w + W - 1) // W               # vectors in this tile column
+                if nv == 4:
+                    _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 4)
+                elif nv == 3:
+                    _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 3)
+                elif nv == 2:
+                    _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 2)
+                else:
+                    _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 1)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _matmul_nn_acc(C, A, B, alpha, j0, j1, ka):
-    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1]
-
-    C (M,N) · A (M, >= ka+K) · B (K,N).  Rows of C are updated along N (vectorized), four
-    rows and four k at a time, so that each pass over a row does 16 multiply-adds per
-    element loaded, and no horizontal sums: the form for a short K.
-    """
-    M = C.shape[0]
-    K = B.shape[0]
-    k4 = K // 4 * 4
-    i = 0
-    while i + 4 <= M:
-        c0, c1, c2, c3 = C[i, j0:j1], C[i + 1, j0:j1], C[i + 2, j0:j1], C[i + 3, j0:j1]
-        for k in range(0, k4, 4):
-            b0, b1, b2, b3 = B[k, j0:j1], B[k + 1, j0:j1], B[k + 2, j0:j1], B[k + 3, j0:j1]
-            p = ka + k
-            a0, a1, a2, a3 = A[i, p:p + 4], A[i + 1, p:p + 4], A[i + 2, p:p + 4], A[i + 3, p:p + 4]
-            x00, x01, x02, x03 = alpha * a0[0], alpha * a0[1], alpha * a0[2], alpha * a0[3]
-            x10, x11, x12, x13 = alpha * a1[0], alpha * a1[1], alpha * a1[2], alpha * a1[3]
-            x20, x21, x22, x23 = alpha * a2[0], alpha * a2[1], alpha * a2[2], alpha * a2[3]
-            x30, x31, x32, x33 = alpha * a3[0], alpha * a3[1], alpha * a3[2], alpha * a3[3]
-            for j in range(c0.shape[0]):
-                w0, w1, w2, w3 = b0[j], b1[j], b2[j], b3[j]
-                c0[j] += x00 * w0 + x01 * w1 + x02 * w2 + x03 * w3
-                c1[j] += x10 * w0 + x11 * w1 + x12 * w2 + x13 * w3
-                c2[j] += x20 * w0 + x21 * w1 + x22 * w2 + x23 * w3
-                c3[j] += x30 * w0 + x31 * w1 + x32 * w2 + x33 * w3
-        for k in range(k4, K):
-            _axpy(c0, alpha * A[i, ka + k], B[k, j0:j1])
-            _axpy(c1, alpha * A[i + 1, ka + k], B[k, j0:j1])
-            _axpy(c2, alpha * A[i + 2, ka + k], B[k, j0:j1])
-            _axpy(c3, alpha * A[i + 3, ka + k], B[k, j0:j1])
-        i += 4
-    for r in range(i, M):
-        c = C[r, j0:j1]
-        for k in range(0, k4, 4):
-            b0, b1, b2, b3 = B[k, j0:j1], B[k + 1, j0:j1], B[k + 2, j0:j1], B[k + 3, j0:j1]
-            p = ka + k
-            x0, x1, x2, x3 = alpha * A[r, p], alpha * A[r, p + 1], alpha * A[r, p + 2], alpha * A[r, p + 3]
-            for j in range(c.shape[0]):
-                c[j] += x0 * b0[j] + x1 * b1[j] + x2 * b2[j] + x3 * b3[j]
-        for k in range(k4, K):
-            _axpy(c, alpha * A[r, ka + k], B[k, j0:j1])
-
-
-@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _axpy(y, a, x):
-    for j in range(y.shape[0]):
-        y[j] += a * x[j]
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _matmul_acc(C, A, B, Bt, alpha, j0, j1, ka):
-    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], with B (K,N) given in both layouts
-    (Bt = Bᵀ, C-contiguous): as dot products of rows (_matmul_nt_acc), or along the rows
-    of B (_matmul_nn_acc) when K <= CPU_SHORT_K, too short for the dot product's vector
-    loop (measured at (1120,28)x(28,512): 149 vs 40 GFLOP/s)."""
-    if B.shape[0] <= CPU_SHORT_K:
-        _matmul_nn_acc(C, A, B, alpha, j0, j1, ka)
-    else:
-        _matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _step_product(C, A, B, Bt, alpha, rec):
+def _step_product(C, A, B, alpha, rec):
     """C += α · A B on the calling thread, for a recurrent step too small to share: through
     BLAS while M·K·N <= CPU_BLAS_STEP_MACS, under OpenBLAS's threshold for threads, so
     the call stays on this thread (measured at (1,256)x(256,256): 2.41 µs against 2.61
-    for _matmul_acc; a whole latency-config call 2.02-2.07 against 2.15-2.35 ms), else
-    _matmul_acc.  rec (M,N): scratch."""
+    for the own kernel then), else _matmul_acc.  rec (M,N): scratch."""
     if A.shape[0] * B.shape[0] * B.shape[1] <= CPU_BLAS_STEP_MACS:
         np.dot(A, B, rec)
         for i in range(C.shape[0]):
             for j in range(C.shape[1]):
                 C[i, j] += alpha * rec[i, j]
     else:
-        _matmul_acc(C, A, B, Bt, alpha, _0, C.shape[1], _0)
+        _matmul_acc(C, A, B, alpha, _0, C.shape[1], _0)
 
 
 @njit(inline="always")
 def _chunk(N, c, n):
-    """columns [j0, j1) of chunk c of n, starts aligned to the 4-wide blocks"""
-    j0 = N * c // n // 4 * 4
-    j1 = N if c == n - 1 else N * (c + 1) // n // 4 * 4
+    """columns [j0, j1) of chunk c of n, starts aligned to 16 (a float32 vector)"""
+    j0 = N * c // n // 16 * 16
+    j1 = N if c == n - 1 else N * (c + 1) // n // 16 * 16
     return j0, j1
 
 
@@ -403,10 +308,10 @@ def embed_tokens_cpu(pre, X, W_xh, b_h):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def embed_dense_cpu(pre, X, W_xh, W_xhT, b_h, n):
+def embed_dense_cpu(pre, X, W_xh, b_h, n):
     """pre = X W_xh + b_h over all T·B rows at once (one product)
 
-    pre (T·B,H) out · X (T·B,D) · W_xh (D,H) and W_xhT = W_xhᵀ · b_h (H,) · n row chunks
+    pre (T·B,H) out · X (T·B,D) · W_xh (D,H) · b_h (H,) · n row chunks
     """
     N, H = pre.shape
     one = pre.dtype.type(1)
@@ -414,7 +319,7 @@ def embed_dense_cpu(pre, X, W_xh, W_xhT, b_h, n):
         r0, r1 = N * c // n, N * (c + 1) // n
         for r in range(r0, r1):
             pre[r] = b_h
-        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, W_xhT, one, _0, H, _0)
+        _matmul_acc(pre[r0:r1], X[r0:r1], W_xh, one, _0, H, _0)
 
 
 # ------------------------------------------------------------------------ recurrence
@@ -472,10 +377,10 @@ _STARTED, _CLAIMED, _DONE = 0, 1, 2
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _step_chunk(S, Hx, W, WT, xi, s, j0, j1, act, backward, rec):
+def _step_chunk(S, Hx, M, xi, s, j0, j1, act, backward, rec):
     """Step s (0-based, in sweep order) of a sweep, columns [j0, j1):
-    forward (S = Hx):  h_t = φ(pre_t + h_{t-1} W_hh) with t = s + 1;
-    backward (S = dZ): dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(z_t) with t = T-1-s.
+    forward (S = Hx, M = W_hh):   h_t = φ(pre_t + h_{t-1} W_hh) with t = s + 1;
+    backward (S = dZ, M = W_hhᵀ): dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(z_t), t = T-1-s.
     A whole step (j0 = 0, j1 = H) goes through _step_product (rec: its scratch)."""
     whole = j0 == 0 and j1 == S.shape[2]
     if backward:
@@ -483,21 +388,21 @@ def _step_chunk(S, Hx, W, WT, xi, s, j0, j1, act, backward, rec):
         x = xi[t + 1] if t + 1 < S.shape[0] else S.dtype.type(0)
         if x != 0:                                          # ξ = 0 skips the product
             if whole:
-                _step_product(S[t], S[t + 1], WT, W, x, rec)
+                _step_product(S[t], S[t + 1], M, x, rec)
             else:
-                _matmul_acc(S[t], S[t + 1], WT, W, x, j0, j1, _0)
+                _matmul_acc(S[t], S[t + 1], M, x, j0, j1, _0)
         _dphi(S[t], Hx[t + 1], j0, j1, act)
     else:
         t = s + 1
         if whole:
-            _step_product(S[t], S[t - 1], W, WT, S.dtype.type(1), rec)
+            _step_product(S[t], S[t - 1], M, S.dtype.type(1), rec)
         else:
-            _matmul_acc(S[t], S[t - 1], W, WT, S.dtype.type(1), j0, j1, _0)
+            _matmul_acc(S[t], S[t - 1], M, S.dtype.type(1), j0, j1, _0)
         _activate(S[t], j0, j1, act)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def _sweep(S, Hx, W, WT, xi, act, backward, n):
+def _sweep(S, Hx, M, xi, act, backward, n):
     """Every step of a sweep (see _step_chunk), each on n column chunks: on this thread
     when n = 1, else in one parallel region, one lane per chunk, step s + 1 of any
     lane starting once every lane has done step s."""
@@ -506,7 +411,7 @@ def _sweep(S, Hx, W, WT, xi, act, backward, n):
     rec = np.empty(S.shape[1:], S.dtype)      # the one-thread step's scratch
     if n == 1:
         for s in range(steps):
-            _step_chunk(S, Hx, W, WT, xi, s, 0, H, act, backward, rec)
+            _step_chunk(S, Hx, M, xi, s, 0, H, act, backward, rec)
         return
     flags = np.zeros(n * _LINE, np.int64)
     for c in prange(n):
@@ -523,46 +428,46 @@ def _sweep(S, Hx, W, WT, xi, act, backward, n):
                             patient = False
                             if _claim(flags, f + _CLAIMED, s - 1):
                                 j0, j1 = _chunk(H, o, n)
-                                _step_chunk(S, Hx, W, WT, xi, s - 1, j0, j1, act, backward, rec)
+                                _step_chunk(S, Hx, M, xi, s - 1, j0, j1, act, backward, rec)
                                 _store_release(flags, f + _DONE, s)
             f = c * _LINE
             if _claim(flags, f + _CLAIMED, s):
                 j0, j1 = _chunk(H, c, n)
-                _step_chunk(S, Hx, W, WT, xi, s, j0, j1, act, backward, rec)
+                _step_chunk(S, Hx, M, xi, s, j0, j1, act, backward, rec)
                 _store_release(flags, f + _DONE, s + 1)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_forward_cpu(Hx, W_hh, W_hhT, act, n):
+def rnn_forward_cpu(Hx, W_hh, act, n):
     """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
 
-    Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ ·
+    Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hh (H,H) ·
     act 0=tanh 1=relu 2=identity · n column chunks, one per thread (1: on this thread).
     h_0 sits in front of h_1..h_T so that ∂W_hh is one product over Hx[:T].
     """
-    _sweep(Hx, Hx, W_hh, W_hhT, np.empty(0, Hx.dtype), act, False, n)
+    _sweep(Hx, Hx, W_hh, np.empty(0, Hx.dtype), act, False, n)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_backward_cpu(dZ, dh0, Hx, W_hh, W_hhT, xi, act, n):
+def rnn_backward_cpu(dZ, dh0, Hx, W_hhT, xi, act, n):
     """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
     then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
 
     dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
-    h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ · xi (T,) ξ_1..ξ_T (all ones: full gradient;
+    h_0..h_T · W_hhT (H,H) = W_hhᵀ · xi (T,) ξ_1..ξ_T (all ones: full gradient;
     {0, 1/p}: randomized truncation, a zero skips that step's product) · act 0=tanh 1=relu
     2=identity · n column chunks (1: on this thread).
     """
-    _sweep(dZ, Hx, W_hh, W_hhT, xi, act, True, n)
+    _sweep(dZ, Hx, W_hhT, xi, act, True, n)
     dh0[:] = 0
     if xi[0] != 0:
         for c in prange(n):
             j0, j1 = _chunk(dh0.shape[1], c, n)
-            _matmul_acc(dh0, dZ[0], W_hhT, W_hh, xi[0], j0, j1, _0)
+            _matmul_acc(dh0, dZ[0], W_hhT, xi[0], j0, j1, _0)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, W_hhT, k, act, n):
+def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hhT, k, act, n):
     """Per-term truncation after k steps:  dz_s = Σ_{t=s}^{min(s+k-1,T)} (l_t's adjoint at z_s),
     ∂L/∂h_0 = dz_1 W_hhᵀ (only the terms with t <= k reach step 1).
 
@@ -571,7 +476,7 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, W_hhT, k, act, n):
     one product over (T-d-1)·B rows.  Cost: min(k,T) - 1 products of at most T·B rows.
 
     dZ (T,B,H) in: dHs (direct terms), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
-    h_0..h_T · W_hh (H,H) and W_hhT = W_hhᵀ · k >= 1 · act 0=tanh 1=relu 2=identity · n
+    h_0..h_T · W_hhT (H,H) = W_hhᵀ · k >= 1 · act 0=tanh 1=relu 2=identity · n
     column chunks
     """
     T, B, H = dZ.shape
@@ -594,12 +499,12 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hh, W_hhT, k, act, n):
             out[:] = zero
             for c in prange(n):
                 j0, j1 = _chunk(H, c, n)
-                _matmul_acc(out, rows, W_hhT, W_hh, one, j0, j1, _0)
+                _matmul_acc(out, rows, W_hhT, one, j0, j1, _0)
             chain, nxt = nxt, chain
     dh0[:] = zero
     for c in prange(n):
         j0, j1 = _chunk(H, c, n)
-        _matmul_acc(dh0, dZ[0], W_hhT, W_hh, one, j0, j1, _0)
+        _matmul_acc(dh0, dZ[0], W_hhT, one, j0, j1, _0)
 
 
 # ------------------------------------------------------------------ weight gradients
@@ -662,12 +567,12 @@ def _transpose(dst, src, j0, j1):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def gemm_cpu(C, A, B, Bt, n):
-    """C += A B · C (M,N) · A (M,K) · B (K,N) and Bt = Bᵀ (N,K) · n column chunks"""
+def gemm_cpu(C, A, B, n):
+    """C += A B · C (M,N) · A (M,K) · B (K,N) · n column chunks"""
     one = C.dtype.type(1)
     for c in prange(n):
         j0, j1 = _chunk(C.shape[1], c, n)
-        _matmul_acc(C, A, B, Bt, one, j0, j1, _0)
+        _matmul_acc(C, A, B, one, j0, j1, _0)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -679,33 +584,30 @@ def transpose_cpu(dst, src, n):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_weight_grads_cpu(dW_hh, db_h, dZ, dZT, HxT, n):
+def rnn_weight_grads_cpu(dW_hh, db_h, dZ, HxT, n):
     """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over all T·B rows, after the loop)
 
-    dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) and dZT (H,T·B) = dZᵀ · HxT (H,(T+1)·B)
-    h_0..h_T transposed · n chunks.  With both factors transposed, ∂W_hh[i,j] is the dot
-    product of two contiguous rows, HxT[i, :T·B] · dZT[j], as in the recurrence; ∂b_h[j]
-    is the sum of dZT[j].
+    dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) · HxT (H,(T+1)·B) h_0..h_T transposed
+    (the product's A: row i is h[:, i] over all T·B rows) · n column chunks
     """
     T, B, H = dZ.shape
-    zero = dZ.dtype.type(0)
-    one = dZ.dtype.type(1)
+    dZ2 = dZ.reshape(T * B, H)
     for c in prange(n):
         j0, j1 = _chunk(H, c, n)
-        dW_hh[:, j0:j1] = zero
-        _matmul_acc(dW_hh, HxT, dZ.reshape(T * B, H), dZT, one, j0, j1, _0)
-        _row_sums(db_h, dZT, j0, j1)
+        dW_hh[:, j0:j1] = 0
+        _matmul_acc(dW_hh, HxT, dZ2, dZ.dtype.type(1), j0, j1, _0)
+        _column_sums(db_h, dZ2, j0, j1)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _row_sums(out, A, j0, j1):
-    """out[j] = Σ_k A[j, k] for j in [j0, j1)"""
-    for j in range(j0, j1):
-        a = A[j]
-        s = a.dtype.type(0)
-        for k in range(a.shape[0]):
-            s += a[k]
-        out[j] = s
+def _column_sums(out, A, j0, j1):
+    """out[j0:j1] = Σ_r A[r, j0:j1]"""
+    o = out[j0:j1]
+    o[:] = 0
+    for r in range(A.shape[0]):
+        a = A[r, j0:j1]
+        for j in range(o.shape[0]):
+            o[j] += a[j]
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -725,23 +627,21 @@ def embed_tokens_backward_cpu(dW_xh, dZ, X):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def embed_dense_backward_cpu(dW_xh, dZ, dZT, XT, n):
-    """∂W_xh = Xᵀ dZ over all T·B rows (one product): ∂W_xh[d,j] = XT[d] · dZT[j]
+def embed_dense_backward_cpu(dW_xh, dZ, XT, n):
+    """∂W_xh = Xᵀ dZ over all T·B rows (one product)
 
-    dW_xh (D,H) out · dZ (T·B,H) and dZT (H,T·B) = dZᵀ · XT (D,T·B) = Xᵀ · n chunks
+    dW_xh (D,H) out · dZ (T·B,H) · XT (D,T·B) = Xᵀ · n column chunks
     """
-    zero = XT.dtype.type(0)
-    one = XT.dtype.type(1)
     for c in prange(n):
         j0, j1 = _chunk(dW_xh.shape[1], c, n)
-        dW_xh[:, j0:j1] = zero
-        _matmul_acc(dW_xh, XT, dZ, dZT, one, j0, j1, _0)
+        dW_xh[:, j0:j1] = 0
+        _matmul_acc(dW_xh, XT, dZ, XT.dtype.type(1), j0, j1, _0)
 
 
 # ---------------------------------------------------------------------- softmax head
 # Rows n = 1..T·B are independent: each thread takes a chunk of rows through the logits,
 # the softmax-CE and dHs; ∂W_hq = Hsᵀ do is then one product over all rows, from the
-# transposed copies of H (made for ∂W_hh as well) and of do.
+# transposed copy of H (made for ∂W_hh as well).
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _softmax_row(o, b_q):
@@ -782,58 +682,54 @@ def _xent_rows(logits, Y, b_q, scale, grad):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _head_rows(logits, Hs, Y, W_hq, W_hqT, b_q, scale, grad):
+def _head_rows(logits, Hs, Y, W_hq, b_q, scale, grad):
     """logits ← o = Hs W_hq for a chunk of rows; returns their Σ (logsumexp(o_n) - o_n[y_n]),
     and with grad leaves logits ← scale · (softmax(o) - onehot(y))"""
     logits[:] = 0
-    _matmul_acc(logits, Hs, W_hq, W_hqT, logits.dtype.type(1), _0, logits.shape[1], _0)
+    _matmul_acc(logits, Hs, W_hq, logits.dtype.type(1), _0, logits.shape[1], _0)
     return _xent_rows(logits, Y, b_q, scale, grad)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, doT, Hs, HsT, off, Y, W_hq, W_hqT, b_q,
+def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, Hs, HsT, off, Y, W_hq, W_hqT, b_q,
                               scale, n):
     """o = H W_hq + b_q;  L = scale · Σ_n (logsumexp(o_n) - o_n[y_n]);
     do = scale · (softmax(o) - onehot(y));  ∂W_hq = Hᵀ do,  ∂b_q = Σ_n do_n,  dHs = do W_hqᵀ
 
     dHs (N,H) out · dW_hq (H,Q) out · db_q (Q,) out · logits (N,Q) work, out: do ·
-    doT (Q,N) out: doᵀ · Hs (N,H) · HsT (H, off+N): Hsᵀ from column off · Y (N,) int64
-    targets · W_hq (H,Q) and W_hqT = W_hqᵀ · b_q (Q,) · scale: 1/N or 1 · n chunks.
+    Hs (N,H) · HsT (H, off+N): Hsᵀ from column off · Y (N,) int64 targets · W_hq (H,Q) and
+    W_hqT = W_hqᵀ · b_q (Q,) · scale: 1/N or 1 · n chunks.
     N = T·B rows; returns L (float64).  Softmax and CE fused, stable via the row max.
     """
     N, Q = logits.shape
     H = Hs.shape[1]
     part_L = np.zeros(n)
-    zero = Hs.dtype.type(0)
     one = Hs.dtype.type(1)
     for c in prange(n):
         r0, r1 = N * c // n, N * (c + 1) // n
-        part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, W_hqT, b_q, scale, True)
-        dHs[r0:r1] = zero
-        _matmul_acc(dHs[r0:r1], logits[r0:r1], W_hqT, W_hq, one, _0, H, _0)  # do W_hqᵀ
-    for c in prange(n):
-        q0, q1 = _chunk(Q, c, n)
-        _transpose(doT, logits, q0, q1)
-        _row_sums(db_q, doT, q0, q1)
+        part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, b_q, scale, True)
+        dHs[r0:r1] = 0
+        _matmul_acc(dHs[r0:r1], logits[r0:r1], W_hqT, one, _0, H, _0)      # do W_hqᵀ
     for c in prange(n):                                               # rows of ∂W_hq
         j0, j1 = _chunk(H, c, n)
-        dW_hq[j0:j1] = zero
-        _matmul_acc(dW_hq[j0:j1], HsT[j0:j1], logits, doT, one, _0, Q, off)
+        dW_hq[j0:j1] = 0
+        _matmul_acc(dW_hq[j0:j1], HsT[j0:j1], logits, one, _0, Q, off)
+        if c == 0:
+            _column_sums(db_q, logits, 0, Q)
     return part_L.sum() * scale
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def head_loss_cpu(logits, Hs, Y, W_hq, W_hqT, b_q, n):
+def head_loss_cpu(logits, Hs, Y, W_hq, b_q, n):
     """Σ_n (logsumexp(o_n) - o_n[y_n]) with o = H W_hq + b_q (forward only; float64 result)
 
-    logits (N,Q) work · Hs (N,H) · Y (N,) int64 · W_hq (H,Q) and W_hqT = W_hqᵀ · b_q (Q,) ·
-    n row chunks
+    logits (N,Q) work · Hs (N,H) · Y (N,) int64 · W_hq (H,Q) · b_q (Q,) · n row chunks
     """
     N = logits.shape[0]
     part_L = np.zeros(n)
     for c in prange(n):
         r0, r1 = N * c // n, N * (c + 1) // n
-        part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, W_hqT, b_q, 1.0, False)
+        part_L[c] = _head_rows(logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hq, b_q, 1.0, False)
     return part_L.sum()
 
 
@@ -919,43 +815,36 @@ def _embed(P, X, Hx, n):
     if X.ndim == 2:
         embed_tokens_cpu(Hx[1:], X, P["W_xh"], P["b_h"])
     else:
-        embed_dense_cpu(Hx[1:].reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["W_xhT"],
-                        P["b_h"], n)
+        embed_dense_cpu(Hx[1:].reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["b_h"], n)
 
 
 def _forward_into(P, X, h0, act, Hx, n):
     Hx[0] = h0
     _embed(P, X, Hx, n)
-    rnn_forward_cpu(Hx, P["W_hh"], P["W_hhT"], act, step_threads(Hx.shape[1], P["W_hh"], n))
-
-
-def _input_keys(X):
-    return ("W_hh",) if X.ndim == 2 else ("W_hh", "W_xh")
+    rnn_forward_cpu(Hx, P["W_hh"], act, step_threads(Hx.shape[1], P["W_hh"], n))
 
 
 def forward(P, X, h0, act):
     """Hx (T+1,B,H) = h_0..h_T for token ids X (T,B) or dense X (T,B,D)."""
     T, B = X.shape[:2]
-    n = get_num_threads()
     Hx = np.empty((T + 1, B, P["W_hh"].shape[0]), P["W_hh"].dtype)
-    _forward_into(_transposed(P, n, *_input_keys(X)), X, h0, act, Hx, n)
+    _forward_into(P, X, h0, act, Hx, get_num_threads())
     return Hx
 
 
-def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
-    """The gradients of W_xh, W_hh, b_h, h0 (dZ: the direct terms, overwritten)."""
+def _backward(P, X, Hx, HxT, dZ, act, k, xi, n):
+    """The gradients of W_xh, W_hh, b_h, h0 (dZ: the direct terms, overwritten;
+    P with W_hhT, HxT = h_0..h_T transposed)."""
     T, B, H = dZ.shape
     dt = dZ.dtype
     dh0 = np.empty((B, H), dt)
     if k is None:
-        rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], xi, act,
-                         step_threads(B, P["W_hh"], n))
+        rnn_backward_cpu(dZ, dh0, Hx, P["W_hhT"], xi, act, step_threads(B, P["W_hh"], n))
     else:
-        rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], k, act, n)
+        rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hhT"], k, act, n)
     dW_hh = np.empty((H, H), dt)
     db_h = np.empty(H, dt)
-    transpose_cpu(dZT, dZ.reshape(T * B, H), n)
-    rnn_weight_grads_cpu(dW_hh, db_h, dZ, dZT, HxT, n)
+    rnn_weight_grads_cpu(dW_hh, db_h, dZ, HxT, n)
     dW_xh = np.empty(P["W_xh"].shape, dt)
     if X.ndim == 2:
         embed_tokens_backward_cpu(dW_xh, dZ, X)
@@ -963,7 +852,7 @@ def _backward(P, X, Hx, HxT, dZ, dZT, act, k, xi, n):
         X2 = X.reshape(T * B, -1)
         XT = np.empty((X2.shape[1], T * B), dt)
         transpose_cpu(XT, X2, n)
-        embed_dense_backward_cpu(dW_xh, dZ.reshape(T * B, H), dZT, XT, n)
+        embed_dense_backward_cpu(dW_xh, dZ.reshape(T * B, H), XT, n)
     return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "h0": dh0}
 
 
@@ -975,8 +864,7 @@ def backward(P, X, Hx, dZ, act, k, xi):
     n = get_num_threads()
     HxT = np.empty((H, (T + 1) * B), dZ.dtype)
     transpose_cpu(HxT, Hx.reshape((T + 1) * B, H), n)
-    return _backward(_transposed(P, n, "W_hh"), X, Hx, HxT, dZ, np.empty((H, T * B), dZ.dtype),
-                     act, k, xi, n)
+    return _backward(_transposed(P, n, "W_hh"), X, Hx, HxT, dZ, act, k, xi, n)
 
 
 def adjoints(P, Hx, dZ, act):
@@ -988,9 +876,9 @@ def adjoints(P, Hx, dZ, act):
     A = np.zeros((T + 1, B, H), dZ.dtype)
     A[1:] = dZ
     dh0 = np.empty((B, H), dZ.dtype)
-    rnn_backward_cpu(dZ, dh0, Hx, P["W_hh"], P["W_hhT"], np.ones(T, dZ.dtype), act,
+    rnn_backward_cpu(dZ, dh0, Hx, P["W_hhT"], np.ones(T, dZ.dtype), act,
                      step_threads(B, P["W_hh"], n))
-    gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), P["W_hhT"], P["W_hh"], n)
+    gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), P["W_hhT"], n)
     return A
 
 
@@ -1001,18 +889,17 @@ def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
     N = T * B
     dt = P["W_hh"].dtype
     n = get_num_threads()
-    P = _transposed(P, n, "W_hq", *_input_keys(X))
-    Hx, HxT, dHs, dZT, logits, doT = _scratch.get(
-        ("loss_and_grad", T, B, H, Q, dt),
-        ((T + 1, B, H), (H, N + B), (T, B, H), (H, N), (N, Q), (Q, N)), dt)
+    P = _transposed(P, n, "W_hq", "W_hh")
+    Hx, HxT, dHs, logits = _scratch.get(
+        ("loss_and_grad", T, B, H, Q, dt), ((T + 1, B, H), (H, N + B), (T, B, H), (N, Q)), dt)
     _forward_into(P, X, h0, act, Hx, n)
     transpose_cpu(HxT, Hx.reshape(N + B, H), n)
     dW_hq = np.empty((H, Q), dt)
     db_q = np.empty(Q, dt)
-    loss = head_forward_backward_cpu(dHs.reshape(N, H), dW_hq, db_q, logits, doT,
+    loss = head_forward_backward_cpu(dHs.reshape(N, H), dW_hq, db_q, logits,
                                      Hx[1:].reshape(N, H), HxT, B, Y.reshape(N), P["W_hq"],
                                      P["W_hqT"], P["b_q"], scale, n)
-    grads = _backward(P, X, Hx, HxT, dHs, dZT, act, k, xi, n)
+    grads = _backward(P, X, Hx, HxT, dHs, act, k, xi, n)
     grads["W_hq"] = dW_hq
     grads["b_q"] = db_q
     return loss, grads, Hx[T].copy()
@@ -1024,11 +911,10 @@ def loss(P, X, Y, h0, act):
     H, Q = P["W_hq"].shape
     dt = P["W_hh"].dtype
     n = get_num_threads()
-    P = _transposed(P, n, "W_hq", *_input_keys(X))
     Hx, logits = _scratch.get(("loss", T, B, H, Q, dt), ((T + 1, B, H), (T * B, Q)), dt)
     _forward_into(P, X, h0, act, Hx, n)
     total = head_loss_cpu(logits, Hx[1:].reshape(T * B, H), Y.reshape(T * B), P["W_hq"],
-                          P["W_hqT"], P["b_q"], n)
+                          P["b_q"], n)
     return total, Hx[T].copy()
 
 

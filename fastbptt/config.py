@@ -10,17 +10,12 @@ delete ``fastbptt/__pycache__/*.nbi`` and ``*.nbc`` (numba does not see the chan
 #: ``ninf``, so that NaN/inf checks on results keep their meaning.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
-#: Cache blocking of the CPU products (``fastbptt._cpu._matmul_nt_acc``): the inner
-#: dimension in slices of at most CPU_KC, the rows in panels of CPU_MC (a panel of
-#: CPU_MC x CPU_KC float32 is 512 KiB, half of one core's L2 here; measured best of
-#: KC in {512, 1024, 2048} x MC in {64, 128, 256} at the benchmark shapes).
-CPU_KC = 2048
+#: Cache blocking of the CPU products (``fastbptt._cpu._matmul_acc``): the inner dimension
+#: in slices of at most CPU_KC, the rows in panels of CPU_MC (a panel of A and the slice of
+#: B under one tile column, 128 KiB each in float32, stay in one core's L2; measured best
+#: of KC in {512, 1024, 2048} x MC in {32, 64, 128} at the benchmark shapes).
+CPU_KC = 512
 CPU_MC = 64
-
-#: CPU products with an inner dimension K <= this (the head's dHs = do W_hqᵀ, K = Q) run
-#: row-wise along N; longer ones as dot products of rows (measured crossover, see
-#: ``fastbptt._cpu._matmul_nn_acc``).
-CPU_SHORT_K = 64
 
 #: The steps of a recurrent sweep are split over the threads when a thread gets at least
 #: CPU_MIN_COLS of the output columns and the step has at least CPU_SERIAL_MACS

@@ -30,40 +30,34 @@ def test_softmax_head_is_stable_for_huge_logits():
     Y = np.array([1, 0])
     dHs = np.empty_like(Hs)
     dW, db, logits = np.empty((2, 2), np.float32), np.empty(2, np.float32), np.empty((2, 2), np.float32)
-    doT = np.empty((2, 2), np.float32)
-    loss = _cpu.head_forward_backward_cpu(dHs, dW, db, logits, doT, Hs, np.ascontiguousarray(Hs.T), 0,
+    loss = _cpu.head_forward_backward_cpu(dHs, dW, db, logits, Hs, np.ascontiguousarray(Hs.T), 0,
                                           Y, W_hq, W_hq.T.copy(), b_q, 1.0, 2)
     assert np.isfinite(loss) and abs(loss - (2000.0 + np.log(2))) < 1e-2
     assert np.all(np.isfinite(dHs)) and np.all(np.isfinite(dW))
 
 
 # ------------------------------------------------------------- the blocked products
-# Shapes chosen to reach every branch of _matmul_nt_acc / _matmul_nn_acc: rows and
-# columns not multiples of 4, more rows than one CPU_MC panel, K over CPU_KC (two
-# slices) and K at or under CPU_SHORT_K (the row form), a column offset into A.
+# Shapes chosen to reach every branch of _matmul_acc: rows not a multiple of 4 (the
+# one-row tiles), tile columns of 1 to 4 vectors, full and masked (16 float32 or 8
+# float64 lanes a vector), more rows than one CPU_MC panel, K over CPU_KC (two and
+# three slices), a column offset into A.
 PRODUCT_SHAPES = [(1, 3, 1), (3, 5, 7), (5, 70, 9), (9, 130, 66), (_cpu.CPU_MC + 7, 67, 13),
-                  (6, _cpu.CPU_KC + 37, 10), (4, 64, 4), (7, 65, 11)]
+                  (6, _cpu.CPU_KC + 37, 10), (4, 64, 4), (7, 65, 11), (8, 2 * _cpu.CPU_KC + 3, 140),
+                  (13, 40, 57), (4, 16, 40), (2, 9, 33)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("M,K,N", PRODUCT_SHAPES)
-@pytest.mark.parametrize("form", ["nt", "nn", "auto"])
-def test_products_match_numpy_in_float64(form, M, K, N, dtype, rng):
+def test_products_match_numpy_in_float64(M, K, N, dtype, rng):
     ka = 3                                                  # A's columns start at ka
     A = rng.normal(size=(M, ka + K + 2)).astype(dtype)
     B = rng.normal(size=(K, N)).astype(dtype)
     C0 = rng.normal(size=(M, N)).astype(dtype)
-    alpha, j0, j1 = dtype(0.75), 4 * (N > 4), N - (N > 5)  # a column range, j0 a multiple of 4
+    alpha, j0, j1 = dtype(0.75), 4 * (N > 4), N - (N > 5)  # a column range
     want = C0.astype(np.float64)
     want[:, j0:j1] += 0.75 * A[:, ka:ka + K].astype(np.float64) @ B[:, j0:j1].astype(np.float64)
     C = C0.copy()
-    Bt = np.ascontiguousarray(B.T)
-    if form == "nt":
-        _cpu._matmul_nt_acc(C, A, Bt, alpha, j0, j1, ka)
-    elif form == "nn":
-        _cpu._matmul_nn_acc(C, A, B, alpha, j0, j1, ka)
-    else:
-        _cpu._matmul_acc(C, A, B, Bt, alpha, j0, j1, ka)
+    _cpu._matmul_acc(C, A, B, alpha, j0, j1, ka)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K) * np.abs(want).max())
 
@@ -72,7 +66,7 @@ def test_products_match_numpy_in_float64(form, M, K, N, dtype, rng):
 def test_parallel_product_and_transpose_split_any_way(n, rng):
     A, B = rng.normal(size=(13, 70)), rng.normal(size=(70, 22))
     C = np.ones((13, 22))
-    _cpu.gemm_cpu(C, A, B, np.ascontiguousarray(B.T), n)
+    _cpu.gemm_cpu(C, A, B, n)
     np.testing.assert_allclose(C, 1.0 + A @ B, rtol=1e-12, atol=1e-12)
     T_ = np.empty((70, 13))
     _cpu.transpose_cpu(T_, A, n)
@@ -124,9 +118,9 @@ def test_sweeps_are_exact_however_the_lanes_are_run(threads, lanes, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         H = Hx.copy()
-        _cpu.rnn_forward_cpu(H, W, WT, _cpu.TANH, lanes)
+        _cpu.rnn_forward_cpu(H, W, _cpu.TANH, lanes)
         D, dh0 = dZ.copy(), np.empty_like(dZ[0])
-        _cpu.rnn_backward_cpu(D, dh0, Hx, W, WT, xi, _cpu.TANH, lanes)
+        _cpu.rnn_backward_cpu(D, dh0, Hx, WT, xi, _cpu.TANH, lanes)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_allclose(H, want_H, rtol=1e-12, atol=1e-12)
