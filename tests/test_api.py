@@ -50,11 +50,11 @@ def test_truncated_matches_per_term_reference(dtype, act, k, dense, rng):
     check_against_reference(cast(params, dtype), X, Y, h0, act, fastbptt.Truncated(k), k=min(k, 6))
 
 
-# T·B = 2200 rows: two K slices in ∂W_hh; H = 130: three row panels and a column tail;
-# Q = 67 and D = 66: the head and the dense input take the dot-product form too.
+# T·B = 2200 rows: five K slices in ∂W_hh; H = 130: three row panels and masked tile
+# columns; Q = 67 and D = 66: the head and the dense input in several tile columns.
 # B = 1 and 2 with B·H² over CPU_SERIAL_MACS: steps split over threads with fewer rows
-# than one 4x4 block; B = 20, H = 70: one-thread steps too large for the BLAS step.  (The
-# other tests' small shapes take the one-thread BLAS step.)
+# than one 4-row tile; B = 20, H = 70: one-thread steps too large for the BLAS step.
+# (The other tests' small shapes take the one-thread BLAS step.)
 BLOCKED_SHAPES = [dict(T=40, B=55, D=66, H=130, Q=67), dict(T=5, B=2, D=5, H=370, Q=7),
                   dict(T=4, B=1, D=70, H=520, Q=3), dict(T=7, B=20, D=9, H=70, Q=5)]
 
