@@ -23,6 +23,28 @@ def test_float64_tanh_is_numpy():
     np.testing.assert_allclose(out, np.tanh(x), rtol=1e-15, atol=1e-16)
 
 
+def test_float32_exp_is_accurate_everywhere():
+    # the softmax's arguments are <= 0; the rest of float32's range for good measure
+    x = np.concatenate([np.linspace(-87, 88, 1750001), [0.0, -0.0, 1e-30, -1e-8]]).astype(np.float32)
+    out = np.empty_like(x)
+    _cpu.exp_cpu(out, x)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - want) / want) < 5e-7
+    assert out[-4] == out[-3] == 1.0
+    tiny = np.array([-87.5, -200.0, -np.inf], np.float32)    # clamped: tiny, never 0 or NaN
+    _cpu.exp_cpu(out[:3], tiny)
+    assert np.all((out[:3] > 0) & (out[:3] < 1.3e-38))
+    _cpu.exp_cpu(out[:17], np.full(17, np.nan, np.float32))  # NaN stays NaN (vector and tail)
+    assert np.all(np.isnan(out[:17]))
+
+
+def test_float64_exp_is_numpy():
+    x = np.linspace(-700, 700, 1001)
+    out = np.empty_like(x)
+    _cpu.exp_cpu(out, x)
+    np.testing.assert_allclose(out, np.exp(x), rtol=1e-15)
+
+
 def test_softmax_head_is_stable_for_huge_logits():
     Hs = np.array([[1000.0, -1000.0], [0.0, 0.0]], np.float32)
     W_hq = np.eye(2, dtype=np.float32)
