@@ -636,18 +636,20 @@ def transpose_cpu(dst, src, n):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def rnn_weight_grads_cpu(dW_hh, db_h, dZ, HxT, n):
-    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over all T·B rows, after the loop)
+def rnn_weight_grads_cpu(dW_hh, db_h, dZ, HxT, t0, n):
+    """∂W_hh = Σ_{t>t0} h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over the T·B rows, after the loop)
 
     dW_hh (H,H) out · db_h (H,) out · dZ (T,B,H) · HxT (H,(T+1)·B) h_0..h_T transposed
-    (the product's A: row i is h[:, i] over all T·B rows) · n column chunks
+    (the product's A: row i is h[:, i] over the rows) · t0: 1 when h_0 = 0 (its term
+    vanishes and is skipped), else 0 · n column chunks
     """
     T, B, H = dZ.shape
     dZ2 = dZ.reshape(T * B, H)
+    k0 = t0 * B
     for c in prange(n):
         j0, j1 = _chunk(H, c, n)
         dW_hh[:, j0:j1] = 0
-        _matmul_acc(dW_hh, HxT, dZ2, dZ.dtype.type(1), j0, j1, _0)
+        _matmul_acc(dW_hh, HxT, dZ2[k0:], dZ.dtype.type(1), j0, j1, k0)
         _column_sums(db_h, dZ2, j0, j1)
 
 
@@ -871,9 +873,15 @@ def _embed(P, X, Hx, n):
 
 
 def _forward_into(P, X, h0, act, Hx, n):
+    """Hx ← h_0..h_T.  With h_0 = 0 the first step has no product: h_1 = φ(pre_1)."""
     Hx[0] = h0
     _embed(P, X, Hx, n)
-    rnn_forward_cpu(Hx, P["W_hh"], act, step_threads(Hx.shape[1], P["W_hh"], n))
+    lanes = step_threads(Hx.shape[1], P["W_hh"], n)
+    if h0.any():
+        rnn_forward_cpu(Hx, P["W_hh"], act, lanes)
+    else:
+        _activate(Hx[1], _0, Hx.shape[2], act)
+        rnn_forward_cpu(Hx[1:], P["W_hh"], act, lanes)
 
 
 def forward(P, X, h0, act):
@@ -896,7 +904,7 @@ def _backward(P, X, Hx, HxT, dZ, act, k, xi, n):
         rnn_backward_truncated_cpu(dZ, dh0, Hx, P["W_hhT"], k, act, n)
     dW_hh = np.empty((H, H), dt)
     db_h = np.empty(H, dt)
-    rnn_weight_grads_cpu(dW_hh, db_h, dZ, HxT, n)
+    rnn_weight_grads_cpu(dW_hh, db_h, dZ, HxT, int(not Hx[0].any()), n)
     dW_xh = np.empty(P["W_xh"].shape, dt)
     if X.ndim == 2:
         embed_tokens_backward_cpu(dW_xh, dZ, X)
