@@ -344,19 +344,20 @@ def _dphi(dz, h, j0, j1, act):
 
 
 # ------------------------------------------------------------------ input projection
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def embed_tokens_cpu(pre, X, W_xh, b_h):
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_tokens_cpu(pre, X, W_xh, b_h, n):
     """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h
 
-    pre (T,B,H) out · X (T,B) int64 token ids · W_xh (D,H) · b_h (H,)
+    pre (T,B,H) out · X (T,B) int64 token ids · W_xh (D,H) · b_h (H,) · n row chunks
     """
     T, B, H = pre.shape
-    for t in range(T):
-        for b in range(B):
-            row = W_xh[X[t, b]]
-            dst = pre[t, b]
+    rows, ids = pre.reshape(T * B, H), X.reshape(T * B)
+    for c in prange(n):
+        for r in range(T * B * c // n, T * B * (c + 1) // n):
+            src = W_xh[ids[r]]
+            dst = rows[r]
             for j in range(H):
-                dst[j] = row[j] + b_h[j]
+                dst[j] = src[j] + b_h[j]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -867,7 +868,7 @@ def _embed(P, X, Hx, n):
     """Hx[0] stays h_0; Hx[1:] ← pre_t = x_t W_xh + b_h."""
     T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
     if X.ndim == 2:
-        embed_tokens_cpu(Hx[1:], X, P["W_xh"], P["b_h"])
+        embed_tokens_cpu(Hx[1:], X, P["W_xh"], P["b_h"], n)
     else:
         embed_dense_cpu(Hx[1:].reshape(T * B, H), X.reshape(T * B, -1), P["W_xh"], P["b_h"], n)
 
