@@ -818,17 +818,17 @@ _scratch = _Scratch()
 def step_threads(B, W_hh, n):
     """Threads (lanes) for the steps of a sweep: n when each thread gets at least
     CPU_MIN_COLS columns and the step has at least CPU_SERIAL_MACS multiply-adds (B·H²) or
-    W_hh (H,H) takes at least CPU_SPLIT_BYTES, else 1; always 1 on numba's fallback
+    W_hh (H,H) takes at least B·CPU_SPLIT_BYTES, else 1; always 1 on numba's fallback
     "workqueue" layer, whose regions cost ≈80 µs each.  Measured (whole loss_and_grad,
-    T=64, ms, one thread vs two): (B,H) = (32,64) 1.79 vs 3.08, (64,64) 3.18 vs 5.31,
-    (4,128) 0.48-0.50 vs 0.55-0.66, (6,128) 0.86 vs 0.74, (8,128) 1.02 vs 0.92, (16,128)
-    2.64 vs 1.63, (2,192) 1.24 vs 0.69; T=256: (1,128) 0.73 vs 0.87, (1,192) 1.75 vs
-    1.47, (1,256) 2.00-2.72 vs 1.84-2.25 (a B = 1 step reads all of W_hh from L2: two
-    threads read half each)."""
+    T=64, ms, one thread vs two): (B,H) = (8,64) 0.30 vs 0.30, (16,64) 0.48 vs 0.47,
+    (32,64) 0.91 vs 0.85, (64,32) 0.83 vs 0.81, (2,128) 0.26-0.27 vs 0.27-0.29, (3,128)
+    0.37 vs 0.35, (4,128) 0.38 vs 0.34, (8,128) 0.67 vs 0.57, (2,192) 0.65 vs 0.48; T=256:
+    (1,64) 0.32 vs 0.33, (1,96) 0.46 vs 0.36, (1,128) 0.63 vs 0.52-0.54, (1,256) 1.85 vs
+    1.28 (a B = 1 step reads all of W_hh from L2: two threads read half each)."""
     H = W_hh.shape[0]
     if not _cheap_regions() or H // n < CPU_MIN_COLS:
         return 1
-    if B * H * H < CPU_SERIAL_MACS and W_hh.nbytes < CPU_SPLIT_BYTES:
+    if B * H * H < CPU_SERIAL_MACS and W_hh.nbytes < B * CPU_SPLIT_BYTES:
         return 1
     return n
 

@@ -19,13 +19,13 @@ CPU_MC = 64
 
 #: The steps of a recurrent sweep are split over the threads when a thread gets at least
 #: CPU_MIN_COLS of the output columns and the step has at least CPU_SERIAL_MACS
-#: multiply-adds (B·H²) or W_hh takes at least CPU_SPLIT_BYTES (a small-batch step
-#: streams W_hh from L2; split, each thread streams its half): measured, see
-#: ``fastbptt._cpu.step_threads``.  A one-thread step with at most CPU_BLAS_STEP_MACS runs
-#: through BLAS, below OpenBLAS's own threshold for threads (4·65536).
-CPU_SERIAL_MACS = 1 << 17
-CPU_SPLIT_BYTES = 1 << 17
-CPU_MIN_COLS = 64
+#: multiply-adds (B·H²), or W_hh takes at least CPU_SPLIT_BYTES per batch row (a
+#: small-batch step streams W_hh from L2; split, each thread streams its part): measured,
+#: see ``fastbptt._cpu.step_threads``.  A one-thread step with at most CPU_BLAS_STEP_MACS
+#: runs through BLAS, below OpenBLAS's own threshold for threads (4·65536).
+CPU_SERIAL_MACS = 1 << 16
+CPU_SPLIT_BYTES = 36 << 10
+CPU_MIN_COLS = 32
 CPU_BLAS_STEP_MACS = 65536
 
 #: A thread of a recurrent sweep that has polled this many times for a step of a lane

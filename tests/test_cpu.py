@@ -155,7 +155,9 @@ def test_step_threads_rule():
     n = 2
     if _cpu.step_threads(32, W(512), n) == 1:
         pytest.skip("numba's workqueue layer: every step runs on one thread")
-    assert _cpu.step_threads(32, W(64), n) == 1               # 32 columns per thread
-    assert _cpu.step_threads(4, W(128), n) == 1               # 2^16 multiply-adds, W 64 KiB
-    assert _cpu.step_threads(8, W(128), n) == n               # 2^17 multiply-adds
+    assert _cpu.step_threads(64, W(32), n) == 1               # 16 columns per thread
+    assert _cpu.step_threads(8, W(64), n) == 1                # 2^15 multiply-adds, W 16 KiB
+    assert _cpu.step_threads(16, W(64), n) == n               # 2^16 multiply-adds
+    assert _cpu.step_threads(2, W(128), n) == 1               # W 64 KiB: 32 KiB per batch row
+    assert _cpu.step_threads(1, W(96), n) == n                # W 36 KiB per batch row
     assert _cpu.step_threads(1, W(192), n) == n               # W 144 KiB, read from L2 each step
