@@ -32,6 +32,7 @@ from .config import (ACTIVATIONS, CPU_BLAS_STEP_MACS, CPU_KC, CPU_MC, CPU_MIN_CO
                      FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
+NO_POST, ACTIVATE, DERIVATIVE = 0, 1, 2     # the elementwise pass after a product
 _0 = np.int64(0)    # a 0 that types as int64, not Literal[int](0): one compilation per kernel
 
 # --------------------------------------------------------------------------- tanh
@@ -260,13 +261,23 @@ def _tile_rows(C, A, B, alpha, m0, m1, j, w, ka, K, NV):
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _matmul_acc(C, A, B, alpha, j0, j1, ka):
-    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1]
+    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1]   (see _matmul_then)"""
+    _matmul_then(C, A, B, alpha, j0, j1, ka, C, NO_POST, IDENTITY)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _matmul_then(C, A, B, alpha, j0, j1, ka, Y, post, act):
+    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], then, tile by tile as each is final,
+    post = ACTIVATE: C ← φ(C);  post = DERIVATIVE: C ⊙= φ'(z) with Y = φ(z) (M,N);
+    NO_POST: nothing  (act 0=tanh 1=relu 2=identity)
 
     C (M,N) · A (M, >= ka+K) · B (K,N).  Tiles of 4 rows x 4 vectors (_outer_tile), the
     columns left over in a tile of fewer vectors; K in equal slices of at most CPU_KC and
     M in panels of CPU_MC rows, so that a panel of A and the slice of B under a tile
     column stay in L2 (best of KC in {512, 1024, 2048} x MC in {32, 64, 128} measured at
-    the benchmark shapes).
+    the benchmark shapes).  The elementwise pass runs on each tile column while it is in
+    L1: as a second pass over a recurrent step's columns it cost 2.5 of a 21.5 µs step
+    at (32,256)x(256,128) (measured with relu: most of it is the pass, not φ).
     """
     M, K = C.shape[0], B.shape[0]
     W = 4 * (64 // C.itemsize)
@@ -287,21 +298,33 @@ def _matmul_acc(C, A, B, alpha, j0, j1, ka):
                     _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 2)
                 else:
                     _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 1)
+                if s == nk - 1:
+                    _post(C[m0:m1], Y[m0:m1], j, j + w, post, act)
+
+
+@njit(inline="always")
+def _post(C, Y, j0, j1, post, act):
+    if post == ACTIVATE:
+        _activate(C, j0, j1, act)
+    elif post == DERIVATIVE:
+        _dphi(C, Y, j0, j1, act)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _step_product(C, A, B, alpha, rec):
-    """C += α · A B on the calling thread, for a recurrent step too small to share: through
-    BLAS while M·K·N <= CPU_BLAS_STEP_MACS, under OpenBLAS's threshold for threads, so
-    the call stays on this thread (measured at (1,256)x(256,256): 2.41 µs against 2.61
-    for the own kernel then), else _matmul_acc.  rec (M,N): scratch."""
+def _step_product(C, A, B, alpha, rec, Y, post, act):
+    """C += α · A B, then the post pass of _matmul_then, on the calling thread, for a
+    recurrent step too small to share: through BLAS while M·K·N <= CPU_BLAS_STEP_MACS,
+    under OpenBLAS's threshold for threads, so the call stays on this thread (measured
+    at (1,256)x(256,256): 2.41 µs against 2.61 for the own kernel then), else
+    _matmul_then.  rec (M,N): scratch."""
     if A.shape[0] * B.shape[0] * B.shape[1] <= CPU_BLAS_STEP_MACS:
         np.dot(A, B, rec)
         for i in range(C.shape[0]):
             for j in range(C.shape[1]):
                 C[i, j] += alpha * rec[i, j]
+        _post(C, Y, _0, C.shape[1], post, act)
     else:
-        _matmul_acc(C, A, B, alpha, _0, C.shape[1], _0)
+        _matmul_then(C, A, B, alpha, _0, C.shape[1], _0, Y, post, act)
 
 
 @njit(inline="always")
@@ -439,19 +462,18 @@ def _step_chunk(S, Hx, M, xi, s, j0, j1, act, backward, rec):
     if backward:
         t = S.shape[0] - 1 - s
         x = xi[t + 1] if t + 1 < S.shape[0] else S.dtype.type(0)
-        if x != 0:                                          # ξ = 0 skips the product
-            if whole:
-                _step_product(S[t], S[t + 1], M, x, rec)
-            else:
-                _matmul_acc(S[t], S[t + 1], M, x, j0, j1, _0)
-        _dphi(S[t], Hx[t + 1], j0, j1, act)
+        if x == 0:                                          # ξ = 0 skips the product
+            _dphi(S[t], Hx[t + 1], j0, j1, act)
+        elif whole:
+            _step_product(S[t], S[t + 1], M, x, rec, Hx[t + 1], DERIVATIVE, act)
+        else:
+            _matmul_then(S[t], S[t + 1], M, x, j0, j1, _0, Hx[t + 1], DERIVATIVE, act)
     else:
         t = s + 1
         if whole:
-            _step_product(S[t], S[t - 1], M, S.dtype.type(1), rec)
+            _step_product(S[t], S[t - 1], M, S.dtype.type(1), rec, S[t], ACTIVATE, act)
         else:
-            _matmul_acc(S[t], S[t - 1], M, S.dtype.type(1), j0, j1, _0)
-        _activate(S[t], j0, j1, act)
+            _matmul_then(S[t], S[t - 1], M, S.dtype.type(1), j0, j1, _0, S[t], ACTIVATE, act)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

@@ -84,6 +84,26 @@ def test_products_match_numpy_in_float64(M, K, N, dtype, rng):
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K) * np.abs(want).max())
 
 
+@pytest.mark.parametrize("act", [_cpu.TANH, _cpu.RELU, _cpu.IDENTITY])
+@pytest.mark.parametrize("M,K,N", [(5, 70, 9), (_cpu.CPU_MC + 7, _cpu.CPU_KC + 37, 70)])
+def test_product_then_activation_or_derivative(M, K, N, act, rng):
+    # the elementwise pass runs on each tile once its last K slice is in
+    phi = {_cpu.TANH: np.tanh, _cpu.RELU: lambda z: np.maximum(z, 0), _cpu.IDENTITY: lambda z: z}[act]
+    dphi = {_cpu.TANH: lambda y: 1 - y * y, _cpu.RELU: lambda y: (y > 0) * 1.0,
+            _cpu.IDENTITY: lambda y: np.ones_like(y)}[act]
+    A, B = rng.normal(size=(M, K)) / np.sqrt(K), rng.normal(size=(K, N))
+    C0, Y = rng.normal(size=(M, N)), np.tanh(rng.normal(size=(M, N)))
+    j0, j1 = 4, N - 1
+    z = C0[:, j0:j1] + 0.5 * A @ B[:, j0:j1]
+    C = C0.copy()
+    _cpu._matmul_then(C, A, B, 0.5, j0, j1, 0, Y, _cpu.ACTIVATE, act)
+    np.testing.assert_allclose(C[:, j0:j1], phi(z), rtol=1e-12, atol=1e-12)
+    assert np.array_equal(C[:, :j0], C0[:, :j0]) and np.array_equal(C[:, j1:], C0[:, j1:])
+    C = C0.copy()
+    _cpu._matmul_then(C, A, B, 0.5, j0, j1, 0, Y, _cpu.DERIVATIVE, act)
+    np.testing.assert_allclose(C[:, j0:j1], z * dphi(Y[:, j0:j1]), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 8])
 def test_parallel_product_and_transpose_split_any_way(n, rng):
     A, B = rng.normal(size=(13, 70)), rng.normal(size=(70, 22))
