@@ -49,30 +49,38 @@ _B0, _B2, _B4, _B6 = (np.float32(4.89352518554385e-03), np.float32(2.26843463243
                       np.float32(1.18534705686654e-04), np.float32(1.19825839466702e-06))
 
 
-def tanh(x):
-    """tanh(x), fast for float32 (see module notes); usable inside @njit code."""
-    return np.tanh(x)
+def _fast_float32(numpy_fn, float32_fn):
+    """numpy_fn, usable inside @njit code, where a float32 argument takes float32_fn, a
+    branch-free approximation that vectorizes (numba's own call is a scalar libm call)."""
+    def fn(x):
+        return numpy_fn(x)
+
+    @overload(fn, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+    def _fn(x):
+        return float32_fn if x == types.float32 else (lambda x: numpy_fn(x))
+
+    fn.__name__ = fn.__qualname__ = numpy_fn.__name__
+    fn.__doc__ = f"{numpy_fn.__name__}(x), fast for float32 (see the module notes)"
+    return fn
 
 
-@overload(tanh, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _tanh_ov(x):
-    if x == types.float32:
-        def tanh_f32(x):
-            x = _CLAMP if x > _CLAMP else x
-            x = -_CLAMP if x < -_CLAMP else x
-            x2 = x * x
-            p = x2 * _A13 + _A11
-            p = p * x2 + _A9
-            p = p * x2 + _A7
-            p = p * x2 + _A5
-            p = p * x2 + _A3
-            p = p * x2 + _A1
-            q = x2 * _B6 + _B4
-            q = q * x2 + _B2
-            q = q * x2 + _B0
-            return x * p / q
-        return tanh_f32
-    return lambda x: np.tanh(x)
+def _tanh_f32(x):
+    x = _CLAMP if x > _CLAMP else x
+    x = -_CLAMP if x < -_CLAMP else x
+    x2 = x * x
+    p = x2 * _A13 + _A11
+    p = p * x2 + _A9
+    p = p * x2 + _A7
+    p = p * x2 + _A5
+    p = p * x2 + _A3
+    p = p * x2 + _A1
+    q = x2 * _B6 + _B4
+    q = q * x2 + _B2
+    q = q * x2 + _B0
+    return x * p / q
+
+
+tanh = _fast_float32(np.tanh, _tanh_f32)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -103,28 +111,21 @@ def _pow2(typingctx, n):
     return types.float32(types.float32), codegen
 
 
-def exp(x):
-    """exp(x), fast for float32 (see module notes); usable inside @njit code."""
-    return np.exp(x)
+def _exp_f32(x):
+    x = _EXP_HI if x > _EXP_HI else x
+    x = _EXP_LO if x < _EXP_LO else x
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = r * _E0 + _E1
+    p = p * r + _E2
+    p = p * r + _E3
+    p = p * r + _E4
+    p = p * r + _E5
+    p = p * (r * r) + r + np.float32(1)
+    return p * _pow2(n)
 
 
-@overload(exp, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
-def _exp_ov(x):
-    if x == types.float32:
-        def exp_f32(x):
-            x = _EXP_HI if x > _EXP_HI else x
-            x = _EXP_LO if x < _EXP_LO else x
-            n = np.floor(x * _LOG2E + np.float32(0.5))
-            r = x - n * _LN2_HI - n * _LN2_LO
-            p = r * _E0 + _E1
-            p = p * r + _E2
-            p = p * r + _E3
-            p = p * r + _E4
-            p = p * r + _E5
-            p = p * (r * r) + r + np.float32(1)
-            return p * _pow2(n)
-        return exp_f32
-    return lambda x: np.exp(x)
+exp = _fast_float32(np.exp, _exp_f32)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
