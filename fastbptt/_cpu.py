@@ -22,6 +22,7 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import get_num_threads, njit, prange, types
 from numba.core import cgutils
@@ -153,9 +154,41 @@ def exp_cpu(out, x):
 # slices of at most CPU_KC, rows in panels of CPU_MC.  Callers split the output columns
 # (or rows) into one chunk per thread (the sweeps: see "recurrence").
 
+def _vector_shape():
+    """(bytes per vector register, registers) of the CPU numba compiles for (its features,
+    as numba's code generator reads them): AVX-512 64 and 32, AVX 32 and 16, NEON 16 and
+    32, else 16 and 16."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    features = set(features.split(","))
+    if "+avx512f" in features:
+        return 64, 32
+    if "+avx" in features:
+        return 32, 16
+    return 16, 32 if "+neon" in features else 16
+
+
 def _lanes(fty, context):
-    """elements per 64-byte vector: 16 float32, 8 float64"""
-    return 64 // context.get_abi_sizeof(fty)
+    """elements per vector register: 16 float32 with AVX-512, 8 with AVX2, ..."""
+    return _vector_shape()[0] // context.get_abi_sizeof(fty)
+
+
+@intrinsic
+def _vector_lanes(typingctx, a):
+    """the elements of a's dtype per vector register (a compile-time constant)"""
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, _lanes(context.get_value_type(a.dtype), context))
+    return types.intp(a), codegen
+
+
+@intrinsic
+def _tile_vectors(typingctx):
+    """vectors per row of a full register tile: 4 (16 accumulators) with 32 registers,
+    2 with 16"""
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, 4 if _vector_shape()[1] >= 32 else 2)
+    return types.intp(), codegen
 
 
 @intrinsic
@@ -281,7 +314,8 @@ def _matmul_then(C, A, B, alpha, j0, j1, ka, Y, post, act):
     at (32,256)x(256,128) (measured with relu: most of it is the pass, not φ).
     """
     M, K = C.shape[0], B.shape[0]
-    W = 4 * (64 // C.itemsize)
+    L = _vector_lanes(C)
+    W = _tile_vectors() * L                         # columns of a full tile
     nk = (K + CPU_KC - 1) // CPU_KC
     for s in range(nk):
         k0, k1 = K * s // nk, K * (s + 1) // nk
@@ -290,7 +324,7 @@ def _matmul_then(C, A, B, alpha, j0, j1, ka, Y, post, act):
             m1 = min(m0 + CPU_MC, M)
             for j in range(j0, j1, W):
                 w = min(W, j1 - j)
-                nv = (4 * w + W - 1) // W               # vectors in this tile column
+                nv = (w + L - 1) // L                   # vectors in this tile column
                 if nv == 4:
                     _tile_rows(C, A, Bs, alpha, m0, m1, j, w, ka + k0, k1 - k0, 4)
                 elif nv == 3:
@@ -586,14 +620,13 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hhT, k, act, n):
 # ------------------------------------------------------------------ weight gradients
 @intrinsic
 def _transpose_tile(typingctx, dst, src, r0, j0):
-    """dst[j0+c, r0+i] = src[r0+i, j0+c] for i, c < L, L = 64 bytes / itemsize (16 float32,
-    8 float64): L rows loaded as vectors, transposed in registers by log2(L) rounds of
-    two-vector shuffles, stored as L rows (dst, src: C-contiguous 2-D)"""
+    """dst[j0+c, r0+i] = src[r0+i, j0+c] for i, c < L, L the lanes of a vector register (16
+    float32 with AVX-512): L rows loaded as vectors, transposed in registers by log2(L)
+    rounds of two-vector shuffles, stored as L rows (dst, src: C-contiguous 2-D)"""
     def codegen(context, builder, sig, args):
         dty, sty = sig.args[0], sig.args[1]
         fty = context.get_value_type(sty.dtype)
-        size = context.get_abi_sizeof(fty)
-        L = 64 // size
+        L, size = _lanes(fty, context), context.get_abi_sizeof(fty)
         vty, i32 = ir.VectorType(fty, L), ir.IntType(32)
         dary = context.make_array(dty)(context, builder, args[0])
         sary = context.make_array(sty)(context, builder, args[1])
@@ -627,9 +660,9 @@ def _transpose_tile(typingctx, dst, src, r0, j0):
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _transpose(dst, src, j0, j1):
     """dst[j] = src[:, j] for j in [j0, j1) · dst (H,N) · src (N,H): in L x L tiles
-    (_transpose_tile, L = 64 bytes / itemsize), the edges element by element"""
+    (_transpose_tile, L the lanes of a vector register), the edges element by element"""
     N = src.shape[0]
-    L = 64 // src.itemsize
+    L = _vector_lanes(src)
     nr, jt = N // L * L, j0 + (j1 - j0) // L * L
     for r0 in range(0, nr, L):
         for j in range(j0, jt, L):

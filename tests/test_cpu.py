@@ -104,6 +104,40 @@ def test_product_then_activation_or_derivative(M, K, N, act, rng):
     np.testing.assert_allclose(C[:, j0:j1], z * dphi(Y[:, j0:j1]), rtol=1e-12, atol=1e-12)
 
 
+_OTHER_CPU = """
+import numpy as np
+from fastbptt import _cpu
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    for M, K, N in [(7, 70, 45), (70, 600, 19), (1, 9, 3)]:
+        A, B, C = (rng.normal(size=s).astype(dt) for s in ((M, K), (K, N), (M, N)))
+        want = C + A.astype(float) @ B.astype(float)
+        _cpu._matmul_acc(C, A, B, dt(1), 0, N, 0)
+        np.testing.assert_allclose(C, want, rtol=2e-5, atol=2e-5 * np.sqrt(K) * abs(want).max())
+        T = np.empty((K, M), dt)
+        _cpu.transpose_cpu(T, A, 2)
+        assert np.array_equal(T, A.T)
+print(_cpu._vector_shape())
+"""
+
+
+@pytest.mark.parametrize("cpu,features,shape", [
+    ("haswell", "+avx,+avx2,+fma,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+f16c", "(32, 16)"),
+    ("x86-64", "+sse,+sse2", "(16, 16)")])
+def test_kernels_are_exact_for_other_vector_widths(cpu, features, shape, tmp_path):
+    # the IR kernels take their vector width and tile from the CPU numba compiles for:
+    # compile them for an AVX2 and an SSE2 machine in a fresh process (this CPU runs both)
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,
+               NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _OTHER_CPU], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == shape
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 8])
 def test_parallel_product_and_transpose_split_any_way(n, rng):
     A, B = rng.normal(size=(13, 70)), rng.normal(size=(70, 22))
