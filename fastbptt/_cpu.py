@@ -145,8 +145,8 @@ def exp_cpu(out, x):
 # on the calling thread.)
 #
 # The product is built from one register tile, as in BLAS (_outer_tile, in LLVM IR): a
-# tile of 4 rows x 4 vectors of C (64 float32 columns) stays in 16 vector registers for
-# all of K; each k adds the outer product of 4 broadcast elements of A and 4 vectors of
+# tile of 4 rows x 4 vectors of C (64 float32 columns with AVX-512; 4 x 2 vectors of 8
+# with AVX2's 16 registers) stays in vector registers for all of K; each k adds the outer product of 4 broadcast elements of A and 4 vectors of
 # B's row k, 16 FMAs per 8 loads, and no horizontal sums.  One core, GFLOP/s, against
 # dot products of rows in 4x4 blocks (the previous form; same run): (32,512)x(512,256)
 # 112.8 vs 101.6, (32,256)x(256,128) 108.8 vs 90.7, the head's (560,28)x(28,512) 105.8
@@ -195,8 +195,8 @@ def _tile_vectors(typingctx):
 def _outer_tile(typingctx, C, A, B, alpha, r0, j0, w, ka, K, R, NV):
     """C[r0:r0+R, j0:j0+w] += α · A[r0:r0+R, ka:ka+K] B[:K, j0:j0+w]
 
-    R (rows) and NV (vectors per row) literal ints, (NV-1)·L < w <= NV·L with L = 16
-    (float32) or 8 (float64) the lanes of a 64-byte vector; the last vector of each row is
+    R (rows) and NV (vectors per row) literal ints, (NV-1)·L < w <= NV·L with L the lanes
+    of a vector register (_lanes: 16 float32 with AVX-512); the last vector of each row is
     loaded and stored under a mask of its w - (NV-1)·L valid lanes.  C, A, B: 2-D, rows
     contiguous.  The R·NV accumulators live in registers for all of K.
     """

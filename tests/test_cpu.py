@@ -61,7 +61,7 @@ def test_softmax_head_is_stable_for_huge_logits():
 # ------------------------------------------------------------- the blocked products
 # Shapes chosen to reach every branch of _matmul_acc: rows not a multiple of 4 (the
 # one-row tiles), tile columns of 1 to 4 vectors, full and masked (16 float32 or 8
-# float64 lanes a vector), more rows than one CPU_MC panel, K over CPU_KC (two and
+# float64 lanes a vector with AVX-512), more rows than one CPU_MC panel, K over CPU_KC (two and
 # three slices), a column offset into A.
 PRODUCT_SHAPES = [(1, 3, 1), (3, 5, 7), (5, 70, 9), (9, 130, 66), (_cpu.CPU_MC + 7, 67, 13),
                   (6, _cpu.CPU_KC + 37, 10), (4, 64, 4), (7, 65, 11), (8, 2 * _cpu.CPU_KC + 3, 140),
