@@ -18,6 +18,7 @@ T·B rows.  ``fastbptt._cuda`` mirrors this module function for function.
 """
 import functools
 import importlib
+import sys
 import threading
 
 import numba
@@ -29,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .config import (ACTIVATIONS, CPU_BLAS_STEP_MACS, CPU_KC, CPU_MC, CPU_MIN_COLS,
-                     CPU_SERIAL_MACS, CPU_SPLIT_BYTES, CPU_WAIT_SPINS,
+                     CPU_SERIAL_MACS, CPU_SPLIT_BYTES, CPU_WAIT_SPINS, CPU_YIELD_SPINS,
                      FASTMATH)
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
@@ -477,6 +478,17 @@ def _claim(typingctx, flags, i, expected):
     return types.boolean(flags, i, expected), codegen
 
 
+@intrinsic
+def _yield_thread(typingctx):
+    """let the OS run another thread on this core (sched_yield; SwitchToThread on Windows)"""
+    def codegen(context, builder, sig, args):
+        name = "SwitchToThread" if sys.platform == "win32" else "sched_yield"
+        builder.call(cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.IntType(32), []), name), [])
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
 def _flag_ptr(context, builder, sig, args):
     ary = context.make_array(sig.args[0])(context, builder, args[0])
     i = context.cast(builder, args[1], sig.args[1], types.intp)
@@ -532,14 +544,16 @@ def _sweep(S, Hx, M, xi, act, backward, n):
                 f = o * _LINE
                 spins = 0
                 while _load_acquire(flags, f + _DONE) < s:
+                    spins += 1
                     if _load_acquire(flags, f + _STARTED) == 0:
-                        spins += 1
                         if not patient or spins > CPU_WAIT_SPINS:
                             patient = False
                             if _claim(flags, f + _CLAIMED, s - 1):
                                 j0, j1 = _chunk(H, o, n)
                                 _step_chunk(S, Hx, M, xi, s - 1, j0, j1, act, backward, rec)
                                 _store_release(flags, f + _DONE, s)
+                    elif spins > CPU_YIELD_SPINS:      # the lane's thread may be waiting for
+                        _yield_thread()                # this core (more threads than cores)
             f = c * _LINE
             if _claim(flags, f + _CLAIMED, s):
                 j0, j1 = _chunk(H, c, n)

@@ -33,6 +33,11 @@ CPU_BLAS_STEP_MACS = 65536
 #: a threading layer may run a region's lanes one after another).  ≈1 ms of polling.
 CPU_WAIT_SPINS = 1 << 20
 
+#: ... and one waiting this many polls for a lane that has started yields its core to the
+#: OS between polls: with more threads than cores (two trainings at once) that lane's
+#: thread may be waiting for this core.  ≈20 µs of polling, well over a step's imbalance.
+CPU_YIELD_SPINS = 1 << 14
+
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 

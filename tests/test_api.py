@@ -393,3 +393,28 @@ def test_thread_count_changes_only_rounding(threads, rng):
     trunc = reference.loss_and_grad(params, X, Y, h0, k=2)
     for name in GRAD_KEYS:
         assert_close(grads[name], trunc.grads[name], np.float64, name)
+
+
+def test_calls_from_several_python_threads_at_once(rng):
+    # more threads than cores: each call's lanes wait for one another at every step
+    # (spin barrier, yielding the core after a while) and must still give the same result
+    import threading
+    params, X, Y, h0 = make_case(rng, T=12, B=16, D=6, H=160, Q=9, scale=0.5 / np.sqrt(160))
+    params = cast(params, np.float32)
+    want_loss, want_grads, _ = fastbptt.loss_and_grad(params, X, Y, h0)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = [fastbptt.loss_and_grad(params, X, Y, h0) for _ in range(5)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    for runs in results:
+        for loss, grads, _ in runs:
+            assert loss == want_loss
+            for name in GRAD_KEYS:
+                assert np.array_equal(grads[name], want_grads[name])
