@@ -447,7 +447,9 @@ def embed_dense_cpu(pre, X, W_xh, b_h, n):
 # run them one after another on one thread): steps are claimed with a compare-and-swap,
 # and a thread that has waited CPU_WAIT_SPINS polls for a lane whose thread has not
 # started claims and computes that lane's step itself (from then on without waiting,
-# while that lane has not started).  Each step is computed exactly once either way.
+# while that lane has not started).  Each step is computed exactly once either way.  A
+# thread that has waited CPU_YIELD_SPINS polls for a lane that has started yields its
+# core between polls: with more threads than cores, that lane may be waiting for it.
 
 @intrinsic
 def _load_acquire(typingctx, flags, i):
