@@ -94,7 +94,8 @@ def tanh_cpu(out, x):
 
 # ---------------------------------------------------------------------------- exp
 # float32 (the softmax): Cephes' expf, branch free so the row loop vectorizes (numba's
-# np.exp is a scalar libm call: 3 ns per element, the d2l-concise softmax-CE 0.09 ms):
+# np.exp is a scalar libm call; softmax and logsumexp of 1120 rows of 28 on one thread:
+# 75 µs against 127 with np.exp, same run):
 # x = n·ln2 + r, |r| <= ln2/2, e^r by a degree-7 polynomial, 2^n from its exponent bits;
 # x clamped to [-87.3, 88.3], where 2^n stays a normal float32.  float64: np.exp.
 _EXP_LO, _EXP_HI = np.float32(-87.33654), np.float32(88.37626)
@@ -311,8 +312,8 @@ def _matmul_then(C, A, B, alpha, j0, j1, ka, Y, post, act):
     M in panels of CPU_MC rows, so that a panel of A and the slice of B under a tile
     column stay in L2 (best of KC in {512, 1024, 2048} x MC in {32, 64, 128} measured at
     the benchmark shapes).  The elementwise pass runs on each tile column while it is in
-    L1: as a second pass over a recurrent step's columns it cost 2.5 of a 21.5 µs step
-    at (32,256)x(256,128) (measured with relu: most of it is the pass, not φ).
+    L1: one lane's (32,256)x(256,128) step with tanh took 21.4 µs so, 21.9 with tanh as a
+    second pass over its columns, 20.2 without tanh (one thread, same run).
     """
     M, K = C.shape[0], B.shape[0]
     L = _vector_lanes(C)
