@@ -156,6 +156,7 @@ def exp_cpu(out, x):
 # slices of at most CPU_KC, rows in panels of CPU_MC.  Callers split the output columns
 # (or rows) into one chunk per thread (the sweeps: see "recurrence").
 
+@functools.cache
 def _vector_shape():
     """(bytes per vector register, registers) of the CPU numba compiles for (its features,
     as numba's code generator reads them): AVX-512 64 and 32, AVX 32 and 16, NEON 16 and
@@ -366,7 +367,8 @@ def _step_product(C, A, B, alpha, rec, Y, post, act):
 
 @njit(inline="always")
 def _chunk(N, c, n):
-    """columns [j0, j1) of chunk c of n, starts aligned to 16 (a float32 vector)"""
+    """columns [j0, j1) of chunk c of n, starts multiples of 16 (whole vectors for every
+    vector width of _lanes, float32 or float64)"""
     j0 = N * c // n // 16 * 16
     j1 = N if c == n - 1 else N * (c + 1) // n // 16 * 16
     return j0, j1
