@@ -577,7 +577,7 @@ def rnn_forward_cpu(Hx, W_hh, act, n):
     _sweep(Hx, Hx, W_hh, np.empty(0, Hx.dtype), act, False, n)
 
 
-@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def rnn_backward_cpu(dZ, dh0, Hx, W_hhT, xi, act, n):
     """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
     then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
@@ -588,11 +588,17 @@ def rnn_backward_cpu(dZ, dh0, Hx, W_hhT, xi, act, n):
     2=identity · n column chunks (1: on this thread).
     """
     _sweep(dZ, Hx, W_hhT, xi, act, True, n)
+    _h0_grad(dh0, dZ[0], W_hhT, xi[0], n)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def _h0_grad(dh0, dz1, W_hhT, x, n):
+    """∂L/∂h_0 = x · dz_1 W_hhᵀ  (x = 0: zeros) · dh0 (B,H) out · dz1 (B,H) · n column chunks"""
     dh0[:] = 0
-    if xi[0] != 0:
+    if x != 0:
         for c in prange(n):
             j0, j1 = _chunk(dh0.shape[1], c, n)
-            _matmul_acc(dh0, dZ[0], W_hhT, xi[0], j0, j1, _0)
+            _matmul_acc(dh0, dz1, W_hhT, x, j0, j1, _0)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -630,10 +636,7 @@ def rnn_backward_truncated_cpu(dZ, dh0, Hx, W_hhT, k, act, n):
                 j0, j1 = _chunk(H, c, n)
                 _matmul_acc(out, rows, W_hhT, one, j0, j1, _0)
             chain, nxt = nxt, chain
-    dh0[:] = zero
-    for c in prange(n):
-        j0, j1 = _chunk(H, c, n)
-        _matmul_acc(dh0, dZ[0], W_hhT, one, j0, j1, _0)
+    _h0_grad(dh0, dZ[0], W_hhT, one, n)
 
 
 # ------------------------------------------------------------------ weight gradients
