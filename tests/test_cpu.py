@@ -158,7 +158,8 @@ def test_parallel_product_and_transpose_split_any_way(n, rng):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N,H", [(1, 1), (5, 3), (16, 16), (17, 33), (40, 130), (300, 70)])
 def test_transpose_is_exact_in_tiles_and_at_the_edges(N, H, dtype, rng):
-    # tiles of 16 (float32) or 8 (float64) rows and columns, the rest element by element
+    # tiles of 16 (float32) or 8 (float64) rows and columns with AVX-512, the rest element
+    # by element
     src = rng.normal(size=(N, H)).astype(dtype)
     for n in (1, 2, 3):
         dst = np.full((H, N), np.nan, dtype)
