@@ -1,0 +1,86 @@
+"""generate(): errors name its parameters; ``fastbptt generate`` shows them as its flags."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import api, cli, trainer
+from fastbptt.data import Vocab
+
+TOKENS = ["<unk>", " ", "a", "b", "c"]
+
+
+@pytest.fixture
+def model():
+    params = api.init_params(len(TOKENS), 8, len(TOKENS), seed=0)
+    return params, Vocab(idx_to_token=TOKENS)
+
+
+@pytest.fixture
+def checkpoint(tmp_path, model):
+    """A checkpoint of the untrained ``model``, as ``fastbptt train`` would write it."""
+    params, vocab = model
+    ck = tmp_path / "ck.npz"
+    trainer.save_checkpoint(ck, params, {}, vocab, trainer.TrainConfig(hidden=8),
+                            np.random.default_rng(0).bit_generator.state, 0, [], "0" * 64)
+    return ck
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("", 5), {}, "prefix: expected a non-empty string, got ''"),
+    ((None, 5), {}, "prefix: expected a non-empty string, got None"),
+    (("ab", -1), {}, "length: expected a non-negative integer, got -1"),
+    (("ab", 2.5), {}, "length: expected a non-negative integer, got 2.5"),
+    (("ab", True), {}, "length: expected a non-negative integer, got True"),
+    (("ab", 5), {"temperature": -0.5}, "temperature: expected a number >= 0, got -0.5"),
+    (("ab", 5), {"temperature": float("inf")}, "temperature: expected a number >= 0, got inf"),
+])
+def test_generate_errors_name_the_parameter(model, args, kwargs, message):
+    params, vocab = model
+    with pytest.raises(ValueError) as e:
+        fastbptt.generate(params, vocab, *args, **kwargs)
+    assert str(e.value) == message
+
+
+def test_generate_unknown_prefix_warning_names_the_parameter(model):
+    params, vocab = model
+    with pytest.warns(UserWarning) as w:
+        out = fastbptt.generate(params, vocab, "azy", 2)
+    assert [str(x.message) for x in w] == ["prefix: 'y', 'z' not in the vocabulary; read as <unk>"]
+    assert out.startswith("azy")
+
+
+def run_cli(*argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in argv])
+    return e.value.code
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--prefix", ""], "--prefix: expected a non-empty string, got ''"),
+    (["--length", "-1"], "--length: expected a non-negative integer, got -1"),
+    (["--temperature", "-0.5"], "--temperature: expected a number >= 0, got -0.5"),
+])
+def test_cli_generate_errors_name_the_flag_and_exit_2(checkpoint, capsys, argv, line):
+    assert run_cli("generate", "--checkpoint", checkpoint, *argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"fastbptt generate: error: {line}\n" and captured.out == ""
+
+
+def test_cli_generate_bad_checkpoint_names_the_flag(tmp_path, capsys):
+    junk = tmp_path / "junk.npz"
+    junk.write_text("hello")
+    assert run_cli("generate", "--checkpoint", junk) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastbptt generate: error: --checkpoint: {junk} is ") and err.count("\n") == 1
+
+
+def test_cli_generate_unknown_prefix_warns_with_the_flag(checkpoint):
+    # a subprocess: pytest records warnings itself, so they never reach stderr here
+    out = subprocess.run([sys.executable, "-m", "fastbptt", "generate", "--checkpoint", str(checkpoint),
+                          "--prefix", "az", "--length", "3"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == "fastbptt generate: warning: --prefix: 'z' not in the vocabulary; read as <unk>\n"
+    assert out.stdout.startswith("az")
