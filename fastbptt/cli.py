@@ -1,7 +1,8 @@
 """``fastbptt train | generate | bench | diagnose`` — the command line (also ``python -m fastbptt``).
 
 Bad input prints one line on stderr and exits with code 2; a diverged training exits
-with 3; Ctrl-C with 130.
+with 3; Ctrl-C with 130.  The library's errors name the parameter at fault (``path: no
+such file: …``); here they name the flag that fed it (``--text: no such file: …``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,32 @@ import warnings
 import numpy as np
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+#: The flags of the library's parameters that are not named like an option of the command
+#: (those are that option: ``num_steps`` is ``--num-steps``, ``prefix`` ``--prefix``).
+PARAM_FLAGS = {"path": "--text",          # data.load_text (load_checkpoint's: _load_checkpoint)
+               "mode": "--tokenize",      # data.tokenize
+               "n_tokens": "--text"}      # data.check_length
+
+
+def flag_message(message, options, aliases=PARAM_FLAGS):
+    """``message`` — a library error or warning, ``name: …`` — with ``name`` replaced by the
+    flag that fed it: ``aliases[name]``, else ``--name`` (``_`` as ``-``), provided that flag
+    is one of ``options`` (the command's option names, as argparse's ``dest``); else as is."""
+    name, sep, rest = message.partition(": ")
+    if not sep:
+        return message
+    flag = aliases.get(name) or f"--{name.replace('_', '-')}"
+    return f"{flag}: {rest}" if flag[2:].replace("-", "_") in options else message
+
+
+def _load_checkpoint(path):
+    """:func:`trainer.load_checkpoint` of ``--checkpoint``, whose ``path`` is that flag."""
+    from .trainer import load_checkpoint
+    try:
+        return load_checkpoint(path)
+    except ValueError as e:
+        raise ValueError(flag_message(str(e), {"checkpoint"}, {"path": "--checkpoint"})) from None
 
 
 def _train_parser(sub):
@@ -61,6 +88,8 @@ def _run_train(args):
     from . import trainer as tr
     fields = {f.name for f in dataclasses.fields(tr.TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.resume and args.checkpoint is None:
+        raise ValueError("--resume: needs --checkpoint PATH of the run to continue")
     try:
         result = tr.train(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, json_log=args.json_log, plot=args.plot,
@@ -98,8 +127,7 @@ def _generate_parser(sub):
 def _run_generate(args):
     from .data import Vocab
     from .generation import generate
-    from .trainer import load_checkpoint
-    params, _, meta = load_checkpoint(args.checkpoint)
+    params, _, meta = _load_checkpoint(args.checkpoint)
     params = {k: v.astype(np.float32) for k, v in params.items()}
     print(generate(params, Vocab(idx_to_token=meta["vocab"]), args.prefix, args.length,
                    temperature=args.temperature, seed=args.seed, activation=meta["config"].activation))
@@ -133,7 +161,6 @@ def _diagnose_parser(sub):
 
 def _run_diagnose(args):
     from . import api, data, diagnostics
-    from .trainer import load_checkpoint
     for name in ("hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
@@ -141,7 +168,7 @@ def _run_diagnose(args):
         raise ValueError(f"--scale: expected a positive number, got {args.scale}")
     history, text, tokenize, activation = None, args.text, args.tokenize or "book", args.activation
     if args.checkpoint:
-        params, _, meta = load_checkpoint(args.checkpoint)
+        params, _, meta = _load_checkpoint(args.checkpoint)
         params = {k: v.astype(np.float32) for k, v in params.items()}
         cfg = meta["config"]
         vocab = data.Vocab(idx_to_token=meta["vocab"])
@@ -182,11 +209,13 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"fastbptt {args.command}: warning: {msg}\n"
+    options = set(vars(args)) - {"command", "run"}
+    warnings.formatwarning = (lambda msg, cat, *a, **k:
+                              f"fastbptt {args.command}: warning: {flag_message(str(msg), options)}\n")
     try:
         code = args.run(args)
     except (ValueError, TypeError) as e:
-        print(f"fastbptt {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastbptt {args.command}: error: {flag_message(str(e), options)}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:
         print(f"fastbptt {args.command}: interrupted", file=sys.stderr)

@@ -27,16 +27,16 @@ def load_text(path=None) -> str:
         return resources.files("fastbptt").joinpath("data/timemachine.txt").read_text("utf-8")
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--text: no such file: {path}")
+        raise ValueError(f"path: no such file: {path}")
     raw = p.read_bytes()
     if not raw.strip():
-        raise ValueError(f"--text: {path} is empty")
+        raise ValueError(f"path: {path} is empty")
     if b"\x00" in raw:
-        raise ValueError(f"--text: {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+        raise ValueError(f"path: {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--text: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"path: {path} is not UTF-8 ({e.reason} at byte {e.start})") from None
 
 
 def tokenize(text: str, mode: str = "book") -> list:
@@ -47,7 +47,7 @@ def tokenize(text: str, mode: str = "book") -> list:
         return list("".join(re.sub("[^A-Za-z]+", " ", line).strip().lower() for line in lines))
     if mode == "chars":
         return list(text)
-    raise ValueError(f"--tokenize: expected one of {', '.join(TOKENIZERS)}, got {mode!r}")
+    raise ValueError(f"mode: expected one of {', '.join(TOKENIZERS)}, got {mode!r}")
 
 
 class Vocab:
@@ -83,9 +83,9 @@ class Vocab:
 def check_length(n_tokens, num_steps, batch_size, what="text"):
     need = num_steps * batch_size + 1
     if n_tokens < need:
-        raise ValueError(f"--text: the {what} has {n_tokens} tokens, fewer than one minibatch "
+        raise ValueError(f"n_tokens: the {what} has {n_tokens} tokens, fewer than one minibatch "
                          f"(num_steps·batch_size + 1 = {need}); use a longer text or smaller "
-                         f"--num-steps/--batch-size")
+                         f"num_steps/batch_size")
 
 
 def sequential_batches(corpus, batch_size, num_steps, rng):

@@ -17,14 +17,14 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
     softmax(o / temperature) with ``numpy.random.default_rng(seed)``.
     """
     if not isinstance(prefix, str) or not prefix:
-        raise ValueError(f"--prefix: expected a non-empty string, got {prefix!r}")
+        raise ValueError(f"prefix: expected a non-empty string, got {prefix!r}")
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-        raise ValueError(f"--length: expected a non-negative integer, got {length!r}")
+        raise ValueError(f"length: expected a non-negative integer, got {length!r}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and np.isfinite(temperature)):
-        raise ValueError(f"--temperature: expected a number >= 0, got {temperature!r}")
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     unknown = vocab.unknown(prefix)
     if unknown:
-        warnings.warn(f"--prefix: {', '.join(map(repr, unknown))} not in the vocabulary; read as <unk>",
+        warnings.warn(f"prefix: {', '.join(map(repr, unknown))} not in the vocabulary; read as <unk>",
                       stacklevel=2)
     rng = np.random.default_rng(seed)
     ids = vocab.encode(list(prefix))

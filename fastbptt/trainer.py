@@ -8,6 +8,7 @@ reset every minibatch.  Checkpoints hold everything needed to resume *exactly*.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -73,20 +74,20 @@ class TrainConfig:
         if c.max_chars is not None:
             _positive_int("max_chars", c.max_chars)
         if isinstance(c.seed, bool) or not isinstance(c.seed, (int, np.integer)) or c.seed < 0:
-            raise ValueError(f"--seed: expected a non-negative integer, got {c.seed!r}")
+            raise ValueError(f"seed: expected a non-negative integer, got {c.seed!r}")
         for name in ("lr", "clip"):
             v = getattr(c, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isnan(v):
-                raise ValueError(f"--{_flag(name)}: expected a positive number, got {v!r}")
+                raise ValueError(f"{name}: expected a positive number, got {v!r}")
         if not math.isfinite(c.lr):
-            raise ValueError(f"--lr: expected a finite positive number, got {c.lr!r}")
+            raise ValueError(f"lr: expected a finite positive number, got {c.lr!r}")
         if not 0.0 <= c.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction: expected a number in [0, 1), got {c.val_fraction!r}")
+            raise ValueError(f"val_fraction: expected a number in [0, 1), got {c.val_fraction!r}")
         for name, allowed in (("tokenize", data.TOKENIZERS), ("optimizer", ("sgd", "adam")),
                               ("sampling", tuple(data.SAMPLERS)), ("activation", ("tanh", "relu", "identity")),
                               ("device", ("cpu", "cuda"))):
             if getattr(c, name) not in allowed:
-                raise ValueError(f"--{_flag(name)}: expected one of {', '.join(allowed)}, got {getattr(c, name)!r}")
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(c, name)!r}")
         parse_truncation(c.truncation)
         return c
 
@@ -109,13 +110,23 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C: stopped after saving the last completed epoch."""
 
 
-def _flag(name):
-    return name.replace("_", "-")
+@contextlib.contextmanager
+def _named(param, option):
+    """A ValueError raised inside that starts with ``param:`` (the parameter of a function
+    called, e.g. :func:`data.load_text`'s ``path``) starts with ``option:`` instead: the
+    name the caller of :func:`train` gave it (``text``)."""
+    try:
+        yield
+    except ValueError as e:
+        msg = str(e)
+        if not msg.startswith(f"{param}: "):
+            raise
+        raise ValueError(f"{option}: {msg[len(param) + 2:]}") from None
 
 
 def _positive_int(name, v):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"--{_flag(name)}: expected a positive integer, got {v!r}")
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
 
 def parse_truncation(spec):
@@ -129,8 +140,8 @@ def parse_truncation(spec):
         if m:
             return Randomized(float(m.group(2))).p
     except (TypeError, ValueError) as e:
-        raise ValueError(f"--truncation: {e}") from None
-    raise ValueError(f"--truncation: expected full, k:N (N >= 1) or random:P (0 < P <= 1), got {spec!r}")
+        raise ValueError(f"truncation: {e}") from None
+    raise ValueError(f"truncation: expected full, k:N (N >= 1) or random:P (0 < P <= 1), got {spec!r}")
 
 
 # --------------------------------------------------------------------------- corpus
@@ -143,13 +154,16 @@ class Corpus:
 
 
 def load_corpus(cfg: TrainConfig) -> Corpus:
-    text = data.load_text(cfg.text)
-    tokens = data.tokenize(text, cfg.tokenize)
+    with _named("path", "text"):
+        text = data.load_text(cfg.text)
+    with _named("mode", "tokenize"):
+        tokens = data.tokenize(text, cfg.tokenize)
     if cfg.max_chars is not None:
         tokens = tokens[:cfg.max_chars]
     n_val = int(len(tokens) * cfg.val_fraction)
     train_tokens, val_tokens = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    data.check_length(len(train_tokens), cfg.num_steps, cfg.batch_size, "training split")
+    with _named("n_tokens", "text"):
+        data.check_length(len(train_tokens), cfg.num_steps, cfg.batch_size, "training split")
     vocab = data.Vocab(train_tokens)
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return Corpus(vocab, vocab.encode(train_tokens), vocab.encode(val_tokens), sha)
@@ -296,40 +310,40 @@ def load_checkpoint(path):
     """(params, optimizer state, meta) of a checkpoint, or ValueError saying what is wrong."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--checkpoint: no such file: {path}")
+        raise ValueError(f"path: no such file: {path}")
     try:
         with np.load(p, allow_pickle=False) as z:
             files = set(z.files)
             if "format" not in files or str(z["format"]) != CHECKPOINT_FORMAT:
-                raise ValueError(f"--checkpoint: {path} is not a fastbptt checkpoint")
+                raise ValueError(f"path: {path} is not a fastbptt checkpoint")
             meta = json.loads(str(z["meta"]))
             params = {k[6:]: z[k] for k in files if k.startswith("param/")}
             opt = {k[4:]: z[k] for k in files if k.startswith("opt/")}
     except ValueError as e:
-        if str(e).startswith("--checkpoint"):
+        if str(e).startswith("path: "):
             raise
-        raise ValueError(f"--checkpoint: {path} is not a fastbptt checkpoint ({e})") from None
+        raise ValueError(f"path: {path} is not a fastbptt checkpoint ({e})") from None
     except (OSError, zipfile.BadZipFile, EOFError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"--checkpoint: {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+        raise ValueError(f"path: {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
     try:
         cfg = TrainConfig(**meta["config"])
         V, H = len(meta["vocab"]), cfg.hidden
         shapes = {"W_xh": (V, H), "W_hh": (H, H), "b_h": (H,), "W_hq": (H, V), "b_q": (V,)}
         if {k: tuple(v.shape) for k, v in params.items()} != shapes:
-            raise ValueError("parameter shapes do not match its vocabulary and --hidden")
+            raise ValueError("parameter shapes do not match its vocabulary and hidden")
         meta["config"] = cfg
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"--checkpoint: {path} is truncated or corrupt ({e})") from None
+        raise ValueError(f"path: {path} is truncated or corrupt ({e})") from None
     return params, opt, meta
 
 
 def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
     """The saved configuration, with the options that may change taken from ``given``;
     any other given option that differs from the saved one is an error."""
-    conflicts = [f"--{_flag(k)} {v!r} (checkpoint: {getattr(saved, k)!r})" for k, v in given.items()
+    conflicts = [f"{k}={v!r} (checkpoint: {getattr(saved, k)!r})" for k, v in given.items()
                  if k not in TrainConfig.RESUMABLE and v != getattr(saved, k)]
     if conflicts:
-        raise ValueError("--resume: options conflict with the checkpoint's configuration: "
+        raise ValueError("resume: options conflict with the checkpoint's configuration: "
                          + "; ".join(conflicts))
     return dataclasses.replace(saved, **{k: v for k, v in given.items() if k in TrainConfig.RESUMABLE})
 
@@ -353,11 +367,12 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
         raise TypeError(f"train: unknown option(s) {', '.join(sorted(unknown))}")
     _positive_int("checkpoint_every", checkpoint_every)
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
-        raise ValueError(f"--max-minutes: expected a positive number, got {max_minutes!r}")
+        raise ValueError(f"max_minutes: expected a positive number, got {max_minutes!r}")
     if resume:
         if checkpoint is None:
-            raise ValueError("--resume: needs --checkpoint PATH of the run to continue")
-        saved_params, saved_opt, meta = load_checkpoint(checkpoint)
+            raise ValueError("resume: needs checkpoint=PATH, the checkpoint of the run to continue")
+        with _named("path", "checkpoint"):
+            saved_params, saved_opt, meta = load_checkpoint(checkpoint)
         cfg = merge_resume_config(meta["config"], options).resolved()
     else:
         cfg = TrainConfig(**options).resolved()
@@ -368,7 +383,7 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
     history, start = [], 0
     if resume:
         if meta["text_sha256"] != corpus.sha256 or meta["vocab"] != corpus.vocab.idx_to_token:
-            raise ValueError("--resume: the text differs from the one the checkpoint was trained on")
+            raise ValueError("resume: the text differs from the one the checkpoint was trained on")
         for k in params:
             params[k][...] = saved_params[k]
         opt.load(saved_opt)

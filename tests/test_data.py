@@ -1,4 +1,6 @@
 """Tokenization, vocabulary and the book's two minibatch samplers."""
+import re
+
 import numpy as np
 import pytest
 
@@ -25,8 +27,8 @@ def test_chars_tokenization_and_unknowns():
     assert vocab.decode([1, 2, 3]) == "abc"
 
 
-def test_unknown_tokenizer():
-    with pytest.raises(ValueError, match="--tokenize"):
+def test_unknown_tokenizer_names_the_parameter():
+    with pytest.raises(ValueError, match=r"^mode: expected one of book, chars, got 'words'$"):
         data.tokenize("x", "words")
 
 
@@ -36,13 +38,26 @@ def test_unknown_tokenizer():
 def test_bad_text_files(tmp_path, content, pattern):
     f = tmp_path / "t.txt"
     f.write_bytes(content)
-    with pytest.raises(ValueError, match=f"--text: .*{pattern}"):
+    with pytest.raises(ValueError, match=f"^path: {re.escape(str(f))} .*{pattern}") as e:
         data.load_text(f)
+    assert "--" not in str(e.value).replace(str(f), "")   # a parameter, not a CLI flag
 
 
-def test_missing_text_file(tmp_path):
-    with pytest.raises(ValueError, match="--text: no such file"):
-        data.load_text(tmp_path / "nope.txt")
+def test_missing_text_file_names_the_parameter(tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(ValueError) as e:
+        data.load_text(missing)
+    assert str(e.value) == f"path: no such file: {missing}"
+
+
+def test_check_length_names_the_parameter_and_the_fix():
+    data.check_length(4 * 7 + 1, 7, 4)                                   # exactly one minibatch
+    with pytest.raises(ValueError) as e:
+        data.check_length(4 * 7, 7, 4, "training split")
+    msg = str(e.value)
+    assert msg.startswith("n_tokens: the training split has 28 tokens, fewer than one minibatch")
+    assert "num_steps·batch_size + 1 = 29" in msg and "smaller num_steps/batch_size" in msg
+    assert "--" not in msg
 
 
 def test_sequential_batches_continue_rows_and_cover():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastbptt
-from fastbptt import api, cli, trainer
+from fastbptt import api, cli, data, trainer
 from fastbptt.data import Vocab
 
 SMALL = dict(max_chars=4000, hidden=32, num_steps=10, batch_size=8, quiet=True)
@@ -16,6 +16,14 @@ def run_cli(*argv):
     with pytest.raises(SystemExit) as e:
         cli.main([str(a) for a in argv])
     return e.value.code
+
+
+def cli_error(capsys, command):
+    """The one line ``fastbptt COMMAND: error: …`` on stderr, without that prefix."""
+    err = capsys.readouterr().err.strip()
+    head = f"fastbptt {command}: error: "
+    assert err.startswith(head) and "\n" not in err and "Traceback" not in err, err
+    return err[len(head):]
 
 
 def test_clip_gradients_global_norm_excludes_h0():
@@ -83,10 +91,17 @@ def test_resume_is_exact(tmp_path, opts):
 def test_resume_conflicts_and_bad_checkpoints(tmp_path):
     ck = tmp_path / "ck.npz"
     fastbptt.train(**SMALL, epochs=1, checkpoint=ck, sample_prefixes=())
-    with pytest.raises(ValueError, match="--hidden 16.*checkpoint: 32"):
+    with pytest.raises(ValueError, match=r"^resume: options conflict .*: hidden=16 \(checkpoint: 32\)$"):
         fastbptt.train(**dict(SMALL, hidden=16), epochs=2, checkpoint=ck, resume=True)
-    with pytest.raises(ValueError, match="--resume: needs --checkpoint"):
+    with pytest.raises(ValueError, match="^resume: needs checkpoint=PATH"):
         fastbptt.train(**SMALL, resume=True)
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(ValueError) as e:                 # train() names its own parameter
+        fastbptt.train(**SMALL, checkpoint=missing, resume=True)
+    assert str(e.value) == f"checkpoint: no such file: {missing}"
+    with pytest.raises(ValueError) as e:                 # load_checkpoint names its own
+        trainer.load_checkpoint(missing)
+    assert str(e.value) == f"path: no such file: {missing}"
     good = ck.read_bytes()
     cut = tmp_path / "cut.npz"
     cut.write_bytes(good[: len(good) // 2])
@@ -115,26 +130,88 @@ def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
     assert ck.read_bytes() == before
 
 
-@pytest.mark.parametrize("argv", [
-    ["--text", "/no/such/file"], ["--hidden", "0"], ["--lr", "-1"], ["--clip", "0"], ["--epochs", "0"],
-    ["--truncation", "k:0"], ["--truncation", "rand:0.5"], ["--truncation", "random:1.5"],
-    ["--resume"], ["--num-steps", "500", "--batch-size", "500"], ["--batch-size", "-3"], ["--seed", "-1"],
-    ["--val-fraction", "1.5"], ["--max-minutes", "0"], ["--checkpoint-every", "0"],
+@pytest.mark.parametrize("argv, flag", [
+    (["--text", "/no/such/file"], "--text"), (["--hidden", "0"], "--hidden"), (["--lr", "-1"], "--lr"),
+    (["--clip", "0"], "--clip"), (["--epochs", "0"], "--epochs"), (["--truncation", "k:0"], "--truncation"),
+    (["--truncation", "rand:0.5"], "--truncation"), (["--truncation", "random:1.5"], "--truncation"),
+    (["--resume"], "--resume"), (["--num-steps", "500", "--batch-size", "500"], "--text"),
+    (["--batch-size", "-3"], "--batch-size"), (["--seed", "-1"], "--seed"),
+    (["--val-fraction", "1.5"], "--val-fraction"), (["--max-minutes", "0"], "--max-minutes"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--resume", "--checkpoint", "/no/such/ck.npz"], "--checkpoint"),
 ])
-def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
+def test_cli_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys):
     assert run_cli("train", "--max-chars", 4000, "--quiet", *argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fastbptt train: error:") and "\n" not in err and "Traceback" not in err
+    assert cli_error(capsys, "train").startswith(f"{flag}: ")
 
 
-def test_cli_short_text_and_binary_text(tmp_path, capsys):
+@pytest.mark.parametrize("options, message", [
+    (dict(hidden=0), "hidden: expected a positive integer, got 0"),
+    (dict(num_steps=0), "num_steps: expected a positive integer, got 0"),
+    (dict(batch_size=-3), "batch_size: expected a positive integer, got -3"),
+    (dict(lr=-1.0), "lr: expected a positive number, got -1.0"),
+    (dict(seed=-1), "seed: expected a non-negative integer, got -1"),
+    (dict(val_fraction=1.5), "val_fraction: expected a number in [0, 1), got 1.5"),
+    (dict(tokenize="words"), "tokenize: expected one of book, chars, got 'words'"),
+    (dict(truncation="rand:0.5"), "truncation: expected full, k:N (N >= 1) or random:P (0 < P <= 1), "
+                                  "got 'rand:0.5'"),
+    (dict(max_minutes=0), "max_minutes: expected a positive number, got 0"),
+    (dict(checkpoint_every=0), "checkpoint_every: expected a positive integer, got 0"),
+    (dict(text="/no/such/file"), "text: no such file: /no/such/file"),
+])
+def test_train_errors_name_its_parameters_not_flags(options, message):
+    with pytest.raises(ValueError) as e:
+        fastbptt.train(**{**SMALL, **options})
+    assert str(e.value) == message
+
+
+def test_train_too_short_a_text_names_text(tmp_path, capsys):
+    with pytest.raises(ValueError) as e:
+        fastbptt.train(**{**SMALL, "num_steps": 500, "batch_size": 500})
+    assert str(e.value).startswith("text: the training split has 4000 tokens, fewer than one minibatch "
+                                   "(num_steps·batch_size + 1 = 250001)")
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
     assert run_cli("train", "--text", short, "--quiet") == 2
-    assert "fewer than one minibatch" in capsys.readouterr().err
+    err = cli_error(capsys, "train")
+    assert err.startswith("--text: the training split has") and "fewer than one minibatch" in err
+
+
+def test_missing_text_is_path_in_the_library_and_text_flag_on_the_command_line(tmp_path, capsys):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(ValueError) as e:
+        data.load_text(missing)
+    assert str(e.value) == f"path: no such file: {missing}"
+    assert run_cli("train", "--text", missing, "--quiet") == 2
+    assert cli_error(capsys, "train") == f"--text: no such file: {missing}"
+    assert run_cli("diagnose", "--init", "--text", missing, "--quiet") == 2
+    assert cli_error(capsys, "diagnose") == f"--text: no such file: {missing}"
+    assert run_cli("diagnose", "--checkpoint", tmp_path / "ck.npz", "--quiet") == 2
+    assert cli_error(capsys, "diagnose") == f"--checkpoint: no such file: {tmp_path / 'ck.npz'}"
+
+
+@pytest.mark.parametrize("message, options, want", [
+    ("path: no such file: x", {"text", "checkpoint"}, "--text: no such file: x"),
+    ("mode: expected one of book, chars, got 'w'", {"tokenize"}, "--tokenize: expected one of book, chars, got 'w'"),
+    ("n_tokens: the text has 3 tokens", {"text"}, "--text: the text has 3 tokens"),
+    ("num_steps: expected a positive integer, got 0", {"num_steps"}, "--num-steps: expected a positive integer, got 0"),
+    ("prefix: expected a non-empty string, got ''", {"prefix"}, "--prefix: expected a non-empty string, got ''"),
+    ("path: no such file: x", {"checkpoint"}, "path: no such file: x"),      # no --text: not that flag
+    ("hidden: expected a positive integer", {"prefix"}, "hidden: expected a positive integer"),
+    ("X: token id 9 out of range", {"text"}, "X: token id 9 out of range"),    # not an option
+    ("--scale: expected a positive number", {"scale"}, "--scale: expected a positive number"),  # already a flag
+    ("interrupted after epoch 3", {"epochs"}, "interrupted after epoch 3"),
+])
+def test_flag_message_maps_a_leading_parameter_to_its_flag(message, options, want):
+    assert cli.flag_message(message, options) == want
+
+
+def test_cli_binary_text(tmp_path, capsys):
     binary = tmp_path / "b.bin"
     binary.write_bytes(bytes(range(256)) * 10)
     assert run_cli("train", "--text", binary, "--quiet") == 2
+    assert cli_error(capsys, "train") == (f"--text: {binary} looks binary (it contains NUL bytes); "
+                                          "give a UTF-8 text file")
 
 
 def test_cli_train_then_generate(tmp_path, capsys):
@@ -147,6 +224,7 @@ def test_cli_train_then_generate(tmp_path, capsys):
     text = capsys.readouterr().out.strip()
     assert text.startswith("the time") and len(text) == len("the time") + 20
     assert run_cli("generate", "--checkpoint", tmp_path / "missing.npz") == 2
+    assert cli_error(capsys, "generate") == f"--checkpoint: no such file: {tmp_path / 'missing.npz'}"
 
 
 def test_generate_greedy_sampled_and_unknown_prefix():
@@ -161,7 +239,7 @@ def test_generate_greedy_sampled_and_unknown_prefix():
     with pytest.warns(UserWarning, match="'z'"):
         out = fastbptt.generate(params, vocab, "az", 3)
     assert out.startswith("az")
-    with pytest.raises(ValueError, match="--length"):
+    with pytest.raises(ValueError, match=r"^length: expected a non-negative integer, got -1$"):
         fastbptt.generate(params, vocab, "ab", -1)
 
 
