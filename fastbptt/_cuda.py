@@ -611,7 +611,7 @@ def normalized(name, a, dtype, copy=False):
     """Host arrays as in _cpu; a device array must be C-contiguous, and is cast (or copied when
     asked) on the device."""
     if not _on_device(a):
-        from ._cpu import normalized as host_normalized
+        from ._host import normalized as host_normalized
         return host_normalized(name, a, dtype, copy)
     if not a.is_c_contiguous():
         raise TypeError(f"{name}: a CUDA array must be C-contiguous (copy it on the device first)")
@@ -625,7 +625,7 @@ def normalized(name, a, dtype, copy=False):
 
 def first_nonfinite(a):
     if not _on_device(a):
-        from ._cpu import first_nonfinite as host_first_nonfinite
+        from ._host import first_nonfinite as host_first_nonfinite
         return host_first_nonfinite(a)
     count = cuda.to_device(np.zeros(1, np.int64))
     _count_nonfinite_cuda[_grid(a.size)](count, a.reshape(a.size))

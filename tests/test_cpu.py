@@ -1,15 +1,19 @@
-"""Kernel-level properties of fastbptt._cpu not visible through the API."""
+"""Kernel-level properties of the CPU engine (fastbptt._cpu) not visible through the API."""
 import numpy as np
 import pytest
 
-from fastbptt import _cpu
+from fastbptt._cpu import elman, fastmath, head, products
+from fastbptt._cpu.products import NO_POST, packed
+
+BLK = np.array([64, 32])          # small K slices and row panels, so that shapes cross them
+KC, MC = (int(x) for x in BLK)
 
 
 def test_float32_tanh_is_accurate_everywhere():
     x = np.concatenate([np.linspace(-20, 20, 400001), [0.0, 1e-30, -1e-8, 7.9, 7.91, 100.0, -100.0]])
     x = x.astype(np.float32)
     out = np.empty_like(x)
-    _cpu.tanh_cpu(out, x)
+    fastmath.tanh_cpu(out, x)
     err = np.abs(out.astype(np.float64) - np.tanh(x.astype(np.float64)))
     assert err.max() < 1e-6
     assert np.all(np.abs(out) <= 1.0)
@@ -19,7 +23,7 @@ def test_float32_tanh_is_accurate_everywhere():
 def test_float64_tanh_is_numpy():
     x = np.linspace(-10, 10, 1001)
     out = np.empty_like(x)
-    _cpu.tanh_cpu(out, x)
+    fastmath.tanh_cpu(out, x)
     np.testing.assert_allclose(out, np.tanh(x), rtol=1e-15, atol=1e-16)
 
 
@@ -27,21 +31,21 @@ def test_float32_exp_is_accurate_everywhere():
     # the softmax's arguments are <= 0; the rest of float32's range for good measure
     x = np.concatenate([np.linspace(-87, 88, 1750001), [0.0, -0.0, 1e-30, -1e-8]]).astype(np.float32)
     out = np.empty_like(x)
-    _cpu.exp_cpu(out, x)
+    fastmath.exp_cpu(out, x)
     want = np.exp(x.astype(np.float64))
     assert np.max(np.abs(out - want) / want) < 5e-7
     assert out[-4] == out[-3] == 1.0
     tiny = np.array([-87.5, -200.0, -np.inf], np.float32)    # clamped: tiny, never 0 or NaN
-    _cpu.exp_cpu(out[:3], tiny)
+    fastmath.exp_cpu(out[:3], tiny)
     assert np.all((out[:3] > 0) & (out[:3] < 1.3e-38))
-    _cpu.exp_cpu(out[:17], np.full(17, np.nan, np.float32))  # NaN stays NaN (vector and tail)
+    fastmath.exp_cpu(out[:17], np.full(17, np.nan, np.float32))  # NaN stays NaN (vector and tail)
     assert np.all(np.isnan(out[:17]))
 
 
 def test_float64_exp_is_numpy():
     x = np.linspace(-700, 700, 1001)
     out = np.empty_like(x)
-    _cpu.exp_cpu(out, x)
+    fastmath.exp_cpu(out, x)
     np.testing.assert_allclose(out, np.exp(x), rtol=1e-15)
 
 
@@ -52,20 +56,22 @@ def test_softmax_head_is_stable_for_huge_logits():
     Y = np.array([1, 0])
     dHs = np.empty_like(Hs)
     dW, db, logits = np.empty((2, 2), np.float32), np.empty(2, np.float32), np.empty((2, 2), np.float32)
-    loss = _cpu.head_forward_backward_cpu(dHs, dW, db, logits, Hs, np.ascontiguousarray(Hs.T), 0,
-                                          Y, W_hq, W_hq.T.copy(), b_q, 1.0, 2)
+    dop, row_loss = np.empty(products.packed_shape(2, 2), np.float32), np.empty(2)
+    head.head_forward_backward_cpu(dHs, dW, db, logits, dop, row_loss, Hs, np.ascontiguousarray(Hs.T),
+                                   0, Y, packed(W_hq, 1), packed(W_hq.T, 1), b_q, 1.0, BLK, 2)
+    loss = row_loss.sum()
     assert np.isfinite(loss) and abs(loss - (2000.0 + np.log(2))) < 1e-2
     assert np.all(np.isfinite(dHs)) and np.all(np.isfinite(dW))
 
 
 # ------------------------------------------------------------- the blocked products
-# Shapes chosen to reach every branch of _matmul_acc: rows not a multiple of 4 (the
-# one-row tiles), tile columns of 1 to 4 vectors, full and masked (16 float32 or 8
-# float64 lanes a vector with AVX-512), more rows than one CPU_MC panel, K over CPU_KC (two and
-# three slices), a column offset into A.
-PRODUCT_SHAPES = [(1, 3, 1), (3, 5, 7), (5, 70, 9), (9, 130, 66), (_cpu.CPU_MC + 7, 67, 13),
-                  (6, _cpu.CPU_KC + 37, 10), (4, 64, 4), (7, 65, 11), (8, 2 * _cpu.CPU_KC + 3, 140),
-                  (13, 40, 57), (4, 16, 40), (2, 9, 33)]
+# Shapes chosen to reach every branch of matmul: rows not a multiple of 4 (the one-row
+# tiles), tile columns of 1 to 4 vectors, full and masked (16 float32 or 8 float64 lanes a
+# vector with AVX-512), more rows than one MC panel, K over KC (two and three slices), N
+# not a multiple of the packed panels' 16 columns, a column offset into A.
+PRODUCT_SHAPES = [(1, 3, 1), (3, 5, 7), (5, 70, 9), (9, 130, 66), (MC + 7, 67, 13),
+                  (6, KC + 37, 10), (4, 64, 4), (7, 65, 11), (8, 2 * KC + 3, 140),
+                  (13, 40, 57), (4, 16, 40), (2, 9, 33), (3, 17, 1000)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -75,49 +81,49 @@ def test_products_match_numpy_in_float64(M, K, N, dtype, rng):
     A = rng.normal(size=(M, ka + K + 2)).astype(dtype)
     B = rng.normal(size=(K, N)).astype(dtype)
     C0 = rng.normal(size=(M, N)).astype(dtype)
-    alpha, j0, j1 = dtype(0.75), 4 * (N > 4), N - (N > 5)  # a column range
+    alpha, j0, j1 = dtype(0.75), 16 * (N > 20), N - (N > 5)  # a column range (starts: whole panels)
     want = C0.astype(np.float64)
     want[:, j0:j1] += 0.75 * A[:, ka:ka + K].astype(np.float64) @ B[:, j0:j1].astype(np.float64)
     C = C0.copy()
-    _cpu._matmul_acc(C, A, B, alpha, j0, j1, ka)
+    products.matmul(C, A, packed(B, 2), alpha, j0, j1, ka, NO_POST, BLK)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K) * np.abs(want).max())
 
 
-@pytest.mark.parametrize("act", [_cpu.TANH, _cpu.RELU, _cpu.IDENTITY])
-@pytest.mark.parametrize("M,K,N", [(5, 70, 9), (_cpu.CPU_MC + 7, _cpu.CPU_KC + 37, 70)])
-def test_product_then_activation_or_derivative(M, K, N, act, rng):
-    # the elementwise pass runs on each tile once its last K slice is in
-    phi = {_cpu.TANH: np.tanh, _cpu.RELU: lambda z: np.maximum(z, 0), _cpu.IDENTITY: lambda z: z}[act]
-    dphi = {_cpu.TANH: lambda y: 1 - y * y, _cpu.RELU: lambda y: (y > 0) * 1.0,
-            _cpu.IDENTITY: lambda y: np.ones_like(y)}[act]
+@pytest.mark.parametrize("act", [elman.TANH, elman.RELU, elman.IDENTITY])
+@pytest.mark.parametrize("M,K,N", [(5, 70, 9), (MC + 7, KC + 37, 70)])
+def test_product_then_the_cells_epilogue(M, K, N, act, rng):
+    # the cell's elementwise pass runs on each tile once its last K slice is in
+    phi = {elman.TANH: np.tanh, elman.RELU: lambda z: np.maximum(z, 0), elman.IDENTITY: lambda z: z}[act]
+    dphi = {elman.TANH: lambda y: 1 - y * y, elman.RELU: lambda y: (y > 0) * 1.0,
+            elman.IDENTITY: lambda y: np.ones_like(y)}[act]
     A, B = rng.normal(size=(M, K)) / np.sqrt(K), rng.normal(size=(K, N))
     C0, Y = rng.normal(size=(M, N)), np.tanh(rng.normal(size=(M, N)))
-    j0, j1 = 4, N - 1
+    j0, j1 = 16 * (N > 20), N - 1
     z = C0[:, j0:j1] + 0.5 * A @ B[:, j0:j1]
     C = C0.copy()
-    _cpu._matmul_then(C, A, B, 0.5, j0, j1, 0, Y, _cpu.ACTIVATE, act)
+    products.matmul(C, A, packed(B, 1), 0.5, j0, j1, 0, elman.Activate(act), BLK)
     np.testing.assert_allclose(C[:, j0:j1], phi(z), rtol=1e-12, atol=1e-12)
     assert np.array_equal(C[:, :j0], C0[:, :j0]) and np.array_equal(C[:, j1:], C0[:, j1:])
     C = C0.copy()
-    _cpu._matmul_then(C, A, B, 0.5, j0, j1, 0, Y, _cpu.DERIVATIVE, act)
+    products.matmul(C, A, packed(B, 1), 0.5, j0, j1, 0, elman.Derivative(Y, act), BLK)
     np.testing.assert_allclose(C[:, j0:j1], z * dphi(Y[:, j0:j1]), rtol=1e-12, atol=1e-12)
 
 
 _OTHER_CPU = """
 import numpy as np
-from fastbptt import _cpu
+from fastbptt._cpu import products
 rng = np.random.default_rng(0)
 for dt in (np.float32, np.float64):
     for M, K, N in [(7, 70, 45), (70, 600, 19), (1, 9, 3)]:
         A, B, C = (rng.normal(size=s).astype(dt) for s in ((M, K), (K, N), (M, N)))
         want = C + A.astype(float) @ B.astype(float)
-        _cpu._matmul_acc(C, A, B, dt(1), 0, N, 0)
+        products.matmul(C, A, products.packed(B, 1), dt(1), 0, N, 0, products.NO_POST, np.array([128, 64]))
         np.testing.assert_allclose(C, want, rtol=2e-5, atol=2e-5 * np.sqrt(K) * abs(want).max())
         T = np.empty((K, M), dt)
-        _cpu.transpose_cpu(T, A, 2)
+        products.transpose_cpu(T, A, 2)
         assert np.array_equal(T, A.T)
-print(_cpu._vector_shape())
+print(products.vector_shape())
 """
 
 
@@ -148,10 +154,10 @@ def test_kernels_are_exact_for_other_vector_widths(cpu, features, shape, tmp_pat
 def test_parallel_product_and_transpose_split_any_way(n, rng):
     A, B = rng.normal(size=(13, 70)), rng.normal(size=(70, 22))
     C = np.ones((13, 22))
-    _cpu.gemm_cpu(C, A, B, n)
+    products.gemm_cpu(C, A, packed(B, n), 1.0, BLK, n)
     np.testing.assert_allclose(C, 1.0 + A @ B, rtol=1e-12, atol=1e-12)
     T_ = np.empty((70, 13))
-    _cpu.transpose_cpu(T_, A, n)
+    products.transpose_cpu(T_, A, n)
     assert np.array_equal(T_, A.T)
 
 
@@ -163,7 +169,7 @@ def test_transpose_is_exact_in_tiles_and_at_the_edges(N, H, dtype, rng):
     src = rng.normal(size=(N, H)).astype(dtype)
     for n in (1, 2, 3):
         dst = np.full((H, N), np.nan, dtype)
-        _cpu.transpose_cpu(dst, src, n)
+        products.transpose_cpu(dst, src, n)
         assert np.array_equal(dst, src.T)
 
 
@@ -201,24 +207,11 @@ def test_sweeps_are_exact_however_the_lanes_are_run(threads, lanes, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         H = Hx.copy()
-        _cpu.rnn_forward_cpu(H, W, _cpu.TANH, lanes)
+        elman.forward_cpu(H, packed(W, 1), elman.TANH, BLK, lanes)
         D, dh0 = dZ.copy(), np.empty_like(dZ[0])
-        _cpu.rnn_backward_cpu(D, dh0, Hx, WT, xi, _cpu.TANH, lanes)
+        elman.backward_cpu(D, dh0, Hx, packed(WT, 1), xi, elman.TANH, BLK, lanes)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_allclose(H, want_H, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(D, want_D, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dh0, want_dh0, rtol=1e-12, atol=1e-12)
-
-
-def test_step_threads_rule():
-    W = lambda H, dt=np.float32: np.empty((H, H), dt)          # noqa: E731
-    n = 2
-    if _cpu.step_threads(32, W(512), n) == 1:
-        pytest.skip("numba's workqueue layer: every step runs on one thread")
-    assert _cpu.step_threads(64, W(32), n) == 1               # 16 columns per thread
-    assert _cpu.step_threads(8, W(64), n) == 1                # 2^15 multiply-adds, W 16 KiB
-    assert _cpu.step_threads(16, W(64), n) == n               # 2^16 multiply-adds
-    assert _cpu.step_threads(2, W(128), n) == 1               # W 64 KiB: 32 KiB per batch row
-    assert _cpu.step_threads(1, W(96), n) == n                # W 36 KiB per batch row
-    assert _cpu.step_threads(1, W(192), n) == n               # W 144 KiB, read from L2 each step

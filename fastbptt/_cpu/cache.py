@@ -1,0 +1,104 @@
+"""Where fastbptt's CPU kernels and plans live on disk, and when a cached kernel is stale.
+
+numba keys a cached kernel by the source of the one file that defines it.  fastbptt's
+kernels inline code from the engine's other files (the register tile, the lanes, a
+cell's epilogue) and read tunables from ``fastbptt.config`` at compile time, so that key
+alone could run stale code after an upgrade or an edited tunable.  The rule here: every
+kernel of ``fastbptt/_cpu`` is keyed by one stamp, a hash of all the engine's sources,
+``config.py`` and the tunables' current values; change any and every kernel recompiles.
+
+Kernels go where numba would put them (``__pycache__`` beside the sources when it is
+writable, else the user-wide cache); plans (:mod:`fastbptt._cpu.plan`) go beside them.
+``FASTBPTT_CACHE_DIR`` puts both elsewhere.
+"""
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+from numba.core import caching
+
+from .. import config
+
+_HERE = Path(__file__).resolve().parent
+_SOURCES = sorted(_HERE.glob("*.py")) + [_HERE.parent / "config.py"]
+
+
+@functools.cache
+def stamp():
+    """hash of the engine's sources and of the tunables' values (see the module notes)"""
+    h = hashlib.sha256()
+    for path in _SOURCES:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    for name, value in sorted(vars(config).items()):
+        if name.isupper():                   # sets sorted: their order varies by process
+            h.update(f"{name}={sorted(value) if isinstance(value, (set, frozenset)) else value!r}".encode())
+    return h.hexdigest()
+
+
+def _user_dir():
+    override = os.environ.get("FASTBPTT_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fastbptt"
+
+
+def _writable(path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+@functools.cache
+def cache_dir():
+    """the folder of the kernels and plans: FASTBPTT_CACHE_DIR, else _cpu/__pycache__ when
+    writable, else ~/.cache/fastbptt"""
+    if not os.environ.get("FASTBPTT_CACHE_DIR"):
+        here = _HERE / "__pycache__"
+        if _writable(here):
+            return here
+    path = _user_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _KernelLocator(caching._CacheLocator):
+    """numba's cache locator for fastbptt's CPU kernels: cache_dir(), keyed by stamp()"""
+
+    def __init__(self, py_func, py_file):
+        self._lineno = py_func.__code__.co_firstlineno
+        self._path = str(cache_dir())
+
+    def get_cache_path(self):
+        return self._path
+
+    def get_source_stamp(self):
+        return stamp()
+
+    def get_disambiguator(self):
+        return str(self._lineno)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        try:
+            if Path(py_file).resolve().parent != _HERE:
+                return None
+            self = cls(py_func, py_file)
+            self.ensure_cache_path()
+        except OSError:
+            return None
+        return self
+
+
+def install():
+    """put _KernelLocator first in numba's list of cache locators (once)"""
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
+    if _KernelLocator not in impl._locator_classes:
+        impl._locator_classes = [_KernelLocator] + list(impl._locator_classes)

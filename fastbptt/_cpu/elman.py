@@ -1,0 +1,210 @@
+"""The Elman cell ("rnn") on the CPU engine: its pointwise forward and backward, and its
+sweeps, as steps handed to the engine's lane scheduler.
+
+    forward   z_t = pre_t + h_{t-1} W_hh,   h_t = φ(z_t)            pre_t = x_t W_xh + b_h
+    backward  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,   dz_t = a_t ⊙ φ'(z_t)
+              φ' written with h = φ(z): tanh 1 − h²,  relu [h > 0],  identity 1
+
+What the backward needs is h_t alone (φ' is a function of it), so the forward keeps
+h_0..h_T and nothing else.  A step's product runs on the engine's register tile with
+the packed W_hh (or W_hhᵀ); φ (or φ') is the tile's epilogue, applied to each tile
+column while it is in L1.  Steps are split by hidden columns: the engine's lanes give
+each thread columns [j0, j1) of every step.
+"""
+from collections import namedtuple
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ..config import ACTIVATIONS, FASTMATH
+from .fastmath import tanh
+from .lanes import cell_step, run_lanes
+from .products import NO_POST, _0, chunk, epilogue, gemm_cpu, matmul
+
+TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
+
+
+# ------------------------------------------------------------------------ pointwise
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def activate(h, j0, j1, act):
+    """h[:, j0:j1] ← φ(h[:, j0:j1]).  Loops run over a slice from 0 so that they vectorize
+    (a loop from j0 keeps numba's negative-index check and does not)."""
+    zero = h.dtype.type(0)
+    for b in range(h.shape[0]):
+        z = h[b, j0:j1]
+        if act == TANH:
+            for j in range(z.shape[0]):
+                z[j] = tanh(z[j])
+        elif act == RELU:
+            for j in range(z.shape[0]):
+                z[j] = z[j] if z[j] > zero else zero
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def dphi(dz, h, j0, j1, act):
+    """dz[:, j0:j1] ⊙= φ'(z) written with h = φ(z):  tanh: 1 - h²,  relu: [h > 0],  identity: 1"""
+    zero = h.dtype.type(0)
+    one = h.dtype.type(1)
+    for b in range(h.shape[0]):
+        d = dz[b, j0:j1]
+        y = h[b, j0:j1]
+        if act == TANH:
+            for j in range(d.shape[0]):
+                d[j] *= one - y[j] * y[j]
+        elif act == RELU:
+            for j in range(d.shape[0]):
+                d[j] = d[j] if y[j] > zero else zero
+
+
+# The tile's epilogues: φ after the forward product, ⊙ φ'(h) after the backward one.
+Activate = namedtuple("ElmanActivate", "act")
+Derivative = namedtuple("ElmanDerivative", "h act")
+
+
+def _is(ty, cls):
+    return isinstance(ty, types.BaseNamedTuple) and ty.instance_class is cls
+
+
+@overload(epilogue, jit_options={"cache": True})
+def _epilogue(post, C, m0, m1, j0, j1):
+    if _is(post, Activate):
+        return lambda post, C, m0, m1, j0, j1: activate(C[m0:m1], j0, j1, post.act)
+    if _is(post, Derivative):
+        return lambda post, C, m0, m1, j0, j1: dphi(C[m0:m1], post.h[m0:m1], j0, j1, post.act)
+
+
+# ---------------------------------------------------------------------------- steps
+# A sweep's context: the states, the packed recurrent weight, the tile's blocking.
+Forward = namedtuple("ElmanForward", "Hx Wp act blk")
+Backward = namedtuple("ElmanBackward", "dZ Hx Wp xi act blk")
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _forward_step(ctx, s, j0, j1):
+    """h_t = φ(pre_t + h_{t-1} W_hh) on columns [j0, j1), t = s + 1 (Hx[t] holds pre_t)"""
+    S, t = ctx.Hx, s + 1
+    matmul(S[t], S[t - 1], ctx.Wp, S.dtype.type(1), j0, j1, _0, Activate(ctx.act), ctx.blk)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _backward_step(ctx, s, j0, j1):
+    """dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(h_t) on columns [j0, j1), t = T-1-s
+    (0-based: dZ[t] holds dHs_t; ξ = 0 skips the product)"""
+    S = ctx.dZ
+    t = S.shape[0] - 1 - s
+    h = ctx.Hx[t + 1]
+    x = ctx.xi[t + 1] if t + 1 < S.shape[0] else S.dtype.type(0)
+    if x == 0:
+        dphi(S[t], h, j0, j1, ctx.act)
+    else:
+        matmul(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, Derivative(h, ctx.act), ctx.blk)
+
+
+@overload(cell_step, jit_options={"cache": True})
+def _cell_step(ctx, s, j0, j1):
+    if _is(ctx, Forward):
+        return lambda ctx, s, j0, j1: _forward_step(ctx, s, j0, j1)
+    if _is(ctx, Backward):
+        return lambda ctx, s, j0, j1: _backward_step(ctx, s, j0, j1)
+
+
+# ---------------------------------------------------------------------------- sweeps
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def forward_cpu(Hx, W_hhp, act, blk, n):
+    """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
+
+    Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hhp: W_hh (H,H) packed ·
+    act 0=tanh 1=relu 2=identity · blk (kc, mc) · n lanes (1: on this thread).  h_0 sits in front of h_1..h_T so that ∂W_hh is one
+    product over Hx[:T].
+    """
+    run_lanes(Forward(Hx, W_hhp, act, blk), Hx.shape[0] - 1, Hx.shape[2], n)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n):
+    """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
+    then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
+
+    dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
+    h_0..h_T · W_hhTp: W_hhᵀ packed · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}:
+    randomized truncation) · act · blk (kc, mc) · n lanes.
+    """
+    run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[2], n)
+    dh0[:] = 0
+    if xi[0] != 0:
+        gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, n)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def backward_truncated_cpu(dZ, dh0, Hx, W_hhTp, k, act, blk, n):
+    """Per-term truncation after k steps:  dz_s = Σ_{t=s}^{min(s+k-1,T)} (l_t's adjoint at z_s),
+    ∂L/∂h_0 = dz_1 W_hhᵀ (only the terms with t <= k reach step 1).
+
+    The chains of all loss terms advance together, one depth d = 0..k-1 at a time:
+    C_t ← C_t ⊙ φ'(h_{t-d}) is added into dz_{t-d}, then C_t ← C_t W_hhᵀ for all t > d in
+    one product over (T-d-1)·B rows.  Cost: min(k,T) - 1 products of at most T·B rows.
+
+    dZ (T,B,H) in: dHs (direct terms), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
+    h_0..h_T · W_hhTp: W_hhᵀ packed · k >= 1 · act · blk (kc, mc) · n column chunks
+    """
+    T, B, H = dZ.shape
+    chain = dZ.copy()                          # C_t for every loss term t
+    nxt = np.empty_like(dZ)
+    zero = dZ.dtype.type(0)
+    one = dZ.dtype.type(1)
+    dZ[:] = zero
+    depth = min(k, T)
+    for d in range(depth):
+        for t in prange(d, T):                 # C_t sits at step s = t - d (one chain per s)
+            dphi(chain[t], Hx[t - d + 1], 0, H, act)
+            dst = dZ[t - d].reshape(B * H)
+            src = chain[t].reshape(B * H)
+            for i in range(B * H):
+                dst[i] += src[i]
+        if d + 1 < depth:                      # move every live chain one step back
+            rows = chain.reshape(T * B, H)[(d + 1) * B:]
+            out = nxt.reshape(T * B, H)[(d + 1) * B:]
+            out[:] = zero
+            for c in prange(n):
+                j0, j1 = chunk(H, c, n)
+                matmul(out, rows, W_hhTp, one, j0, j1, _0, NO_POST, blk)
+            chain, nxt = nxt, chain
+    dh0[:] = 0
+    for c in prange(n):
+        j0, j1 = chunk(H, c, n)
+        matmul(dh0, dZ[0], W_hhTp, one, j0, j1, _0, NO_POST, blk)
+
+
+# --------------------------------------------------------------- the graph's calls
+# fastbptt._model calls these with a run (fastbptt._cpu.Run): threads, plan, packed weights.
+
+def forward(run, S, act):
+    """S (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T.  With h_0 = 0 the first step has no
+    product: h_1 = φ(pre_1)."""
+    lanes = run.lanes(S.shape[1], S.shape[2])
+    W_hhp = run.packed("W_hh")
+    if run.h0_zero:
+        activate(S[1], _0, S.shape[2], act)
+        forward_cpu(S[1:], W_hhp, act, run.blk("step"), lanes)
+    else:
+        forward_cpu(S, W_hhp, act, run.blk("step"), lanes)
+
+
+def backward(run, S, dZ, act, k, xi):
+    """dZ (T,B,H) in: the direct terms ∂l_t/∂h_t; out: dz_t.  Returns ∂L/∂h_0.
+    k: Truncated(k) with k < T, or None for the sweep with crossing factors xi (T,)."""
+    dh0 = np.empty(dZ.shape[1:], dZ.dtype)
+    W_hhTp = run.packed("W_hh", transposed=True)
+    if k is None:
+        backward_cpu(dZ, dh0, S, W_hhTp, xi, act, run.blk("step"), run.lanes(dZ.shape[1], dZ.shape[2]))
+    else:
+        backward_truncated_cpu(dZ, dh0, S, W_hhTp, k, act, run.blk("rows"), run.n)
+    return dh0
+
+
+def add_recurrent(run, A, dZ):
+    """A[:T] += dZ W_hhᵀ (the adjoints a_t that reach h_t through step t + 1)"""
+    T, B, H = dZ.shape
+    gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), run.packed("W_hh", transposed=True),
+             dZ.dtype.type(1), run.blk("rows"), run.n)

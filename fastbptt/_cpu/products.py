@@ -1,0 +1,383 @@
+"""Products of the CPU engine: C (M,N) += α · A (M,K) B (K,N), from one register tile.
+
+Every product of a call runs here, on numba's threads: callers split the output columns
+(or rows) into one chunk per thread.  The right factor B always arrives *packed*
+(:func:`pack_cpu`): cut into panels of PANEL columns, each panel's K rows contiguous,
+so that a tile streams B from a few contiguous runs whatever N is.  Read in place, the
+rows of B are N·4 bytes apart; at N = 512 or 1024 they fall into the same cache sets
+and pages, and the tile's speed depended on the matrix's leading dimension.  W_hh and
+W_hhᵀ, the B of every step of a sweep, are packed once per call.
+
+The tile (``_outer_tile``, LLVM IR, as in BLAS): R rows x NV vectors of C stay in vector
+registers for all of a K slice; each k adds the outer product of R broadcast elements
+of A and NV vectors of B's row k (no horizontal sums).  The vector width and the tile
+follow the CPU numba compiles for (AVX-512: 16 float32 lanes, 4 x 4 vectors; AVX2: 8
+lanes, 4 x 2; SSE / NEON: 4 lanes).  K runs in slices of ``kc``, rows in panels of
+``mc`` (the plan's blocking, :mod:`fastbptt._cpu.plan`).
+
+After the last K slice of a tile column, an *epilogue* runs on it while it is in L1:
+:func:`epilogue` is a stub that each user of the engine overloads for its own
+namedtuple type (a cell's activation, or :data:`NO_POST`), so the engine calls code it
+does not know, resolved at compile time and kept in numba's on-disk cache.
+"""
+import functools
+from collections import namedtuple
+
+import numba
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from ..config import FASTMATH
+
+#: columns per packed panel of B: a multiple of every vector width (16 float32 lanes with
+#: AVX-512), so that no vector of a tile straddles two panels
+PANEL = 16
+_0 = np.int64(0)    # a 0 that types as int64, not Literal[int](0): one compilation per kernel
+
+
+# ------------------------------------------------------------------------ the CPU's vectors
+@functools.cache
+def vector_shape():
+    """(bytes per vector register, registers) of the CPU numba compiles for (its features,
+    as numba's code generator reads them): AVX-512 64 and 32, AVX 32 and 16, NEON 16 and
+    32, else 16 and 16."""
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = llvm.get_host_cpu_features().flatten()
+    features = set(features.split(","))
+    if "+avx512f" in features:
+        return 64, 32
+    if "+avx" in features:
+        return 32, 16
+    return 16, 32 if "+neon" in features else 16
+
+
+def _lanes(fty, context):
+    """elements per vector register: 16 float32 with AVX-512, 8 with AVX2, ..."""
+    return vector_shape()[0] // context.get_abi_sizeof(fty)
+
+
+@intrinsic
+def vector_lanes(typingctx, a):
+    """the elements of a's dtype per vector register (a compile-time constant)"""
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, _lanes(context.get_value_type(a.dtype), context))
+    return types.intp(a), codegen
+
+
+@intrinsic
+def _tile_vectors(typingctx):
+    """vectors per row of a full register tile: 4 (16 accumulators) with 32 registers,
+    2 with 16"""
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, 4 if vector_shape()[1] >= 32 else 2)
+    return types.intp(), codegen
+
+
+def _vector_intrinsic(builder, name, vty, argtys):
+    """declare llvm.<name> for vectors vty (its result vty, or void for a store)"""
+    suffix = f"v{vty.count}f{vty.element.intrinsic_name[1:]}"
+    if name.startswith("masked."):
+        suffix += f".p0{suffix}"
+    ret = ir.VoidType() if name.endswith("store") else vty
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, argtys),
+                                          f"llvm.{name}.{suffix}")
+
+
+def _splat(builder, x, n):
+    v = builder.insert_element(ir.Constant(ir.VectorType(x.type, n), None), x, ir.IntType(32)(0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n))
+
+
+# ------------------------------------------------------------------------------ the tile
+@intrinsic
+def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV):
+    """C[r0:r0+R, j0:j0+w] += α · A[r0:r0+R, ka:ka+K] B[kb:kb+K, j0:j0+w]
+
+    Bp: B packed (:func:`pack_cpu`), Bp[j // PANEL, k, j % PANEL] = B[k, j], zero past N.
+    R (rows) and NV (vectors per row) literal ints, (NV-1)·L < w <= NV·L with L the lanes
+    of a vector register, j0 a multiple of L; C's last vector of each row is loaded and
+    stored under a mask of its w - (NV-1)·L valid lanes (B's panels are padded with
+    zeros).  C, A: 2-D, rows contiguous.  The R·NV accumulators live in registers for
+    all of K.
+    """
+    if not isinstance(R, types.IntegerLiteral) or not isinstance(NV, types.IntegerLiteral):
+        return None                            # numba retries with the literal values
+    nrow, nvec = R.literal_value, NV.literal_value
+
+    def codegen(context, builder, sig, args):
+        cty, aty, bty = sig.args[:3]
+        fty = context.get_value_type(cty.dtype)
+        L, size = _lanes(fty, context), context.get_abi_sizeof(fty)
+        vty, i32 = ir.VectorType(fty, L), ir.IntType(32)
+        cary, aary, bary = (context.make_array(t)(context, builder, v)
+                            for t, v in zip(sig.args[:3], args[:3]))
+        alpha = context.cast(builder, args[3], sig.args[3], cty.dtype)
+        r0, j0, w, ka, kb, K = (context.cast(builder, args[i], sig.args[i], types.intp)
+                                for i in range(4, 10))
+        fma = _vector_intrinsic(builder, "fma", vty, [vty] * 3)
+        zero = ir.Constant(vty, None)
+        rest = builder.trunc(builder.sub(w, w.type((nvec - 1) * L)), i32)
+        mask = builder.icmp_signed("<", ir.Constant(ir.VectorType(i32, L), list(range(L))),
+                                   _splat(builder, rest, L))
+        mload = _vector_intrinsic(builder, "masked.load", vty, [vty.as_pointer(), i32, mask.type, vty])
+        mstore = _vector_intrinsic(builder, "masked.store", vty, [vty, vty.as_pointer(), i32, mask.type])
+        panel = j0.type(PANEL)
+
+        def cvector(r, v):                     # pointer to C's vector v of row r, from column j0
+            p = cgutils.get_item_pointer(context, builder, cty, cary, [r, builder.add(j0, j0.type(v * L))])
+            return builder.bitcast(p, vty.as_pointer())
+
+        def cload(p, v):
+            if v < nvec - 1:
+                return builder.load(p, align=size)
+            return builder.call(mload, [p, i32(size), mask, zero])
+
+        rows = [builder.add(r0, r0.type(r)) for r in range(nrow)]
+        arow = [cgutils.get_item_pointer(context, builder, aty, aary, [r, ka]) for r in rows]
+        bcol = []                              # B's vector v at row kb: bcol[v] + k·PANEL is row kb + k
+        for v in range(nvec):
+            j = builder.add(j0, j0.type(v * L))
+            bcol.append(cgutils.get_item_pointer(context, builder, bty, bary,
+                                                 [builder.sdiv(j, panel), kb, builder.srem(j, panel)]))
+        # for k < K:  acc[r][v] += A[r0+r, ka+k] * B[kb+k, j0+v·L : j0+(v+1)·L]
+        entry = builder.basic_block
+        head, body, done = (builder.append_basic_block(f"tile.{n}") for n in ("head", "body", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        k = builder.phi(K.type)
+        acc = [builder.phi(vty) for _ in range(nrow * nvec)]
+        builder.cbranch(builder.icmp_signed("<", k, K), body, done)
+        builder.position_at_end(body)
+        kp = builder.mul(k, k.type(PANEL))
+        b = [builder.load(builder.bitcast(builder.gep(p, [kp]), vty.as_pointer()), align=size)
+             for p in bcol]
+        a = [_splat(builder, builder.load(builder.gep(p, [k]), align=size), L) for p in arow]
+        new = [builder.call(fma, [a[r], b[v], acc[r * nvec + v]]) for r in range(nrow) for v in range(nvec)]
+        k.add_incoming(K.type(0), entry)
+        k.add_incoming(builder.add(k, K.type(1)), body)
+        for phi, x in zip(acc, new):
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(x, body)
+        builder.branch(head)
+        # C += α · acc
+        builder.position_at_end(done)
+        alpha = _splat(builder, alpha, L)
+        for r in range(nrow):
+            for v in range(nvec):
+                p = cvector(rows[r], v)
+                x = builder.call(fma, [alpha, acc[r * nvec + v], cload(p, v)])
+                if v < nvec - 1:
+                    builder.store(x, p, align=size)
+                else:
+                    builder.call(mstore, [x, p, i32(size), mask])
+        return context.get_dummy_value()
+
+    return types.void(C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV), codegen
+
+
+@njit(inline="always")
+def _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka, kb, K, NV):
+    """rows [m0, m1) of C's tile column [j, j+w): 4 rows at a time, then one by one"""
+    r = m0
+    while r + 4 <= m1:
+        _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, 4, NV)
+        r += 4
+    for i in range(r, m1):
+        _outer_tile(C, A, Bp, alpha, i, j, w, ka, kb, K, 1, NV)
+
+
+# -------------------------------------------------------------------------- epilogues
+def epilogue(post, C, m0, m1, j0, j1):
+    """Runs on C[m0:m1, j0:j1] once its product is final.  A stub: each user overloads it
+    for its own namedtuple type ``post`` (see :data:`NO_POST`, and the cells)."""
+
+
+NoPost = namedtuple("NoPost", "unused")
+#: the epilogue that does nothing
+NO_POST = NoPost(0)
+
+
+@overload(epilogue, jit_options={"cache": True})
+def _no_post(post, C, m0, m1, j0, j1):
+    if isinstance(post, types.BaseNamedTuple) and post.instance_class is NoPost:
+        return lambda post, C, m0, m1, j0, j1: None
+
+
+# --------------------------------------------------------------------------- the product
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def matmul(C, A, Bp, alpha, j0, j1, ka, post, blk):
+    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], then epilogue(post) on each tile column
+
+    C (M,N) · A (M, >= ka+K) · Bp: B (K,N) packed · j0 a multiple of PANEL · blk = (kc,
+    mc) int64 array: K in equal slices of at most kc, rows in panels of mc, so that a panel of A and
+    the slice of B under a tile column stay in L2.  Tiles of 4 rows x the tile's vectors
+    (_outer_tile), the columns left over in a tile of fewer vectors.
+    """
+    M, K = C.shape[0], Bp.shape[1]
+    kc, mc = blk[0], blk[1]
+    L = vector_lanes(C)
+    W = _tile_vectors() * L                         # columns of a full tile
+    nk = (K + kc - 1) // kc
+    for s in range(nk):
+        k0, k1 = K * s // nk, K * (s + 1) // nk
+        for m0 in range(0, M, mc):
+            m1 = min(m0 + mc, M)
+            for j in range(j0, j1, W):
+                w = min(W, j1 - j)
+                nv = (w + L - 1) // L                   # vectors in this tile column
+                if nv == 4:
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 4)
+                elif nv == 3:
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 3)
+                elif nv == 2:
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 2)
+                else:
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 1)
+                if s == nk - 1:
+                    epilogue(post, C, m0, m1, j, j + w)
+
+
+@njit(inline="always")
+def chunk(N, c, n):
+    """columns [j0, j1) of chunk c of n, starts multiples of PANEL (whole vectors for every
+    vector width, float32 or float64, and whole panels of a packed B)"""
+    j0 = N * c // n // PANEL * PANEL
+    j1 = N if c == n - 1 else N * (c + 1) // n // PANEL * PANEL
+    return j0, j1
+
+
+@njit(inline="always")
+def row_chunk(M, c, n):
+    """rows [r0, r1) of chunk c of n, starts multiples of the tile's 4 rows: each row then
+    sits in the same kind of tile however the rows are split, and its sums round alike"""
+    r0 = M * c // n // 4 * 4
+    r1 = M if c == n - 1 else M * (c + 1) // n // 4 * 4
+    return r0, r1
+
+
+# ---------------------------------------------------------------------------- packing
+def packed_shape(K, N):
+    """the shape of B (K,N) packed: (panels, K, PANEL)"""
+    return (-(-N // PANEL), K, PANEL)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _pack(Bp, B, p0, p1):
+    """panels [p0, p1) of Bp ← B: Bp[p, k, l] = B[k, p·PANEL + l], 0 past B's N columns"""
+    K, N = B.shape
+    for p in range(p0, p1):
+        j0 = p * PANEL
+        w = min(PANEL, N - j0)
+        dst = Bp[p]
+        for k in range(K):
+            for l in range(w):
+                dst[k, l] = B[k, j0 + l]
+            for l in range(w, PANEL):
+                dst[k, l] = 0
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def pack_cpu(Bp, B, n):
+    """Bp ← B (K,N) packed in panels of PANEL columns (see packed_shape); B of any layout
+    (a transposed view packs Bᵀ) · n chunks of panels"""
+    P = Bp.shape[0]
+    for c in prange(n):
+        _pack(Bp, B, P * c // n, P * (c + 1) // n)
+
+
+def packed(B, n):
+    """B (K,N) packed in a new array (see pack_cpu)"""
+    Bp = np.empty(packed_shape(*B.shape), B.dtype)
+    pack_cpu(Bp, B, n)
+    return Bp
+
+
+# --------------------------------------------------------------------- whole products
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def gemm_cpu(C, A, Bp, alpha, blk, n):
+    """C += α · A B · C (M,N) · A (M,K) · Bp: B (K,N) packed · blk (kc, mc) · n column chunks"""
+    for c in prange(n):
+        j0, j1 = chunk(C.shape[1], c, n)
+        matmul(C, A, Bp, alpha, j0, j1, _0, NO_POST, blk)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def column_sums(out, A, j0, j1):
+    """out[j0:j1] = Σ_r A[r, j0:j1]"""
+    o = out[j0:j1]
+    o[:] = 0
+    for r in range(A.shape[0]):
+        a = A[r, j0:j1]
+        for j in range(o.shape[0]):
+            o[j] += a[j]
+
+
+# -------------------------------------------------------------------------- transposes
+@intrinsic
+def _transpose_tile(typingctx, dst, src, r0, j0):
+    """dst[j0+c, r0+i] = src[r0+i, j0+c] for i, c < L, L the lanes of a vector register (16
+    float32 with AVX-512): L rows loaded as vectors, transposed in registers by log2(L)
+    rounds of two-vector shuffles, stored as L rows (dst, src: C-contiguous 2-D)"""
+    def codegen(context, builder, sig, args):
+        dty, sty = sig.args[0], sig.args[1]
+        fty = context.get_value_type(sty.dtype)
+        L, size = _lanes(fty, context), context.get_abi_sizeof(fty)
+        vty, i32 = ir.VectorType(fty, L), ir.IntType(32)
+        dary = context.make_array(dty)(context, builder, args[0])
+        sary = context.make_array(sty)(context, builder, args[1])
+        r0 = context.cast(builder, args[2], sig.args[2], types.intp)
+        j0 = context.cast(builder, args[3], sig.args[3], types.intp)
+
+        def row(ty, ary, r, c):
+            p = cgutils.get_item_pointer(context, builder, ty, ary, [r, c])
+            return builder.bitcast(p, vty.as_pointer())
+
+        rows = [builder.load(row(sty, sary, builder.add(r0, r0.type(i)), j0), align=size)
+                for i in range(L)]
+        s = 1                                  # round s: rows i and i + s swap blocks of s
+        while s < L:
+            lo = [b + k + t for b in range(0, L, 2 * s) for k in (0, L) for t in range(s)]
+            hi = [x + s for x in lo]
+            lo, hi = (ir.Constant(ir.VectorType(i32, L), m) for m in (lo, hi))
+            out = list(rows)
+            for i in range(L):
+                if not i & s:
+                    out[i] = builder.shuffle_vector(rows[i], rows[i + s], lo)
+                    out[i + s] = builder.shuffle_vector(rows[i], rows[i + s], hi)
+            rows = out
+            s *= 2
+        for c in range(L):
+            builder.store(rows[c], row(dty, dary, builder.add(j0, j0.type(c)), r0), align=size)
+        return context.get_dummy_value()
+    return types.void(dst, src, r0, j0), codegen
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _transpose(dst, src, j0, j1):
+    """dst[j] = src[:, j] for j in [j0, j1) · dst (H,N) · src (N,H): in L x L tiles
+    (_transpose_tile, L the lanes of a vector register), the edges element by element"""
+    N = src.shape[0]
+    L = vector_lanes(src)
+    nr, jt = N // L * L, j0 + (j1 - j0) // L * L
+    for r0 in range(0, nr, L):
+        for j in range(j0, jt, L):
+            _transpose_tile(dst, src, r0, j)
+    for r0 in range(0, N, L):                  # the columns left over, and the rows left over
+        r1 = min(r0 + L, N)
+        for j in range(jt if r0 < nr else j0, j1):
+            d = dst[j, r0:r1]
+            for i in range(d.shape[0]):
+                d[i] = src[r0 + i, j]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def transpose_cpu(dst, src, n):
+    """dst = srcᵀ · dst (H,N) out · src (N,H) · n chunks of dst's rows"""
+    for c in prange(n):
+        j0, j1 = chunk(src.shape[1], c, n)
+        _transpose(dst, src, j0, j1)

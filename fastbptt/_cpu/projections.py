@@ -1,0 +1,88 @@
+"""The products over all T·B rows around a sweep: the input projection before it, the
+weight gradients after it.  Each is one product (a gather or scatter-add for token ids),
+never a loop over time steps.
+
+    pre = X W_x + b                       X (T·B,D) or ids (T,B)   pre (T·B,G·H)
+    ∂W_x = Xᵀ dZ,  ∂W_h = Σ_t h_{t-1}ᵀ dz_t,  ∂b = Σ_t Σ_b dz_t      dZ (T·B,G·H)
+
+G·H is the width of a cell's pre-activations (G = 1 for the Elman cell).
+"""
+from numba import njit, prange
+
+from ..config import FASTMATH
+from .products import NO_POST, _0, chunk, column_sums, matmul, row_chunk
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_tokens_cpu(pre, X, W_xh, b_h, n):
+    """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h
+
+    pre (T,B,H) out · X (T,B) int64 token ids · W_xh (D,H) · b_h (H,) · n row chunks
+    """
+    T, B, H = pre.shape
+    rows, ids = pre.reshape(T * B, H), X.reshape(T * B)
+    for c in prange(n):
+        for r in range(T * B * c // n, T * B * (c + 1) // n):
+            src = W_xh[ids[r]]
+            dst = rows[r]
+            for j in range(H):
+                dst[j] = src[j] + b_h[j]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_dense_cpu(pre, X, W_xhp, b_h, blk, n):
+    """pre = X W_xh + b_h over all T·B rows at once (one product)
+
+    pre (T·B,H) out · X (T·B,D) · W_xhp: W_xh (D,H) packed · b_h (H,) · blk (kc, mc) · n row chunks
+    """
+    N, H = pre.shape
+    one = pre.dtype.type(1)
+    for c in prange(n):
+        r0, r1 = row_chunk(N, c, n)
+        for r in range(r0, r1):
+            pre[r] = b_h
+        matmul(pre[r0:r1], X[r0:r1], W_xhp, one, _0, H, _0, NO_POST, blk)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def embed_tokens_backward_cpu(dW_xh, dZ, X):
+    """∂W_xh = Σ_t x_tᵀ dz_t for one-hot x_t: a scatter-add, dW_xh[X[t,b]] += dz_t[b]
+
+    dW_xh (D,H) out · dZ (T,B,H) · X (T,B) int64 token ids
+    """
+    T, B, H = dZ.shape
+    dW_xh[:] = 0
+    for t in range(T):
+        for b in range(B):
+            dst = dW_xh[X[t, b]]
+            src = dZ[t, b]
+            for j in range(H):
+                dst[j] += src[j]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_dense_backward_cpu(dW_xh, XT, dZp, blk, n):
+    """∂W_xh = Xᵀ dZ over all T·B rows (one product)
+
+    dW_xh (D,H) out · XT (D,T·B) = Xᵀ · dZp: dZ (T·B,H) packed · blk (kc, mc) · n column chunks
+    """
+    for c in prange(n):
+        j0, j1 = chunk(dW_xh.shape[1], c, n)
+        dW_xh[:, j0:j1] = 0
+        matmul(dW_xh, XT, dZp, XT.dtype.type(1), j0, j1, _0, NO_POST, blk)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def recurrent_grads_cpu(dW_hh, db_h, dZ2, dZp, HxT, t0B, blk, n):
+    """∂W_hh = Σ_{t>t0} h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over the T·B rows)
+
+    dW_hh (H,G·H) out · db_h (G·H,) out · dZ2 (T·B,G·H) · dZp: dZ2[t0B:] packed ·
+    HxT (H,(T+1)·B) h_0..h_T transposed (the product's A: row i is h[:, i] over the rows) ·
+    t0B: B when h_0 = 0 (its term vanishes and is skipped), else 0 · blk (kc, mc) · n
+    column chunks
+    """
+    for c in prange(n):
+        j0, j1 = chunk(dW_hh.shape[1], c, n)
+        dW_hh[:, j0:j1] = 0
+        matmul(dW_hh, HxT, dZp, dZ2.dtype.type(1), j0, j1, t0B, NO_POST, blk)
+        column_sums(db_h, dZ2, j0, j1)

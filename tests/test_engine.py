@@ -1,0 +1,289 @@
+"""The CPU engine's packing, plan, thread choice, waits under load and kernel cache."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+import fastbptt
+from fastbptt import config
+from fastbptt._cpu import elman, plan, products, team
+from fastbptt._cpu.products import PANEL, packed, packed_shape
+
+BLK = np.array([64, 32])
+
+
+# ----------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (2, 33), (40, 64), (9, 100)])
+@pytest.mark.parametrize("view", ["C", "F", "T", "strided"])
+def test_packing_keeps_every_column_and_pads_with_zeros(K, N, view, rng):
+    B = rng.normal(size=(K, N))
+    src = {"C": B, "F": np.asfortranarray(B), "T": np.ascontiguousarray(B.T).T,
+           "strided": np.repeat(B, 2, axis=1)[:, ::2]}[view]
+    for n in (1, 2, 3):
+        Bp = np.full(packed_shape(K, N), np.nan)
+        products.pack_cpu(Bp, src, n)
+        assert Bp.shape == (-(-N // PANEL), K, PANEL)
+        for j in range(Bp.shape[0] * PANEL):
+            col = Bp[j // PANEL, :, j % PANEL]
+            assert np.array_equal(col, B[:, j] if j < N else np.zeros(K)), (j, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_products_do_not_depend_on_the_leading_dimension(dtype, rng):
+    # the same columns of B, from matrices of different widths: the same result, exactly
+    A = rng.normal(size=(9, 50)).astype(dtype)
+    B = rng.normal(size=(50, 48)).astype(dtype)
+    wide = np.zeros((50, 1024), dtype)
+    wide[:, 512:560] = B
+    C1, C2 = np.zeros((9, 48), dtype), np.zeros((9, 1024), dtype)
+    products.matmul(C1, A, packed(B, 1), dtype(1), 0, 48, 0, products.NO_POST, BLK)
+    products.matmul(C2, A, packed(wide, 2), dtype(1), 512, 560, 0, products.NO_POST, BLK)
+    assert np.array_equal(C1, C2[:, 512:560])
+    np.testing.assert_allclose(C1, A.astype(float) @ B, rtol=2e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-4 if dtype == np.float32 else 1e-12)
+
+
+# ------------------------------------------------------------------------------- plan
+@pytest.fixture
+def plan_dir(tmp_path, monkeypatch):
+    """plans in a folder of the test's own"""
+    monkeypatch.setattr(plan, "cache_dir", lambda: tmp_path)
+    plan.forget()
+    yield tmp_path
+    plan.forget()
+
+
+def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
+    p = plan.current(2)
+    assert not os.path.exists(p.path)
+    assert p.blocking == plan.DEFAULT_BLOCKING and not p.tuned
+    lanes = p.sweep(np.float32, 4, 96, 2)                        # measured now, then kept
+    assert lanes in (1, 2)
+    with open(p.path) as f:
+        data = json.load(f)
+    assert data["key"] == plan.machine_key(2) and data["lanes"] == {"float32 B=4 H=96": lanes}
+    plan.forget()
+    again = plan.current(2)
+    assert again is not p and again.lanes == {"float32 B=4 H=96": lanes}
+    assert plan.current(1).path != again.path                   # the thread count is in the key
+
+
+def test_plan_key_names_the_machine_and_versions():
+    import numba
+    key = plan.machine_key(3)
+    assert key["threads"] == 3 and key["numba"] == numba.__version__ and key["numpy"] == np.__version__
+    assert key["cpu"] and key["cpu_name"] and key["features"]
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1}', '{"format": 99, "key": {}}',
+                                     '{"format": 1, "key": KEY, "blocking": {"step": [0, 64]}, "lanes": {}}'])
+def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
+    path = plan.current(2).path
+    plan.forget()
+    with open(path, "w") as f:
+        f.write(content.replace("KEY", json.dumps(plan.machine_key(2))))
+    with pytest.warns(RuntimeWarning, match="ignoring"):
+        p = plan.current(2)
+    assert p.blocking == plan.DEFAULT_BLOCKING and p.lanes == {}
+
+
+def test_plan_from_another_machine_is_not_used(plan_dir):
+    path = plan.current(2).path
+    plan.forget()
+    other = dict(plan.machine_key(2), cpu="Some Other CPU")
+    with open(path, "w") as f:
+        json.dump({"format": 1, "key": other, "tuned": True, "blocking": {k: [512, 128] for k in
+                   plan.DEFAULT_BLOCKING}, "lanes": {"float32 B=1 H=64": 2}}, f)
+    with pytest.warns(RuntimeWarning, match="made for"):
+        p = plan.current(2)
+    assert p.blocking == plan.DEFAULT_BLOCKING and p.lanes == {} and not p.tuned
+
+
+def test_tune_measures_every_kind_and_saves(plan_dir, monkeypatch):
+    monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
+    monkeypatch.setattr(plan, "KC_CANDIDATES", (16, 512))
+    monkeypatch.setattr(plan, "MC_CANDIDATES", (4, 64))
+    p = plan.tune(2, progress=False, sweeps=[(np.float32, 2, 48)])
+    assert p.tuned and set(p.blocking) == set(plan.DEFAULT_BLOCKING)
+    assert all(b[0] in (16, 512) and b[1] in (4, 64) for b in p.blocking.values())
+    with open(p.path) as f:
+        data = json.load(f)
+    assert data["tuned"] and "float32 B=2 H=48" in data["lanes"]
+    assert "tuned" in plan.describe(p)
+
+
+def test_results_do_not_depend_on_the_plan_lanes_or_threads(rng, plan_dir):
+    import numba
+    params = fastbptt.init_params(28, 100, 28, seed=1)
+    params["W_hh"] *= 30
+    X, Y = rng.integers(0, 28, (20, 7)), rng.integers(0, 28, (20, 7))
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for n, lanes in [(1, 1), (2, 1), (2, 2)]:
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+            plan.current(team.max_threads()).lanes["float32 B=7 H=100"] = lanes
+            results.append(fastbptt.loss_and_grad(params, X, Y))
+    finally:
+        numba.set_num_threads(before)
+    for loss, grads, h in results[1:]:
+        assert loss == results[0][0] and np.array_equal(h, results[0][2])
+        for k in grads:
+            assert np.array_equal(grads[k], results[0][1][k]), k
+
+
+# ------------------------------------------------------------------------ the team
+def test_team_uses_the_faster_thread_count_and_keeps_trying_the_other(monkeypatch):
+    monkeypatch.setattr(team, "CPU_TEAM_ADAPT", True)
+    t = team.Team()
+    cost = {2: 1.0, 1: 0.5}                       # one thread is faster "under load"
+    seen = []
+    for _ in range(100):
+        n = t.choose("k", 2)
+        seen.append(n)
+        t.record("k", n, 2, cost[n])
+    assert seen[:4] == [2, 2, 1, 1]                # a warm-up and a measured call of each
+    assert seen[4:].count(1) > 90 and 2 in seen[10:]
+    cost = {2: 0.1, 1: 0.5}                       # the load is gone: back to both threads
+    for _ in range(100):
+        n = t.choose("k", 2)
+        t.record("k", n, 2, cost[n])
+    assert [t.choose("k", 2) for _ in range(10)].count(2) >= 9
+    assert t.choose("other", 1) == 1               # one core: nothing to choose
+
+
+def test_max_threads_is_capped_by_the_affinity_mask():
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no affinity masks on this OS")
+    assert team.max_threads() <= len(os.sched_getaffinity(0))
+
+
+# ------------------------------------------------------------ waits under load
+def _forward_reference(W, pre):
+    H = pre.copy()
+    for t in range(1, H.shape[0]):
+        H[t] = np.tanh(H[t] + H[t - 1] @ W)
+    return H
+
+
+def test_a_lane_whose_thread_never_starts_is_taken_over(rng):
+    # more lanes than threads: the missing lanes' steps are computed by the running thread
+    import numba
+    W = rng.normal(size=(96, 96)) / 10
+    pre = rng.normal(size=(12, 3, 96))
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        S = pre.copy()
+        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, 5)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(S, _forward_reference(W, pre), rtol=1e-12, atol=1e-12)
+
+
+_BUSY = """
+import sys, time
+import numpy as np
+import fastbptt
+p = fastbptt.init_params(28, 256, 28, seed=0)
+X = np.random.default_rng(0).integers(0, 28, (35, 8))
+want = fastbptt.loss_and_grad(p, X, X)
+t0 = time.perf_counter()
+for _ in range(int(sys.argv[1])):
+    got = fastbptt.loss_and_grad(p, X, X)
+    assert got[0] == want[0] and all(np.array_equal(got[1][k], want[1][k]) for k in got[1])
+print(time.perf_counter() - t0)
+"""
+
+
+def test_more_threads_than_cores_beside_a_busy_process_finishes_exactly(tmp_path):
+    # 8 numba threads on this machine's cores, next to a busy loop: bounded, exact
+    env = dict(os.environ, NUMBA_NUM_THREADS="8")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        runs = [subprocess.Popen([sys.executable, "-c", _BUSY, "30"], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for r in runs:
+            out, err = r.communicate(timeout=300)
+            assert r.returncode == 0, err[-2000:]
+            assert float(out.strip()) < 60
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_calls_from_two_python_threads_at_once_are_exact(rng):
+    params = fastbptt.init_params(28, 128, 28, seed=0)
+    X = rng.integers(0, 28, (30, 16))
+    want = fastbptt.loss_and_grad(params, X, X)
+    errors = []
+
+    def worker():
+        for _ in range(20):
+            got = fastbptt.loss_and_grad(params, X, X)
+            if got[0] != want[0] or not all(np.array_equal(got[1][k], want[1][k]) for k in got[1]):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+# ------------------------------------------------------------------------- the cache
+_CACHE_HIT = """
+import numpy as np, numba, fastbptt
+from fastbptt._cpu import elman, head, lanes, products, projections
+for dt in (np.float32, np.float64):
+    p = fastbptt.init_params(11, 40, 11, dtype=dt, seed=0)
+    X = np.arange(12).reshape(4, 3) % 11
+    fastbptt.loss_and_grad(p, X, X)
+    fastbptt.loss_and_grad(p, X, X, np.ones((3, 40), dt))
+    fastbptt.loss_and_grad(p, X, X, truncation=fastbptt.Truncated(2))
+    fastbptt.loss_and_grad(p, np.ones((4, 3, 11), dt), X)
+    fastbptt.loss(p, X, X)
+misses = {}
+for mod in (elman, head, lanes, products, projections):
+    for name in dir(mod):
+        f = getattr(mod, name)
+        if isinstance(f, numba.core.registry.CPUDispatcher):
+            n = sum(f.stats.cache_misses.values())
+            if n:
+                misses[f"{mod.__name__}.{name}"] = n
+print(sorted(misses))
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_second_process_loads_every_kernel_from_the_cache(threads):
+    env = dict(os.environ, NUMBA_NUM_THREADS=threads)
+    first = subprocess.run([sys.executable, "-c", _CACHE_HIT], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, "-c", _CACHE_HIT], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.strip() == "[]", f"compiled again in a second process: {second.stdout}"
+    assert "Cannot cache" not in first.stderr + second.stderr
+
+
+def test_cache_stamp_covers_every_engine_source_and_the_tunables(monkeypatch):
+    from fastbptt._cpu import cache
+    names = {p.name for p in cache._SOURCES}
+    assert {"products.py", "lanes.py", "elman.py", "head.py", "projections.py", "fastmath.py",
+            "config.py"} <= names
+    before = cache.stamp()
+    cache.stamp.cache_clear()
+    monkeypatch.setattr(config, "CPU_STEAL_SPINS", config.CPU_STEAL_SPINS + 1)
+    try:
+        assert cache.stamp() != before
+    finally:
+        cache.stamp.cache_clear()
