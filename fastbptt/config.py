@@ -50,3 +50,7 @@ CUDA_USE_CUPY = True
 #: The CPU backend keeps a call's work buffers for the next call of the same shapes
 #: (refilling is cheaper than first-touching fresh pages), but never a set larger than this.
 CPU_SCRATCH_BYTES = 256 << 20
+
+#: Measure the CPU products' blocking the first time the engine runs on a machine (about
+#: two seconds, kept in the plan: ``fastbptt._cpu.plan``); False: the documented defaults.
+CPU_AUTOTUNE = True

@@ -52,8 +52,9 @@ def test_products_do_not_depend_on_the_leading_dimension(dtype, rng):
 # ------------------------------------------------------------------------------- plan
 @pytest.fixture
 def plan_dir(tmp_path, monkeypatch):
-    """plans in a folder of the test's own"""
+    """plans in a folder of the test's own, the products' blocking not measured"""
     monkeypatch.setattr(plan, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(config, "CPU_AUTOTUNE", False)
     plan.forget()
     yield tmp_path
     plan.forget()
@@ -63,15 +64,26 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     p = plan.current(2)
     assert not os.path.exists(p.path)
     assert p.blocking == plan.DEFAULT_BLOCKING and not p.tuned
-    lanes = p.sweep(np.float32, 4, 96, 2)                        # measured now, then kept
-    assert lanes in (1, 2)
+    lanes, blk = p.sweep(np.float32, 4, 96, 2)                   # measured now, then kept
+    assert lanes in (1, 2) and tuple(blk) in plan.STEP_BLOCKING
     with open(p.path) as f:
         data = json.load(f)
-    assert data["key"] == plan.machine_key(2) and data["lanes"] == {"float32 B=4 H=96": lanes}
+    assert data["key"] == plan.machine_key(2)
+    assert data["sweeps"] == {"float32 B=4 H=96": [lanes, int(blk[0]), int(blk[1])]}
     plan.forget()
     again = plan.current(2)
-    assert again is not p and again.lanes == {"float32 B=4 H=96": lanes}
+    assert again is not p and again.sweeps == {"float32 B=4 H=96": (lanes, int(blk[0]), int(blk[1]))}
+    assert again.sweep(np.float32, 4, 96, 1)[0] == 1             # never more lanes than threads
     assert plan.current(1).path != again.path                   # the thread count is in the key
+
+
+def test_first_use_measures_the_products_blocking(plan_dir, monkeypatch):
+    monkeypatch.setattr(config, "CPU_AUTOTUNE", True)
+    monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
+    p = plan.current(2)
+    assert p.tuned and os.path.exists(p.path)
+    grid = {(kc, mc) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
+    assert all(b in grid for b in p.blocking.values())
 
 
 def test_plan_key_names_the_machine_and_versions():
@@ -81,8 +93,11 @@ def test_plan_key_names_the_machine_and_versions():
     assert key["cpu"] and key["cpu_name"] and key["features"]
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 1}', '{"format": 99, "key": {}}',
-                                     '{"format": 1, "key": KEY, "blocking": {"step": [0, 64]}, "lanes": {}}'])
+@pytest.mark.parametrize("content", ["{not json", '{"format": 2}', '{"format": 1, "key": KEY}',
+                                     '{"format": 2, "key": KEY, "blocking": {"rows": [0, 64], '
+                                     '"grad": [128, 64]}, "sweeps": {}}',
+                                     '{"format": 2, "key": KEY, "blocking": {"rows": [128, 64], '
+                                     '"grad": [128, 64]}, "sweeps": {"float32 B=1 H=8": [2]}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()
@@ -90,7 +105,7 @@ def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
         f.write(content.replace("KEY", json.dumps(plan.machine_key(2))))
     with pytest.warns(RuntimeWarning, match="ignoring"):
         p = plan.current(2)
-    assert p.blocking == plan.DEFAULT_BLOCKING and p.lanes == {}
+    assert p.blocking == plan.DEFAULT_BLOCKING and p.sweeps == {}
 
 
 def test_plan_from_another_machine_is_not_used(plan_dir):
@@ -98,11 +113,11 @@ def test_plan_from_another_machine_is_not_used(plan_dir):
     plan.forget()
     other = dict(plan.machine_key(2), cpu="Some Other CPU")
     with open(path, "w") as f:
-        json.dump({"format": 1, "key": other, "tuned": True, "blocking": {k: [512, 128] for k in
-                   plan.DEFAULT_BLOCKING}, "lanes": {"float32 B=1 H=64": 2}}, f)
+        json.dump({"format": 2, "key": other, "tuned": True, "blocking": {k: [512, 128] for k in
+                   plan.DEFAULT_BLOCKING}, "sweeps": {"float32 B=1 H=64": [2, 512, 64]}}, f)
     with pytest.warns(RuntimeWarning, match="made for"):
         p = plan.current(2)
-    assert p.blocking == plan.DEFAULT_BLOCKING and p.lanes == {} and not p.tuned
+    assert p.blocking == plan.DEFAULT_BLOCKING and p.sweeps == {} and not p.tuned
 
 
 def test_tune_measures_every_kind_and_saves(plan_dir, monkeypatch):
@@ -114,7 +129,7 @@ def test_tune_measures_every_kind_and_saves(plan_dir, monkeypatch):
     assert all(b[0] in (16, 512) and b[1] in (4, 64) for b in p.blocking.values())
     with open(p.path) as f:
         data = json.load(f)
-    assert data["tuned"] and "float32 B=2 H=48" in data["lanes"]
+    assert data["tuned"] and "float32 B=2 H=48" in data["sweeps"]
     assert "tuned" in plan.describe(p)
 
 
@@ -128,7 +143,7 @@ def test_results_do_not_depend_on_the_plan_lanes_or_threads(rng, plan_dir):
     try:
         for n, lanes in [(1, 1), (2, 1), (2, 2)]:
             numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            plan.current(team.max_threads()).lanes["float32 B=7 H=100"] = lanes
+            plan.current(team.max_threads()).sweeps["float32 B=7 H=100"] = (lanes, 128, 64)
             results.append(fastbptt.loss_and_grad(params, X, Y))
     finally:
         numba.set_num_threads(before)

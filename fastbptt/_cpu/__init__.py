@@ -7,7 +7,7 @@ The engine, by concern (it knows no cell):
 - ``fastmath``    float32 tanh and exp that vectorize
 - ``head``        the softmax cross-entropy head over all rows
 - ``projections`` the input projection and the weight gradients over all rows
-- ``plan``        choices measured on this machine (blocking, lanes), kept on disk
+- ``plan``        choices measured on this machine (blocking, sweeps' lanes), kept on disk
 - ``team``        the threads of each call, measured under the current load
 - ``cache``       where kernels and plans live; when a cached kernel is stale
 
@@ -80,7 +80,8 @@ class Run:
     def blk(self, kind):
         return self.plan.blk(kind)
 
-    def lanes(self, B, H):
+    def sweep(self, B, H):
+        """(lanes, blk) of a sweep of B x H steps"""
         return self.plan.sweep(self.dtype, B, H, self.n)
 
     def packed(self, key, transposed=False):

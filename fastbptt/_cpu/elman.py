@@ -182,13 +182,13 @@ def backward_truncated_cpu(dZ, dh0, Hx, W_hhTp, k, act, blk, n):
 def forward(run, S, act):
     """S (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T.  With h_0 = 0 the first step has no
     product: h_1 = φ(pre_1)."""
-    lanes = run.lanes(S.shape[1], S.shape[2])
+    lanes, blk = run.sweep(S.shape[1], S.shape[2])
     W_hhp = run.packed("W_hh")
     if run.h0_zero:
         activate(S[1], _0, S.shape[2], act)
-        forward_cpu(S[1:], W_hhp, act, run.blk("step"), lanes)
+        forward_cpu(S[1:], W_hhp, act, blk, lanes)
     else:
-        forward_cpu(S, W_hhp, act, run.blk("step"), lanes)
+        forward_cpu(S, W_hhp, act, blk, lanes)
 
 
 def backward(run, S, dZ, act, k, xi):
@@ -197,7 +197,8 @@ def backward(run, S, dZ, act, k, xi):
     dh0 = np.empty(dZ.shape[1:], dZ.dtype)
     W_hhTp = run.packed("W_hh", transposed=True)
     if k is None:
-        backward_cpu(dZ, dh0, S, W_hhTp, xi, act, run.blk("step"), run.lanes(dZ.shape[1], dZ.shape[2]))
+        lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])
+        backward_cpu(dZ, dh0, S, W_hhTp, xi, act, blk, lanes)
     else:
         backward_truncated_cpu(dZ, dh0, S, W_hhTp, k, act, run.blk("rows"), run.n)
     return dh0

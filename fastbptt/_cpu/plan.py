@@ -5,15 +5,14 @@ timing the candidates here, once, and kept in a plan file beside the kernel cach
 (:func:`fastbptt._cpu.cache.cache_dir`), one file per machine key: the CPU model and
 the features numba compiles for, the numba and numpy versions, and the thread count.
 
-- **blocking**, per product kind: (kc, mc), the K slice and the row panel of the
-  register tile (:func:`fastbptt._cpu.products.matmul`).  Kinds: "step" (a sweep's
-  product, B rows), "rows" (the head and the input projection, T·B rows), "grad" (the
-  weight gradients, K = T·B).  Measured by :func:`tune` (``fastbptt tune``); until then
-  DEFAULT_BLOCKING, documented in docs/performance.md.
-- **lanes**, per (dtype, B, H): how many lanes a sweep's steps run on (1 or all the
-  threads).  Measured the first time a
-  sweep of that shape runs (a few steps of each candidate, well under a second) and
-  added to the plan; ``fastbptt tune`` measures a grid up front.
+- **blocking** of the products over all rows: (kc, mc), the K slice and the row panel
+  of the register tile (:func:`fastbptt._cpu.products.matmul`), per kind: "rows" (the
+  head, the input projection: T·B rows) and "grad" (the weight gradients: K = T·B).
+  Measured the first time the engine runs on a machine (about two seconds) and again by
+  :func:`tune` (``fastbptt tune``); DEFAULT_BLOCKING with ``config.CPU_AUTOTUNE = False``.
+- **sweeps**, per (dtype, B, H): the lanes a sweep's steps run on (1 or all the threads)
+  and the blocking of its steps.  Measured the first time a sweep of that shape runs (a
+  few steps of each candidate, well under a second) and added to the plan.
 
 A plan file that cannot be read, has another format, or was made on another machine
 (its key differs) is ignored with a warning.  Results are deterministic for a fixed plan
@@ -34,15 +33,19 @@ import warnings
 import numba
 import numpy as np
 
+from .. import config
 from .cache import cache_dir
 
-FORMAT = 1
-#: the tile's blocking until a plan exists: K slices of 128 keep a tile column's slice of
-#: B (128 x 64 float32) in a 48 KiB L1; see docs/performance.md
-DEFAULT_BLOCKING = {"step": (128, 64), "rows": (128, 64), "grad": (128, 64)}
+FORMAT = 2
+#: the tile's blocking without a plan: K slices of 128 keep a tile column's slice of B
+#: (128 x 64 float32) in a 48 KiB L1; see docs/performance.md
+DEFAULT_BLOCKING = {"rows": (128, 64), "grad": (128, 64)}
 KC_CANDIDATES = (64, 128, 256, 512)
 MC_CANDIDATES = (32, 64, 128)
-#: a sweep step of at least this many multiply-adds (B·H²) runs on every thread unmeasured
+#: a sweep's steps are measured with these (kc, mc)
+STEP_BLOCKING = ((64, 64), (128, 64), (256, 64), (512, 64))
+#: a sweep step of at least this many multiply-adds (B·H²) runs on every thread, its
+#: blocking measured on one
 SPLIT_ALWAYS_MACS = 1 << 22
 
 
@@ -66,7 +69,7 @@ def machine_key(threads):
             "numba": numba.__version__, "numpy": np.__version__, "threads": int(threads)}
 
 
-def _lanes_key(dtype, B, H):
+def _sweep_key(dtype, B, H):
     return f"{np.dtype(dtype).name} B={B} H={H}"
 
 
@@ -77,7 +80,7 @@ class Plan:
         self.key = key
         self.path = path
         self.blocking = dict(DEFAULT_BLOCKING)
-        self.lanes = {}
+        self.sweeps = {}
         self.tuned = False                    # blocking measured (by tune), not the default
         self._lock = threading.Lock()
 
@@ -96,7 +99,9 @@ class Plan:
                               f"{data.get('key')}, this is {self.key}", RuntimeWarning, stacklevel=2)
                 return self
             blocking = {k: tuple(int(x) for x in v) for k, v in data["blocking"].items()}
-            lanes = {str(k): int(v) for k, v in data["lanes"].items()}
+            sweeps = {str(k): tuple(int(x) for x in v) for k, v in data["sweeps"].items()}
+            if any(len(v) != 3 or min(v) < 1 for v in sweeps.values()):
+                raise ValueError(f"sweeps {data['sweeps']!r}")
             if set(blocking) != set(DEFAULT_BLOCKING) or any(
                     len(v) != 2 or min(v) < 1 for v in blocking.values()):
                 raise ValueError(f"blocking {data['blocking']!r}")
@@ -104,14 +109,14 @@ class Plan:
             warnings.warn(f"fastbptt: ignoring the unreadable plan {self.path} ({e}); "
                           f"using the defaults", RuntimeWarning, stacklevel=2)
             return self
-        self.blocking, self.lanes, self.tuned = blocking, lanes, bool(data.get("tuned"))
+        self.blocking, self.sweeps, self.tuned = blocking, sweeps, bool(data.get("tuned"))
         return self
 
     def save(self):
         """write the plan atomically (other processes may read it meanwhile)"""
         data = {"format": FORMAT, "key": self.key, "tuned": self.tuned,
                 "blocking": {k: list(v) for k, v in self.blocking.items()},
-                "lanes": dict(sorted(self.lanes.items()))}
+                "sweeps": {k: list(v) for k, v in sorted(self.sweeps.items())}}
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "w") as f:
@@ -127,21 +132,17 @@ class Plan:
         return np.array(self.blocking[kind], np.int64)
 
     def sweep(self, dtype, B, H, threads):
-        """lanes for a sweep of B rows and H columns: from the plan, else measured now and
-        added to it"""
-        if threads == 1:
-            return 1
-        if B * H * H >= SPLIT_ALWAYS_MACS:
-            return threads
-        key = _lanes_key(dtype, B, H)
-        choice = self.lanes.get(key)
+        """(lanes, blk) for a sweep of B rows and H columns at most ``threads`` threads:
+        from the plan, else measured now and added to it"""
+        key = _sweep_key(dtype, B, H)
+        choice = self.sweeps.get(key)
         if choice is None:
             with self._lock:
-                choice = self.lanes.get(key)
+                choice = self.sweeps.get(key)
                 if choice is None:
-                    choice = self.lanes[key] = measure_sweep(dtype, B, H, threads, self.blk("step"))
+                    choice = self.sweeps[key] = measure_sweep(dtype, B, H, self.key["threads"])
                     self.save()
-        return min(choice, threads)
+        return min(choice[0], threads), np.array(choice[1:], np.int64)
 
 
 @functools.cache
@@ -150,14 +151,19 @@ def _plans():
 
 
 def current(threads):
-    """the plan for this machine at ``threads`` threads, loaded once per process"""
+    """the plan for this machine at ``threads`` threads, loaded once per process; its
+    products' blocking is measured now if no plan has it yet (config.CPU_AUTOTUNE)"""
     plans = _plans()
     if threads not in plans:
         key = machine_key(threads)
         name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_dir() / "plans"
         folder.mkdir(parents=True, exist_ok=True)
-        plans[threads] = Plan(key, str(folder / f"plan-{name}.json")).load()
+        p = Plan(key, str(folder / f"plan-{name}.json")).load()
+        if not p.tuned and config.CPU_AUTOTUNE:
+            tune_products(p)
+            p.save()
+        plans[threads] = p
     return plans[threads]
 
 
@@ -177,30 +183,36 @@ def _best(fn, reps=5):
     return best
 
 
-def measure_sweep(dtype, B, H, threads, blk):
-    """lanes: the faster of one lane and ``threads`` lanes for forward sweeps of B x H
-    steps (a few steps, best of 5)"""
+def measure_sweep(dtype, B, H, threads):
+    """(lanes, kc, mc): the fastest forward sweeps of B x H steps (a few steps, best of 5)
+    on one lane or ``threads`` lanes, with each of STEP_BLOCKING; a step of at least
+    SPLIT_ALWAYS_MACS runs on every lane, its blocking measured on one"""
     from . import elman
     from .products import packed
     rng = np.random.default_rng(0)
     dt = np.dtype(dtype)
-    T = int(min(64, max(4, (1 << 21) // max(1, B * H * H))))
+    T = int(min(64, max(2, (1 << 20) // max(1, B * H * H))))
     W = (rng.standard_normal((H, H)) / np.sqrt(H)).astype(dt)
     Wp = packed(W, 1)
     pre = rng.standard_normal((T + 1, B, H)).astype(dt)
     Hx = np.empty_like(pre)
     act = 0
 
-    def run(lanes):
+    def run(lanes, kc, mc):
+        blk = np.array([kc, mc], np.int64)
+
         def fn():
             Hx[:] = pre
             with numba_threads(lanes):
                 elman.forward_cpu(Hx, Wp, act, blk, lanes)
         return fn
 
-    candidates = (1, threads)
-    times = [_best(run(c)) for c in candidates]
-    return candidates[int(np.argmin(times))]
+    split = threads > 1 and B * H * H >= SPLIT_ALWAYS_MACS
+    lanes = (1,) if threads == 1 or split else (1, threads)
+    candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
+    times = [_best(run(*c), reps=3 if split else 5) for c in candidates]
+    best = candidates[int(np.argmin(times))]
+    return (threads,) + best[1:] if split else best
 
 
 class numba_threads:
@@ -229,34 +241,40 @@ def _product_time(M, K, N, kc, mc, dt):
 
 
 #: the shapes each kind's blocking is measured at: (M, K, N), one thread
-TUNE_SHAPES = {"step": [(32, 512, 512), (8, 256, 256)],
-               "rows": [(1120, 512, 28), (1120, 28, 512)],
+TUNE_SHAPES = {"rows": [(1120, 512, 28), (1120, 28, 512), (1024, 256, 256)],
                "grad": [(512, 2240, 512), (1024, 1024, 1024)]}
 
 
+def tune_products(plan, bar=None):
+    """measure the blocking of each product kind over all rows (one thread, float32)"""
+    grid = [(kc, mc) for kc in KC_CANDIDATES for mc in MC_CANDIDATES]
+    dt = np.dtype(np.float32)
+    with numba_threads(1):
+        for kind, shapes in TUNE_SHAPES.items():
+            score = {}
+            for M, K, N in shapes:
+                times = {}
+                for kc, mc in grid:
+                    times[kc, mc] = _product_time(M, K, N, kc, mc, dt)
+                    if bar is not None:
+                        bar.update(1)
+                fastest = min(times.values())
+                for b, t in times.items():            # relative to the shape's best
+                    score[b] = score.get(b, 0.0) + t / fastest
+            plan.blocking[kind] = min(score, key=score.get)
+    plan.tuned = True
+
+
 def tune(threads, progress=True, sweeps=()):
-    """Measure the blocking of every product kind and the lanes of each (dtype, B, H) in
-    ``sweeps``; save the plan and return it."""
+    """Measure the blocking of every product kind, and the sweeps of each (dtype, B, H) in
+    ``sweeps``, again (with a progress bar); save the plan and return it."""
     from tqdm.auto import tqdm
     plan = current(threads)
-    grid = [(kc, mc) for kc in KC_CANDIDATES for mc in MC_CANDIDATES]
-    total = sum(len(s) for s in TUNE_SHAPES.values()) * len(grid) + len(sweeps)
-    dt = np.dtype(np.float32)
+    grid = len(KC_CANDIDATES) * len(MC_CANDIDATES)
+    total = sum(len(s) for s in TUNE_SHAPES.values()) * grid + len(sweeps)
     with tqdm(total=total, disable=not progress, desc="fastbptt tune", unit="case", leave=False) as bar:
-        with numba_threads(1):
-            for kind, shapes in TUNE_SHAPES.items():
-                score = {}
-                for M, K, N in shapes:
-                    times = {}
-                    for kc, mc in grid:
-                        times[kc, mc] = _product_time(M, K, N, kc, mc, dt)
-                        bar.update(1)
-                    fastest = min(times.values())
-                    for b, t in times.items():        # relative to the shape's best
-                        score[b] = score.get(b, 0.0) + t / fastest
-                plan.blocking[kind] = min(score, key=score.get)
-        plan.tuned = True
-        plan.lanes.clear()                           # measured with the old blocking
+        tune_products(plan, bar)
+        plan.sweeps.clear()
         for dtype, B, H in sweeps:
             plan.sweep(dtype, B, H, threads)
             bar.update(1)
@@ -268,5 +286,5 @@ def describe(plan):
     """one line: where the plan is and what it holds"""
     src = "tuned" if plan.tuned else "default blocking"
     blk = ", ".join(f"{k} kc={v[0]} mc={v[1]}" for k, v in plan.blocking.items())
-    return (f"plan {os.path.basename(plan.path)} ({src}; {blk}; {len(plan.lanes)} sweep shapes "
+    return (f"plan {os.path.basename(plan.path)} ({src}; {blk}; {len(plan.sweeps)} sweep shapes "
             f"measured; {plan.key['threads']} threads on {plan.key['cpu']})")
