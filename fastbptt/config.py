@@ -22,10 +22,12 @@ CPU_WAIT_SPINS = 1 << 20
 CPU_STEAL_SPINS = 1 << 14
 
 #: Each kind of call runs on all the threads or on one, whichever its own recent calls
-#: measured faster; the other is tried again every CPU_TEAM_EXPLORE calls
-#: (``fastbptt._cpu.team``).  False: always all the threads.
+#: measured faster; the other is tried again after CPU_TEAM_EXPLORE calls, then after
+#: twice as many each time it loses, at most CPU_TEAM_EXPLORE_MAX (``fastbptt._cpu.team``).
+#: False: always all the threads.
 CPU_TEAM_ADAPT = True
-CPU_TEAM_EXPLORE = 32
+CPU_TEAM_EXPLORE = 8
+CPU_TEAM_EXPLORE_MAX = 64
 
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}

@@ -154,23 +154,29 @@ def test_results_do_not_depend_on_the_plan_lanes_or_threads(rng, plan_dir):
 
 
 # ------------------------------------------------------------------------ the team
-def test_team_uses_the_faster_thread_count_and_keeps_trying_the_other(monkeypatch):
-    monkeypatch.setattr(team, "CPU_TEAM_ADAPT", True)
-    t = team.Team()
-    cost = {2: 1.0, 1: 0.5}                       # one thread is faster "under load"
+def _drive(t, cost, calls):
     seen = []
-    for _ in range(100):
+    for _ in range(calls):
         n = t.choose("k", 2)
         seen.append(n)
         t.record("k", n, 2, cost[n])
-    assert seen[:4] == [2, 2, 1, 1]                # a warm-up and a measured call of each
-    assert seen[4:].count(1) > 90 and 2 in seen[10:]
-    cost = {2: 0.1, 1: 0.5}                       # the load is gone: back to both threads
-    for _ in range(100):
-        n = t.choose("k", 2)
-        t.record("k", n, 2, cost[n])
-    assert [t.choose("k", 2) for _ in range(10)].count(2) >= 9
-    assert t.choose("other", 1) == 1               # one core: nothing to choose
+    return seen
+
+
+def test_team_uses_the_faster_thread_count_and_follows_the_load(monkeypatch):
+    monkeypatch.setattr(team, "CPU_TEAM_ADAPT", True)
+    t = team.Team()
+    seen = _drive(t, {2: 1.0, 1: 1.5}, 200)          # quiet: both threads win
+    assert seen[:6] == [2, 2, 2, 1, 1, 1]            # a warm-up and two measured calls of each
+    assert seen[6:].count(1) <= 12                   # the losing count is tried ever less often
+    n = t.choose("k", 2)
+    t.record("k", n, 2, 100.0)                       # one slow call does not flip the choice
+    assert _drive(t, {2: 1.0, 1: 1.5}, 20).count(2) >= 18
+    seen = _drive(t, {2: 3.0, 1: 1.5}, 100)          # load arrives: one thread, within a few calls
+    assert seen[:10].count(1) >= 5 and seen[-50:].count(1) >= 45
+    seen = _drive(t, {2: 1.0, 1: 1.5}, 200)          # load gone: back to both threads
+    assert seen[-50:].count(2) >= 45
+    assert t.choose("other", 1) == 1                 # one core: nothing to choose
 
 
 def test_max_threads_is_capped_by_the_affinity_mask():

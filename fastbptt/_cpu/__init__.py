@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from .. import _model, config  # noqa: E402
 from .._host import as_array, first_nonfinite, id_range, normalized, stack_states  # noqa: E402,F401
-from . import elman, head, plan, projections, team  # noqa: E402
+from . import elman, head, plan, products, projections, team  # noqa: E402
 from .products import packed_shape, pack_cpu, transpose_cpu  # noqa: E402
 
 CELLS = {"rnn": elman}
@@ -44,7 +44,7 @@ class _Scratch(threading.local):
     def get(self, key, shapes, dtype):
         bufs = self.sets.pop(key, None)
         if bufs is None:
-            bufs = tuple(np.empty(shape, dtype) for shape in shapes)
+            bufs = tuple(products.empty(shape, dtype) for shape in shapes)
         if sum(b.nbytes for b in bufs) <= config.CPU_SCRATCH_BYTES:
             self.sets[key] = bufs                   # most recent last
             while len(self.sets) > 2:
@@ -89,7 +89,7 @@ class Run:
         name = (key, transposed)
         if name not in self._packed:
             W = self.P[key].T if transposed else self.P[key]
-            Wp = self._packed[name] = np.empty(packed_shape(*W.shape), W.dtype)
+            Wp = self._packed[name] = products.empty(packed_shape(*W.shape), W.dtype)
             pack_cpu(Wp, W, self.n)
         return self._packed[name]
 
@@ -101,7 +101,7 @@ class Run:
     def states(self):
         T, B, H = self.T, self.B, self.H
         if self.kind in ("forward", "backward", "adjoints"):     # returned to the caller
-            return np.empty((T + 1, B, H), self.dtype)
+            return products.empty((T + 1, B, H), self.dtype)
         return self.scratch("S", [(T + 1, B, H)])[0]
 
     def results(self, arrays):
@@ -170,7 +170,7 @@ def head_forward_backward(run, S, Y, scale):
     N, Q = T * B, run.P["W_hq"].shape[1]
     dZ, logits, dop = run.scratch("head", [(T, B, H), (N, Q), packed_shape(N, Q)])
     row_loss = np.empty(N)
-    dW_hq = np.empty((H, Q), run.dtype)
+    dW_hq = products.empty((H, Q), run.dtype)
     db_q = np.empty(Q, run.dtype)
     head.head_forward_backward_cpu(
         dZ.reshape(N, H), dW_hq, db_q, logits, dop, row_loss, S[1:].reshape(N, H),
@@ -192,7 +192,7 @@ def recurrent_grads(run, S, dZ):
     T, B, H = dZ.shape
     dZ2 = dZ.reshape(T * B, H)
     k0 = B if run.h0_zero else 0
-    dW_hh = np.empty((H, H), dZ.dtype)
+    dW_hh = products.empty((H, H), dZ.dtype)
     db_h = np.empty(H, dZ.dtype)
     projections.recurrent_grads_cpu(dW_hh, db_h, dZ2, _packed_dZ(run, dZ2, k0),
                                     run.transposed_states(S), k0, run.blk("grad"), run.n)
@@ -202,12 +202,12 @@ def recurrent_grads(run, S, dZ):
 def input_grads(run, X, dZ):
     """∂W_xh = Σ_t x_tᵀ dz_t: a scatter-add for token ids, else one product"""
     T, B, H = dZ.shape
-    dW_xh = np.empty(run.P["W_xh"].shape, dZ.dtype)
+    dW_xh = products.empty(run.P["W_xh"].shape, dZ.dtype)
     if X.ndim == 2:
         projections.embed_tokens_backward_cpu(dW_xh, dZ, X)
     else:
         X2 = X.reshape(T * B, -1)
-        XT = np.empty((X2.shape[1], T * B), dZ.dtype)
+        XT = products.empty((X2.shape[1], T * B), dZ.dtype)
         transpose_cpu(XT, X2, run.n)
         dZ2 = dZ.reshape(T * B, H)
         projections.embed_dense_backward_cpu(dW_xh, XT, _packed_dZ(run, dZ2, 0), run.blk("grad"), run.n)

@@ -20,6 +20,7 @@ from numba.extending import overload
 from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
 from .lanes import cell_step, run_lanes
+from . import products
 from .products import NO_POST, _0, chunk, epilogue, gemm_cpu, matmul
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
@@ -194,7 +195,7 @@ def forward(run, S, act):
 def backward(run, S, dZ, act, k, xi):
     """dZ (T,B,H) in: the direct terms ∂l_t/∂h_t; out: dz_t.  Returns ∂L/∂h_0.
     k: Truncated(k) with k < T, or None for the sweep with crossing factors xi (T,)."""
-    dh0 = np.empty(dZ.shape[1:], dZ.dtype)
+    dh0 = products.empty(dZ.shape[1:], dZ.dtype)
     W_hhTp = run.packed("W_hh", transposed=True)
     if k is None:
         lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])

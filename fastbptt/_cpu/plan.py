@@ -188,14 +188,14 @@ def measure_sweep(dtype, B, H, threads):
     on one lane or ``threads`` lanes, with each of STEP_BLOCKING; a step of at least
     SPLIT_ALWAYS_MACS runs on every lane, its blocking measured on one"""
     from . import elman
-    from .products import packed
+    from .products import empty, packed
     rng = np.random.default_rng(0)
     dt = np.dtype(dtype)
     T = int(min(64, max(2, (1 << 20) // max(1, B * H * H))))
     W = (rng.standard_normal((H, H)) / np.sqrt(H)).astype(dt)
     Wp = packed(W, 1)
     pre = rng.standard_normal((T + 1, B, H)).astype(dt)
-    Hx = np.empty_like(pre)
+    Hx = empty(pre.shape, dt)
     act = 0
 
     def run(lanes, kc, mc):

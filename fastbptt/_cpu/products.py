@@ -261,6 +261,20 @@ def row_chunk(M, c, n):
 
 
 # ---------------------------------------------------------------------------- packing
+#: bytes a buffer of the tile's is aligned to: a vector load that straddles two cache lines
+#: costs two, and numpy's large arrays start 16 bytes past a page
+ALIGN = 64
+
+
+def empty(shape, dtype):
+    """np.empty(shape, dtype), its start aligned to ALIGN bytes"""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    raw = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
 def packed_shape(K, N):
     """the shape of B (K,N) packed: (panels, K, PANEL)"""
     return (-(-N // PANEL), K, PANEL)
@@ -292,7 +306,7 @@ def pack_cpu(Bp, B, n):
 
 def packed(B, n):
     """B (K,N) packed in a new array (see pack_cpu)"""
-    Bp = np.empty(packed_shape(*B.shape), B.dtype)
+    Bp = empty(packed_shape(*B.shape), B.dtype)
     pack_cpu(Bp, B, n)
     return Bp
 

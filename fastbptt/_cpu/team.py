@@ -4,26 +4,31 @@ cores never makes fastbptt slower than it would be alone on one core.
 The most a call uses is numba's thread count for the calling thread, capped at the cores
 this process may run on (its affinity mask): more threads than cores only queue behind
 each other.  Between that and one thread, the faster one wins, by the calls' own times:
-each (kind of call, shape) keeps a moving average of its time with all threads and with
-one, uses the faster, and tries the other every ``CPU_TEAM_EXPLORE`` calls, so a change
-of load (a training process beside it, a busy neighbour) moves the choice within a few
-calls.  A one-thread call opens no parallel region that another thread must join: with
-numba's thread count set to 1 every region runs on the calling thread alone, and the
-other threads' waiting cannot steal its core.
+each (kind of call, shape) keeps its recent times with each count and uses the faster
+(the median of the last few, so one slow call does not flip it).  The other count is
+tried again from time to time (less often while it keeps losing), and at once when the
+count in use becomes slower than the other's typical time: a training process starting
+beside it, or a busy neighbour, moves the choice within a few calls.  A one-thread call
+opens no parallel region that another thread must join: with numba's thread count set
+to 1 every region runs on the calling thread alone, and no waiting thread of the team
+can stand in its way.
 
 The kernels' results do not depend on the thread count (every element sums in the same
 order however the work is split), so this choice changes speed only.
 """
+import collections
 import os
+import statistics
 import threading
 import time
 
 import numba
 
-from ..config import CPU_TEAM_ADAPT, CPU_TEAM_EXPLORE
+from ..config import CPU_TEAM_ADAPT, CPU_TEAM_EXPLORE, CPU_TEAM_EXPLORE_MAX
 from .plan import numba_threads
 
-_EMA = 0.3            # weight of the newest time in a moving average
+_WINDOW = 3           # the recent calls whose median time stands for a thread count
+_FIRST = 2            # calls measured with each count before the first choice
 
 
 def max_threads():
@@ -35,10 +40,34 @@ def max_threads():
     return max(1, min(numba.get_num_threads(), cores))
 
 
+class _Arm:
+    """the recent times of one thread count; its first call (a warm-up) is not kept"""
+
+    def __init__(self):
+        self.calls = 0
+        self.times = collections.deque(maxlen=_WINDOW)
+
+    def typical(self):
+        return statistics.median(self.times)
+
+
+class _Choice:
+    """one kind of call: its two arms, the count in use, and when to try the other"""
+
+    def __init__(self, most):
+        self.arms = {most: _Arm(), 1: _Arm()}
+        self.current = most
+        self.calls = 0
+        self.interval = CPU_TEAM_EXPLORE
+        self.next_try = 0
+
+
 class Team:
     """The thread count of each kind of call, chosen by its measured times (see the module
-    notes).  ``stats[key] = [[average seconds, calls] with all threads, [...] with one, calls]``;
-    the first call with each count is a warm-up and is not averaged."""
+    notes).  The other count is tried again after ``interval`` calls; a try that loses
+    doubles the interval (up to CPU_TEAM_EXPLORE_MAX), one that wins switches and resets
+    it, and a call in use that becomes slower than the other count's typical time brings
+    the next try forward (the load changed)."""
 
     def __init__(self):
         self.stats = {}
@@ -48,22 +77,42 @@ class Team:
         if most == 1 or not CPU_TEAM_ADAPT:
             return most
         with self._lock:
-            arms, calls = self.stats.setdefault(key, [[[None, 0], [None, 0]], 0])
-            self.stats[key][1] = calls + 1
-            for n, (avg, _) in zip((most, 1), arms):
-                if avg is None:
+            c = self.stats.setdefault(key, _Choice(most))
+            c.calls += 1
+            for n, arm in c.arms.items():
+                if arm.calls < 1 + _FIRST:               # a warm-up, then _FIRST measured
                     return n
-            fast, slow = (most, 1) if arms[0][0] <= arms[1][0] else (1, most)
-            return slow if calls % CPU_TEAM_EXPLORE == 0 else fast
+            if c.calls >= c.next_try:
+                return 1 if c.current == most else most
+            return c.current
 
     def record(self, key, n, most, seconds):
         if most == 1 or not CPU_TEAM_ADAPT:
             return
         with self._lock:
-            arm = self.stats[key][0][0 if n == most else 1]
-            arm[1] += 1
-            if arm[1] > 1:
-                arm[0] = seconds if arm[0] is None else (1 - _EMA) * arm[0] + _EMA * seconds
+            c = self.stats[key]
+            arm = c.arms[n]
+            arm.calls += 1
+            if arm.calls == 1:
+                return                                   # the warm-up call
+            other = c.arms[1 if n == most else most]
+            if other.calls < 1 + _FIRST or arm.calls <= 1 + _FIRST:
+                arm.times.append(seconds)                # the first measurements
+                if other.calls >= 1 + _FIRST and arm.calls == 1 + _FIRST:
+                    c.current = n if arm.typical() < other.typical() else (1 if n == most else most)
+                    c.next_try = c.calls + c.interval
+            elif n != c.current:                         # a try: the old times are stale
+                arm.times.clear()
+                arm.times.append(seconds)
+                if seconds < c.arms[c.current].typical():
+                    c.current, c.interval = n, CPU_TEAM_EXPLORE
+                else:
+                    c.interval = min(2 * c.interval, CPU_TEAM_EXPLORE_MAX)
+                c.next_try = c.calls + c.interval
+            else:
+                arm.times.append(seconds)
+                if seconds > other.typical() and c.next_try > c.calls + 1:
+                    c.next_try = c.calls + 1             # slower than the other: try it
 
     def call(self, key):
         """``with team.call(key) as n:`` run the call's kernels with n threads"""
