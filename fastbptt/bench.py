@@ -187,7 +187,14 @@ def machine_info(gemm, threads, device):
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": threads or os.cpu_count(), "device": device,
             "numpy": np.__version__, "numba": numba.__version__, "threading_layer": layer,
-            "gemm_gflops": gemm, "note": "compile time excluded (warm-up call before timing)"}
+            "gemm_gflops": gemm, "plan": plan_line() if device == "cpu" else "",
+            "note": "compile time excluded (warm-up call before timing)"}
+
+
+def plan_line():
+    """which measured plan the CPU engine ran (``fastbptt tune``)"""
+    from ._cpu import current_plan, plan
+    return plan.describe(current_plan())
 
 
 # ------------------------------------------------------------------------------ reports
@@ -210,6 +217,8 @@ def table(rows, info):
     lines.append(f"same-run float32 GEMM (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s · "
                  f"{info['threads']} threads · numba threading layer {info['threading_layer']} · "
                  f"{info['note']}")
+    if info.get("plan"):
+        lines.append(info["plan"])
     return "\n".join(lines)
 
 
@@ -221,6 +230,8 @@ def markdown(rows, info):
                f"{info['threads']} threads on {info['cpus']} CPUs ({info['processor']}); numpy "
                f"{info['numpy']}, numba {info['numba']} (threading layer "
                f"{info['threading_layer']}); {info['note']}.")
+    if info.get("plan"):
+        out.append(f"CPU {info['plan']}.")
     return "\n".join(out) + "\n"
 
 
@@ -296,6 +307,9 @@ def add_parser(sub):
     p.add_argument("--markdown", metavar="PATH", help="write the table as markdown")
     p.add_argument("--plot", metavar="PATH", help="PNG bar chart of speedups and %% of GEMM "
                                                   "(with --sweep also PATH-sweep.png)")
+    p.add_argument("--load", action="store_true",
+                   help="also time fastbptt against numpy under load: a busy neighbour, two processes, "
+                        "more threads than cores, one core (minutes; see fastbptt.loadbench)")
     p.set_defaults(run=_run_cli)
 
 
@@ -313,6 +327,13 @@ def _run_cli(args):
         if args.plot:
             root, ext = os.path.splitext(args.plot)
             plot_sweep(rows_h, rows_b, f"{root}-sweep{ext or '.png'}")
+    if args.load:
+        from . import loadbench
+        rows_load = loadbench.run(configs=[c for c in args.configs if c != "wide"] or ["d2l-concise"],
+                                  rounds=1 if args.quick else 3, budget=0.3 if args.quick else 0.8)
+        print(loadbench.markdown(rows_load))
+        result["load"] = [dict(zip(("condition", "config", "fastbptt_ms", "numpy_ms", "numpy_1thread_ms",
+                                    "speedup"), r)) for r in rows_load]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,4 +1,4 @@
-"""``fastbptt train | generate | bench | diagnose`` — the command line (also ``python -m fastbptt``).
+"""``fastbptt train | generate | bench | diagnose | tune`` — the command line (also ``python -m fastbptt``).
 
 Bad input prints one line on stderr and exits with code 2; a diverged training exits
 with 3; Ctrl-C with 130.  The library's errors name the parameter at fault (``path: no
@@ -195,12 +195,43 @@ def _run_diagnose(args):
     return 0
 
 
+def _tune_parser(sub):
+    p = sub.add_parser("tune", help="measure this machine's plan for the CPU kernels now",
+                       description="Measure the CPU engine's plan on this machine up front: the blocking "
+                                   "of the products over all rows, and the lanes and blocking of the sweeps "
+                                   "at the benchmark's shapes and a grid of (B, H). Otherwise each is "
+                                   "measured the first time it is needed. The plan is kept beside the "
+                                   "kernel cache, one per CPU, versions and thread count.")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 32, 64, 256], metavar="B",
+                   help="batch sizes of the sweeps to measure (default: %(default)s)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], metavar="H",
+                   help="hidden sizes of the sweeps to measure (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_tune)
+
+
+def _run_tune(args):
+    import numpy as np
+    from . import bench
+    from ._cpu import plan, tune
+    for name in ("batch", "hidden"):
+        if min(getattr(args, name)) < 1:
+            raise ValueError(f"--{name}: expected positive integers, got {getattr(args, name)}")
+    shapes = {(B, H) for B in args.batch for H in args.hidden}
+    shapes |= {(B, H) for _, B, _, H in bench.CONFIGS.values()}
+    p = tune(progress=not args.quiet, sweeps=[(np.float32, B, H) for B, H in sorted(shapes)])
+    print(plan.describe(p))
+    print(f"written: {p.path}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastbptt", description="Fast, exact BPTT for recurrent networks.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
     _diagnose_parser(sub)
+    _tune_parser(sub)
     from . import bench
     bench.add_parser(sub)
     return parser

@@ -123,11 +123,11 @@ def test_persistent_path_launches_once_per_sweep(rng, monkeypatch, launches):
 
 def test_persistent_limits_and_auto_rule(monkeypatch):
     monkeypatch.setattr(config, "CUDA_RECURRENCE", "auto")
-    hmax = _cuda.persistent_max_hidden(np.float32)
+    hmax = _cuda.elman.persistent_max_hidden(np.float32)
     assert hmax == 48 * 1024 // (4 * config.CUDA_PERSIST_COLS)
-    assert _cuda.use_persistent(1, hmax, np.dtype(np.float32))
-    assert not _cuda.use_persistent(1, hmax + 1, np.dtype(np.float32))          # falls back to step
-    assert not _cuda.use_persistent(config.CUDA_PERSIST_MAX_B + 1, 64, np.dtype(np.float32))
+    assert _cuda.elman.use_persistent(1, hmax, np.dtype(np.float32))
+    assert not _cuda.elman.use_persistent(1, hmax + 1, np.dtype(np.float32))          # falls back to step
+    assert not _cuda.elman.use_persistent(config.CUDA_PERSIST_MAX_B + 1, 64, np.dtype(np.float32))
 
 
 @gpu

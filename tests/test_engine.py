@@ -308,3 +308,21 @@ def test_cache_stamp_covers_every_engine_source_and_the_tunables(monkeypatch):
         assert cache.stamp() != before
     finally:
         cache.stamp.cache_clear()
+
+
+# ----------------------------------------------------------------- kept work buffers
+def test_kept_work_buffers_never_exceed_the_cap(monkeypatch, rng):
+    import fastbptt._cpu as cpu
+    monkeypatch.setattr(config, "CPU_SCRATCH_BYTES", 1 << 20)
+    cpu._scratch.sets.clear()
+    p = fastbptt.init_params(16, 256, 16, seed=0)
+    X = rng.integers(0, 16, (20, 4))                    # every set under 1 MiB: kept
+    fastbptt.loss_and_grad(p, X, X)
+    small = sum(b.nbytes for bufs in cpu._scratch.sets.values() for b in bufs)
+    assert 0 < small <= 4 << 20
+    X = rng.integers(0, 16, (200, 32))                  # S alone is 6.6 MiB: nothing of it kept
+    want = fastbptt.loss_and_grad(p, X, X)
+    kept = [b.nbytes for bufs in cpu._scratch.sets.values() for b in bufs]
+    assert max(kept) <= 1 << 20 and sum(kept) <= small
+    got = fastbptt.loss_and_grad(p, X, X)              # and the next call is still exact
+    assert got[0] == want[0] and all(np.array_equal(got[1][k], want[1][k]) for k in got[1])

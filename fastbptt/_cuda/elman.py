@@ -1,0 +1,298 @@
+"""The Elman cell ("rnn") on the CUDA engine: its pointwise φ and φ', and its sweeps.
+
+    forward   z_t = pre_t + h_{t-1} W_hh,   h_t = φ(z_t)            pre_t = x_t W_xh + b_h
+    backward  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,   dz_t = a_t ⊙ φ'(z_t)
+              φ' written with h = φ(z): tanh 1 − h²,  relu [h > 0],  identity 1
+
+The math is the CPU cell's (:mod:`fastbptt._cpu.elman`).  Only the recurrence is
+sequential; it has two paths, chosen by ``config.CUDA_RECURRENCE`` ("auto": persistent
+when B <= config.CUDA_PERSIST_MAX_B and H fits, else step; :func:`use_persistent`):
+
+- **step**: one fused kernel launch per time step (recurrent product + bias + φ;
+  backward: dz_t = a_t ⊙ φ' then a_{t-1} = dz_t W_hhᵀ);
+- **persistent**: one cooperative launch for all T steps; block c keeps its slice of
+  W_hh (config.CUDA_PERSIST_COLS columns) in shared memory for the whole sweep and
+  the grid synchronizes once per step (twice backward).  Largest H:
+  :func:`persistent_max_hidden` (48 KiB of shared memory per block).
+
+Per-term truncation (Truncated(k)) advances all chains one depth at a time, one GEMM
+per depth (:func:`backward_truncated_cuda`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from .. import config
+from ..config import ACTIVATIONS
+from .products import gemm, launch, zero_cuda
+
+TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
+_SHARED_BYTES = 48 * 1024
+
+
+# ------------------------------------------------------------------------ pointwise
+@cuda.jit(device=True)
+def _phi(z, act):
+    if act == TANH:
+        return math.tanh(z)
+    if act == RELU:
+        return z if z > 0 else z * 0
+    return z
+
+
+@cuda.jit(device=True)
+def _dphi(h, act):
+    if act == TANH:
+        return 1 - h * h
+    if act == RELU:
+        return 1 if h > 0 else 0
+    return 1
+
+
+# ---------------------------------------------------------------------- step path
+@cuda.jit
+def rnn_step_cuda(Hx, t, W_hh, act):
+    """h_t = φ(pre_t + h_{t-1} W_hh) for one step t, fused · Hx (T+1,B,H) · W_hh (H,H)"""
+    B, H = Hx.shape[1], Hx.shape[2]
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for idx in range(start, B * H, stride):
+        b, j = idx // H, idx % H
+        acc = Hx[t, b, j]
+        for k in range(H):
+            acc += Hx[t - 1, b, k] * W_hh[k, j]
+        Hx[t, b, j] = _phi(acc, act)
+
+
+@cuda.jit
+def _dz_step_cuda(dZ, s, carry, xi, Hx, act):
+    """dz_s ← (dz_s + xi · carry) ⊙ φ'(h_s)   (inverts h_s = φ(z_s)) · dZ (T,B,H) · carry (B,H)"""
+    B, H = carry.shape
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for idx in range(start, B * H, stride):
+        b, j = idx // H, idx % H
+        a = dZ[s, b, j]
+        if xi != 0:
+            a += xi * carry[b, j]
+        dZ[s, b, j] = a * _dphi(Hx[s + 1, b, j], act)
+
+
+@cuda.jit
+def _carry_cuda(carry, dZ, s, W_hh):
+    """carry = dz_s W_hhᵀ (inverts h_{s-1} W_hh) · carry (B,H) · dZ (T,B,H) · W_hh (H,H)"""
+    B, H = carry.shape
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for idx in range(start, B * H, stride):
+        b, j = idx // H, idx % H
+        acc = 0.0
+        for k in range(H):
+            acc += dZ[s, b, k] * W_hh[j, k]
+        carry[b, j] = acc
+
+
+@cuda.jit
+def _scale_cuda(out, src, scale):
+    """out = scale · src, elementwise (2-D)"""
+    N, M = out.shape
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for idx in range(start, N * M, stride):
+        out[idx // M, idx % M] = scale * src[idx // M, idx % M]
+
+
+# ---------------------------------------------------------------- persistent path
+_persistent_cache = {}
+
+
+@cuda.jit(device=True)
+def _stage_slice(W_s, W_hh, j0, C, rows):
+    """Copy block j0's slice of W_hh into shared memory W_s (H·C): its C columns in k-major
+    order (W_s[k·C + jl] = W_hh[k, j0+jl], the forward's h W_hh) or, with rows, its C rows
+    in k-minor order (W_s[jl·H + k] = W_hh[j0+jl, k], the backward's dz W_hhᵀ); zeros past H."""
+    H = W_hh.shape[0]
+    for idx in range(cuda.threadIdx.x, H * C, cuda.blockDim.x):
+        if rows:
+            jl, k = idx // H, idx % H
+            W_s[idx] = W_hh[j0 + jl, k] if j0 + jl < H else 0
+        else:
+            k, jl = idx // C, idx % C
+            W_s[idx] = W_hh[k, j0 + jl] if j0 + jl < H else 0
+    cuda.syncthreads()
+
+
+def _persistent_kernels(dtype):
+    """The persistent forward/backward kernels for ``dtype`` (shared arrays need a fixed type)."""
+    if dtype in _persistent_cache:
+        return _persistent_cache[dtype]
+    from numba import float32, float64
+    nbt = float32 if dtype == np.float32 else float64
+
+    @cuda.jit
+    def forward(Hx, W_hh, act):
+        """All T steps of h_t = φ(pre_t + h_{t-1} W_hh) in one launch; block c owns columns
+        c·C … c·C+C-1 and keeps W_hh[:, those] in shared memory; one grid sync per step."""
+        T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
+        C = config.CUDA_PERSIST_COLS
+        j0 = cuda.blockIdx.x * C
+        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+        W_s = cuda.shared.array(0, dtype=nbt)
+        _stage_slice(W_s, W_hh, j0, C, False)
+        grid = cuda.cg.this_grid()
+        for t in range(1, T + 1):
+            for idx in range(tid, B * C, nt):
+                b, jl = idx // C, idx % C
+                j = j0 + jl
+                if j < H:
+                    acc = Hx[t, b, j]
+                    for k in range(H):
+                        acc += Hx[t - 1, b, k] * W_s[k * C + jl]
+                    Hx[t, b, j] = _phi(acc, act)
+            grid.sync()
+
+    @cuda.jit
+    def backward(dZ, carry, Hx, W_hh, xi, act):
+        """All T steps of the reverse sweep in one launch; block c owns rows c·C … of W_hh
+        (in shared memory) and the same slice of dz_t; grid syncs between the dz and the
+        carry = dz_t W_hhᵀ phases of each step.  On exit carry holds dz_1 W_hhᵀ."""
+        T, B, H = dZ.shape
+        C = config.CUDA_PERSIST_COLS
+        j0 = cuda.blockIdx.x * C
+        tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+        W_s = cuda.shared.array(0, dtype=nbt)
+        _stage_slice(W_s, W_hh, j0, C, True)
+        grid = cuda.cg.this_grid()
+        for s in range(T - 1, -1, -1):
+            x = xi[s + 1] if s + 1 < T else 0
+            for idx in range(tid, B * C, nt):            # dz_s = (g_s + ξ_{s+1} carry) ⊙ φ'(h_s)
+                b, jl = idx // C, idx % C
+                j = j0 + jl
+                if j < H:
+                    a = dZ[s, b, j]
+                    if x != 0:
+                        a += x * carry[b, j]
+                    dZ[s, b, j] = a * _dphi(Hx[s + 1, b, j], act)
+            grid.sync()
+            for idx in range(tid, B * C, nt):            # carry = dz_s W_hhᵀ
+                b, jl = idx // C, idx % C
+                j = j0 + jl
+                if j < H:
+                    acc = 0.0
+                    for k in range(H):
+                        acc += dZ[s, b, k] * W_s[jl * H + k]
+                    carry[b, j] = acc
+            grid.sync()
+
+    _persistent_cache[dtype] = (forward, backward)
+    return forward, backward
+
+
+def persistent_max_hidden(dtype) -> int:
+    """The largest H the persistent kernels take: H·CUDA_PERSIST_COLS elements of shared memory."""
+    return _SHARED_BYTES // (np.dtype(dtype).itemsize * config.CUDA_PERSIST_COLS)
+
+
+def use_persistent(B, H, dtype) -> bool:
+    mode = config.CUDA_RECURRENCE
+    fits = H <= persistent_max_hidden(dtype)
+    if mode == "persistent":
+        return fits
+    return mode == "auto" and fits and B <= config.CUDA_PERSIST_MAX_B
+
+
+def _persistent_launch(kernel, H, dtype):
+    blocks = math.ceil(H / config.CUDA_PERSIST_COLS)
+    shared = H * config.CUDA_PERSIST_COLS * np.dtype(dtype).itemsize
+    return kernel[blocks, config.CUDA_PERSIST_THREADS, 0, shared]
+
+
+# ---------------------------------------------------------------------------- sweeps
+def forward_cuda(Hx, W_hh, act):
+    """h_t = φ(pre_t + h_{t-1} W_hh), t = 1..T · Hx (T+1,B,H) in: h_0, pre; out: h_0..h_T"""
+    T, B, H = Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2]
+    if use_persistent(B, H, Hx.dtype):
+        kernel, _ = _persistent_kernels(Hx.dtype.type)
+        _persistent_launch(kernel, H, Hx.dtype)(Hx, W_hh, act)
+        return
+    for t in range(1, T + 1):
+        rnn_step_cuda[launch(B * H)](Hx, t, W_hh, act)
+
+
+def backward_cuda(dZ, dh0, Hx, W_hh, xi, act):
+    """Reverse sweep: a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ, dz_t = a_t ⊙ φ'(h_t); ∂h_0 = ξ_1 dz_1 W_hhᵀ
+
+    dZ (T,B,H) device, in: dHs, out: dz · dh0 (B,H) device out · Hx (T+1,B,H) · W_hh (H,H) ·
+    xi (T,) host array of ξ_1..ξ_T (a zero skips that step's product)
+    """
+    T, B, H = dZ.shape
+    carry = cuda.device_array((B, H), dZ.dtype)
+    if use_persistent(B, H, dZ.dtype):
+        _, kernel = _persistent_kernels(dZ.dtype.type)
+        _persistent_launch(kernel, H, dZ.dtype)(dZ, carry, Hx, W_hh, cuda.to_device(xi), act)
+    else:
+        g = launch(B * H)
+        for s in range(T - 1, -1, -1):
+            x = xi[s + 1] if s + 1 < T else 0.0
+            _dz_step_cuda[g](dZ, s, carry, x, Hx, act)
+            if xi[s] != 0:
+                _carry_cuda[g](carry, dZ, s, W_hh)
+    if xi[0] != 0:                    # as on the CPU: the carry of step 1 exists only when ξ_1 != 0
+        _scale_cuda[launch(B * H)](dh0, carry, xi[0])
+    else:
+        zero_cuda[launch(B * H)](dh0)
+
+
+@cuda.jit
+def _chain_step_cuda(chain, dZ, d, Hx, act):
+    """For every live chain t >= d (at step s = t-d): chain_t ← chain_t ⊙ φ'(h_s); dz_s += chain_t"""
+    T, B, H = dZ.shape
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for idx in range(start, B * H, stride):          # one thread per (b, j), serial over t: no races
+        b, j = idx // H, idx % H
+        for t in range(d, T):
+            c = chain[t, b, j] * _dphi(Hx[t - d + 1, b, j], act)
+            chain[t, b, j] = c
+            dZ[t - d, b, j] += c
+
+
+def backward_truncated_cuda(dZ, dh0, Hx, W_hh, k, act):
+    """Per-term truncation after k steps, chains advanced one depth at a time (one GEMM per depth),
+    as ``fastbptt._cpu.elman.backward_truncated_cpu``; ∂h_0 = dz_1 W_hhᵀ."""
+    T, B, H = dZ.shape
+    chain = cuda.device_array_like(dZ)
+    chain.copy_to_device(dZ)
+    nxt = cuda.device_array_like(dZ)
+    zero_cuda[launch(T * B * H)](dZ.reshape(T * B, H))
+    depth = min(k, T)
+    for d in range(depth):
+        _chain_step_cuda[launch(B * H)](chain, dZ, d, Hx, act)
+        if d + 1 < depth:
+            rows = slice((d + 1) * B, T * B)
+            gemm(nxt.reshape(T * B, H)[rows], chain.reshape(T * B, H)[rows], W_hh, tb=True)
+            chain, nxt = nxt, chain
+    gemm(dh0, dZ[0], W_hh, tb=True)
+
+
+# --------------------------------------------------------------- the graph's calls
+# fastbptt._model calls these with a run (fastbptt._cuda.Run): the params on the device.
+
+def forward(run, S, act):
+    """S (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T."""
+    forward_cuda(S, run.P["W_hh"], act)
+
+
+def backward(run, S, dZ, act, k, xi):
+    """dZ (T,B,H) in: the direct terms ∂l_t/∂h_t; out: dz_t.  Returns ∂L/∂h_0.
+    k: Truncated(k) with k < T, or None for the sweep with crossing factors xi (T,), a host array."""
+    dh0 = cuda.device_array(dZ.shape[1:], dZ.dtype)
+    if k is None:
+        backward_cuda(dZ, dh0, S, run.P["W_hh"], xi, act)
+    else:
+        backward_truncated_cuda(dZ, dh0, S, run.P["W_hh"], k, act)
+    return dh0
+
+
+def add_recurrent(run, A, dZ):
+    """A[:T] += dZ W_hhᵀ (the adjoints a_t that reach h_t through step t + 1)"""
+    T, B, H = dZ.shape
+    gemm(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), run.P["W_hh"], tb=True, beta=1.0)
