@@ -35,21 +35,27 @@ CELLS = {"rnn": elman}
 class _Scratch(threading.local):
     """Work buffers that never leave a call, kept for the next call of the same shapes (a
     fresh multi-MB buffer costs a page fault per 4 KiB on first touch).  One set per
-    Python thread, for the last two shape signatures, and none larger than
-    config.CPU_SCRATCH_BYTES: a bigger set is freed when its call returns."""
+    Python thread and kind of call, for the last two call shapes, holding at most
+    config.CPU_SCRATCH_BYTES: a buffer beyond that is freed when its call returns."""
 
     def __init__(self):
         self.sets = {}
 
-    def get(self, key, shapes, dtype):
-        bufs = self.sets.pop(key, None)
-        if bufs is None:
-            bufs = tuple(products.empty(shape, dtype) for shape in shapes)
-        if sum(b.nbytes for b in bufs) <= config.CPU_SCRATCH_BYTES:
-            self.sets[key] = bufs                   # most recent last
-            while len(self.sets) > 2:
-                del self.sets[next(iter(self.sets))]
-        return bufs
+    def get(self, call, name, shapes, dtype):
+        bufs = self.sets.setdefault(call, {})
+        self.sets[call] = self.sets.pop(call)          # most recent last
+        while len(self.sets) > 2:
+            del self.sets[next(iter(self.sets))]
+        got = bufs.get(name)
+        if got is None:
+            got = tuple(products.empty(shape, dtype) for shape in shapes)
+            kept = sum(b.nbytes for group in bufs.values() for b in group)
+            if kept + sum(b.nbytes for b in got) <= config.CPU_SCRATCH_BYTES:
+                bufs[name] = got
+        return got
+
+    def nbytes(self):
+        return sum(b.nbytes for bufs in self.sets.values() for group in bufs.values() for b in group)
 
 
 _scratch = _Scratch()
@@ -95,7 +101,7 @@ class Run:
 
     def scratch(self, name, shapes):
         """work buffers kept across calls of the same shapes (see _Scratch)"""
-        return _scratch.get((self.kind, name, self.T, self.B, self.H, self.dtype), shapes, self.dtype)
+        return _scratch.get((self.kind, self.T, self.B, self.H, self.dtype), name, shapes, self.dtype)
 
     # ------------------------------------------------------------------- the graph's
     def states(self):

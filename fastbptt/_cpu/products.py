@@ -21,6 +21,7 @@ namedtuple type (a cell's activation, or :data:`NO_POST`), so the engine calls c
 does not know, resolved at compile time and kept in numba's on-disk cache.
 """
 import functools
+import math
 from collections import namedtuple
 
 import numba
@@ -269,7 +270,7 @@ ALIGN = 64
 def empty(shape, dtype):
     """np.empty(shape, dtype), its start aligned to ALIGN bytes"""
     dtype = np.dtype(dtype)
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     raw = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
     skip = -raw.ctypes.data % ALIGN
     return raw[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
