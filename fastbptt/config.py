@@ -21,6 +21,10 @@ CPU_WAIT_SPINS = 1 << 20
 #: between polls: a few tens of µs, well over a step's usual imbalance.
 CPU_STEAL_SPINS = 1 << 14
 
+#: ... and one that has waited this many times its own last step for a step that another
+#: thread holds runs every remaining step of the sweep itself (that thread lost its core).
+CPU_SOLO_WAIT = 4
+
 #: Each kind of call runs on all the threads or on one, whichever its own recent calls
 #: measured faster; the other is tried again after CPU_TEAM_EXPLORE calls, then after
 #: twice as many each time it loses, at most CPU_TEAM_EXPLORE_MAX (``fastbptt._cpu.team``).

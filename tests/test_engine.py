@@ -173,7 +173,8 @@ def test_team_uses_the_faster_thread_count_and_follows_the_load(monkeypatch):
     t.record("k", n, 2, 100.0)                       # one slow call does not flip the choice
     assert _drive(t, {2: 1.0, 1: 1.5}, 20).count(2) >= 18
     seen = _drive(t, {2: 3.0, 1: 1.5}, 100)          # load arrives: one thread, within a few calls
-    assert seen[:10].count(1) >= 5 and seen[-50:].count(1) >= 45
+    assert seen[:10].count(1) >= 5                   # ... and all the threads tried every few calls,
+    assert 40 <= seen[-50:].count(1) <= 48           # so that passing contention is left quickly
     seen = _drive(t, {2: 1.0, 1: 1.5}, 200)          # load gone: back to both threads
     assert seen[-50:].count(2) >= 45
     assert t.choose("other", 1) == 1                 # one core: nothing to choose

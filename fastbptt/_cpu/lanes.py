@@ -16,9 +16,11 @@ whichever thread gets it.  A thread waiting for step s - 1 of another lane:
   lane's steps itself from then on (until that thread shows up);
 - after ``CPU_STEAL_SPINS`` polls for a lane that has started, takes that lane's next
   step if its thread has not claimed it yet (the thread lost its core between steps),
-  else yields its core between polls (the lane's thread may be waiting for it).
-
-A sweep whose partner keeps losing its core thus runs on the threads that have one.
+  else yields its core between polls (the lane's thread may be waiting for it);
+- once it has waited ``CPU_SOLO_WAIT`` times its own last step for a step another
+  thread holds (that thread lost its core in the middle of a step), runs every
+  remaining step of every lane itself: the sweep falls back to one lane, and the
+  other threads stop after the step they hold.
 """
 import sys
 
@@ -28,7 +30,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..config import CPU_STEAL_SPINS, CPU_WAIT_SPINS, FASTMATH
+from ..config import CPU_SOLO_WAIT, CPU_STEAL_SPINS, CPU_WAIT_SPINS, FASTMATH
 from .products import chunk
 
 
@@ -56,14 +58,14 @@ def _store_release(typingctx, flags, i, value):
 
 
 @intrinsic
-def _claim(typingctx, flags, i, expected):
-    """atomically flags[i] += 1 if flags[i] == expected; True when this call did it"""
+def _cas(typingctx, flags, i, expected, new):
+    """atomically flags[i] = new if flags[i] == expected; True when this call did it"""
     def codegen(context, builder, sig, args):
         old = context.cast(builder, args[2], sig.args[2], types.int64)
-        pair = builder.cmpxchg(_flag_ptr(context, builder, sig, args), old,
-                               builder.add(old, old.type(1)), "acq_rel", "acquire")
+        value = context.cast(builder, args[3], sig.args[3], types.int64)
+        pair = builder.cmpxchg(_flag_ptr(context, builder, sig, args), old, value, "acq_rel", "acquire")
         return builder.extract_value(pair, 1)
-    return types.boolean(flags, i, expected), codegen
+    return types.boolean(flags, i, expected, new), codegen
 
 
 @intrinsic
@@ -77,6 +79,17 @@ def _yield_thread(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def _cycles(typingctx):
+    """the CPU's cycle (or time-stamp) counter: rdtsc on x86, cntvct on arm64; 0 where there
+    is none"""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
 def _flag_ptr(context, builder, sig, args):
     ary = context.make_array(sig.args[0])(context, builder, args[0])
     i = context.cast(builder, args[1], sig.args[1], types.intp)
@@ -85,13 +98,14 @@ def _flag_ptr(context, builder, sig, args):
 
 _LINE = 16                  # int64 flags per lane: [started, claimed steps, done steps], padded
 _STARTED, _CLAIMED, _DONE = 0, 1, 2
+_SOLO_MIN_CYCLES = 200_000  # a wait shorter than this (~0.1 ms) never sends a sweep solo
 
 
 @njit(inline="always")
 def _take(ctx, flags, o, s, H, n):
     """claim and run step s of lane o; True if this thread did"""
     f = o * _LINE
-    if _claim(flags, f + _CLAIMED, s):
+    if _cas(flags, f + _CLAIMED, s, s + 1):
         j0, j1 = chunk(H, o, n)
         cell_step(ctx, s, j0, j1)
         _store_release(flags, f + _DONE, s + 1)
@@ -103,26 +117,45 @@ def _take(ctx, flags, o, s, H, n):
 def run_lanes(ctx, steps, H, n):
     """cell_step(ctx, s, j0, j1) for s = 0..steps-1 on n column chunks of [0, H): on this
     thread when n = 1, else in one parallel region, one lane per chunk, step s + 1 of any
-    lane starting once every lane has done step s."""
+    lane starting once every lane has done step s.
+
+    A thread that has waited CPU_SOLO_WAIT times its own last step (and at least
+    _SOLO_MIN_CYCLES) for a lane whose thread holds that lane's step runs every remaining
+    step of every lane itself ("solo"): the others stop after the step they hold.
+    """
     if n == 1:
         for s in range(steps):
             cell_step(ctx, s, 0, H)
         return
-    flags = np.zeros(n * _LINE, np.int64)
+    solo = n * _LINE                            # 0: lanes; c + 1: lane c's thread runs the rest
+    flags = np.zeros(n * _LINE + _LINE, np.int64)
     for c in prange(n):
         _store_release(flags, c * _LINE + _STARTED, 1)
         patient = True
+        step_cycles = 0
         for s in range(steps):
             for o in range(n):                 # wait until every lane has done step s - 1
                 f = o * _LINE
                 spins = 0
+                t0 = _cycles()
                 while _load_acquire(flags, f + _DONE) < s:
                     spins += 1
                     if _load_acquire(flags, f + _STARTED) == 0:
                         if not patient or spins > CPU_WAIT_SPINS:
                             patient = False
                             _take(ctx, flags, o, s - 1, H, n)
-                    elif spins > CPU_STEAL_SPINS:
-                        if not _take(ctx, flags, o, s - 1, H, n):
-                            _yield_thread()    # the lane's thread has the step: let it run
-            _take(ctx, flags, c, s, H, n)
+                    elif spins > CPU_STEAL_SPINS and not _take(ctx, flags, o, s - 1, H, n):
+                        waited = _cycles() - t0
+                        if waited > CPU_SOLO_WAIT * step_cycles and waited > _SOLO_MIN_CYCLES:
+                            _cas(flags, solo, 0, c + 1)    # the first to get here runs the rest
+                        _yield_thread()        # the lane's thread has the step: let it run
+            who = _load_acquire(flags, solo)
+            if who == 0:
+                t0 = _cycles()
+                if _take(ctx, flags, c, s, H, n):
+                    step_cycles = _cycles() - t0
+            elif who == c + 1:
+                for o in range(n):             # every lane's step s that no thread holds
+                    _take(ctx, flags, o, s, H, n)
+            else:
+                break                          # another thread runs the rest

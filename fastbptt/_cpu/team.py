@@ -64,10 +64,13 @@ class _Choice:
 
 class Team:
     """The thread count of each kind of call, chosen by its measured times (see the module
-    notes).  The other count is tried again after ``interval`` calls; a try that loses
-    doubles the interval (up to CPU_TEAM_EXPLORE_MAX), one that wins switches and resets
-    it, and a call in use that becomes slower than the other count's typical time brings
-    the next try forward (the load changed)."""
+    notes).  The other count is tried again after ``interval`` calls.  A try that wins
+    switches and resets the interval; a try of one thread that loses doubles it (up to
+    CPU_TEAM_EXPLORE_MAX: on a quiet machine one thread is the slow count, so its tries
+    grow rare), while all the threads are tried every CPU_TEAM_EXPLORE calls (contention
+    that passes, such as another pool's threads still spinning after their own calls, is
+    left within a few calls).  A call in use that becomes slower than the other count's
+    typical time brings the next try forward (the load changed)."""
 
     def __init__(self):
         self.stats = {}
@@ -106,7 +109,7 @@ class Team:
                 arm.times.append(seconds)
                 if seconds < c.arms[c.current].typical():
                     c.current, c.interval = n, CPU_TEAM_EXPLORE
-                else:
+                elif n == 1:                             # one thread lost: try it less often
                     c.interval = min(2 * c.interval, CPU_TEAM_EXPLORE_MAX)
                 c.next_try = c.calls + c.interval
             else:
