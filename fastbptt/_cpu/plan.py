@@ -183,6 +183,20 @@ def _best(fn, reps=5):
     return best
 
 
+def _fastest(fns, rounds):
+    """the index of the fastest of fns by their best time, the candidates interleaved in
+    every round so that a slow spell of the machine falls on all of them"""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return int(np.argmin(best))
+
+
 def measure_sweep(dtype, B, H, threads):
     """(lanes, kc, mc): the fastest forward sweeps of B x H steps (a few steps, best of 5)
     on one lane or ``threads`` lanes, with each of STEP_BLOCKING; a step of at least
@@ -210,9 +224,8 @@ def measure_sweep(dtype, B, H, threads):
     split = threads > 1 and B * H * H >= SPLIT_ALWAYS_MACS
     lanes = (1,) if threads == 1 or split else (1, threads)
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
-    times = [_best(run(*c), reps=3 if split else 5) for c in candidates]
-    best = candidates[int(np.argmin(times))]
-    return (threads,) + best[1:] if split else best
+    best = _fastest([run(*c) for c in candidates], rounds=3 if split else 7)
+    return (threads,) + candidates[best][1:] if split else candidates[best]
 
 
 class numba_threads:

@@ -1,0 +1,107 @@
+"""Micro-benchmarks of the CPU engine's parts, the figures behind docs/performance.md.
+
+    python bench/engine_micro.py products   # the tile on packed B against numpy's BLAS, one thread
+    python bench/engine_micro.py sweeps     # a forward sweep: lanes x K slice
+    python bench/engine_micro.py align      # a sweep with its packed W_hh 64-byte aligned or not
+    python bench/engine_micro.py firstcall  # a fresh process's first loss_and_grad (warm cache)
+
+Each prints one line per case; every figure is the best of several timed runs.
+"""
+import subprocess
+import sys
+import time
+
+import numba
+import numpy as np
+
+from fastbptt._cpu import elman, products
+
+
+def best_ms(fn, reps=20, rounds=5):
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t) / reps)
+    return best * 1e3
+
+
+def bench_products():
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    for M, K, N in [(32, 512, 512), (32, 256, 256), (32, 1024, 1024), (64, 1024, 1024), (1024, 2048, 1024),
+                    (1, 256, 256)]:
+        A = rng.standard_normal((M, K), dtype=np.float32)
+        B = rng.standard_normal((K, N), dtype=np.float32)
+        C = np.zeros((M, N), np.float32)
+        Bp = products.packed(B, 1)
+        rate = {}
+        for kc in (128, 256, 512):
+            blk = np.array([kc, 64])
+            ms = best_ms(lambda: products.matmul(C, A, Bp, np.float32(1), 0, N, 0, products.NO_POST, blk))
+            rate[f"tile kc={kc}"] = 2 * M * K * N / ms / 1e6
+        rate["numpy BLAS"] = 2 * M * K * N / best_ms(lambda: np.dot(A, B, out=C)) / 1e6
+        print(f"({M},{K})·({K},{N}) GFLOP/s, one thread: " + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
+
+
+def _sweep_case(B, H, T, rng):
+    W = (rng.standard_normal((H, H)) / np.sqrt(H)).astype(np.float32)
+    pre = rng.standard_normal((T + 1, B, H)).astype(np.float32)
+    return W, pre, products.empty(pre.shape, np.float32)
+
+
+def bench_sweeps():
+    rng = np.random.default_rng(0)
+    for B, H, T in [(32, 512, 35), (32, 256, 35), (1, 256, 256)]:
+        W, pre, S = _sweep_case(B, H, T, rng)
+        Wp = products.packed(W, 1)
+        for kc in (64, 128, 256, 512):
+            out = []
+            for lanes in (1, 2):
+                numba.set_num_threads(lanes)
+                blk = np.array([kc, 64])
+                ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, lanes)),
+                             reps=5)
+                out.append(f"{lanes} lane(s) {ms:.3f} ms ({2 * B * H * H * T / ms / 1e6:.0f} GFLOP/s)")
+            print(f"forward sweep B={B} H={H} T={T} kc={kc}: " + ", ".join(out))
+
+
+def bench_align():
+    rng = np.random.default_rng(0)
+    B, H, T = 1, 256, 256
+    W, pre, S = _sweep_case(B, H, T, rng)
+    aligned = products.packed(W, 1)
+    raw = np.empty(aligned.size * 4 + 128, np.uint8)
+    skip = (-raw.ctypes.data % 64) + 16                 # 16 bytes past a cache line, as numpy's big arrays
+    off = raw[skip:skip + aligned.size * 4].view(np.float32).reshape(aligned.shape)
+    off[:] = aligned
+    blk = np.array([512, 64])
+    for name, Wp in (("64-byte aligned", aligned), ("16 bytes off", off)):
+        ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, 2)), reps=10)
+        print(f"forward sweep B={B} H={H} T={T}, 2 lanes, packed W_hh {name}: {ms:.3f} ms")
+
+
+_FIRST = """
+import time
+t0 = time.perf_counter()
+import numpy as np, fastbptt
+from fastbptt import bench
+p, X, Y, h0 = bench.workload(35, 32, 28, 512)
+t1 = time.perf_counter()
+fastbptt.loss_and_grad(p, X, Y, h0)
+t2 = time.perf_counter()
+print(f"import + setup {t1 - t0:.2f} s, first loss_and_grad at d2l-scratch {t2 - t1:.2f} s")
+"""
+
+
+def bench_firstcall():
+    subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
+    for _ in range(3):
+        subprocess.run([sys.executable, "-c", _FIRST], check=True)
+
+
+if __name__ == "__main__":
+    {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
+     "firstcall": bench_firstcall}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
