@@ -1,6 +1,7 @@
 """Micro-benchmarks of the CPU engine's parts, the figures behind docs/performance.md.
 
-    python bench/engine_micro.py products   # the tile on packed B against numpy's BLAS, one thread
+    python bench/engine_micro.py products   # the tile on packed B against numpy's BLAS, one thread each
+                                            # (BLAS limited through threadpoolctl, the peers extra)
     python bench/engine_micro.py sweeps     # a forward sweep: lanes x K slice
     python bench/engine_micro.py align      # a sweep with its packed W_hh 64-byte aligned or not
     python bench/engine_micro.py firstcall  # a fresh process's first loss_and_grad (warm cache)
@@ -42,7 +43,12 @@ def bench_products():
             blk = np.array([kc, 64])
             ms = best_ms(lambda: products.matmul(C, A, Bp, np.float32(1), 0, N, 0, products.NO_POST, blk))
             rate[f"tile kc={kc}"] = 2 * M * K * N / ms / 1e6
-        rate["numpy BLAS"] = 2 * M * K * N / best_ms(lambda: np.dot(A, B, out=C)) / 1e6
+        try:
+            from threadpoolctl import threadpool_limits
+            with threadpool_limits(1):
+                rate["numpy BLAS, one thread"] = 2 * M * K * N / best_ms(lambda: np.dot(A, B, out=C)) / 1e6
+        except ImportError:
+            rate["numpy BLAS, its threads"] = 2 * M * K * N / best_ms(lambda: np.dot(A, B, out=C)) / 1e6
         print(f"({M},{K})·({K},{N}) GFLOP/s, one thread: " + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
 
 

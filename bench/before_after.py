@@ -1,0 +1,64 @@
+"""fastbptt against an earlier checkout of itself and numpy, in one process.
+
+    python bench/before_after.py PATH [sweep]
+
+PATH is an earlier checkout of fastbptt (e.g. ``git worktree add /tmp/before 41148b1``);
+its package is copied as ``fastbptt_before`` into a temporary folder and imported beside
+this one.  Per config: median ms of each system over six interleaved rounds, each system
+following each other one in turn, and the speedups.  ``sweep``: the bench's H and B sweep.
+"""
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+folder = Path(tempfile.mkdtemp())
+shutil.copytree(Path(sys.argv[1]) / "fastbptt", folder / "fastbptt_before")
+api = folder / "fastbptt_before" / "api.py"
+api.write_text(api.read_text().replace('"fastbptt._cuda"', '"fastbptt_before._cuda"'))
+sys.path.insert(0, str(folder))
+import fastbptt  # noqa: E402
+import fastbptt_before  # noqa: E402
+from fastbptt import bench, peers  # noqa: E402
+
+shapes = dict(bench.CONFIGS)
+if len(sys.argv) > 2 and sys.argv[2] == "sweep":
+    shapes = {f"H={h}": (64, 32, 64, h) for h in bench.SWEEP_H}
+    shapes.update({f"B={b}": (64, b, 64, 256) for b in bench.SWEEP_B})
+gemm = bench.gemm_rate()
+out = []
+for name, (T, B, V, H) in shapes.items():
+    p, X, Y, h0 = bench.workload(T, B, V, H)
+    fns = {"after": lambda: fastbptt.loss_and_grad(p, X, Y, h0)[0],
+           "before": lambda: fastbptt_before.loss_and_grad(p, X, Y, h0)[0],
+           "numpy": peers.make_numpy(p, X, Y, h0)}
+    ref = fns["after"]()
+    for k, f in fns.items():
+        assert abs(f() - ref) < 1e-4 * max(1, abs(ref)), k
+        f()
+    times = {k: [] for k in fns}
+    order = list(fns)
+    for rnd in range(6):
+        order = order[1:] + order[:1]                   # each system follows each other one in turn
+        for k in order:
+            f = fns[k]
+            end = time.perf_counter() + 0.3
+            while True:
+                t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
+                if time.perf_counter() > end and len(times[k]) >= 2 * (rnd + 1): break
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    fl = bench.flops(T, B, V, H)
+    row = dict(config=name, after_ms=med["after"], before_ms=med["before"], numpy_ms=med["numpy"],
+               after_pct_gemm=100 * fl / (med["after"] / 1e3) / 1e9 / gemm,
+               before_pct_gemm=100 * fl / (med["before"] / 1e3) / 1e9 / gemm,
+               after_over_before=med["before"] / med["after"], after_x_numpy=med["numpy"] / med["after"],
+               before_x_numpy=med["numpy"] / med["before"])
+    out.append(row)
+    print(f"{name:12s} after {med['after']:9.3f} ms ({row['after_pct_gemm']:5.1f}% GEMM, x{row['after_x_numpy']:.2f} numpy)  "
+          f"before {med['before']:9.3f} ms ({row['before_pct_gemm']:5.1f}%, x{row['before_x_numpy']:.2f})  after/before speedup x{row['after_over_before']:.2f}", flush=True)
+print(f"same-run GEMM {gemm:.1f} GFLOP/s")
+print(json.dumps({"gemm": gemm, "rows": out}))

@@ -1,0 +1,36 @@
+"""fastbptt against the plain numpy BPTT on a grid of (B, H), T = 32, V = 64, float32.
+
+    python bench/grid.py
+
+Per point: median ms of each system over four rounds of 0.25 s, the order alternating
+between rounds, and numpy's time over fastbptt's.
+"""
+import time
+
+import numpy as np
+
+from fastbptt import bench, peers
+
+T, V = 32, 64
+res = []
+for H in (64, 128, 256, 512, 1024, 2048):
+    for B in (1, 4, 16, 64, 256):
+        p, X, Y, h0 = bench.workload(T, B, V, H)
+        f, g = bench.make_fastbptt(p, X, Y, h0), peers.make_numpy(p, X, Y, h0)
+        f()
+        g()
+        tf, tg = [], []
+        for rnd in range(4):
+            for fn, ts in (((f, tf), (g, tg)) if rnd % 2 else ((g, tg), (f, tf))):
+                end = time.perf_counter() + 0.25
+                while True:
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+                    if time.perf_counter() > end and len(ts) >= 2 * (rnd + 1):
+                        break
+        r = np.median(tg) / np.median(tf)
+        res.append(r)
+        print(f"B={B:4d} H={H:5d} fastbptt {np.median(tf) * 1e3:9.3f} ms numpy {np.median(tg) * 1e3:9.3f} ms"
+              f"  x{r:.2f}", flush=True)
+print("lowest ratio", min(res))
