@@ -326,3 +326,17 @@ def test_kept_work_buffers_never_exceed_the_cap(monkeypatch, rng):
     assert cpu._scratch.nbytes() <= 2 << 20          # two call shapes at most, each under the cap
     got = fastbptt.loss_and_grad(p, X, X)              # and the next call is still exact
     assert got[0] == want[0] and all(np.array_equal(got[1][k], want[1][k]) for k in got[1])
+
+
+def test_kept_buffers_are_never_reused_for_another_shape(rng):
+    # the same T, B, H with another Q (and D) must not reuse the previous call's head buffers
+    results = {}
+    for Q, D in [(5, 3), (1, 2), (5, 3), (2, 7), (1, 2)]:
+        p = fastbptt.init_params(D, 6, Q, dtype=np.float64, seed=Q)
+        X, Y = rng.integers(0, D, (3, 4)) * 0 + 1 % D, np.zeros((3, 4), np.int64) + (Q - 1)
+        loss, grads, _ = fastbptt.loss_and_grad(p, X, Y)
+        if (Q, D) in results:
+            assert loss == results[Q, D][0]
+            assert all(np.array_equal(grads[k], results[Q, D][1][k]) for k in grads)
+        results[Q, D] = (loss, grads)
+    assert results[1, 2][0] == 0.0                     # one class: every term is log 1

@@ -47,7 +47,7 @@ class _Scratch(threading.local):
         while len(self.sets) > 2:
             del self.sets[next(iter(self.sets))]
         got = bufs.get(name)
-        if got is None:
+        if got is None or [b.shape for b in got] != [tuple(shape) for shape in shapes]:
             got = tuple(products.empty(shape, dtype) for shape in shapes)
             kept = sum(b.nbytes for group in bufs.values() for b in group)
             if kept + sum(b.nbytes for b in got) <= config.CPU_SCRATCH_BYTES:
@@ -101,7 +101,8 @@ class Run:
 
     def scratch(self, name, shapes):
         """work buffers kept across calls of the same shapes (see _Scratch)"""
-        return _scratch.get((self.kind, self.T, self.B, self.H, self.dtype), name, shapes, self.dtype)
+        Q = self.P["W_hq"].shape[1] if "W_hq" in self.P else 0
+        return _scratch.get((self.kind, self.T, self.B, self.H, Q, self.dtype), name, shapes, self.dtype)
 
     # ------------------------------------------------------------------- the graph's
     def states(self):
