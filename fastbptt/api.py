@@ -1,8 +1,8 @@
 """The public API: the only layer that validates, normalizes dtype/layout and picks a backend.
 
 Every function validates its arguments once, then hands C-contiguous, writeable
-arrays of one float dtype (token ids as int64) to a backend (``fastbptt._cpu`` or
-``fastbptt._cuda``).  Inputs are never modified.  The params' dtype (float32 or
+arrays of one float dtype (token ids as int64) to the graph (``fastbptt._model``) with a
+backend (``fastbptt._cpu`` or ``fastbptt._cuda``) and its cell.  Inputs are never modified.  The params' dtype (float32 or
 float64) is the compute dtype; X (dense), h0 and dHs of another float dtype are
 cast to it, and every returned array is in it.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from . import config
+from . import _model, config
 from .truncation import Randomized, Truncated
 
 PARAM_KEYS = ("W_xh", "W_hh", "b_h", "W_hq", "b_q")
@@ -79,7 +79,8 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     Yc = _targets(be, Y, Xc, P)
     k, xi = _truncation(truncation, Xc.shape[0], h0c.dtype)
     scale = _scale(reduction, Xc)
-    loss, grads, h_T = be.loss_and_grad(P, Xc, Yc, h0c, _activation(activation), k, xi, scale)
+    loss, grads, h_T = _model.loss_and_grad(be, _cell(be), P, Xc, Yc, h0c, _activation(activation), k, xi,
+                                            scale)
     return float(loss), grads, h_T
 
 
@@ -92,7 +93,7 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
     P, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
     Yc = _targets(be, Y, Xc, P)
     scale = _scale(reduction, Xc)
-    total, h_T = be.loss(P, Xc, Yc, h0c, _activation(activation))
+    total, h_T = _model.loss(be, _cell(be), P, Xc, Yc, h0c, _activation(activation))
     return float(total * scale), h_T
 
 
@@ -104,7 +105,7 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
     """
     be = _backend(device)
     P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
-    return be.forward(P, Xc, h0c, _activation(activation))[1:]
+    return _model.rnn_forward(be, _cell(be), P, Xc, h0c, _activation(activation))[1:]
 
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
@@ -121,7 +122,7 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
     k, xi = _truncation(truncation, Xc.shape[0], h0c.dtype)
-    return be.backward(P, Xc, Hx, dZ, _activation(activation), k, xi)
+    return _model.rnn_backward(be, _cell(be), P, Xc, Hx, dZ, _activation(activation), k, xi)
 
 
 def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"):
@@ -134,7 +135,7 @@ def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"
     be = _backend(device)
     P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
-    return be.adjoints(P, Hx, dZ, _activation(activation))
+    return _model.rnn_adjoints(be, _cell(be), P, Xc, Hx, dZ, _activation(activation))
 
 
 def to_device(params):
@@ -148,6 +149,11 @@ def to_device(params):
 
 
 # ------------------------------------------------------------------------- dispatch
+def _cell(be):
+    """the backend's module of the Elman cell (the one cell so far)"""
+    return be.CELLS["rnn"]
+
+
 def _backend(device):
     """The module that runs the kernels for ``device``; CUDA is imported only when asked for."""
     if device == "cpu":

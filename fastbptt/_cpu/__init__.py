@@ -24,7 +24,7 @@ import threading  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from .. import _model, config  # noqa: E402
+from .. import config  # noqa: E402
 from .._host import as_array, first_nonfinite, id_range, normalized, stack_states  # noqa: E402,F401
 from . import elman, head, plan, products, projections, team  # noqa: E402
 from .products import packed_shape, pack_cpu, transpose_cpu  # noqa: E402
@@ -221,28 +221,6 @@ def input_grads(run, X, dZ):
     return dW_xh
 
 
-# ------------------------------------------------------------- the calls of api.py
-def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
-    return _model.loss_and_grad(_this, elman, P, X, Y, h0, act, k, xi, scale)
-
-
-def loss(P, X, Y, h0, act):
-    return _model.loss(_this, elman, P, X, Y, h0, act)
-
-
-def forward(P, X, h0, act):
-    """Hx (T+1,B,H) = h_0..h_T for token ids X (T,B) or dense X (T,B,D)."""
-    return _model.rnn_forward(_this, elman, P, X, h0, act)
-
-
-def backward(P, X, Hx, dZ, act, k, xi):
-    return _model.rnn_backward(_this, elman, P, X, Hx, dZ, act, k, xi)
-
-
-def adjoints(P, Hx, dZ, act):
-    return _model.rnn_adjoints(_this, elman, P, np.empty((dZ.shape[0], dZ.shape[1]), np.int64), Hx, dZ, act)
-
-
 def tune(progress=True, sweeps=()):
     """measure this machine's plan now (``fastbptt tune``) and return it"""
     return plan.tune(team.max_threads(), progress, sweeps)
@@ -250,8 +228,3 @@ def tune(progress=True, sweeps=()):
 
 def current_plan():
     return plan.current(team.max_threads())
-
-
-import sys as _sys  # noqa: E402
-
-_this = _sys.modules[__name__]

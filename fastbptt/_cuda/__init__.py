@@ -22,7 +22,6 @@ which case they stay there, zero-copy.
 import numpy as np
 from numba import cuda
 
-from .. import _model
 from . import elman, head, projections
 from .arrays import as_array, device, first_nonfinite, id_range, normalized, on_device, stack_states  # noqa: F401
 from .products import SIMULATOR, launch, zero_cuda  # noqa: F401
@@ -159,30 +158,3 @@ def input_grads(run, X, dZ):
     else:
         projections.embed_dense_backward_cuda(dW_xh, dZ.reshape(T * B, H), Xd.reshape(T * B, X.shape[2]))
     return dW_xh
-
-
-# ------------------------------------------------------------- the calls of api.py
-def loss_and_grad(P, X, Y, h0, act, k, xi, scale):
-    return _model.loss_and_grad(_this, elman, P, X, Y, h0, act, k, xi, scale)
-
-
-def loss(P, X, Y, h0, act):
-    return _model.loss(_this, elman, P, X, Y, h0, act)
-
-
-def forward(P, X, h0, act):
-    """Hx (T+1,B,H) = h_0..h_T for token ids X (T,B) or dense X (T,B,D)."""
-    return _model.rnn_forward(_this, elman, P, X, h0, act)
-
-
-def backward(P, X, Hx, dZ, act, k, xi):
-    return _model.rnn_backward(_this, elman, P, X, Hx, dZ, act, k, xi)
-
-
-def adjoints(P, Hx, dZ, act):
-    return _model.rnn_adjoints(_this, elman, P, np.empty((dZ.shape[0], dZ.shape[1]), np.int64), Hx, dZ, act)
-
-
-import sys as _sys  # noqa: E402
-
-_this = _sys.modules[__name__]
