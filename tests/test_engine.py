@@ -340,3 +340,17 @@ def test_kept_buffers_are_never_reused_for_another_shape(rng):
             assert all(np.array_equal(grads[k], results[Q, D][1][k]) for k in grads)
         results[Q, D] = (loss, grads)
     assert results[1, 2][0] == 0.0                     # one class: every term is log 1
+
+
+def test_tune_command_measures_and_prints_the_plan(plan_dir, monkeypatch, capsys):
+    from fastbptt import bench, cli
+    monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
+    monkeypatch.setattr(bench, "CONFIGS", {"tiny": (4, 2, 8, 32)})
+    with pytest.raises(SystemExit) as done:
+        cli.main(["tune", "--batch", "1", "3", "--hidden", "16", "--quiet"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "tuned" in out and "3 sweep shapes measured" in out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["tune", "--batch", "0", "--quiet"])
+    assert done.value.code == 2 and "--batch" in capsys.readouterr().err
