@@ -68,7 +68,7 @@ def bench_sweeps():
             for lanes in (1, 2):
                 numba.set_num_threads(lanes)
                 blk = np.array([kc, 64])
-                ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, lanes)),
+                ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, lanes, lanes)),
                              reps=5)
                 out.append(f"{lanes} lane(s) {ms:.3f} ms ({2 * B * H * H * T / ms / 1e6:.0f} GFLOP/s)")
             print(f"forward sweep B={B} H={H} T={T} kc={kc}: " + ", ".join(out))
@@ -85,7 +85,7 @@ def bench_align():
     off[:] = aligned
     blk = np.array([512, 64])
     for name, Wp in (("64-byte aligned", aligned), ("16 bytes off", off)):
-        ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, 2)), reps=10)
+        ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, 2, 2)), reps=10)
         print(f"forward sweep B={B} H={H} T={T}, 2 lanes, packed W_hh {name}: {ms:.3f} ms")
 
 

@@ -32,6 +32,9 @@ CPU_SOLO_WAIT = 4
 CPU_TEAM_ADAPT = True
 CPU_TEAM_EXPLORE = 8
 CPU_TEAM_EXPLORE_MAX = 64
+#: ... and after a switch to one thread, all the threads are tried again after this many
+#: calls, then twice as many each time they lose
+CPU_TEAM_RETRY_ALL = 2
 
 #: Activation codes shared by the CPU and CUDA kernels.
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}

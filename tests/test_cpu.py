@@ -207,9 +207,9 @@ def test_sweeps_are_exact_however_the_lanes_are_run(threads, lanes, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         H = Hx.copy()
-        elman.forward_cpu(H, packed(W, 1), elman.TANH, BLK, lanes)
+        elman.forward_cpu(H, packed(W, 1), elman.TANH, BLK, lanes, 2)
         D, dh0 = dZ.copy(), np.empty_like(dZ[0])
-        elman.backward_cpu(D, dh0, Hx, packed(WT, 1), xi, elman.TANH, BLK, lanes)
+        elman.backward_cpu(D, dh0, Hx, packed(WT, 1), xi, elman.TANH, BLK, lanes, 2)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_allclose(H, want_H, rtol=1e-12, atol=1e-12)

@@ -73,7 +73,7 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     plan.forget()
     again = plan.current(2)
     assert again is not p and again.sweeps == {"float32 B=4 H=96": (lanes, int(blk[0]), int(blk[1]))}
-    assert again.sweep(np.float32, 4, 96, 1)[0] == 1             # never more lanes than threads
+    assert again.sweep(np.float32, 4, 96, 1)[0] == lanes         # the lanes fix the sums' order
     assert plan.current(1).path != again.path                   # the thread count is in the key
 
 
@@ -133,24 +133,31 @@ def test_tune_measures_every_kind_and_saves(plan_dir, monkeypatch):
     assert "tuned" in plan.describe(p)
 
 
-def test_results_do_not_depend_on_the_plan_lanes_or_threads(rng, plan_dir):
+def test_results_do_not_depend_on_the_thread_count_for_a_fixed_plan(rng, plan_dir):
+    # the lanes fix the order of every sum (a lane adds its own K range first); one thread
+    # running both lanes gives the very same bits as two threads
     import numba
     params = fastbptt.init_params(28, 100, 28, seed=1)
     params["W_hh"] *= 30
     X, Y = rng.integers(0, 28, (20, 7)), rng.integers(0, 28, (20, 7))
     before = numba.get_num_threads()
-    results = []
+    by_lanes = {}
     try:
-        for n, lanes in [(1, 1), (2, 1), (2, 2)]:
-            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            plan.current(team.max_threads()).sweeps["float32 B=7 H=100"] = (lanes, 128, 64)
-            results.append(fastbptt.loss_and_grad(params, X, Y))
+        for lanes in (1, 2):
+            results = []
+            for n in (1, 2):
+                numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+                plan.current(team.max_threads()).sweeps["float32 B=7 H=100"] = (lanes, 128, 64)
+                results.append(fastbptt.loss_and_grad(params, X, Y))
+            (l1, g1, h1), (l2, g2, h2) = results
+            assert l1 == l2 and np.array_equal(h1, h2)
+            assert all(np.array_equal(g1[k], g2[k]) for k in g1)
+            by_lanes[lanes] = results[0]
     finally:
         numba.set_num_threads(before)
-    for loss, grads, h in results[1:]:
-        assert loss == results[0][0] and np.array_equal(h, results[0][2])
-        for k in grads:
-            assert np.array_equal(grads[k], results[0][1][k]), k
+    for k in by_lanes[1][1]:                             # other lanes: other rounding only
+        want = by_lanes[1][1][k]
+        np.testing.assert_allclose(by_lanes[2][1][k], want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
 
 
 # ------------------------------------------------------------------------ the team
@@ -173,8 +180,8 @@ def test_team_uses_the_faster_thread_count_and_follows_the_load(monkeypatch):
     t.record("k", n, 2, 100.0)                       # one slow call does not flip the choice
     assert _drive(t, {2: 1.0, 1: 1.5}, 20).count(2) >= 18
     seen = _drive(t, {2: 3.0, 1: 1.5}, 100)          # load arrives: one thread, within a few calls
-    assert seen[:10].count(1) >= 5                   # ... and all the threads tried every few calls,
-    assert 40 <= seen[-50:].count(1) <= 48           # so that passing contention is left quickly
+    assert seen[:10].count(1) >= 5                   # all the threads tried again soon after the switch,
+    assert seen[-50:].count(1) >= 44                 # ... ever less often while they lose
     seen = _drive(t, {2: 1.0, 1: 1.5}, 200)          # load gone: back to both threads
     assert seen[-50:].count(2) >= 45
     assert t.choose("other", 1) == 1                 # one core: nothing to choose
@@ -203,7 +210,7 @@ def test_a_lane_whose_thread_never_starts_is_taken_over(rng):
     numba.set_num_threads(1)
     try:
         S = pre.copy()
-        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, 5)
+        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, 5, 2)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_allclose(S, _forward_reference(W, pre), rtol=1e-12, atol=1e-12)

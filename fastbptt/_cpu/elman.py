@@ -21,7 +21,7 @@ from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
 from .lanes import cell_step, run_lanes
 from . import products
-from .products import NO_POST, _0, chunk, epilogue, gemm_cpu, matmul
+from .products import NO_POST, _0, chunk, epilogue, gemm_cpu, matmul, matmul_k
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -82,59 +82,69 @@ Backward = namedtuple("ElmanBackward", "dZ Hx Wp xi act blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_step(ctx, s, j0, j1):
-    """h_t = φ(pre_t + h_{t-1} W_hh) on columns [j0, j1), t = s + 1 (Hx[t] holds pre_t)"""
+def _forward_step(ctx, s, j0, j1, k0, k1, last):
+    """h_t = φ(pre_t + h_{t-1} W_hh) on columns [j0, j1), t = s + 1 (Hx[t] holds pre_t): adds
+    h_{t-1}[:, k0:k1] W_hh[k0:k1]; with last, then φ"""
     S, t = ctx.Hx, s + 1
-    matmul(S[t], S[t - 1], ctx.Wp, S.dtype.type(1), j0, j1, _0, Activate(ctx.act), ctx.blk)
+    one = S.dtype.type(1)
+    if last:
+        matmul_k(S[t], S[t - 1], ctx.Wp, one, j0, j1, _0, k0, k1, Activate(ctx.act), ctx.blk)
+    else:
+        matmul_k(S[t], S[t - 1], ctx.Wp, one, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _backward_step(ctx, s, j0, j1):
+def _backward_step(ctx, s, j0, j1, k0, k1, last):
     """dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(h_t) on columns [j0, j1), t = T-1-s
-    (0-based: dZ[t] holds dHs_t; ξ = 0 skips the product)"""
+    (0-based: dZ[t] holds dHs_t): adds ξ_{t+1} dz_{t+1}[:, k0:k1] W_hhᵀ[k0:k1]; with last,
+    then ⊙ φ'.  ξ = 0 skips the product."""
     S = ctx.dZ
     t = S.shape[0] - 1 - s
     h = ctx.Hx[t + 1]
     x = ctx.xi[t + 1] if t + 1 < S.shape[0] else S.dtype.type(0)
     if x == 0:
-        dphi(S[t], h, j0, j1, ctx.act)
+        if last:
+            dphi(S[t], h, j0, j1, ctx.act)
+    elif last:
+        matmul_k(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, k0, k1, Derivative(h, ctx.act), ctx.blk)
     else:
-        matmul(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, Derivative(h, ctx.act), ctx.blk)
+        matmul_k(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
 
 
 @overload(cell_step, jit_options={"cache": True})
-def _cell_step(ctx, s, j0, j1):
+def _cell_step(ctx, s, j0, j1, k0, k1, last):
     if _is(ctx, Forward):
-        return lambda ctx, s, j0, j1: _forward_step(ctx, s, j0, j1)
+        return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
     if _is(ctx, Backward):
-        return lambda ctx, s, j0, j1: _backward_step(ctx, s, j0, j1)
+        return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
 
 
 # ---------------------------------------------------------------------------- sweeps
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def forward_cpu(Hx, W_hhp, act, blk, n):
+def forward_cpu(Hx, W_hhp, act, blk, n, threads):
     """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
 
     Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hhp: W_hh (H,H) packed ·
-    act 0=tanh 1=relu 2=identity · blk (kc, mc) · n lanes (1: on this thread).  h_0 sits in front of h_1..h_T so that ∂W_hh is one
+    act 0=tanh 1=relu 2=identity · blk (kc, mc) · n lanes · threads: 1 runs the lanes on
+    this thread (the same sums in the same order: the same results).  h_0 sits in front of h_1..h_T so that ∂W_hh is one
     product over Hx[:T].
     """
-    run_lanes(Forward(Hx, W_hhp, act, blk), Hx.shape[0] - 1, Hx.shape[2], n)
+    run_lanes(Forward(Hx, W_hhp, act, blk), Hx.shape[0] - 1, Hx.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n):
+def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n, threads):
     """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
     then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
 
     dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
     h_0..h_T · W_hhTp: W_hhᵀ packed · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}:
-    randomized truncation) · act · blk (kc, mc) · n lanes.
+    randomized truncation) · act · blk (kc, mc) · n lanes · threads (as forward_cpu).
     """
-    run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[2], n)
+    run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[2], n, threads)
     dh0[:] = 0
     if xi[0] != 0:
-        gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, n)
+        gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, threads)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -187,9 +197,9 @@ def forward(run, S, act):
     W_hhp = run.packed("W_hh")
     if run.h0_zero:
         activate(S[1], _0, S.shape[2], act)
-        forward_cpu(S[1:], W_hhp, act, blk, lanes)
+        forward_cpu(S[1:], W_hhp, act, blk, lanes, run.n)
     else:
-        forward_cpu(S, W_hhp, act, blk, lanes)
+        forward_cpu(S, W_hhp, act, blk, lanes, run.n)
 
 
 def backward(run, S, dZ, act, k, xi):
@@ -199,7 +209,7 @@ def backward(run, S, dZ, act, k, xi):
     W_hhTp = run.packed("W_hh", transposed=True)
     if k is None:
         lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])
-        backward_cpu(dZ, dh0, S, W_hhTp, xi, act, blk, lanes)
+        backward_cpu(dZ, dh0, S, W_hhTp, xi, act, blk, lanes, run.n)
     else:
         backward_truncated_cpu(dZ, dh0, S, W_hhTp, k, act, run.blk("rows"), run.n)
     return dh0

@@ -34,9 +34,10 @@ from ..config import CPU_SOLO_WAIT, CPU_STEAL_SPINS, CPU_WAIT_SPINS, FASTMATH
 from .products import chunk
 
 
-def cell_step(ctx, s, j0, j1):
-    """Step s (0-based, in sweep order) of a sweep on columns [j0, j1).  A stub: each cell
-    overloads it for its own namedtuple ``ctx``."""
+def cell_step(ctx, s, j0, j1, k0, k1, last):
+    """Step s (0-based, in sweep order) on columns [j0, j1): add the recurrent product over
+    the K range [k0, k1) of the previous step's state; with ``last``, the step's pointwise
+    part.  A stub: each cell overloads it for its own namedtuple ``ctx``."""
 
 
 @intrinsic
@@ -102,30 +103,81 @@ _SOLO_MIN_CYCLES = 200_000  # a wait shorter than this (~0.1 ms) never sends a s
 
 
 @njit(inline="always")
+def _own(ctx, s, o, H, n):
+    """lane o's step s over its own K range: the state that lane made at step s - 1"""
+    j0, j1 = chunk(H, o, n)
+    cell_step(ctx, s, j0, j1, j0, j1, n == 1)
+
+
+@njit(inline="always")
+def _rest(ctx, s, o, H, n):
+    """lane o's step s over the other lanes' K ranges, in the order o+1, o+2, ... (mod n),
+    then the pointwise part"""
+    j0, j1 = chunk(H, o, n)
+    for i in range(1, n):
+        k0, k1 = chunk(H, (o + i) % n, n)
+        cell_step(ctx, s, j0, j1, k0, k1, i == n - 1)
+
+
+@njit(inline="always")
+def _ready(flags, s, n):
+    """every lane has done step s - 1"""
+    for q in range(n):
+        if _load_acquire(flags, q * _LINE + _DONE) < s:
+            return False
+    return True
+
+
+@njit(inline="always")
 def _take(ctx, flags, o, s, H, n):
-    """claim and run step s of lane o; True if this thread did"""
+    """claim and run all of step s of lane o, whose inputs are ready; True if this thread did"""
     f = o * _LINE
-    if _cas(flags, f + _CLAIMED, s, s + 1):
-        j0, j1 = chunk(H, o, n)
-        cell_step(ctx, s, j0, j1)
+    if _ready(flags, s, n) and _cas(flags, f + _CLAIMED, s, s + 1):
+        _own(ctx, s, o, H, n)
+        _rest(ctx, s, o, H, n)
         _store_release(flags, f + _DONE, s + 1)
         return True
     return False
 
 
+@njit(inline="always")
+def _wait(ctx, flags, q, s, H, n, c, patient, step_cycles):
+    """until lane q has done step s - 1, taking that step over if its thread is away (see
+    the module notes); returns whether this thread is still patient with unstarted lanes"""
+    f = q * _LINE
+    spins = 0
+    t0 = _cycles()
+    while _load_acquire(flags, f + _DONE) < s:
+        spins += 1
+        if _load_acquire(flags, f + _STARTED) == 0:
+            if not patient or spins > CPU_WAIT_SPINS:
+                patient = False
+                _take(ctx, flags, q, s - 1, H, n)
+        elif spins > CPU_STEAL_SPINS and not _take(ctx, flags, q, s - 1, H, n):
+            waited = _cycles() - t0
+            if waited > CPU_SOLO_WAIT * step_cycles and waited > _SOLO_MIN_CYCLES:
+                _cas(flags, n * _LINE, 0, c + 1)       # the first to get here runs the rest
+            _yield_thread()                            # the lane's thread has the step
+    return patient
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def run_lanes(ctx, steps, H, n):
-    """cell_step(ctx, s, j0, j1) for s = 0..steps-1 on n column chunks of [0, H): on this
-    thread when n = 1, else in one parallel region, one lane per chunk, step s + 1 of any
-    lane starting once every lane has done step s.
+def run_lanes(ctx, steps, H, n, threads):
+    """Every step s = 0..steps-1 of a sweep on n column chunks ("lanes") of [0, H): each
+    lane's step over its own K range first, then the others' (see _own, _rest).  On this
+    thread when threads = 1 (the same order of sums, so the same results), else in one
+    parallel region, one thread per lane: a lane starts step s + 1 on its own K range as
+    soon as it has done step s, and waits for the other lanes only before their ranges.
 
     A thread that has waited CPU_SOLO_WAIT times its own last step (and at least
-    _SOLO_MIN_CYCLES) for a lane whose thread holds that lane's step runs every remaining
-    step of every lane itself ("solo"): the others stop after the step they hold.
+    _SOLO_MIN_CYCLES) for a step another thread holds runs every remaining step of every
+    lane itself ("solo"): the others stop after the step they hold.
     """
-    if n == 1:
+    if n == 1 or threads == 1:
         for s in range(steps):
-            cell_step(ctx, s, 0, H)
+            for o in range(n):
+                _own(ctx, s, o, H, n)
+                _rest(ctx, s, o, H, n)
         return
     solo = n * _LINE                            # 0: lanes; c + 1: lane c's thread runs the rest
     flags = np.zeros(n * _LINE + _LINE, np.int64)
@@ -134,28 +186,24 @@ def run_lanes(ctx, steps, H, n):
         patient = True
         step_cycles = 0
         for s in range(steps):
-            for o in range(n):                 # wait until every lane has done step s - 1
-                f = o * _LINE
-                spins = 0
-                t0 = _cycles()
-                while _load_acquire(flags, f + _DONE) < s:
-                    spins += 1
-                    if _load_acquire(flags, f + _STARTED) == 0:
-                        if not patient or spins > CPU_WAIT_SPINS:
-                            patient = False
-                            _take(ctx, flags, o, s - 1, H, n)
-                    elif spins > CPU_STEAL_SPINS and not _take(ctx, flags, o, s - 1, H, n):
-                        waited = _cycles() - t0
-                        if waited > CPU_SOLO_WAIT * step_cycles and waited > _SOLO_MIN_CYCLES:
-                            _cas(flags, solo, 0, c + 1)    # the first to get here runs the rest
-                        _yield_thread()        # the lane's thread has the step: let it run
+            patient = _wait(ctx, flags, c, s, H, n, c, patient, step_cycles)
             who = _load_acquire(flags, solo)
-            if who == 0:
+            if who != 0 and who != c + 1:
+                break                              # another thread runs the rest
+            for o in range(n):
+                if (o != c and who == 0) or not _cas(flags, o * _LINE + _CLAIMED, s, s + 1):
+                    continue
                 t0 = _cycles()
-                if _take(ctx, flags, c, s, H, n):
+                patient = _wait(ctx, flags, o, s, H, n, c, patient, step_cycles)
+                _own(ctx, s, o, H, n)
+                for i in range(1, n):
+                    patient = _wait(ctx, flags, (o + i) % n, s, H, n, c, patient, step_cycles)
+                _rest(ctx, s, o, H, n)
+                _store_release(flags, o * _LINE + _DONE, s + 1)
+                if o == c:
                     step_cycles = _cycles() - t0
-            elif who == c + 1:
-                for o in range(n):             # every lane's step s that no thread holds
-                    _take(ctx, flags, o, s, H, n)
-            else:
-                break                          # another thread runs the rest
+        # Leave only when every step of every lane is done: a thread that stopped for a solo
+        # one may have left its lane's next step unclaimed after the solo one's last check.
+        for s in range(1, steps + 1):
+            for o in range(n):
+                _wait(ctx, flags, o, s, H, n, c, False, step_cycles)

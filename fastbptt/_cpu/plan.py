@@ -132,8 +132,9 @@ class Plan:
         return np.array(self.blocking[kind], np.int64)
 
     def sweep(self, dtype, B, H, threads):
-        """(lanes, blk) for a sweep of B rows and H columns at most ``threads`` threads:
-        from the plan, else measured now and added to it"""
+        """(lanes, blk) for a sweep of B rows and H columns: from the plan, else measured now
+        and added to it.  The lanes fix the order of the steps' sums (each lane adds its own
+        K range first), so they stay whatever thread count a call then runs on."""
         key = _sweep_key(dtype, B, H)
         choice = self.sweeps.get(key)
         if choice is None:
@@ -142,7 +143,7 @@ class Plan:
                 if choice is None:
                     choice = self.sweeps[key] = measure_sweep(dtype, B, H, self.key["threads"])
                     self.save()
-        return min(choice[0], threads), np.array(choice[1:], np.int64)
+        return choice[0], np.array(choice[1:], np.int64)
 
 
 @functools.cache
@@ -218,7 +219,7 @@ def measure_sweep(dtype, B, H, threads):
         def fn():
             Hx[:] = pre
             with numba_threads(lanes):
-                elman.forward_cpu(Hx, Wp, act, blk, lanes)
+                elman.forward_cpu(Hx, Wp, act, blk, lanes, lanes)
         return fn
 
     split = threads > 1 and B * H * H >= SPLIT_ALWAYS_MACS

@@ -215,30 +215,44 @@ def matmul(C, A, Bp, alpha, j0, j1, ka, post, blk):
     """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], then epilogue(post) on each tile column
 
     C (M,N) · A (M, >= ka+K) · Bp: B (K,N) packed · j0 a multiple of PANEL · blk = (kc,
-    mc) int64 array: K in equal slices of at most kc, rows in panels of mc, so that a panel of A and
-    the slice of B under a tile column stay in L2.  Tiles of 4 rows x the tile's vectors
-    (_outer_tile), the columns left over in a tile of fewer vectors.
+    mc) int64 array (see matmul_k).
     """
-    M, K = C.shape[0], Bp.shape[1]
+    matmul_k(C, A, Bp, alpha, j0, j1, ka, 0, Bp.shape[1], post, blk)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def matmul_k(C, A, Bp, alpha, j0, j1, ka, k0, k1, post, blk):
+    """C[:, j0:j1] += α · A[:, ka+k0:ka+k1] B[k0:k1, j0:j1], then epilogue(post) on each tile
+    column: the product over rows [k0, k1) of B only (a sweep's step adds its K ranges one
+    after another, the epilogue with the last)
+
+    blk = (kc, mc) int64 array: [k0, k1) in equal slices of at most kc, rows in panels of
+    mc, so that a panel of A and the slice of B under a tile column stay in cache.  Tiles of
+    4 rows x the tile's vectors (_outer_tile), the columns left over in a tile of fewer
+    vectors.
+    """
+    M, K = C.shape[0], k1 - k0
     kc, mc = blk[0], blk[1]
     L = vector_lanes(C)
     W = _tile_vectors() * L                         # columns of a full tile
     nk = (K + kc - 1) // kc
+    if nk == 0 and j1 > j0:                         # an empty K range: the epilogue alone
+        epilogue(post, C, 0, M, j0, j1)
     for s in range(nk):
-        k0, k1 = K * s // nk, K * (s + 1) // nk
+        ks, ke = k0 + K * s // nk, k0 + K * (s + 1) // nk
         for m0 in range(0, M, mc):
             m1 = min(m0 + mc, M)
             for j in range(j0, j1, W):
                 w = min(W, j1 - j)
                 nv = (w + L - 1) // L                   # vectors in this tile column
                 if nv == 4:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 4)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 4)
                 elif nv == 3:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 3)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 3)
                 elif nv == 2:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 2)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 2)
                 else:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + k0, k0, k1 - k0, 1)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 1)
                 if s == nk - 1:
                     epilogue(post, C, m0, m1, j, j + w)
 

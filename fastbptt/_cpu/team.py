@@ -24,7 +24,7 @@ import time
 
 import numba
 
-from ..config import CPU_TEAM_ADAPT, CPU_TEAM_EXPLORE, CPU_TEAM_EXPLORE_MAX
+from ..config import CPU_TEAM_ADAPT, CPU_TEAM_EXPLORE, CPU_TEAM_EXPLORE_MAX, CPU_TEAM_RETRY_ALL
 from .plan import numba_threads
 
 _WINDOW = 3           # the recent calls whose median time stands for a thread count
@@ -61,15 +61,19 @@ class _Choice:
         self.interval = CPU_TEAM_EXPLORE
         self.next_try = 0
 
+    def wait(self):
+        """calls until the other count is tried"""
+        return self.interval
+
 
 class Team:
     """The thread count of each kind of call, chosen by its measured times (see the module
-    notes).  The other count is tried again after ``interval`` calls.  A try that wins
-    switches and resets the interval; a try of one thread that loses doubles it (up to
-    CPU_TEAM_EXPLORE_MAX: on a quiet machine one thread is the slow count, so its tries
-    grow rare), while all the threads are tried every CPU_TEAM_EXPLORE calls (contention
-    that passes, such as another pool's threads still spinning after their own calls, is
-    left within a few calls).  A call in use that becomes slower than the other count's
+    notes).  The other count is tried again after ``interval`` calls: a try that wins
+    switches, a try that loses doubles the interval (up to CPU_TEAM_EXPLORE_MAX).  After a
+    switch to one thread, all the threads are tried again after only CPU_TEAM_RETRY_ALL
+    calls (the load that sent the call to one thread often passes: another pool's threads
+    still spinning after their own calls); after a switch to all the threads, one thread
+    after CPU_TEAM_EXPLORE.  A call in use that becomes slower than the other count's
     typical time brings the next try forward (the load changed)."""
 
     def __init__(self):
@@ -103,15 +107,17 @@ class Team:
                 arm.times.append(seconds)                # the first measurements
                 if other.calls >= 1 + _FIRST and arm.calls == 1 + _FIRST:
                     c.current = n if arm.typical() < other.typical() else (1 if n == most else most)
-                    c.next_try = c.calls + c.interval
+                    c.interval = CPU_TEAM_RETRY_ALL if c.current == 1 else CPU_TEAM_EXPLORE
+                    c.next_try = c.calls + c.wait()
             elif n != c.current:                         # a try: the old times are stale
                 arm.times.clear()
                 arm.times.append(seconds)
-                if seconds < c.arms[c.current].typical():
-                    c.current, c.interval = n, CPU_TEAM_EXPLORE
-                elif n == 1:                             # one thread lost: try it less often
+                if seconds < c.arms[c.current].typical():     # switch
+                    c.current = n
+                    c.interval = CPU_TEAM_RETRY_ALL if n == 1 else CPU_TEAM_EXPLORE
+                else:                                    # lost: try it less often
                     c.interval = min(2 * c.interval, CPU_TEAM_EXPLORE_MAX)
-                c.next_try = c.calls + c.interval
+                c.next_try = c.calls + c.wait()
             else:
                 arm.times.append(seconds)
                 if seconds > other.typical() and c.next_try > c.calls + 1:
