@@ -1,8 +1,12 @@
 """The lane scheduler of the CPU engine: the T steps of a sweep in one parallel region.
 
 Each thread owns a chunk of the output columns (a *lane*), so its slice of the packed
-W_hh stays in its own cache for all T steps; between steps the lanes meet at a barrier
-on atomic flags instead of a parallel region per step.  The engine knows no cell: a
+W_hh stays in its own cache for all T steps.  Step s + 1 of a lane needs every lane's
+part of the state made at step s, but its own part first: a lane adds the product over
+its own K range as soon as it has finished step s, and waits (on atomic flags, not a
+parallel region per step) only before the other lanes' ranges, which it adds in a fixed
+order.  That order is the plan's (its lanes), not the thread count's: one thread running
+every lane sums the same way.  The engine knows no cell: a
 sweep calls :func:`cell_step`, a stub that each cell overloads for its own namedtuple
 context (see ``fastbptt._cpu.elman``); the overload is resolved at compile time, so the
 cell's sweep is one cached kernel.
