@@ -64,7 +64,7 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     p = plan.current(2)
     assert not os.path.exists(p.path)
     assert p.blocking == plan.DEFAULT_BLOCKING and not p.tuned
-    lanes, blk = p.sweep(np.float32, 4, 96, 2)                   # measured now, then kept
+    lanes, blk = p.sweep(np.float32, 4, 96)                      # measured now, then kept
     assert lanes in (1, 2) and tuple(blk) in plan.STEP_BLOCKING
     with open(p.path) as f:
         data = json.load(f)
@@ -73,7 +73,6 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     plan.forget()
     again = plan.current(2)
     assert again is not p and again.sweeps == {"float32 B=4 H=96": (lanes, int(blk[0]), int(blk[1]))}
-    assert again.sweep(np.float32, 4, 96, 1)[0] == lanes         # the lanes fix the sums' order
     assert plan.current(1).path != again.path                   # the thread count is in the key
 
 

@@ -88,7 +88,7 @@ class Run:
 
     def sweep(self, B, H):
         """(lanes, blk) of a sweep of B x H steps"""
-        return self.plan.sweep(self.dtype, B, H, self.n)
+        return self.plan.sweep(self.dtype, B, H)
 
     def packed(self, key, transposed=False):
         """the weight P[key] (or its transpose) packed for the tile, once per call"""

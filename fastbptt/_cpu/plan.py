@@ -131,7 +131,7 @@ class Plan:
         """the blocking of a product kind, as the kernels take it: int64 [kc, mc]"""
         return np.array(self.blocking[kind], np.int64)
 
-    def sweep(self, dtype, B, H, threads):
+    def sweep(self, dtype, B, H):
         """(lanes, blk) for a sweep of B rows and H columns: from the plan, else measured now
         and added to it.  The lanes fix the order of the steps' sums (each lane adds its own
         K range first), so they stay whatever thread count a call then runs on."""
@@ -290,7 +290,7 @@ def tune(threads, progress=True, sweeps=()):
         tune_products(plan, bar)
         plan.sweeps.clear()
         for dtype, B, H in sweeps:
-            plan.sweep(dtype, B, H, threads)
+            plan.sweep(dtype, B, H)
             bar.update(1)
     plan.save()
     return plan
