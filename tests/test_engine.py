@@ -3,9 +3,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
-import warnings
 
 import numpy as np
 import pytest
