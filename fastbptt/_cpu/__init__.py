@@ -91,12 +91,14 @@ class Run:
         return self.plan.sweep(self.dtype, B, H)
 
     def packed(self, key, transposed=False):
-        """the weight P[key] (or its transpose) packed for the tile, once per call"""
+        """the weight P[key] (or its transpose) packed for the tile, once per call, into a
+        kept buffer"""
         name = (key, transposed)
         if name not in self._packed:
             W = self.P[key].T if transposed else self.P[key]
-            Wp = self._packed[name] = products.empty(packed_shape(*W.shape), W.dtype)
+            Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(*W.shape)])
             pack_cpu(Wp, W, self.n)
+            self._packed[name] = Wp
         return self._packed[name]
 
     def scratch(self, name, shapes):
