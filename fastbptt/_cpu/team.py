@@ -61,10 +61,6 @@ class _Choice:
         self.interval = CPU_TEAM_EXPLORE
         self.next_try = 0
 
-    def wait(self):
-        """calls until the other count is tried"""
-        return self.interval
-
 
 class Team:
     """The thread count of each kind of call, chosen by its measured times (see the module
@@ -108,7 +104,7 @@ class Team:
                 if other.calls >= 1 + _FIRST and arm.calls == 1 + _FIRST:
                     c.current = n if arm.typical() < other.typical() else (1 if n == most else most)
                     c.interval = CPU_TEAM_RETRY_ALL if c.current == 1 else CPU_TEAM_EXPLORE
-                    c.next_try = c.calls + c.wait()
+                    c.next_try = c.calls + c.interval
             elif n != c.current:                         # a try: the old times are stale
                 arm.times.clear()
                 arm.times.append(seconds)
@@ -117,7 +113,7 @@ class Team:
                     c.interval = CPU_TEAM_RETRY_ALL if n == 1 else CPU_TEAM_EXPLORE
                 else:                                    # lost: try it less often
                     c.interval = min(2 * c.interval, CPU_TEAM_EXPLORE_MAX)
-                c.next_try = c.calls + c.wait()
+                c.next_try = c.calls + c.interval
             else:
                 arm.times.append(seconds)
                 if seconds > other.typical() and c.next_try > c.calls + 1:
