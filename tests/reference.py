@@ -149,3 +149,21 @@ def loss_only(params, X, Y, h0=None, act="tanh", reduction="mean"):
     T, B = Hs.shape[:2]
     scale = 1.0 / (T * B) if reduction == "mean" else 1.0
     return head(params, Hs, np.asarray(Y), scale)[0]
+
+
+def sweep_forward(W, pre):
+    """The tanh recurrence alone: h_t = tanh(pre_t + h_{t-1} W), pre[0] = h_0 (T+1,B,H)."""
+    H = np.array(pre, np.float64)
+    for t in range(1, H.shape[0]):
+        H[t] = np.tanh(H[t] + H[t - 1] @ W)
+    return H
+
+
+def sweep_backward(W, Hx, dZ, xi):
+    """Its reverse sweep: dz_t = (d_t + ξ_{t+1} dz_{t+1} Wᵀ)(1 - h_t²); returns (dz, ξ_1 dz_1 Wᵀ)."""
+    D = np.array(dZ, np.float64)
+    T = D.shape[0]
+    for t in range(T - 1, -1, -1):
+        carry = xi[t + 1] * D[t + 1] @ W.T if t + 1 < T else 0.0
+        D[t] = (D[t] + carry) * (1 - Hx[t + 1] ** 2)
+    return D, xi[0] * D[0] @ W.T

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import reference
 from fastbptt._cpu import elman, fastmath, head, products
 from fastbptt._cpu.products import NO_POST, packed
 
@@ -183,26 +184,14 @@ def _sweep_case(rng, T=9, B=3, H=200):
     return W, np.ascontiguousarray(W.T), Hx, dZ, xi
 
 
-def _reference_sweeps(W, Hx, dZ, xi):
-    """float64 numpy: h_t = tanh(pre_t + h_{t-1} W); dz_t = (d_t + ξ_{t+1} dz_{t+1} Wᵀ)(1 - h_t²)"""
-    H = Hx.copy()
-    for t in range(1, H.shape[0]):
-        H[t] = np.tanh(H[t] + H[t - 1] @ W)
-    D = dZ.copy()
-    T = D.shape[0]
-    for t in range(T - 1, -1, -1):
-        carry = xi[t + 1] * D[t + 1] @ W.T if t + 1 < T else 0.0
-        D[t] = (D[t] + carry) * (1 - Hx[t + 1] ** 2)
-    return H, D, xi[0] * D[0] @ W.T
-
-
 @pytest.mark.parametrize("threads,lanes", [(1, 2), (1, 3), (2, 3), (2, 2), (1, 1)])
 def test_sweeps_are_exact_however_the_lanes_are_run(threads, lanes, rng):
     # with fewer threads than lanes, a lane starts only after another has finished:
     # the running one must take over the missing lane's steps instead of waiting forever
     numba = pytest.importorskip("numba")
     W, WT, Hx, dZ, xi = _sweep_case(rng)
-    want_H, want_D, want_dh0 = _reference_sweeps(W, Hx, dZ, xi)
+    want_H = reference.sweep_forward(W, Hx)
+    want_D, want_dh0 = reference.sweep_backward(W, Hx, dZ, xi)
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:

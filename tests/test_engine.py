@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import fastbptt
+import reference
 from fastbptt import config
 from fastbptt._cpu import elman, plan, products, team
 from fastbptt._cpu.products import PANEL, packed, packed_shape
@@ -191,13 +192,6 @@ def test_max_threads_is_capped_by_the_affinity_mask():
 
 
 # ------------------------------------------------------------ waits under load
-def _forward_reference(W, pre):
-    H = pre.copy()
-    for t in range(1, H.shape[0]):
-        H[t] = np.tanh(H[t] + H[t - 1] @ W)
-    return H
-
-
 def test_a_lane_whose_thread_never_starts_is_taken_over(rng):
     # more lanes than threads: the missing lanes' steps are computed by the running thread
     import numba
@@ -210,7 +204,7 @@ def test_a_lane_whose_thread_never_starts_is_taken_over(rng):
         elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, 5, 2)
     finally:
         numba.set_num_threads(before)
-    np.testing.assert_allclose(S, _forward_reference(W, pre), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(S, reference.sweep_forward(W, pre), rtol=1e-12, atol=1e-12)
 
 
 _BUSY = """
