@@ -5,6 +5,8 @@
     python bench/engine_micro.py sweeps     # a forward sweep: lanes x K slice
     python bench/engine_micro.py align      # a sweep with its packed W_hh 64-byte aligned or not
     python bench/engine_micro.py firstcall  # a fresh process's first loss_and_grad (warm cache)
+    python bench/engine_micro.py coldcall   # ... and with an empty cache (the compile)
+    python bench/engine_micro.py interleave # d2l-scratch calls after numpy's: the team's thread counts
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -102,6 +104,37 @@ print(f"import + setup {t1 - t0:.2f} s, first loss_and_grad at d2l-scratch {t2 -
 """
 
 
+def bench_coldcall():
+    import tempfile
+    import os
+    with tempfile.TemporaryDirectory() as folder:      # an empty kernel cache and plan
+        subprocess.run([sys.executable, "-c", _FIRST], check=True, env=dict(os.environ, FASTBPTT_CACHE_DIR=folder))
+
+
+def bench_interleave():
+    """rounds of 0.3 s of numpy's BPTT, then of fastbptt's: each fastbptt call's ms and the
+    team's thread count after it (in parentheses)"""
+    from fastbptt import bench, peers
+    from fastbptt._cpu import team
+    params, X, Y, h0 = bench.workload(*bench.CONFIGS["d2l-scratch"])
+    f = bench.make_fastbptt(params, X, Y, h0)
+    g = peers.make_numpy(params, X, Y, h0)
+    f()
+    g()
+    for rnd in range(3):
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            g()
+        times, counts = [], []
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            t = time.perf_counter()
+            f()
+            times.append((time.perf_counter() - t) * 1e3)
+            counts.append(next(iter(team.team.stats.values())).current)
+        print(f"round {rnd}: " + " ".join(f"{t:.1f}({n})" for t, n in zip(times, counts)))
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -110,4 +143,4 @@ def bench_firstcall():
 
 if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
-     "firstcall": bench_firstcall}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
