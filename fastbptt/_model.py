@@ -1,75 +1,130 @@
-"""The graph of every call, written once for every backend and cell (llm.c's
+"""The graph of every call, written once for every backend, cell and depth (llm.c's
 gpt2_forward / gpt2_backward): what runs in which order, on which buffers.
 
-    forward   S[0] = h_0;  S[1:] = pre = embed(X);  cell sweep: S[t] = cell(S[t-1], pre_t)
-    head      loss, dS = softmax-CE(S[1:] W_hq + b_q, Y),  ∂W_hq, ∂b_q
-    backward  cell reverse sweep: dZ (the pre-activations' adjoints), ∂h_0
-              ∂W_hh, ∂b_h = recurrent grads(S, dZ);  ∂W_xh = input grads(X, dZ)
+    forward   for each layer l = 0..L-1: its input (X, or layer l-1's h_1..h_T) projected
+              over all rows, then the cell's sweep over the T steps from state0[l]
+    head      loss, dH = softmax-CE(h_t W_hq + b_q, Y) over all rows of the top layer, ∂W_hq, ∂b_q
+    backward  for each layer from the top: the cell's reverse sweep from the direct terms dH,
+              its weight gradients over all rows, and dH of the layer below = dP W_xhᵀ
+              (Truncated(k): every loss term's chain, through all layers at once: truncated)
 
-``be`` is a backend (``fastbptt._cpu`` or ``fastbptt._cuda``): it makes a *run* (one
-call's threads, packed weights and buffers) and runs the products over all rows
-(embed, head, weight gradients).  ``cell`` is that backend's module for the cell (e.g.
-``fastbptt._cpu.elman``): its sweeps, forward and reverse.  The graph knows neither's
-internals; arrays arrive validated (``fastbptt.api``).
+``be`` is a backend (``fastbptt._cpu`` or ``fastbptt._cuda``): it makes a *run* (one call's
+threads, packed weights, buffers, and the products over all rows).  ``cell`` is that
+backend's module for the cell (``elman``, ``gru``, ``lstm``): its sweeps, forward and
+reverse, and its pointwise backward over many rows.  The graph knows neither's internals;
+arrays arrive validated (``fastbptt.api``).  ``state0`` is one tuple per layer: (h_0,), or
+(h_0, c_0) for the LSTM, each (B,H).
 """
 
 
-def forward(be, cell, run, X, h0, act):
-    """S (T+1,B,H) = h_0..h_T"""
-    S = run.states()
-    be.embed(run, X, S, h0)
-    cell.forward(run, S, act)
-    return S
+def _input(X, lays, l):
+    """layer l's input: X, or layer l-1's h_1..h_T (T,B,H)"""
+    return X if l == 0 else lays[l - 1].S[1:]
 
 
-def backward(be, cell, run, X, S, dZ, act, k, xi):
-    """The cell's parameter gradients and ∂h_0, given S = h_0..h_T and dZ = the direct
-    terms ∂l_t/∂h_t (overwritten by the pre-activations' adjoints)."""
-    grads = {"h0": cell.backward(run, S, dZ, act, k, xi)}
-    grads["W_hh"], grads["b_h"] = be.recurrent_grads(run, S, dZ)
-    grads["W_xh"] = be.input_grads(run, X, dZ)
-    return grads
+def forward(cell, run, X, state0, act):
+    """every layer's forward; returns what the backward needs, one record per layer"""
+    lays = []
+    for l in range(run.L):
+        lays.append(cell.forward(run, l, _input(X, lays, l), state0[l], act))
+    return lays
 
 
-def loss_and_grad(be, cell, P, X, Y, h0, act, k, xi, scale):
-    """(loss, grads, h_T) of the whole model"""
-    run = be.begin(P, X, "loss_and_grad")
-    with run:
-        S = forward(be, cell, run, X, h0, act)
-        loss, dZ, grads = be.head_forward_backward(run, S, Y, scale)
-        grads.update(backward(be, cell, run, X, S, dZ, act, k, xi))
-        return loss, run.results(grads), run.last_state(S)
+def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False):
+    """(the parameter gradients of every layer, one tuple of state gradients per layer, ∂L/∂X
+    or None) given the top layer's direct terms dH (T,B,H), overwritten.  k: Truncated(k)
+    with k < T, or None for the sweeps with crossing factors xi (T,)."""
+    if k is not None:
+        return truncated(cell, run, X, lays, dH, act, k, want_dx)
+    grads, d0 = {}, [None] * run.L
+    for l in reversed(range(run.L)):
+        g, d0[l], dH = cell.backward(run, l, _input(X, lays, l), lays[l], dH, act, xi,
+                                     l > 0 or want_dx)
+        grads.update(run.layer_keys(g, l))
+    return grads, d0, dH
 
 
-def loss(be, cell, P, X, Y, h0, act):
-    """(Σ of the T·B cross-entropy terms, h_T), forward only"""
-    run = be.begin(P, X, "loss")
-    with run:
-        S = forward(be, cell, run, X, h0, act)
-        return be.head_loss(run, S, Y), run.last_state(S)
+def truncated(cell, run, X, lays, dH, act, k, want_dx):
+    """Truncated(k), per loss term, through every layer.  The chains of all loss terms advance
+    together one depth d = 0..k-1 at a time: at depth d the chain of term t sits at step
+    s = t - d of every layer (rows s = 0..T-d-1).  Top layer first, each layer's chains get
+    their pointwise backward (summed into the layer's gradients), hand dP W_xhᵀ to the chains
+    of the layer below at the same step, and cross one step back: A[s-1] = dR[s] W_hhᵀ (with
+    the cell's carry), the crossings from step 1 summing into the state's gradients.  Moving
+    down a layer is not a time step."""
+    T, L = run.T, run.L
+    ch = [cell.chains(run, l, lays[l]) for l in range(L)]
+    ch[-1].A[:] = dH
+    first = [run.zeros(f"d0{l}", (2,) + dH.shape[1:]) for l in range(L)]   # Σ crossings from step 1
+    for d in range(min(k, T)):
+        n = T - d
+        for l in reversed(range(L)):
+            c = ch[l]
+            cell.chain_point(run, l, lays[l], c, n, act)
+            run.add(c.gP[:n], c.dP[:n])
+            if c.gR is not c.gP:
+                run.add(c.gR[:n], c.dR[:n])
+            if l > 0:
+                run.input_adjoint(l, c.dP[:n], cell.G, out=ch[l - 1].A[:n])
+            run.recurrent_adjoint(l, c.dR[:1], cell.G, out=first[l][0])
+            if c.C is not None:
+                run.add(first[l][1:], c.C[:1])
+            if n > 1:
+                c.A[:n - 1] = 0
+                run.recurrent_adjoint(l, c.dR[1:n], cell.G, out=c.A[:n - 1])
+                if c.C is not None:
+                    run.shift(c.C, n)
+    grads, d0 = {}, [None] * L
+    for l in range(L):
+        c = ch[l]
+        grads.update(run.layer_keys(cell.weight_grads(run, l, _input(X, lays, l), lays[l],
+                                                      c.gP, c.gR), l))
+        d0[l] = cell.initial_grads(first[l][0], first[l][1])
+    dX = run.input_adjoint(0, ch[0].gP, cell.G) if want_dx else None
+    return grads, d0, dX
 
 
-def rnn_forward(be, cell, P, X, h0, act):
-    """S (T+1,B,H) = h_0..h_T, a new array"""
-    run = be.begin(P, X, "forward")
-    with run:
-        return run.results({"S": forward(be, cell, run, X, h0, act)})["S"]
+def loss_and_grad(be, cell, P, X, Y, state0, act, k, xi, scale, L):
+    """(loss, grads, the last states, one tuple per layer) of the whole model"""
+    with be.begin(P, X, "loss_and_grad", cell, L) as run:
+        lays = forward(cell, run, X, state0, act)
+        loss, dH, grads = run.head_forward_backward(lays[-1].S, Y, scale)
+        g, d0, _ = backward(cell, run, X, lays, dH, act, k, xi)
+        grads.update(g)
+        return loss, run.results(grads), run.state_grads(d0), run.last_states(cell, lays)
 
 
-def rnn_backward(be, cell, P, X, S, dZ, act, k, xi):
-    """the gradients of W_xh, W_hh, b_h and h0 (dZ: the direct terms, overwritten)"""
-    run = be.begin(P, X, "backward")
-    with run:
-        return run.results(backward(be, cell, run, X, be.given(run, S), be.given(run, dZ),
-                                    act, k, xi))
+def loss(be, cell, P, X, Y, state0, act, L):
+    """(Σ of the T·B cross-entropy terms, the last states), forward only"""
+    with be.begin(P, X, "loss", cell, L) as run:
+        lays = forward(cell, run, X, state0, act)
+        return run.head_loss(lays[-1].S, Y), run.last_states(cell, lays)
 
 
-def rnn_adjoints(be, cell, P, X, S, dZ, act):
-    """A (T+1,B,H) = ∂L/∂h_0 … ∂L/∂h_T of the full gradient: a_t = dHs_t + dz_{t+1} W_hhᵀ"""
-    run = be.begin(P, X, "adjoints")
-    with run:
-        S, dZ = be.given(run, S), be.given(run, dZ)
-        A = be.direct_terms(run, dZ)                 # A[1:] = dHs, A[0] = 0
-        cell.backward(run, S, dZ, act, None, be.ones(run, dZ.shape[0], dZ.dtype))
-        cell.add_recurrent(run, A, dZ)               # A[:T] += dZ W_hhᵀ
-        return run.results({"A": A})["A"]
+def rnn_forward(be, cell, P, X, state0, act, L):
+    """(the top layer's h_0..h_T (T+1,B,H), a new array; the last states)"""
+    with be.begin(P, X, "forward", cell, L) as run:
+        lays = forward(cell, run, X, state0, act)
+        return run.output(lays[-1].S), run.last_states(cell, lays)
+
+
+def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx):
+    """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
+    top layer's states S (T+1,B,H) and direct terms dH (overwritten).  One Elman layer uses S
+    as it is; other cells and stacks recompute their forward from X and state0."""
+    with be.begin(P, X, "backward", cell, L) as run:
+        S, dH = run.given(S), run.given(dH)
+        lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
+        grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx)
+        if dX is not None:
+            grads["X"] = dX
+        return run.results(grads), run.state_grads(d0)
+
+
+def rnn_adjoints(be, cell, P, X, S, dH, state0, act):
+    """A (T+1,B,H) = ∂L/∂h_0 … ∂L/∂h_T of the full gradient of one layer, given its direct
+    terms dH"""
+    with be.begin(P, X, "adjoints", cell, 1) as run:
+        S, dH = run.given(S), run.given(dH)
+        lay = cell.given(run, 0, X, S, state0[0], act)
+        return run.output(cell.adjoints(run, 0, X, lay, dH, act))

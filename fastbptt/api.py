@@ -19,123 +19,177 @@ from .truncation import Randomized, Truncated
 
 PARAM_KEYS = ("W_xh", "W_hh", "b_h", "W_hq", "b_q")
 RNN_KEYS = ("W_xh", "W_hh", "b_h")
+HEAD_KEYS = ("W_hq", "b_q")
+#: gates per hidden unit: the width of a cell's pre-activations is G·H
+CELLS = {"rnn": 1, "gru": 3, "lstm": 4}
 _FLOATS = (np.float32, np.float64)
 CUDA_MISSING = "device='cuda' needs numba-cuda and a CUDA GPU: pip install fastbptt[cuda]"
 
 
 # ----------------------------------------------------------------------------- public
-def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=None):
-    """Parameters of a one-layer RNN with a linear head, at the book's scale.
+def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=None, *,
+                cell="rnn", num_layers=1):
+    """Parameters of a recurrent network of ``num_layers`` layers of ``cell`` with a linear head,
+    at the book's scale.
 
-    Weights ~ N(0, 0.01²) and zero biases, as *Dive into Deep Learning* §8.5
-    (``get_params``): with std 0.01 the recurrence starts close to linear and far
-    from saturation, which is what the book's learning rate (1) and clipping (θ=1)
-    are tuned for.  ``seed`` is anything :func:`numpy.random.default_rng` takes.
+    Weights ~ N(0, 0.01²) and zero biases, as *Dive into Deep Learning* §8.5 and §9.1–9.3
+    (``get_params``): with std 0.01 the recurrence starts close to linear and far from
+    saturation, which is what the book's learning rate (1) and clipping (θ=1) are tuned for.
+    ``seed`` is anything :func:`numpy.random.default_rng` takes.  A one-layer "rnn" draws
+    exactly as it always has.
 
-    Returns ``{"W_xh": (D,H), "W_hh": (H,H), "b_h": (H,), "W_hq": (H,Q), "b_q": (Q,)}``.
+    Returns, for layer l (keys suffixed ``_l{l}`` for l >= 1; D_0 = input_size, D_l = H),
+    with G = 1 ("rnn"), 3 ("gru": column blocks [r | z | n]) or 4 ("lstm": [i | f | g | o]):
+    ``"W_xh"`` (D_l,G·H), ``"W_hh"`` (H,G·H), ``"b_h"`` (G·H,), for the GRU ``"b_hn"`` (H,)
+    (the n gate's recurrent bias, inside the reset), and the head ``"W_hq"`` (H,Q), ``"b_q"`` (Q,).
     """
     D = _size("input_size", input_size)
     H = _size("hidden_size", hidden_size)
     Q = _size("output_size", output_size)
     dt = _dtype("dtype", dtype)
+    G = _cell_gates(cell)
+    L = _size("num_layers", num_layers)
     rng = np.random.default_rng(seed)
-    return {
-        "W_xh": (0.01 * rng.standard_normal((D, H))).astype(dt),
-        "W_hh": (0.01 * rng.standard_normal((H, H))).astype(dt),
-        "b_h": np.zeros(H, dt),
-        "W_hq": (0.01 * rng.standard_normal((H, Q))).astype(dt),
-        "b_q": np.zeros(Q, dt),
-    }
+    params = {}
+    for l in range(L):
+        params[_key("W_xh", l)] = (0.01 * rng.standard_normal((D if l == 0 else H, G * H))).astype(dt)
+        params[_key("W_hh", l)] = (0.01 * rng.standard_normal((H, G * H))).astype(dt)
+        params[_key("b_h", l)] = np.zeros(G * H, dt)
+        if cell == "gru":
+            params[_key("b_hn", l)] = np.zeros(H, dt)
+    params["W_hq"] = (0.01 * rng.standard_normal((H, Q))).astype(dt)
+    params["b_q"] = np.zeros(Q, dt)
+    return {k: params[k] for k in sorted(params, key=_key_order)}
+
+
+def cell_of(params):
+    """``(cell, num_layers)`` of a params dict: the cell from W_hh's width (H, G·H), the depth
+    from the layer keys present.  Raises ValueError naming the parameter when they are
+    inconsistent."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a dict, got {type(params).__name__}")
+    if "W_hh" not in params:
+        raise KeyError("params: missing key 'W_hh'")
+    shape = np.shape(params["W_hh"])
+    cells = {G: name for name, G in CELLS.items()}
+    if len(shape) != 2 or shape[0] < 1 or shape[1] % shape[0] or shape[1] // shape[0] not in cells:
+        raise ValueError(f"params['W_hh']: expected shape (H,H) (rnn), (H,3H) (gru) or (H,4H) "
+                         f"(lstm), got {shape}")
+    L = 1
+    while _key("W_hh", L) in params or _key("W_xh", L) in params:
+        L += 1
+    return cells[shape[1] // shape[0]], L
 
 
 def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
-                  reduction="mean", device="cpu"):
-    """Loss, exact (or truncated) BPTT gradients and the last hidden state.
+                  reduction="mean", device="cpu", cell=None):
+    """Loss, exact (or truncated) BPTT gradients and the last state.
 
-    z_t = x_t W_xh + h_{t-1} W_hh + b_h,  h_t = φ(z_t),  o_t = h_t W_hq + b_q,
-    L = 1/(T·B) Σ_t Σ_b CE(softmax(o_t[b]), y_t[b])   (``reduction="sum"``: no 1/(T·B)).
+    One "rnn" layer:  z_t = x_t W_xh + h_{t-1} W_hh + b_h,  h_t = φ(z_t);  the "gru" and
+    "lstm" cells and stacks as :func:`init_params` lays them out;  on the top layer
+    o_t = h_t W_hq + b_q,  L = 1/(T·B) Σ_t Σ_b CE(softmax(o_t[b]), y_t[b])
+    (``reduction="sum"``: no 1/(T·B)).
 
     Parameters
     ----------
-    params : dict with "W_xh" (D,H), "W_hh" (H,H), "b_h" (H,), "W_hq" (H,Q), "b_q" (Q,),
-        all float32 or float64 (mixed: promoted to the widest).
+    params : dict as from :func:`init_params` (any cell and depth), all float32 or float64
+        (mixed: promoted to the widest).
     X : integer (T,B) token ids in [0, D) (one-hot input, never materialized) or
         floating (T,B,D) dense input.
     Y : integer (T,B) targets in [0, Q).
-    h0 : (B,H) initial state, or None for zeros.
-    activation : "tanh" (default), "relu" or "identity".
+    h0 : the initial state, None for zeros: (B,H) for one layer or (num_layers,B,H); for the
+        LSTM a tuple (h0, c0) of those.
+    activation : "tanh" (default), "relu" or "identity" (the "rnn" cell's φ).
     truncation : None or "full" (exact), :class:`Truncated` ``(k)`` or :class:`Randomized` ``(p, seed)``.
     reduction : "mean" (default) or "sum".
     device : "cpu" (default) or "cuda".
+    cell : None (inferred from the params, see :func:`cell_of`) or "rnn" | "gru" | "lstm",
+        checked against the params.
 
     Returns
     -------
     loss : float
-    grads : dict of the five parameter keys and "h0" (∂L/∂h0), in the params' dtype.
-    h_T : (B,H) last hidden state.
+    grads : dict of every parameter key, and "h0" (∂L/∂h0; "c0" too for the LSTM), in the
+        params' dtype and the state's shapes.
+    h_T : the last state, in the form h0 was given (None: (B,H) for one layer, else
+        (num_layers,B,H); a tuple (h_T, c_T) for the LSTM).
     """
     be = _backend(device)
-    P, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
-    Yc = _targets(be, Y, Xc, P)
-    k, xi = _truncation(truncation, Xc.shape[0], h0c.dtype)
-    scale = _scale(reduction, Xc)
-    loss, grads, h_T = _model.loss_and_grad(be, _cell(be), P, Xc, Yc, h0c, _activation(activation), k, xi,
-                                            scale)
-    return float(loss), grads, h_T
+    m = _model_inputs(be, params, X, h0, cell, head=True)
+    Yc = _targets(be, Y, m.X, m.P)
+    k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
+    act = _activation(activation, m.cell)
+    loss, grads, d0, last = _model.loss_and_grad(be, m.module, m.P, m.X, Yc, m.state0, act, k, xi,
+                                                 _scale(reduction, m.X), m.L)
+    grads.update(zip(("h0", "c0"), m.shaped(d0)))
+    return float(loss), grads, m.state(last)
 
 
-def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="cpu"):
+def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="cpu", cell=None):
     """Forward only: ``(loss, h_T)`` with the same arguments and meaning as :func:`loss_and_grad`.
 
     For evaluation (validation perplexity = exp(mean loss)) without the backward cost.
     """
     be = _backend(device)
-    P, Xc, h0c = _model_inputs(be, params, PARAM_KEYS, X, h0)
-    Yc = _targets(be, Y, Xc, P)
-    scale = _scale(reduction, Xc)
-    total, h_T = _model.loss(be, _cell(be), P, Xc, Yc, h0c, _activation(activation))
-    return float(total * scale), h_T
+    m = _model_inputs(be, params, X, h0, cell, head=True)
+    Yc = _targets(be, Y, m.X, m.P)
+    scale = _scale(reduction, m.X)
+    total, last = _model.loss(be, m.module, m.P, m.X, Yc, m.state0, _activation(activation, m.cell), m.L)
+    return float(total * scale), m.state(last)
 
 
-def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu"):
-    """Hidden states h_1..h_T, shape (T,B,H): h_t = φ(x_t W_xh + h_{t-1} W_hh + b_h).
+def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=None,
+                return_state=False):
+    """The top layer's hidden states h_1..h_T, shape (T,B,H): one "rnn" layer
+    h_t = φ(x_t W_xh + h_{t-1} W_hh + b_h), or any cell and depth.
 
-    ``params`` needs "W_xh", "W_hh", "b_h" ("W_hq", "b_q" may be present and are ignored).
-    X, h0 and activation as in :func:`loss_and_grad`.
+    ``params`` needs the layers' keys ("W_hq", "b_q" may be present and are ignored).
+    X, h0, activation and cell as in :func:`loss_and_grad`.  With ``return_state``,
+    ``(Hs, h_T)``, h_T in the form of :func:`loss_and_grad`'s (for generation, say).
     """
     be = _backend(device)
-    P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
-    return _model.rnn_forward(be, _cell(be), P, Xc, h0c, _activation(activation))[1:]
+    m = _model_inputs(be, params, X, h0, cell, head=False)
+    S, last = _model.rnn_forward(be, m.module, m.P, m.X, m.state0, _activation(activation, m.cell), m.L)
+    return (S[1:], m.state(last)) if return_state else S[1:]
 
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
-                 device="cpu"):
-    """BPTT through the recurrence alone, for any head on top.
+                 device="cpu", cell=None, input_grad=False):
+    """BPTT through the recurrent layers alone, for any head on top.
 
-    Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0;
-    dHs (T,B,H): ∂L/∂h_t of the head (the direct term of each step's loss, which
-    is what :class:`Truncated` counts steps from).
+    Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0 (one "rnn"
+    layer uses it as it is; other cells and stacks recompute their gates from X and h0);
+    dHs (T,B,H): ∂L/∂h_t of the top layer from the head (the direct term of each step's loss,
+    which is what :class:`Truncated` counts steps from).
 
-    Returns ``{"W_xh", "W_hh", "b_h", "h0"}``, in the params' dtype.
+    Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
+    dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
     """
     be = _backend(device)
-    P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
-    Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
-    k, xi = _truncation(truncation, Xc.shape[0], h0c.dtype)
-    return _model.rnn_backward(be, _cell(be), P, Xc, Hx, dZ, _activation(activation), k, xi)
+    m = _model_inputs(be, params, X, h0, cell, head=False)
+    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m)
+    k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
+    want_dx = bool(input_grad) and m.X.ndim == 3
+    grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0,
+                                    _activation(activation, m.cell), k, xi, m.L, want_dx)
+    grads.update(zip(("h0", "c0"), m.shaped(d0)))
+    return grads
 
 
-def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu"):
-    """The adjoints of the full gradient, (T+1,B,H): A[t] = ∂L/∂h_t for t = 0..T.
+def rnn_adjoints(params, X, Hs, dHs, h0=None, *, activation="tanh", device="cpu", cell=None):
+    """The adjoints of the full gradient of one layer, (T+1,B,H): A[t] = ∂L/∂h_t for t = 0..T.
 
-    a_t = dHs_t + dz_{t+1} W_hhᵀ (a_T = dHs_T, a_0 = dz_1 W_hhᵀ = ∂L/∂h_0), where dHs holds
-    each step's direct term as in :func:`rnn_backward`.  With dHs nonzero only at step t,
+    For one "rnn" layer a_t = dHs_t + dz_{t+1} W_hhᵀ (a_T = dHs_T, a_0 = ∂L/∂h_0); the gated
+    cells add their own paths (the GRU's z ⊙ h_{t-1}; the LSTM's c is not h).  dHs holds each
+    step's direct term as in :func:`rnn_backward`.  With dHs nonzero only at step t,
     A[t-j] = ∂l_t/∂h_{t-j}: how the gradient of one loss term flows back j steps.
     """
     be = _backend(device)
-    P, Xc, h0c = _model_inputs(be, params, RNN_KEYS, X, h0)
-    Hx, dZ = _states_and_adjoints(be, Hs, dHs, Xc, h0c)
-    return _model.rnn_adjoints(be, _cell(be), P, Xc, Hx, dZ, _activation(activation))
+    m = _model_inputs(be, params, X, h0, cell, head=False)
+    if m.L != 1:
+        raise ValueError(f"params: rnn_adjoints takes one layer, got {m.L}")
+    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m)
+    return _model.rnn_adjoints(be, m.module, m.P, m.X, Hx, dZ, m.state0, _activation(activation, m.cell))
 
 
 def to_device(params):
@@ -143,17 +197,11 @@ def to_device(params):
     in a loop: with params on the device, inputs may be numpy or CUDA arrays (numba, CuPy,
     torch: zero-copy) and every result stays on the device.  Validated like any call."""
     be = _backend("cuda")
-    keys = PARAM_KEYS if isinstance(params, Mapping) and "W_hq" in params else RNN_KEYS
-    P, _ = _params(be, params, keys)
+    P, _, _, _ = _params(be, params, None, head=isinstance(params, Mapping) and "W_hq" in params)
     return be.to_device(P)
 
 
 # ------------------------------------------------------------------------- dispatch
-def _cell(be):
-    """the backend's module of the Elman cell (the one cell so far)"""
-    return be.CELLS["rnn"]
-
-
 def _backend(device):
     """The module that runs the kernels for ``device``; CUDA is imported only when asked for."""
     if device == "cpu":
@@ -171,11 +219,29 @@ def _backend(device):
 
 
 # ----------------------------------------------------------------------- validation
-def _model_inputs(be, params, keys, X, h0):
-    """(params, X, h0) validated and normalized to the params' dtype; h0 None becomes zeros."""
-    P, dt = _params(be, params, keys)
-    Xc = _inputs(be, "X", X, P["W_xh"].shape[0], dt)
-    return P, Xc, _state(be, "h0", h0, Xc.shape[1], P["W_hh"].shape[0], dt)
+class _Inputs:
+    """A call's validated model inputs: P, X, the cell (name, backend module, depth), state0
+    (one tuple per layer) and the form the caller gave the state in, to answer in."""
+
+    def __init__(self, be, params, X, h0, cell, head):
+        self.P, self.dtype, self.cell, self.L = _params(be, params, cell, head)
+        self.module = be.CELLS[self.cell]
+        self.X = _inputs(be, "X", X, self.P["W_xh"].shape[0], self.dtype)
+        self.B, self.H = self.X.shape[1], self.P["W_hh"].shape[0]
+        self.state0, self.stacked = _states(be, h0, self.cell, self.L, self.B, self.H, self.dtype)
+
+    def shaped(self, arrays):
+        """(L,B,H) arrays in the caller's form: (B,H) when h0 was (B,H) or None for one layer"""
+        return tuple(a if self.stacked else a[0] for a in arrays)
+
+    def state(self, arrays):
+        """the last state as the caller gave h0: an array, or (h, c) for the LSTM"""
+        arrays = self.shaped(arrays)
+        return arrays if self.cell == "lstm" else arrays[0]
+
+
+def _model_inputs(be, params, X, h0, cell, head):
+    return _Inputs(be, params, X, h0, cell, head)
 
 
 def _targets(be, Y, Xc, P):
@@ -189,12 +255,13 @@ def _scale(reduction, Xc):
     return 1.0 / (Xc.shape[0] * Xc.shape[1]) if reduction == "mean" else 1.0
 
 
-def _states_and_adjoints(be, Hs, dHs, Xc, h0c):
-    """Hx = h_0..h_T (T+1,B,H) as the forward keeps them, and a writeable copy of dHs."""
-    shape = tuple(Xc.shape[:2]) + tuple(h0c.shape[1:])
-    Hsc = _floats(be, "Hs", Hs, shape, h0c.dtype)
-    dZ = _floats(be, "dHs", dHs, shape, h0c.dtype, copy=True)     # the kernels overwrite it
-    return be.stack_states(h0c, Hsc), dZ
+def _states_and_adjoints(be, Hs, dHs, m):
+    """Hx = h_0..h_T (T+1,B,H) of the top layer as the forward keeps them, and a writeable
+    copy of dHs."""
+    shape = tuple(m.X.shape[:2]) + (m.H,)
+    Hsc = _floats(be, "Hs", Hs, shape, m.dtype)
+    dZ = _floats(be, "dHs", dHs, shape, m.dtype, copy=True)     # the kernels overwrite it
+    return be.stack_states(m.state0[-1][0], Hsc), dZ
 
 
 def _size(name, n):
@@ -223,38 +290,97 @@ def _finite(be, name, a):
     return a
 
 
-def _params(be, params, keys):
+def _key(name, l):
+    """layer l's key of parameter ``name``: "W_hh" for layer 0, "W_hh_l1", ... above"""
+    return name if l == 0 else f"{name}_l{l}"
+
+
+def _key_order(key):
+    """layer by layer, each in the schema's order, the head last"""
+    name, _, l = key.partition("_l")
+    order = ("W_xh", "W_hh", "b_h", "b_hn", "W_hq", "b_q")
+    return (int(l) if l.isdigit() else (1 << 30 if name in HEAD_KEYS else 0),
+            order.index(name) if name in order else len(order))
+
+
+def _cell_gates(cell):
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise ValueError(f"cell: expected one of {', '.join(map(repr, CELLS))}, got {cell!r}")
+    return CELLS[cell]
+
+
+def _schema(cell, L, D, H, Q):
+    """{key: shape} of every parameter of L layers of ``cell`` (and the head when Q)"""
+    G = CELLS[cell]
+    shapes = {}
+    for l in range(L):
+        shapes[_key("W_xh", l)] = (D if l == 0 else H, G * H)
+        shapes[_key("W_hh", l)] = (H, G * H)
+        shapes[_key("b_h", l)] = (G * H,)
+        if cell == "gru":
+            shapes[_key("b_hn", l)] = (H,)
+    if Q is not None:
+        shapes.update(W_hq=(H, Q), b_q=(Q,))
+    return shapes
+
+
+def _params(be, params, cell, head):
+    """(P normalized, dtype, cell, num_layers) of a params dict, checked against the schema of
+    the cell it holds (or the one named) and its depth; the head's keys only when ``head``
+    (else they may be present and are ignored)."""
     if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a dict with keys {', '.join(keys)}, got {type(params).__name__}")
-    for key in keys:
+        raise TypeError(f"params: expected a dict with keys {', '.join(PARAM_KEYS)}, got {type(params).__name__}")
+    for key in RNN_KEYS + (HEAD_KEYS if head else ()):
         if key not in params:
-            raise KeyError(f"params: missing key {key!r} (expected {', '.join(keys)})")
-    extra = sorted(str(k) for k in params if k not in PARAM_KEYS)
+            raise KeyError(f"params: missing key {key!r} (expected {', '.join(PARAM_KEYS if head else RNN_KEYS)}, "
+                           f"and the other layers' and cells' keys)")
+    W_hh = be.as_array("params['W_hh']", params["W_hh"])
+    W_xh = be.as_array("params['W_xh']", params["W_xh"])
+    for key, a in (("W_xh", W_xh), ("W_hh", W_hh)):
+        if a.ndim != 2:
+            raise ValueError(f"params[{key!r}]: expected 2 dimensions, got shape {a.shape}")
+        if 0 in a.shape:
+            raise ValueError(f"params[{key!r}]: empty shape {a.shape}; sizes must be >= 1")
+    found, L = cell_of({"W_hh": W_hh, **{k: None for k in params if k != "W_hh"}})
+    if cell is not None:
+        G = _cell_gates(cell)
+        if cell != found:
+            H = W_hh.shape[0]
+            raise ValueError(f"params['W_hh']: shape {W_hh.shape} is a {found}'s; cell={cell!r} expects "
+                             f"({H}, {G * H})")
+    H = W_hh.shape[0]
+    Q = None
+    if head:
+        W_hq = be.as_array("params['W_hq']", params["W_hq"])
+        Q = W_hq.shape[1] if W_hq.ndim == 2 and W_hq.shape[1] >= 1 else 0
+    shapes = _schema(found, L, W_xh.shape[0], H, Q)
+    allowed = set(shapes) | set(HEAD_KEYS)
+    extra = sorted(str(k) for k in params if k not in allowed)
     if extra:
-        raise ValueError(f"params: unexpected key(s) {', '.join(map(repr, extra))} (expected {', '.join(PARAM_KEYS)})")
-    arrays = {key: be.as_array(f"params[{key!r}]", params[key]) for key in keys}
+        raise ValueError(f"params: unexpected key(s) {', '.join(map(repr, extra))} for {L} layer(s) of "
+                         f"{found!r} (expected {', '.join(shapes)})")
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise KeyError(f"params: missing key {missing[0]!r} for {L} layer(s) of {found!r} "
+                       f"(expected {', '.join(shapes)})")
+    arrays = {key: be.as_array(f"params[{key!r}]", params[key]) for key in shapes}
     for key, a in arrays.items():
         if a.dtype.type not in _FLOATS:
             raise TypeError(f"params[{key!r}]: expected float32 or float64, got {a.dtype}")
     dt = np.result_type(*(a.dtype for a in arrays.values()))
-    want_ndim = {"W_xh": 2, "W_hh": 2, "b_h": 1, "W_hq": 2, "b_q": 1}
-    for key, a in arrays.items():
-        if a.ndim != want_ndim[key]:
-            raise ValueError(f"params[{key!r}]: expected {want_ndim[key]} dimensions, got shape {a.shape}")
+    for key, shape in shapes.items():
+        a = arrays[key]
+        if a.ndim != len(shape):
+            raise ValueError(f"params[{key!r}]: expected {len(shape)} dimensions, got shape {a.shape}")
         if 0 in a.shape:
             raise ValueError(f"params[{key!r}]: empty shape {a.shape}; sizes must be >= 1")
-    D, H = arrays["W_xh"].shape
-    expect = {"W_hh": (H, H), "b_h": (H,)}
-    if "W_hq" in arrays:
-        Q = arrays["W_hq"].shape[1]
-        expect.update(W_hq=(H, Q), b_q=(Q,))
-    for key, shape in expect.items():
-        if arrays[key].shape != shape:
-            raise ValueError(f"params[{key!r}]: expected shape {shape} (from W_xh {D}x{H}"
-                             f"{', W_hq' if key == 'b_q' else ''}), got {arrays[key].shape}")
+        if a.shape != shape:
+            raise ValueError(f"params[{key!r}]: expected shape {shape} for {found!r} with H={H}"
+                             f"{f', Q={Q}' if Q else ''} (from W_hh {W_hh.shape}, W_xh {W_xh.shape}"
+                             f"{', W_hq' if key == 'b_q' else ''}), got {a.shape}")
     P = {key: _finite(be, f"params[{key!r}]", be.normalized(f"params[{key!r}]", a, dt))
          for key, a in arrays.items()}
-    return P, dt
+    return P, dt, found, L
 
 
 def _inputs(be, name, X, D, dt):
@@ -293,10 +419,33 @@ def _token_ids(be, name, ids, shape, n, what):
     return ids
 
 
-def _state(be, name, h0, B, H, dt):
+def _states(be, h0, cell, L, B, H, dt):
+    """(one tuple (h_0,) or (h_0, c_0) per layer, whether the caller's state is stacked
+    (num_layers,B,H)).  None: zeros; a (B,H) array only for one layer."""
+    names = ("h0", "c0") if cell == "lstm" else ("h0",)
     if h0 is None:
-        return np.zeros((B, H), dt)
-    return _floats(be, name, h0, (B, H), dt)
+        given = [None] * len(names)
+    elif cell == "lstm":
+        if not isinstance(h0, (tuple, list)) or len(h0) != 2:
+            raise TypeError(f"h0: an LSTM's state is a tuple (h0, c0) of (B,H) or (num_layers,B,H) "
+                            f"arrays, got {type(h0).__name__}")
+        given = list(h0)
+    else:
+        given = [h0]
+    stacked = L > 1
+    arrays = []
+    for name, a in zip(names, given):
+        if a is None:
+            arrays.append(np.zeros((L, B, H), dt))
+            continue
+        ndim = len(getattr(a, "shape", np.shape(a)))
+        if ndim == 2 and L == 1:
+            stacked = False
+            arrays.append(_floats(be, name, a, (B, H), dt)[None])
+        else:
+            stacked = True
+            arrays.append(_floats(be, name, a, (L, B, H), dt))
+    return [tuple(a[l] for a in arrays) for l in range(L)], stacked
 
 
 def _floats(be, name, a, shape, dt, copy=False):
@@ -308,12 +457,16 @@ def _floats(be, name, a, shape, dt, copy=False):
     return _finite(be, name, be.normalized(name, a, dt, copy=copy))
 
 
-def _activation(activation):
+def _activation(activation, cell="rnn"):
     try:
-        return config.ACTIVATIONS[activation]
+        code = config.ACTIVATIONS[activation]
     except (KeyError, TypeError):
         raise ValueError(f"activation: expected one of {', '.join(map(repr, config.ACTIVATIONS))}, "
                          f"got {activation!r}") from None
+    if cell != "rnn" and activation != "tanh":
+        raise ValueError(f"activation: {activation!r} applies to the 'rnn' cell only; the {cell!r} "
+                         f"cell's nonlinearities are fixed (sigmoid gates, tanh)")
+    return code
 
 
 def _truncation(truncation, T, dt):

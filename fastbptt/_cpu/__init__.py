@@ -11,7 +11,7 @@ The engine, by concern (it knows no cell):
 - ``team``        the threads of each call, measured under the current load
 - ``cache``       where kernels and plans live; when a cached kernel is stale
 
-The cells: ``elman`` ("rnn").  The order of a call's operations is ``fastbptt._model``;
+The cells: ``elman`` ("rnn"), ``gru``, ``lstm``.  The order of a call's operations is ``fastbptt._model``;
 this module gives it a *run* (one call's threads, plan, packed weights and buffers) and
 the products over all rows.  Inputs arrive validated, C-contiguous, writeable, in one
 float dtype (token ids int64).
@@ -26,10 +26,10 @@ import numpy as np  # noqa: E402
 
 from .. import config  # noqa: E402
 from .._host import as_array, first_nonfinite, id_range, normalized, stack_states  # noqa: E402,F401
-from . import elman, head, plan, products, projections, team  # noqa: E402
-from .products import packed_shape, pack_cpu, transpose_cpu  # noqa: E402
+from . import elman, gru, head, lstm, plan, products, projections, team  # noqa: E402
+from .products import gemm_cpu, packed_shape, pack_cpu, transpose_cpu  # noqa: E402
 
-CELLS = {"rnn": elman}
+CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
 
 
 class _Scratch(threading.local):
@@ -62,19 +62,20 @@ _scratch = _Scratch()
 
 
 class Run:
-    """One call: its thread count (from the team), plan, packed weights and buffers."""
+    """One call: its thread count (from the team), plan, packed weights and buffers, and the
+    products over all rows that the graph and the cells ask for."""
 
-    def __init__(self, P, X, kind):
-        self.P, self.X, self.kind = P, X, kind
+    def __init__(self, P, X, kind, cell, L):
+        self.P, self.X, self.kind, self.cell, self.L = P, X, kind, cell, L
         self.T, self.B = X.shape[:2]
         self.H = P["W_hh"].shape[0]
         self.dtype = P["W_hh"].dtype
-        self.h0_zero = False
         self._packed = {}
         self._buffers = {}
 
     def __enter__(self):
-        self._call = team.team.call((self.kind, self.X.ndim, self.T, self.B, self.H, self.dtype.char))
+        self._call = team.team.call((self.kind, self.cell.__name__, self.L, self.X.ndim, self.T, self.B,
+                                     self.H, self.dtype.char))
         self.n = self._call.__enter__()
         self.plan = plan.current(self._call.most)
         return self
@@ -90,12 +91,13 @@ class Run:
         """(lanes, blk) of a sweep of B x H steps"""
         return self.plan.sweep(self.dtype, B, H)
 
-    def packed(self, key, transposed=False):
-        """the weight P[key] (or its transpose) packed for the tile, once per call, into a
-        kept buffer"""
+    def packed(self, key, transposed=False, cols=None):
+        """the weight P[key] (its columns in the order cols, or all), or its transpose, packed
+        for the tile, once per call, into a kept buffer"""
         name = (key, transposed)
         if name not in self._packed:
-            W = self.P[key].T if transposed else self.P[key]
+            W = self.P[key] if cols is None else self.P[key][:, cols]
+            W = W.T if transposed else W
             Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(*W.shape)])
             pack_cpu(Wp, W, self.n)
             self._packed[name] = Wp
@@ -104,123 +106,169 @@ class Run:
     def scratch(self, name, shapes):
         """work buffers kept across calls of the same shapes (see _Scratch)"""
         Q = self.P["W_hq"].shape[1] if "W_hq" in self.P else 0
-        return _scratch.get((self.kind, self.T, self.B, self.H, Q, self.dtype), name, shapes, self.dtype)
+        return _scratch.get((self.kind, self.cell.__name__, self.L, self.T, self.B, self.H, Q,
+                             self.dtype), name, shapes, self.dtype)
+
+    def zeros(self, name, shape):
+        a, = self.scratch(name, [shape])
+        a[:] = 0
+        return a
+
+    # ---------------------------------------------------------------- layers, columns
+    def key(self, name, l):
+        """the params' key of layer l's parameter ``name`` ("W_hh", "W_hh_l1", ...)"""
+        return name if l == 0 else f"{name}_l{l}"
+
+    def param(self, name, l):
+        return self.P[self.key(name, l)]
+
+    def layer_keys(self, grads, l):
+        return {self.key(name, l): g for name, g in grads.items()}
+
+    def columns(self, G):
+        """a gated cell's column order inside the engine (products.interleaved)"""
+        if ("columns", G) not in self._buffers:
+            self._buffers[("columns", G)] = products.interleaved(self.H, G)
+        return self._buffers[("columns", G)]
+
+    def natural(self, a, cols):
+        """a (..., G·H) from the engine's column order back to the natural one"""
+        if cols is None:
+            return a
+        out = np.empty_like(a)
+        out[..., cols] = a
+        return out
 
     # ------------------------------------------------------------------- the graph's
-    def states(self):
-        T, B, H = self.T, self.B, self.H
-        if self.kind in ("forward", "backward", "adjoints"):     # returned to the caller
-            return products.empty((T + 1, B, H), self.dtype)
-        return self.scratch("S", [(T + 1, B, H)])[0]
+    def given(self, a):
+        """an array the caller passed (states or direct terms), used as it is"""
+        return a
+
+    def output(self, a):
+        return a.copy()
 
     def results(self, arrays):
         return arrays
 
-    def last_state(self, S):
-        return S[-1].copy()
+    def last_states(self, cell, lays):
+        """one array (L,B,H) per state of the cell (h, and c for the LSTM)"""
+        return tuple(np.stack([getattr(lay, name)[self.T] for lay in lays])
+                     for name in cell.STATES)
+
+    def state_grads(self, d0):
+        """one array (L,B,H) per state of the cell, from one tuple per layer"""
+        return tuple(np.stack(g) for g in zip(*d0))
+
+    def add(self, dst, src):
+        projections.add_cpu(dst.reshape(-1), src.reshape(-1), self.n)
+
+    def shift(self, C, n):
+        """C[:n-1] = C[1:n] (a chain's carry, one step back)"""
+        C[:n - 1] = C[1:n].copy()
 
     def transposed_states(self, S):
-        """h_0..h_T transposed, (H, (T+1)·B): the A of ∂W_hh and ∂W_hq, once per call"""
-        if "ST" not in self._buffers:
+        """h_0..h_T transposed, (H, (T+1)·B): the A of ∂W_hh and ∂W_hq, once per call and layer"""
+        got = self._buffers.get("ST")
+        if got is None or got[0] is not S:
             T1, B, H = S.shape
-            self._buffers["ST"], = self.scratch("ST", [(H, T1 * B)])
-            transpose_cpu(self._buffers["ST"], S.reshape(T1 * B, H), self.n)
-        return self._buffers["ST"]
+            ST, = self.scratch("ST", [(H, T1 * B)])
+            transpose_cpu(ST, S.reshape(T1 * B, H), self.n)
+            self._buffers["ST"] = got = (S, ST)
+        return got[1]
+
+    # ------------------------------------------------------------------ rows products
+    def project(self, X, out, key, bias, cols=None):
+        """out (T·B,G·H) = X W + b over all rows: a row gather for token ids X (T,B), one
+        product for dense X (T,B,D); W = P[key] with its columns in the order cols"""
+        if X.ndim == 2:
+            W = self.P[key] if cols is None else np.ascontiguousarray(self.P[key][:, cols])
+            projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.n)
+        else:
+            projections.embed_dense_cpu(out, X.reshape(self.T * self.B, -1), self.packed(key, cols=cols),
+                                        bias, self.blk("rows"), self.n)
+
+    def head_loss(self, S, Y):
+        T, B, H = self.T, self.B, self.H
+        N, Q = T * B, self.P["W_hq"].shape[1]
+        logits, = self.scratch("logits", [(N, Q)])
+        row_loss = np.empty(N)
+        head.head_loss_cpu(logits, row_loss, S[1:].reshape(N, H), Y.reshape(N), self.packed("W_hq"),
+                           self.P["b_q"], self.blk("rows"), self.n)
+        return float(row_loss.sum())
+
+    def head_forward_backward(self, S, Y, scale):
+        """(loss, dH = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients)"""
+        T, B, H = self.T, self.B, self.H
+        N, Q = T * B, self.P["W_hq"].shape[1]
+        dH, logits, dop = self.scratch("head", [(T, B, H), (N, Q), packed_shape(N, Q)])
+        row_loss = np.empty(N)
+        dW_hq = products.empty((H, Q), self.dtype)
+        db_q = np.empty(Q, self.dtype)
+        head.head_forward_backward_cpu(
+            dH.reshape(N, H), dW_hq, db_q, logits, dop, row_loss, S[1:].reshape(N, H),
+            self.transposed_states(S), B, Y.reshape(N), self.packed("W_hq"),
+            self.packed("W_hq", transposed=True), self.P["b_q"], scale, self.blk("rows"), self.n)
+        return float(row_loss.sum()) * scale, dH, {"W_hq": dW_hq, "b_q": db_q}
+
+    def _packed_rows(self, dZ2, k0):
+        """dZ2[k0:] (the B operand of the weight gradients) packed, in a kept buffer"""
+        dZp, = self.scratch(f"dZp{k0}", [packed_shape(dZ2.shape[0] - k0, dZ2.shape[1])])
+        pack_cpu(dZp, dZ2[k0:], self.n)
+        return dZp
+
+    def recurrent_grads(self, S, dR):
+        """∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t: one product over the T·B rows
+        (the h_0 rows skipped when h_0 = 0)"""
+        T, B, GH = dR.shape
+        dR2 = dR.reshape(T * B, GH)
+        k0 = 0 if S[0].any() else B
+        dW_hh = products.empty((self.H, GH), dR.dtype)
+        db = np.empty(GH, dR.dtype)
+        projections.recurrent_grads_cpu(dW_hh, db, dR2, self._packed_rows(dR2, k0),
+                                        self.transposed_states(S), k0, self.blk("grad"), self.n)
+        return dW_hh, db
+
+    def input_grads(self, X, dP):
+        """∂W_xh = Σ_t x_tᵀ dP_t: a scatter-add for token ids, else one product"""
+        T, B, GH = dP.shape
+        dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
+        if X.ndim == 2:
+            projections.embed_tokens_backward_cpu(dW_xh, dP, X)
+        else:
+            X2 = X.reshape(T * B, -1)
+            XT, = self.scratch("XT", [(X2.shape[1], T * B)])
+            transpose_cpu(XT, X2, self.n)
+            projections.embed_dense_backward_cpu(dW_xh, XT, self._packed_rows(dP.reshape(T * B, GH), 0),
+                                                 self.blk("grad"), self.n)
+        return dW_xh
+
+    def input_adjoint(self, l, dP, G, out=None):
+        """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""
+        W = self.key("W_xh", l)
+        if out is None:
+            out = np.zeros(dP.shape[:-1] + (self.P[W].shape[0],), dP.dtype)
+        WTp = self.packed(W, transposed=True, cols=self.columns(G) if G > 1 else None)
+        gemm_cpu(out.reshape(-1, out.shape[-1]), dP.reshape(-1, dP.shape[-1]), WTp, dP.dtype.type(1),
+                 self.blk("rows"), self.n)
+        return out
+
+    def recurrent_adjoint(self, l, dR, G, out):
+        """out (rows,H) += dR W_hhᵀ"""
+        WTp = self.packed(self.key("W_hh", l), transposed=True, cols=self.columns(G) if G > 1 else None)
+        gemm_cpu(out.reshape(-1, self.H), dR.reshape(-1, dR.shape[-1]), WTp, dR.dtype.type(1),
+                 self.blk("rows"), self.n)
+
+    def cross(self, dR0, WTp, x):
+        """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0"""
+        dh0 = products.empty((self.B, self.H), dR0.dtype)
+        dh0[:] = 0
+        if x != 0:
+            gemm_cpu(dh0, dR0, WTp, x, self.blk("rows"), self.n)
+        return dh0
 
 
-def begin(P, X, kind):
-    return Run(P, X, kind)
-
-
-def given(run, a):
-    """an array the caller passed (states or direct terms), used as it is"""
-    if a.shape[0] == run.T + 1:
-        run.h0_zero = not a[0].any()
-    return a
-
-
-def ones(run, T, dtype):
-    return np.ones(T, dtype)
-
-
-def direct_terms(run, dZ):
-    """A (T+1,B,H): A[0] = 0, A[1:] = dZ (before the sweep overwrites it)"""
-    A = np.zeros((dZ.shape[0] + 1,) + dZ.shape[1:], dZ.dtype)
-    A[1:] = dZ
-    return A
-
-
-# -------------------------------------------------------------------- rows products
-def embed(run, X, S, h0):
-    """S[0] = h_0;  S[1:] = pre_t = x_t W_xh + b_h (a row gather for token ids)"""
-    T, B, H = run.T, run.B, run.H
-    S[0] = h0
-    run.h0_zero = not h0.any()
-    if X.ndim == 2:
-        projections.embed_tokens_cpu(S[1:], X, run.P["W_xh"], run.P["b_h"], run.n)
-    else:
-        projections.embed_dense_cpu(S[1:].reshape(T * B, H), X.reshape(T * B, -1),
-                                    run.packed("W_xh"), run.P["b_h"], run.blk("rows"), run.n)
-
-
-def head_loss(run, S, Y):
-    T, B, H = run.T, run.B, run.H
-    N, Q = T * B, run.P["W_hq"].shape[1]
-    logits, = run.scratch("logits", [(N, Q)])
-    row_loss = np.empty(N)
-    head.head_loss_cpu(logits, row_loss, S[1:].reshape(N, H), Y.reshape(N), run.packed("W_hq"),
-                       run.P["b_q"], run.blk("rows"), run.n)
-    return float(row_loss.sum())
-
-
-def head_forward_backward(run, S, Y, scale):
-    """(loss, dZ = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients)"""
-    T, B, H = run.T, run.B, run.H
-    N, Q = T * B, run.P["W_hq"].shape[1]
-    dZ, logits, dop = run.scratch("head", [(T, B, H), (N, Q), packed_shape(N, Q)])
-    row_loss = np.empty(N)
-    dW_hq = products.empty((H, Q), run.dtype)
-    db_q = np.empty(Q, run.dtype)
-    head.head_forward_backward_cpu(
-        dZ.reshape(N, H), dW_hq, db_q, logits, dop, row_loss, S[1:].reshape(N, H),
-        run.transposed_states(S), B, Y.reshape(N), run.packed("W_hq"),
-        run.packed("W_hq", transposed=True), run.P["b_q"], scale, run.blk("rows"), run.n)
-    return float(row_loss.sum()) * scale, dZ, {"W_hq": dW_hq, "b_q": db_q}
-
-
-def _packed_dZ(run, dZ2, k0):
-    """dZ2[k0:] (the B operand of the weight gradients) packed, in a kept buffer"""
-    dZp, = run.scratch(f"dZp{k0}", [packed_shape(dZ2.shape[0] - k0, dZ2.shape[1])])
-    pack_cpu(dZp, dZ2[k0:], run.n)
-    return dZp
-
-
-def recurrent_grads(run, S, dZ):
-    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t, ∂b_h = Σ_t Σ_b dz_t: one product over the T·B rows (the
-    h_0 rows skipped when h_0 = 0)"""
-    T, B, H = dZ.shape
-    dZ2 = dZ.reshape(T * B, H)
-    k0 = B if run.h0_zero else 0
-    dW_hh = products.empty((H, H), dZ.dtype)
-    db_h = np.empty(H, dZ.dtype)
-    projections.recurrent_grads_cpu(dW_hh, db_h, dZ2, _packed_dZ(run, dZ2, k0),
-                                    run.transposed_states(S), k0, run.blk("grad"), run.n)
-    return dW_hh, db_h
-
-
-def input_grads(run, X, dZ):
-    """∂W_xh = Σ_t x_tᵀ dz_t: a scatter-add for token ids, else one product"""
-    T, B, H = dZ.shape
-    dW_xh = products.empty(run.P["W_xh"].shape, dZ.dtype)
-    if X.ndim == 2:
-        projections.embed_tokens_backward_cpu(dW_xh, dZ, X)
-    else:
-        X2 = X.reshape(T * B, -1)
-        XT = products.empty((X2.shape[1], T * B), dZ.dtype)
-        transpose_cpu(XT, X2, run.n)
-        dZ2 = dZ.reshape(T * B, H)
-        projections.embed_dense_backward_cpu(dW_xh, XT, _packed_dZ(run, dZ2, 0), run.blk("grad"), run.n)
-    return dW_xh
+def begin(P, X, kind, cell, L):
+    return Run(P, X, kind, cell, L)
 
 
 def tune(progress=True, sweeps=()):

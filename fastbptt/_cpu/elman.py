@@ -12,6 +12,7 @@ column while it is in L1.  Steps are split by hidden columns: the engine's lanes
 each thread columns [j0, j1) of every step.
 """
 from collections import namedtuple
+from types import SimpleNamespace
 
 import numpy as np
 from numba import njit, prange, types
@@ -21,7 +22,7 @@ from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
 from .lanes import cell_step, run_lanes
 from . import products
-from .products import NO_POST, _0, chunk, epilogue, gemm_cpu, matmul, matmul_k
+from .products import NO_POST, _0, epilogue, gemm_cpu, matmul_k
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -148,75 +149,92 @@ def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n, threads):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def backward_truncated_cpu(dZ, dh0, Hx, W_hhTp, k, act, blk, n):
-    """Per-term truncation after k steps:  dz_s = Σ_{t=s}^{min(s+k-1,T)} (l_t's adjoint at z_s),
-    ∂L/∂h_0 = dz_1 W_hhᵀ (only the terms with t <= k reach step 1).
+def chain_cpu(A, h, dZ, act, n):
+    """every row of a block of steps at once (truncation's chains): dZ = A ⊙ φ'(h)
 
-    The chains of all loss terms advance together, one depth d = 0..k-1 at a time:
-    C_t ← C_t ⊙ φ'(h_{t-d}) is added into dz_{t-d}, then C_t ← C_t W_hhᵀ for all t > d in
-    one product over (T-d-1)·B rows.  Cost: min(k,T) - 1 products of at most T·B rows.
-
-    dZ (T,B,H) in: dHs (direct terms), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
-    h_0..h_T · W_hhTp: W_hhᵀ packed · k >= 1 · act · blk (kc, mc) · n column chunks
-    """
-    T, B, H = dZ.shape
-    chain = dZ.copy()                          # C_t for every loss term t
-    nxt = np.empty_like(dZ)
-    zero = dZ.dtype.type(0)
-    one = dZ.dtype.type(1)
-    dZ[:] = zero
-    depth = min(k, T)
-    for d in range(depth):
-        for t in prange(d, T):                 # C_t sits at step s = t - d (one chain per s)
-            dphi(chain[t], Hx[t - d + 1], 0, H, act)
-            dst = dZ[t - d].reshape(B * H)
-            src = chain[t].reshape(B * H)
-            for i in range(B * H):
-                dst[i] += src[i]
-        if d + 1 < depth:                      # move every live chain one step back
-            rows = chain.reshape(T * B, H)[(d + 1) * B:]
-            out = nxt.reshape(T * B, H)[(d + 1) * B:]
-            out[:] = zero
-            for c in prange(n):
-                j0, j1 = chunk(H, c, n)
-                matmul(out, rows, W_hhTp, one, j0, j1, _0, NO_POST, blk)
-            chain, nxt = nxt, chain
-    dh0[:] = 0
+    A, h, dZ (rows,H) · act · n row chunks"""
+    rows, H = A.shape
     for c in prange(n):
-        j0, j1 = chunk(H, c, n)
-        matmul(dh0, dZ[0], W_hhTp, one, j0, j1, _0, NO_POST, blk)
+        for r in range(rows * c // n, rows * (c + 1) // n):
+            dZ[r] = A[r]
+        dphi(dZ[rows * c // n:rows * (c + 1) // n], h[rows * c // n:rows * (c + 1) // n], 0, H, act)
 
 
 # --------------------------------------------------------------- the graph's calls
-# fastbptt._model calls these with a run (fastbptt._cpu.Run): threads, plan, packed weights.
+# fastbptt._model calls these with a run (fastbptt._cpu.Run); l is the layer.
+G = 1
+STATES = ("S",)            # the record's state arrays: h_0..h_T
 
-def forward(run, S, act):
-    """S (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T.  With h_0 = 0 the first step has no
-    product: h_1 = φ(pre_1)."""
-    lanes, blk = run.sweep(S.shape[1], S.shape[2])
-    W_hhp = run.packed("W_hh")
-    if run.h0_zero:
-        activate(S[1], _0, S.shape[2], act)
+
+def forward(run, l, X, state0, act):
+    """the layer's forward over the T steps from state0 = (h_0,); X its input (T,B) ids or
+    (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T.  With h_0 = 0 the first
+    step has no product: h_1 = φ(pre_1)."""
+    T, B, H = run.T, run.B, run.H
+    S, = run.scratch(f"rnn{l}", [(T + 1, B, H)])
+    S[0] = state0[0]
+    run.project(X, S[1:].reshape(T * B, H), run.key("W_xh", l), run.param("b_h", l))
+    lanes, blk = run.sweep(B, H)
+    W_hhp = run.packed(run.key("W_hh", l))
+    if not S[0].any():
+        activate(S[1], _0, H, act)
         forward_cpu(S[1:], W_hhp, act, blk, lanes, run.n)
     else:
         forward_cpu(S, W_hhp, act, blk, lanes, run.n)
+    return SimpleNamespace(S=S)
 
 
-def backward(run, S, dZ, act, k, xi):
-    """dZ (T,B,H) in: the direct terms ∂l_t/∂h_t; out: dz_t.  Returns ∂L/∂h_0.
-    k: Truncated(k) with k < T, or None for the sweep with crossing factors xi (T,)."""
+def given(run, l, X, S, state0, act):
+    """the forward's record from the caller's states S (T+1,B,H) h_0..h_T"""
+    return SimpleNamespace(S=S)
+
+
+def backward(run, l, X, lay, dZ, act, xi, want_dx):
+    """the full (or randomized) reverse sweep of the layer: dZ (T,B,H) in: the direct terms
+    ∂l_t/∂h_t; out: dz_t.  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
     dh0 = products.empty(dZ.shape[1:], dZ.dtype)
-    W_hhTp = run.packed("W_hh", transposed=True)
-    if k is None:
-        lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])
-        backward_cpu(dZ, dh0, S, W_hhTp, xi, act, blk, lanes, run.n)
-    else:
-        backward_truncated_cpu(dZ, dh0, S, W_hhTp, k, act, run.blk("rows"), run.n)
-    return dh0
+    W_hhTp = run.packed(run.key("W_hh", l), transposed=True)
+    lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])
+    backward_cpu(dZ, dh0, lay.S, W_hhTp, xi, act, blk, lanes, run.n)
+    return (weight_grads(run, l, X, lay, dZ, dZ), (dh0,),
+            run.input_adjoint(l, dZ, G) if want_dx else None)
 
 
-def add_recurrent(run, A, dZ):
-    """A[:T] += dZ W_hhᵀ (the adjoints a_t that reach h_t through step t + 1)"""
+def weight_grads(run, l, X, lay, dP, dR):
+    """∂W_xh = Σ x_tᵀ dz_t, ∂W_hh = Σ h_{t-1}ᵀ dz_t, ∂b_h = Σ dz_t (dP and dR are the same dz)"""
+    dW_hh, db_h = run.recurrent_grads(lay.S, dR)
+    return {"W_xh": run.input_grads(X, dP), "W_hh": dW_hh, "b_h": db_h}
+
+
+def adjoints(run, l, X, lay, dZ, act):
+    """A (T+1,B,H) = ∂L/∂h_0..∂L/∂h_T of the full gradient: a_t = dHs_t + dz_{t+1} W_hhᵀ"""
     T, B, H = dZ.shape
-    gemm_cpu(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), run.packed("W_hh", transposed=True),
-             dZ.dtype.type(1), run.blk("rows"), run.n)
+    A = np.zeros((T + 1, B, H), dZ.dtype)
+    A[1:] = dZ
+    dh0 = products.empty((B, H), dZ.dtype)
+    lanes, blk = run.sweep(B, H)
+    backward_cpu(dZ, dh0, lay.S, run.packed(run.key("W_hh", l), transposed=True),
+                 np.ones(T, dZ.dtype), act, blk, lanes, run.n)
+    run.recurrent_adjoint(l, dZ, G, out=A[:T])
+    return A
+
+
+def chains(run, l, lay):
+    """truncation's per-layer buffers: A the chains' adjoints, dP = dR a depth's outputs,
+    gP = gR their sums (A and the sums zero); no carry"""
+    T, B, H = run.T, run.B, run.H
+    A, dZ, gZ = run.scratch(f"rnn{l}c", [(T, B, H)] * 3)
+    A[:] = 0
+    gZ[:] = 0
+    return SimpleNamespace(A=A, C=None, dP=dZ, dR=dZ, gP=gZ, gR=gZ)
+
+
+def chain_point(run, l, lay, c, n, act):
+    """the pointwise backward of the n live chains (steps 0..n-1) of a depth"""
+    rows = n * run.B
+    chain_cpu(c.A[:n].reshape(rows, run.H), lay.S[1:n + 1].reshape(rows, run.H),
+              c.dP[:n].reshape(rows, run.H), act, run.n)
+
+
+def initial_grads(dh0, carry):
+    return (dh0,)

@@ -275,6 +275,26 @@ def row_chunk(M, c, n):
     return r0, r1
 
 
+# ------------------------------------------------------------ a gated cell's columns
+def interleaved(H, G):
+    """The order in which the engine keeps the G·H columns of a gated cell's products
+    (column i here is column cols[i] of the natural [gate 0 | gate 1 | ...] layout): for each
+    group of PANEL hidden units, gate 0's columns, then gate 1's, ... (the last group may be
+    narrower).  A lane's units [j0, j1) (multiples of PANEL) then own the contiguous columns
+    [G·j0, G·j1) with every gate of those units, so a step's pointwise part needs no other
+    lane's columns."""
+    cols = [g * H + u for u0 in range(0, H, PANEL)
+            for g in range(G) for u in range(u0, min(u0 + PANEL, H))]
+    return np.array(cols, np.int64)
+
+
+@njit(inline="always")
+def gate_group(H, G, u0):
+    """(first column, width m) of the group of units [u0, u0 + m) in the interleaved
+    columns; gate g of those units is columns [first + g·m, first + (g+1)·m)"""
+    return G * u0, min(PANEL, H - u0)
+
+
 # ---------------------------------------------------------------------------- packing
 #: bytes a buffer of the tile's is aligned to: a vector load that straddles two cache lines
 #: costs two, and numpy's large arrays start 16 bytes past a page

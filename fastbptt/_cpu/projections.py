@@ -86,3 +86,12 @@ def recurrent_grads_cpu(dW_hh, db_h, dZ2, dZp, HxT, t0B, blk, n):
         dW_hh[:, j0:j1] = 0
         matmul(dW_hh, HxT, dZp, dZ2.dtype.type(1), j0, j1, t0B, NO_POST, blk)
         column_sums(db_h, dZ2, j0, j1)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def add_cpu(dst, src, n):
+    """dst += src (1-D) · n chunks"""
+    N = dst.shape[0]
+    for c in prange(n):
+        for i in range(N * c // n, N * (c + 1) // n):
+            dst[i] += src[i]

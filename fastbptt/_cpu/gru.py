@@ -1,0 +1,246 @@
+"""The GRU cell ("gru") on the CPU engine, in PyTorch's (and cuDNN's) form: gates r, z, n,
+the reset applied after the recurrent product.
+
+    forward   r_t = σ(xr_t + h_{t-1} W_hr),  z_t = σ(xz_t + h_{t-1} W_hz)      x·_t = x_t W_x· + b_·
+              hn_t = h_{t-1} W_hn + b_hn,     n_t = tanh(xn_t + r_t ⊙ hn_t)
+              h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+    backward  a_t = dHs_t + ξ_{t+1} (dR_{t+1} W_hhᵀ + a_{t+1} ⊙ z_{t+1})     (the adjoint of h_t)
+              dn = a ⊙ (1 − z) ⊙ (1 − n²),   dz = a ⊙ (h_{t-1} − n) ⊙ z (1 − z),
+              dr = dn ⊙ hn ⊙ r (1 − r)
+              dP_t = [dr, dz, dn]  (the input side's pre-activations: ∂W_xh, ∂b_h)
+              dR_t = [dr, dz, dn ⊙ r]  (the recurrent product's: ∂W_hh, ∂b_hn, the chain)
+
+Shapes: x_t (B,D), h_t (B,H); W_xh (D,3H), W_hh (H,3H), b_h (3H,), b_hn (H,) with the column
+blocks [r | z | n].  Inside the engine the 3H columns are interleaved by groups of units
+(``products.interleaved``) so that a lane's units own every gate of theirs.
+
+What the forward keeps for the backward, and why: Z_t = [r_t, z_t, hn_t] (the gates, and hn,
+which dr needs and which cannot be recovered from h), N_t = n_t, and h_0..h_T (h_{t-1} for dz
+and for ∂W_hh).  The pre-activations are not kept: σ' and tanh' are written with the gates.
+A step's product adds h_{t-1} W_hh to Z_t, which holds [xr, xz, b_hn] (N_t holds xn); the
+pointwise part then turns Z_t and N_t into the gates in place.
+"""
+from collections import namedtuple
+from types import SimpleNamespace
+
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ..config import FASTMATH
+from .fastmath import sigmoid, tanh
+from .lanes import cell_step, run_lanes
+from .products import NO_POST, PANEL, _0, gate_group, matmul_k
+
+G = 3
+STATES = ("S",)            # the record's state arrays: h_0..h_T
+
+
+# ------------------------------------------------------------------------ pointwise
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def forward_point(Z, N, hp, h, u0, u1):
+    """units [u0, u1) of one step, every row:  Z [xr + h W_hr, xz + h W_hz, h W_hn + b_hn] →
+    [r, z, hn];  N xn → n;  h = (1 − z) n + z hp
+
+    Z (rows,3H) interleaved · N, hp, h (rows,H)"""
+    H = N.shape[1]
+    one = N.dtype.type(1)
+    for g0 in range(u0, u1, PANEL):
+        c, m = gate_group(H, G, g0)
+        for b in range(N.shape[0]):
+            zr, zz, hn = Z[b, c:c + m], Z[b, c + m:c + 2 * m], Z[b, c + 2 * m:c + 3 * m]
+            nn, hpb, hb = N[b, g0:g0 + m], hp[b, g0:g0 + m], h[b, g0:g0 + m]
+            for j in range(m):
+                r = sigmoid(zr[j])
+                z = sigmoid(zz[j])
+                n = tanh(nn[j] + r * hn[j])
+                zr[j], zz[j], nn[j] = r, z, n
+                hb[j] = (one - z) * n + z * hpb[j]
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def backward_point(A, carry, xi, Z, N, hp, dP, dR, u0, u1):
+    """units [u0, u1) of one step, every row:  a = A + ξ carry (the adjoint of h; A holds the
+    direct term and the product's share, and gets a);  dP, dR as in the module notes;
+    carry ← a ⊙ z (what crosses to h_{t-1} besides the product)
+
+    A, carry, N, hp (rows,H) · Z [r, z, hn], dP, dR (rows,3H) interleaved · xi a scalar"""
+    H = N.shape[1]
+    one = N.dtype.type(1)
+    for g0 in range(u0, u1, PANEL):
+        c, m = gate_group(H, G, g0)
+        for b in range(N.shape[0]):
+            zr, zz, hn = Z[b, c:c + m], Z[b, c + m:c + 2 * m], Z[b, c + 2 * m:c + 3 * m]
+            pr, pz, pn = dP[b, c:c + m], dP[b, c + m:c + 2 * m], dP[b, c + 2 * m:c + 3 * m]
+            rr, rz, rn = dR[b, c:c + m], dR[b, c + m:c + 2 * m], dR[b, c + 2 * m:c + 3 * m]
+            ab, cb = A[b, g0:g0 + m], carry[b, g0:g0 + m]
+            nn, hpb = N[b, g0:g0 + m], hp[b, g0:g0 + m]
+            for j in range(m):
+                a = ab[j] + xi * cb[j]
+                r, z, n = zr[j], zz[j], nn[j]
+                dn = a * (one - z) * (one - n * n)
+                dz = a * (hpb[j] - n) * z * (one - z)
+                dr = dn * hn[j] * r * (one - r)
+                pr[j], pz[j], pn[j] = dr, dz, dn
+                rr[j], rz[j], rn[j] = dr, dz, dn * r
+                ab[j] = a
+                cb[j] = a * z
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def split_cpu(Z, N, b_hn, n):
+    """after the input projection Z = x W_xh + b_h (rows,3H): N ← its n columns (xn), and
+    those columns of Z ← b_hn, the recurrent product's bias · n row chunks"""
+    rows, H = N.shape
+    for c in prange(n):
+        for b in range(rows * c // n, rows * (c + 1) // n):
+            for g0 in range(0, H, PANEL):
+                k, m = gate_group(H, G, g0)
+                for j in range(m):
+                    N[b, g0 + j] = Z[b, k + 2 * m + j]
+                    Z[b, k + 2 * m + j] = b_hn[g0 + j]
+
+
+# ---------------------------------------------------------------------------- steps
+Forward = namedtuple("GRUForward", "S Z N Wp blk")
+Backward = namedtuple("GRUBackward", "A carry xi S Z N dP dR WTp blk")
+
+
+def _is(ty, cls):
+    return isinstance(ty, types.BaseNamedTuple) and ty.instance_class is cls
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _forward_step(ctx, s, j0, j1, k0, k1, last):
+    """step s (h_{s+1} from h_s = S[s]) on units [j0, j1): adds h_s[:, k0:k1] W_hh[k0:k1] to
+    the units' gate columns; with last, then the pointwise part"""
+    matmul_k(ctx.Z[s], ctx.S[s], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1,
+             NO_POST, ctx.blk)
+    if last:
+        forward_point(ctx.Z[s], ctx.N[s], ctx.S[s], ctx.S[s + 1], j0, j1)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _backward_step(ctx, s, j0, j1, k0, k1, last):
+    """step t = T-1-s (0-based) on units [j0, j1): adds ξ dR_{t+1}[:, units k0:k1] W_hhᵀ to
+    A_t; with last, then the pointwise part.  ξ = 0 skips the product."""
+    T = ctx.A.shape[0]
+    t = T - 1 - s
+    x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(0)
+    if x != 0:
+        matmul_k(ctx.A[t], ctx.dR[t + 1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
+    if last:
+        backward_point(ctx.A[t], ctx.carry, x, ctx.Z[t], ctx.N[t], ctx.S[t], ctx.dP[t], ctx.dR[t],
+                       j0, j1)
+
+
+@overload(cell_step, jit_options={"cache": True})
+def _cell_step(ctx, s, j0, j1, k0, k1, last):
+    if _is(ctx, Forward):
+        return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
+    if _is(ctx, Backward):
+        return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
+
+
+# ---------------------------------------------------------------------------- sweeps
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def forward_cpu(S, Z, N, W_hhp, blk, n, threads):
+    """the steps t = 1..T of the module notes' forward
+
+    S (T+1,B,H) in: h_0; out: h_0..h_T · Z (T,B,3H) in: [xr, xz, b_hn], out: [r, z, hn] ·
+    N (T,B,H) in: xn, out: n · W_hhp: W_hh (H,3H) interleaved, packed · blk (kc, mc) ·
+    n lanes · threads (1: the lanes on this thread, the same sums in the same order)"""
+    run_lanes(Forward(S, Z, N, W_hhp, blk), Z.shape[0], N.shape[2], n, threads)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def backward_cpu(A, carry, S, Z, N, dP, dR, W_hhTp, xi, blk, n, threads):
+    """the steps t = T..1 of the module notes' backward
+
+    A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) out: a_1 ⊙ z_1 ·
+    S, Z, N: the forward's · dP, dR (T,B,3H) out · W_hhTp: W_hhᵀ (3H,H), rows interleaved,
+    packed · xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
+    carry[:] = 0
+    run_lanes(Backward(A, carry, xi, S, Z, N, dP, dR, W_hhTp, blk), A.shape[0], A.shape[2], n,
+              threads)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def chain_cpu(A, carry, Z, N, hp, dP, dR, n):
+    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1
+
+    A, carry, N, hp (rows,H) · Z, dP, dR (rows,3H) · n row chunks"""
+    rows, H = A.shape
+    for c in prange(n):
+        r0, r1 = rows * c // n, rows * (c + 1) // n
+        backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], N[r0:r1], hp[r0:r1],
+                       dP[r0:r1], dR[r0:r1], 0, H)
+
+
+# --------------------------------------------------------------- the graph's calls
+# fastbptt._model calls these with a run (fastbptt._cpu.Run); l is the layer.
+
+def forward(run, l, X, state0, act):
+    """the layer's forward over the T steps from state0 = (h_0,); X its input (T,B) ids or
+    (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T, Z, N."""
+    T, B, H = run.T, run.B, run.H
+    cols = run.columns(G)
+    S, Z, N = run.scratch(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
+    S[0] = state0[0]
+    run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
+    split_cpu(Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l), run.n)
+    lanes, blk = run.sweep(B, H)
+    W_hhp = run.packed(run.key("W_hh", l), cols=cols)
+    t0 = 0
+    if not S[0].any():                      # h_0 = 0: the first step has no product
+        forward_point(Z[0], N[0], S[0], S[1], 0, H)
+        t0 = 1
+    forward_cpu(S[t0:], Z[t0:], N[t0:], W_hhp, blk, lanes, run.n)
+    return SimpleNamespace(S=S, Z=Z, N=N)
+
+
+def backward(run, l, X, lay, A, act, xi, want_dx):
+    """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
+    (overwritten with the adjoints a_t).  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X
+    or None)"""
+    T, B, H = A.shape
+    dP, dR, carry = run.scratch(f"gru{l}d", [(T, B, G * H), (T, B, G * H), (B, H)])
+    lanes, blk = run.sweep(B, H)
+    W_hhTp = run.packed(run.key("W_hh", l), transposed=True, cols=run.columns(G))
+    backward_cpu(A, carry, lay.S, lay.Z, lay.N, dP, dR, W_hhTp, xi, blk, lanes, run.n)
+    dh0 = run.cross(dR[0], W_hhTp, xi[0])
+    dh0 += xi[0] * carry
+    return weight_grads(run, l, X, lay, dP, dR), (dh0,), run.input_adjoint(l, dP, G) if want_dx else None
+
+
+def weight_grads(run, l, X, lay, dP, dR):
+    """∂W_xh = Σ x_tᵀ dP_t, ∂b_h = Σ dP_t, ∂W_hh = Σ h_{t-1}ᵀ dR_t, ∂b_hn = Σ dR_t's n columns,
+    back in the natural column order"""
+    cols, H = run.columns(G), run.H
+    dW_hh, dbR = run.recurrent_grads(lay.S, dR)
+    db_h = dP.reshape(-1, G * H).sum(axis=0, dtype=dP.dtype)
+    return {"W_xh": run.natural(run.input_grads(X, dP), cols), "W_hh": run.natural(dW_hh, cols),
+            "b_h": run.natural(db_h, cols), "b_hn": run.natural(dbR, cols)[2 * H:].copy()}
+
+
+def chains(run, l, lay):
+    """truncation's per-layer buffers: A the chains' adjoints, C their carry, dP, dR a depth's
+    outputs, gP, gR their sums (all zero)"""
+    T, B, H = run.T, run.B, run.H
+    A, C, dP, dR, gP, gR = run.scratch(f"gru{l}c", [(T, B, H)] * 2 + [(T, B, G * H)] * 4)
+    for a in (A, C, gP, gR):
+        a[:] = 0
+    return SimpleNamespace(A=A, C=C, dP=dP, dR=dR, gP=gP, gR=gR)
+
+
+def chain_point(run, l, lay, c, n, act):
+    """the pointwise backward of the n live chains (steps 0..n-1) of a depth"""
+    B, H = run.B, run.H
+    rows = n * B
+    chain_cpu(c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), lay.Z[:n].reshape(rows, G * H),
+              lay.N[:n].reshape(rows, H), lay.S[:n].reshape(rows, H),
+              c.dP[:n].reshape(rows, G * H), c.dR[:n].reshape(rows, G * H), run.n)
+
+
+def initial_grads(dh0, carry):
+    """the state's gradients from the crossing of step 1: the product's dh0 and the carry"""
+    return (dh0 + carry,)

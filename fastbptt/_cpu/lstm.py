@@ -1,0 +1,227 @@
+"""The LSTM cell ("lstm") on the CPU engine, in PyTorch's (and cuDNN's) form: gates i, f, g, o
+and an (h, c) state.
+
+    forward   [i, f, g, o]_t = [σ, σ, tanh, σ](x_t W_xh + b_h + h_{t-1} W_hh)
+              c_t = f ⊙ c_{t-1} + i ⊙ g,   h_t = o ⊙ tanh(c_t)
+    backward  a_t = dHs_t + ξ_{t+1} dZ_{t+1} W_hhᵀ                  (the adjoint of h_t)
+              e_t = ξ_{t+1} e'_{t+1} + a_t ⊙ o ⊙ (1 − tanh²c_t)     (the adjoint of c_t;
+                                                 e'_{t+1} = e_{t+1} ⊙ f_{t+1} is the carry)
+              dZ_t = [e g i(1−i), e c_{t-1} f(1−f), e i (1−g²), a tanh(c_t) o(1−o)]
+
+Shapes: x_t (B,D), h_t, c_t (B,H); W_xh (D,4H), W_hh (H,4H), b_h (4H,) with the column blocks
+[i | f | g | o].  Inside the engine the 4H columns are interleaved by groups of units
+(``products.interleaved``) so that a lane's units own every gate of theirs.
+
+What the forward keeps for the backward, and why: Z_t = the gates (σ' and tanh' are written
+with them), c_0..c_T (c_{t-1} for df, c_t for tanh(c_t), recomputed rather than kept) and
+h_0..h_T (h_{t-1} for ∂W_hh).  dZ_t serves the input side and the recurrent product alike
+(one bias), so dP and dR are one array.
+"""
+from collections import namedtuple
+from types import SimpleNamespace
+
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ..config import FASTMATH
+from .fastmath import sigmoid, tanh
+from .lanes import cell_step, run_lanes
+from .products import NO_POST, PANEL, _0, gate_group, matmul_k
+
+G = 4
+STATES = ("S", "C")        # the record's state arrays: h_0..h_T, c_0..c_T
+
+
+# ------------------------------------------------------------------------ pointwise
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def forward_point(Z, cp, c, h, u0, u1):
+    """units [u0, u1) of one step, every row:  Z pre-activations → [i, f, g, o];
+    c = f cp + i g;  h = o tanh(c)
+
+    Z (rows,4H) interleaved · cp, c, h (rows,H)"""
+    H = c.shape[1]
+    for g0 in range(u0, u1, PANEL):
+        k, m = gate_group(H, G, g0)
+        for b in range(c.shape[0]):
+            zi, zf = Z[b, k:k + m], Z[b, k + m:k + 2 * m]
+            zg, zo = Z[b, k + 2 * m:k + 3 * m], Z[b, k + 3 * m:k + 4 * m]
+            cpb, cb, hb = cp[b, g0:g0 + m], c[b, g0:g0 + m], h[b, g0:g0 + m]
+            for j in range(m):
+                i = sigmoid(zi[j])
+                f = sigmoid(zf[j])
+                g = tanh(zg[j])
+                o = sigmoid(zo[j])
+                zi[j], zf[j], zg[j], zo[j] = i, f, g, o
+                cj = f * cpb[j] + i * g
+                cb[j] = cj
+                hb[j] = o * tanh(cj)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def backward_point(A, carry, xi, Z, cp, c, dZ, u0, u1):
+    """units [u0, u1) of one step, every row:  A the adjoint of h;  e = ξ carry + a o (1 −
+    tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what crosses to c_{t-1})
+
+    A, carry, cp, c (rows,H) · Z [i, f, g, o], dZ (rows,4H) interleaved · xi a scalar"""
+    H = c.shape[1]
+    one = c.dtype.type(1)
+    for g0 in range(u0, u1, PANEL):
+        k, m = gate_group(H, G, g0)
+        for b in range(c.shape[0]):
+            zi, zf = Z[b, k:k + m], Z[b, k + m:k + 2 * m]
+            zg, zo = Z[b, k + 2 * m:k + 3 * m], Z[b, k + 3 * m:k + 4 * m]
+            di, df = dZ[b, k:k + m], dZ[b, k + m:k + 2 * m]
+            dg, do = dZ[b, k + 2 * m:k + 3 * m], dZ[b, k + 3 * m:k + 4 * m]
+            ab, cab = A[b, g0:g0 + m], carry[b, g0:g0 + m]
+            cpb, cb = cp[b, g0:g0 + m], c[b, g0:g0 + m]
+            for j in range(m):
+                i, f, g, o = zi[j], zf[j], zg[j], zo[j]
+                a = ab[j]
+                tc = tanh(cb[j])
+                e = xi * cab[j] + a * o * (one - tc * tc)
+                di[j] = e * g * i * (one - i)
+                df[j] = e * cpb[j] * f * (one - f)
+                dg[j] = e * i * (one - g * g)
+                do[j] = a * tc * o * (one - o)
+                cab[j] = e * f
+
+
+# ---------------------------------------------------------------------------- steps
+Forward = namedtuple("LSTMForward", "S C Z Wp blk")
+Backward = namedtuple("LSTMBackward", "A carry xi C Z dZ WTp blk")
+
+
+def _is(ty, cls):
+    return isinstance(ty, types.BaseNamedTuple) and ty.instance_class is cls
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _forward_step(ctx, s, j0, j1, k0, k1, last):
+    """step s ((h, c)_{s+1} from (h, c)_s) on units [j0, j1): adds h_s[:, k0:k1] W_hh[k0:k1] to
+    the units' gate columns; with last, then the pointwise part"""
+    matmul_k(ctx.Z[s], ctx.S[s], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1,
+             NO_POST, ctx.blk)
+    if last:
+        forward_point(ctx.Z[s], ctx.C[s], ctx.C[s + 1], ctx.S[s + 1], j0, j1)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _backward_step(ctx, s, j0, j1, k0, k1, last):
+    """step t = T-1-s (0-based) on units [j0, j1): adds ξ dZ_{t+1}[:, units k0:k1] W_hhᵀ to
+    A_t; with last, then the pointwise part.  ξ = 0 skips the product."""
+    T = ctx.A.shape[0]
+    t = T - 1 - s
+    x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(0)
+    if x != 0:
+        matmul_k(ctx.A[t], ctx.dZ[t + 1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
+    if last:
+        backward_point(ctx.A[t], ctx.carry, x, ctx.Z[t], ctx.C[t], ctx.C[t + 1], ctx.dZ[t], j0, j1)
+
+
+@overload(cell_step, jit_options={"cache": True})
+def _cell_step(ctx, s, j0, j1, k0, k1, last):
+    if _is(ctx, Forward):
+        return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
+    if _is(ctx, Backward):
+        return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
+
+
+# ---------------------------------------------------------------------------- sweeps
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def forward_cpu(S, C, Z, W_hhp, blk, n, threads):
+    """the steps t = 1..T of the module notes' forward
+
+    S, C (T+1,B,H) in: h_0, c_0; out: h_0..h_T, c_0..c_T · Z (T,B,4H) in: x_t W_xh + b_h,
+    out: the gates · W_hhp: W_hh (H,4H) interleaved, packed · blk (kc, mc) · n lanes ·
+    threads (1: the lanes on this thread, the same sums in the same order)"""
+    run_lanes(Forward(S, C, Z, W_hhp, blk), Z.shape[0], S.shape[2], n, threads)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def backward_cpu(A, carry, C, Z, dZ, W_hhTp, xi, blk, n, threads):
+    """the steps t = T..1 of the module notes' backward
+
+    A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) out: e_1 ⊙ f_1 ·
+    C, Z: the forward's · dZ (T,B,4H) out · W_hhTp: W_hhᵀ (4H,H), rows interleaved, packed ·
+    xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
+    carry[:] = 0
+    run_lanes(Backward(A, carry, xi, C, Z, dZ, W_hhTp, blk), A.shape[0], A.shape[2], n, threads)
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def chain_cpu(A, carry, Z, cp, c, dZ, n):
+    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1
+
+    A, carry, cp, c (rows,H) · Z, dZ (rows,4H) · n row chunks"""
+    rows, H = A.shape
+    for k in prange(n):
+        r0, r1 = rows * k // n, rows * (k + 1) // n
+        backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], cp[r0:r1], c[r0:r1],
+                       dZ[r0:r1], 0, H)
+
+
+# --------------------------------------------------------------- the graph's calls
+# fastbptt._model calls these with a run (fastbptt._cpu.Run); l is the layer.
+
+def forward(run, l, X, state0, act):
+    """the layer's forward over the T steps from state0 = (h_0, c_0); X its input (T,B) ids or
+    (T,B,D).  Returns what the backward needs: S, C (T+1,B,H), Z."""
+    T, B, H = run.T, run.B, run.H
+    cols = run.columns(G)
+    S, C, Z = run.scratch(f"lstm{l}", [(T + 1, B, H), (T + 1, B, H), (T, B, G * H)])
+    S[0], C[0] = state0
+    run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
+    lanes, blk = run.sweep(B, H)
+    t0 = 0
+    if not S[0].any():                      # h_0 = 0: the first step has no product
+        forward_point(Z[0], C[0], C[1], S[1], 0, H)
+        t0 = 1
+    forward_cpu(S[t0:], C[t0:], Z[t0:], run.packed(run.key("W_hh", l), cols=cols), blk, lanes, run.n)
+    return SimpleNamespace(S=S, C=C, Z=Z)
+
+
+def backward(run, l, X, lay, A, act, xi, want_dx):
+    """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
+    (overwritten with the adjoints a_t).  Returns (its parameter gradients, (∂L/∂h_0,
+    ∂L/∂c_0), ∂L/∂X or None)"""
+    T, B, H = A.shape
+    dZ, carry = run.scratch(f"lstm{l}d", [(T, B, G * H), (B, H)])
+    lanes, blk = run.sweep(B, H)
+    W_hhTp = run.packed(run.key("W_hh", l), transposed=True, cols=run.columns(G))
+    backward_cpu(A, carry, lay.C, lay.Z, dZ, W_hhTp, xi, blk, lanes, run.n)
+    dc0 = xi[0] * carry
+    return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hhTp, xi[0]), dc0),
+            run.input_adjoint(l, dZ, G) if want_dx else None)
+
+
+def weight_grads(run, l, X, lay, dP, dR):
+    """∂W_xh = Σ x_tᵀ dZ_t, ∂W_hh = Σ h_{t-1}ᵀ dZ_t, ∂b_h = Σ dZ_t, back in the natural column
+    order (dP and dR are the same dZ)"""
+    cols = run.columns(G)
+    dW_hh, db_h = run.recurrent_grads(lay.S, dR)
+    return {"W_xh": run.natural(run.input_grads(X, dP), cols), "W_hh": run.natural(dW_hh, cols),
+            "b_h": run.natural(db_h, cols)}
+
+
+def chains(run, l, lay):
+    """truncation's per-layer buffers: A the chains' adjoints, C their carry, dP = dR a depth's
+    outputs, gP = gR their sums (A, C and the sums zero)"""
+    T, B, H = run.T, run.B, run.H
+    A, C, dZ, gZ = run.scratch(f"lstm{l}c", [(T, B, H)] * 2 + [(T, B, G * H)] * 2)
+    for a in (A, C, gZ):
+        a[:] = 0
+    return SimpleNamespace(A=A, C=C, dP=dZ, dR=dZ, gP=gZ, gR=gZ)
+
+
+def chain_point(run, l, lay, c, n, act):
+    """the pointwise backward of the n live chains (steps 0..n-1) of a depth"""
+    B, H = run.B, run.H
+    rows = n * B
+    chain_cpu(c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), lay.Z[:n].reshape(rows, G * H),
+              lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H),
+              c.dP[:n].reshape(rows, G * H), run.n)
+
+
+def initial_grads(dh0, carry):
+    """the state's gradients from the crossing of step 1: the product's dh0, and the carry"""
+    return (dh0, carry)
