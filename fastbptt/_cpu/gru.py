@@ -23,6 +23,7 @@ pointwise part then turns Z_t and N_t into the gates in place.
 from collections import namedtuple
 from types import SimpleNamespace
 
+import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
@@ -210,6 +211,17 @@ def backward(run, l, X, lay, A, act, xi, want_dx):
     dh0 = run.cross(dR[0], W_hhTp, xi[0])
     dh0 += xi[0] * carry
     return weight_grads(run, l, X, lay, dP, dR), (dh0,), run.input_adjoint(l, dP, G) if want_dx else None
+
+
+def given(run, l, X, S, state0, act):
+    """the forward's record: the gates are not the caller's to give, so the forward runs again"""
+    return forward(run, l, X, state0, act)
+
+
+def adjoints(run, l, X, lay, A, act):
+    """(T+1,B,H): ∂L/∂h_0, then the adjoints a_1..a_T that the full sweep leaves in A"""
+    _, d0, _ = backward(run, l, X, lay, A, act, np.ones(A.shape[0], A.dtype), False)
+    return np.concatenate([d0[0][None], A])
 
 
 def weight_grads(run, l, X, lay, dP, dR):

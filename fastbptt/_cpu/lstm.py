@@ -20,6 +20,7 @@ h_0..h_T (h_{t-1} for ∂W_hh).  dZ_t serves the input side and the recurrent pr
 from collections import namedtuple
 from types import SimpleNamespace
 
+import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
@@ -192,6 +193,17 @@ def backward(run, l, X, lay, A, act, xi, want_dx):
     dc0 = xi[0] * carry
     return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hhTp, xi[0]), dc0),
             run.input_adjoint(l, dZ, G) if want_dx else None)
+
+
+def given(run, l, X, S, state0, act):
+    """the forward's record: the gates are not the caller's to give, so the forward runs again"""
+    return forward(run, l, X, state0, act)
+
+
+def adjoints(run, l, X, lay, A, act):
+    """(T+1,B,H): ∂L/∂h_0, then the adjoints a_1..a_T that the full sweep leaves in A"""
+    _, d0, _ = backward(run, l, X, lay, A, act, np.ones(A.shape[0], A.dtype), False)
+    return np.concatenate([d0[0][None], A])
 
 
 def weight_grads(run, l, X, lay, dP, dR):

@@ -1,0 +1,205 @@
+"""Every cell and depth on the CPU against the independent float64 reference (tests/reference.py):
+token and dense input, with and without an initial state, every truncation, float32 and
+float64, degenerate sizes, lanes in any order; and the errors a wrong cell or state gets."""
+import numpy as np
+import pytest
+
+import fastbptt
+import reference
+from fastbptt._cpu import plan
+from helpers import assert_close
+
+CELLS = ("rnn", "gru", "lstm")
+TRUNCATIONS = (None, fastbptt.Truncated(1), fastbptt.Truncated(2), fastbptt.Randomized(0.5, seed=3))
+
+
+def case(rng, cell, L, T=4, B=3, D=5, H=18, Q=6, dense=False, state=True, dtype=np.float64):
+    """params in ``dtype``, inputs, targets and the state as the API takes it (or None), and
+    the float64 h0, c0 the reference takes (None: zeros).  H = 18: a full group of 16 units
+    and a narrower one."""
+    params = {k: v.astype(dtype) for k, v in reference.init_stack(rng, cell, L, D, H, Q).items()}
+    X = rng.normal(0, 1, (T, B, D)).astype(dtype) if dense else rng.integers(0, D, (T, B))
+    Y = rng.integers(0, Q, (T, B))
+    h0 = c0 = None
+    if state:
+        h0 = rng.normal(0, 0.5, (L, B, H))
+        c0 = rng.normal(0, 0.5, (L, B, H)) if cell == "lstm" else None
+    given = None if not state else ((h0.astype(dtype), c0.astype(dtype)) if cell == "lstm" else h0.astype(dtype))
+    return params, X, Y, given, h0, c0
+
+
+def reference_for(params, cell, X, Y, h0, c0, truncation, T):
+    k = truncation.k if isinstance(truncation, fastbptt.Truncated) else None
+    xi = truncation.draw(T, np.float64) if isinstance(truncation, fastbptt.Randomized) else None
+    return reference.stack_loss_and_grad(params, cell, X, Y, h0, c0, k=k, xi=xi)
+
+
+def stacked(a, want):
+    """a one-layer state as the API gives it for a (B,H) or None h0: (B,H); the reference's (1,B,H)"""
+    return a[None] if a.ndim == 2 and np.ndim(want) == 3 else a
+
+
+def check(got_loss, got, got_state, want, cell, dtype):
+    assert_close(got_loss, want.loss, dtype, "loss")
+    for key, g in want.grads.items():
+        if key == "X":
+            continue
+        assert got[key].dtype == np.dtype(dtype), key
+        assert_close(stacked(got[key], g), g, dtype, key)
+    assert set(got) == set(want.grads) - {"X"}
+    states = got_state if cell == "lstm" else (got_state,)
+    assert_close(stacked(states[0], want.hT), want.hT, dtype, "h_T")
+    if cell == "lstm":
+        assert_close(stacked(states[1], want.cT), want.cT, dtype, "c_T")
+
+
+@pytest.mark.parametrize("truncation", TRUNCATIONS, ids=str)
+@pytest.mark.parametrize("state", [True, False], ids=["state", "zeros"])
+@pytest.mark.parametrize("dense", [False, True], ids=["ids", "dense"])
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_loss_and_grad_matches_the_reference(cell, L, dense, state, truncation, rng):
+    params, X, Y, given, h0, c0 = case(rng, cell, L, dense=dense, state=state)
+    want = reference_for(params, cell, X, Y, h0, c0, truncation, X.shape[0])
+    loss, grads, last = fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation)
+    check(loss, grads, last, want, cell, np.float64)
+    if L > 1:                                   # the state comes back stacked
+        for a in (last if cell == "lstm" else (last,)):
+            assert a.shape == (L, X.shape[1], 18)
+
+
+@pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(2)], ids=str)
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_matches_the_float64_reference(cell, L, truncation, rng):
+    params, X, Y, given, h0, c0 = case(rng, cell, L, T=6, B=5, H=37, dtype=np.float32)
+    want = reference_for(params, cell, X, Y, h0, c0, truncation, X.shape[0])
+    loss, grads, last = fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation)
+    check(loss, grads, last, want, cell, np.float32)
+
+
+@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (1, 3, 2), (3, 1, 1), (2, 2, 17)])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_degenerate_sizes(cell, T, B, H, rng):
+    params, X, Y, given, h0, c0 = case(rng, cell, 2, T=T, B=B, H=H, D=3, Q=2)
+    for truncation in (None, fastbptt.Truncated(1)):
+        want = reference_for(params, cell, X, Y, h0, c0, truncation, T)
+        check(*fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation), want, cell, np.float64)
+
+
+@pytest.mark.parametrize("lanes", [2, 3, 5])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_sweeps_are_exact_on_any_lanes(cell, lanes, rng, monkeypatch):
+    # more lanes than threads, narrow lanes and an empty one (H = 40 in chunks of 16 units)
+    blk = np.array([64, 64], np.int64)
+    monkeypatch.setattr(plan.Plan, "sweep", lambda self, dtype, B, H: (lanes, blk))
+    params, X, Y, given, h0, c0 = case(rng, cell, 2, T=5, B=3, H=40)
+    want = reference_for(params, cell, X, Y, h0, c0, None, 5)
+    check(*fastbptt.loss_and_grad(params, X, Y, given), want, cell, np.float64)
+
+
+def test_one_rnn_layer_is_todays_model(rng):
+    # the (B,H) state, the keys and the results of a one-layer "rnn" stay as they were
+    params, X, Y, _, h0, _ = case(rng, "rnn", 1, H=7)
+    assert set(params) == set(fastbptt.init_params(5, 7, 6))
+    loss, grads, h_T = fastbptt.loss_and_grad(params, X, Y, h0[0], truncation=fastbptt.Truncated(2))
+    old = reference.loss_and_grad(params, X, Y, h0[0], k=2)
+    assert h_T.shape == (3, 7) and grads["h0"].shape == (3, 7)
+    assert_close(loss, old.loss, np.float64)
+    for key in old.grads:
+        assert_close(grads[key], old.grads[key], np.float64, key)
+
+
+def test_randomized_truncation_is_unbiased_for_a_gated_stack(rng):
+    params, X, Y, given, h0, c0 = case(rng, "lstm", 2, T=6, B=2, H=5)
+    full = fastbptt.loss_and_grad(params, X, Y, given)[1]
+    keys = sorted(full)
+    draws = np.array([np.concatenate([fastbptt.loss_and_grad(
+        params, X, Y, given, truncation=fastbptt.Randomized(0.5, seed=s))[1][k].ravel() for k in keys])
+        for s in range(300)])
+    want = np.concatenate([full[k].ravel() for k in keys])
+    sem = draws.std(axis=0) / np.sqrt(len(draws))
+    z = np.abs(draws.mean(axis=0) - want) / np.maximum(sem, 1e-12)
+    assert np.all(z[sem > 0] < 5), z.max()       # every entry within 5 standard errors
+    assert np.mean(z[sem > 0] < 2) > 0.85        # and most within 2, as a normal mean would be
+    assert np.all(draws.std(axis=0)[sem == 0] == 0)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rnn_forward_backward_and_adjoints_for_gated_cells(cell, rng):
+    params, X, _, given, h0, c0 = case(rng, cell, 1, dense=True)
+    T, B = X.shape[:2]
+    Hs, last = fastbptt.rnn_forward(params, X, given, return_state=True)
+    ref = reference.stack_loss_only(params, cell, X, np.zeros((T, B), int), h0, c0)
+    assert_close(Hs[-1], ref[1][0], np.float64, "h_T")
+    dHs = rng.normal(0, 1, Hs.shape)
+    for truncation in (None, fastbptt.Truncated(2)):
+        k = truncation.k if truncation else None
+        want = reference.stack_backward(params, cell, X, dHs, h0, c0, k=k)
+        got = fastbptt.rnn_backward(params, X, Hs, dHs, given, truncation=truncation, input_grad=True)
+        for key in want:
+            assert_close(got[key], want[key], np.float64, key)
+    # the adjoints: with dHs at the last step only, A[0] is ∂l_T/∂h_0 (the reference's dh0)
+    dHs = np.zeros_like(Hs)
+    dHs[-1] = rng.normal(0, 1, (B, 18))
+    A = fastbptt.rnn_adjoints(params, X, Hs, dHs, given)
+    want = reference.stack_backward(params, cell, X, dHs, h0, c0)
+    assert A.shape == (T + 1, B, 18)
+    assert_close(A[0], want["h0"][0], np.float64, "A[0]")
+    assert_close(A[-1], dHs[-1], np.float64, "A[T]")
+
+
+def test_init_params_for_every_cell_and_depth():
+    for cell, G in (("rnn", 1), ("gru", 3), ("lstm", 4)):
+        p = fastbptt.init_params(7, 5, 3, cell=cell, num_layers=3, seed=0)
+        assert fastbptt.cell_of(p) == (cell, 3)
+        assert p["W_xh"].shape == (7, G * 5) and p["W_xh_l2"].shape == (5, G * 5)
+        assert p["W_hh_l1"].shape == (5, G * 5) and p["b_h_l1"].shape == (G * 5,)
+        assert ("b_hn_l2" in p) == (cell == "gru")
+    one = fastbptt.init_params(7, 5, 3, seed=0)
+    np.testing.assert_array_equal(fastbptt.init_params(7, 5, 3, seed=0, cell="rnn", num_layers=1)["W_hh"],
+                                  one["W_hh"])
+
+
+def test_inputs_are_not_modified(rng):
+    params, X, Y, given, _, _ = case(rng, "lstm", 2, dense=True)
+    before = ({k: v.copy() for k, v in params.items()}, X.copy(), tuple(a.copy() for a in given))
+    fastbptt.loss_and_grad(params, X, Y, given, truncation=fastbptt.Truncated(2))
+    for k in params:
+        np.testing.assert_array_equal(params[k], before[0][k])
+    np.testing.assert_array_equal(X, before[1])
+    for a, b in zip(given, before[2]):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------- bad input
+def bad(params, X, Y, h0=None, **kw):
+    return lambda: fastbptt.loss_and_grad(params, X, Y, h0, **kw)
+
+
+def test_errors_name_the_parameter_and_the_expected_shape(rng):
+    p, X, Y, _, _, _ = case(rng, "gru", 2)
+    B, H = X.shape[1], 18
+    with pytest.raises(ValueError, match=r"params\['W_hh'\]: shape \(18, 54\) is a gru's; cell='lstm' expects \(18, 72\)"):
+        bad(p, X, Y, cell="lstm")()
+    with pytest.raises(ValueError, match=r"params\['W_hh'\]: expected shape \(H,H\).*got \(18, 36\)"):
+        bad(dict(p, W_hh=np.zeros((H, 2 * H))), X, Y)()
+    with pytest.raises(ValueError, match=r"params\['W_hh_l1'\]: expected shape \(18, 54\)"):
+        bad(dict(p, W_hh_l1=np.zeros((H, 4 * H))), X, Y)()
+    with pytest.raises(KeyError, match="b_hn_l1"):
+        bad({k: v for k, v in p.items() if k != "b_hn_l1"}, X, Y)()
+    with pytest.raises(ValueError, match=r"h0: expected shape \(2, 3, 18\)"):
+        bad(p, X, Y, np.zeros((3, B, H)))()
+    with pytest.raises(ValueError, match=r"h0: expected shape \(2, 3, 18\)"):
+        bad(p, X, Y, np.zeros((B, H)))()                 # a (B,H) state is for one layer
+    with pytest.raises(ValueError, match="activation: 'relu' applies to the 'rnn' cell only"):
+        bad(p, X, Y, activation="relu")()
+    with pytest.raises(ValueError, match="cell: expected one of"):
+        bad(p, X, Y, cell="transformer")()
+    q, X, Y, _, _, _ = case(rng, "lstm", 2)
+    with pytest.raises(TypeError, match=r"h0: an LSTM's state is a tuple \(h0, c0\)"):
+        bad(q, X, Y, np.zeros((2, B, H)))()                  # c0 missing
+    with pytest.raises(ValueError, match=r"c0: expected shape \(2, 3, 18\)"):
+        bad(q, X, Y, (np.zeros((2, B, H)), np.zeros((1, B, H))))()
+    with pytest.raises(ValueError, match="num_layers"):
+        fastbptt.init_params(3, 4, 5, num_layers=0)
