@@ -4,8 +4,14 @@ minibatch, float32) against its peers, all timed in the same process run.
 Every peer is first checked to give the same loss as fastbptt; compile and warm-up
 calls happen before timing and are not counted.  Reported per config and system:
 median and IQR ms per call, tokens/s (T·B per call), GFLOP/s with
-FLOPs = 6·T·B·H² + 6·T·B·H·Q, the same-run float32 GEMM rate (numpy 2048³) and the
-fraction of it reached, and fastbptt's speedup over each peer.
+FLOPs = 6·T·B·G·H² + 6·T·B·H·Q (+ 4·T·B·D·G·H for dense input; one-hot input is a
+gather), G = 1 (rnn), 3 (gru), 4 (lstm), the same-run float32 GEMM rate (numpy 2048³)
+and the fraction of it reached, and fastbptt's speedup over each peer.
+
+--cell rnn (default) runs the Elman cell on the configs d2l-scratch, d2l-concise, wide,
+latency; --cell gru and --cell lstm run the gated cell on d2l (token ids),
+deepbench-lstm and wide-gru (dense input), against numpy, torch (nn.GRU / nn.LSTM),
+torch-scratch and jax.
 """
 from __future__ import annotations
 
@@ -28,17 +34,71 @@ CONFIGS = {
     "latency": (256, 1, 64, 256),         # one long sequence, sequential-bound
 }
 SYSTEMS = ("fastbptt", "numpy", "torch-rnn", "torch-scratch", "jax")
+#: the gated cells' configs, each run for --cell gru and --cell lstm:
+#: name: (T, B, D, H, Q, dense) — D the vocabulary for token ids, else the dense input's width
+GATED_CONFIGS = {
+    "d2l": (35, 32, 28, 256, 28, False),             # the book's §9.1/§9.2 setting, token ids
+    "deepbench-lstm": (25, 64, 512, 512, 28, True),  # DeepBench's LSTM training shape, dense input
+    "wide-gru": (32, 32, 1024, 1024, 28, True),      # large layers, GEMM-bound, dense input
+}
+GATED_SYSTEMS = ("fastbptt", "numpy", "torch", "torch-scratch", "jax")
+#: gate blocks per cell: W_hh is (H, G·H)
+GATES = {"rnn": 1, "gru": 3, "lstm": 4}
 SWEEP_H = (64, 128, 256, 512, 1024, 2048)     # at T=64, B=32, V=64
 SWEEP_B = (1, 4, 16, 64, 256)                 # at T=64, H=256, V=64
 
 
-def flops(T, B, V, H):
-    return 6 * T * B * H * H + 6 * T * B * H * V
+def configs_of(cell):
+    return CONFIGS if cell == "rnn" else GATED_CONFIGS
 
 
-def workload(T, B, V, H, seed=0):
-    """float32 params at a scale where tanh is nonlinear (so the loss check means something),
-    token ids X and targets Y (T,B), zero h0."""
+def systems_of(cell):
+    return SYSTEMS if cell == "rnn" else GATED_SYSTEMS
+
+
+def _shape(shape):
+    """(T, B, D, H, Q, dense) of a config: an rnn config's (T, B, V, H) is token ids, Q = V"""
+    if len(shape) == 4:
+        T, B, V, H = shape
+        return T, B, V, H, V, False
+    return tuple(shape)
+
+
+def flops(T, B, V, H, Q=None, G=1, dense=False):
+    """forward + backward recurrent products and ∂W_hh (6·T·B·G·H²), the head (6·T·B·H·Q) and,
+    for dense input (width V), the input projection and ∂W_xh (4·T·B·V·G·H); Q = V if None"""
+    Q = V if Q is None else Q
+    return 6 * T * B * G * H * H + 6 * T * B * H * Q + (4 * T * B * V * G * H if dense else 0)
+
+
+def gated_params(D, H, Q, cell, seed=0, x_std=0.5):
+    """float32 params of a one-layer "gru" or "lstm" in fastbptt's schema (W_xh (D,G·H),
+    W_hh (H,G·H), b_h (G·H,), the GRU's b_hn (H,), W_hq (H,Q), b_q (Q,)), at a scale where
+    the gates are nonlinear: W_xh std ``x_std``, W_hh and W_hq std 1/√H, biases std 0.1."""
+    G = GATES[cell]
+    rng = np.random.default_rng(seed)
+    p = {"W_xh": x_std * rng.standard_normal((D, G * H)),
+         "W_hh": rng.standard_normal((H, G * H)) / np.sqrt(H),
+         "b_h": 0.1 * rng.standard_normal(G * H),
+         "W_hq": rng.standard_normal((H, Q)) / np.sqrt(H),
+         "b_q": np.zeros(Q)}
+    if cell == "gru":
+        p["b_hn"] = 0.1 * rng.standard_normal(H)
+    return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+def workload(T, B, V, H, seed=0, *, cell="rnn", Q=None, dense=False):
+    """float32 params at a scale where tanh (and the gates) are nonlinear (so the loss check
+    means something), input X: token ids (T,B) in [0, V) or, ``dense``, N(0,1) (T,B,V),
+    targets Y (T,B) in [0, Q) (Q = V if None), zero h0 (the LSTM's a pair (h0, c0))."""
+    if cell != "rnn":
+        Q = V if Q is None else Q
+        rng = np.random.default_rng(seed)
+        p = gated_params(V, H, Q, cell, seed, x_std=1 / np.sqrt(V) if dense else 0.5)
+        X = rng.standard_normal((T, B, V), dtype=np.float32) if dense else rng.integers(0, V, (T, B))
+        Y = rng.integers(0, Q, (T, B))
+        h0 = np.zeros((B, H), np.float32)
+        return p, X, Y, ((h0, h0.copy()) if cell == "lstm" else h0)
     rng = np.random.default_rng(seed)
     p = api.init_params(V, H, V, seed=seed)
     p["W_xh"] *= 50.0                                   # std 0.5
@@ -56,8 +116,8 @@ def make_fastbptt(params, X, Y, h0, device="cpu"):
     return call
 
 
-MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": peers.make_torch_rnn,
-          "torch-scratch": peers.make_torch_scratch, "jax": peers.make_jax}
+MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": peers.make_torch,
+          "torch": peers.make_torch, "torch-scratch": peers.make_torch_scratch, "jax": peers.make_jax}
 
 
 #: interleaved timing rounds per config (see ``run``)
@@ -92,7 +152,7 @@ class Row:
     system: str
     T: int
     B: int
-    V: int
+    V: int                         # the input size D (the vocabulary for token ids)
     H: int
     status: str                    # ok | skipped: why | mismatch: why
     median_ms: float = float("nan")
@@ -101,11 +161,17 @@ class Row:
     gflops: float = float("nan")
     pct_gemm: float = float("nan")
     speedup: float = float("nan")  # fastbptt over this system (time_system / time_fastbptt)
+    cell: str = "rnn"
+    Q: int = 0                     # head size (0: = V)
+    dense: bool = False            # dense input (T,B,V), else token ids
 
 
-def run(configs=tuple(CONFIGS), systems=SYSTEMS, quick=False, threads=None, device="cpu",
-        shapes=None, progress=True):
-    """Time every (config, system); returns (rows, machine info with the GEMM rate).
+def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
+        shapes=None, progress=True, cell="rnn"):
+    """Time every (config, system) for ``cell``; returns (rows, machine info with the GEMM rate).
+
+    configs and systems default to all of the cell's (``configs_of``, ``systems_of``); every
+    system's loss is checked against fastbptt's.
 
     Per config, every system is checked and warmed up first, then timed in ROUNDS
     interleaved rounds (each system a slice of the time in every round), so that a
@@ -113,18 +179,25 @@ def run(configs=tuple(CONFIGS), systems=SYSTEMS, quick=False, threads=None, devi
     calls of all rounds."""
     from tqdm.auto import tqdm
     _set_threads(threads)
-    shapes = shapes or {c: CONFIGS[c] for c in configs}
+    known = configs_of(cell)
+    configs = tuple(known) if configs is None else configs
+    systems = systems_of(cell) if systems is None else systems
+    for c in configs if shapes is None else ():
+        if c not in known:
+            raise ValueError(f"configs: {c!r} is not a {cell} config (expected some of {', '.join(known)})")
+    shapes = shapes or {c: known[c] for c in configs}
     rounds = 2 if quick else ROUNDS
     min_runs, min_s = (3, 0.2) if quick else (10, 1.0)
     gemm = gemm_rate(runs=3 if quick else 5)
     rows = []
     bar = tqdm(total=len(shapes) * rounds, disable=not progress, unit="round", leave=False)
-    for name, (T, B, V, H) in shapes.items():
-        params, X, Y, h0 = workload(T, B, V, H)
-        want = make_fastbptt(params, X, Y, h0, device)()
+    for name, shape in shapes.items():
+        T, B, V, H, Q, dense = _shape(shape)
+        params, X, Y, h0 = workload(T, B, V, H, cell=cell, Q=Q, dense=dense)
+        ref, want = "fastbptt", make_fastbptt(params, X, Y, h0, device)()
         fns, times = {}, {}
         for system in systems:
-            row = Row(name, system, T, B, V, H, "ok")
+            row = Row(name, system, T, B, V, H, "ok", cell=cell, Q=Q, dense=dense)
             rows.append(row)
             try:
                 fn = MAKERS[system](params, X, Y, h0, device)
@@ -133,7 +206,7 @@ def run(configs=tuple(CONFIGS), systems=SYSTEMS, quick=False, threads=None, devi
                 row.status = f"skipped: {e}"
                 continue
             if not abs(got - want) <= 1e-4 * max(1.0, abs(want)):
-                row.status = f"mismatch: loss {got:.6f} != fastbptt {want:.6f}"
+                row.status = f"mismatch: loss {got:.6f} != {ref} {want:.6f}"
                 continue
             fn()
             fns[system], times[system] = fn, []
@@ -147,7 +220,7 @@ def run(configs=tuple(CONFIGS), systems=SYSTEMS, quick=False, threads=None, devi
             if row.config == name and row.system in times:
                 _fill(row, np.array(times[row.system]), gemm, base)
     bar.close()
-    return rows, machine_info(gemm, threads, device)
+    return rows, machine_info(gemm, threads, device) | {"cell": cell}
 
 
 def _fill(row, t, gemm, base):
@@ -155,7 +228,7 @@ def _fill(row, t, gemm, base):
     row.median_ms = med * 1e3
     row.iqr_ms = float(np.subtract(*np.percentile(t, [75, 25]))) * 1e3
     row.tokens_per_s = row.T * row.B / med
-    row.gflops = flops(row.T, row.B, row.V, row.H) / med / 1e9
+    row.gflops = flops(row.T, row.B, row.V, row.H, row.Q or row.V, GATES[row.cell], row.dense) / med / 1e9
     row.pct_gemm = 100 * row.gflops / gemm
     if base is not None:
         row.speedup = med / base
@@ -202,10 +275,12 @@ HEADER = ("config", "system", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "% G
 
 
 def _cells(r):
+    config = r.config if r.cell == "rnn" else f"{r.config} ({r.cell})"
     if r.status != "ok":
-        return (r.config, r.system, r.status, "", "", "", "", "")
-    return (r.config, r.system, f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}", f"{r.tokens_per_s:,.0f}",
-            f"{r.gflops:.1f}", f"{r.pct_gemm:.1f}", "" if r.system == "fastbptt" else f"{r.speedup:.2f}")
+        return (config, r.system, r.status, "", "", "", "", "")
+    return (config, r.system, f"{r.median_ms:.3f}", f"{r.iqr_ms:.3f}", f"{r.tokens_per_s:,.0f}",
+            f"{r.gflops:.1f}", f"{r.pct_gemm:.1f}",
+            "" if r.system == "fastbptt" or np.isnan(r.speedup) else f"{r.speedup:.2f}")
 
 
 def table(rows, info):
@@ -262,12 +337,12 @@ def plot(rows, path):
     save(fig, path)
 
 
-def sweep(systems=SYSTEMS, quick=False, threads=None, progress=True):
-    """Time against H (T=64, B=32, V=64) and against B (T=64, H=256, V=64)."""
+def sweep(systems=None, quick=False, threads=None, progress=True, cell="rnn"):
+    """Time against H (T=64, B=32, V=64) and against B (T=64, H=256, V=64), token ids."""
     by_h = {f"H={h}": (64, 32, 64, h) for h in SWEEP_H}
     by_b = {f"B={b}": (64, b, 64, 256) for b in SWEEP_B}
-    rows_h, info = run(systems=systems, quick=quick, threads=threads, shapes=by_h, progress=progress)
-    rows_b, _ = run(systems=systems, quick=quick, threads=threads, shapes=by_b, progress=progress)
+    rows_h, info = run(systems=systems, quick=quick, threads=threads, shapes=by_h, progress=progress, cell=cell)
+    rows_b, _ = run(systems=systems, quick=quick, threads=threads, shapes=by_b, progress=progress, cell=cell)
     return rows_h, rows_b, info
 
 
@@ -294,11 +369,15 @@ def add_parser(sub):
     import argparse
     p = sub.add_parser("bench", help="time loss_and_grad against numpy, torch and jax (same run)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
-                   help=f"configs to run (default: all of {', '.join(CONFIGS)})")
-    p.add_argument("--peers", nargs="+", choices=[s for s in SYSTEMS if s != "fastbptt"],
-                   default=[s for s in SYSTEMS if s != "fastbptt"], metavar="PEER",
-                   help="peers to time beside fastbptt (default: all; a missing one is skipped)")
+    p.add_argument("--cell", choices=list(GATES), default="rnn",
+                   help="the recurrent cell (default: rnn); gru and lstm run the gated configs")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS) + list(GATED_CONFIGS), metavar="NAME",
+                   help=f"configs to run (default: all of the cell's: rnn {', '.join(CONFIGS)}; "
+                        f"gru and lstm {', '.join(GATED_CONFIGS)})")
+    p.add_argument("--peers", nargs="+", choices=list(dict.fromkeys(SYSTEMS[1:] + GATED_SYSTEMS[1:])),
+                   metavar="PEER", help="peers to time beside fastbptt (default: all of the cell's; a "
+                                        "missing one is skipped; torch and torch-rnn both name the "
+                                        "concise nn.RNN / nn.GRU / nn.LSTM model)")
     p.add_argument("--threads", type=int, help="threads for numba, BLAS and torch (default: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
@@ -313,15 +392,32 @@ def add_parser(sub):
     p.set_defaults(run=_run_cli)
 
 
+def peer_names(names, cell):
+    """the cell's peers (all of them for None); the concise torch model is "torch-rnn" for
+    the rnn cell and "torch" for the gated ones, either name accepted"""
+    if names is None:
+        return systems_of(cell)[1:]
+    torch_name = "torch-rnn" if cell == "rnn" else "torch"
+    return tuple(dict.fromkeys(torch_name if n in ("torch", "torch-rnn") else n for n in names))
+
+
 def _run_cli(args):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
-    systems = ("fastbptt",) + tuple(args.peers)
-    rows, info = run(args.configs, systems, args.quick, args.threads, args.device)
+    known = configs_of(args.cell)
+    args.configs = args.configs or list(known)
+    wrong = [c for c in args.configs if c not in known]
+    if wrong:
+        raise ValueError(f"--configs: {', '.join(wrong)} not of --cell {args.cell} "
+                         f"(its configs: {', '.join(known)})")
+    if args.load and args.cell != "rnn":
+        raise ValueError("--load: times the rnn cell only")
+    systems = ("fastbptt",) + peer_names(args.peers, args.cell)
+    rows, info = run(args.configs, systems, args.quick, args.threads, args.device, cell=args.cell)
     print(table(rows, info))
     result = {"machine": info, "rows": [asdict(r) for r in rows]}
     if args.sweep:
-        rows_h, rows_b, _ = sweep(systems, args.quick, args.threads)
+        rows_h, rows_b, _ = sweep(systems, args.quick, args.threads, cell=args.cell)
         print(table(rows_h + rows_b, info))
         result["sweep"] = [asdict(r) for r in rows_h + rows_b]
         if args.plot:

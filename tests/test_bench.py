@@ -38,3 +38,21 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert result["machine"]["gemm_gflops"] > 0
     assert "| latency | fastbptt |" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_bench_cli_parses_cell(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench"])
+    assert args.cell == "rnn" and args.configs is None and args.peers is None
+    args = parser.parse_args(["bench", "--cell", "gru", "--configs", "wide-gru", "d2l", "--peers", "torch"])
+    assert (args.cell, args.configs, args.peers) == ("gru", ["wide-gru", "d2l"], ["torch"])
+    assert bench.peer_names(["torch", "jax"], "rnn") == ("torch-rnn", "jax")
+    assert bench.peer_names(["torch-rnn"], "lstm") == ("torch",)
+    assert bench.peer_names(None, "gru") == ("numpy", "torch", "torch-scratch", "jax")
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["bench", "--cell", "elman"])
+    assert e.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                    # an rnn config with a gated cell: before any run
+        cli.main(["bench", "--cell", "lstm", "--configs", "latency"])
+    assert e.value.code == 2 and "--cell lstm" in capsys.readouterr().err
