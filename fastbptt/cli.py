@@ -45,7 +45,7 @@ def _load_checkpoint(path):
 def _train_parser(sub):
     p = sub.add_parser("train", help="train the character-level RNN language model",
                        description="Train the book's character-level RNN language model (d2l 0.17 "
-                                   "§8.5). Defaults are the book's.")
+                                   "§8.5), or a GRU or LSTM, in a stack of layers. Defaults are the book's.")
     # every model/data option defaults to None here: "not given", so that --resume can
     # tell given options (which must agree with the checkpoint) from defaults
     g = p.add_argument_group("data")
@@ -57,6 +57,8 @@ def _train_parser(sub):
     g.add_argument("--val-fraction", type=float, metavar="F",
                    help="hold out the last F of the tokens for validation (default: 0 with --max-chars, else 0.1)")
     g = p.add_argument_group("model and optimization")
+    g.add_argument("--cell", metavar="rnn|gru|lstm", help="the recurrent cell (default: rnn)")
+    g.add_argument("--num-layers", type=int, metavar="N", help="stacked layers of the cell (default: 1)")
     g.add_argument("--hidden", type=int, help="hidden size H (default: 512)")
     g.add_argument("--num-steps", type=int, help="time steps T per minibatch (default: 35)")
     g.add_argument("--batch-size", type=int, help="sequences B per minibatch (default: 32)")
@@ -70,13 +72,17 @@ def _train_parser(sub):
                         "windows, state reset (default: sequential)")
     g.add_argument("--truncation", metavar="full|k:N|random:P",
                    help="full BPTT, Truncated(N) per loss term, or Randomized(P) (default: full)")
-    g.add_argument("--activation", choices=["tanh", "relu", "identity"], help="(default: tanh)")
+    g.add_argument("--activation", choices=["tanh", "relu", "identity"],
+                   help="of the rnn cell; gru and lstm take only tanh (default: tanh)")
     g.add_argument("--seed", type=int, help="seed of every random draw (default: 0)")
     g.add_argument("--device", choices=["cpu", "cuda"], help="(default: cpu)")
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint", metavar="PATH", help=".npz checkpoint written atomically at epoch ends")
     g.add_argument("--checkpoint-every", type=int, default=1, metavar="N", help="write it every N epochs (default: 1)")
-    g.add_argument("--resume", action="store_true", help="continue exactly from --checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue exactly from --checkpoint: model and data options not given (--cell, "
+                        "--num-layers, --hidden, ...) are the checkpoint's; one given must match it, "
+                        "except --epochs and --device")
     g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")
     g.add_argument("--plot", metavar="PATH", help="PNG of perplexity against epoch")
     g.add_argument("--max-minutes", type=float, metavar="M", help="stop at the first epoch end past M minutes")
@@ -142,9 +148,14 @@ def _diagnose_parser(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint of fastbptt train")
     src.add_argument("--init", action="store_true", help="freshly initialized parameters instead")
+    p.add_argument("--cell", metavar="rnn|gru|lstm", default="rnn", help="the cell, with --init (default: %(default)s)")
+    p.add_argument("--num-layers", type=int, default=1, metavar="N",
+                   help="stacked layers, with --init; the per-lag norms and the spectrum are the top "
+                        "layer's (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=64, help="H, with --init (default: %(default)s)")
     p.add_argument("--scale", type=float, default=0.01, help="std of the initial weights, with --init (default: %(default)s)")
-    p.add_argument("--activation", choices=["tanh", "relu", "identity"], default="tanh", help="with --init (default: %(default)s)")
+    p.add_argument("--activation", choices=["tanh", "relu", "identity"], default="tanh",
+                   help="of the rnn cell, with --init (default: %(default)s)")
     p.add_argument("--text", metavar="PATH", help="UTF-8 text (default: the checkpoint's, or the embedded corpus)")
     p.add_argument("--tokenize", choices=["book", "chars"], default=None, help="(default: the checkpoint's, or book)")
     p.add_argument("--max-chars", type=int, metavar="N", help="keep the first N tokens")
@@ -161,11 +172,16 @@ def _diagnose_parser(sub):
 
 def _run_diagnose(args):
     from . import api, data, diagnostics
-    for name in ("hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
+    from .trainer import CELLS
+    if args.cell not in CELLS:
+        raise ValueError(f"--cell: expected one of {', '.join(CELLS)}, got {args.cell!r}")
+    for name in ("num_layers", "hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if not args.scale > 0:
         raise ValueError(f"--scale: expected a positive number, got {args.scale}")
+    if args.init and args.cell != "rnn" and args.activation != "tanh":
+        raise ValueError(f"--activation: applies to --cell rnn only, got {args.activation!r} with --cell {args.cell}")
     history, text, tokenize, activation = None, args.text, args.tokenize or "book", args.activation
     if args.checkpoint:
         params, _, meta = _load_checkpoint(args.checkpoint)
@@ -179,7 +195,8 @@ def _run_diagnose(args):
     else:
         tokens = data.tokenize(data.load_text(text), tokenize)
         vocab = data.Vocab(tokens)
-        params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed)
+        params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed, cell=args.cell,
+                                 num_layers=args.num_layers)
         params = {k: v * np.float32(args.scale / 0.01) for k, v in params.items()}
     if args.max_chars is not None:
         tokens = tokens[:args.max_chars]

@@ -16,6 +16,11 @@ plain numbers (every one of them goes into the JSON) and a figure:
    validation perplexity against tokens seen.
 5. :func:`clipping_stats` — clipped fraction and gradient-norm quantiles per epoch, from a
    training history (a checkpoint's, or the runs of part 4).
+
+Any cell and depth.  Parts 1 and 2 study one layer: a stack's top layer, with the lower
+layers' outputs as its (dense) input (:func:`top_layer`); through a gated cell's step
+Jacobians (the LSTM's ∂h_t/∂h_{t−1} holds c_{t−1} fixed).  A gated cell's W_hh is H×G·H:
+no eigenvalues, no rescaled spectral radius.  Parts 3 and 4 take the whole model.
 """
 from __future__ import annotations
 
@@ -34,6 +39,27 @@ RADII = (0.5, 1.0, 2.0)
 GAPS = (0.5, 0.1, 0.01)
 
 
+# ------------------------------------------------------------------------- the layer
+def top_layer(params, X, h0=None, activation="tanh"):
+    """``(params, X, h0)`` of a stack's top layer as a one-layer model of the same cell: its
+    keys without the suffix ``_l{L-1}``, the head, and as input the lower layers' h_1..h_T
+    (T,B,H) from :func:`fastbptt.rnn_forward`.  A one-layer model is returned as it is."""
+    _, L = api.cell_of(params)
+    if L == 1:
+        return params, X, h0
+    s = f"_l{L - 1}"
+    top = {k[:-len(s)]: v for k, v in params.items() if k.endswith(s)}
+    top.update({k: params[k] for k in api.HEAD_KEYS})
+    lower = {k: v for k, v in params.items() if not k.endswith(s) and k not in api.HEAD_KEYS}
+    if h0 is None:
+        h0_lower = h0_top = None
+    elif isinstance(h0, tuple):                              # the LSTM's (h0, c0), each (L,B,H)
+        h0_lower, h0_top = tuple(a[:-1] for a in h0), tuple(a[-1] for a in h0)
+    else:
+        h0_lower, h0_top = h0[:-1], h0[-1]
+    return top, api.rnn_forward(lower, X, h0_lower, activation=activation), h0_top
+
+
 # ---------------------------------------------------------------------- 1. lag norms
 def direct_terms(params, Hs, Y):
     """g_t = ∂l_t/∂h_t through the head alone, (T,B,H), for l_t = Σ_b CE(o_t[b], y_t[b])."""
@@ -48,7 +74,9 @@ def direct_terms(params, Hs, Y):
 
 def lag_norms(params, X, Y, h0=None, activation="tanh"):
     """mean over t and b of ‖∂l_t[b]/∂h_{t−j}[b]‖ for lags j = 0..T (a row-wise norm: the
-    rows of a batch are independent).  One backward sweep per loss term t."""
+    rows of a batch are independent).  One backward sweep per loss term t.  A stack: of its
+    top layer (:func:`top_layer`)."""
+    params, X, h0 = top_layer(params, X, h0, activation)
     Hs = api.rnn_forward(params, X, h0, activation=activation)
     T, B, H = Hs.shape
     G = direct_terms(params, Hs, Y).astype(Hs.dtype)
@@ -70,17 +98,27 @@ def spectral_radius(W):
 
 
 def rescale_spectral_radius(params, radius):
-    """A copy of ``params`` with W_hh scaled to the given spectral radius."""
+    """A copy of ``params`` with W_hh (a stack's: the top layer's) scaled to the given
+    spectral radius; the rnn cell's only (a gated cell's W_hh is not square)."""
+    cell, L = api.cell_of(params)
+    if cell != "rnn":
+        raise ValueError(f"params: a {cell} cell's W_hh is not square; it has no spectral radius")
+    key = f"W_hh_l{L - 1}" if L > 1 else "W_hh"
     out = {k: v.copy() for k, v in params.items()}
-    r = spectral_radius(params["W_hh"])
-    out["W_hh"] = (out["W_hh"] * (radius / r)).astype(params["W_hh"].dtype) if r > 0 else out["W_hh"]
+    r = spectral_radius(params[key])
+    out[key] = (out[key] * (radius / r)).astype(params[key].dtype) if r > 0 else out[key]
     return out
 
 
 # ------------------------------------------------------------------------ 2. spectrum
 def jacobian_product_singular_values(params, X, h0=None, activation="tanh", row=0):
     """Singular values (descending) of ∂h_T/∂h_{T−j} = M_T … M_{T−j+1}, M_t = diag(φ′(z_t)) W_hhᵀ,
-    for j = 1..T, along batch row ``row``.  Returns a list of arrays."""
+    for j = 1..T, along batch row ``row``.  Returns a list of arrays.  A stack: of its top
+    layer; a gated cell: :func:`jacobian_products_by_adjoints`."""
+    params, X, h0 = top_layer(params, X, h0, activation)
+    if api.cell_of(params)[0] != "rnn":
+        return [np.linalg.svd(J, compute_uv=False)
+                for J in jacobian_products_by_adjoints(params, X, h0, activation, row)]
     Hs = api.rnn_forward(params, X, h0, activation=activation).astype(np.float64)
     W = np.asarray(params["W_hh"], np.float64)
     T = Hs.shape[0]
@@ -98,6 +136,25 @@ def jacobian_product_singular_values(params, X, h0=None, activation="tanh", row=
         P = P @ (dphi[t][:, None] * W.T)
         out.append(np.linalg.svd(P, compute_uv=False))
     return out
+
+
+def jacobian_products_by_adjoints(params, X, h0=None, activation="tanh", row=0):
+    """∂h_T/∂h_{T−j} for j = 1..T along batch row ``row``, of a one-layer model of any cell,
+    in float64: H copies of that row, the copy i with the direct term e_i at step T, in one
+    :func:`fastbptt.rnn_adjoints` sweep, whose A[T−j][i] = ∂h_T[i]/∂h_{T−j}."""
+    P = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    H = P["W_hh"].shape[0]
+    copies = np.full(H, row)
+    X = np.asarray(X)[:, copies]
+    X = X.astype(np.float64) if X.dtype.kind == "f" else X
+    if h0 is not None:
+        h0 = (tuple(np.asarray(a, np.float64)[copies] for a in h0) if isinstance(h0, tuple)
+              else np.asarray(h0, np.float64)[copies])
+    Hs = api.rnn_forward(P, X, h0, activation=activation)
+    dHs = np.zeros_like(Hs)
+    dHs[-1] = np.eye(H)
+    A = api.rnn_adjoints(P, X, Hs, dHs, h0, activation=activation)
+    return [A[-1 - j] for j in range(1, Hs.shape[0] + 1)]
 
 
 def power_iteration(M, steps, seed=0):
@@ -132,16 +189,18 @@ def matrix_with_gap(n, gap, seed=0):
 
 
 def spectrum(params, X, h0=None, activation="tanh", steps=60):
+    """Of one layer (a stack's top layer); a gated cell's eigenvalues and radius are None."""
+    params, X, h0 = top_layer(params, X, h0, activation)
     W = np.asarray(params["W_hh"], np.float64)
-    eig = np.linalg.eigvals(W)
+    eig = np.linalg.eigvals(W) if W.shape[0] == W.shape[1] else None
     svals = jacobian_product_singular_values(params, X, h0, activation)
     S = W @ W.T                                       # symmetric: ‖(W_hhᵀ)^k‖ grows as its λ₁^{k/2}
     runs = {"model W_hh W_hhᵀ": (eigen_gap(S), power_iteration(S, steps)[0])}
     for gap in GAPS:
         runs[f"gap {gap}"] = (gap, power_iteration(matrix_with_gap(W.shape[0], gap), steps)[0])
     return {
-        "eigenvalues": {"real": eig.real.tolist(), "imag": eig.imag.tolist()},
-        "spectral_radius": float(np.abs(eig).max()),
+        "eigenvalues": None if eig is None else {"real": eig.real.tolist(), "imag": eig.imag.tolist()},
+        "spectral_radius": None if eig is None else float(np.abs(eig).max()),
         "jacobian_singular_values": {"lag": list(range(1, len(svals) + 1)),
                                      "max": [float(s[0]) for s in svals],
                                      "median": [float(np.median(s)) for s in svals],
@@ -153,7 +212,7 @@ def spectrum(params, X, h0=None, activation="tanh", steps=60):
 # ------------------------------------------------------------ 3. truncation study
 def flat_grad(params, X, Y, h0, truncation, activation):
     _, g, _ = api.loss_and_grad(params, X, Y, h0, truncation=truncation, activation=activation)
-    return np.concatenate([g[k].ravel().astype(np.float64) for k in api.PARAM_KEYS])
+    return np.concatenate([g[k].ravel().astype(np.float64) for k in params])
 
 
 def _median_ms(fn, runs=5):
@@ -199,10 +258,12 @@ def truncation_study(params, X, Y, h0=None, activation="tanh", ks=None, ps=None,
 
 # --------------------------------------------------------------- 4. the book's figure
 def book_figure(text=None, tokenize="book", max_chars=None, hidden=64, num_steps=32, batch_size=32,
-                epochs=10, p=0.5, chunks=4, seed=0, activation="tanh", progress=False):
+                epochs=10, p=0.5, chunks=4, seed=0, activation="tanh", progress=False, cell="rnn",
+                num_layers=1):
     """Three models on the same text and budget (epochs): randomized truncation Randomized(p),
     regular truncation (windows of num_steps/chunks with the state carried and detached),
-    and full BPTT over the whole window of num_steps.  Returns {name: history}."""
+    and full BPTT over the whole window of num_steps; each a ``cell`` stack of ``num_layers``.
+    Returns {name: history}."""
     from tqdm.auto import tqdm
     from .trainer import train
     runs = {"randomized": dict(truncation=f"random:{p}", num_steps=num_steps),
@@ -210,7 +271,8 @@ def book_figure(text=None, tokenize="book", max_chars=None, hidden=64, num_steps
             "full": dict(truncation="full", num_steps=num_steps)}
     out = {}
     for name, opts in tqdm(runs.items(), disable=not progress, desc="book figure", leave=False):
-        res = train(text=text, tokenize=tokenize, max_chars=max_chars, val_fraction=0.1, hidden=hidden,
+        res = train(text=text, tokenize=tokenize, max_chars=max_chars, val_fraction=0.1, cell=cell,
+                    num_layers=num_layers, hidden=hidden,
                     batch_size=batch_size, epochs=epochs, seed=seed, activation=activation,
                     quiet=True, sample_prefixes=(), **opts)
         out[name] = dict(opts, history=res.history)
@@ -244,10 +306,14 @@ def plot_spectrum(spec, path):
     plt = pyplot()
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.5))
     th = np.linspace(0, 2 * np.pi, 200)
-    a1.plot(np.cos(th), np.sin(th), "k--", lw=0.8)
-    a1.scatter(spec["eigenvalues"]["real"], spec["eigenvalues"]["imag"], s=8)
-    a1.set_aspect("equal")
-    a1.set_title(f"eigenvalues of W_hh (radius {spec['spectral_radius']:.3g})")
+    if spec["eigenvalues"] is None:
+        a1.text(0.5, 0.5, "a gated cell's W_hh is H×G·H:\nno eigenvalues", ha="center", va="center")
+        a1.set_axis_off()
+    else:
+        a1.plot(np.cos(th), np.sin(th), "k--", lw=0.8)
+        a1.scatter(spec["eigenvalues"]["real"], spec["eigenvalues"]["imag"], s=8)
+        a1.set_aspect("equal")
+        a1.set_title(f"eigenvalues of W_hh (radius {spec['spectral_radius']:.3g})")
     js = spec["jacobian_singular_values"]
     for key in ("max", "median", "min"):
         a2.plot(js["lag"], np.maximum(js[key], 1e-300), label=f"σ {key}")
@@ -337,12 +403,14 @@ def probe_batch(ids, num_steps, batch_size, seed=0):
 def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activation="tanh",
         num_steps=32, batch_size=32, seeds=30, train_epochs=10, history=None, report=None,
         json_path=None, seed=0, progress=True):
-    """All five studies; writes the figures, the JSON and report.md into ``report`` (a folder)."""
+    """All five studies; writes the figures, the JSON and report.md into ``report`` (a folder).
+    ``params`` of any cell and depth (the models of part 4 are of the same)."""
     from tqdm.auto import tqdm
+    cell, num_layers = api.cell_of(params)
     X, Y = probe_batch(ids, num_steps, batch_size, seed)
     steps = tqdm(total=5, disable=not progress, desc="diagnose", unit="part")
     lags = {"model": lag_norms(params, X, Y, activation=activation)}
-    for r in RADII:
+    for r in RADII if cell == "rnn" else ():
         lags[f"spectral radius {r}"] = lag_norms(rescale_spectral_radius(params, r), X, Y, activation=activation)
     steps.update(1)
     spec = spectrum(params, X, activation=activation)
@@ -351,7 +419,7 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     steps.update(1)
     book = book_figure(text, tokenize, max_chars, hidden=params["W_hh"].shape[0], num_steps=num_steps,
                        batch_size=batch_size, epochs=train_epochs, seed=seed, activation=activation,
-                       progress=progress)
+                       progress=progress, cell=cell, num_layers=num_layers)
     steps.update(1)
     clip = {name: clipping_stats(run_["history"]) for name, run_ in book.items()}
     if history:
@@ -359,7 +427,7 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     steps.update(1)
     steps.close()
     result = {"probe": {"T": int(X.shape[0]), "B": int(X.shape[1]), "H": int(params["W_hh"].shape[0]),
-                        "V": len(vocab)}, "seeds": seeds,
+                        "V": len(vocab), "cell": cell, "num_layers": num_layers}, "seeds": seeds,
               "lag_norms": {k: v.tolist() for k, v in lags.items()}, "spectrum": spec,
               "truncation": trunc, "book_figure": book, "clipping": clip}
     if report:
@@ -383,6 +451,20 @@ def _decay_rate(norms):
     return float(np.exp(np.polyfit(np.arange(1, len(y) + 1), y, 1)[0])) if len(y) > 1 else float("nan")
 
 
+def _model_note(probe):
+    """The report's lines on a model other than one layer of the rnn cell."""
+    cell, L = probe.get("cell", "rnn"), probe.get("num_layers", 1)
+    notes = []
+    if L > 1:
+        notes.append(f"The model is a stack of {L} {cell} layers: sections 1 and 2 study its top layer, "
+                     "with the lower layers' outputs as its input; sections 3 and 4 the whole model.")
+    if cell != "rnn":
+        held = " (with c_{t−1} held fixed)" if cell == "lstm" else ""
+        notes.append(f"The {cell} cell's step Jacobians ∂h_t/∂h_{{t−1}} go through its gates{held}; its "
+                     "W_hh is H×G·H, with no eigenvalues, so section 1 does not rescale it.")
+    return [" ".join(notes), ""] if notes else []
+
+
 def write_report(result):
     """A markdown report a learner can read top to bottom."""
     p = result["probe"]
@@ -395,6 +477,7 @@ def write_report(result):
         f"A probe minibatch of T = {p['T']} steps and B = {p['B']} sequences; H = {p['H']}, "
         f"vocabulary {p['V']}. Every number plotted is in `diagnostics.json`.",
         "",
+        *_model_note(p),
         "## 1. How far back does the gradient of one loss term reach?",
         "",
         "![lag norms](lag_norms.png)",
@@ -410,14 +493,16 @@ def write_report(result):
     for name, v in lag.items():
         lines.append(f"| {name} | {_decay_rate(v):.3g} | {v[0]:.3g} | {v[-1]:.3g} |")
     js = spec["jacobian_singular_values"]
+    left = ("Left: a gated cell's W_hh is H×G·H, with no eigenvalues." if spec["spectral_radius"] is None
+            else f"Left: the eigenvalues of W_hh and the unit circle (spectral radius "
+                 f"{spec['spectral_radius']:.3g}).")
     lines += [
         "",
         "## 2. The spectrum behind it",
         "",
         "![spectrum](spectrum.png)",
         "",
-        f"Left: the eigenvalues of W_hh and the unit circle (spectral radius "
-        f"{spec['spectral_radius']:.3g}). Middle: singular values of the product of step "
+        f"{left} Middle: singular values of the product of step "
         f"Jacobians ∂h_T/∂h_{{T−j}}; at j = {js['lag'][-1]} the largest is {js['max'][-1]:.3g} and the "
         f"smallest {js['min'][-1]:.3g}. Right: the book's exercise made concrete — power iteration "
         "M^k x aligns with the top eigenvector at the rate |λ₂/λ₁|^k, fast for a large eigen-gap and "

@@ -1,10 +1,12 @@
 """The book's character-level RNN language model, trained with fastbptt (d2l 0.17 §8.5).
 
 Each minibatch is one :func:`fastbptt.loss_and_grad` call, then global-norm gradient
-clipping and an in-place SGD (or Adam) update.  With ``sampling="sequential"`` the
-hidden state is carried from one minibatch to the next as a plain array (so no gradient
-crosses: the book's ``detach``) and reset at each epoch start; with ``"random"`` it is
-reset every minibatch.  Checkpoints hold everything needed to resume *exactly*.
+clipping and an in-place SGD (or Adam) update.  The cell is ``"rnn"`` (the book's),
+``"gru"`` or ``"lstm"``, in a stack of ``num_layers``.  With ``sampling="sequential"`` the
+state (h, the LSTM's (h, c); one per layer) is carried from one minibatch to the next as
+plain arrays (so no gradient crosses: the book's ``detach``) and reset at each epoch
+start; with ``"random"`` it is reset every minibatch.  Checkpoints hold everything needed
+to resume *exactly*.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from .truncation import Randomized, Truncated
 CHECKPOINT_FORMAT = "fastbptt-checkpoint/1"
 #: the quantiles of the per-step gradient norms kept in each epoch's history row
 QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+CELLS = tuple(api.CELLS)              # rnn, gru, lstm
+#: the gradients of the initial state, which are not clipped or applied
+STATE_GRADS = ("h0", "c0")
 LOG_KEYS = ("epoch", "train_ppl", "val_ppl", "tokens_per_s", "grad_norm", "clipped_frac", "lr",
             "elapsed_s")
 
@@ -39,13 +44,17 @@ class TrainConfig:
     """What defines a training run; a checkpoint stores it and ``resume`` must agree with it.
 
     Defaults are the book's (d2l 0.17 §8.5): H=512, 35 steps, batch 32, SGD lr 1, 500
-    epochs, clipping at θ=1, sequential sampling, full BPTT, tanh.
+    epochs, clipping at θ=1, sequential sampling, full BPTT, tanh; one layer of the
+    Elman cell ("rnn").  ``activation`` is the rnn cell's: a gated cell takes only "tanh".
+    A checkpoint written before ``cell`` and ``num_layers`` existed reads as rnn, 1 layer.
     """
 
     text: str | None = None           # a UTF-8 file; None: the embedded The Time Machine
     tokenize: str = "book"
     max_chars: int | None = None      # keep the first N tokens (the book: 10000)
     val_fraction: float | None = None  # None: 0 with max_chars (the book), else 0.1
+    cell: str = "rnn"                 # rnn | gru | lstm
+    num_layers: int = 1
     hidden: int = 512
     num_steps: int = 35
     batch_size: int = 32
@@ -69,7 +78,7 @@ class TrainConfig:
             c.val_fraction = 0.0 if c.max_chars is not None else 0.1
         if c.lr is None:
             c.lr = 1.0 if c.optimizer == "sgd" else 0.002
-        for name in ("hidden", "num_steps", "batch_size", "epochs"):
+        for name in ("num_layers", "hidden", "num_steps", "batch_size", "epochs"):
             _positive_int(name, getattr(c, name))
         if c.max_chars is not None:
             _positive_int("max_chars", c.max_chars)
@@ -83,11 +92,14 @@ class TrainConfig:
             raise ValueError(f"lr: expected a finite positive number, got {c.lr!r}")
         if not 0.0 <= c.val_fraction < 1.0:
             raise ValueError(f"val_fraction: expected a number in [0, 1), got {c.val_fraction!r}")
-        for name, allowed in (("tokenize", data.TOKENIZERS), ("optimizer", ("sgd", "adam")),
+        for name, allowed in (("cell", CELLS), ("tokenize", data.TOKENIZERS), ("optimizer", ("sgd", "adam")),
                               ("sampling", tuple(data.SAMPLERS)), ("activation", ("tanh", "relu", "identity")),
                               ("device", ("cpu", "cuda"))):
             if getattr(c, name) not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {getattr(c, name)!r}")
+        if c.cell != "rnn" and c.activation != "tanh":
+            raise ValueError(f"activation: applies to the rnn cell only, got {c.activation!r} with "
+                             f"cell {c.cell!r} (its nonlinearities are fixed)")
         parse_truncation(c.truncation)
         return c
 
@@ -171,12 +183,13 @@ def load_corpus(cfg: TrainConfig) -> Corpus:
 
 # ---------------------------------------------------------------------- optimization
 def clip_gradients(grads, theta):
-    """Global-norm clipping over the parameter gradients (not ∂h0), in place; returns the norm."""
-    norm = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for k, g in grads.items() if k != "h0"))
+    """Global-norm clipping over the parameter gradients (not ∂h0, ∂c0), in place; returns the norm."""
+    norm = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for k, g in grads.items()
+                         if k not in STATE_GRADS))
     if norm > theta:
         s = theta / norm
         for k, g in grads.items():
-            if k != "h0":
+            if k not in STATE_GRADS:
                 g *= s
     return norm
 
@@ -249,7 +262,8 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 # ---------------------------------------------------------------------- epochs
 def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
     """One pass over the training split.  Returns (Σ loss·tokens, tokens, norms, clipped, steps)
-    with ``norms`` the list of the steps' gradient norms before clipping."""
+    with ``norms`` the list of the steps' gradient norms before clipping.  The state carried
+    is what loss_and_grad returns and takes: an array, or the LSTM's (h, c)."""
     total, n, norms, clipped, steps = 0.0, 0, [], 0, 0
     state = None
     sampler = data.SAMPLERS[cfg.sampling]
@@ -306,6 +320,19 @@ def save_checkpoint(path, params, opt_state, vocab, cfg, rng_state, epoch, histo
             tmp.unlink()
 
 
+def param_shapes(cell, num_layers, V, H):
+    """The shapes of the params of a model on a vocabulary of V (fastbptt's schema: layer l's
+    keys carry the suffix ``_l{l}`` from l = 1, and read the layer below: D = H)."""
+    G = api.CELLS[cell]                   # gates: W_hh is (H, G·H)
+    shapes = {"W_hq": (H, V), "b_q": (V,)}
+    for layer in range(num_layers):
+        s = f"_l{layer}" if layer else ""
+        shapes.update({f"W_xh{s}": (H if layer else V, G * H), f"W_hh{s}": (H, G * H), f"b_h{s}": (G * H,)})
+        if cell == "gru":
+            shapes[f"b_hn{s}"] = (H,)
+    return shapes
+
+
 def load_checkpoint(path):
     """(params, optimizer state, meta) of a checkpoint, or ValueError saying what is wrong."""
     p = Path(path)
@@ -327,10 +354,9 @@ def load_checkpoint(path):
         raise ValueError(f"path: {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
     try:
         cfg = TrainConfig(**meta["config"])
-        V, H = len(meta["vocab"]), cfg.hidden
-        shapes = {"W_xh": (V, H), "W_hh": (H, H), "b_h": (H,), "W_hq": (H, V), "b_q": (V,)}
+        shapes = param_shapes(cfg.cell, cfg.num_layers, len(meta["vocab"]), cfg.hidden)
         if {k: tuple(v.shape) for k, v in params.items()} != shapes:
-            raise ValueError("parameter shapes do not match its vocabulary and hidden")
+            raise ValueError("parameter shapes do not match its vocabulary, hidden, cell and num_layers")
         meta["config"] = cfg
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"path: {path} is truncated or corrupt ({e})") from None
@@ -352,11 +378,12 @@ def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
 def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, plot=None,
           max_minutes=None, quiet=False, sample_prefixes=("time traveller", "traveller"),
           **options) -> TrainResult:
-    """Train the character-level RNN language model; returns params, vocab and history.
+    """Train the character-level language model; returns params, vocab and history.
 
     ``options`` are the fields of :class:`TrainConfig` (``text``, ``hidden``, ``lr``, …).
     ``checkpoint``: a ``.npz`` path written atomically every ``checkpoint_every`` epochs;
-    ``resume=True`` continues from it exactly (options given must agree with it, except
+    ``resume=True`` continues from it exactly (options not given, ``cell`` and
+    ``num_layers`` among them, are the checkpoint's; those given must agree with it, except
     ``epochs`` and ``device``).  ``json_log``: one JSON object per epoch with
     :data:`LOG_KEYS`.  ``plot``: a PNG of perplexity against epoch.  ``max_minutes``:
     stop at the first epoch end past that.  Raises ValueError for bad options,
@@ -377,7 +404,8 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
     else:
         cfg = TrainConfig(**options).resolved()
     corpus = load_corpus(cfg)
-    params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed)
+    params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
+                             cell=cfg.cell, num_layers=cfg.num_layers)
     opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     history, start = [], 0

@@ -6,8 +6,60 @@ import pytest
 
 import fastbptt
 import reference
-from fastbptt import cli, data, diagnostics
+from fastbptt import api, cli, data, diagnostics
 from helpers import make_case
+
+
+def random_model(rng, cell, layers, D=4, H=3, Q=5):
+    """float64 params of any cell and depth, far enough from 0 that the gates are nonlinear."""
+    shapes = api.init_params(D, H, Q, cell=cell, num_layers=layers)
+    return {k: rng.normal(0, 0.7, v.shape) for k, v in shapes.items()}
+
+
+def fd_from_state(params, X, s, fn, h0=None, eps=1e-6):
+    """{t: ∂fn(t, h_t)/∂h_s} for t = s..T by central differences of the forward alone (one
+    layer): perturb h_s (the LSTM's c_s held fixed) and rerun steps s+1..T.  ``fn`` maps
+    (t, h_t (B,H)) to (B,K); the answer is (B,K,H), each row b against its own h_s[b]."""
+    T, B, H = X.shape[0], X.shape[1], params["W_hh"].shape[0]
+    lstm = api.cell_of(params)[0] == "lstm"
+    if s == 0:
+        state = h0 if h0 is not None else (np.zeros((B, H)),) * (2 if lstm else 1)
+    else:
+        state = api.rnn_forward(params, X[:s], h0, return_state=True)[1]
+    h, *c = state if isinstance(state, tuple) else (state,)
+    out = {}
+    for i in range(H):
+        vals = []
+        for sign in (1, -1):
+            hs = h.copy()
+            hs[:, i] += sign * eps
+            Hs = [hs] + (list(api.rnn_forward(params, X[s:], (hs, *c) if c else hs)) if s < T else [])
+            vals.append([fn(s + j, Hs[j]) for j in range(len(Hs))])
+        for j, (a, b) in enumerate(zip(*vals)):
+            out.setdefault(s + j, np.zeros(a.shape + (H,)))[..., i] = (a - b) / (2 * eps)
+    return out
+
+
+def fd_lag_norms(params, X, Y, h0=None):
+    """mean over t and b of ‖∂l_t[b]/∂h_{t−j}[b]‖, l_t[b] the cross-entropy of row b at step t."""
+    W_hq, b_q = params["W_hq"], params["b_q"]
+
+    def loss_rows(t, h):
+        if t == 0:
+            return np.zeros((h.shape[0], 1))
+        o = h @ W_hq + b_q
+        logp = o - o.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        return -logp[np.arange(h.shape[0]), Y[t - 1]][:, None]
+
+    T = X.shape[0]
+    sums, counts = np.zeros(T + 1), np.zeros(T + 1)
+    for s in range(T + 1):
+        for t, d in fd_from_state(params, X, s, loss_rows, h0).items():
+            if t >= 1:
+                sums[t - s] += np.linalg.norm(d[:, 0], axis=-1).sum()
+                counts[t - s] += X.shape[1]
+    return sums / counts
 
 
 def explicit_lag_norms(params, X, Y, h0, act):
@@ -49,6 +101,65 @@ def test_identity_with_scaled_identity_W_hh_scales_as_c_to_the_j(c, rng):
     np.testing.assert_allclose(norms, norms[0] * c ** np.arange(7), rtol=1e-12)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_lag_norms_of_every_cell_equal_finite_differences(cell, rng):
+    params = random_model(rng, cell, 1)
+    X, Y = rng.integers(0, 4, (4, 2)), rng.integers(0, 5, (4, 2))
+    np.testing.assert_allclose(diagnostics.lag_norms(params, X, Y), fd_lag_norms(params, X, Y), rtol=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_jacobian_products_by_adjoints_equal_finite_differences(cell, rng):
+    params = random_model(rng, cell, 1)
+    X = rng.integers(0, 4, (4, 3))
+    J = diagnostics.jacobian_products_by_adjoints(params, X, row=1)
+    assert len(J) == 4
+    for j in range(1, 5):                            # ∂h_4/∂h_{4−j} along row 1
+        want = fd_from_state(params, X, 4 - j, lambda t, h: h)[4][1]
+        np.testing.assert_allclose(J[j - 1], want, rtol=1e-6, atol=1e-9)
+
+
+def test_jacobian_singular_values_of_the_rnn_by_either_route(rng):
+    params, X, _, h0 = make_case(rng, T=5, B=3, D=4, H=3, Q=5)
+    explicit = diagnostics.jacobian_product_singular_values(params, X, h0, row=2)
+    by_adjoints = diagnostics.jacobian_products_by_adjoints(params, X, h0, row=2)
+    for s, J in zip(explicit, by_adjoints, strict=True):
+        np.testing.assert_allclose(np.linalg.svd(J, compute_uv=False), s, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_a_stack_is_studied_through_its_top_layer(cell, rng):
+    params = random_model(rng, cell, 3)
+    X, Y = rng.integers(0, 4, (4, 2)), rng.integers(0, 5, (4, 2))
+    h0 = rng.normal(0, 0.5, (3, 2, 3))
+    h0 = (h0, rng.normal(0, 0.5, (3, 2, 3))) if cell == "lstm" else h0
+    top, X_top, h0_top = diagnostics.top_layer(params, X, h0)
+    assert list(top) == list(api.init_params(3, 3, 5, cell=cell))           # a one-layer model on D = H
+    for k in top:
+        assert top[k] is params[k if k in api.HEAD_KEYS else f"{k}_l2"]
+    # the top layer on the lower layers' output reproduces the stack's output and last state
+    Hs, state = api.rnn_forward(params, X, h0, return_state=True)
+    Hs_top, state_top = api.rnn_forward(top, X_top, h0_top, return_state=True)
+    np.testing.assert_allclose(Hs_top, Hs, rtol=1e-12)
+    for a, b in zip(state if cell == "lstm" else (state,), state_top if cell == "lstm" else (state_top,)):
+        np.testing.assert_allclose(b, a[-1], rtol=1e-12)
+    np.testing.assert_allclose(diagnostics.lag_norms(params, X, Y, h0), fd_lag_norms(top, X_top, Y, h0_top),
+                               rtol=1e-6)
+
+
+def test_truncation_study_takes_every_parameter_of_a_gated_stack(rng):
+    params = random_model(rng, "gru", 2)
+    X, Y = rng.integers(0, 4, (5, 3)), rng.integers(0, 5, (5, 3))
+    g = diagnostics.flat_grad(params, X, Y, None, None, "tanh")
+    assert g.size == sum(v.size for v in params.values())              # b_hn and the _l1 keys too
+    rows = diagnostics.truncation_study(params, X, Y, ks=[1, 5], ps=[1.0, 0.5], seeds=100)
+    by = {(r["strategy"], r["param"]): r for r in rows}
+    assert by["truncated", 5]["rel_bias"] == 0.0 and by["truncated", 1]["rel_bias"] > 1e-3
+    assert by["randomized", 1.0]["rel_std"] == 0.0 and by["randomized", 1.0]["rel_bias"] == 0.0
+    r = by["randomized", 0.5]
+    assert r["rel_std"] > 1e-3 and r["rel_bias"] <= 3 * r["rel_std"] / np.sqrt(100)
+
+
 def test_power_iteration_matches_numpy_eig_with_known_gap():
     M = diagnostics.matrix_with_gap(10, 0.3, seed=1)
     assert diagnostics.eigen_gap(M) == pytest.approx(0.3, abs=1e-12)
@@ -85,6 +196,15 @@ def test_rescale_spectral_radius(rng):
         assert out["W_xh"] is not params["W_xh"] and np.array_equal(out["W_xh"], params["W_xh"])
 
 
+def test_rescale_spectral_radius_of_a_stack_and_of_a_gated_cell(rng):
+    params = random_model(rng, "rnn", 2, H=6)
+    out = diagnostics.rescale_spectral_radius(params, 0.5)
+    assert diagnostics.spectral_radius(out["W_hh_l1"]) == pytest.approx(0.5, rel=1e-12)     # the top layer's
+    assert all(np.array_equal(out[k], params[k]) for k in params if k != "W_hh_l1")
+    with pytest.raises(ValueError, match=r"^params: a gru cell's W_hh is not square"):
+        diagnostics.rescale_spectral_radius(random_model(rng, "gru", 1), 1.0)
+
+
 def test_diagnose_cli_on_a_tiny_checkpoint(tmp_path, capsys):
     ck = tmp_path / "ck.npz"
     res = fastbptt.train(max_chars=3000, hidden=12, num_steps=8, batch_size=4, epochs=2, checkpoint=ck,
@@ -113,3 +233,62 @@ def test_diagnose_needs_a_source(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["diagnose"])
     assert e.value.code == 2
+
+
+DIAGNOSE_TINY = ["--num-steps", "6", "--batch-size", "4", "--seeds", "3", "--train-epochs", "1",
+                 "--max-chars", "2000", "--quiet"]
+
+
+def diagnose(*argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["diagnose", *map(str, argv)])
+    return e.value.code
+
+
+def test_diagnose_cli_on_a_tiny_gru_checkpoint(tmp_path):
+    ck = tmp_path / "ck.npz"
+    res = fastbptt.train(cell="gru", max_chars=2000, hidden=8, num_steps=6, batch_size=4, epochs=2,
+                         checkpoint=ck, quiet=True, sample_prefixes=())
+    out = tmp_path / "report"
+    assert diagnose("--checkpoint", ck, "--report", out, *DIAGNOSE_TINY) == 0
+    for name in ("lag_norms.png", "spectrum.png", "truncation.png", "book_figure.png", "clipping.png",
+                 "report.md", "diagnostics.json"):
+        assert (out / name).stat().st_size > 500, name
+    got = json.loads((out / "diagnostics.json").read_text())
+    assert got["probe"] == {"T": 6, "B": 4, "H": 8, "V": len(res.vocab), "cell": "gru", "num_layers": 1}
+    ids = res.vocab.encode(data.tokenize(data.load_text(), "book")[:2000])
+    X, Y = diagnostics.probe_batch(ids, 6, 4, seed=0)
+    assert list(got["lag_norms"]) == ["model"]                        # no W_hh to rescale
+    np.testing.assert_allclose(got["lag_norms"]["model"], diagnostics.lag_norms(res.params, X, Y), rtol=1e-6)
+    assert got["spectrum"]["eigenvalues"] is None and got["spectrum"]["spectral_radius"] is None
+    assert len(got["spectrum"]["jacobian_singular_values"]["max"]) == 6
+    assert [r["strategy"] for r in got["truncation"]][:2] == ["full", "truncated"]
+    assert all(len(run["history"]) == 1 for run in got["book_figure"].values())
+    assert got["clipping"]["checkpoint"]["clipped_frac"] == [r["clipped_frac"] for r in res.history]
+    assert "The gru cell's step Jacobians" in (out / "report.md").read_text()
+
+
+def test_diagnose_cli_on_a_fresh_two_layer_lstm(tmp_path, monkeypatch):
+    trained = []
+    real = fastbptt.trainer.train
+    monkeypatch.setattr(fastbptt.trainer, "train", lambda **kw: trained.append(kw) or real(**kw))
+    out = tmp_path / "report"
+    assert diagnose("--init", "--cell", "lstm", "--num-layers", 2, "--hidden", 6, "--report", out,
+                    *DIAGNOSE_TINY) == 0
+    got = json.loads((out / "diagnostics.json").read_text())
+    assert (got["probe"]["cell"], got["probe"]["num_layers"], got["probe"]["H"]) == ("lstm", 2, 6)
+    assert len(got["lag_norms"]["model"]) == 7 and np.all(np.isfinite(got["lag_norms"]["model"]))
+    assert len(got["spectrum"]["jacobian_singular_values"]["min"]) == 6
+    assert [(kw["cell"], kw["num_layers"]) for kw in trained] == [("lstm", 2)] * 3   # the book's models too
+    report = (out / "report.md").read_text()
+    assert "a stack of 2 lstm layers" in report and "(with c_{t−1} held fixed)" in report
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--cell", "cnn"], "--cell: expected one of rnn, gru, lstm, got 'cnn'"),
+    (["--num-layers", "0"], "--num-layers: expected a positive integer, got 0"),
+    (["--cell", "gru", "--activation", "relu"], "--activation: applies to --cell rnn only, got 'relu' with --cell gru"),
+])
+def test_diagnose_cli_bad_cell_or_depth_exits_2_with_one_line(argv, line, capsys):
+    assert diagnose("--init", *argv, "--quiet") == 2
+    assert capsys.readouterr().err == f"fastbptt diagnose: error: {line}\n"

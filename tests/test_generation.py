@@ -84,3 +84,29 @@ def test_cli_generate_unknown_prefix_warns_with_the_flag(checkpoint):
     assert out.returncode == 0, out.stderr
     assert out.stderr == "fastbptt generate: warning: --prefix: 'z' not in the vocabulary; read as <unk>\n"
     assert out.stdout.startswith("az")
+
+
+
+
+@pytest.mark.parametrize("cell, layers", [("rnn", 1), ("rnn", 2), ("gru", 1), ("gru", 2), ("lstm", 1), ("lstm", 3)])
+def test_generate_carries_the_state_of_every_cell_and_layer(cell, layers, rng):
+    """Generation, the state carried step by step, equals rerunning the whole sequence at each
+    step (sampled at temperature 1, the same draws: greedy soon repeats one token)."""
+    vocab = Vocab(idx_to_token=TOKENS)
+    shapes = api.init_params(len(TOKENS), 6, len(TOKENS), cell=cell, num_layers=layers)
+    params = {k: rng.normal(0, 1.0, v.shape) for k, v in shapes.items()}       # float64, far from 0
+    ids, draws = list(vocab.encode(list("ab c"))), np.random.default_rng(7)
+    for _ in range(20):
+        Hs = api.rnn_forward(params, np.array(ids)[:, None])
+        o = Hs[-1, 0] @ params["W_hq"] + params["b_q"]
+        p = np.exp(o - o.max())
+        ids.append(int(draws.choice(len(p), p=p / p.sum())))
+    assert fastbptt.generate(params, vocab, "ab c", 20, temperature=1.0, seed=7) == "ab c" + vocab.decode(ids[4:])
+    assert len(set(ids[4:])) > 2
+
+
+def test_generate_activation_is_the_rnn_cells():
+    params = api.init_params(len(TOKENS), 4, len(TOKENS), seed=0, cell="gru")
+    with pytest.raises(ValueError) as e:
+        fastbptt.generate(params, Vocab(idx_to_token=TOKENS), "ab", 3, activation="relu")
+    assert str(e.value) == "activation: applies to the rnn cell only, got 'relu' for a gru"

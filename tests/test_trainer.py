@@ -10,6 +10,9 @@ from fastbptt import api, cli, data, trainer
 from fastbptt.data import Vocab
 
 SMALL = dict(max_chars=4000, hidden=32, num_steps=10, batch_size=8, quiet=True)
+TINY = dict(max_chars=2000, hidden=8, num_steps=8, batch_size=4, quiet=True, sample_prefixes=())
+#: the models beyond the book's one rnn layer
+MODELS = [("rnn", 2), ("gru", 1), ("lstm", 1), ("lstm", 2)]
 
 
 def run_cli(*argv):
@@ -38,24 +41,38 @@ def test_clip_gradients_global_norm_excludes_h0():
     assert np.all(small["W_hh"] == np.float32(0.1))
 
 
+def state_arrays(state):
+    """Copies of the arrays of a state as loss_and_grad takes and returns it: None → (),
+    an array → (h,), the LSTM's (h, c) → (h, c)."""
+    if state is None:
+        return ()
+    return tuple(a.copy() for a in (state if isinstance(state, tuple) else (state,)))
+
+
+@pytest.mark.parametrize("cell, layers", [("rnn", 1), ("lstm", 2)])
 @pytest.mark.parametrize("sampling", ["sequential", "random"])
-def test_state_is_carried_only_by_the_sequential_sampler(sampling, monkeypatch):
+def test_state_is_carried_only_by_the_sequential_sampler(sampling, cell, layers, monkeypatch):
     seen = []
     real = api.loss_and_grad
 
     def spy(params, X, Y, h0=None, **kw):
         out = real(params, X, Y, h0, **kw)
-        seen.append((None if h0 is None else h0.copy(), out[2].copy()))
+        seen.append((state_arrays(h0), state_arrays(out[2])))
         return out
 
     monkeypatch.setattr(api, "loss_and_grad", spy)
-    fastbptt.train(**SMALL, epochs=2, sampling=sampling, sample_prefixes=())
+    fastbptt.train(**SMALL, cell=cell, num_layers=layers, epochs=2, sampling=sampling, sample_prefixes=())
     per_epoch = len(seen) // 2
-    for i, (h0, _) in enumerate(seen):
+    B, H = SMALL["batch_size"], SMALL["hidden"]
+    want = [(layers, B, H)] * 2 if cell == "lstm" else [(B, H)]     # the LSTM: (h, c) of every layer
+    for i, (h0, h_T) in enumerate(seen):
+        assert [a.shape for a in h_T] == want
         if sampling == "random" or i % per_epoch == 0:
-            assert h0 is None                           # reset: epoch start, or every minibatch
-        else:
-            np.testing.assert_array_equal(h0, seen[i - 1][1])   # carried h_T, as a plain array
+            assert h0 == ()                             # reset: epoch start, or every minibatch
+        else:                                           # carried h_T (and c_T), as plain arrays
+            assert len(h0) == len(h_T)
+            for a, b in zip(h0, seen[i - 1][1]):
+                np.testing.assert_array_equal(a, b)
 
 
 def test_short_training_beats_the_unigram_baseline(tmp_path):
@@ -118,6 +135,65 @@ def test_resume_conflicts_and_bad_checkpoints(tmp_path):
     assert ck.read_bytes() == good
 
 
+@pytest.mark.parametrize("cell, layers", MODELS)
+def test_every_cell_checkpoints_its_cell_and_depth_and_resumes_exactly(tmp_path, cell, layers):
+    ck = tmp_path / "ck.npz"
+    model = dict(cell=cell, num_layers=layers)
+    straight = fastbptt.train(**TINY, **model, epochs=3)
+    fastbptt.train(**TINY, **model, epochs=1, checkpoint=ck)
+    params, _, meta = trainer.load_checkpoint(ck)
+    assert (meta["config"].cell, meta["config"].num_layers) == (cell, layers)
+    V = len(meta["vocab"])
+    assert set(params) == set(api.init_params(V, 8, V, cell=cell, num_layers=layers))
+    assert fastbptt.cell_of(params) == (cell, layers)
+    resumed = fastbptt.train(**TINY, epochs=3, checkpoint=ck, resume=True)   # cell, depth: the checkpoint's
+    assert (resumed.config.cell, resumed.config.num_layers) == (cell, layers)
+    assert [r["train_ppl"] for r in resumed.history] == [r["train_ppl"] for r in straight.history]
+    for k in straight.params:
+        np.testing.assert_array_equal(resumed.params[k], straight.params[k])
+    other = dict(cell="rnn", num_layers=layers) if cell != "rnn" else dict(cell="gru", num_layers=layers)
+    with pytest.raises(ValueError, match=rf"^resume: options conflict .*: cell='{other['cell']}' "
+                                         rf"\(checkpoint: '{cell}'\)$"):
+        fastbptt.train(**TINY, **other, epochs=3, checkpoint=ck, resume=True)
+    with pytest.raises(ValueError, match=rf"num_layers={layers + 1} \(checkpoint: {layers}\)$"):
+        fastbptt.train(**TINY, num_layers=layers + 1, epochs=3, checkpoint=ck, resume=True)
+
+
+def test_a_checkpoint_without_cell_and_depth_reads_as_one_rnn_layer(tmp_path):
+    """Checkpoints written before cells and stacks existed have neither field."""
+    ck = tmp_path / "ck.npz"
+    straight = fastbptt.train(**TINY, epochs=2)
+    fastbptt.train(**TINY, epochs=1, checkpoint=ck)
+    with np.load(ck) as z:
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    assert (meta["config"].pop("cell"), meta["config"].pop("num_layers")) == ("rnn", 1)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(ck, **arrays)
+    _, _, meta = trainer.load_checkpoint(ck)
+    assert (meta["config"].cell, meta["config"].num_layers) == ("rnn", 1)
+    resumed = fastbptt.train(**TINY, epochs=2, checkpoint=ck, resume=True)
+    assert [r["train_ppl"] for r in resumed.history] == [r["train_ppl"] for r in straight.history]
+
+
+def test_a_checkpoint_whose_params_are_not_its_cell_is_corrupt(tmp_path):
+    ck = tmp_path / "ck.npz"
+    vocab = Vocab(idx_to_token=["<unk>", "a", "b"])
+    params = api.init_params(3, 8, 3, seed=0)                # an rnn's
+    state = np.random.default_rng(0).bit_generator.state
+    for cfg in (trainer.TrainConfig(hidden=8, cell="gru"), trainer.TrainConfig(hidden=8, num_layers=2)):
+        trainer.save_checkpoint(ck, params, {}, vocab, cfg, state, 0, [], "0" * 64)
+        with pytest.raises(ValueError, match="truncated or corrupt .*do not match its vocabulary, hidden, "
+                                             "cell and num_layers"):
+            trainer.load_checkpoint(ck)
+
+
+@pytest.mark.parametrize("cell, layers", [("rnn", 1)] + MODELS)
+def test_param_shapes_are_those_of_init_params(cell, layers):
+    params = api.init_params(5, 3, 5, cell=cell, num_layers=layers)
+    assert trainer.param_shapes(cell, layers, 5, 3) == {k: v.shape for k, v in params.items()}
+
+
 def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
     ck = tmp_path / "ck.npz"
     assert run_cli("train", "--max-chars", 4000, "--hidden", 32, "--num-steps", 10, "--batch-size", 8,
@@ -139,6 +215,8 @@ def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
     (["--val-fraction", "1.5"], "--val-fraction"), (["--max-minutes", "0"], "--max-minutes"),
     (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--resume", "--checkpoint", "/no/such/ck.npz"], "--checkpoint"),
+    (["--cell", "cnn"], "--cell"), (["--num-layers", "0"], "--num-layers"), (["--num-layers", "-2"], "--num-layers"),
+    (["--cell", "gru", "--activation", "relu"], "--activation"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys):
     assert run_cli("train", "--max-chars", 4000, "--quiet", *argv) == 2
@@ -158,6 +236,11 @@ def test_cli_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys)
     (dict(max_minutes=0), "max_minutes: expected a positive number, got 0"),
     (dict(checkpoint_every=0), "checkpoint_every: expected a positive integer, got 0"),
     (dict(text="/no/such/file"), "text: no such file: /no/such/file"),
+    (dict(cell="cnn"), "cell: expected one of rnn, gru, lstm, got 'cnn'"),
+    (dict(num_layers=0), "num_layers: expected a positive integer, got 0"),
+    (dict(num_layers=1.5), "num_layers: expected a positive integer, got 1.5"),
+    (dict(cell="lstm", activation="relu"), "activation: applies to the rnn cell only, got 'relu' with cell "
+                                           "'lstm' (its nonlinearities are fixed)"),
 ])
 def test_train_errors_name_its_parameters_not_flags(options, message):
     with pytest.raises(ValueError) as e:
@@ -225,6 +308,28 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert text.startswith("the time") and len(text) == len("the time") + 20
     assert run_cli("generate", "--checkpoint", tmp_path / "missing.npz") == 2
     assert cli_error(capsys, "generate") == f"--checkpoint: no such file: {tmp_path / 'missing.npz'}"
+
+
+@pytest.mark.parametrize("cell, layers", MODELS)
+def test_cli_train_then_generate_every_cell(tmp_path, capsys, cell, layers):
+    ck = tmp_path / "ck.npz"
+    assert run_cli("train", "--cell", cell, "--num-layers", layers, "--max-chars", 2000, "--hidden", 8,
+                   "--num-steps", 8, "--batch-size", 4, "--epochs", 1, "--checkpoint", ck, "--quiet") == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert run_cli("train", "--epochs", 2, "--checkpoint", ck, "--resume", "--quiet") == 0
+    assert capsys.readouterr().out.startswith("epoch 2: perplexity")
+    assert run_cli("train", "--cell", "rnn" if cell != "rnn" else "lstm", "--epochs", 3, "--checkpoint", ck,
+                   "--resume", "--quiet") == 2
+    assert cli_error(capsys, "train").startswith("--resume: options conflict with the checkpoint's "
+                                                 "configuration: cell=")
+    assert run_cli("generate", "--checkpoint", ck, "--prefix", "the time", "--length", 20) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("the time") and len(text) == len("the time") + 20 + 1     # and "\n"
+    sampled = []
+    for _ in range(2):
+        assert run_cli("generate", "--checkpoint", ck, "--temperature", 1, "--seed", 3) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and sampled[0].startswith("time traveller")
 
 
 def test_generate_greedy_sampled_and_unknown_prefix():
