@@ -1,4 +1,5 @@
-"""The CUDA path against the CPU path.
+"""The CUDA path against the CPU path (and, for every cell and depth, the float64 stack
+reference of tests/reference.py).
 
 Without a GPU these run under the CUDA simulator (``make test-cuda-sim`` sets
 NUMBA_ENABLE_CUDASIM=1), with tiny shapes and a single block per persistent launch:
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 import fastbptt
+import reference
 from fastbptt import config
-from helpers import make_case
+from helpers import assert_close, make_case
 
 cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed (pip install fastbptt[cuda])")
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -195,3 +197,149 @@ def test_randomized_with_every_crossing_dropped(path, rng, monkeypatch):
     _, grads, _ = fastbptt.loss_and_grad(params, X, Y, h0, truncation=tr, device="cuda")
     assert np.all(grads["h0"] == 0)
     compare(params, X, Y, h0, truncation=tr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every cell and depth: the CUDA path against the CPU path and the float64 stack reference
+# ---------------------------------------------------------------------------------------------
+CELLS = ["rnn", "gru", "lstm"]
+#: ξ of T = 4 steps with a dropped crossing and a kept one, ξ_1 kept (so ∂L/∂h_0 is not 0)
+RANDOMIZED = next(fastbptt.Randomized(0.5, seed=s) for s in range(100)
+                  if (lambda xi: xi[0] != 0 and not xi.all())(fastbptt.Randomized(0.5, seed=s).draw(4, np.float64)))
+TRUNCATIONS = {"full": None, "truncated2": fastbptt.Truncated(2), "randomized": RANDOMIZED}
+
+
+def stack_case(rng, cell, L, dense, T=4, B=2, D=4, H=4, Q=4):
+    """float64 params of the cell's schema, inputs, targets and a random (h0, c0) of (L,B,H)
+    (c0 None unless lstm)"""
+    params = reference.init_stack(rng, cell, L, D, H, Q)
+    X = rng.normal(0, 1, (T, B, D)) if dense else rng.integers(0, D, (T, B))
+    Y = rng.integers(0, Q, (T, B))
+    h0 = rng.normal(0, 0.5, (L, B, H))
+    c0 = rng.normal(0, 0.5, (L, B, H)) if cell == "lstm" else None
+    return params, X, Y, h0, c0
+
+
+def api_state(cell, L, h0, c0):
+    """the state as the API takes it: (B,H) for one layer, (L,B,H) above; (h0, c0) for lstm"""
+    h, c = (h0[0], None if c0 is None else c0[0]) if L == 1 else (h0, c0)
+    return (h, c) if cell == "lstm" else h
+
+
+def reference_kw(truncation):
+    if isinstance(truncation, fastbptt.Truncated):
+        return {"k": truncation.k}
+    if isinstance(truncation, fastbptt.Randomized):
+        return {"xi": truncation.draw(4, np.float64)}
+    return {}
+
+
+@sim_only
+@pytest.mark.parametrize("truncation", TRUNCATIONS.values(), ids=TRUNCATIONS.keys())
+@pytest.mark.parametrize("dense", [False, True], ids=["tokens", "dense"])
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_cell_and_depth_equals_cpu_and_reference(cell, L, dense, truncation, rng):
+    params, X, Y, h0, c0 = stack_case(rng, cell, L, dense, H=5 if L == 1 else 3)
+    state = api_state(cell, L, h0, c0)
+    l1, g1, s1 = fastbptt.loss_and_grad(params, X, Y, state, truncation=truncation)
+    l2, g2, s2 = fastbptt.loss_and_grad(params, X, Y, state, truncation=truncation, device="cuda")
+    want = reference.stack_loss_and_grad(params, cell, X, Y, h0, c0, **reference_kw(truncation))
+    assert isinstance(l2, float) and abs(l2 - l1) <= 1e-12 * max(1.0, abs(l1))
+    assert abs(l2 - want.loss) <= 1e-12 * max(1.0, abs(want.loss))
+    assert set(g2) == set(g1) == set(want.grads) - {"X"}
+    for k in g1:
+        assert isinstance(g2[k], np.ndarray) and g2[k].dtype == np.float64, k
+        assert g2[k].shape == g1[k].shape, k
+        assert rel_err(g2[k], g1[k]) <= 1e-9, k
+        assert_close(g2[k], np.reshape(want.grads[k], g1[k].shape), np.float64, k)
+    states = s2 if cell == "lstm" else (s2,)
+    wants = (want.hT, want.cT) if cell == "lstm" else (want.hT,)
+    for got, cpu, ref in zip(states, s1 if cell == "lstm" else (s1,), wants):
+        assert rel_err(got, cpu) <= 1e-9
+        assert_close(got, np.reshape(ref, got.shape), np.float64, "state")
+
+
+@sim_only
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gated_rnn_forward_backward_and_loss(cell, L, rng):
+    """rnn_forward (with the last state), rnn_backward (dense input, ∂L/∂X, Truncated(2)) and
+    loss of a gated cell on CUDA against the reference (and the CPU's forward and loss)"""
+    params, X, Y, h0, c0 = stack_case(rng, cell, L, True, T=3, H=3)
+    state = api_state(cell, L, h0, c0)
+    rnn = {k: v for k, v in params.items() if k not in ("W_hq", "b_q")}
+    Hs, last = fastbptt.rnn_forward(rnn, X, state, device="cuda", return_state=True)
+    cpu_Hs, cpu_last = fastbptt.rnn_forward(rnn, X, state, return_state=True)
+    assert rel_err(Hs, cpu_Hs) <= 1e-12
+    for got, want in zip(last if cell == "lstm" else (last,), cpu_last if cell == "lstm" else (cpu_last,)):
+        assert rel_err(got, want) <= 1e-12
+    dHs = rng.normal(size=Hs.shape)
+    for tr in (None, fastbptt.Truncated(2)):
+        got = fastbptt.rnn_backward(rnn, X, Hs, dHs, state, truncation=tr, input_grad=True, device="cuda")
+        want = reference.stack_backward(params, cell, X, dHs, h0, c0, **reference_kw(tr))
+        assert set(got) == set(want)
+        for k in got:
+            assert_close(got[k], np.reshape(want[k], got[k].shape), np.float64, k)
+    l1, s1 = fastbptt.loss(params, X, Y, state)
+    l2, s2 = fastbptt.loss(params, X, Y, state, device="cuda")
+    assert abs(l1 - l2) <= 1e-12 * max(1.0, abs(l1))
+
+
+@sim_only
+def test_gated_params_on_the_device_keep_results_there(rng):
+    """an LSTM stack with its params on the device: grads and (h_T, c_T) stay on the device"""
+    params, X, Y, h0, c0 = stack_case(rng, "lstm", 2, False, T=3, H=3)
+    want_loss, want, (want_h, want_c) = fastbptt.loss_and_grad(params, X, Y, (h0, c0),
+                                                               truncation=fastbptt.Truncated(2))
+    loss, grads, (h_T, c_T) = fastbptt.loss_and_grad(fastbptt.to_device(params), X, Y,
+                                                     (cuda.to_device(h0), c0),
+                                                     truncation=fastbptt.Truncated(2), device="cuda")
+    on_device = cuda.devicearray.is_cuda_ndarray
+    assert on_device(h_T) and on_device(c_T) and all(on_device(g) for g in grads.values())
+    assert abs(loss - want_loss) <= 1e-12
+    assert set(grads) == set(want)
+    for k in want:
+        assert rel_err(grads[k].copy_to_host(), want[k]) <= 1e-9, k
+    assert rel_err(h_T.copy_to_host(), want_h) <= 1e-9 and rel_err(c_T.copy_to_host(), want_c) <= 1e-9
+
+
+@sim_only
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gated_float32_and_no_state(cell, rng):
+    """float32 params, no initial state, the sum reduction, against the CPU"""
+    params, X, Y, _, _ = stack_case(rng, cell, 1, False, T=3, H=4)
+    compare({k: v.astype(np.float32) for k, v in params.items()}, X, Y, None, reduction="sum")
+
+
+@sim_only
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gated_randomized_with_every_crossing_dropped(cell, rng):
+    """ξ = 0 everywhere: no crossing's product runs, and the state's gradients are exactly 0."""
+    params, X, Y, h0, c0 = stack_case(rng, cell, 2, False, T=3, H=3)
+    tr = next(fastbptt.Randomized(0.05, seed=s) for s in range(100)
+              if not fastbptt.Randomized(0.05, seed=s).draw(3, np.float64).any())
+    state = api_state(cell, 2, h0, c0)
+    _, grads, _ = fastbptt.loss_and_grad(params, X, Y, state, truncation=tr, device="cuda")
+    want = reference.stack_loss_and_grad(params, cell, X, Y, h0, c0, xi=np.zeros(3)).grads
+    for k in grads:
+        assert_close(grads[k], want[k], np.float64, k)
+    assert np.all(grads["h0"] == 0) and (cell != "lstm" or np.all(grads["c0"] == 0))
+
+
+@gpu
+@pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(5)], ids=["full", "truncated5"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_every_cell_two_layers_matches_cpu(cell, truncation):
+    """two layers of every cell at a benchmark-like shape, float64, against the CPU"""
+    rng = np.random.default_rng(7)
+    T, B, V, H = 35, 32, 28, 256
+    params = reference.init_stack(rng, cell, 2, V, H, V)
+    X, Y = rng.integers(0, V, (T, B)), rng.integers(0, V, (T, B))
+    h0 = rng.normal(0, 0.5, (2, B, H))
+    state = (h0, rng.normal(0, 0.5, (2, B, H))) if cell == "lstm" else h0
+    l1, g1, _ = fastbptt.loss_and_grad(params, X, Y, state, truncation=truncation)
+    l2, g2, _ = fastbptt.loss_and_grad(params, X, Y, state, truncation=truncation, device="cuda")
+    assert abs(l2 - l1) <= 1e-9 * max(1.0, abs(l1))
+    for k in g1:
+        assert rel_err(g2[k], g1[k]) <= 1e-9, k

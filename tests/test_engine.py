@@ -33,6 +33,27 @@ def test_packing_keeps_every_column_and_pads_with_zeros(K, N, view, rng):
             assert np.array_equal(col, B[:, j] if j < N else np.zeros(K)), (j, n)
 
 
+@pytest.mark.parametrize("H,G", [(1, 3), (7, 4), (16, 3), (18, 4), (40, 3)])
+def test_gated_columns_pack_and_come_back(H, G, rng):
+    # a gated cell's weight in the engine's column order: packed from W and Wᵀ without a
+    # copy, groups of units holding every gate, and the gradient's columns put back
+    cols = products.interleaved(H, G)
+    assert sorted(cols) == list(range(G * H))
+    for u0 in range(0, H, PANEL):
+        first, m = u0 * G, min(PANEL, H - u0)
+        for g in range(G):
+            assert list(cols[first + g * m:first + (g + 1) * m]) == list(range(g * H + u0, g * H + u0 + m))
+    W = rng.normal(size=(5, G * H))
+    for transposed, want in ((False, W[:, cols]), (True, W[:, cols].T)):
+        for n in (1, 2, 3):
+            Bp = np.full(packed_shape(*want.shape), np.nan)
+            products.pack_columns_cpu(Bp, W, cols, transposed, n)
+            np.testing.assert_array_equal(Bp, packed(np.ascontiguousarray(want), 1))
+    back = np.full_like(W, np.nan)
+    products.unpermute_cpu(back, np.ascontiguousarray(W[:, cols]), cols, 2)
+    np.testing.assert_array_equal(back, W)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_products_do_not_depend_on_the_leading_dimension(dtype, rng):
     # the same columns of B, from matrices of different widths: the same result, exactly
@@ -261,7 +282,7 @@ def test_calls_from_two_python_threads_at_once_are_exact(rng):
 # ------------------------------------------------------------------------- the cache
 _CACHE_HIT = """
 import numpy as np, numba, fastbptt
-from fastbptt._cpu import elman, head, lanes, products, projections
+from fastbptt._cpu import elman, gru, head, lanes, lstm, products, projections
 for dt in (np.float32, np.float64):
     p = fastbptt.init_params(11, 40, 11, dtype=dt, seed=0)
     X = np.arange(12).reshape(4, 3) % 11
@@ -270,8 +291,13 @@ for dt in (np.float32, np.float64):
     fastbptt.loss_and_grad(p, X, X, truncation=fastbptt.Truncated(2))
     fastbptt.loss_and_grad(p, np.ones((4, 3, 11), dt), X)
     fastbptt.loss(p, X, X)
+    for cell in ("gru", "lstm"):
+        q = fastbptt.init_params(11, 40, 11, dtype=dt, seed=0, cell=cell, num_layers=2)
+        fastbptt.loss_and_grad(q, X, X)
+        fastbptt.loss_and_grad(q, X, X, truncation=fastbptt.Truncated(2))
+        fastbptt.rnn_forward(q, np.ones((4, 3, 11), dt))
 misses = {}
-for mod in (elman, head, lanes, products, projections):
+for mod in (elman, gru, lstm, head, lanes, products, projections):
     for name in dir(mod):
         f = getattr(mod, name)
         if isinstance(f, numba.core.registry.CPUDispatcher):

@@ -96,10 +96,13 @@ class Run:
         for the tile, once per call, into a kept buffer"""
         name = (key, transposed)
         if name not in self._packed:
-            W = self.P[key] if cols is None else self.P[key][:, cols]
-            W = W.T if transposed else W
-            Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(*W.shape)])
-            pack_cpu(Wp, W, self.n)
+            W = self.P[key]
+            K, N = W.shape[::-1] if transposed else W.shape
+            Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(K, N)])
+            if cols is None:
+                pack_cpu(Wp, W.T if transposed else W, self.n)
+            else:
+                products.pack_columns_cpu(Wp, W, cols, transposed, self.n)
             self._packed[name] = Wp
         return self._packed[name]
 
@@ -135,8 +138,8 @@ class Run:
         """a (..., G·H) from the engine's column order back to the natural one"""
         if cols is None:
             return a
-        out = np.empty_like(a)
-        out[..., cols] = a
+        out = products.empty(a.shape, a.dtype)
+        products.unpermute_cpu(out.reshape(-1, a.shape[-1]), a.reshape(-1, a.shape[-1]), cols, self.n)
         return out
 
     # ------------------------------------------------------------------- the graph's

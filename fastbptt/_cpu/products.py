@@ -339,6 +339,43 @@ def pack_cpu(Bp, B, n):
         _pack(Bp, B, P * c // n, P * (c + 1) // n)
 
 
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def pack_columns_cpu(Bp, W, cols, transposed, n):
+    """Bp ← B packed (see packed_shape), B = W[:, cols] (K = W's rows, N = len(cols)) or,
+    with ``transposed``, its transpose (K = len(cols), N = W's rows): a gated cell's weight in
+    the engine's column order (``interleaved``) without a permuted copy · n chunks of panels"""
+    P, K, _ = Bp.shape
+    for c in prange(n):
+        for p in range(P * c // n, P * (c + 1) // n):
+            j0 = p * PANEL
+            dst = Bp[p]
+            dst[:] = 0
+            if transposed:                          # B[k, j] = W[j, cols[k]]
+                w = min(PANEL, W.shape[0] - j0)
+                for k in range(K):
+                    ck = cols[k]
+                    for l in range(w):
+                        dst[k, l] = W[j0 + l, ck]
+            else:                                   # B[k, j] = W[k, cols[j]]
+                w = min(PANEL, cols.shape[0] - j0)
+                for k in range(K):
+                    row = W[k]
+                    for l in range(w):
+                        dst[k, l] = row[cols[j0 + l]]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def unpermute_cpu(out, a, cols, n):
+    """out[:, cols[i]] = a[:, i]: a gated cell's gradient (rows, G·H) from the engine's column
+    order back to the natural one · n row chunks"""
+    M = a.shape[0]
+    for c in prange(n):
+        for r in range(M * c // n, M * (c + 1) // n):
+            src, dst = a[r], out[r]
+            for i in range(cols.shape[0]):
+                dst[cols[i]] = src[i]
+
+
 def packed(B, n):
     """B (K,N) packed in a new array (see pack_cpu)"""
     Bp = empty(packed_shape(*B.shape), B.dtype)

@@ -2,31 +2,32 @@
 
 Imported only when ``device="cuda"`` is asked for; ``available()`` says whether it can
 run here (a CUDA GPU, or the simulator under ``NUMBA_ENABLE_CUDASIM=1``).  The math is
-the CPU backend's (:mod:`fastbptt._cpu`, docs/math.md).
+the CPU backend's (:mod:`fastbptt._cpu`, docs/math.md), file for file and name for name.
 
 The engine, by concern (it knows no cell):
 
 - ``products``    the GEMM (cuBLAS through CuPy, else a numba-cuda kernel), the launch
-                  grid, zeros and column sums
+                  grid, zeros, sums and shifts
 - ``head``        the softmax cross-entropy head over all rows
 - ``projections`` the input projection and the weight gradients over all rows
 - ``arrays``      device arrays for the API's validation (host arrays: ``fastbptt._host``)
 
-The cells: ``elman`` ("rnn"), with the recurrence's step and persistent paths.  The
-order of a call's operations is ``fastbptt._model``; this module gives it a *run* (one
-call's params on the device) and the products over all rows.  Inputs arrive validated,
-each on the host or on the device: host arrays are copied to the device, and results
-come back to the host unless the params live on the device (``fastbptt.to_device``), in
-which case they stay there, zero-copy.
+The cells: ``elman`` ("rnn", with the recurrence's step and persistent paths), ``gru``,
+``lstm``.  The order of a call's operations is ``fastbptt._model``; this module gives it a
+*run* (one call's params on the device, its buffers) and the products over all rows.  A
+gated cell's G·H columns keep their natural layout [gate0 | gate1 | ...] on the device
+(``Run.columns`` is None: no interleaving).  Inputs arrive validated, each on the host or
+on the device: host arrays are copied to the device, and results come back to the host
+unless the params live on the device (``fastbptt.to_device``), in which case they stay
+there, zero-copy.
 """
-import numpy as np
 from numba import cuda
 
-from . import elman, head, projections
+from . import elman, gru, head, lstm, projections
 from .arrays import as_array, device, first_nonfinite, id_range, normalized, on_device, stack_states  # noqa: F401
-from .products import SIMULATOR, launch, zero_cuda  # noqa: F401
+from .products import SIMULATOR, axpy, gemm, launch, shift, zero_cuda, zeros  # noqa: F401
 
-CELLS = {"rnn": elman}
+CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
 
 
 def available() -> bool:
@@ -42,10 +43,11 @@ def to_device(P):
 
 
 class Run:
-    """One call: its params on the device, and how its results leave."""
+    """One call: its params on the device, its buffers, how its results leave, and the
+    products over all rows that the graph and the cells ask for."""
 
-    def __init__(self, P, X, kind):
-        self.kind = kind
+    def __init__(self, P, X, kind, cell, L):
+        self.kind, self.cell, self.L = kind, cell, L
         self.keep = on_device(P["W_hh"])      # params on the device: results stay there
         self.P = to_device(P)
         self.X = X
@@ -61,100 +63,150 @@ class Run:
         pass
 
     # ------------------------------------------------------------------- the engine
-    def inputs(self):
-        """X on the device, copied once per call"""
+    def inputs(self, X):
+        """X on the device: the call's X copied once per call; a layer's input (already on
+        the device) as it is"""
+        if X is not self.X:
+            return device(X)
         if self._X is None:
             self._X = device(self.X)
         return self._X
 
+    def scratch(self, name, shapes):
+        """work buffers of the call (fresh device arrays, uninitialized)"""
+        return tuple(cuda.device_array(tuple(shape), self.dtype) for shape in shapes)
+
+    def zeros(self, name, shape):
+        return zeros(tuple(shape), self.dtype)
+
+    # ---------------------------------------------------------------- layers, columns
+    def key(self, name, l):
+        """the params' key of layer l's parameter ``name`` ("W_hh", "W_hh_l1", ...)"""
+        return name if l == 0 else f"{name}_l{l}"
+
+    def param(self, name, l):
+        return self.P[self.key(name, l)]
+
+    def layer_keys(self, grads, l):
+        return {self.key(name, l): g for name, g in grads.items()}
+
+    def columns(self, G):
+        """a gated cell's column order inside the engine: the natural one (None)"""
+        return None
+
+    def natural(self, a, cols):
+        return a
+
     # ------------------------------------------------------------------- the graph's
-    def states(self):
-        return cuda.device_array((self.T + 1, self.B, self.H), self.dtype)
+    def given(self, a):
+        """an array the caller passed (states or direct terms), on the device"""
+        return device(a)
+
+    def output(self, a):
+        """a device array as the API returns it: itself when the params are on the device,
+        else a host copy"""
+        return a if self.keep else a.copy_to_host()
 
     def results(self, arrays):
         """as device arrays when the params are on the device, else copied back"""
-        if self.keep:
-            return arrays
-        return {name: a.copy_to_host() for name, a in arrays.items()}
+        return {name: self.output(a) for name, a in arrays.items()}
 
-    def last_state(self, S):
-        h_T = S[self.T]
-        return h_T if self.keep else h_T.copy_to_host()
+    def _stacked(self, arrays):
+        """(L,B,H) on the device from L arrays (B,H)"""
+        out = cuda.device_array((len(arrays), self.B, self.H), self.dtype)
+        for l, a in enumerate(arrays):
+            out[l].copy_to_device(a)
+        return out
+
+    def last_states(self, cell, lays):
+        """one array (L,B,H) per state of the cell (h, and c for the LSTM)"""
+        return tuple(self.output(self._stacked([getattr(lay, name)[self.T] for lay in lays]))
+                     for name in cell.STATES)
+
+    def state_grads(self, d0):
+        """one array (L,B,H) per state of the cell, from one tuple per layer"""
+        return tuple(self.output(self._stacked(g)) for g in zip(*d0))
+
+    def add(self, dst, src):
+        """dst += src (same shapes, contiguous)"""
+        axpy(dst, 1.0, src)
+
+    def shift(self, C, n):
+        """C[:n-1] = C[1:n] (a chain's carry, one step back)"""
+        shift(C, n)
+
+    # ------------------------------------------------------------------ rows products
+    def project(self, X, out, key, bias, cols=None):
+        """out (T·B,G·H) = X W + b over all rows: a row gather for token ids X (T,B), one
+        GEMM for dense X (T,B,D); W = P[key] (natural columns: cols is None)"""
+        T, B = self.T, self.B
+        W, Xd = self.P[key], self.inputs(X)
+        if X.ndim == 2:
+            projections.embed_tokens_cuda[launch(out.size)](out.reshape(T, B, out.shape[1]), Xd, W, bias)
+        else:
+            projections.embed_dense_cuda(out, Xd.reshape(T * B, X.shape[2]), W, bias)
+
+    def head_loss(self, S, Y):
+        T, B, H = self.T, self.B, self.H
+        logits = cuda.device_array((T * B, self.P["W_hq"].shape[1]), self.dtype)
+        return head.head_loss_cuda(logits, S[1:].reshape(T * B, H), device(Y).reshape(T * B),
+                                   self.P["W_hq"], self.P["b_q"])
+
+    def head_forward_backward(self, S, Y, scale):
+        """(loss, dH = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients)"""
+        T, B, H = self.T, self.B, self.H
+        Q = self.P["W_hq"].shape[1]
+        dH = cuda.device_array((T, B, H), self.dtype)
+        dW_hq = cuda.device_array((H, Q), self.dtype)
+        db_q = cuda.device_array(Q, self.dtype)
+        logits = cuda.device_array((T * B, Q), self.dtype)
+        loss = head.head_forward_backward_cuda(dH.reshape(T * B, H), dW_hq, db_q, logits,
+                                               S[1:].reshape(T * B, H), device(Y).reshape(T * B),
+                                               self.P["W_hq"], self.P["b_q"], scale)
+        return loss, dH, {"W_hq": dW_hq, "b_q": db_q}
+
+    def recurrent_grads(self, S, dR):
+        """∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t: one GEMM over the T·B rows"""
+        GH = dR.shape[2]
+        dW_hh = cuda.device_array((self.H, GH), dR.dtype)
+        db = cuda.device_array(GH, dR.dtype)
+        projections.recurrent_grads_cuda(dW_hh, db, dR, S)
+        return dW_hh, db
+
+    def input_grads(self, X, dP):
+        """∂W_xh = Σ_t x_tᵀ dP_t: an atomic scatter-add for token ids, else one GEMM"""
+        T, B, GH = dP.shape
+        Xd = self.inputs(X)
+        if X.ndim == 2:
+            dW_xh = zeros((self.P["W_xh"].shape[0], GH), dP.dtype)
+            projections.embed_tokens_backward_cuda[launch(dP.size)](dW_xh, dP, Xd)
+        else:
+            dW_xh = cuda.device_array((X.shape[2], GH), dP.dtype)
+            projections.embed_dense_backward_cuda(dW_xh, dP.reshape(T * B, GH), Xd.reshape(T * B, X.shape[2]))
+        return dW_xh
+
+    def input_adjoint(self, l, dP, G, out=None):
+        """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""
+        W = self.param("W_xh", l)
+        if out is None:
+            out = zeros(tuple(dP.shape[:-1]) + (W.shape[0],), dP.dtype)
+        gemm(out.reshape(out.size // W.shape[0], W.shape[0]), dP.reshape(dP.size // W.shape[1], W.shape[1]),
+             W, tb=True, beta=1.0)
+        return out
+
+    def recurrent_adjoint(self, l, dR, G, out):
+        """out (rows,H) += dR W_hhᵀ"""
+        W = self.param("W_hh", l)
+        gemm(out.reshape(out.size // self.H, self.H), dR.reshape(dR.size // W.shape[1], W.shape[1]),
+             W, tb=True, beta=1.0)
+
+    def cross(self, dR0, W_hh, x):
+        """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0"""
+        dh0 = zeros((self.B, self.H), dR0.dtype)
+        if x != 0:
+            gemm(dh0, dR0, W_hh, tb=True, alpha=float(x))
+        return dh0
 
 
-def begin(P, X, kind):
-    return Run(P, X, kind)
-
-
-def given(run, a):
-    """an array the caller passed (states or direct terms), on the device"""
-    return device(a)
-
-
-def ones(run, T, dtype):
-    return np.ones(T, dtype)                  # ξ stays on the host: the step path reads it there
-
-
-def direct_terms(run, dZ):
-    """A (T+1,B,H): A[0] = 0, A[1:] = dZ (before the sweep overwrites it)"""
-    T, B, H = dZ.shape
-    A = cuda.device_array((T + 1, B, H), dZ.dtype)
-    zero_cuda[launch(B * H)](A[0])
-    A[1:].copy_to_device(dZ)
-    return A
-
-
-# -------------------------------------------------------------------- rows products
-def embed(run, X, S, h0):
-    """S[0] = h_0;  S[1:] = pre_t = x_t W_xh + b_h (a row gather for token ids)"""
-    T, B, H = run.T, run.B, run.H
-    S[0].copy_to_device(h0)
-    Xd = run.inputs()
-    if X.ndim == 2:
-        projections.embed_tokens_cuda[launch(T * B * H)](S[1:], Xd, run.P["W_xh"], run.P["b_h"])
-    else:
-        projections.embed_dense_cuda(S[1:].reshape(T * B, H), Xd.reshape(T * B, X.shape[2]),
-                                     run.P["W_xh"], run.P["b_h"])
-
-
-def head_loss(run, S, Y):
-    T, B, H = run.T, run.B, run.H
-    logits = cuda.device_array((T * B, run.P["W_hq"].shape[1]), run.dtype)
-    return head.head_loss_cuda(logits, S[1:].reshape(T * B, H), device(Y).reshape(T * B),
-                               run.P["W_hq"], run.P["b_q"])
-
-
-def head_forward_backward(run, S, Y, scale):
-    """(loss, dZ = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients)"""
-    T, B, H = run.T, run.B, run.H
-    Q = run.P["W_hq"].shape[1]
-    dZ = cuda.device_array((T, B, H), run.dtype)
-    dW_hq = cuda.device_array((H, Q), run.dtype)
-    db_q = cuda.device_array(Q, run.dtype)
-    logits = cuda.device_array((T * B, Q), run.dtype)
-    loss = head.head_forward_backward_cuda(dZ.reshape(T * B, H), dW_hq, db_q, logits,
-                                           S[1:].reshape(T * B, H), device(Y).reshape(T * B),
-                                           run.P["W_hq"], run.P["b_q"], scale)
-    return loss, dZ, {"W_hq": dW_hq, "b_q": db_q}
-
-
-def recurrent_grads(run, S, dZ):
-    """∂W_hh = Σ_t h_{t-1}ᵀ dz_t, ∂b_h = Σ_t Σ_b dz_t: one GEMM over the T·B rows"""
-    H = dZ.shape[2]
-    dW_hh = cuda.device_array((H, H), dZ.dtype)
-    db_h = cuda.device_array(H, dZ.dtype)
-    projections.recurrent_grads_cuda(dW_hh, db_h, dZ, S)
-    return dW_hh, db_h
-
-
-def input_grads(run, X, dZ):
-    """∂W_xh = Σ_t x_tᵀ dz_t: an atomic scatter-add for token ids, else one GEMM"""
-    T, B, H = dZ.shape
-    dW_xh = cuda.device_array(run.P["W_xh"].shape, dZ.dtype)
-    zero_cuda[launch(dW_xh.size)](dW_xh)
-    Xd = run.inputs()
-    if X.ndim == 2:
-        projections.embed_tokens_backward_cuda[launch(T * B * H)](dW_xh, dZ, Xd)
-    else:
-        projections.embed_dense_backward_cuda(dW_xh, dZ.reshape(T * B, H), Xd.reshape(T * B, X.shape[2]))
-    return dW_xh
+def begin(P, X, kind, cell, L):
+    return Run(P, X, kind, cell, L)

@@ -15,19 +15,22 @@ when B <= config.CUDA_PERSIST_MAX_B and H fits, else step; :func:`use_persistent
   the grid synchronizes once per step (twice backward).  Largest H:
   :func:`persistent_max_hidden` (48 KiB of shared memory per block).
 
-Per-term truncation (Truncated(k)) advances all chains one depth at a time, one GEMM
-per depth (:func:`backward_truncated_cuda`).
+What the backward needs is h_t alone (φ' is a function of it), so the forward keeps
+h_0..h_T and nothing else.  Per-term truncation (Truncated(k)) is the graph's
+(``fastbptt._model.truncated``, for every cell): this cell gives it the pointwise backward
+of all live chains of a depth at once (:func:`chain_cuda`).
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 from numba import cuda
 
 from .. import config
 from ..config import ACTIVATIONS
-from .products import gemm, launch, zero_cuda
+from .products import launch, scaled, zeros
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 _SHARED_BYTES = 48 * 1024
@@ -90,15 +93,6 @@ def _carry_cuda(carry, dZ, s, W_hh):
         for k in range(H):
             acc += dZ[s, b, k] * W_hh[j, k]
         carry[b, j] = acc
-
-
-@cuda.jit
-def _scale_cuda(out, src, scale):
-    """out = scale · src, elementwise (2-D)"""
-    N, M = out.shape
-    start, stride = cuda.grid(1), cuda.gridsize(1)
-    for idx in range(start, N * M, stride):
-        out[idx // M, idx % M] = scale * src[idx // M, idx % M]
 
 
 # ---------------------------------------------------------------- persistent path
@@ -218,10 +212,11 @@ def forward_cuda(Hx, W_hh, act):
         rnn_step_cuda[launch(B * H)](Hx, t, W_hh, act)
 
 
-def backward_cuda(dZ, dh0, Hx, W_hh, xi, act):
-    """Reverse sweep: a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ, dz_t = a_t ⊙ φ'(h_t); ∂h_0 = ξ_1 dz_1 W_hhᵀ
+def backward_cuda(dZ, Hx, W_hh, xi, act):
+    """Reverse sweep: a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ, dz_t = a_t ⊙ φ'(h_t); returns
+    ∂h_0 = ξ_1 dz_1 W_hhᵀ (B,H), a new device array
 
-    dZ (T,B,H) device, in: dHs, out: dz · dh0 (B,H) device out · Hx (T+1,B,H) · W_hh (H,H) ·
+    dZ (T,B,H) device, in: dHs, out: dz · Hx (T+1,B,H) · W_hh (H,H) ·
     xi (T,) host array of ξ_1..ξ_T (a zero skips that step's product)
     """
     T, B, H = dZ.shape
@@ -232,67 +227,89 @@ def backward_cuda(dZ, dh0, Hx, W_hh, xi, act):
     else:
         g = launch(B * H)
         for s in range(T - 1, -1, -1):
-            x = xi[s + 1] if s + 1 < T else 0.0
+            x = float(xi[s + 1]) if s + 1 < T else 0.0
             _dz_step_cuda[g](dZ, s, carry, x, Hx, act)
             if xi[s] != 0:
                 _carry_cuda[g](carry, dZ, s, W_hh)
     if xi[0] != 0:                    # as on the CPU: the carry of step 1 exists only when ξ_1 != 0
-        _scale_cuda[launch(B * H)](dh0, carry, xi[0])
-    else:
-        zero_cuda[launch(B * H)](dh0)
+        return scaled(float(xi[0]), carry)
+    return zeros((B, H), dZ.dtype)
 
 
 @cuda.jit
-def _chain_step_cuda(chain, dZ, d, Hx, act):
-    """For every live chain t >= d (at step s = t-d): chain_t ← chain_t ⊙ φ'(h_s); dz_s += chain_t"""
-    T, B, H = dZ.shape
+def chain_cuda(A, h, dZ, act):
+    """every row of a block of steps at once (truncation's chains): dZ = A ⊙ φ'(h)
+
+    A, h, dZ (rows,H), one thread per (row, unit)"""
+    rows, H = A.shape
     start, stride = cuda.grid(1), cuda.gridsize(1)
-    for idx in range(start, B * H, stride):          # one thread per (b, j), serial over t: no races
-        b, j = idx // H, idx % H
-        for t in range(d, T):
-            c = chain[t, b, j] * _dphi(Hx[t - d + 1, b, j], act)
-            chain[t, b, j] = c
-            dZ[t - d, b, j] += c
-
-
-def backward_truncated_cuda(dZ, dh0, Hx, W_hh, k, act):
-    """Per-term truncation after k steps, chains advanced one depth at a time (one GEMM per depth),
-    as ``fastbptt._cpu.elman.backward_truncated_cpu``; ∂h_0 = dz_1 W_hhᵀ."""
-    T, B, H = dZ.shape
-    chain = cuda.device_array_like(dZ)
-    chain.copy_to_device(dZ)
-    nxt = cuda.device_array_like(dZ)
-    zero_cuda[launch(T * B * H)](dZ.reshape(T * B, H))
-    depth = min(k, T)
-    for d in range(depth):
-        _chain_step_cuda[launch(B * H)](chain, dZ, d, Hx, act)
-        if d + 1 < depth:
-            rows = slice((d + 1) * B, T * B)
-            gemm(nxt.reshape(T * B, H)[rows], chain.reshape(T * B, H)[rows], W_hh, tb=True)
-            chain, nxt = nxt, chain
-    gemm(dh0, dZ[0], W_hh, tb=True)
+    for idx in range(start, rows * H, stride):
+        r, j = idx // H, idx % H
+        dZ[r, j] = A[r, j] * _dphi(h[r, j], act)
 
 
 # --------------------------------------------------------------- the graph's calls
-# fastbptt._model calls these with a run (fastbptt._cuda.Run): the params on the device.
-
-def forward(run, S, act):
-    """S (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T."""
-    forward_cuda(S, run.P["W_hh"], act)
-
-
-def backward(run, S, dZ, act, k, xi):
-    """dZ (T,B,H) in: the direct terms ∂l_t/∂h_t; out: dz_t.  Returns ∂L/∂h_0.
-    k: Truncated(k) with k < T, or None for the sweep with crossing factors xi (T,), a host array."""
-    dh0 = cuda.device_array(dZ.shape[1:], dZ.dtype)
-    if k is None:
-        backward_cuda(dZ, dh0, S, run.P["W_hh"], xi, act)
-    else:
-        backward_truncated_cuda(dZ, dh0, S, run.P["W_hh"], k, act)
-    return dh0
+# fastbptt._model calls these with a run (fastbptt._cuda.Run): the params on the device;
+# l is the layer.
+G = 1
+STATES = ("S",)            # the record's state arrays: h_0..h_T
 
 
-def add_recurrent(run, A, dZ):
-    """A[:T] += dZ W_hhᵀ (the adjoints a_t that reach h_t through step t + 1)"""
+def forward(run, l, X, state0, act):
+    """the layer's forward over the T steps from state0 = (h_0,); X its input (T,B) ids or
+    (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T."""
+    T, B, H = run.T, run.B, run.H
+    S, = run.scratch(f"rnn{l}", [(T + 1, B, H)])
+    S[0].copy_to_device(state0[0])
+    run.project(X, S[1:].reshape(T * B, H), run.key("W_xh", l), run.param("b_h", l))
+    forward_cuda(S, run.param("W_hh", l), act)
+    return SimpleNamespace(S=S)
+
+
+def given(run, l, X, S, state0, act):
+    """the forward's record from the caller's states S (T+1,B,H) h_0..h_T (on the device)"""
+    return SimpleNamespace(S=S)
+
+
+def backward(run, l, X, lay, dZ, act, xi, want_dx):
+    """the full (or randomized) reverse sweep of the layer: dZ (T,B,H) in: the direct terms
+    ∂l_t/∂h_t; out: dz_t.  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
+    dh0 = backward_cuda(dZ, lay.S, run.param("W_hh", l), xi, act)
+    return (weight_grads(run, l, X, lay, dZ, dZ), (dh0,),
+            run.input_adjoint(l, dZ, G) if want_dx else None)
+
+
+def weight_grads(run, l, X, lay, dP, dR):
+    """∂W_xh = Σ x_tᵀ dz_t, ∂W_hh = Σ h_{t-1}ᵀ dz_t, ∂b_h = Σ dz_t (dP and dR are the same dz)"""
+    dW_hh, db_h = run.recurrent_grads(lay.S, dR)
+    return {"W_xh": run.input_grads(X, dP), "W_hh": dW_hh, "b_h": db_h}
+
+
+def adjoints(run, l, X, lay, dZ, act):
+    """A (T+1,B,H) = ∂L/∂h_0..∂L/∂h_T of the full gradient: a_t = dHs_t + dz_{t+1} W_hhᵀ"""
     T, B, H = dZ.shape
-    gemm(A[:T].reshape(T * B, H), dZ.reshape(T * B, H), run.P["W_hh"], tb=True, beta=1.0)
+    A = run.zeros(f"rnn{l}A", (T + 1, B, H))
+    A[1:].copy_to_device(dZ)                         # before the sweep overwrites dZ
+    backward_cuda(dZ, lay.S, run.param("W_hh", l), np.ones(T, dZ.dtype), act)
+    run.recurrent_adjoint(l, dZ, G, out=A[:T])
+    return A
+
+
+def chains(run, l, lay):
+    """truncation's per-layer buffers: A the chains' adjoints, dP = dR a depth's outputs,
+    gP = gR their sums (A and the sums zero); no carry"""
+    T, B, H = run.T, run.B, run.H
+    A, gZ = run.zeros(f"rnn{l}A", (T, B, H)), run.zeros(f"rnn{l}g", (T, B, H))
+    dZ, = run.scratch(f"rnn{l}c", [(T, B, H)])
+    return SimpleNamespace(A=A, C=None, dP=dZ, dR=dZ, gP=gZ, gR=gZ)
+
+
+def chain_point(run, l, lay, c, n, act):
+    """the pointwise backward of the n live chains (steps 0..n-1) of a depth"""
+    rows = n * run.B
+    chain_cuda[launch(rows * run.H)](c.A[:n].reshape(rows, run.H), lay.S[1:n + 1].reshape(rows, run.H),
+                                     c.dP[:n].reshape(rows, run.H), act)
+
+
+def initial_grads(dh0, carry):
+    return (dh0,)
