@@ -7,6 +7,8 @@
     python bench/engine_micro.py firstcall  # a fresh process's first loss_and_grad (warm cache)
     python bench/engine_micro.py coldcall   # ... and with an empty cache (the compile)
     python bench/engine_micro.py interleave # d2l-scratch calls after numpy's: the team's thread counts
+    python bench/engine_micro.py phases CELL T B D H  # where a loss_and_grad's time goes (cProfile,
+                                            # D <= 64: token ids, else dense input)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -135,6 +137,29 @@ def bench_interleave():
         print(f"round {rnd}: " + " ".join(f"{t:.1f}({n})" for t, n in zip(times, counts)))
 
 
+def bench_phases():
+    """ms per call of each kernel of a float32 loss_and_grad (the rows summing to the call)"""
+    import cProfile
+    import pstats
+
+    import fastbptt
+    cell, (T, B, D, H) = sys.argv[2], (int(x) for x in sys.argv[3:7])
+    rng = np.random.default_rng(0)
+    p = {k: (rng.standard_normal(v.shape) / np.sqrt(H)).astype(np.float32)
+         for k, v in fastbptt.init_params(D, H, 28, cell=cell).items()}
+    X = rng.integers(0, D, (T, B)) if D <= 64 else rng.standard_normal((T, B, D)).astype(np.float32)
+    Y = rng.integers(0, 28, (T, B))
+    call = lambda: fastbptt.loss_and_grad(p, X, Y)                      # noqa: E731
+    print(f"{cell} T={T} B={B} D={D} H={H}: {best_ms(call, reps=10):.2f} ms per call (best)")
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [call() for _ in range(20)])
+    stats = pstats.Stats(prof).stats
+    rows = sorted(((tt / 20 * 1e3, f"{fn[0].split('fastbptt/')[-1]}:{fn[2]}") for fn, (_, _, tt, _, _) in
+                   stats.items() if "fastbptt" in fn[0]), reverse=True)
+    for ms, name in rows[:10]:
+        print(f"  {ms:7.3f} ms  {name}")
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -143,4 +168,4 @@ def bench_firstcall():
 
 if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
-     "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "phases": bench_phases, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -10,7 +10,7 @@ and the fraction of it reached, and fastbptt's speedup over each peer.
 
 --cell rnn (default) runs the Elman cell on the configs d2l-scratch, d2l-concise, wide,
 latency; --cell gru and --cell lstm run the gated cell on d2l (token ids),
-deepbench-lstm and wide-gru (dense input), against numpy, torch (nn.GRU / nn.LSTM),
+deepbench and wide (dense input), against numpy, torch (nn.GRU / nn.LSTM),
 torch-scratch and jax.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ SYSTEMS = ("fastbptt", "numpy", "torch-rnn", "torch-scratch", "jax")
 #: name: (T, B, D, H, Q, dense) — D the vocabulary for token ids, else the dense input's width
 GATED_CONFIGS = {
     "d2l": (35, 32, 28, 256, 28, False),             # the book's §9.1/§9.2 setting, token ids
-    "deepbench-lstm": (25, 64, 512, 512, 28, True),  # DeepBench's LSTM training shape, dense input
-    "wide-gru": (32, 32, 1024, 1024, 28, True),      # large layers, GEMM-bound, dense input
+    "deepbench": (25, 64, 512, 512, 28, True),       # DeepBench's LSTM training shape, dense input
+    "wide": (32, 32, 1024, 1024, 28, True),          # large layers, GEMM-bound, dense input
 }
 GATED_SYSTEMS = ("fastbptt", "numpy", "torch", "torch-scratch", "jax")
 #: gate blocks per cell: W_hh is (H, G·H)

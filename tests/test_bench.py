@@ -44,8 +44,8 @@ def test_bench_cli_parses_cell(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["bench"])
     assert args.cell == "rnn" and args.configs is None and args.peers is None
-    args = parser.parse_args(["bench", "--cell", "gru", "--configs", "wide-gru", "d2l", "--peers", "torch"])
-    assert (args.cell, args.configs, args.peers) == ("gru", ["wide-gru", "d2l"], ["torch"])
+    args = parser.parse_args(["bench", "--cell", "gru", "--configs", "wide", "d2l", "--peers", "torch"])
+    assert (args.cell, args.configs, args.peers) == ("gru", ["wide", "d2l"], ["torch"])
     assert bench.peer_names(["torch", "jax"], "rnn") == ("torch-rnn", "jax")
     assert bench.peer_names(["torch-rnn"], "lstm") == ("torch",)
     assert bench.peer_names(None, "gru") == ("numpy", "torch", "torch-scratch", "jax")

@@ -50,7 +50,7 @@ def test_gated_columns_pack_and_come_back(H, G, rng):
             products.pack_columns_cpu(Bp, W, cols, transposed, n)
             np.testing.assert_array_equal(Bp, packed(np.ascontiguousarray(want), 1))
     back = np.full_like(W, np.nan)
-    products.unpermute_cpu(back, np.ascontiguousarray(W[:, cols]), cols, 2)
+    products.unpermute_cpu(back, np.ascontiguousarray(W[:, cols]), H, 2)
     np.testing.assert_array_equal(back, W)
 
 

@@ -139,7 +139,7 @@ class Run:
         if cols is None:
             return a
         out = products.empty(a.shape, a.dtype)
-        products.unpermute_cpu(out.reshape(-1, a.shape[-1]), a.reshape(-1, a.shape[-1]), cols, self.n)
+        products.unpermute_cpu(out.reshape(-1, a.shape[-1]), a.reshape(-1, a.shape[-1]), self.H, self.n)
         return out
 
     # ------------------------------------------------------------------- the graph's
@@ -213,36 +213,42 @@ class Run:
             self.packed("W_hq", transposed=True), self.P["b_q"], scale, self.blk("rows"), self.n)
         return float(row_loss.sum()) * scale, dH, {"W_hq": dW_hq, "b_q": db_q}
 
-    def _packed_rows(self, dZ2, k0):
-        """dZ2[k0:] (the B operand of the weight gradients) packed, in a kept buffer"""
+    def _packed_rows(self, dZ2, k0, cols):
+        """dZ2[k0:] (the B operand of the weight gradients) packed, its columns put back in the
+        natural order when they are a gated cell's (cols), in a kept buffer"""
         dZp, = self.scratch(f"dZp{k0}", [packed_shape(dZ2.shape[0] - k0, dZ2.shape[1])])
-        pack_cpu(dZp, dZ2[k0:], self.n)
+        if cols is None:
+            pack_cpu(dZp, dZ2[k0:], self.n)
+        else:
+            inverse = self._buffers.setdefault(("inverse", len(cols)), np.argsort(cols))
+            products.pack_columns_cpu(dZp, dZ2[k0:], inverse, False, self.n)
         return dZp
 
-    def recurrent_grads(self, S, dR):
+    def recurrent_grads(self, S, dR, cols=None):
         """∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t: one product over the T·B rows
-        (the h_0 rows skipped when h_0 = 0)"""
+        (the h_0 rows skipped when h_0 = 0); both in the natural column order"""
         T, B, GH = dR.shape
         dR2 = dR.reshape(T * B, GH)
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
         db = np.empty(GH, dR.dtype)
-        projections.recurrent_grads_cpu(dW_hh, db, dR2, self._packed_rows(dR2, k0),
+        projections.recurrent_grads_cpu(dW_hh, db, dR2, self._packed_rows(dR2, k0, cols),
                                         self.transposed_states(S), k0, self.blk("grad"), self.n)
-        return dW_hh, db
+        return dW_hh, self.natural(db, cols)
 
-    def input_grads(self, X, dP):
-        """∂W_xh = Σ_t x_tᵀ dP_t: a scatter-add for token ids, else one product"""
+    def input_grads(self, X, dP, cols=None):
+        """∂W_xh = Σ_t x_tᵀ dP_t, in the natural column order: a scatter-add for token ids, else
+        one product"""
         T, B, GH = dP.shape
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
         if X.ndim == 2:
             projections.embed_tokens_backward_cpu(dW_xh, dP, X)
-        else:
-            X2 = X.reshape(T * B, -1)
-            XT, = self.scratch("XT", [(X2.shape[1], T * B)])
-            transpose_cpu(XT, X2, self.n)
-            projections.embed_dense_backward_cpu(dW_xh, XT, self._packed_rows(dP.reshape(T * B, GH), 0),
-                                                 self.blk("grad"), self.n)
+            return self.natural(dW_xh, cols)
+        X2 = X.reshape(T * B, -1)
+        XT, = self.scratch("XT", [(X2.shape[1], T * B)])
+        transpose_cpu(XT, X2, self.n)
+        projections.embed_dense_backward_cpu(dW_xh, XT, self._packed_rows(dP.reshape(T * B, GH), 0, cols),
+                                             self.blk("grad"), self.n)
         return dW_xh
 
     def input_adjoint(self, l, dP, G, out=None):

@@ -210,9 +210,8 @@ def weight_grads(run, l, X, lay, dP, dR):
     """∂W_xh = Σ x_tᵀ dZ_t, ∂W_hh = Σ h_{t-1}ᵀ dZ_t, ∂b_h = Σ dZ_t, back in the natural column
     order (dP and dR are the same dZ)"""
     cols = run.columns(G)
-    dW_hh, db_h = run.recurrent_grads(lay.S, dR)
-    return {"W_xh": run.natural(run.input_grads(X, dP), cols), "W_hh": run.natural(dW_hh, cols),
-            "b_h": run.natural(db_h, cols)}
+    dW_hh, db_h = run.recurrent_grads(lay.S, dR, cols)
+    return {"W_xh": run.input_grads(X, dP, cols), "W_hh": dW_hh, "b_h": db_h}
 
 
 def chains(run, l, lay):

@@ -358,22 +358,38 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
                         dst[k, l] = W[j0 + l, ck]
             else:                                   # B[k, j] = W[k, cols[j]]
                 w = min(PANEL, cols.shape[0] - j0)
-                for k in range(K):
-                    row = W[k]
-                    for l in range(w):
-                        dst[k, l] = row[cols[j0 + l]]
+                run = True                          # a run of W's columns: a copy, not a gather
+                for l in range(w):
+                    run = run and cols[j0 + l] == cols[j0] + l
+                if run:
+                    s0 = cols[j0]
+                    for k in range(K):
+                        src = W[k, s0:s0 + w]
+                        for l in range(w):
+                            dst[k, l] = src[l]
+                else:
+                    for k in range(K):
+                        row = W[k]
+                        for l in range(w):
+                            dst[k, l] = row[cols[j0 + l]]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def unpermute_cpu(out, a, cols, n):
-    """out[:, cols[i]] = a[:, i]: a gated cell's gradient (rows, G·H) from the engine's column
-    order back to the natural one · n row chunks"""
-    M = a.shape[0]
+def unpermute_cpu(out, a, H, n):
+    """out = a (rows, G·H) with its columns from the ``interleaved`` order back to the natural
+    one, a group's gate at a time · n row chunks"""
+    M, GH = a.shape
+    G = GH // H
     for c in prange(n):
         for r in range(M * c // n, M * (c + 1) // n):
             src, dst = a[r], out[r]
-            for i in range(cols.shape[0]):
-                dst[cols[i]] = src[i]
+            for u0 in range(0, H, PANEL):
+                first, m = gate_group(H, G, u0)
+                for g in range(G):
+                    d = dst[g * H + u0:g * H + u0 + m]
+                    s = src[first + g * m:first + (g + 1) * m]
+                    for l in range(m):
+                        d[l] = s[l]
 
 
 def packed(B, n):
