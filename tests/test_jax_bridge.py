@@ -1,0 +1,228 @@
+"""fastbptt.jax: the cells as a JAX function (custom_vjp over pure_callback), checked against
+jax.grad of a lax.scan written here (PyTorch-form gates), under jax.grad and jax.jit."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import fastbptt  # noqa: E402
+import fastbptt.jax as fj  # noqa: E402
+
+T, B, D, H = 5, 3, 4, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _x64():
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)
+
+
+# ------------------------------------------------------------------------ the reference
+def _crossing(c, s):
+    """c in the forward; its gradient scaled by s (the crossing factor ξ_t)"""
+    return s * c + (1 - s) * jax.lax.stop_gradient(c)
+
+
+def ref_rnn(p, X, state0, cell, L, xi=None, activation="tanh"):
+    """(outputs, (h_T,) or (h_T, c_T), each (L,B,H)) by lax.scan, layer after layer"""
+    sig = jax.nn.sigmoid
+    phi = {"tanh": jnp.tanh, "relu": jax.nn.relu, "identity": lambda a: a}[activation]
+    x = X
+    xi = jnp.ones(X.shape[0], p["W_hh"].dtype) if xi is None else jnp.asarray(xi)
+    last = [[] for _ in state0]
+    for l in range(L):
+        k = (lambda n: n) if l == 0 else (lambda n, l=l: f"{n}_l{l}")
+        W_xh, W_hh, b = p[k("W_xh")], p[k("W_hh")], p[k("b_h")]
+        pre = (W_xh[x] if x.ndim == 2 else x @ W_xh) + b
+        Hn = W_hh.shape[0]
+
+        def step(carry, inp, W_hh=W_hh, k=k, Hn=Hn):
+            a, s = inp
+            carry = tuple(_crossing(c, s) for c in carry)
+            h = carry[0]
+            if cell == "rnn":
+                h = phi(a + h @ W_hh)
+                return (h,), h
+            if cell == "gru":
+                hw = h @ W_hh
+                r = sig(a[:, :Hn] + hw[:, :Hn])
+                z = sig(a[:, Hn:2 * Hn] + hw[:, Hn:2 * Hn])
+                n = jnp.tanh(a[:, 2 * Hn:] + r * (hw[:, 2 * Hn:] + p[k("b_hn")]))
+                h = (1 - z) * n + z * h
+                return (h,), h
+            a = a + h @ W_hh
+            i, f = sig(a[:, :Hn]), sig(a[:, Hn:2 * Hn])
+            g, o = jnp.tanh(a[:, 2 * Hn:3 * Hn]), sig(a[:, 3 * Hn:])
+            c = f * carry[1] + i * g
+            h = o * jnp.tanh(c)
+            return (h, c), h
+
+        fin, x = jax.lax.scan(step, tuple(s[l] for s in state0), (pre, xi))
+        for j, s in enumerate(fin):
+            last[j].append(s)
+    return x, tuple(jnp.stack(s) for s in last)
+
+
+# ----------------------------------------------------------------------------- helpers
+def make(cell, L, rng, dtype=np.float64, scale=0.6):
+    p = fastbptt.init_params(D, H, 2, dtype=dtype, cell=cell, num_layers=L, seed=int(rng.integers(1 << 30)))
+    p = {k: jnp.asarray((scale * rng.standard_normal(v.shape)).astype(dtype)) for k, v in p.items()}
+    X = jnp.asarray(rng.standard_normal((T, B, D)).astype(dtype))
+    n = 2 if cell == "lstm" else 1
+    s0 = tuple(jnp.asarray((0.5 * rng.standard_normal((L, B, H))).astype(dtype)) for _ in range(n))
+    w = {"o": jnp.asarray(rng.standard_normal((T, B, H)).astype(dtype)),
+         "s": tuple(jnp.asarray(rng.standard_normal((L, B, H)).astype(dtype)) for _ in range(n))}
+    return p, X, s0, w
+
+
+def losses(cell, L, w, with_h0, truncation=None, xi=None, state_terms=True, activation="tanh"):
+    """(fastbptt.jax's loss, the reference's) of (params, X, state0)"""
+    def score(out, last):
+        total = jnp.sum(out * w["o"])
+        if state_terms:
+            total += sum(jnp.sum(s * ws) for s, ws in zip(last, w["s"]))
+        return total
+
+    def ours(p, X, s0):
+        h0 = None if not with_h0 else (s0 if cell == "lstm" else s0[0])
+        out, last = fj.rnn(p, X, h0, activation=activation, truncation=truncation)
+        return score(out, last if cell == "lstm" else (last,))
+
+    def ref(p, X, s0):
+        s0 = s0 if with_h0 else tuple(jnp.zeros_like(s) for s in s0)
+        out, last = ref_rnn(p, X, s0, cell, L, xi, activation)
+        return score(out, last)
+    return ours, ref
+
+
+def close(a, b, rtol=1e-9, atol=1e-10):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+CASES = [(c, L, h) for c in ("rnn", "gru", "lstm") for L in (1, 2) for h in (False, True)]
+
+
+# ------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("cell,L,with_h0", CASES)
+def test_matches_scan_reference(cell, L, with_h0, rng):
+    p, X, s0, w = make(cell, L, rng)
+    ours, ref = losses(cell, L, w, with_h0)
+    want = jax.value_and_grad(ref, argnums=(0, 1, 2))(p, X, s0)
+    got = jax.value_and_grad(ours, argnums=(0, 1, 2))(p, X, s0)
+    close(got, want)
+    jitted = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(p, X, s0)
+    close(jitted, want)
+    # the forward: outputs and every layer's last state
+    h0 = None if not with_h0 else (s0 if cell == "lstm" else s0[0])
+    out, last = fj.rnn(p, X, h0)
+    rout, rlast = ref_rnn(p, X, s0 if with_h0 else tuple(jnp.zeros_like(s) for s in s0), cell, L)
+    close((out, last if cell == "lstm" else (last,)), (rout, rlast))
+    assert out.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_outputs_only_and_float32(cell, rng):
+    """the single-call path (no lower-layer or c_T cotangent), in float32"""
+    p, X, s0, w = make(cell, 2, rng, dtype=np.float32)
+    ours, ref = losses(cell, 2, w, True, state_terms=False)
+    want = jax.grad(ref, argnums=(0, 1, 2))(p, X, s0)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(p, X, s0)
+    close(got, want, rtol=2e-4, atol=2e-5)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(got))
+
+
+def test_token_ids_and_relu(rng):
+    p, _, s0, w = make("rnn", 2, rng, scale=0.4)
+    ids = jnp.asarray(rng.integers(0, D, (T, B)))
+    ours, ref = losses("rnn", 2, w, True, activation="relu")
+    close(jax.jit(jax.grad(ours, argnums=(0, 2)))(p, ids, s0), jax.grad(ref, argnums=(0, 2))(p, ids, s0))
+    p, _, s0, w = make("lstm", 1, rng)                          # ids, no h0, a c_T cotangent
+    ours, ref = losses("lstm", 1, w, False)
+    close(jax.jit(jax.grad(ours))(p, ids, s0), jax.grad(ref)(p, ids, s0))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_truncation_full_equivalents(cell, rng):
+    p, X, s0, w = make(cell, 2, rng)
+    full = jax.grad(losses(cell, 2, w, True)[0], argnums=(0, 1, 2))(p, X, s0)
+    for tr in (fastbptt.Truncated(T), fastbptt.Truncated(T + 3), fastbptt.Randomized(1.0)):
+        got = jax.jit(jax.grad(losses(cell, 2, w, True, truncation=tr)[0], argnums=(0, 1, 2)))(p, X, s0)
+        close(got, full)
+
+
+@pytest.mark.parametrize("cell,L", [("rnn", 2), ("gru", 2), ("lstm", 1), ("lstm", 2)])
+def test_randomized_matches_scaled_crossings(cell, L, rng):
+    """Randomized(p, seed): every crossing from step t to t-1 (h and c, every layer) times ξ_t,
+    also through the layer-by-layer path that the state cotangents take"""
+    p, X, s0, w = make(cell, L, rng)
+    tr = fastbptt.Randomized(0.5, seed=7)
+    xi = tr.draw(T, np.float64)
+    assert 0 < np.count_nonzero(xi) < T
+    for state_terms in (False, True):
+        ours, ref = losses(cell, L, w, True, truncation=tr, xi=xi, state_terms=state_terms)
+        close(jax.grad(ours, argnums=(0, 1, 2))(p, X, s0), jax.grad(ref, argnums=(0, 1, 2))(p, X, s0))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_truncated_is_rnn_backward(cell, rng):
+    L = 2
+    p, X, s0, w = make(cell, L, rng)
+    tr = fastbptt.Truncated(2)
+    ours, _ = losses(cell, L, w, True, truncation=tr, state_terms=False)
+
+    def top_h(p, X, s0):                        # a cotangent on the top layer's h_T is fine
+        out, last = fj.rnn(p, X, s0 if cell == "lstm" else s0[0], truncation=tr)
+        return ours(p, X, s0) + jnp.sum((last[0] if cell == "lstm" else last)[-1] * w["s"][0][-1])
+    got = jax.jit(jax.grad(top_h, argnums=(0, 1, 2)))(p, X, s0)
+    npp = {k: np.asarray(v) for k, v in p.items()}
+    h0 = tuple(map(np.asarray, s0)) if cell == "lstm" else np.asarray(s0[0])
+    Hs = fastbptt.rnn_forward(npp, np.asarray(X), h0)
+    dHs = np.array(w["o"])
+    dHs[-1] += np.asarray(w["s"][0][-1])
+    want = fastbptt.rnn_backward(npp, np.asarray(X), Hs, dHs, h0, truncation=tr, input_grad=True)
+    close({k: got[0][k] for k in want if k in p}, {k: want[k] for k in want if k in p})
+    assert not any(np.any(got[0][k]) for k in ("W_hq", "b_q"))
+    close(got[1], want["X"])
+    close(got[2], tuple(want[n] for n in (("h0", "c0") if cell == "lstm" else ("h0",))))
+
+
+@pytest.mark.parametrize("cell,L,what", [("gru", 2, "layer below"), ("lstm", 1, "c_T")])
+def test_truncated_refuses_state_cotangents(cell, L, what, rng):
+    p, X, s0, w = make(cell, L, rng)
+    ours, _ = losses(cell, L, w, True, truncation=fastbptt.Truncated(2))
+    with pytest.raises(Exception, match=f"Truncated\\(2\\).*{what}"):
+        jax.block_until_ready(jax.jit(jax.grad(ours))(p, X, s0))
+
+
+def test_state_forms_and_errors(rng):
+    p, X, s0, _ = make("lstm", 1, rng)
+    out, (hT, cT) = fj.rnn(p, X, (s0[0][0], s0[1][0]))          # (B,H) for one layer: (B,H) back
+    assert out.shape == (T, B, H) and hT.shape == cT.shape == (B, H)
+    out, (hT, cT) = fj.rnn(p, X)
+    assert hT.shape == cT.shape == (1, B, H)
+    head = dict(p, W_hq=jnp.ones((H, 2)), b_q=jnp.ones(2))
+    close(fj.rnn(head, X)[0], out)
+    with pytest.raises(ValueError, match="cell='gru' expects"):
+        fj.rnn(p, X, cell="gru")
+    with pytest.raises(TypeError, match=r"\(h0, c0\)"):
+        fj.rnn(p, X, s0[0])
+    with pytest.raises(ValueError, match="D=5"):
+        fj.rnn(p, jnp.ones((T, B, 5)))
+    with pytest.raises(ValueError, match="activation"):
+        fj.rnn(p, X, activation="relu")
+
+
+def test_jax_stays_optional():
+    code = ("import sys; import fastbptt; assert 'jax' not in sys.modules, 'import fastbptt imported jax'\n"
+            "sys.modules['jax'] = None\n"
+            "try:\n    import fastbptt.jax\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "pip install fastbptt[jax]" in out.stdout
