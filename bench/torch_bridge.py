@@ -1,0 +1,104 @@
+"""fastbptt.torch against torch.nn in one process: forward + backward of the same models.
+
+    python bench/torch_bridge.py [--rounds 10] [--warmup 2] [--only d2l-gru,d2l-lstm,deepbench-lstm]
+
+(a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
+    T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
+    (no one-hot: its extension beyond torch.nn);
+(b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32.
+
+Per round and model each system runs once (zero_grad, forward, loss, backward), the order
+alternating between rounds; the same weights on both sides (load_state_dict); torch on as many
+threads as numba.  Printed: each system's median seconds per forward+backward and torch.nn's
+median over fastbptt.torch's (> 1: fastbptt.torch is faster).
+"""
+import argparse
+import statistics
+import time
+
+import numba
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastbptt.torch as ft
+
+
+class RNNModel(nn.Module):
+    """d2l's concise RNNModel (§8.6), with ``ids=True`` passing the token ids instead of one-hot"""
+
+    def __init__(self, rnn_layer, vocab_size, ids=False):
+        super().__init__()
+        self.rnn, self.vocab_size, self.ids = rnn_layer, vocab_size, ids
+        self.linear = nn.Linear(rnn_layer.hidden_size, vocab_size)
+
+    def forward(self, inputs, state):
+        X = inputs.T if self.ids else F.one_hot(inputs.T.long(), self.vocab_size).to(torch.float32)
+        Y, state = self.rnn(X, state)
+        return self.linear(Y.reshape((-1, Y.shape[-1]))), state
+
+
+def d2l_case(kind):
+    T, B, V, H = 35, 32, 28, 256
+    torch.manual_seed(0)
+    ours = getattr(ft, kind)(V, H)
+    theirs = getattr(nn, kind)(V, H)
+    theirs.load_state_dict(ours.state_dict())
+    models = {"torch.nn": RNNModel(theirs, V), "fastbptt.torch": RNNModel(ours, V),
+              "fastbptt.torch ids": RNNModel(ours, V, ids=True)}
+    for m in models.values():
+        m.linear.load_state_dict(models["torch.nn"].linear.state_dict())
+    X = torch.randint(0, V, (B, T))
+    Y = torch.randint(0, V, (B, T))
+
+    def step(m):
+        m.zero_grad()
+        y_hat, _ = m(X, None)
+        F.cross_entropy(y_hat, Y.T.reshape(-1)).backward()
+    return models, step
+
+
+def deepbench_case():
+    T, B, D, H = 25, 64, 512, 512
+    torch.manual_seed(0)
+    ours, theirs = ft.LSTM(D, H), nn.LSTM(D, H)
+    theirs.load_state_dict(ours.state_dict())
+    X = torch.randn(T, B, D)
+
+    def step(m):
+        m.zero_grad()
+        out, _ = m(X)
+        out.sum().backward()
+    return {"torch.nn": theirs, "fastbptt.torch": ours}, step
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", default="d2l-gru,d2l-lstm,deepbench-lstm")
+    a = ap.parse_args()
+    torch.set_num_threads(numba.get_num_threads())
+    cases = {"d2l-gru": lambda: d2l_case("GRU"), "d2l-lstm": lambda: d2l_case("LSTM"),
+             "deepbench-lstm": deepbench_case}
+    print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
+          f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward")
+    for name in a.only.split(","):
+        models, step = cases[name]()
+        names = list(models)
+        times = {n: [] for n in names}
+        for r in range(a.warmup + a.rounds):
+            for n in names if r % 2 == 0 else reversed(names):
+                t0 = time.perf_counter()
+                step(models[n])
+                dt = time.perf_counter() - t0
+                if r >= a.warmup:
+                    times[n].append(dt)
+        med = {n: statistics.median(v) for n, v in times.items()}
+        base = med["torch.nn"]
+        print(f"{name}: " + ", ".join(f"{n} {med[n]:.4f} s" for n in names) + "; torch.nn / " +
+              ", torch.nn / ".join(f"{n} = {base / med[n]:.2f}x" for n in names[1:]))
+
+
+if __name__ == "__main__":
+    main()

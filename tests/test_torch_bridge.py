@@ -1,0 +1,370 @@
+"""fastbptt.torch: RNN, GRU and LSTM as drop-ins for torch.nn's, checked against torch.nn with the
+same state dict (outputs, states, every gradient), torch's gradcheck, step-by-step torch
+references of Truncated(k) and Randomized(p), training with torch.optim, and the errors of what
+is not supported."""
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fastbptt  # noqa: E402
+import fastbptt.torch as ft  # noqa: E402
+
+T, B, D, H = 5, 3, 4, 6
+KINDS = {   # name: (bridge class, torch.nn class, extra constructor kwargs)
+    "rnn": (ft.RNN, torch.nn.RNN, {}),
+    "rnn-relu": (ft.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
+    "gru": (ft.GRU, torch.nn.GRU, {}),
+    "lstm": (ft.LSTM, torch.nn.LSTM, {}),
+}
+TOL = {torch.float64: dict(atol=1e-9, rtol=1e-9), torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+def pair(kind, L=1, dtype=torch.float64, seed=0, input_size=D, hidden=H, **kw):
+    """(bridge module, torch.nn module) with the same (random) parameters"""
+    ours, theirs, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    m = ours(input_size, hidden, L, dtype=dtype, **extra, **kw)
+    r = theirs(input_size, hidden, L, dtype=dtype, **extra, **kw)
+    r.load_state_dict(m.state_dict())
+    return m, r
+
+
+def is_lstm(m):
+    return isinstance(m, torch.nn.LSTM)
+
+
+def state(m, L, Bn=B, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(L, Bn, H, dtype=dtype, generator=g) * 0.5
+    return (h, torch.randn(L, Bn, H, dtype=dtype, generator=g) * 0.5) if is_lstm(m) else h
+
+
+def leaves(m, X, hx):
+    """the tensors whose gradients are compared: the input, the state, every parameter"""
+    hs = [] if hx is None else list(hx) if is_lstm(m) else [hx]
+    return [X, *hs, *m.parameters()]
+
+
+def run(m, X, hx, Wo, Wh, truncation=None, c_grad=False):
+    """outputs and the gradients of  Σ output ⊙ Wo + Σ h_n ⊙ Wh  (Wo/Wh None: that term left out)
+    w.r.t. the input, hx and every parameter"""
+    X = X.detach().clone().requires_grad_(X.is_floating_point())
+    if hx is not None:
+        hx = tuple(s.detach().clone().requires_grad_() for s in hx) if is_lstm(m) else \
+            hx.detach().clone().requires_grad_()
+    m.zero_grad(set_to_none=True)
+    kw = {} if truncation is None else {"truncation": truncation}
+    out, hn = m(X, hx, **kw)
+    h_n = hn[0] if is_lstm(m) else hn
+    loss = 0
+    if Wo is not None:
+        loss = loss + (out * Wo).sum()
+    if Wh is not None:
+        loss = loss + (h_n * Wh).sum()
+    if c_grad:
+        loss = loss + hn[1].sum()
+    loss.backward()
+    grads = [None if t.grad is None else t.grad.clone() for t in leaves(m, X, hx) if t.requires_grad]
+    return out.detach(), tuple(s.detach() for s in hn) if is_lstm(m) else hn.detach(), grads
+
+
+def assert_same(a, b, dtype):
+    oa, ha, ga = a
+    ob, hb, gb = b
+    torch.testing.assert_close(oa, ob, **TOL[dtype])
+    torch.testing.assert_close(ha, hb, **TOL[dtype])
+    assert len(ga) == len(gb)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **TOL[dtype])
+
+
+def inputs(L, batch_first, dtype, m, with_hx, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn((B, T, D) if batch_first else (T, B, D), dtype=dtype, generator=g)
+    Wo = torch.randn(X.shape[:2] + (H,), dtype=dtype, generator=g)
+    Wh = torch.randn(L, B, H, dtype=dtype, generator=g)
+    return X, (state(m, L, dtype=dtype) if with_hx else None), Wo, Wh
+
+
+# ------------------------------------------------------------- the same as torch.nn
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_same_as_torch_nn(kind, L, dtype):
+    """outputs, states and every gradient (input, hx, parameters) equal torch.nn's, for
+    batch_first, bias and hx each on and off; the loss reads output and h_n of every layer"""
+    for batch_first, bias, with_hx in itertools.product((False, True), repeat=3):
+        m, r = pair(kind, L, dtype, batch_first=batch_first, bias=bias)
+        X, hx, Wo, Wh = inputs(L, batch_first, dtype, m, with_hx)
+        assert_same(run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh), dtype)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("terms", ["output", "h_n", "output+h_n"])
+def test_loss_terms(kind, L, terms):
+    """output only (one fastbptt call each way), h_n only, both; and h_n of one lower layer only"""
+    m, r = pair(kind, L)
+    X, hx, Wo, Wh = inputs(L, False, torch.float64, m, True)
+    Wo = Wo if "output" in terms else None
+    Wh = Wh if "h_n" in terms else None
+    assert_same(run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh), torch.float64)
+    if L > 1:
+        only = torch.zeros(L, B, H, dtype=torch.float64)
+        only[1] = 1.0
+        assert_same(run(m, X, hx, None, only), run(r, X, hx, None, only), torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_unbatched_input(kind):
+    m, r = pair(kind, 2)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(T, D, dtype=torch.float64, generator=g)
+    hx = state(m, 2, 1)
+    hx = tuple(s[:, 0] for s in hx) if is_lstm(m) else hx[:, 0]
+    Wo, Wh = torch.randn(T, H, dtype=torch.float64), torch.randn(2, H, dtype=torch.float64)
+    a, b = run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh)
+    assert a[0].shape == (T, H)
+    assert_same(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_token_ids_equal_one_hot(kind, batch_first):
+    """integer ids (beyond torch.nn): the same as their one-hot as dense input"""
+    V = 7
+    m, _ = pair(kind, 2, input_size=V, batch_first=batch_first)
+    ids = torch.randint(0, V, (B, T) if batch_first else (T, B), generator=torch.Generator().manual_seed(4))
+    dense = torch.nn.functional.one_hot(ids, V).double()
+    _, hx, Wo, Wh = inputs(2, batch_first, torch.float64, m, True)
+    a, b = run(m, ids, hx, Wo, Wh), run(m, dense, hx, Wo, Wh)
+    assert_same(a, (b[0], b[1], b[2][1:]), torch.float64)      # no gradient for the ids
+
+
+def test_no_grad_and_eval_dropout():
+    m, r = pair("lstm", 2, dropout=0.5)
+    m.eval(), r.eval()
+    X = torch.randn(T, B, D, dtype=torch.float64)
+    with torch.no_grad():
+        (o, (h, c)), (o2, (h2, c2)) = m(X), r(X)
+    assert not o.requires_grad
+    for x, y in ((o, o2), (h, h2), (c, c2)):
+        torch.testing.assert_close(x, y, **TOL[torch.float64])
+
+
+def test_c_n_as_next_state_only():
+    """c_n detached (carrying the state on) or unused: fine; a zero gradient into c_n: fine"""
+    m, r = pair("lstm", 2)
+    X, hx, Wo, Wh = inputs(2, False, torch.float64, m, True)
+    assert_same(run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh), torch.float64)
+    out, (h, c) = m(X)
+    (out.sum() + 0 * c.sum()).backward()
+
+
+# --------------------------------------------------------------------- gradcheck
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_gradcheck(kind):
+    m, _ = pair(kind, 2, input_size=2, hidden=2)
+    names = [n for n, _ in m.named_parameters()]
+    X = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    lstm = kind == "lstm"
+
+    def f(X, h0, c0, *ws):
+        out, hn = torch.func.functional_call(m, dict(zip(names, ws)), (X, (h0, c0) if lstm else h0))
+        return out, hn[0] if lstm else hn            # c_n's gradient is not supported
+
+    assert torch.autograd.gradcheck(f, (X, h0, c0, *[p.detach().clone().requires_grad_() for p in m.parameters()]))
+
+
+# -------------------------------------------------------------------- truncation
+def per_step_states(r, X, hx):
+    """every layer's state after each step, S[0] = hx: torch.nn one step at a time"""
+    S, s = [hx], hx
+    for t in range(X.shape[0]):
+        _, s = r(X[t:t + 1], s)
+        S.append(s)
+    return S
+
+
+def truncated_reference(r, X, hx, Wo, Wh, k):
+    """Truncated(k) by definition: loss term t (output[t], and h_n at t = T) reaches the states,
+    parameters and inputs of steps t-k+1..t only, in every layer: each term's gradient is that of
+    a forward over its window from the states at step t-k held constant (from hx itself at 0)"""
+    X = X.detach().clone().requires_grad_()
+    lstm = is_lstm(r)
+    hx = tuple(s.detach().clone().requires_grad_() for s in hx) if lstm else hx.detach().clone().requires_grad_()
+    r.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        S = per_step_states(r, X, hx)
+    n = X.shape[0]
+    for t in range(1, n + 1):
+        s0 = max(0, t - k)
+        start = hx if s0 == 0 else S[s0]
+        out, hn = r(X[s0:t], start)
+        term = (out[-1] * Wo[t - 1]).sum()
+        if t == n:
+            term = term + ((hn[0] if lstm else hn) * Wh).sum()
+        term.backward()
+    return [t.grad.clone() for t in leaves(r, X, hx)]
+
+
+def randomized_reference(r, X, hx, Wo, Wh, xi):
+    """Randomized by definition: the adjoint crossing from step t to t-1 (h, and c) is scaled by
+    ξ_t: torch.nn one step at a time, each step's incoming state's gradient scaled"""
+    X = X.detach().clone().requires_grad_()
+    lstm = is_lstm(r)
+    hx = tuple(s.detach().clone().requires_grad_() for s in hx) if lstm else hx.detach().clone().requires_grad_()
+    r.zero_grad(set_to_none=True)
+
+    def scaled(s, x):
+        return s.detach() + x * (s - s.detach())
+
+    s, loss = hx, 0
+    for t in range(X.shape[0]):
+        s = tuple(scaled(a, xi[t]) for a in s) if lstm else scaled(s, xi[t])
+        out, s = r(X[t:t + 1], s)
+        loss = loss + (out[0] * Wo[t]).sum()
+    loss = loss + ((s[0] if lstm else s) * Wh).sum()
+    loss.backward()
+    return [t.grad.clone() for t in leaves(r, X, hx)]
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("L", [1, 2])
+def test_truncation(kind, L):
+    """Truncated(k >= T) and Randomized(1) are the full gradient, Truncated(1) is not; Truncated(2)
+    and Randomized(0.5) equal their step-by-step torch references, h_n of every layer included"""
+    m, r = pair(kind, L)
+    X, hx, Wo, Wh = inputs(L, False, torch.float64, m, True)
+    full = run(m, X, hx, Wo, Wh)
+    for same in (fastbptt.Truncated(T), fastbptt.Truncated(T + 3), fastbptt.Randomized(1.0, seed=5), "full"):
+        assert_same(run(m, X, hx, Wo, Wh, truncation=same), full, torch.float64)
+    one = run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(1))
+    torch.testing.assert_close(one[0], full[0])                  # the forward is the same
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(one[2], full[2]))
+    for k in (1, 2):
+        got = run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(k))[2]
+        for a, b in zip(got, truncated_reference(r, X, hx, Wo, Wh, k)):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    tr = fastbptt.Randomized(0.5, seed=3)
+    xi = torch.from_numpy(tr.draw(T, np.float64))
+    assert 0 < (xi == 0).sum() < T                                # a draw with both kinds of step
+    got = run(m, X, hx, Wo, Wh, truncation=tr)[2]
+    for a, b in zip(got, randomized_reference(r, X, hx, Wo, Wh, xi)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+# ---------------------------------------------------------------------- training
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_training_matches_torch_nn(kind):
+    """the book's concise model (one-hot -> RNN -> Linear -> CE), SGD with clipping, the state
+    carried and detached in place (state.detach_(), as d2l does): every parameter after every
+    step equals torch.nn's"""
+    V, steps = 7, 4
+
+    class Model(torch.nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn, self.linear = rnn, torch.nn.Linear(H, V, dtype=torch.float64)
+
+        def forward(self, ids, state):
+            Y, state = self.rnn(torch.nn.functional.one_hot(ids.T, V).double(), state)
+            return self.linear(Y.reshape(-1, H)), state
+
+    m, r = pair(kind, 2, input_size=V)
+    a, b = Model(m), Model(r)
+    b.load_state_dict(a.state_dict())
+    opts = [torch.optim.SGD(x.parameters(), lr=0.5) for x in (a, b)]
+    states = [None, None]
+    g = torch.Generator().manual_seed(6)
+    for _ in range(steps):
+        ids = torch.randint(0, V, (B, T + 1), generator=g)
+        for i, (model, opt) in enumerate(zip((a, b), opts)):
+            opt.zero_grad()
+            logits, s = model(ids[:, :-1], states[i])
+            for x in s if kind == "lstm" else (s,):
+                x.detach_()                                       # d2l's way: in place
+            states[i] = s
+            torch.nn.functional.cross_entropy(logits, ids[:, 1:].T.reshape(-1)).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        for (n, p), q in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, **TOL[torch.float64], msg=n)
+
+
+# ------------------------------------------------------------ state dicts, drop-in
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_state_dict_both_ways(kind):
+    ours, theirs, extra = KINDS[kind]
+    torch.manual_seed(7)
+    m = ours(D, H, 2, **extra)
+    torch.manual_seed(7)
+    r = theirs(D, H, 2, **extra)
+    assert list(m.state_dict()) == list(r.state_dict())            # names, order
+    for (n, p), q in zip(m.named_parameters(), r.parameters()):   # torch.nn's initialization
+        assert p.shape == q.shape and torch.equal(p, q), n
+    r2 = theirs(D, H, 2, **extra)
+    r2.load_state_dict(m.state_dict())
+    m2 = ours(D, H, 2, **extra)
+    m2.load_state_dict(r2.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(m2.parameters(), r.parameters()))
+    assert isinstance(m, theirs)
+
+
+def test_bias_false_has_no_biases():
+    m = ft.GRU(D, H, 2, bias=False)
+    assert [n for n, _ in m.named_parameters()] == ["weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
+
+
+# ------------------------------------------------------------------ not supported
+def test_not_implemented():
+    with pytest.raises(NotImplementedError, match="bidirectional"):
+        ft.GRU(D, H, bidirectional=True)
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        ft.LSTM(D, H, proj_size=2)
+    m = ft.GRU(D, H, 2, dropout=0.3)
+    X = torch.randn(T, B, D)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        m(X)
+    m.eval()
+    m(X)                                                           # eval: no dropout, fine
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        m(torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2]))
+    lstm = ft.LSTM(D, H)
+    out, (h, c) = lstm(X)
+    with pytest.raises(NotImplementedError, match="c_n"):
+        (out.sum() + c.sum()).backward()
+    with pytest.raises(NotImplementedError, match="CPU"):
+        ft.RNN(D, H, device="meta")(torch.randn(T, B, D, device="meta"))
+    with pytest.raises(TypeError, match="truncation"):
+        m(X, truncation=5)
+
+
+def test_torch_nn_errors_kept():
+    m = ft.GRU(D, H, 2)
+    with pytest.raises(RuntimeError, match="input_size"):
+        m(torch.randn(T, B, D + 1))
+    with pytest.raises(RuntimeError, match="hidden size"):
+        m(torch.randn(T, B, D), torch.zeros(1, B, H))
+    with pytest.raises(ValueError, match="dtype"):
+        m(torch.randn(T, B, D, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- torch optional
+def test_import_fastbptt_does_not_import_torch():
+    code = "import sys, fastbptt; assert 'torch' not in sys.modules and 'fastbptt.torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_torch_says_how_to_install():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import fastbptt.torch\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "pip install fastbptt[torch]" in out
