@@ -101,20 +101,23 @@ def loss(be, cell, P, X, Y, state0, act, L):
         return run.head_loss(lays[-1].S, Y), run.last_states(cell, lays)
 
 
-def rnn_forward(be, cell, P, X, state0, act, L):
-    """(the top layer's h_0..h_T (T+1,B,H), a new array; the last states)"""
-    with be.begin(P, X, "forward", cell, L) as run:
+def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
+    """(the top layer's h_0..h_T (T+1,B,H), a new array; the last states; with ``keep``, the
+    layers' records for rnn_backward, in buffers of their own, else None)"""
+    with be.begin(P, X, "forward", cell, L, keep=keep) as run:
         lays = forward(cell, run, X, state0, act)
-        return run.output(lays[-1].S), run.last_states(cell, lays)
+        return run.output(lays[-1].S), run.last_states(cell, lays), lays if keep else None
 
 
-def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx):
+def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None):
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
-    top layer's states S (T+1,B,H) and direct terms dH (overwritten).  One Elman layer uses S
-    as it is; other cells and stacks recompute their forward from X and state0."""
+    top layer's states S (T+1,B,H) and direct terms dH (overwritten).  ``lays``: the records of
+    rnn_forward(keep=True); else one Elman layer uses S as it is, and other cells and stacks
+    recompute their forward from X and state0."""
     with be.begin(P, X, "backward", cell, L) as run:
         S, dH = run.given(S), run.given(dH)
-        lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
+        if lays is None:
+            lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
         grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx)
         if dX is not None:
             grads["X"] = dX

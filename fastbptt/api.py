@@ -139,39 +139,63 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
 
 
 def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=None,
-                return_state=False):
+                return_state=False, keep=False):
     """The top layer's hidden states h_1..h_T, shape (T,B,H): one "rnn" layer
     h_t = φ(x_t W_xh + h_{t-1} W_hh + b_h), or any cell and depth.
 
     ``params`` needs the layers' keys ("W_hq", "b_q" may be present and are ignored).
     X, h0, activation and cell as in :func:`loss_and_grad`.  With ``return_state``,
-    ``(Hs, h_T)``, h_T in the form of :func:`loss_and_grad`'s (for generation, say).
+    ``(Hs, h_T)``, h_T in the form of :func:`loss_and_grad`'s (for generation, say).  With
+    ``keep``, ``(Hs, h_T, forward)``: ``forward`` holds what the backward needs (the gates of
+    every layer), for :func:`rnn_backward`'s ``forward=`` (a framework's autograd function).
     """
     be = _backend(device)
     m = _model_inputs(be, params, X, h0, cell, head=False)
-    S, last = _model.rnn_forward(be, m.module, m.P, m.X, m.state0, _activation(activation, m.cell), m.L)
+    S, last, lays = _model.rnn_forward(be, m.module, m.P, m.X, m.state0, _activation(activation, m.cell),
+                                       m.L, keep=keep)
+    if keep:
+        return S[1:], m.state(last), _Kept(m, lays)
     return (S[1:], m.state(last)) if return_state else S[1:]
 
 
+class _Kept:
+    """what rnn_forward(keep=True) keeps for rnn_backward: the layers' records and the call's
+    shape, to check that the backward is given the same model and inputs"""
+
+    def __init__(self, m, lays):
+        self.lays, self.stamp = lays, _stamp(m)
+
+
+def _stamp(m):
+    return (m.cell, m.L, m.X.shape, m.H, m.dtype)
+
+
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
-                 device="cpu", cell=None, input_grad=False):
+                 device="cpu", cell=None, input_grad=False, forward=None):
     """BPTT through the recurrent layers alone, for any head on top.
 
-    Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0 (one "rnn"
-    layer uses it as it is; other cells and stacks recompute their gates from X and h0);
-    dHs (T,B,H): ∂L/∂h_t of the top layer from the head (the direct term of each step's loss,
-    which is what :class:`Truncated` counts steps from).
+    Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
+    ∂L/∂h_t of the top layer from the head (the direct term of each step's loss, which is
+    what :class:`Truncated` counts steps from).  ``forward``: what ``rnn_forward(...,
+    keep=True)`` kept for the same params, X and h0; without it one "rnn" layer uses Hs as
+    it is, and other cells and stacks recompute their gates from X and h0.
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
     """
     be = _backend(device)
     m = _model_inputs(be, params, X, h0, cell, head=False)
+    lays = None
+    if forward is not None:
+        if not isinstance(forward, _Kept) or forward.stamp != _stamp(m):
+            raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
+                             "params, X and h0")
+        lays = forward.lays
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, m)
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
     grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0,
-                                    _activation(activation, m.cell), k, xi, m.L, want_dx)
+                                    _activation(activation, m.cell), k, xi, m.L, want_dx, lays)
     grads.update(zip(("h0", "c0"), m.shaped(d0)))
     return grads
 

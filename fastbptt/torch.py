@@ -10,7 +10,7 @@ fastbptt's kernels.
 Each class *is* its ``torch.nn`` class (a subclass: the same constructor, parameter names,
 shapes and initialization, ``load_state_dict`` both ways, ``isinstance(m, torch.nn.LSTM)``)
 with ``forward`` replaced by one ``torch.autograd.Function``: one ``fastbptt.rnn_forward``
-call forward and one ``fastbptt.rnn_backward`` call backward (no per-step Python), giving the
+call forward (keeping the gates) and one ``fastbptt.rnn_backward`` call backward (no per-step Python), giving the
 gradients of the input, of ``hx`` and of every parameter.
 
 ``truncation=`` (forward's only extra argument): None (exact BPTT), ``fastbptt.Truncated(k)``
@@ -127,14 +127,14 @@ class _Function(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         X = X.contiguous()
         P = _params(cfg, weights)
-        Hs, last = api.rnn_forward(P, _np(X), _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
-                                   return_state=True)
+        Hs, last, kept = api.rnn_forward(P, _np(X), _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
+                                         keep=True)
         T, B = X.shape[:2]
         last = last if cfg.cell == "lstm" else (last,)
         # numpy reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
         outs = (torch.from_numpy(Hs),) + tuple(torch.from_numpy(np.ascontiguousarray(s.reshape(cfg.L, B, cfg.H)))
                                                for s in last)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.kept = cfg, kept
         ctx.save_for_backward(X, h0, c0, outs[0], *weights)
         return outs
 
@@ -168,7 +168,7 @@ class _Function(torch.autograd.Function):
             dHs[-1] += _np(d_hn[L - 1])
         P = _params(cfg, weights)
         g = api.rnn_backward(P, Xn, _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act, truncation=truncation,
-                             cell=cfg.cell, input_grad=want_dx)
+                             cell=cfg.cell, input_grad=want_dx, forward=ctx.kept)
         states = ("h0", "c0") if cfg.cell == "lstm" else ("h0",)
         if h0 is not None:
             for s in states:

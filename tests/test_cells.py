@@ -203,3 +203,21 @@ def test_errors_name_the_parameter_and_the_expected_shape(rng):
         bad(q, X, Y, (np.zeros((2, B, H)), np.zeros((1, B, H))))()
     with pytest.raises(ValueError, match="num_layers"):
         fastbptt.init_params(3, 4, 5, num_layers=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
+    # rnn_forward(keep=True) keeps every layer's gates in buffers of its own: a later call of the
+    # same shapes does not touch them, and rnn_backward(forward=) gives the recomputed result
+    params, X, _, given, _, _ = case(rng, cell, 2, dense=True)
+    Hs, _, kept = fastbptt.rnn_forward(params, X, given, keep=True)
+    fastbptt.rnn_forward(params, X[::-1].copy(), given, keep=True)
+    fastbptt.loss_and_grad(params, X, np.zeros(X.shape[:2], int))
+    dHs = rng.normal(0, 1, Hs.shape)
+    want = fastbptt.rnn_backward(params, X, Hs, dHs, given, input_grad=True)
+    got = fastbptt.rnn_backward(params, X, Hs, dHs, given, input_grad=True, forward=kept)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="forward: expected what rnn_forward"):
+        fastbptt.rnn_backward(params, X[:2], Hs[:2], dHs[:2], given, forward=kept)

@@ -65,8 +65,9 @@ class Run:
     """One call: its thread count (from the team), plan, packed weights and buffers, and the
     products over all rows that the graph and the cells ask for."""
 
-    def __init__(self, P, X, kind, cell, L):
+    def __init__(self, P, X, kind, cell, L, keep=False):
         self.P, self.X, self.kind, self.cell, self.L = P, X, kind, cell, L
+        self.keep = keep                  # the call's buffers outlive it: none from the kept ones
         self.T, self.B = X.shape[:2]
         self.H = P["W_hh"].shape[0]
         self.dtype = P["W_hh"].dtype
@@ -107,7 +108,10 @@ class Run:
         return self._packed[name]
 
     def scratch(self, name, shapes):
-        """work buffers kept across calls of the same shapes (see _Scratch)"""
+        """work buffers kept across calls of the same shapes (see _Scratch); fresh ones for a
+        call whose buffers outlive it"""
+        if self.keep:
+            return tuple(products.empty(shape, self.dtype) for shape in shapes)
         Q = self.P["W_hq"].shape[1] if "W_hq" in self.P else 0
         return _scratch.get((self.kind, self.cell.__name__, self.L, self.T, self.B, self.H, Q,
                              self.dtype), name, shapes, self.dtype)
@@ -276,8 +280,8 @@ class Run:
         return dh0
 
 
-def begin(P, X, kind, cell, L):
-    return Run(P, X, kind, cell, L)
+def begin(P, X, kind, cell, L, keep=False):
+    return Run(P, X, kind, cell, L, keep)
 
 
 def tune(progress=True, sweeps=()):

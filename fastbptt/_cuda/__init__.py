@@ -208,5 +208,6 @@ class Run:
         return dh0
 
 
-def begin(P, X, kind, cell, L):
+def begin(P, X, kind, cell, L, keep=False):
+    # every buffer of a CUDA call is its own (Run.scratch): kept ones need nothing more
     return Run(P, X, kind, cell, L)
