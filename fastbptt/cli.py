@@ -1,8 +1,12 @@
 """``fastbptt train | generate | bench | diagnose | tune`` — the command line (also ``python -m fastbptt``).
 
-Bad input prints one line on stderr and exits with code 2; a diverged training exits
-with 3; Ctrl-C with 130.  The library's errors name the parameter at fault (``path: no
-such file: …``); here they name the flag that fed it (``--text: no such file: …``).
+Bad input prints one line on stderr and exits with code 2, and so does a run that needs
+an extra that is not installed (matplotlib for figures, torch/jax for the peers asked
+for, numba-cuda and a GPU for ``--device cuda``), an output folder that is missing or
+read-only, or a write that fails (a full disk) — all but the last checked before any
+work; a diverged training exits with 3; Ctrl-C with 130.  The library's errors name the
+parameter at fault (``path: no such file: …``); here they name the flag that fed it
+(``--text: no such file: …``).
 """
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import sys
 import warnings
 
 import numpy as np
+
+from . import __version__
+from ._preflight import MissingExtra, check_folder, check_output, require_cuda, require_matplotlib, require_modules
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -83,6 +90,8 @@ def _train_parser(sub):
                    help="continue exactly from --checkpoint: model and data options not given (--cell, "
                         "--num-layers, --hidden, ...) are the checkpoint's; one given must match it, "
                         "except --epochs and --device")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over when --checkpoint exists (without it or --resume, that is an error)")
     g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")
     g.add_argument("--plot", metavar="PATH", help="PNG of perplexity against epoch")
     g.add_argument("--max-minutes", type=float, metavar="M", help="stop at the first epoch end past M minutes")
@@ -98,7 +107,7 @@ def _run_train(args):
         raise ValueError("--resume: needs --checkpoint PATH of the run to continue")
     try:
         result = tr.train(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                          resume=args.resume, json_log=args.json_log, plot=args.plot,
+                          resume=args.resume, overwrite=args.overwrite, json_log=args.json_log, plot=args.plot,
                           max_minutes=args.max_minutes, quiet=args.quiet, **given)
     except tr.TrainingDiverged as e:
         print(f"fastbptt train: {e}", file=sys.stderr)
@@ -242,8 +251,41 @@ def _run_tune(args):
     return 0
 
 
+#: the modules each peer of ``fastbptt bench`` imports
+PEER_MODULES = {"numpy": (), "torch": ("torch",), "torch-rnn": ("torch",), "torch-scratch": ("torch",),
+                "jax": ("jax",)}
+
+
+def _bench_needs(args):
+    """``fastbptt bench``: the extras and outputs it was asked for.  Peers are required only
+    when named with --peers; by default a missing one is reported as skipped."""
+    if args.peers:
+        require_modules("peers", [m for p in args.peers for m in PEER_MODULES.get(p, ())])
+    if args.device == "cuda":
+        require_cuda("device")
+    for name in ("json", "markdown", "plot"):
+        if getattr(args, name):
+            check_output(name, getattr(args, name))
+    if args.plot:
+        require_matplotlib("plot")
+
+
+def _diagnose_needs(args):
+    """``fastbptt diagnose``: the report's figures need matplotlib; outputs must be writable."""
+    if args.report:
+        check_folder("report", args.report)
+        require_matplotlib("report")
+    if args.json:
+        check_output("json", args.json)
+
+
+#: checks of a command's needs before it does any work (train's are in :func:`trainer.train`)
+PREFLIGHT = {"bench": _bench_needs, "diagnose": _diagnose_needs}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="fastbptt", description="Fast, exact BPTT for recurrent networks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
@@ -260,11 +302,20 @@ def main(argv=None):
     options = set(vars(args)) - {"command", "run"}
     warnings.formatwarning = (lambda msg, cat, *a, **k:
                               f"fastbptt {args.command}: warning: {flag_message(str(msg), options)}\n")
+
+    def error(message):
+        message = " ".join(str(message).split("\n")).strip()       # one line, always
+        print(f"fastbptt {args.command}: error: {flag_message(message, options)}", file=sys.stderr)
+        return EXIT_USAGE
+
     try:
+        if args.command in PREFLIGHT:
+            PREFLIGHT[args.command](args)
         code = args.run(args)
-    except (ValueError, TypeError) as e:
-        print(f"fastbptt {args.command}: error: {flag_message(str(e), options)}", file=sys.stderr)
-        code = EXIT_USAGE
+    except (ValueError, TypeError, MissingExtra, OSError) as e:
+        code = error(e)
+    except MemoryError as e:
+        code = error(f"out of memory{': ' if str(e) else ''}{e}")
     except KeyboardInterrupt:
         print(f"fastbptt {args.command}: interrupted", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import api, data
 from ._plot import pyplot, save
+from ._preflight import check_output, require_cuda, require_matplotlib
 from .truncation import Randomized, Truncated
 
 CHECKPOINT_FORMAT = "fastbptt-checkpoint/1"
@@ -120,6 +121,19 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C: stopped after saving the last completed epoch."""
+
+
+class OutputError(OSError):
+    """Writing the checkpoint, the JSON log or the plot failed (a full disk, ...); the
+    checkpoint written before, if any, is kept."""
+
+
+def perplexity(mean_loss):
+    """exp(mean loss); inf where that is beyond the float range (a loss above ~709.78)."""
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return math.inf
 
 
 @contextlib.contextmanager
@@ -297,7 +311,7 @@ def evaluate(params, ids, cfg):
                                device=cfg.device)
         total += loss
         n += X.size
-    return math.exp(total / n)
+    return perplexity(total / n)
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -375,19 +389,27 @@ def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------- train
-def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, plot=None,
+def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False, json_log=None, plot=None,
           max_minutes=None, quiet=False, sample_prefixes=("time traveller", "traveller"),
           **options) -> TrainResult:
     """Train the character-level language model; returns params, vocab and history.
 
     ``options`` are the fields of :class:`TrainConfig` (``text``, ``hidden``, ``lr``, …).
     ``checkpoint``: a ``.npz`` path written atomically every ``checkpoint_every`` epochs;
-    ``resume=True`` continues from it exactly (options not given, ``cell`` and
-    ``num_layers`` among them, are the checkpoint's; those given must agree with it, except
-    ``epochs`` and ``device``).  ``json_log``: one JSON object per epoch with
-    :data:`LOG_KEYS`.  ``plot``: a PNG of perplexity against epoch.  ``max_minutes``:
-    stop at the first epoch end past that.  Raises ValueError for bad options,
-    :class:`TrainingDiverged` on a NaN/inf loss, :class:`TrainingInterrupted` on Ctrl-C.
+    one that exists is an error unless ``resume=True``, which continues from it exactly
+    (options not given, ``cell`` and ``num_layers`` among them, are the checkpoint's; those
+    given must agree with it, except ``epochs`` and ``device``), or ``overwrite=True``,
+    which starts over.  ``json_log``: one JSON object per epoch with :data:`LOG_KEYS`.
+    ``plot``: a PNG of perplexity against epoch (needs matplotlib).  ``max_minutes``: stop
+    at the first epoch end past that.
+
+    Everything that can be checked before training is: bad options, output folders that
+    are missing or not writable, a missing extra (matplotlib for ``plot``, numba-cuda and a
+    GPU for ``device="cuda"``) and a model larger than the memory.  Raises ValueError for
+    those, :class:`fastbptt._preflight.MissingExtra` (an ImportError) for a missing extra,
+    :class:`TrainingDiverged` on a NaN/inf loss or perplexity, :class:`OutputError` when a
+    write fails mid-run and :class:`TrainingInterrupted` on Ctrl-C; the checkpoint last
+    written is kept in each case.
     """
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
@@ -395,6 +417,8 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
     _positive_int("checkpoint_every", checkpoint_every)
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
         raise ValueError(f"max_minutes: expected a positive number, got {max_minutes!r}")
+    if resume and overwrite:
+        raise ValueError("overwrite: starts the checkpoint over, resume continues it: give one of them")
     if resume:
         if checkpoint is None:
             raise ValueError("resume: needs checkpoint=PATH, the checkpoint of the run to continue")
@@ -403,10 +427,18 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
         cfg = merge_resume_config(meta["config"], options).resolved()
     else:
         cfg = TrainConfig(**options).resolved()
+    _check_outputs(checkpoint, json_log, plot, resume, overwrite)
+    if cfg.device == "cuda":
+        require_cuda("device")
     corpus = load_corpus(cfg)
-    params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
-                             cell=cfg.cell, num_layers=cfg.num_layers)
-    opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
+    _check_memory(cfg, len(corpus.vocab))
+    try:
+        params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
+                                 cell=cfg.cell, num_layers=cfg.num_layers)
+        opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
+    except MemoryError as e:
+        raise ValueError(f"hidden: not enough memory for the model ({cfg.cell}, hidden={cfg.hidden}, "
+                         f"num_layers={cfg.num_layers}): {_first_line(e)}") from None
     rng = np.random.default_rng(cfg.seed)
     history, start = [], 0
     if resume:
@@ -423,10 +455,30 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
     snapshot = None                  # the last epoch end not yet on disk (for Ctrl-C)
     saved_epoch = start if resume else None
     stopped = "done"
+    epoch = start                    # the epoch running, from 0
+
+    def kept():
+        if not checkpoint:
+            return ""
+        if saved_epoch is None:
+            return "; no checkpoint of this run was written"
+        return f"; the checkpoint of epoch {saved_epoch} is kept"
 
     def save(state):
-        epoch, p, o, r, h = state
-        save_checkpoint(checkpoint, p, o, corpus.vocab, cfg, r, epoch, h, corpus.sha256)
+        done, p, o, r, h = state
+        try:
+            save_checkpoint(checkpoint, p, o, corpus.vocab, cfg, r, done, h, corpus.sha256)
+        except OSError as e:
+            raise OutputError(f"checkpoint: could not write {checkpoint} at epoch {done} "
+                              f"({_reason(e)}){kept()}") from None
+
+    def diverged(what, value):
+        nonlocal saved_epoch, snapshot
+        if snapshot is not None:     # the last good epoch, not yet on disk
+            save(snapshot)
+            saved_epoch, snapshot = snapshot[0], None
+        return TrainingDiverged(f"epoch {epoch + 1}: the {what} became {value} — lower --lr (now {cfg.lr}) "
+                                f"or clip harder (--clip, now {cfg.clip}){kept()}")
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.epochs, initial=start, disable=quiet, unit="epoch", dynamic_ncols=True)
@@ -436,11 +488,14 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
             total, n, norms, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc)
             dt = time.perf_counter() - t0
             if not math.isfinite(total):
-                kept = f"; the checkpoint of epoch {saved_epoch} is kept" if saved_epoch else ""
-                raise TrainingDiverged(f"epoch {epoch + 1}: the loss became {total} — lower --lr "
-                                       f"(now {cfg.lr}) or clip harder (--clip, now {cfg.clip}){kept}")
-            row = {"epoch": epoch + 1, "train_ppl": math.exp(total / n),
-                   "val_ppl": evaluate(params, corpus.val, cfg) if len(corpus.val) > 1 else None,
+                raise diverged("loss", total)
+            train_ppl = perplexity(total / n)
+            if not math.isfinite(train_ppl):
+                raise diverged("perplexity", f"{train_ppl} (a mean loss of {total / n:.4g})")
+            val_ppl = evaluate(params, corpus.val, cfg) if len(corpus.val) > 1 else None
+            if val_ppl is not None and not math.isfinite(val_ppl):
+                raise diverged("validation perplexity", val_ppl)
+            row = {"epoch": epoch + 1, "train_ppl": train_ppl, "val_ppl": val_ppl,
                    "tokens_per_s": n / dt, "grad_norm": float(np.mean(norms)),
                    "clipped_frac": clipped / steps, "lr": cfg.lr,
                    "elapsed_s": elapsed0 + time.perf_counter() - t_start,
@@ -448,7 +503,11 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
                    "tokens": n, "grad_norm_quantiles": np.quantile(norms, QUANTILES).tolist()}
             history.append(row)
             if json_log:
-                _write_json_log(json_log, history)
+                try:
+                    _write_json_log(json_log, history)
+                except OSError as e:
+                    raise OutputError(f"json_log: could not write {json_log} at epoch {epoch + 1} "
+                                      f"({_reason(e)}){kept()}") from None
             if checkpoint:
                 state = (epoch + 1, params, opt.state(), rng.bit_generator.state, history)
                 if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs:
@@ -467,23 +526,75 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, json_log=None, p
                 break
         if snapshot is not None:     # stopped early between two checkpoint epochs
             save(snapshot)
+            saved_epoch, snapshot = snapshot[0], None
     except KeyboardInterrupt:
         if snapshot is not None:
             save(snapshot)
             saved_epoch = snapshot[0]
-        done = saved_epoch if checkpoint else (history[-1]["epoch"] if history else start)
-        hint = (f"; resume with: fastbptt train --checkpoint {checkpoint} --resume"
-                if checkpoint else "; pass --checkpoint PATH to be able to resume")
-        raise TrainingInterrupted(f"interrupted after epoch {done}{hint}") from None
+        if checkpoint and saved_epoch is not None:
+            raise TrainingInterrupted(f"interrupted after epoch {saved_epoch}; resume with: fastbptt train "
+                                      f"--checkpoint {checkpoint} --resume") from None
+        if checkpoint:
+            raise TrainingInterrupted(f"interrupted in epoch {epoch + 1}, before the first checkpoint: "
+                                      "nothing of this run was saved") from None
+        done = f"after epoch {history[-1]['epoch']}" if history else f"in epoch {epoch + 1}"
+        raise TrainingInterrupted(f"interrupted {done}; pass --checkpoint PATH to be able to resume") from None
     finally:
         bar.close()
     if plot:
-        plot_history(history, plot)
+        try:
+            plot_history(history, plot)
+        except OSError as e:
+            raise OutputError(f"plot: could not write {plot} ({_reason(e)}){kept()}") from None
     result = TrainResult(params, corpus.vocab, history, cfg, stopped)
     from .generation import generate
     for prefix in sample_prefixes:
         result.generated[prefix] = generate(params, corpus.vocab, prefix, 50, activation=cfg.activation)
     return result
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _reason(e):
+    """An OSError's reason, without the file name the message names already."""
+    return e.strerror or _first_line(e)
+
+
+def _check_outputs(checkpoint, json_log, plot, resume, overwrite):
+    """ValueError unless every output can be written, and a checkpoint that exists is resumed
+    or to be overwritten; MissingExtra for a plot without matplotlib."""
+    if checkpoint:
+        check_output("checkpoint", checkpoint, replaced=True)
+        if not resume and not overwrite and Path(checkpoint).exists():
+            raise ValueError(f"checkpoint: {checkpoint} exists: continue it with --resume, or start "
+                             "over with --overwrite")
+    if json_log:
+        check_output("json_log", json_log)
+    if plot:
+        check_output("plot", plot)
+        require_matplotlib("plot")
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(cfg, V):
+    """ValueError if the parameters, their gradients (and Adam's moments) alone exceed the
+    machine's memory: fail now, not in an allocation minutes later or by the OOM killer."""
+    n = sum(math.prod(s) for s in param_shapes(cfg.cell, cfg.num_layers, V, cfg.hidden).values())
+    need = 4 * n * (4 if cfg.optimizer == "adam" else 2)     # float32: params and gradients (m, v)
+    ram = _physical_memory()
+    if ram and need > ram:
+        raise ValueError(f"hidden: the {cfg.cell} model of hidden={cfg.hidden}, num_layers={cfg.num_layers} "
+                         f"has {n:,} parameters, {need / 2**30:,.1f} GiB with its gradients"
+                         f"{' and Adam moments' if cfg.optimizer == 'adam' else ''}: more than this "
+                         f"machine's {ram / 2**30:,.1f} GiB of memory")
 
 
 def _write_json_log(path, history):

@@ -1,6 +1,11 @@
 """The trainer, checkpoints, generation and the command line, on small fast settings."""
+import errno
+import importlib.util
 import json
 import math
+import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -200,7 +205,7 @@ def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
                    "--epochs", 1, "--checkpoint", ck, "--quiet") == 0
     before = ck.read_bytes()
     code = run_cli("train", "--max-chars", 4000, "--hidden", 32, "--num-steps", 10, "--batch-size", 8,
-                   "--epochs", 30, "--lr", 1e30, "--clip", "inf", "--checkpoint", ck, "--quiet")
+                   "--epochs", 30, "--lr", 1e30, "--clip", "inf", "--checkpoint", ck, "--overwrite", "--quiet")
     err = capsys.readouterr().err
     assert code == 3 and "lower --lr" in err and "epoch" in err
     assert ck.read_bytes() == before
@@ -391,3 +396,253 @@ def test_adam_matches_the_textbook_update():
         want -= 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
         opt.step(p, {"W": g.copy()})
     np.testing.assert_allclose(p["W"], want, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------- faults: one line, an exit code
+TINY_ARGV = ("train", "--max-chars", 2000, "--hidden", 8, "--num-steps", 8, "--batch-size", 4, "--quiet")
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if a minibatch is trained: the error must come before any work."""
+    def fail(*a, **k):
+        raise AssertionError("training started")
+    monkeypatch.setattr(api, "loss_and_grad", fail)
+
+
+def one_line(capsys, command="train"):
+    """The one line on stderr, ``fastbptt COMMAND: …``, without that prefix."""
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastbptt {command}: ") and "\n" not in err and "Traceback" not in err, err
+    return err[len(f"fastbptt {command}: "):]
+
+
+def test_version(capsys):
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out.strip() == f"fastbptt {fastbptt.__version__}"
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--json-log", "--plot"])
+@pytest.mark.parametrize("where, message", [("nodir/out", "no such folder: {t}/nodir"),
+                                            ("afile/out", "{t}/afile is a file, not a folder"),
+                                            ("afile/sub/out", "{t}/afile is a file, not a folder"),
+                                            (".", "{t}/. is a folder, not a file")])
+def test_outputs_that_cannot_be_written_exit_2_before_training(tmp_path, capsys, no_training, flag, where, message):
+    (tmp_path / "afile").write_text("")
+    target = tmp_path / where if where != "." else f"{tmp_path}/."
+    assert run_cli(*TINY_ARGV, flag, target) == 2
+    assert one_line(capsys) == f"error: {flag}: " + message.format(t=tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--json-log", "--plot"])
+def test_a_read_only_folder_exits_2_before_training(tmp_path, capsys, no_training, monkeypatch, flag):
+    from fastbptt import _preflight
+
+    def read_only(dir, prefix):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(_preflight.tempfile, "mkstemp", read_only)
+    assert run_cli(*TINY_ARGV, flag, tmp_path / "out") == 2
+    assert one_line(capsys) == f"error: {flag}: cannot write into {tmp_path} ({os.strerror(errno.EROFS)})"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_folder_without_write_permission_exits_2(tmp_path, capsys, no_training):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert run_cli(*TINY_ARGV, "--checkpoint", ro / "ck.npz") == 2
+        assert one_line(capsys).startswith(f"error: --checkpoint: cannot write into {ro} (")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_plot_without_matplotlib_exits_2_before_training(tmp_path, capsys, no_training, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib: ImportError
+    assert run_cli(*TINY_ARGV, "--plot", tmp_path / "p.png") == 2
+    assert one_line(capsys) == "error: --plot: needs matplotlib, which is not installed: pip install fastbptt[plot]"
+    with pytest.raises(ImportError, match=r"^plot: needs matplotlib"):       # the library: before training too
+        fastbptt.train(**TINY, plot=tmp_path / "p.png")
+
+
+def test_other_commands_missing_extras_and_outputs_exit_2_before_any_work(tmp_path, capsys, monkeypatch):
+    from fastbptt import bench, diagnostics
+
+    def fail(*a, **k):
+        raise AssertionError("work started")
+    monkeypatch.setattr(bench, "run", fail)
+    monkeypatch.setattr(diagnostics, "run", fail)
+    monkeypatch.setitem(cli.PEER_MODULES, "jax", ("fastbptt_no_such_module",))
+    assert run_cli("bench", "--peers", "numpy", "jax", "--quick") == 2      # asked for: required
+    assert one_line(capsys, "bench") == ("error: --peers: fastbptt_no_such_module is not installed: "
+                                         "pip install fastbptt[fastbptt_no_such_module]")
+    assert run_cli("bench", "--json", tmp_path / "no" / "b.json") == 2
+    assert one_line(capsys, "bench") == f"error: --json: no such folder: {tmp_path / 'no'}"
+    assert run_cli("diagnose", "--init", "--json", tmp_path / "no" / "d.json") == 2
+    assert one_line(capsys, "diagnose") == f"error: --json: no such folder: {tmp_path / 'no'}"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert run_cli("bench", "--plot", tmp_path / "b.png") == 2
+    assert one_line(capsys, "bench") == ("error: --plot: needs matplotlib, which is not installed: "
+                                         "pip install fastbptt[plot]")
+    assert run_cli("diagnose", "--init", "--report", tmp_path / "r") == 2
+    assert one_line(capsys, "diagnose") == ("error: --report: needs matplotlib, which is not installed: "
+                                            "pip install fastbptt[plot]")
+
+
+def test_by_default_a_missing_peer_is_skipped_not_an_error(monkeypatch):
+    monkeypatch.setitem(cli.PEER_MODULES, "jax", ("fastbptt_no_such_module",))
+    args = cli.build_parser().parse_args(["bench"])
+    cli._bench_needs(args)                                # no --peers: nothing required
+
+
+@pytest.mark.parametrize("cuda", [None, types.SimpleNamespace(available=lambda: False)])
+def test_device_cuda_without_numba_cuda_or_a_gpu_exits_2_before_training(capsys, no_training, monkeypatch, cuda):
+    monkeypatch.setitem(sys.modules, "fastbptt._cuda", cuda)     # None: it does not import
+    assert run_cli(*TINY_ARGV, "--device", "cuda") == 2
+    err = one_line(capsys)
+    assert err.startswith("error: --device: cuda needs ")
+    if cuda is None or importlib.util.find_spec("numba_cuda") is None:
+        assert err.endswith("pip install fastbptt[cuda]")
+    else:
+        assert err.endswith("a CUDA GPU and its driver, and none was found")
+    assert run_cli("bench", "--device", "cuda", "--quick") == 2
+    assert one_line(capsys, "bench").startswith("error: --device: cuda needs ")
+
+
+def test_a_model_larger_than_memory_exits_2_before_training(capsys, no_training, monkeypatch):
+    assert run_cli(*TINY_ARGV, "--hidden", 1000000) == 2
+    err = one_line(capsys)
+    assert err.startswith("error: --hidden: the rnn model of hidden=1000000") and "GiB of memory" in err
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 7.28 TiB for an array")
+    monkeypatch.setattr(api, "init_params", no_memory)            # the estimate passes, the allocation fails
+    assert run_cli(*TINY_ARGV) == 2
+    assert one_line(capsys) == ("error: --hidden: not enough memory for the model (rnn, hidden=8, num_layers=1): "
+                                "Unable to allocate 7.28 TiB for an array")
+
+
+def test_out_of_memory_while_training_exits_2(capsys, monkeypatch):
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 2 GiB")
+    monkeypatch.setattr(api, "loss_and_grad", no_memory)
+    assert run_cli(*TINY_ARGV) == 2
+    assert one_line(capsys) == "error: out of memory: Unable to allocate 2 GiB"
+
+
+def test_an_existing_checkpoint_is_resumed_or_overwritten_never_silently_replaced(tmp_path, capsys, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
+    capsys.readouterr()
+    before = ck.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(api, "loss_and_grad", lambda *a, **k: pytest.fail("training started"))
+        assert run_cli(*TINY_ARGV, "--epochs", 2, "--checkpoint", ck) == 2
+    assert one_line(capsys) == (f"error: --checkpoint: {ck} exists: continue it with --resume, or start over "
+                                "with --overwrite")
+    assert ck.read_bytes() == before
+    with pytest.raises(ValueError, match="^checkpoint: .* exists"):
+        fastbptt.train(**TINY, epochs=2, checkpoint=ck)
+    assert run_cli(*TINY_ARGV, "--epochs", 2, "--checkpoint", ck, "--overwrite", "--resume") == 2
+    assert one_line(capsys).startswith("error: --overwrite: ")
+    assert run_cli(*TINY_ARGV, "--epochs", 2, "--checkpoint", ck, "--overwrite") == 0
+    _, _, meta = trainer.load_checkpoint(ck)
+    assert meta["epoch"] == 2
+
+
+def _disk_full_after(monkeypatch, n_ok):
+    """np.savez writes ``n_ok`` files, then half a file and fails like a full disk."""
+    real, calls = np.savez, {"n": 0}
+
+    def savez(f, **arrays):
+        calls["n"] += 1
+        if calls["n"] > n_ok:
+            f.write(b"PK\x03\x04 half a zip")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(f, **arrays)
+    monkeypatch.setattr(np, "savez", savez)
+
+
+def test_a_full_disk_while_saving_exits_2_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
+    capsys.readouterr()
+    before = ck.read_bytes()
+    with monkeypatch.context() as m:
+        _disk_full_after(m, 0)
+        assert run_cli("train", "--epochs", 3, "--checkpoint", ck, "--resume", "--quiet") == 2
+    assert one_line(capsys) == (f"error: --checkpoint: could not write {ck} at epoch 2 "
+                                f"({os.strerror(errno.ENOSPC)}); the checkpoint of epoch 1 is kept")
+    assert ck.read_bytes() == before and os.listdir(tmp_path) == ["ck.npz"]       # no temporary left
+    fresh = tmp_path / "fresh.npz"
+    with monkeypatch.context() as m:
+        _disk_full_after(m, 1)
+        assert run_cli(*TINY_ARGV, "--epochs", 3, "--checkpoint", fresh) == 2
+    assert one_line(capsys).endswith(f"at epoch 2 ({os.strerror(errno.ENOSPC)}); the checkpoint of epoch 1 is kept")
+    assert trainer.load_checkpoint(fresh)[2]["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck.npz", "fresh.npz"]
+
+
+def test_a_failing_json_log_write_exits_2(tmp_path, capsys, monkeypatch):
+    real, calls = trainer._write_json_log, {"n": 0}
+
+    def write(path, history):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, history)
+    monkeypatch.setattr(trainer, "_write_json_log", write)
+    log = tmp_path / "log.jsonl"
+    assert run_cli(*TINY_ARGV, "--epochs", 3, "--json-log", log) == 2
+    assert one_line(capsys) == f"error: --json-log: could not write {log} at epoch 2 ({os.strerror(errno.ENOSPC)})"
+    assert len(log.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [("--lr", 1e6), ("--lr", 100, "--clip", "inf", "--hidden", 32),
+                                  ("--optimizer", "adam", "--lr", 1e4)])
+def test_a_diverging_run_exits_3_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, argv):
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
+    capsys.readouterr()
+    before = ck.read_bytes()
+    assert run_cli(*TINY_ARGV, "--epochs", 3, "--checkpoint", ck, "--overwrite", *argv) == 3
+    err = one_line(capsys)
+    assert err.startswith("epoch 1: the perplexity became inf") and "lower --lr" in err, err
+    assert ck.read_bytes() == before
+
+
+def test_perplexity_beyond_the_float_range_is_inf():
+    assert trainer.perplexity(2.0) == math.exp(2.0)
+    assert trainer.perplexity(710.0) == math.inf and trainer.perplexity(math.inf) == math.inf
+    assert math.isnan(trainer.perplexity(math.nan))
+
+
+def test_divergence_between_checkpoints_saves_the_last_good_epoch(tmp_path, capsys, monkeypatch):
+    real, calls = trainer.train_epoch, {"n": 0}
+
+    def diverge_in_epoch_3(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return (math.nan,) + out[1:] if calls["n"] == 3 else out
+    monkeypatch.setattr(trainer, "train_epoch", diverge_in_epoch_3)
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--epochs", 6, "--checkpoint", ck, "--checkpoint-every", 5) == 3
+    err = one_line(capsys)
+    assert err.startswith("epoch 3: the loss became nan") and err.endswith("the checkpoint of epoch 2 is kept")
+    assert trainer.load_checkpoint(ck)[2]["epoch"] == 2
+
+
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_ctrl_c_in_the_first_epoch_says_so(tmp_path, capsys, monkeypatch, checkpoint):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(api, "loss_and_grad", interrupt)
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, *(("--checkpoint", ck) if checkpoint else ())) == 130
+    err = one_line(capsys)
+    assert "None" not in err
+    if checkpoint:
+        assert err == "interrupted in epoch 1, before the first checkpoint: nothing of this run was saved"
+        assert not ck.exists()
+    else:
+        assert err == "interrupted in epoch 1; pass --checkpoint PATH to be able to resume"

@@ -1,0 +1,107 @@
+"""What a run needs, checked before it does any work: the optional dependencies (extras) and
+hardware a feature asked for, and folders the outputs can be written into.
+
+Each check raises with a one-line message that starts with the parameter that asked for it
+(``plot: …``); the command line replaces that with the flag (``--plot: …``).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+#: the modules of the extras, by the extra that installs them
+EXTRA_OF = {"matplotlib": "plot", "torch": "peers", "jax": "peers", "numba_cuda": "cuda"}
+
+
+class MissingExtra(ImportError):
+    """A feature asked for needs an optional dependency (``pip install fastbptt[EXTRA]``), or
+    hardware, that is not here."""
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def require_matplotlib(what):
+    """MissingExtra unless matplotlib imports (the figures: ``plot``, ``report``)."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        raise MissingExtra(f"{what}: needs matplotlib, which is not installed: "
+                           "pip install fastbptt[plot]") from None
+
+
+def require_modules(what, modules):
+    """MissingExtra unless every one of ``modules`` is installed (found, not imported)."""
+    missing = [m for m in dict.fromkeys(modules) if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = ",".join(dict.fromkeys(EXTRA_OF.get(m, m) for m in missing))
+        verb = "is" if len(missing) == 1 else "are"
+        raise MissingExtra(f"{what}: {' and '.join(missing)} {verb} not installed: pip install fastbptt[{extras}]")
+
+
+def require_cuda(what="device"):
+    """MissingExtra unless the CUDA backend can run here: numba-cuda and a CUDA GPU (or the
+    numba-cuda simulator, ``NUMBA_ENABLE_CUDASIM=1``)."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        raise MissingExtra(f"{what}: cuda needs numba-cuda, which is not installed, and a CUDA GPU: "
+                           "pip install fastbptt[cuda]")
+    try:
+        backend = importlib.import_module("fastbptt._cuda")
+    except Exception as e:            # an install that does not import
+        raise MissingExtra(f"{what}: cuda needs numba-cuda, which does not import here ({_first_line(e)}): "
+                           "pip install fastbptt[cuda]") from None
+    if not backend.available():
+        raise MissingExtra(f"{what}: cuda needs a CUDA GPU and its driver, and none was found")
+
+
+def _probe(what, folder):
+    """ValueError unless a file can be made in ``folder`` (made and removed: the permission
+    bits do not tell a read-only file system, /proc or root's rights apart)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".fastbptt-probe-")
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write into {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _existing_ancestor(p):
+    p = Path(p)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_folder(what, folder):
+    """ValueError unless ``folder`` is, or can be made, a writable folder."""
+    folder = Path(folder)
+    base = _existing_ancestor(folder)
+    if not base.is_dir():
+        raise ValueError(f"{what}: {base} is a file, not a folder")
+    _probe(what, base)
+
+
+def check_output(what, path, *, replaced=False):
+    """ValueError unless a file can be written at ``path``: its folder exists, is a folder and
+    is writable, and ``path`` is not a folder.  ``replaced``: the file is written beside and
+    renamed over ``path`` (so only the folder must be writable), else opened for writing."""
+    p = Path(path)
+    folder = p.parent                  # Path(".") for a bare name
+    if p.is_dir():
+        raise ValueError(f"{what}: {path} is a folder, not a file")
+    if not folder.exists():
+        base = _existing_ancestor(folder)
+        if not base.is_dir():
+            raise ValueError(f"{what}: {base} is a file, not a folder")
+        raise ValueError(f"{what}: no such folder: {folder}")
+    if not folder.is_dir():
+        raise ValueError(f"{what}: {folder} is a file, not a folder")
+    if not replaced and p.exists():    # opened for writing: the file's own permission counts
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{what}: cannot write {path} (read-only or no permission)")
+    else:
+        _probe(what, folder)
