@@ -24,7 +24,7 @@ def test_numpy_peer_matches_fastbptt_gradients():
 def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as e:
-        cli.main(["bench", "--quick", "--configs", "latency", "--peers", "numpy", "jax",
+        cli.main(["bench", "--quick", "--configs", "latency", "--peers", "numpy",
                   "--json", f"{out}.json", "--markdown", f"{out}.md", "--plot", f"{out}.png"])
     assert e.value.code == 0
     text = capsys.readouterr().out
@@ -34,7 +34,6 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert rows["fastbptt"]["status"] == "ok" and rows["fastbptt"]["median_ms"] > 0
     assert rows["numpy"]["status"] == "ok"
     assert rows["numpy"]["speedup"] == pytest.approx(rows["numpy"]["median_ms"] / rows["fastbptt"]["median_ms"])
-    assert rows["jax"]["status"] == "ok" or rows["jax"]["status"].startswith("skipped")
     assert result["machine"]["gemm_gflops"] > 0
     assert "| latency | fastbptt |" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b.png").stat().st_size > 1000
