@@ -17,6 +17,24 @@ arrays arrive validated (``fastbptt.api``).  ``state0`` is one tuple per layer: 
 """
 
 
+def key(name, l):
+    """the params' key of layer l's parameter ``name``: "W_hh" for layer 0, "W_hh_l1", ... above"""
+    return name if l == 0 else f"{name}_l{l}"
+
+
+class LayerParams:
+    """a backend run's access to the layers' params (``self.P``) by name and layer"""
+
+    def key(self, name, l):
+        return key(name, l)
+
+    def param(self, name, l):
+        return self.P[key(name, l)]
+
+    def layer_keys(self, grads, l):
+        return {key(name, l): g for name, g in grads.items()}
+
+
 def _input(X, lays, l):
     """layer l's input: X, or layer l-1's h_1..h_T (T,B,H)"""
     return X if l == 0 else lays[l - 1].S[1:]

@@ -52,11 +52,11 @@ def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=Non
     rng = np.random.default_rng(seed)
     params = {}
     for l in range(L):
-        params[_key("W_xh", l)] = (0.01 * rng.standard_normal((D if l == 0 else H, G * H))).astype(dt)
-        params[_key("W_hh", l)] = (0.01 * rng.standard_normal((H, G * H))).astype(dt)
-        params[_key("b_h", l)] = np.zeros(G * H, dt)
+        params[_model.key("W_xh", l)] = (0.01 * rng.standard_normal((D if l == 0 else H, G * H))).astype(dt)
+        params[_model.key("W_hh", l)] = (0.01 * rng.standard_normal((H, G * H))).astype(dt)
+        params[_model.key("b_h", l)] = np.zeros(G * H, dt)
         if cell == "gru":
-            params[_key("b_hn", l)] = np.zeros(H, dt)
+            params[_model.key("b_hn", l)] = np.zeros(H, dt)
     params["W_hq"] = (0.01 * rng.standard_normal((H, Q))).astype(dt)
     params["b_q"] = np.zeros(Q, dt)
     return {k: params[k] for k in sorted(params, key=_key_order)}
@@ -76,7 +76,7 @@ def cell_of(params):
         raise ValueError(f"params['W_hh']: expected shape (H,H) (rnn), (H,3H) (gru) or (H,4H) "
                          f"(lstm), got {shape}")
     L = 1
-    while _key("W_hh", L) in params or _key("W_xh", L) in params:
+    while _model.key("W_hh", L) in params or _model.key("W_xh", L) in params:
         L += 1
     return cells[shape[1] // shape[0]], L
 
@@ -314,11 +314,6 @@ def _finite(be, name, a):
     return a
 
 
-def _key(name, l):
-    """layer l's key of parameter ``name``: "W_hh" for layer 0, "W_hh_l1", ... above"""
-    return name if l == 0 else f"{name}_l{l}"
-
-
 def _key_order(key):
     """layer by layer, each in the schema's order, the head last"""
     name, _, l = key.partition("_l")
@@ -338,11 +333,11 @@ def _schema(cell, L, D, H, Q):
     G = CELLS[cell]
     shapes = {}
     for l in range(L):
-        shapes[_key("W_xh", l)] = (D if l == 0 else H, G * H)
-        shapes[_key("W_hh", l)] = (H, G * H)
-        shapes[_key("b_h", l)] = (G * H,)
+        shapes[_model.key("W_xh", l)] = (D if l == 0 else H, G * H)
+        shapes[_model.key("W_hh", l)] = (H, G * H)
+        shapes[_model.key("b_h", l)] = (G * H,)
         if cell == "gru":
-            shapes[_key("b_hn", l)] = (H,)
+            shapes[_model.key("b_hn", l)] = (H,)
     if Q is not None:
         shapes.update(W_hq=(H, Q), b_q=(Q,))
     return shapes

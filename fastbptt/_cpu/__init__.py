@@ -25,6 +25,7 @@ import threading  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .. import config  # noqa: E402
+from .._model import LayerParams  # noqa: E402
 from .._host import as_array, first_nonfinite, id_range, normalized, stack_states  # noqa: E402,F401
 from . import elman, gru, head, lstm, plan, products, projections, team  # noqa: E402
 from .products import gemm_cpu, packed_shape, pack_cpu, transpose_cpu  # noqa: E402
@@ -61,7 +62,7 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-class Run:
+class Run(LayerParams):
     """One call: its thread count (from the team), plan, packed weights and buffers, and the
     products over all rows that the graph and the cells ask for."""
 
@@ -122,16 +123,6 @@ class Run:
         return a
 
     # ---------------------------------------------------------------- layers, columns
-    def key(self, name, l):
-        """the params' key of layer l's parameter ``name`` ("W_hh", "W_hh_l1", ...)"""
-        return name if l == 0 else f"{name}_l{l}"
-
-    def param(self, name, l):
-        return self.P[self.key(name, l)]
-
-    def layer_keys(self, grads, l):
-        return {self.key(name, l): g for name, g in grads.items()}
-
     def columns(self, G):
         """a gated cell's column order inside the engine (products.interleaved)"""
         if ("columns", G) not in self._buffers:

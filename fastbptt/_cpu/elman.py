@@ -15,14 +15,14 @@ from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange
 from numba.extending import overload
 
 from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
 from .lanes import cell_step, run_lanes
 from . import products
-from .products import NO_POST, _0, epilogue, gemm_cpu, matmul_k
+from .products import NO_POST, of_type, _0, epilogue, gemm_cpu, matmul_k
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -64,15 +64,12 @@ Activate = namedtuple("ElmanActivate", "act")
 Derivative = namedtuple("ElmanDerivative", "h act")
 
 
-def _is(ty, cls):
-    return isinstance(ty, types.BaseNamedTuple) and ty.instance_class is cls
-
 
 @overload(epilogue, jit_options={"cache": True})
 def _epilogue(post, C, m0, m1, j0, j1):
-    if _is(post, Activate):
+    if of_type(post, Activate):
         return lambda post, C, m0, m1, j0, j1: activate(C[m0:m1], j0, j1, post.act)
-    if _is(post, Derivative):
+    if of_type(post, Derivative):
         return lambda post, C, m0, m1, j0, j1: dphi(C[m0:m1], post.h[m0:m1], j0, j1, post.act)
 
 
@@ -114,9 +111,9 @@ def _backward_step(ctx, s, j0, j1, k0, k1, last):
 
 @overload(cell_step, jit_options={"cache": True})
 def _cell_step(ctx, s, j0, j1, k0, k1, last):
-    if _is(ctx, Forward):
+    if of_type(ctx, Forward):
         return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
-    if _is(ctx, Backward):
+    if of_type(ctx, Backward):
         return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
 
 

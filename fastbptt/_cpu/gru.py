@@ -24,13 +24,13 @@ from collections import namedtuple
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, prange
 from numba.extending import overload
 
 from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_step, run_lanes
-from .products import NO_POST, PANEL, _0, gate_group, matmul_k
+from .products import NO_POST, of_type, PANEL, _0, gate_group, matmul_k
 
 G = 3
 STATES = ("S",)            # the record's state arrays: h_0..h_T
@@ -106,9 +106,6 @@ Forward = namedtuple("GRUForward", "S Z N Wp blk")
 Backward = namedtuple("GRUBackward", "A carry xi S Z N dP dR WTp blk")
 
 
-def _is(ty, cls):
-    return isinstance(ty, types.BaseNamedTuple) and ty.instance_class is cls
-
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_step(ctx, s, j0, j1, k0, k1, last):
@@ -136,9 +133,9 @@ def _backward_step(ctx, s, j0, j1, k0, k1, last):
 
 @overload(cell_step, jit_options={"cache": True})
 def _cell_step(ctx, s, j0, j1, k0, k1, last):
-    if _is(ctx, Forward):
+    if of_type(ctx, Forward):
         return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
-    if _is(ctx, Backward):
+    if of_type(ctx, Backward):
         return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
 
 

@@ -198,6 +198,12 @@ def epilogue(post, C, m0, m1, j0, j1):
     for its own namedtuple type ``post`` (see :data:`NO_POST`, and the cells)."""
 
 
+def of_type(ty, cls):
+    """whether the numba type ``ty`` is the namedtuple class ``cls`` (how an overload of an
+    engine stub picks its user's own types)"""
+    return isinstance(ty, types.BaseNamedTuple) and ty.instance_class is cls
+
+
 NoPost = namedtuple("NoPost", "unused")
 #: the epilogue that does nothing
 NO_POST = NoPost(0)
@@ -205,7 +211,7 @@ NO_POST = NoPost(0)
 
 @overload(epilogue, jit_options={"cache": True})
 def _no_post(post, C, m0, m1, j0, j1):
-    if isinstance(post, types.BaseNamedTuple) and post.instance_class is NoPost:
+    if of_type(post, NoPost):
         return lambda post, C, m0, m1, j0, j1: None
 
 

@@ -23,6 +23,7 @@ there, zero-copy.
 """
 from numba import cuda
 
+from .._model import LayerParams
 from . import elman, gru, head, lstm, projections
 from .arrays import as_array, device, first_nonfinite, id_range, normalized, on_device, stack_states  # noqa: F401
 from .products import SIMULATOR, axpy, gemm, launch, shift, zero_cuda, zeros  # noqa: F401
@@ -42,7 +43,7 @@ def to_device(P):
     return {k: device(v) for k, v in P.items()}
 
 
-class Run:
+class Run(LayerParams):
     """One call: its params on the device, its buffers, how its results leave, and the
     products over all rows that the graph and the cells ask for."""
 
@@ -80,16 +81,6 @@ class Run:
         return zeros(tuple(shape), self.dtype)
 
     # ---------------------------------------------------------------- layers, columns
-    def key(self, name, l):
-        """the params' key of layer l's parameter ``name`` ("W_hh", "W_hh_l1", ...)"""
-        return name if l == 0 else f"{name}_l{l}"
-
-    def param(self, name, l):
-        return self.P[self.key(name, l)]
-
-    def layer_keys(self, grads, l):
-        return {self.key(name, l): g for name, g in grads.items()}
-
     def columns(self, G):
         """a gated cell's column order inside the engine: the natural one (None)"""
         return None
