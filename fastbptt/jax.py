@@ -28,7 +28,7 @@ try:
 except ImportError as e:           # pragma: no cover - exercised by a test with jax hidden
     raise ImportError(f"fastbptt.jax needs jax: pip install fastbptt[jax] ({e})") from e
 
-from . import api
+from . import _model, api
 from .truncation import Randomized, Truncated
 
 __all__ = ["rnn"]
@@ -261,7 +261,7 @@ def _layerwise(params, keys, cell, L, act, truncation, dt, X, s0, dHs, dlast):
         xi = truncation.draw(T, dt)
     else:
         xi = np.ones(T, dt)
-    layer = [{k: params[api._key(k, l)] for k in ("W_xh", "W_hh", "b_h", "b_hn") if api._key(k, l) in params}
+    layer = [{k: params[_model.key(k, l)] for k in ("W_xh", "W_hh", "b_h", "b_hn") if _model.key(k, l) in params}
              for l in range(L)]
     inputs, outs = [X], []
     for l in range(L):
@@ -298,7 +298,7 @@ def _layerwise(params, keys, cell, L, act, truncation, dt, X, s0, dHs, dlast):
             g["h0"][0] += back[0]
             g["c0"][0] += dc0
         for k in layer[l]:
-            grads[api._key(k, l)] = g[k]
+            grads[_model.key(k, l)] = g[k]
         d0[0][l] = g["h0"][0]
         if cell == "lstm":
             d0[1][l] = g["c0"][0]

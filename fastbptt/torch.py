@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
 from . import api
+from ._model import key as _key
 from .truncation import Randomized, Truncated
 
 __all__ = ["RNN", "GRU", "LSTM"]
@@ -68,10 +69,6 @@ class _Drawn(Randomized):
 
     def draw(self, T, dtype):
         return np.asarray(self.xi, dtype=dtype)
-
-
-def _key(name, l):
-    return name if l == 0 else f"{name}_l{l}"
 
 
 def _np(t):
