@@ -20,7 +20,7 @@ from numba.extending import overload
 
 from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
-from .lanes import cell_step, run_lanes
+from .lanes import cell_steps, run_lanes
 from . import products
 from .products import NO_POST, of_type, _0, epilogue, gemm_cpu, matmul_k
 
@@ -109,12 +109,7 @@ def _backward_step(ctx, s, j0, j1, k0, k1, last):
         matmul_k(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
 
 
-@overload(cell_step, jit_options={"cache": True})
-def _cell_step(ctx, s, j0, j1, k0, k1, last):
-    if of_type(ctx, Forward):
-        return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
-    if of_type(ctx, Backward):
-        return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
+cell_steps(Forward, _forward_step, Backward, _backward_step)
 
 
 # ---------------------------------------------------------------------------- sweeps

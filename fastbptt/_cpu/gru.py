@@ -25,12 +25,11 @@ from types import SimpleNamespace
 
 import numpy as np
 from numba import njit, prange
-from numba.extending import overload
 
 from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
-from .lanes import cell_step, run_lanes
-from .products import NO_POST, of_type, PANEL, _0, gate_group, matmul_k
+from .lanes import cell_steps, run_lanes
+from .products import NO_POST, PANEL, _0, gate_group, matmul_k
 
 G = 3
 STATES = ("S",)            # the record's state arrays: h_0..h_T
@@ -131,12 +130,7 @@ def _backward_step(ctx, s, j0, j1, k0, k1, last):
                        j0, j1)
 
 
-@overload(cell_step, jit_options={"cache": True})
-def _cell_step(ctx, s, j0, j1, k0, k1, last):
-    if of_type(ctx, Forward):
-        return lambda ctx, s, j0, j1, k0, k1, last: _forward_step(ctx, s, j0, j1, k0, k1, last)
-    if of_type(ctx, Backward):
-        return lambda ctx, s, j0, j1, k0, k1, last: _backward_step(ctx, s, j0, j1, k0, k1, last)
+cell_steps(Forward, _forward_step, Backward, _backward_step)
 
 
 # ---------------------------------------------------------------------------- sweeps

@@ -32,16 +32,27 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ..config import CPU_SOLO_WAIT, CPU_STEAL_SPINS, CPU_WAIT_SPINS, FASTMATH
-from .products import chunk
+from .products import chunk, of_type
 
 
 def cell_step(ctx, s, j0, j1, k0, k1, last):
     """Step s (0-based, in sweep order) on columns [j0, j1): add the recurrent product over
     the K range [k0, k1) of the previous step's state; with ``last``, the step's pointwise
     part.  A stub: each cell overloads it for its own namedtuple ``ctx``."""
+
+
+def cell_steps(forward_ctx, forward_step, backward_ctx, backward_step):
+    """Overload :func:`cell_step` for a cell's two sweep contexts (namedtuple classes), with its
+    forward and reverse step functions (``@njit``, cell_step's signature)."""
+    @overload(cell_step, jit_options={"cache": True})
+    def _cell_step(ctx, s, j0, j1, k0, k1, last):
+        if of_type(ctx, forward_ctx):
+            return lambda ctx, s, j0, j1, k0, k1, last: forward_step(ctx, s, j0, j1, k0, k1, last)
+        if of_type(ctx, backward_ctx):
+            return lambda ctx, s, j0, j1, k0, k1, last: backward_step(ctx, s, j0, j1, k0, k1, last)
 
 
 @intrinsic
