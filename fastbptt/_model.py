@@ -15,6 +15,7 @@ reverse, and its pointwise backward over many rows.  The graph knows neither's i
 arrays arrive validated (``fastbptt.api``).  ``state0`` is one tuple per layer: (h_0,), or
 (h_0, c_0) for the LSTM, each (B,H).
 """
+import contextlib
 
 
 def key(name, l):
@@ -48,16 +49,18 @@ def forward(cell, run, X, state0, act):
     return lays
 
 
-def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False):
+def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None):
     """(the parameter gradients of every layer, one tuple of state gradients per layer, ∂L/∂X
     or None) given the top layer's direct terms dH (T,B,H), overwritten.  k: Truncated(k)
-    with k < T, or None for the sweeps with crossing factors xi (T,)."""
+    with k < T, or None for the sweeps with crossing factors xi (T,).  ``end``: one tuple
+    per layer, the adjoints of the state at T from the steps after T (a range of a longer
+    sweep), or None."""
     if k is not None:
         return truncated(cell, run, X, lays, dH, act, k, want_dx)
     grads, d0 = {}, [None] * run.L
     for l in reversed(range(run.L)):
         g, d0[l], dH = cell.backward(run, l, _input(X, lays, l), lays[l], dH, act, xi,
-                                     l > 0 or want_dx)
+                                     l > 0 or want_dx, None if end is None else end[l])
         grads.update(run.layer_keys(g, l))
     return grads, d0, dH
 
@@ -149,3 +152,201 @@ def rnn_adjoints(be, cell, P, X, S, dH, state0, act):
         S, dH = run.given(S), run.given(dH)
         lay = cell.given(run, 0, X, S, state0[0], act)
         return run.output(cell.adjoints(run, 0, X, lay, dH, act))
+
+
+# --------------------------------------------------------------------- bounded memory
+class Bounded:
+    """One call that keeps only some states (``stored_states``): the runs over ranges of steps
+    that a schedule (:mod:`fastbptt.schedule`) asks for, the states kept between them, the
+    adjoint carried from one range down to the next, and the sums of the ranges' gradients.
+
+    ``direct(run, a, b, S, j)`` gives the direct terms of steps a+1..b from the top layer's
+    S (b-a+1,B,H): (their loss, dH (b-a,B,H) with its first j rows zero, the head's
+    gradients).  ``steps`` counts the forward steps computed, recomputations included."""
+
+    def __init__(self, be, cell, P, X, state0, act, L, direct, want_dx=False):
+        self.be, self.cell, self.P, self.X, self.act, self.L = be, cell, P, X, act, L
+        self.state0, self.direct, self.want_dx = state0, direct, want_dx
+        self.T = X.shape[0]
+        self.loss, self.grads, self.last, self.d0, self.dX = 0.0, {}, None, None, None
+        self.steps = 0
+        self.run = None                    # the last run: the results leave through it
+
+    @contextlib.contextmanager
+    def _forward(self, a, b, state, kind):
+        """``with``: a run over steps a+1..b, and the layers' records from ``state`` at a"""
+        with self.be.begin(self.P, self.X[a:b], kind, self.cell, self.L) as run:
+            self.run = run
+            self.steps += b - a
+            yield run, forward(self.cell, run, self.X[a:b], state, self.act)
+
+    def _state(self, run, lays, t):
+        """copies of every layer's state at row t of the records, as state0 holds them"""
+        return [tuple(run.stored(getattr(lay, name)[t]) for name in self.cell.STATES) for lay in lays]
+
+    def _sum(self, run, loss, grads, dX, a):
+        self.loss += loss
+        for key, g in grads.items():
+            if key in self.grads:
+                run.add(self.grads[key], g)
+            else:
+                self.grads[key] = g
+        if dX is not None:
+            if self.dX is None:
+                self.dX = run.fresh((self.T,) + dX.shape[1:])
+            run.add(self.dX[a:a + dX.shape[0]], dX)
+
+    def _reverse(self, a, b, state, end, xi):
+        """steps a+1..b recomputed from ``state`` at a and reversed, given the adjoints of the
+        state at b (``end``); returns those of the state at a"""
+        with self._forward(a, b, state, "reverse") as (run, lays):
+            loss, dH, grads = self.direct(run, a, b, lays[-1].S, 0)
+            g, d0, dX = backward(self.cell, run, self.X[a:b], lays, dH, self.act, None, xi[a:b],
+                                 self.want_dx, end)
+            grads.update(g)
+            self._sum(run, loss, grads, dX, a)
+            if b == self.T:
+                self.last = run.last_states(self.cell, lays)
+            return [tuple(run.stored(x) for x in d) for d in d0]
+
+    def _advance(self, a, b, state, stores, chunk):
+        """the state at b from ``state`` at a, in runs of at most ``chunk`` steps, with copies of
+        the states at ``stores`` kept in ``self.slots``"""
+        while a < b:
+            e = min(b, a + chunk)
+            with self._forward(a, e, state, "advance") as (run, lays):
+                for t in stores:
+                    if a < t < e:
+                        self.slots[t] = self._state(run, lays, t - a)
+                state = self._state(run, lays, e - a)
+            if e in stores:
+                self.slots[e] = state
+            a = e
+        return state
+
+    def sweep(self, actions, xi, chunk):
+        """the full (or randomized) gradient by a schedule's actions.  Consecutive advances are
+        computed as one (their kept states copied out of its runs), and consecutive one-step
+        reversals from kept states as one range: the same steps, in fewer runs."""
+        self.slots = {0: self.state0}
+        cur, cur_state = 0, self.state0
+        adv = None                          # [a, b, stores]: advances not yet computed
+        rev = None                          # [a, b, state at a, one step each]: reversals not yet run
+        end = None
+
+        def advance():
+            nonlocal adv, cur, cur_state
+            if adv is not None:
+                cur, cur_state = adv[1], self._advance(adv[0], adv[1], cur_state, adv[2], chunk)
+                adv = None
+
+        def reverse():
+            nonlocal rev, end
+            if rev is not None:
+                end = self._reverse(rev[0], rev[1], rev[2], end, xi)
+                rev = None
+
+        for action in actions:
+            kind = action[0]
+            if kind == "advance":
+                reverse()
+                _, a, b, store = action
+                if adv is None:
+                    adv = [a, b, set()]
+                adv[1] = b
+                if store:
+                    adv[2].add(b)
+            elif kind == "restore":
+                advance()
+                cur, cur_state = action[1], self.slots[action[1]]
+            elif kind == "free":
+                advance()
+                del self.slots[action[1]]
+            else:
+                advance()
+                _, a, b = action
+                if rev is not None and b - a == 1 and rev[3] and rev[0] == b:
+                    rev[0], rev[2] = a, cur_state
+                else:
+                    reverse()
+                    rev = [a, b, cur_state, b - a == 1]
+        advance()
+        reverse()
+        self.d0 = end
+        return self
+
+    def windows(self, k, m):
+        """Truncated(k): the loss terms of steps j0+1..j0+m at a time, each window recomputed
+        from the kept state at w0, the last multiple of m at or before j0+1-k (every state
+        those terms' chains reach).  The states at multiples of m are kept while a later
+        window may start there."""
+        kept = {0: self.state0}
+        for j0 in range(0, self.T, m):
+            j1 = min(self.T, j0 + m)
+            w0 = m * (max(0, j0 + 1 - k) // m)
+            with self._forward(w0, j1, kept[w0], "window") as (run, lays):
+                nxt = m * (max(0, j1 + 1 - k) // m)
+                for t in range(w0 + m, j1 + 1, m):
+                    if t >= nxt and t not in kept:
+                        kept[t] = self._state(run, lays, t - w0)
+                for t in [t for t in kept if t < nxt]:
+                    del kept[t]
+                loss, dH, grads = self.direct(run, w0, j1, lays[-1].S, j0 - w0)
+                g, d0, dX = truncated(self.cell, run, self.X[w0:j1], lays, dH, self.act, k, self.want_dx)
+                grads.update(g)
+                self._sum(run, loss, grads, dX, w0)
+                if w0 == 0:                 # the crossings into h_0 (later windows start past it)
+                    d0 = [tuple(run.stored(x) for x in d) for d in d0]
+                    if self.d0 is None:
+                        self.d0 = d0
+                    else:
+                        for mine, theirs in zip(self.d0, d0):
+                            for x, y in zip(mine, theirs):
+                                run.add(x, y)
+                if j1 == self.T:
+                    self.last = run.last_states(self.cell, lays)
+        return self
+
+
+def _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx=False):
+    """a Bounded call carried out: by windows for Truncated(k), else by the schedule"""
+    from . import schedule
+    b = Bounded(be, cell, P, X, state0, act, L, direct, want_dx)
+    T = X.shape[0]
+    if k is not None:
+        return b.windows(k, schedule.window(T, stored))
+    return b.sweep(schedule.schedule(T, stored), xi, schedule.window(T, "sqrt"))
+
+
+def bounded_loss_and_grad(be, cell, P, X, Y, state0, act, k, xi, scale, L, stored):
+    """loss_and_grad keeping only the states ``stored`` asks for (see fastbptt.schedule)"""
+    def direct(run, a, b, S, j):
+        loss, dH, grads = run.head_forward_backward(S[j:], Y[a + j:b], scale)
+        if j == 0:
+            return loss, dH, grads
+        out = run.zeros("dHw", (b - a,) + dH.shape[1:])
+        run.add(out[j:], dH)
+        return loss, out, grads
+
+    r = _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored)
+    return r.loss, r.run.results(r.grads), r.run.state_grads(r.d0), r.last
+
+
+def bounded_rnn_backward(be, cell, P, X, dH, state0, act, k, xi, L, want_dx, stored):
+    """rnn_backward keeping only the states ``stored`` asks for, the top layer's direct terms
+    given (dH, the caller's copy)"""
+    on = {}                               # dH where the runs take it (the device: copied once)
+
+    def direct(run, a, b, S, j):
+        D = on.setdefault("dH", run.given(dH))
+        if j == 0:
+            return 0.0, D[a:b], {}
+        out = run.zeros("dHw", (b - a,) + D.shape[1:])
+        run.add(out[j:], D[a + j:b])
+        return 0.0, out, {}
+
+    r = _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx)
+    grads = dict(r.grads)
+    if r.dX is not None:
+        grads["X"] = r.dX
+    return r.run.results(grads), r.run.state_grads(r.d0)

@@ -8,6 +8,7 @@ cast to it, and every returned array is in it.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import numbers
 from collections.abc import Mapping
@@ -82,7 +83,7 @@ def cell_of(params):
 
 
 def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
-                  reduction="mean", device="cpu", cell=None):
+                  reduction="mean", device="cpu", cell=None, stored_states=None):
     """Loss, exact (or truncated) BPTT gradients and the last state.
 
     One "rnn" layer:  z_t = x_t W_xh + h_{t-1} W_hh + b_h,  h_t = φ(z_t);  the "gru" and
@@ -105,6 +106,14 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     device : "cpu" (default) or "cuda".
     cell : None (inferred from the params, see :func:`cell_of`) or "rnn" | "gru" | "lstm",
         checked against the params.
+    stored_states : how many states (h, and c for the LSTM, of every layer at one step) the
+        forward keeps for the backward; the others are recomputed from the nearest kept one,
+        and the gradients are the same.  None: all T (the fastest); "sqrt": about √T, each
+        step computed twice; an int n >= 1: Griewank and Walther's binomial schedule for n
+        (:mod:`fastbptt.schedule`), the fewest recomputations that n allow.  With
+        ``Truncated(k)``, k < T, the loss terms go in windows of ⌈√T⌉ ("sqrt") or ⌈T/n⌉
+        steps, each recomputed from a kept state at least k steps before it.  See
+        docs/memory.md.
 
     Returns
     -------
@@ -119,8 +128,10 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     Yc = _targets(be, Y, m.X, m.P)
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     act = _activation(activation, m.cell)
-    loss, grads, d0, last = _model.loss_and_grad(be, m.module, m.P, m.X, Yc, m.state0, act, k, xi,
-                                                 _scale(reduction, m.X), m.L)
+    stored = _stored_states(stored_states)
+    run = _model.loss_and_grad if stored is None else functools.partial(_model.bounded_loss_and_grad,
+                                                                        stored=stored)
+    loss, grads, d0, last = run(be, m.module, m.P, m.X, Yc, m.state0, act, k, xi, _scale(reduction, m.X), m.L)
     grads.update(zip(("h0", "c0"), m.shaped(d0)))
     return float(loss), grads, m.state(last)
 
@@ -171,21 +182,27 @@ def _stamp(m):
 
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
-                 device="cpu", cell=None, input_grad=False, forward=None):
+                 device="cpu", cell=None, input_grad=False, forward=None, stored_states=None):
     """BPTT through the recurrent layers alone, for any head on top.
 
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
     ∂L/∂h_t of the top layer from the head (the direct term of each step's loss, which is
     what :class:`Truncated` counts steps from).  ``forward``: what ``rnn_forward(...,
     keep=True)`` kept for the same params, X and h0; without it one "rnn" layer uses Hs as
-    it is, and other cells and stacks recompute their gates from X and h0.
+    it is, and other cells and stacks recompute their gates from X and h0.  ``stored_states``
+    as in :func:`loss_and_grad`: the forward is recomputed within that memory (Hs is then
+    only checked).
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
     """
     be = _backend(device)
     m = _model_inputs(be, params, X, h0, cell, head=False)
+    stored = _stored_states(stored_states)
     lays = None
+    if forward is not None and stored is not None:
+        raise ValueError("stored_states: recomputes the forward within bounded memory; it takes no "
+                         "forward= (what rnn_forward kept), give one of them")
     if forward is not None:
         if not isinstance(forward, _Kept) or forward.stamp != _stamp(m):
             raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
@@ -194,8 +211,12 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, m)
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
-    grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0,
-                                    _activation(activation, m.cell), k, xi, m.L, want_dx, lays)
+    act = _activation(activation, m.cell)
+    if stored is None:
+        grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0, act, k, xi, m.L, want_dx, lays)
+    else:
+        grads, d0 = _model.bounded_rnn_backward(be, m.module, m.P, m.X, dZ, m.state0, act, k, xi, m.L,
+                                                want_dx, stored)
     grads.update(zip(("h0", "c0"), m.shaped(d0)))
     return grads
 
@@ -474,6 +495,18 @@ def _floats(be, name, a, shape, dt, copy=False):
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
     return _finite(be, name, be.normalized(name, a, dt, copy=copy))
+
+
+def _stored_states(stored_states):
+    """None, "sqrt" or a positive int n"""
+    if stored_states is None or (isinstance(stored_states, str) and stored_states == "sqrt"):
+        return stored_states
+    if isinstance(stored_states, numbers.Integral) and not isinstance(stored_states, bool):
+        if stored_states < 1:
+            raise ValueError(f"stored_states: expected None, 'sqrt' or an int >= 1, got {stored_states}")
+        return int(stored_states)
+    raise (ValueError if isinstance(stored_states, str) else TypeError)(
+        f"stored_states: expected None, 'sqrt' or an int >= 1, got {stored_states!r}")
 
 
 def _activation(activation, cell="rnn"):

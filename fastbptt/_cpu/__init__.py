@@ -145,6 +145,14 @@ class Run(LayerParams):
     def output(self, a):
         return a.copy()
 
+    def fresh(self, shape):
+        """a new zero array of the call's dtype that outlives the call"""
+        return np.zeros(shape, self.dtype)
+
+    def stored(self, a):
+        """a copy of a state kept between the runs of a memory-bounded call"""
+        return a.copy()
+
     def results(self, arrays):
         return arrays
 
@@ -169,7 +177,7 @@ class Run(LayerParams):
         got = self._buffers.get("ST")
         if got is None or got[0] is not S:
             T1, B, H = S.shape
-            ST, = self.scratch("ST", [(H, T1 * B)])
+            ST, = self.scratch(f"ST{T1}", [(H, T1 * B)])
             transpose_cpu(ST, S.reshape(T1 * B, H), self.n)
             self._buffers["ST"] = got = (S, ST)
         return got[1]
@@ -186,7 +194,7 @@ class Run(LayerParams):
                                         bias, self.blk("rows"), self.n)
 
     def head_loss(self, S, Y):
-        T, B, H = self.T, self.B, self.H
+        T, B, H = S.shape[0] - 1, self.B, self.H
         N, Q = T * B, self.P["W_hq"].shape[1]
         logits, = self.scratch("logits", [(N, Q)])
         row_loss = np.empty(N)
@@ -195,8 +203,9 @@ class Run(LayerParams):
         return float(row_loss.sum())
 
     def head_forward_backward(self, S, Y, scale):
-        """(loss, dH = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients)"""
-        T, B, H = self.T, self.B, self.H
+        """(loss, dH = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients) of the steps
+        of S (T+1,B,H) h_0..h_T: the call's, or a range of them"""
+        T, B, H = S.shape[0] - 1, self.B, self.H
         N, Q = T * B, self.P["W_hq"].shape[1]
         dH, logits, dop = self.scratch("head", [(T, B, H), (N, Q), packed_shape(N, Q)])
         row_loss = np.empty(N)

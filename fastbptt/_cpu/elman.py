@@ -181,9 +181,12 @@ def given(run, l, X, S, state0, act):
     return SimpleNamespace(S=S)
 
 
-def backward(run, l, X, lay, dZ, act, xi, want_dx):
+def backward(run, l, X, lay, dZ, act, xi, want_dx, end=None):
     """the full (or randomized) reverse sweep of the layer: dZ (T,B,H) in: the direct terms
-    ∂l_t/∂h_t; out: dz_t.  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
+    ∂l_t/∂h_t; out: dz_t.  ``end``: (∂L/∂h_T,) from the steps after T, or None.  Returns (its
+    parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
+    if end is not None:
+        run.add(dZ[-1], end[0])
     dh0 = products.empty(dZ.shape[1:], dZ.dtype)
     W_hhTp = run.packed(run.key("W_hh", l), transposed=True)
     lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])

@@ -190,11 +190,13 @@ def forward(run, l, X, state0, act):
     return SimpleNamespace(S=S, Z=Z, N=N)
 
 
-def backward(run, l, X, lay, A, act, xi, want_dx):
+def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
     """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
-    (overwritten with the adjoints a_t).  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X
-    or None)"""
+    (overwritten with the adjoints a_t) and ``end`` = (∂L/∂h_T,) from the steps after T, or
+    None.  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
     T, B, H = A.shape
+    if end is not None:
+        run.add(A[-1], end[0])
     dP, dR, carry = run.scratch(f"gru{l}d", [(T, B, G * H), (T, B, G * H), (B, H)])
     lanes, blk = run.sweep(B, H)
     W_hhTp = run.packed(run.key("W_hh", l), transposed=True, cols=run.columns(G))

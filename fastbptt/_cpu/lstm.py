@@ -105,11 +105,12 @@ def _forward_step(ctx, s, j0, j1, k0, k1, last):
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _backward_step(ctx, s, j0, j1, k0, k1, last):
     """step t = T-1-s (0-based) on units [j0, j1): adds ξ dZ_{t+1}[:, units k0:k1] W_hhᵀ to
-    A_t; with last, then the pointwise part.  ξ = 0 skips the product."""
+    A_t; with last, then the pointwise part.  ξ = 0 skips the product.  At t = T-1 the carry
+    is ∂L/∂c_T from beyond the sweep, taken as it is (ξ = 1)."""
     T = ctx.A.shape[0]
     t = T - 1 - s
-    x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(0)
-    if x != 0:
+    x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(1)
+    if t + 1 < T and x != 0:
         matmul_k(ctx.A[t], ctx.dZ[t + 1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
     if last:
         backward_point(ctx.A[t], ctx.carry, x, ctx.Z[t], ctx.C[t], ctx.C[t + 1], ctx.dZ[t], j0, j1)
@@ -133,10 +134,10 @@ def forward_cpu(S, C, Z, W_hhp, blk, n, threads):
 def backward_cpu(A, carry, C, Z, dZ, W_hhTp, xi, blk, n, threads):
     """the steps t = T..1 of the module notes' backward
 
-    A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) out: e_1 ⊙ f_1 ·
+    A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) in: ∂L/∂c_T from
+    beyond the sweep (zero: none); out: e_1 ⊙ f_1 ·
     C, Z: the forward's · dZ (T,B,4H) out · W_hhTp: W_hhᵀ (4H,H), rows interleaved, packed ·
     xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
-    carry[:] = 0
     run_lanes(Backward(A, carry, xi, C, Z, dZ, W_hhTp, blk), A.shape[0], A.shape[2], n, threads)
 
 
@@ -172,12 +173,16 @@ def forward(run, l, X, state0, act):
     return SimpleNamespace(S=S, C=C, Z=Z)
 
 
-def backward(run, l, X, lay, A, act, xi, want_dx):
+def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
     """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
-    (overwritten with the adjoints a_t).  Returns (its parameter gradients, (∂L/∂h_0,
-    ∂L/∂c_0), ∂L/∂X or None)"""
+    (overwritten with the adjoints a_t) and ``end`` = (∂L/∂h_T, ∂L/∂c_T) from the steps after
+    T, or None.  Returns (its parameter gradients, (∂L/∂h_0, ∂L/∂c_0), ∂L/∂X or None)"""
     T, B, H = A.shape
     dZ, carry = run.scratch(f"lstm{l}d", [(T, B, G * H), (B, H)])
+    carry[:] = 0
+    if end is not None:
+        run.add(A[-1], end[0])
+        run.add(carry, end[1])
     lanes, blk = run.sweep(B, H)
     W_hhTp = run.packed(run.key("W_hh", l), transposed=True, cols=run.columns(G))
     backward_cpu(A, carry, lay.C, lay.Z, dZ, W_hhTp, xi, blk, lanes, run.n)

@@ -98,6 +98,16 @@ class Run(LayerParams):
         else a host copy"""
         return a if self.keep else a.copy_to_host()
 
+    def fresh(self, shape):
+        """a new zero device array of the call's dtype that outlives the call"""
+        return zeros(tuple(shape), self.dtype)
+
+    def stored(self, a):
+        """a copy of a state kept between the runs of a memory-bounded call, on the device"""
+        out = cuda.device_array(a.shape, a.dtype)
+        out.copy_to_device(a)
+        return out
+
     def results(self, arrays):
         """as device arrays when the params are on the device, else copied back"""
         return {name: self.output(a) for name, a in arrays.items()}
@@ -138,14 +148,15 @@ class Run(LayerParams):
             projections.embed_dense_cuda(out, Xd.reshape(T * B, X.shape[2]), W, bias)
 
     def head_loss(self, S, Y):
-        T, B, H = self.T, self.B, self.H
+        T, B, H = S.shape[0] - 1, self.B, self.H
         logits = cuda.device_array((T * B, self.P["W_hq"].shape[1]), self.dtype)
         return head.head_loss_cuda(logits, S[1:].reshape(T * B, H), device(Y).reshape(T * B),
                                    self.P["W_hq"], self.P["b_q"])
 
     def head_forward_backward(self, S, Y, scale):
-        """(loss, dH = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients)"""
-        T, B, H = self.T, self.B, self.H
+        """(loss, dH = ∂L/∂h_t through the head (T,B,H), {"W_hq", "b_q"} gradients) of the steps
+        of S (T+1,B,H) h_0..h_T: the call's, or a range of them"""
+        T, B, H = S.shape[0] - 1, self.B, self.H
         Q = self.P["W_hq"].shape[1]
         dH = cuda.device_array((T, B, H), self.dtype)
         dW_hq = cuda.device_array((H, Q), self.dtype)

@@ -145,11 +145,13 @@ def given(run, l, X, S, state0, act):
     return forward(run, l, X, state0, act)
 
 
-def backward(run, l, X, lay, A, act, xi, want_dx):
+def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
     """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
-    (overwritten with the adjoints a_t).  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X
-    or None)"""
+    (overwritten with the adjoints a_t) and ``end`` = (∂L/∂h_T,) from the steps after T, or
+    None.  Returns (its parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
     T, B, H = A.shape
+    if end is not None:
+        run.add(A[-1], end[0])
     dP, dR = run.scratch(f"gru{l}d", [(T, B, G * H), (T, B, G * H)])
     carry = run.zeros(f"gru{l}carry", (B, H))
     W_hh = run.param("W_hh", l)

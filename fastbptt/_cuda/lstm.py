@@ -98,13 +98,14 @@ def forward_cuda(S, C, Z, W_hh):
 def backward_cuda(A, carry, C, Z, dZ, W_hh, xi):
     """the steps t = T..1 of the module notes' backward
 
-    A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) zero, out:
+    A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) in: ∂L/∂c_T from
+    beyond the sweep (zero: none), out:
     e_1 ⊙ f_1 · C, Z: the forward's · dZ (T,B,4H) out · W_hh (H,4H) · xi (T,) host array of
     ξ_1..ξ_T (a zero skips that crossing's product)"""
     T, B, H = A.shape
     g = launch(B * H)
     for t in range(T - 1, -1, -1):
-        x = float(xi[t + 1]) if t + 1 < T else 0.0
+        x = float(xi[t + 1]) if t + 1 < T else 1.0        # at T: the carry from beyond, as it is
         backward_point[g](A[t], carry, x, Z[t], C[t], C[t + 1], dZ[t])
         if t > 0 and xi[t] != 0:
             gemm(A[t - 1], dZ[t], W_hh, tb=True, alpha=float(xi[t]), beta=1.0)
@@ -131,13 +132,16 @@ def given(run, l, X, S, state0, act):
     return forward(run, l, X, state0, act)
 
 
-def backward(run, l, X, lay, A, act, xi, want_dx):
+def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
     """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
-    (overwritten with the adjoints a_t).  Returns (its parameter gradients, (∂L/∂h_0,
-    ∂L/∂c_0), ∂L/∂X or None)"""
+    (overwritten with the adjoints a_t) and ``end`` = (∂L/∂h_T, ∂L/∂c_T) from the steps after
+    T, or None.  Returns (its parameter gradients, (∂L/∂h_0, ∂L/∂c_0), ∂L/∂X or None)"""
     T, B, H = A.shape
     dZ, = run.scratch(f"lstm{l}d", [(T, B, G * H)])
     carry = run.zeros(f"lstm{l}carry", (B, H))
+    if end is not None:
+        run.add(A[-1], end[0])
+        run.add(carry, end[1])
     W_hh = run.param("W_hh", l)
     backward_cuda(A, carry, lay.C, lay.Z, dZ, W_hh, xi)
     dc0 = scaled(float(xi[0]), carry)
