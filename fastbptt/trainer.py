@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -28,6 +27,7 @@ import numpy as np
 from . import api, data
 from ._plot import pyplot, save
 from ._preflight import check_output, require_cuda, require_matplotlib
+from .corpus import split, token_ids
 from .truncation import Randomized, Truncated
 
 CHECKPOINT_FORMAT = "fastbptt-checkpoint/1"
@@ -173,26 +173,26 @@ def parse_truncation(spec):
 # --------------------------------------------------------------------------- corpus
 @dataclass
 class Corpus:
+    """The training and validation ids (slices of one read-only memmap for a cached text), the
+    training split's vocabulary and the sha256 of the text's bytes (what resume checks)."""
+
     vocab: data.Vocab
     train: np.ndarray
     val: np.ndarray
     sha256: str
+    file: str | None = None           # the cached ids file they are mapped from; None: in memory
 
 
-def load_corpus(cfg: TrainConfig) -> Corpus:
-    with _named("path", "text"):
-        text = data.load_text(cfg.text)
-    with _named("mode", "tokenize"):
-        tokens = data.tokenize(text, cfg.tokenize)
-    if cfg.max_chars is not None:
-        tokens = tokens[:cfg.max_chars]
-    n_val = int(len(tokens) * cfg.val_fraction)
-    train_tokens, val_tokens = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+def load_corpus(cfg: TrainConfig, quiet=False) -> Corpus:
+    """``cfg.text`` tokenized once into the cache and mapped from it (:func:`fastbptt.corpus.token_ids`;
+    a small text in memory), cut by ``max_chars`` and ``val_fraction`` without copying
+    (:func:`fastbptt.corpus.split`): the same vocabulary and ids as tokenizing it in memory."""
+    with _named("path", "text"), _named("mode", "tokenize"):
+        ids = token_ids(cfg.text, cfg.tokenize, quiet=quiet)
+    vocab, train, val = split(ids, cfg.max_chars, cfg.val_fraction)
     with _named("n_tokens", "text"):
-        data.check_length(len(train_tokens), cfg.num_steps, cfg.batch_size, "training split")
-    vocab = data.Vocab(train_tokens)
-    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return Corpus(vocab, vocab.encode(train_tokens), vocab.encode(val_tokens), sha)
+        data.check_length(len(train), cfg.num_steps, cfg.batch_size, "training split")
+    return Corpus(vocab, train, val, ids.sha256, ids.file)
 
 
 # ---------------------------------------------------------------------- optimization
