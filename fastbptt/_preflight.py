@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 #: the modules of the extras, by the extra that installs them
-EXTRA_OF = {"matplotlib": "plot", "torch": "peers", "jax": "peers", "numba_cuda": "cuda"}
+EXTRA_OF = {"matplotlib": "plot", "torch": "peers", "jax": "peers", "numba_cuda": "cuda", "mpi4py": "mpi"}
 
 
 class MissingExtra(ImportError):
@@ -56,6 +56,19 @@ def require_cuda(what="device"):
                            "pip install fastbptt[cuda]") from None
     if not backend.available():
         raise MissingExtra(f"{what}: cuda needs a CUDA GPU and its driver, and none was found")
+
+
+def require_mpi(what):
+    """mpi4py's ``MPI`` module (importing it initializes MPI), or MissingExtra: mpi4py is not
+    installed, or it finds no MPI library (the ``mpi`` extra brings one from PyPI; on a
+    cluster, the site's MPI: see docs/scale.md)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        raise MissingExtra(f"{what}: MPI needs mpi4py, which is not installed: pip install fastbptt[mpi]")
+    try:
+        return importlib.import_module("mpi4py.MPI")
+    except Exception as e:            # no libmpi, or one it cannot use
+        raise MissingExtra(f"{what}: mpi4py found no usable MPI library ({_first_line(e)}): "
+                           "pip install fastbptt[mpi], or load the site's MPI") from None
 
 
 def _probe(what, folder):

@@ -100,29 +100,43 @@ def _train_parser(sub):
 
 
 def _run_train(args):
+    """Under ``mpiexec -n N`` every rank runs this; rank 0 alone prints (the progress bar, the
+    result, an error every rank raised alike)."""
+    from . import distributed
     from . import trainer as tr
+    comm = distributed.communicator()
+    root = comm.rank == 0
     fields = {f.name for f in dataclasses.fields(tr.TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if args.resume and args.checkpoint is None:
-        raise ValueError("--resume: needs --checkpoint PATH of the run to continue")
     try:
+        if args.resume and args.checkpoint is None:
+            raise distributed.collective(ValueError("--resume: needs --checkpoint PATH of the run to continue"))
         result = tr.train(checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                           resume=args.resume, overwrite=args.overwrite, json_log=args.json_log, plot=args.plot,
-                          max_minutes=args.max_minutes, quiet=args.quiet, **given)
+                          max_minutes=args.max_minutes, quiet=args.quiet or not root, comm=comm, **given)
     except tr.TrainingDiverged as e:
-        print(f"fastbptt train: {e}", file=sys.stderr)
+        if root:
+            print(f"fastbptt train: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except tr.TrainingInterrupted as e:
-        print(f"fastbptt train: {e}", file=sys.stderr)
+        if root:
+            print(f"fastbptt train: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (ValueError, TypeError, MissingExtra, OSError) as e:
+        if not root and distributed.is_collective(e):
+            return EXIT_USAGE            # rank 0 says it
+        raise
+    if not root:
+        return 0
     last = result.history[-1] if result.history else None
     if last is None:
         print(f"nothing to do: the checkpoint is already at epoch {result.config.epochs}")
     else:
         val = f", validation perplexity {last['val_ppl']:.2f}" if last["val_ppl"] is not None else ""
         stop = " (stopped: --max-minutes)" if result.stopped == "max-minutes" else ""
+        ranks = f" ({comm.size} MPI ranks)" if comm.size > 1 else ""
         print(f"epoch {last['epoch']}: perplexity {last['train_ppl']:.2f}{val}, "
-              f"{last['tokens_per_s']:,.1f} tokens/s on {result.config.device}{stop}")
+              f"{last['tokens_per_s']:,.1f} tokens/s on {result.config.device}{ranks}{stop}")
     for text in result.generated.values():
         print(text)
     return 0
@@ -313,7 +327,8 @@ def main(argv=None):
             PREFLIGHT[args.command](args)
         code = args.run(args)
     except (ValueError, TypeError, MissingExtra, OSError) as e:
-        code = error(e)
+        rank = getattr(e, "failed_rank", 0)      # an error another MPI rank found (fastbptt.distributed)
+        code = error(f"{e} (on MPI rank {rank})" if rank else e)
     except MemoryError as e:
         code = error(f"out of memory{': ' if str(e) else ''}{e}")
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import api, data
+from . import api, data, distributed
 from ._plot import pyplot, save
 from ._preflight import check_output, require_cuda, require_matplotlib
 from .corpus import split, token_ids
@@ -274,10 +274,46 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 
 
 # ---------------------------------------------------------------------- epochs
-def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
+def rank_columns(B, comm):
+    """The columns [lo, hi) of a global batch of B streams that ``comm``'s rank owns:
+    [r·B/N, (r+1)·B/N), so the N slices tile the batch in rank order."""
+    return comm.rank * B // comm.size, (comm.rank + 1) * B // comm.size
+
+
+class GradReducer:
+    """One minibatch's (loss, gradients) summed over the ranks with one Allreduce: each rank
+    packs its gradients, scaled by its share of the batch (B_r/B: its loss is a mean over
+    T·B_r tokens), and its scaled loss into one flat buffer; the sum is the global mean's.
+    The reduced gradients are views of the buffer (the optimizer may scratch them).  With
+    one process it hands everything back untouched."""
+
+    def __init__(self, params, comm, B):
+        self.comm, self.keys = comm, list(params)
+        lo, hi = rank_columns(B, comm)
+        dtype = next(iter(params.values())).dtype
+        self.scale = dtype.type((hi - lo) / B)
+        self.buf = np.empty(sum(p.size for p in params.values()) + 1, dtype) if comm.size > 1 else None
+
+    def __call__(self, loss, grads):
+        if self.buf is None:
+            return loss, grads
+        views = distributed.pack(grads, self.keys, self.buf, self.scale, (float(loss) * float(self.scale),))
+        self.comm.allreduce(self.buf)
+        return float(self.buf[-1]), views
+
+
+def train_epoch(params, opt, corpus_ids, cfg, rng, trunc, comm=None):
     """One pass over the training split.  Returns (Σ loss·tokens, tokens, norms, clipped, steps)
     with ``norms`` the list of the steps' gradient norms before clipping.  The state carried
-    is what loss_and_grad returns and takes: an array, or the LSTM's (h, c)."""
+    is what loss_and_grad returns and takes: an array, or the LSTM's (h, c).
+
+    With ``comm`` of N ranks, every rank draws the same global batch from the same ``rng``
+    (so the draws are one process's) and computes on its own columns (:func:`rank_columns`),
+    carrying their state; the losses and gradients are summed by :class:`GradReducer`, so the
+    clipping, the update and every figure returned are the global batch's on every rank."""
+    comm = comm or distributed.SelfComm()
+    lo, hi = rank_columns(cfg.batch_size, comm)
+    reduce = GradReducer(params, comm, cfg.batch_size)
     total, n, norms, clipped, steps = 0.0, 0, [], 0, 0
     state = None
     sampler = data.SAMPLERS[cfg.sampling]
@@ -285,8 +321,13 @@ def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
         if cfg.sampling == "random":
             state = None
         tr = Randomized(trunc, seed=int(rng.integers(2**63))) if isinstance(trunc, float) else trunc
+        if comm.size > 1:
+            X, Y, size = X[:, lo:hi], Y[:, lo:hi], X.size
+        else:
+            size = X.size
         loss, grads, state = api.loss_and_grad(params, X, Y, state, activation=cfg.activation,
                                                truncation=tr, device=cfg.device)
+        loss, grads = reduce(loss, grads)
         if not math.isfinite(loss):
             return loss, n, norms, clipped, steps
         norm = clip_gradients(grads, cfg.clip)
@@ -295,22 +336,32 @@ def train_epoch(params, opt, corpus_ids, cfg, rng, trunc):
             # ‖p‖² is inf/nan iff an update overflowed; one BLAS dot per array, no copy
             if not all(math.isfinite(np.dot(p.ravel(), p.ravel())) for p in params.values()):
                 return math.inf, n, norms, clipped, steps
-        total += loss * X.size
-        n += X.size
+        total += loss * size
+        n += size
         norms.append(norm)
         clipped += norm > cfg.clip
         steps += 1
     return total, n, norms, clipped, steps
 
 
-def evaluate(params, ids, cfg):
-    """Perplexity of ``ids``: forward only, state carried across windows of num_steps."""
+def evaluate(params, ids, cfg, comm=None):
+    """Perplexity of ``ids``: forward only, state carried across windows of num_steps.  With
+    ``comm``, each rank runs its columns of the streams and one Allreduce sums the losses
+    and token counts."""
+    comm = comm or distributed.SelfComm()
     total, n, state = 0.0, 0, None
     for X, Y in data.eval_batches(ids, cfg.batch_size, cfg.num_steps):
+        if comm.size > 1:
+            lo, hi = rank_columns(X.shape[1], comm)
+            if lo == hi:
+                continue
+            X, Y = X[:, lo:hi], Y[:, lo:hi]
         loss, state = api.loss(params, X, Y, state, activation=cfg.activation, reduction="sum",
                                device=cfg.device)
         total += loss
         n += X.size
+    if comm.size > 1:
+        total, n = comm.allreduce(np.array([total, n], np.float64))
     return perplexity(total / n)
 
 
@@ -390,7 +441,7 @@ def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
 
 # ------------------------------------------------------------------------------- train
 def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False, json_log=None, plot=None,
-          max_minutes=None, quiet=False, sample_prefixes=("time traveller", "traveller"),
+          max_minutes=None, quiet=False, sample_prefixes=("time traveller", "traveller"), comm=None,
           **options) -> TrainResult:
     """Train the character-level language model; returns params, vocab and history.
 
@@ -403,6 +454,15 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     ``plot``: a PNG of perplexity against epoch (needs matplotlib).  ``max_minutes``: stop
     at the first epoch end past that.
 
+    ``comm``: an mpi4py communicator to train data-parallel on (None: MPI_COMM_WORLD when
+    started by ``mpiexec -n N`` with N > 1, else one process).  Each rank computes its
+    ``batch_size/N`` columns of every global batch, one Allreduce per minibatch sums the
+    gradients and loss, and rank 0 alone writes the checkpoint, log and plot (and reads the
+    checkpoint to resume, for all); the perplexities are one process's with the same batch,
+    up to the order of float summation.  ``batch_size`` must divide across the ranks.  Every
+    rank raises the same exception for an error found on any (an exception on one rank
+    alone aborts the job, exit 2: see :mod:`fastbptt.distributed`).
+
     Everything that can be checked before training is: bad options, output folders that
     are missing or not writable, a missing extra (matplotlib for ``plot``, numba-cuda and a
     GPU for ``device="cuda"``) and a model larger than the memory.  Raises ValueError for
@@ -411,6 +471,14 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     write fails mid-run and :class:`TrainingInterrupted` on Ctrl-C; the checkpoint last
     written is kept in each case.
     """
+    comm = distributed.communicator(comm)
+    with distributed.guard(comm, "fastbptt train"), distributed.rank_threads(comm):
+        return _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes,
+                      quiet, sample_prefixes, options)
+
+
+def _check_options(options, checkpoint, checkpoint_every, resume, overwrite, max_minutes):
+    """TypeError/ValueError for options that are wrong whatever the files say."""
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"train: unknown option(s) {', '.join(sorted(unknown))}")
@@ -419,31 +487,58 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
         raise ValueError(f"max_minutes: expected a positive number, got {max_minutes!r}")
     if resume and overwrite:
         raise ValueError("overwrite: starts the checkpoint over, resume continues it: give one of them")
-    if resume:
-        if checkpoint is None:
-            raise ValueError("resume: needs checkpoint=PATH, the checkpoint of the run to continue")
-        with _named("path", "checkpoint"):
-            saved_params, saved_opt, meta = load_checkpoint(checkpoint)
-        cfg = merge_resume_config(meta["config"], options).resolved()
-    else:
-        cfg = TrainConfig(**options).resolved()
-    _check_outputs(checkpoint, json_log, plot, resume, overwrite)
-    if cfg.device == "cuda":
-        require_cuda("device")
-    corpus = load_corpus(cfg)
-    _check_memory(cfg, len(corpus.vocab))
-    try:
-        params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
-                                 cell=cfg.cell, num_layers=cfg.num_layers)
-        opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
-    except MemoryError as e:
-        raise ValueError(f"hidden: not enough memory for the model ({cfg.cell}, hidden={cfg.hidden}, "
-                         f"num_layers={cfg.num_layers}): {_first_line(e)}") from None
+    if resume and checkpoint is None:
+        raise ValueError("resume: needs checkpoint=PATH, the checkpoint of the run to continue")
+
+
+def _check_ranks(cfg, comm):
+    """ValueError unless the global batch divides across the ranks."""
+    if cfg.batch_size % comm.size:
+        raise ValueError(f"batch_size: {cfg.batch_size} does not divide across {comm.size} MPI ranks: "
+                         f"give a multiple of {comm.size} (each rank computes batch_size/{comm.size} streams)")
+
+
+def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes, quiet,
+           sample_prefixes, options):
+    root = comm.rank == 0
+    distributed.agree(comm, lambda: _check_options(options, checkpoint, checkpoint_every, resume, overwrite,
+                                                   max_minutes))
+    saved = None
+    if resume:                       # rank 0 reads it for all: the other ranks need no shared disk
+
+        def read():
+            with _named("path", "checkpoint"):
+                return load_checkpoint(checkpoint)
+        saved = distributed.agree_root(comm, read)
+
+    def prepare():
+        if resume:
+            cfg = merge_resume_config(saved[2]["config"], options).resolved()
+        else:
+            cfg = TrainConfig(**options).resolved()
+        _check_ranks(cfg, comm)
+        if root:
+            _check_outputs(checkpoint, json_log, plot, resume, overwrite)
+        if cfg.device == "cuda":
+            require_cuda("device")
+        corpus = load_corpus(cfg)
+        _check_memory(cfg, len(corpus.vocab))
+        if resume and (saved[2]["text_sha256"] != corpus.sha256 or saved[2]["vocab"] != corpus.vocab.idx_to_token):
+            raise ValueError("resume: the text differs from the one the checkpoint was trained on")
+        try:
+            params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
+                                     cell=cfg.cell, num_layers=cfg.num_layers)
+            opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
+        except MemoryError as e:
+            raise ValueError(f"hidden: not enough memory for the model ({cfg.cell}, hidden={cfg.hidden}, "
+                             f"num_layers={cfg.num_layers}): {_first_line(e)}") from None
+        return cfg, corpus, params, opt
+
+    cfg, corpus, params, opt = distributed.agree(comm, prepare)
     rng = np.random.default_rng(cfg.seed)
     history, start = [], 0
     if resume:
-        if meta["text_sha256"] != corpus.sha256 or meta["vocab"] != corpus.vocab.idx_to_token:
-            raise ValueError("resume: the text differs from the one the checkpoint was trained on")
+        saved_params, saved_opt, meta = saved
         for k in params:
             params[k][...] = saved_params[k]
         opt.load(saved_opt)
@@ -464,7 +559,7 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
             return "; no checkpoint of this run was written"
         return f"; the checkpoint of epoch {saved_epoch} is kept"
 
-    def save(state):
+    def write(state):
         done, p, o, r, h = state
         try:
             save_checkpoint(checkpoint, p, o, corpus.vocab, cfg, r, done, h, corpus.sha256)
@@ -472,27 +567,39 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
             raise OutputError(f"checkpoint: could not write {checkpoint} at epoch {done} "
                               f"({_reason(e)}){kept()}") from None
 
-    def diverged(what, value):
+    def save(state):
+        """rank 0 writes; a failure is raised on every rank (one bcast)"""
+        distributed.agree_root(comm, lambda: write(state))
+
+    def diverged(what, value):       # every rank sees the same reduced values: all come here
         nonlocal saved_epoch, snapshot
         if snapshot is not None:     # the last good epoch, not yet on disk
             save(snapshot)
             saved_epoch, snapshot = snapshot[0], None
-        return TrainingDiverged(f"epoch {epoch + 1}: the {what} became {value} — lower --lr (now {cfg.lr}) "
-                                f"or clip harder (--clip, now {cfg.clip}){kept()}")
+        return distributed.collective(TrainingDiverged(
+            f"epoch {epoch + 1}: the {what} became {value} — lower --lr (now {cfg.lr}) "
+            f"or clip harder (--clip, now {cfg.clip}){kept()}"))
+
+    def log():
+        try:
+            _write_json_log(json_log, history)
+        except OSError as e:
+            raise OutputError(f"json_log: could not write {json_log} at epoch {epoch + 1} "
+                              f"({_reason(e)}){kept()}") from None
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=cfg.epochs, initial=start, disable=quiet, unit="epoch", dynamic_ncols=True)
+    bar = tqdm(total=cfg.epochs, initial=start, disable=quiet or not root, unit="epoch", dynamic_ncols=True)
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            total, n, norms, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc)
+            total, n, norms, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc, comm)
             dt = time.perf_counter() - t0
             if not math.isfinite(total):
                 raise diverged("loss", total)
             train_ppl = perplexity(total / n)
             if not math.isfinite(train_ppl):
                 raise diverged("perplexity", f"{train_ppl} (a mean loss of {total / n:.4g})")
-            val_ppl = evaluate(params, corpus.val, cfg) if len(corpus.val) > 1 else None
+            val_ppl = evaluate(params, corpus.val, cfg, comm) if len(corpus.val) > 1 else None
             if val_ppl is not None and not math.isfinite(val_ppl):
                 raise diverged("validation perplexity", val_ppl)
             row = {"epoch": epoch + 1, "train_ppl": train_ppl, "val_ppl": val_ppl,
@@ -503,49 +610,53 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
                    "tokens": n, "grad_norm_quantiles": np.quantile(norms, QUANTILES).tolist()}
             history.append(row)
             if json_log:
-                try:
-                    _write_json_log(json_log, history)
-                except OSError as e:
-                    raise OutputError(f"json_log: could not write {json_log} at epoch {epoch + 1} "
-                                      f"({_reason(e)}){kept()}") from None
+                distributed.agree_root(comm, log)
             if checkpoint:
                 state = (epoch + 1, params, opt.state(), rng.bit_generator.state, history)
                 if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                     save(state)
                     saved_epoch, snapshot = epoch + 1, None
-                else:                # keep a copy: a Ctrl-C mid-epoch must not save half an epoch
+                elif root:           # keep a copy: a Ctrl-C mid-epoch must not save half an epoch
                     snapshot = (epoch + 1, {k: v.copy() for k, v in params.items()},
                                 {k: np.copy(v) for k, v in opt.state().items()}, state[3], list(history))
+                else:                # the other ranks only need to know there is one
+                    snapshot = (epoch + 1, None, None, None, None)
             post = {"ppl": f"{row['train_ppl']:.2f}", "tok/s": f"{row['tokens_per_s']:,.0f}"}
             if row["val_ppl"] is not None:
                 post["val"] = f"{row['val_ppl']:.2f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-            if max_minutes is not None and time.perf_counter() - t_start > 60 * max_minutes:
+            # rank 0's clock decides for all: the ranks must leave the loop at the same epoch
+            if max_minutes is not None and comm.bcast(time.perf_counter() - t_start > 60 * max_minutes):
                 stopped = "max-minutes"
                 break
         if snapshot is not None:     # stopped early between two checkpoint epochs
             save(snapshot)
             saved_epoch, snapshot = snapshot[0], None
     except KeyboardInterrupt:
-        if snapshot is not None:
-            save(snapshot)
+        if snapshot is not None and root:      # rank 0 alone, no collective: the others stopped anywhere
+            write(snapshot)
             saved_epoch = snapshot[0]
         if checkpoint and saved_epoch is not None:
-            raise TrainingInterrupted(f"interrupted after epoch {saved_epoch}; resume with: fastbptt train "
-                                      f"--checkpoint {checkpoint} --resume") from None
+            raise distributed.collective(TrainingInterrupted(
+                f"interrupted after epoch {saved_epoch}; resume with: fastbptt train "
+                f"--checkpoint {checkpoint} --resume")) from None
         if checkpoint:
-            raise TrainingInterrupted(f"interrupted in epoch {epoch + 1}, before the first checkpoint: "
-                                      "nothing of this run was saved") from None
+            raise distributed.collective(TrainingInterrupted(
+                f"interrupted in epoch {epoch + 1}, before the first checkpoint: "
+                "nothing of this run was saved")) from None
         done = f"after epoch {history[-1]['epoch']}" if history else f"in epoch {epoch + 1}"
-        raise TrainingInterrupted(f"interrupted {done}; pass --checkpoint PATH to be able to resume") from None
+        raise distributed.collective(TrainingInterrupted(
+            f"interrupted {done}; pass --checkpoint PATH to be able to resume")) from None
     finally:
         bar.close()
     if plot:
-        try:
-            plot_history(history, plot)
-        except OSError as e:
-            raise OutputError(f"plot: could not write {plot} ({_reason(e)}){kept()}") from None
+        def draw():
+            try:
+                plot_history(history, plot)
+            except OSError as e:
+                raise OutputError(f"plot: could not write {plot} ({_reason(e)}){kept()}") from None
+        distributed.agree_root(comm, draw)
     result = TrainResult(params, corpus.vocab, history, cfg, stopped)
     from .generation import generate
     for prefix in sample_prefixes:
