@@ -343,3 +343,23 @@ def test_gpu_every_cell_two_layers_matches_cpu(cell, truncation):
     assert abs(l2 - l1) <= 1e-9 * max(1.0, abs(l1))
     for k in g1:
         assert rel_err(g2[k], g1[k]) <= 1e-9, k
+
+
+@sim_only
+@pytest.mark.parametrize("stored", ["sqrt", 1, 2])
+@pytest.mark.parametrize("truncation", TRUNCATIONS.values(), ids=TRUNCATIONS.keys())
+@pytest.mark.parametrize("cell", CELLS)
+def test_stored_states_equal_storing_every_state(cell, truncation, stored, rng):
+    """the memory-bounded backward on the device (runs over ranges, the adjoints carried between
+    them through h and c) gives the CPU's stored-everything gradients"""
+    params, X, Y, h0, c0 = stack_case(rng, cell, 2, False, H=3)
+    state = api_state(cell, 2, h0, c0)
+    l1, g1, s1 = fastbptt.loss_and_grad(params, X, Y, state, truncation=truncation)
+    l2, g2, s2 = fastbptt.loss_and_grad(params, X, Y, state, truncation=truncation, device="cuda",
+                                        stored_states=stored)
+    assert abs(l2 - l1) <= 1e-12 * max(1.0, abs(l1))
+    assert set(g2) == set(g1)
+    for k in g1:
+        assert rel_err(g2[k], g1[k]) <= 1e-9, k
+    for got, cpu in zip(s2 if cell == "lstm" else (s2,), s1 if cell == "lstm" else (s1,)):
+        assert rel_err(got, cpu) <= 1e-9
