@@ -33,7 +33,7 @@ from . import data
 
 FORMAT = "fastbptt-corpus/1"
 #: bytes read and tokenized at a time (the working memory is about 20× this)
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 #: texts smaller than this are tokenized in memory on every run, not cached
 MIN_CACHED_BYTES = 8 << 20
 #: ids gathered (slices taken) from a cached map between two hand-backs of its pages
@@ -263,13 +263,13 @@ def _alive(pid):
 
 
 def _tidy(folder, key):
-    """Remove the other entries of the same path and tokenizer, and temporaries left by
-    processes that died."""
+    """Remove the other entries of the same path and tokenizer, and the temporaries of
+    processes that died (killed while tokenizing)."""
     where = key.split("-")[0]
     for p in folder.glob(f"{where}-*"):
         if not p.name.startswith(key):
             p.unlink(missing_ok=True)
-    for p in folder.glob(f".{where}-*.tmp*"):
+    for p in folder.glob(".*.tmp*"):
         try:
             pid = int(p.name.rsplit(".tmp", 1)[1])
         except ValueError:
@@ -361,12 +361,12 @@ def token_ids(path=None, mode="book", *, cache=None, chunk_bytes=None, min_cache
 
 
 # --------------------------------------------------------------------------- splits
-def _bincount(ids, lo, hi, V, step=1 << 22):
+def _bincount(ids, lo, hi, V, step=1 << 20):
     """Occurrences of each id in ids[lo:hi], read a slice at a time (the map's pages handed back)."""
     c = np.zeros(V, np.int64)
     for i in range(lo, hi, step):
         c += np.bincount(np.asarray(ids[i:min(hi, i + step)]), minlength=V)
-    release(ids)
+        release(ids)
     return c
 
 
@@ -384,7 +384,7 @@ def _remap(t, lut, n, dtype):
     tmp = folder / f".{key}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as out:
-            step = 1 << 22
+            step = 1 << 20
             for i in range(0, n, step):
                 out.write(lut[np.asarray(t.ids[i:min(n, i + step)])].astype(dtype, copy=False).tobytes())
                 release(t.ids)
