@@ -18,6 +18,7 @@ import contextlib
 import os
 import pickle
 import sys
+import time
 
 import numpy as np
 
@@ -95,7 +96,11 @@ class MPIComm:
         return self._local
 
     def abort(self, code=EXIT_ABORT):
+        """End every rank of the job with ``code`` (and this one at once: MPI_Abort may return)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
         self.comm.Abort(code)
+        os._exit(code)
 
 
 def communicator(comm=None):
@@ -216,19 +221,35 @@ def agree_root(comm, fn):
     return got[1]
 
 
+#: seconds a rank other than 0 that was interrupted (Ctrl-C) waits for rank 0 to end the job
+#: (after saving the last epoch) before it ends the job itself
+INTERRUPT_GRACE = 10.0
+EXIT_INTERRUPTED = 130
+
+
 @contextlib.contextmanager
 def guard(comm, prog="fastbptt"):
     """An exception that leaves the block on one rank only (not :func:`is_collective`) prints
     ``PROG: error: rank R of N: …`` and aborts the job with exit 2: otherwise the other ranks
-    would wait for it in their next collective call forever.  Collective ones pass through."""
+    would wait for it in their next collective call forever.  Collective ones pass through.
+
+    Ctrl-C (KeyboardInterrupt, or an exception with ``interrupted = True``): mpiexec passes it
+    to every rank, each at its own point; rank 0, which writes the last epoch's checkpoint,
+    prints the message and aborts the job with exit 130; another rank gives it
+    INTERRUPT_GRACE seconds to do so first (rank 0 may be waiting in an Allreduce for it)."""
     try:
         yield
     except BaseException as e:
         if comm.size == 1 or is_collective(e) or isinstance(e, (SystemExit, GeneratorExit)):
             raise
-        if isinstance(e, KeyboardInterrupt):
-            raise
         msg = " ".join((str(e) or type(e).__name__).split())
+        if isinstance(e, KeyboardInterrupt) or getattr(e, "interrupted", False):
+            if comm.rank == 0:
+                print(f"{prog}: {msg if str(e) else 'interrupted'}", file=sys.stderr, flush=True)
+            else:
+                time.sleep(INTERRUPT_GRACE)
+            comm.abort(EXIT_INTERRUPTED)
+            raise
         print(f"{prog}: error: rank {comm.rank} of {comm.size}: {type(e).__name__}: {msg}; "
               "ending every rank", file=sys.stderr, flush=True)
         comm.abort(EXIT_ABORT)

@@ -521,7 +521,7 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             _check_outputs(checkpoint, json_log, plot, resume, overwrite)
         if cfg.device == "cuda":
             require_cuda("device")
-        corpus = load_corpus(cfg)
+        corpus = load_corpus(cfg, quiet=quiet or not root)
         _check_memory(cfg, len(corpus.vocab))
         if resume and (saved[2]["text_sha256"] != corpus.sha256 or saved[2]["vocab"] != corpus.vocab.idx_to_token):
             raise ValueError("resume: the text differs from the one the checkpoint was trained on")
@@ -638,16 +638,13 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             write(snapshot)
             saved_epoch = snapshot[0]
         if checkpoint and saved_epoch is not None:
-            raise distributed.collective(TrainingInterrupted(
-                f"interrupted after epoch {saved_epoch}; resume with: fastbptt train "
-                f"--checkpoint {checkpoint} --resume")) from None
+            raise _interrupted(f"interrupted after epoch {saved_epoch}; resume with: fastbptt train "
+                               f"--checkpoint {checkpoint} --resume") from None
         if checkpoint:
-            raise distributed.collective(TrainingInterrupted(
-                f"interrupted in epoch {epoch + 1}, before the first checkpoint: "
-                "nothing of this run was saved")) from None
+            raise _interrupted(f"interrupted in epoch {epoch + 1}, before the first checkpoint: "
+                               "nothing of this run was saved") from None
         done = f"after epoch {history[-1]['epoch']}" if history else f"in epoch {epoch + 1}"
-        raise distributed.collective(TrainingInterrupted(
-            f"interrupted {done}; pass --checkpoint PATH to be able to resume")) from None
+        raise _interrupted(f"interrupted {done}; pass --checkpoint PATH to be able to resume") from None
     finally:
         bar.close()
     if plot:
@@ -662,6 +659,13 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
     for prefix in sample_prefixes:
         result.generated[prefix] = generate(params, corpus.vocab, prefix, 50, activation=cfg.activation)
     return result
+
+
+def _interrupted(message):
+    """TrainingInterrupted; under MPI, :func:`distributed.guard` ends the job with it (exit 130)."""
+    e = TrainingInterrupted(message)
+    e.interrupted = True
+    return e
 
 
 def _first_line(e):

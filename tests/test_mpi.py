@@ -325,3 +325,16 @@ def test_mpiexec_a_rank_that_dies_ends_the_job(tmp_path, how):
         assert p.returncode != 0
     assert [q.name for q in tmp_path.iterdir()] == ["ck.npz"]                 # no half-written .tmp file
     assert trainer.load_checkpoint(tmp_path / "ck.npz")[2]["epoch"] == 1     # epoch 1's, whole
+
+
+def test_mpiexec_without_mpi4py_is_one_line_and_exit_2(monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mpi4py" else real(name, *a))
+    monkeypatch.setenv("PMI_SIZE", "2")                       # as mpiexec -n 2 starts it
+    with pytest.raises(SystemExit) as e:
+        from fastbptt import cli
+        cli.main(["train", "--epochs", "1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("fastbptt train: error: mpiexec: MPI needs mpi4py, which is not installed: "
+                                       "pip install fastbptt[mpi]\n")
