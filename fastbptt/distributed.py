@@ -25,7 +25,8 @@ import numpy as np
 from ._preflight import require_mpi
 
 #: environment variables by which launchers tell a process the size of its job: Open MPI,
-#: MPICH / Intel MPI (Hydra) and Slurm's srun with PMI-2, MVAPICH2
+#: MPICH / Intel MPI (Hydra) and Slurm's srun with PMI-2, MVAPICH2 (and, with PMIX_RANK set,
+#: srun --mpi=pmix's SLURM_STEP_NUM_TASKS)
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 #: ... and the number of ranks on this node (Hydra, Open MPI)
 LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
@@ -36,7 +37,10 @@ EXIT_ABORT = 2
 def launched():
     """The job size the launcher announced in the environment (``mpiexec -n N``), or 1: a
     plain process.  Read from the environment only: nothing is imported."""
-    for name in SIZE_VARIABLES:
+    names = SIZE_VARIABLES
+    if "PMIX_RANK" in os.environ:          # srun --mpi=pmix: the step's task count
+        names += ("SLURM_STEP_NUM_TASKS",)
+    for name in names:
         try:
             return max(1, int(os.environ[name]))
         except (KeyError, ValueError):

@@ -91,7 +91,7 @@ def key(history, names=("train_ppl", "val_ppl")):
 def test_import_fastbptt_never_imports_mpi4py():
     code = ("import sys, fastbptt, fastbptt.distributed as d, fastbptt.cli; "
             "assert d.communicator().size == 1; assert 'mpi4py' not in sys.modules, 'imported'")
-    env = {k: v for k, v in os.environ.items() if k not in distributed.SIZE_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in distributed.SIZE_VARIABLES + ("PMIX_RANK",)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
@@ -102,6 +102,13 @@ def test_launched_reads_the_launchers_variables(monkeypatch):
     monkeypatch.setenv("PMI_SIZE", "4")
     assert distributed.launched() == 4
     monkeypatch.setenv("PMI_SIZE", "1")                  # mpiexec -n 1: one process
+    assert isinstance(distributed.communicator(), distributed.SelfComm)
+    monkeypatch.delenv("PMI_SIZE")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")      # a Slurm step, but no MPI launch
+    assert distributed.launched() == 1
+    monkeypatch.setenv("PMIX_RANK", "0")                 # srun --mpi=pmix
+    assert distributed.launched() == 8
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert isinstance(distributed.communicator(), distributed.SelfComm)
 
 
