@@ -129,18 +129,22 @@ def communicator(comm=None):
     raise TypeError(f"comm: expected an mpi4py communicator (e.g. MPI.COMM_WORLD) or None, got {type(comm).__name__}")
 
 
-def threads_per_rank(comm, cores=None):
-    """numba threads for each rank: this node's cores (those the process may run on) over its
-    ranks, at least 1 — so N ranks on N cores run one thread each instead of N² threads
-    fighting for N cores.  NUMBA_NUM_THREADS, when set, wins."""
+def threads_per_rank(comm, mine=None, node=None):
+    """numba threads for each rank: the cores this process may run on (``mine``, its affinity)
+    when the launcher bound it to fewer than the node's (``node``); else the node's cores
+    over its ranks, at least 1 — so N ranks on N cores run one thread each, not N threads
+    each fighting for N cores.  NUMBA_NUM_THREADS, when set, wins (None: leave it)."""
     if comm.size == 1 or "NUMBA_NUM_THREADS" in os.environ:
         return None
-    if cores is None:
+    node = node or os.cpu_count() or 1
+    if mine is None:
         try:
-            cores = len(os.sched_getaffinity(0))
+            mine = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-    return max(1, cores // max(1, comm.local_size()))
+            mine = node
+    if mine < node:
+        return mine
+    return max(1, node // max(1, comm.local_size()))
 
 
 @contextlib.contextmanager

@@ -121,13 +121,15 @@ def test_comm_argument_is_checked():
 
 def test_threads_per_rank_share_the_cores(monkeypatch):
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
-    comm = type("C", (), {"size": 2, "local_size": lambda self: 2})()
-    assert distributed.threads_per_rank(comm, cores=2) == 1
-    assert distributed.threads_per_rank(comm, cores=16) == 8
-    assert distributed.threads_per_rank(type("C", (), {"size": 3, "local_size": lambda self: 3})(), cores=2) == 1
-    assert distributed.threads_per_rank(distributed.SelfComm(), cores=16) is None     # one process: untouched
+    two = type("C", (), {"size": 2, "local_size": lambda self: 2})()
+    assert distributed.threads_per_rank(two, mine=2, node=2) == 1          # mpiexec -n 2 on 2 cores
+    assert distributed.threads_per_rank(two, mine=16, node=16) == 8
+    assert distributed.threads_per_rank(two, mine=4, node=16) == 4         # bound by the launcher to 4
+    three = type("C", (), {"size": 3, "local_size": lambda self: 3})()
+    assert distributed.threads_per_rank(three, mine=2, node=2) == 1        # oversubscribed: still 1
+    assert distributed.threads_per_rank(distributed.SelfComm(), mine=16, node=16) is None   # one process
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
-    assert distributed.threads_per_rank(comm, cores=16) is None                       # the user's word wins
+    assert distributed.threads_per_rank(two, mine=16, node=16) is None     # the user's word wins
 
 
 def test_rank_columns_tile_the_batch():
