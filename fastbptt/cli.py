@@ -79,6 +79,9 @@ def _train_parser(sub):
                         "windows, state reset (default: sequential)")
     g.add_argument("--truncation", metavar="full|k:N|random:P",
                    help="full BPTT, Truncated(N) per loss term, or Randomized(P) (default: full)")
+    g.add_argument("--stored-states", metavar="all|sqrt|N",
+                   help="hidden states the forward keeps for the backward: all, about sqrt(T), or N with "
+                        "the binomial (revolve) schedule; the rest are recomputed, same gradients (default: all)")
     g.add_argument("--activation", choices=["tanh", "relu", "identity"],
                    help="of the rnn cell; gru and lstm take only tanh (default: tanh)")
     g.add_argument("--seed", type=int, help="seed of every random draw (default: 0)")

@@ -67,10 +67,11 @@ class TrainConfig:
     truncation: str = "full"          # full | k:N | random:P
     activation: str = "tanh"
     seed: int = 0
+    stored_states: str | None = None  # None (all) | sqrt | N: memory-bounded BPTT, same gradients
     device: str = "cpu"
 
     # options that may differ between a checkpoint and the run that resumes it
-    RESUMABLE = ("epochs", "device")
+    RESUMABLE = ("epochs", "device", "stored_states")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the data-dependent defaults filled in, after checking every value."""
@@ -102,6 +103,7 @@ class TrainConfig:
             raise ValueError(f"activation: applies to the rnn cell only, got {c.activation!r} with "
                              f"cell {c.cell!r} (its nonlinearities are fixed)")
         parse_truncation(c.truncation)
+        c.stored_states = parse_stored_states(c.stored_states)
         return c
 
 
@@ -168,6 +170,20 @@ def parse_truncation(spec):
     except (TypeError, ValueError) as e:
         raise ValueError(f"truncation: {e}") from None
     raise ValueError(f"truncation: expected full, k:N (N >= 1) or random:P (0 < P <= 1), got {spec!r}")
+
+
+def parse_stored_states(spec):
+    """None, "sqrt" or a positive int, from the CLI's text ("all" and "none" are None) or the API's value"""
+    if spec is None or spec == "sqrt":
+        return spec
+    if isinstance(spec, str):
+        if spec.lower() in ("all", "none"):
+            return None
+        if spec.strip().isdigit() and int(spec) >= 1:
+            return int(spec)
+    elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool) and spec >= 1:
+        return int(spec)
+    raise ValueError(f"stored_states: expected all, sqrt or an integer N >= 1, got {spec!r}")
 
 
 # --------------------------------------------------------------------------- corpus
@@ -326,7 +342,8 @@ def train_epoch(params, opt, corpus_ids, cfg, rng, trunc, comm=None):
         else:
             size = X.size
         loss, grads, state = api.loss_and_grad(params, X, Y, state, activation=cfg.activation,
-                                               truncation=tr, device=cfg.device)
+                                               truncation=tr, device=cfg.device,
+                                               stored_states=cfg.stored_states)
         loss, grads = reduce(loss, grads)
         if not math.isfinite(loss):
             return loss, n, norms, clipped, steps

@@ -232,3 +232,30 @@ def test_peak_memory_in_a_subprocess(cell):
     assert every >= states                                          # it keeps them all, and more
     for stored in ("sqrt", 100):
         assert peak_bytes(cell, T, stored) <= 0.25 * every, stored
+
+
+# ------------------------------------------------------------------------------- trainer
+def test_trainer_takes_stored_states(tmp_path):
+    """the same run (float32: the same perplexities to the order of summation) whatever it keeps;
+    the checkpoint records it and a resume may change it"""
+    from fastbptt import cli, trainer
+    kw = dict(hidden=16, num_steps=12, batch_size=4, max_chars=600, epochs=2, quiet=True, cell="lstm")
+    ref = trainer.train(**kw)
+    for stored in ("sqrt", 3):
+        got = trainer.train(stored_states=stored, **kw)
+        for a, b in zip(got.history, ref.history):
+            assert abs(a["train_ppl"] - b["train_ppl"]) <= 1e-4 * b["train_ppl"]
+    ck = tmp_path / "ck.npz"
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as e:
+            cli.main(list(argv))
+        return e.value.code
+    assert run("train", "--hidden", "16", "--num-steps", "12", "--batch-size", "4", "--max-chars", "600",
+               "--epochs", "1", "--quiet", "--stored-states", "2", "--checkpoint", str(ck)) == 0
+    assert trainer.load_checkpoint(ck)[2]["config"].stored_states == 2
+    assert run("train", "--epochs", "2", "--quiet", "--stored-states", "all", "--checkpoint", str(ck),
+               "--resume") == 0
+    assert trainer.load_checkpoint(ck)[2]["config"].stored_states is None
+    with pytest.raises(ValueError, match="stored_states"):
+        trainer.train(stored_states="half", **kw)
