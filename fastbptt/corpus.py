@@ -25,6 +25,7 @@ import json
 import mmap
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,7 @@ def _build(open_text, path, mode, chunk_bytes, size, out=None, quiet=True):
 
     def bar(what):
         return tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=False,
-                    desc=f"tokenizing {Path(str(path)).name} ({what})", disable=quiet or out is None)
+                    desc=f"tokenizing {Path(str(path)).name} ({what})", disable=quiet)
 
     with open_text() as f, bar("1/2 counting") as b:
         n, counts, first, sha = _count(f, path, mode, chunk_bytes, b)
@@ -322,7 +323,8 @@ def token_ids(path=None, mode="book", *, cache=None, chunk_bytes=None, min_cache
 
     A file of ``min_cached_bytes`` (:data:`MIN_CACHED_BYTES`) or more is tokenized once into
     the cache (``cache``, a folder; default :func:`cache_dir`) with progress bars (not when
-    ``quiet``) and memory-mapped from there after; a smaller one is tokenized in memory.
+    ``quiet``) and memory-mapped from there after; a smaller one is tokenized in memory, and so
+    is any when the cache cannot be written (with a warning).
     ValueErrors name ``path`` (missing, empty, binary, not UTF-8) or ``mode``.
     """
     chunk_bytes = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
@@ -345,6 +347,15 @@ def token_ids(path=None, mode="book", *, cache=None, chunk_bytes=None, min_cache
     hit = _load(folder, key)
     if hit is not None:
         return hit
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.tmp{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        warnings.warn(f"cache: cannot write to {folder} ({e.strerror or e}); tokenizing {path} in memory "
+                      "(set FASTBPTT_CACHE_DIR to a writable folder to tokenize it once)", stacklevel=2)
+        return _build(lambda: open(p, "rb"), path, mode, chunk_bytes, st.st_size, quiet=quiet)
 
     def build(out):
         t = _build(lambda: open(p, "rb"), path, mode, chunk_bytes, st.st_size, out, quiet)

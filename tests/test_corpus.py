@@ -183,6 +183,17 @@ def test_the_cache_folder_follows_fastbptt_cache_dir(tmp_path, monkeypatch):
     assert t.file == str(tmp_path / "fc" / "corpora" / f"{t.key}.ids")
 
 
+def test_an_unwritable_cache_tokenizes_in_memory_with_a_warning(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("the time traveller\n" * 100)
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.warns(UserWarning, match=r"^cache: cannot write to .*; tokenizing .* in memory"):
+        t = cached(f, "book", blocked / "c")
+    assert t.file is None
+    assert t.vocab.decode(t.ids) == "".join(data.tokenize(f.read_text(), "book"))
+
+
 @pytest.mark.parametrize("content", [
     b"", b"  \n ", b"ab\x00cd", b"\xff\xfe\xfa abc", b"abc" * 10 + b"\xe2\x82", b"abc\xe2\x28\xa1 def",
     b"ok " * 10 + b"\xff" + b"x" * 30 + b"\x00",
