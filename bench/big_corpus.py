@@ -5,7 +5,7 @@
     python bench/big_corpus.py --size-mb 200 --tokenize-only [--tokenize chars]   # tokenizing alone: MB/s, memory
 
 The text (random lines of words, with capitals, punctuation and two-byte UTF-8) is written
-to ``--dir`` (kept between runs), the cache to ``--dir``/cache (emptied first unless
+to ``--dir`` (default TMPDIR/fastbptt-big-corpus, kept between runs), the cache to ``--dir``/cache (emptied first unless
 ``--warm``).  The run is ``fastbptt train --text big.txt --epochs 1 --max-minutes M`` plus
 what follows ``--``; ``--max-minutes`` ends a run at an epoch end only, and an epoch of a
 1 GiB text at the book's settings lasts hours, so after ``--stop-minutes`` the run gets
@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def status(pid):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=float, default=1024, help="the text's size in MiB (default 1024)")
-    ap.add_argument("--dir", default="big_corpus", help="where the text and the cache go")
+    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "fastbptt-big-corpus"),
+                    help="where the text and the cache go (default: TMPDIR/fastbptt-big-corpus)")
     ap.add_argument("--max-minutes", type=float, default=5)
     ap.add_argument("--stop-minutes", type=float, default=8, help="SIGINT the run after this long")
     ap.add_argument("--tokenize", choices=["book", "chars"], default="book")

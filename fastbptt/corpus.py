@@ -33,7 +33,7 @@ import numpy as np
 from . import data
 
 FORMAT = "fastbptt-corpus/1"
-#: bytes read and tokenized at a time (the working memory is about 20× this)
+#: bytes read and tokenized at a time (the working memory is some tens of times this)
 CHUNK_BYTES = 1 << 20
 #: texts smaller than this are tokenized in memory on every run, not cached
 MIN_CACHED_BYTES = 8 << 20
