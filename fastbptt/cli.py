@@ -97,7 +97,8 @@ def _train_parser(sub):
                    help="start over when --checkpoint exists (without it or --resume, that is an error)")
     g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")
     g.add_argument("--plot", metavar="PATH", help="PNG of perplexity against epoch")
-    g.add_argument("--max-minutes", type=float, metavar="M", help="stop at the first epoch end past M minutes")
+    g.add_argument("--max-minutes", type=float, metavar="M", help="stop at the first minibatch past M minutes (an epoch stopped "
+                                                                      "within is not checkpointed)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
@@ -136,7 +137,8 @@ def _run_train(args):
         print(f"nothing to do: the checkpoint is already at epoch {result.config.epochs}")
     else:
         val = f", validation perplexity {last['val_ppl']:.2f}" if last["val_ppl"] is not None else ""
-        stop = " (stopped: --max-minutes)" if result.stopped == "max-minutes" else ""
+        stop = (" (stopped: --max-minutes" + (", within the epoch" if last.get("partial") else "") + ")"
+                if result.stopped == "max-minutes" else "")
         ranks = f" ({comm.size} MPI ranks)" if comm.size > 1 else ""
         print(f"epoch {last['epoch']}: perplexity {last['train_ppl']:.2f}{val}, "
               f"{last['tokens_per_s']:,.1f} tokens/s on {result.config.device}{ranks}{stop}")

@@ -107,7 +107,8 @@ def random_batches(corpus, batch_size, num_steps, rng):
     them.  Yields (X, Y), each (num_steps, batch_size)."""
     n = len(corpus)
     offset = int(rng.integers(0, min(num_steps - 1, n - num_steps * batch_size - 1) + 1))
-    starts = offset + num_steps * np.arange((n - offset - 1) // num_steps)
+    count = (n - offset - 1) // num_steps                # int32 where it fits: a big text's starts are many
+    starts = offset + num_steps * np.arange(count, dtype=np.int32 if n < 2**31 else np.int64)
     rng.shuffle(starts)
     cols = np.arange(num_steps)[:, None]
     for i in range(0, (len(starts) // batch_size) * batch_size, batch_size):

@@ -318,9 +318,11 @@ class GradReducer:
         return float(self.buf[-1]), views
 
 
-def train_epoch(params, opt, corpus_ids, cfg, rng, trunc, comm=None):
-    """One pass over the training split.  Returns (Σ loss·tokens, tokens, norms, clipped, steps)
-    with ``norms`` the list of the steps' gradient norms before clipping.  The state carried
+def train_epoch(params, opt, corpus_ids, cfg, rng, trunc, comm=None, deadline=None):
+    """One pass over the training split.  Returns (Σ loss·tokens, tokens, norms, clipped, steps,
+    complete) with ``norms`` the list of the steps' gradient norms before clipping; with a
+    ``deadline`` (a time.perf_counter() value), the pass stops at the first minibatch past it
+    (rank 0's clock decides for every rank) and ``complete`` is False.  The state carried
     is what loss_and_grad returns and takes: an array, or the LSTM's (h, c).
 
     With ``comm`` of N ranks, every rank draws the same global batch from the same ``rng``
@@ -334,6 +336,8 @@ def train_epoch(params, opt, corpus_ids, cfg, rng, trunc, comm=None):
     state = None
     sampler = data.SAMPLERS[cfg.sampling]
     for X, Y in sampler(corpus_ids, cfg.batch_size, cfg.num_steps, rng):
+        if deadline is not None and steps and comm.bcast(time.perf_counter() > deadline):
+            return total, n, norms, clipped, steps, False
         if cfg.sampling == "random":
             state = None
         tr = Randomized(trunc, seed=int(rng.integers(2**63))) if isinstance(trunc, float) else trunc
@@ -346,19 +350,19 @@ def train_epoch(params, opt, corpus_ids, cfg, rng, trunc, comm=None):
                                                stored_states=cfg.stored_states)
         loss, grads = reduce(loss, grads)
         if not math.isfinite(loss):
-            return loss, n, norms, clipped, steps
+            return loss, n, norms, clipped, steps, True
         norm = clip_gradients(grads, cfg.clip)
         with np.errstate(over="ignore", invalid="ignore"):
             opt.step(params, grads)
             # ‖p‖² is inf/nan iff an update overflowed; one BLAS dot per array, no copy
             if not all(math.isfinite(np.dot(p.ravel(), p.ravel())) for p in params.values()):
-                return math.inf, n, norms, clipped, steps
+                return math.inf, n, norms, clipped, steps, True
         total += loss * size
         n += size
         norms.append(norm)
         clipped += norm > cfg.clip
         steps += 1
-    return total, n, norms, clipped, steps
+    return total, n, norms, clipped, steps, True
 
 
 def evaluate(params, ids, cfg, comm=None):
@@ -469,7 +473,8 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     given must agree with it, except ``epochs`` and ``device``), or ``overwrite=True``,
     which starts over.  ``json_log``: one JSON object per epoch with :data:`LOG_KEYS`.
     ``plot``: a PNG of perplexity against epoch (needs matplotlib).  ``max_minutes``: stop
-    at the first epoch end past that.
+    at the first minibatch past that; an epoch stopped within is in the history (its row
+    has ``"partial": True``, no validation) and in the params returned, not in a checkpoint.
 
     ``comm``: an mpi4py communicator to train data-parallel on (None: MPI_COMM_WORLD when
     started by ``mpiexec -n N`` with N > 1, else one process).  Each rank computes its
@@ -564,6 +569,7 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
     trunc = parse_truncation(cfg.truncation)
     elapsed0 = history[-1]["elapsed_s"] if history else 0.0
     t_start = time.perf_counter()
+    deadline = None if max_minutes is None else t_start + 60 * max_minutes
     snapshot = None                  # the last epoch end not yet on disk (for Ctrl-C)
     saved_epoch = start if resume else None
     stopped = "done"
@@ -609,14 +615,15 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            total, n, norms, clipped, steps = train_epoch(params, opt, corpus.train, cfg, rng, trunc, comm)
+            total, n, norms, clipped, steps, complete = train_epoch(params, opt, corpus.train, cfg, rng, trunc,
+                                                                    comm, deadline)
             dt = time.perf_counter() - t0
             if not math.isfinite(total):
                 raise diverged("loss", total)
             train_ppl = perplexity(total / n)
             if not math.isfinite(train_ppl):
                 raise diverged("perplexity", f"{train_ppl} (a mean loss of {total / n:.4g})")
-            val_ppl = evaluate(params, corpus.val, cfg, comm) if len(corpus.val) > 1 else None
+            val_ppl = evaluate(params, corpus.val, cfg, comm) if complete and len(corpus.val) > 1 else None
             if val_ppl is not None and not math.isfinite(val_ppl):
                 raise diverged("validation perplexity", val_ppl)
             row = {"epoch": epoch + 1, "train_ppl": train_ppl, "val_ppl": val_ppl,
@@ -625,9 +632,15 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
                    "elapsed_s": elapsed0 + time.perf_counter() - t_start,
                    # beyond the JSON log: for diagnostics (fastbptt diagnose)
                    "tokens": n, "grad_norm_quantiles": np.quantile(norms, QUANTILES).tolist()}
+            if not complete:         # --max-minutes within an epoch: no validation, no checkpoint of it
+                row["partial"] = True
             history.append(row)
             if json_log:
                 distributed.agree_root(comm, log)
+            if not complete:
+                bar.set_postfix({"ppl": f"{train_ppl:.2f}", "stopped": f"after {steps} minibatches"})
+                stopped = "max-minutes"
+                break
             if checkpoint:
                 state = (epoch + 1, params, opt.state(), rng.bit_generator.state, history)
                 if (epoch + 1) % checkpoint_every == 0 or epoch + 1 == cfg.epochs:
@@ -732,7 +745,7 @@ def _check_memory(cfg, V):
 def _write_json_log(path, history):
     buf = io.StringIO()
     for row in history:
-        buf.write(json.dumps({k: row[k] for k in LOG_KEYS}) + "\n")
+        buf.write(json.dumps({k: row[k] for k in LOG_KEYS + ("partial",) if k in row}) + "\n")
     Path(path).write_text(buf.getvalue())
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import time
 import types
 
 import numpy as np
@@ -646,3 +647,19 @@ def test_ctrl_c_in_the_first_epoch_says_so(tmp_path, capsys, monkeypatch, checkp
         assert not ck.exists()
     else:
         assert err == "interrupted in epoch 1; pass --checkpoint PATH to be able to resume"
+
+
+def test_max_minutes_stops_within_a_long_epoch(tmp_path):
+    """a deadline inside an epoch ends it at the next minibatch: the partial epoch is in the
+    history and the params, with no validation and no checkpoint of it"""
+    ck, log = tmp_path / "ck.npz", tmp_path / "log.jsonl"
+    kw = dict(hidden=8, num_steps=8, batch_size=4, quiet=True, sample_prefixes=(), epochs=3)
+    t0 = time.perf_counter()
+    r = trainer.train(max_minutes=0.002, checkpoint=str(ck), json_log=str(log), **kw)
+    assert time.perf_counter() - t0 < 60
+    assert r.stopped == "max-minutes" and len(r.history) == 1
+    row = r.history[0]
+    assert row["partial"] is True and row["val_ppl"] is None
+    assert 0 < row["tokens"] < 0.5 * len(trainer.load_corpus(r.config).train)
+    assert not ck.exists()
+    assert json.loads(log.read_text().splitlines()[-1])["partial"] is True
