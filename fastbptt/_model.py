@@ -56,7 +56,7 @@ def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None):
     per layer, the adjoints of the state at T from the steps after T (a range of a longer
     sweep), or None."""
     if k is not None:
-        return truncated(cell, run, X, lays, dH, act, k, want_dx)
+        return truncated(cell, run, X, lays, dH, act, k, want_dx, end)
     grads, d0 = {}, [None] * run.L
     for l in reversed(range(run.L)):
         g, d0[l], dH = cell.backward(run, l, _input(X, lays, l), lays[l], dH, act, xi,
@@ -65,17 +65,21 @@ def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None):
     return grads, d0, dH
 
 
-def truncated(cell, run, X, lays, dH, act, k, want_dx):
+def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None):
     """Truncated(k), per loss term, through every layer.  The chains of all loss terms advance
     together one depth d = 0..k-1 at a time: at depth d the chain of term t sits at step
     s = t - d of every layer (rows s = 0..T-d-1).  Top layer first, each layer's chains get
     their pointwise backward (summed into the layer's gradients), hand dP W_xhᵀ to the chains
     of the layer below at the same step, and cross one step back: A[s-1] = dR[s] W_hhᵀ (with
     the cell's carry), the crossings from step 1 summing into the state's gradients.  Moving
-    down a layer is not a time step."""
+    down a layer is not a time step.  ``end``: the adjoints of every layer's state at T join
+    the chains of step T (the last loss term's)."""
     T, L = run.T, run.L
     ch = [cell.chains(run, l, lays[l]) for l in range(L)]
     ch[-1].A[:] = dH
+    for l in range(L if end is not None else 0):
+        for chain, g in zip((ch[l].A, ch[l].C), end[l]):      # h, and the LSTM's c
+            run.add(chain[T - 1], g)
     first = [run.zeros(f"d0{l}", (2,) + dH.shape[1:]) for l in range(L)]   # Σ crossings from step 1
     for d in range(min(k, T)):
         n = T - d
@@ -130,19 +134,26 @@ def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
         return run.output(lays[-1].S), run.last_states(cell, lays), lays if keep else None
 
 
-def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None):
+def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None):
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
-    top layer's states S (T+1,B,H) and direct terms dH (overwritten).  ``lays``: the records of
+    top layer's states S (T+1,B,H) and direct terms dH (overwritten), and ``end`` (one tuple
+    per layer: the adjoints of the last states, or None).  ``lays``: the records of
     rnn_forward(keep=True); else one Elman layer uses S as it is, and other cells and stacks
     recompute their forward from X and state0."""
     with be.begin(P, X, "backward", cell, L) as run:
         S, dH = run.given(S), run.given(dH)
         if lays is None:
             lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
-        grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx)
+        grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx, _given_end(run, end))
         if dX is not None:
             grads["X"] = dX
         return run.results(grads), run.state_grads(d0)
+
+
+def _given_end(run, end):
+    """the caller's adjoints of the last states (one tuple per layer, or None) where the run
+    computes: on the device for CUDA"""
+    return None if end is None else [tuple(run.given(x) for x in layer) for layer in end]
 
 
 def rnn_adjoints(be, cell, P, X, S, dH, state0, act):
@@ -164,9 +175,9 @@ class Bounded:
     S (b-a+1,B,H): (their loss, dH (b-a,B,H) with its first j rows zero, the head's
     gradients).  ``steps`` counts the forward steps computed, recomputations included."""
 
-    def __init__(self, be, cell, P, X, state0, act, L, direct, want_dx=False):
+    def __init__(self, be, cell, P, X, state0, act, L, direct, want_dx=False, end=None):
         self.be, self.cell, self.P, self.X, self.act, self.L = be, cell, P, X, act, L
-        self.state0, self.direct, self.want_dx = state0, direct, want_dx
+        self.state0, self.direct, self.want_dx, self.end = state0, direct, want_dx, end
         self.T = X.shape[0]
         self.loss, self.grads, self.last, self.d0, self.dX = 0.0, {}, None, None, None
         self.steps = 0
@@ -202,7 +213,7 @@ class Bounded:
         with self._forward(a, b, state, "reverse") as (run, lays):
             loss, dH, grads = self.direct(run, a, b, lays[-1].S, 0)
             g, d0, dX = backward(self.cell, run, self.X[a:b], lays, dH, self.act, None, xi[a:b],
-                                 self.want_dx, end)
+                                 self.want_dx, _given_end(run, end))
             grads.update(g)
             self._sum(run, loss, grads, dX, a)
             if b == self.T:
@@ -232,7 +243,7 @@ class Bounded:
         cur, cur_state = 0, self.state0
         adv = None                          # [a, b, stores]: advances not yet computed
         rev = None                          # [a, b, state at a, one step each]: reversals not yet run
-        end = None
+        end = self.end
 
         def advance():
             nonlocal adv, cur, cur_state
@@ -292,7 +303,8 @@ class Bounded:
                 for t in [t for t in kept if t < nxt]:
                     del kept[t]
                 loss, dH, grads = self.direct(run, w0, j1, lays[-1].S, j0 - w0)
-                g, d0, dX = truncated(self.cell, run, self.X[w0:j1], lays, dH, self.act, k, self.want_dx)
+                g, d0, dX = truncated(self.cell, run, self.X[w0:j1], lays, dH, self.act, k, self.want_dx,
+                                      _given_end(run, self.end) if j1 == self.T else None)
                 grads.update(g)
                 self._sum(run, loss, grads, dX, w0)
                 if w0 == 0:                 # the crossings into h_0 (later windows start past it)
@@ -308,10 +320,10 @@ class Bounded:
         return self
 
 
-def _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx=False):
+def _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx=False, end=None):
     """a Bounded call carried out: by windows for Truncated(k), else by the schedule"""
     from . import schedule
-    b = Bounded(be, cell, P, X, state0, act, L, direct, want_dx)
+    b = Bounded(be, cell, P, X, state0, act, L, direct, want_dx, end)
     T = X.shape[0]
     if k is not None:
         return b.windows(k, schedule.window(T, stored))
@@ -332,9 +344,9 @@ def bounded_loss_and_grad(be, cell, P, X, Y, state0, act, k, xi, scale, L, store
     return r.loss, r.run.results(r.grads), r.run.state_grads(r.d0), r.last
 
 
-def bounded_rnn_backward(be, cell, P, X, dH, state0, act, k, xi, L, want_dx, stored):
+def bounded_rnn_backward(be, cell, P, X, dH, state0, act, k, xi, L, want_dx, stored, end=None):
     """rnn_backward keeping only the states ``stored`` asks for, the top layer's direct terms
-    given (dH, the caller's copy)"""
+    given (dH, the caller's copy), and ``end`` as rnn_backward's"""
     on = {}                               # dH where the runs take it (the device: copied once)
 
     def direct(run, a, b, S, j):
@@ -345,7 +357,7 @@ def bounded_rnn_backward(be, cell, P, X, dH, state0, act, k, xi, L, want_dx, sto
         run.add(out[j:], D[a + j:b])
         return 0.0, out, {}
 
-    r = _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx)
+    r = _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx, end)
     grads = dict(r.grads)
     if r.dX is not None:
         grads["X"] = r.dX

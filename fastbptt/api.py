@@ -182,7 +182,7 @@ def _stamp(m):
 
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
-                 device="cpu", cell=None, input_grad=False, forward=None, stored_states=None):
+                 device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None):
     """BPTT through the recurrent layers alone, for any head on top.
 
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
@@ -191,7 +191,9 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     keep=True)`` kept for the same params, X and h0; without it one "rnn" layer uses Hs as
     it is, and other cells and stacks recompute their gates from X and h0.  ``stored_states``
     as in :func:`loss_and_grad`: the forward is recomputed within that memory (Hs is then
-    only checked).
+    only checked).  ``dh_T``: ∂L/∂ of the last state, in h_T's form ((B,H) or (num_layers,B,H);
+    (dh_T, dc_T) for the LSTM), None for zeros: what flows in through the last states (an
+    encoder's h_n of every layer; with ``Truncated``, it joins step T's term).
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
@@ -212,11 +214,13 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
     act = _activation(activation, m.cell)
+    end = None if dh_T is None else _states(be, dh_T, m.cell, m.L, m.B, m.H, m.dtype, ("dh_T", "dc_T"))[0]
     if stored is None:
-        grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0, act, k, xi, m.L, want_dx, lays)
+        grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0, act, k, xi, m.L, want_dx,
+                                        lays, end)
     else:
         grads, d0 = _model.bounded_rnn_backward(be, m.module, m.P, m.X, dZ, m.state0, act, k, xi, m.L,
-                                                want_dx, stored)
+                                                want_dx, stored, end)
     grads.update(zip(("h0", "c0"), m.shaped(d0)))
     return grads
 
@@ -459,16 +463,17 @@ def _token_ids(be, name, ids, shape, n, what):
     return ids
 
 
-def _states(be, h0, cell, L, B, H, dt):
+def _states(be, h0, cell, L, B, H, dt, names=("h0", "c0")):
     """(one tuple (h_0,) or (h_0, c_0) per layer, whether the caller's state is stacked
-    (num_layers,B,H)).  None: zeros; a (B,H) array only for one layer."""
-    names = ("h0", "c0") if cell == "lstm" else ("h0",)
+    (num_layers,B,H)).  None: zeros; a (B,H) array only for one layer.  ``names``: the
+    arguments' names in errors."""
+    names = names if cell == "lstm" else names[:1]
     if h0 is None:
         given = [None] * len(names)
     elif cell == "lstm":
         if not isinstance(h0, (tuple, list)) or len(h0) != 2:
-            raise TypeError(f"h0: an LSTM's state is a tuple (h0, c0) of (B,H) or (num_layers,B,H) "
-                            f"arrays, got {type(h0).__name__}")
+            raise TypeError(f"{names[0]}: an LSTM's state is a tuple ({names[0]}, {names[1]}) of (B,H) or "
+                            f"(num_layers,B,H) arrays, got {type(h0).__name__}")
         given = list(h0)
     else:
         given = [h0]

@@ -4,14 +4,9 @@ kernels on the CPU through :func:`jax.pure_callback`, with a :func:`jax.custom_v
     import fastbptt.jax as fj
     outputs, h_T = fj.rnn(params, X, h0)                  # LSTM: outputs, (h_T, c_T)
 
-The forward is :func:`fastbptt.rnn_forward`, the backward :func:`fastbptt.rnn_backward`
-(the cotangent of the top layer's h_T joins that of the last output).  A cotangent of a lower
-layer's h_T, or of the LSTM's c_T, can't be handed to ``rnn_backward``: when one is nonzero
-(checked at run time, in the callback) the backward runs layer by layer with one-layer calls,
-passing ∂L/∂(input) down, and the c_T cotangent's forget-gate chain is added in numpy — the
-exact gradient, for the full gradient and :class:`~fastbptt.Randomized` alike.  With
-:class:`~fastbptt.Truncated` ``(k)``, k < T, such a cotangent has no defined place in the
-per-term truncation and the backward raises a ValueError saying so (never a wrong gradient).
+The forward is :func:`fastbptt.rnn_forward`, the backward one :func:`fastbptt.rnn_backward`
+call: the outputs' cotangents are its direct terms, and those of every layer's h_T (and the
+LSTM's c_T) its ``dh_T``; with :class:`~fastbptt.Truncated` they join the last step's term.
 
 Importing this module needs jax (``pip install fastbptt[jax]``); ``import fastbptt`` never
 imports it.
@@ -28,16 +23,10 @@ try:
 except ImportError as e:           # pragma: no cover - exercised by a test with jax hidden
     raise ImportError(f"fastbptt.jax needs jax: pip install fastbptt[jax] ({e})") from e
 
-from . import _model, api
+from . import api
 from .truncation import Randomized, Truncated
 
 __all__ = ["rnn"]
-
-_EXTRA_TRUNCATED = (
-    "fastbptt.jax.rnn: truncation=Truncated({k}) with k < T={T} takes the cotangent of the outputs "
-    "and of the top layer's h_T only, but the loss has a nonzero cotangent of {what}; per-term "
-    "truncation has no place for it. Apply jax.lax.stop_gradient to that state, or use the full "
-    "gradient or Randomized(p)")
 
 
 def rnn(params, X, h0=None, *, cell=None, activation="tanh", truncation=None):
@@ -221,23 +210,12 @@ def _forward_np(keys, cell, act, P, X, s0, dt):
 
 def _backward_np(keys, cell, L, act, truncation, dt, P, X, s0, Hs, dHs, dlast):
     params = dict(zip(keys, (np.asarray(p) for p in P)))
-    X, Hs = np.asarray(X), np.asarray(Hs)
-    s0 = tuple(np.asarray(s) for s in s0)
-    dlast = tuple(np.asarray(d, dt) for d in dlast)
-    dense = X.ndim == 3
-    T = X.shape[0]
-    lower = L > 1 and bool(np.any(dlast[0][:-1]))
-    c_T = cell == "lstm" and bool(np.any(dlast[1]))
-    if not (lower or c_T):
-        d = np.array(dHs, dt)
-        d[-1] += dlast[0][-1]
-        g = api.rnn_backward(params, X, Hs, d, _state_arg(cell, s0), activation=act,
-                             truncation=truncation, cell=cell, input_grad=True)
-        return _results(keys, g, dense, cell, dt)
-    if isinstance(truncation, Truncated) and truncation.k < T:
-        what = " and ".join(w for w, on in (("the h_T of a layer below the top", lower), ("c_T", c_T)) if on)
-        raise ValueError(_EXTRA_TRUNCATED.format(k=truncation.k, T=T, what=what))
-    return _layerwise(params, keys, cell, L, act, truncation, dt, X, s0, np.asarray(dHs, dt), dlast)
+    X = np.asarray(X)
+    dlast = tuple(np.asarray(d, dt) for d in dlast)            # every layer's h_T (and c_T) cotangent
+    g = api.rnn_backward(params, X, np.asarray(Hs), np.asarray(dHs, dt), _state_arg(cell, tuple(np.asarray(s) for s in s0)),
+                         activation=act, truncation=truncation, cell=cell, input_grad=True,
+                         dh_T=_state_arg(cell, dlast))
+    return _results(keys, g, X.ndim == 3, cell, dt)
 
 
 def _results(keys, g, dense, cell, dt):
@@ -245,93 +223,3 @@ def _results(keys, g, dense, cell, dt):
     gX = np.asarray(g["X"], dt) if dense else None
     gs = tuple(np.asarray(g[n], dt) for n in (("h0", "c0") if cell == "lstm" else ("h0",)))
     return gP, gX, gs
-
-
-def _layerwise(params, keys, cell, L, act, truncation, dt, X, s0, dHs, dlast):
-    """The exact backward, one layer at a time from the top, for cotangents of every layer's
-    h_T and of c_T: layer l's outputs get ∂L/∂(layer l+1's input) plus its own h_T cotangent at
-    the last step; the c_T cotangent's chain through the forget gates (every ξ_t crossing
-    included) is added here, its gate adjoints going into the weights, the input's adjoint and
-    (as a cotangent of h_{t-1}, crossing ξ_t) into the kernel's sweep."""
-    T = X.shape[0]
-    if isinstance(truncation, Randomized):
-        seed = truncation.seed
-        if seed is None or isinstance(seed, np.random.Generator):   # one draw, for every layer
-            truncation = Randomized(truncation.p, int(np.random.default_rng(seed).integers(2 ** 63)))
-        xi = truncation.draw(T, dt)
-    else:
-        xi = np.ones(T, dt)
-    layer = [{k: params[_model.key(k, l)] for k in ("W_xh", "W_hh", "b_h", "b_hn") if _model.key(k, l) in params}
-             for l in range(L)]
-    inputs, outs = [X], []
-    for l in range(L):
-        Hl, _ = api.rnn_forward(layer[l], inputs[l], _state_arg(cell, tuple(s[l:l + 1] for s in s0)),
-                                activation=act, cell=cell, return_state=True)
-        outs.append(Hl)
-        inputs.append(Hl)
-    grads, d0 = {}, [np.zeros_like(s) for s in s0]
-    dH = dHs.copy()
-    for l in reversed(range(L)):
-        dH[-1] += dlast[0][l]
-        x = inputs[l]
-        extra = None
-        if cell == "lstm" and np.any(dlast[1][l]):
-            extra = _forget_chain(layer[l], x, outs[l], s0[0][l], s0[1][l], dlast[1][l], xi, dt)
-            dP, dc0 = extra
-            back = dP @ layer[l]["W_hh"].T                      # into h_{t-1}, crossing ξ_t
-            back *= xi[:, None, None]
-            dH[:-1] += back[1:]
-        want_x = l > 0 or x.ndim == 3
-        g = api.rnn_backward(layer[l], x, outs[l], dH, _state_arg(cell, tuple(s[l:l + 1] for s in s0)),
-                             activation=act, truncation=truncation, cell=cell, input_grad=want_x)
-        g = {k: np.array(v, dt) for k, v in g.items()}
-        if extra is not None:
-            H4 = dP.shape[-1]
-            if x.ndim == 3:
-                g["W_xh"] += x.reshape(-1, x.shape[-1]).T @ dP.reshape(-1, H4)
-                g["X"] += dP @ layer[l]["W_xh"].T
-            else:
-                np.add.at(g["W_xh"], x.reshape(-1), dP.reshape(-1, H4))
-            prev = np.concatenate([s0[0][l][None], outs[l][:-1]])
-            g["W_hh"] += prev.reshape(-1, prev.shape[-1]).T @ dP.reshape(-1, H4)
-            g["b_h"] += dP.sum((0, 1))
-            g["h0"][0] += back[0]
-            g["c0"][0] += dc0
-        for k in layer[l]:
-            grads[_model.key(k, l)] = g[k]
-        d0[0][l] = g["h0"][0]
-        if cell == "lstm":
-            d0[1][l] = g["c0"][0]
-        if want_x:
-            dH = g["X"]
-    out = dict(grads, h0=d0[0])
-    if cell == "lstm":
-        out["c0"] = d0[1]
-    if X.ndim == 3:
-        out["X"] = dH
-    return _results(keys, out, X.ndim == 3, cell, dt)
-
-
-def _forget_chain(p, x, Hs, h0, c0, dc_T, xi, dt):
-    """One LSTM layer's pure c-path from a cotangent dc_T of c_T: b_T = dc_T, b_{t-1} = ξ_t f_t b_t.
-    Returns the gate pre-activation adjoints it makes, (T,B,4H) (i, f, g; none for o), and its
-    dc_0 = ξ_1 f_1 b_1."""
-    H = Hs.shape[-1]
-    prev = np.concatenate([h0[None], Hs[:-1]])
-    pre = (p["W_xh"][x] if x.ndim == 2 else x @ p["W_xh"]) + prev @ p["W_hh"] + p["b_h"]
-    pre = pre.astype(dt, copy=False)
-    sig = lambda a: 1 / (1 + np.exp(-a))                                  # noqa: E731
-    i, f, g = sig(pre[..., :H]), sig(pre[..., H:2 * H]), np.tanh(pre[..., 2 * H:3 * H])
-    T = Hs.shape[0]
-    c = np.empty((T + 1,) + h0.shape, dt)
-    c[0] = c0
-    for t in range(T):
-        c[t + 1] = f[t] * c[t] + i[t] * g[t]
-    dP = np.zeros(pre.shape, dt)
-    b = np.array(dc_T, dt)
-    for t in reversed(range(T)):                                          # step t+1, 1-based
-        dP[t, :, :H] = b * g[t] * i[t] * (1 - i[t])
-        dP[t, :, H:2 * H] = b * c[t] * f[t] * (1 - f[t])
-        dP[t, :, 2 * H:3 * H] = b * i[t] * (1 - g[t] * g[t])
-        b = xi[t] * f[t] * b
-    return dP, b

@@ -15,7 +15,7 @@ gradients of the input, of ``hx`` and of every parameter.
 
 ``truncation=`` (forward's only extra argument): None (exact BPTT), ``fastbptt.Truncated(k)``
 or ``fastbptt.Randomized(p, seed)``.  The loss terms it counts steps from are what flows into
-``output[t]``, and into ``h_n`` at the last step.
+``output[t]``, and into ``h_n`` (and ``c_n``) of every layer at the last step.
 
 Also beyond ``torch.nn``: integer token ids (T,B) (or (B,T) with ``batch_first``; (T,) unbatched)
 as the input, with ``input_size`` the vocabulary: the same as ``one_hot(X, V).float()``
@@ -24,9 +24,7 @@ without building the one-hot.
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
 ``bidirectional=True``, the LSTM's ``proj_size > 0``, inter-layer ``dropout > 0`` in training
 mode (eval mode is fine: torch applies no dropout there either), ``PackedSequence`` input,
-gradients through the LSTM's ``c_n`` (fastbptt's backward takes no ∂L/∂c_T; a ``c_n`` that
-only carries the state to the next batch, detached or unused, is fine), tensors not on the
-CPU, and double backward.  Parameters must be float32 or float64 (the compute dtype).
+tensors not on the CPU, and double backward.  Parameters must be float32 or float64 (the compute dtype).
 """
 from __future__ import annotations
 
@@ -58,31 +56,18 @@ class _Config:
         self.per_layer = 4 if bias else 2
 
 
-class _Drawn(Randomized):
-    """Randomized with its ξ_1..ξ_T drawn already: every fastbptt call of one backward crosses
-    each step with the same ξ_t"""
-
-    def __init__(self, xi):                                 # noqa: D107 - a frozen dataclass's fields
-        object.__setattr__(self, "p", 1.0)
-        object.__setattr__(self, "seed", None)
-        object.__setattr__(self, "xi", xi)
-
-    def draw(self, T, dtype):
-        return np.asarray(self.xi, dtype=dtype)
-
-
 def _np(t):
     """a CPU tensor as numpy, sharing its memory"""
     return t.detach().numpy()
 
 
-def _params(cfg, weights, layers=None):
-    """fastbptt's params (numpy) of the first ``layers`` layers from torch's weights:
+def _params(cfg, weights):
+    """fastbptt's params (numpy) from torch's weights:
     W_xh = weight_ihᵀ, W_hh = weight_hhᵀ, b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r,
     bias_hh_z, 0] and b_hn = bias_hh_n)"""
     H, G = cfg.H, api.CELLS[cfg.cell]
     P = {}
-    for l in range(cfg.L if layers is None else layers):
+    for l in range(cfg.L):
         w = weights[l * cfg.per_layer:(l + 1) * cfg.per_layer]
         P[_key("W_xh", l)] = _np(w[0]).T
         P[_key("W_hh", l)] = _np(w[1]).T
@@ -102,13 +87,11 @@ def _params(cfg, weights, layers=None):
     return P
 
 
-def _state(cfg, h0, c0, layers=None):
-    """the state as fastbptt takes it: None (zeros) or (layers,B,H) arrays"""
+def _state(cfg, h0, c0):
+    """the state as fastbptt takes it: None (zeros) or (L,B,H) arrays"""
     if h0 is None:
         return None
-    n = cfg.L if layers is None else layers
-    h = _np(h0)[:n]
-    return (h, _np(c0)[:n]) if cfg.cell == "lstm" else h
+    return (_np(h0), _np(c0)) if cfg.cell == "lstm" else _np(h0)
 
 
 def _nonzero(g):
@@ -141,54 +124,20 @@ class _Function(torch.autograd.Function):
         cfg = ctx.cfg
         X, h0, c0, Hs, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad                         # (cfg, X, h0, c0, *weights)
-        if _nonzero(d_cn):
-            raise NotImplementedError(
-                "fastbptt.torch.LSTM: gradients through c_n (the last cell state) are not supported yet: "
-                "fastbptt's backward takes no dL/dc_T. Detach c_n (as when it only carries the state to the "
-                "next batch) or use torch.nn.LSTM for this model")
         T, B = X.shape[:2]
         L, H = cfg.L, cfg.H
-        Xn = _np(X)
         want_dx = bool(needs[1]) and X.is_floating_point()
-        lower = [l for l in range(L - 1) if d_hn is not None and _nonzero(d_hn[l])]
-        truncation = cfg.truncation
-        if isinstance(truncation, Randomized):               # one ξ for every call below
-            truncation = _Drawn(truncation.draw(T, _np(Hs).dtype))
-
-        # the top layer: the direct terms are d output[t], plus d h_n[top] at t = T
-        if d_out is None:
-            dHs = np.zeros((T, B, H), _np(Hs).dtype)
-        else:
-            dHs = _np(d_out)                                 # fastbptt copies it
-        if _nonzero(d_hn[L - 1] if d_hn is not None else None):
-            dHs = np.array(dHs, order="C", copy=True)
-            dHs[-1] += _np(d_hn[L - 1])
-        P = _params(cfg, weights)
-        g = api.rnn_backward(P, Xn, _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act, truncation=truncation,
-                             cell=cfg.cell, input_grad=want_dx, forward=ctx.kept)
-        states = ("h0", "c0") if cfg.cell == "lstm" else ("h0",)
-        if h0 is not None:
-            for s in states:
-                g[s] = g[s].reshape(L, B, H)
-
-        # d h_n of a lower layer l: a direct term on layer l's h_T, which flows through layers
-        # 0..l only (a gradient never moves up a layer): the same call on the stack of layers
-        # 0..l, added (exact for every truncation: Truncated counts steps from it, Randomized
-        # crosses with the same ξ)
-        for l in lower:
-            Pl = _params(cfg, weights, l + 1)
-            state_l = _state(cfg, h0, c0, l + 1)
-            Hl = api.rnn_forward(Pl, Xn, state_l, activation=cfg.act, cell=cfg.cell)
-            dHl = np.zeros((T, B, H), Hl.dtype)
-            dHl[-1] = _np(d_hn[l])
-            gl = api.rnn_backward(Pl, Xn, Hl, dHl, state_l, activation=cfg.act, truncation=truncation,
-                                  cell=cfg.cell, input_grad=want_dx)
-            for k, v in gl.items():
-                if k in states:
-                    if h0 is not None:
-                        g[k][:l + 1] += v.reshape(l + 1, B, H)
-                else:
-                    g[k] += v
+        dtype = _np(Hs).dtype
+        # the direct terms: d output[t]; d h_n (and d c_n) of every layer join them at t = T
+        dHs = np.zeros((T, B, H), dtype) if d_out is None else _np(d_out)      # fastbptt copies it
+        ends = (d_hn, d_cn) if cfg.cell == "lstm" else (d_hn,)
+        dh_T = None
+        if any(_nonzero(d) for d in ends):
+            dh_T = tuple(np.zeros((L, B, H), dtype) if d is None else _np(d) for d in ends)
+            dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
+        g = api.rnn_backward(_params(cfg, weights), _np(X), _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act,
+                             truncation=cfg.truncation, cell=cfg.cell, input_grad=want_dx, forward=ctx.kept,
+                             dh_T=dh_T)
 
         t = torch.from_numpy
         dX = t(g["X"]) if want_dx else None
@@ -323,5 +272,4 @@ class GRU(_Bridge, torch.nn.GRU):
 
 class LSTM(_Bridge, torch.nn.LSTM):
     """``torch.nn.LSTM``, forward and backward by fastbptt; ``forward(input, hx=None, *,
-    truncation=None)`` returns ``(output, (h_n, c_n))``; gradients through ``c_n`` raise
-    NotImplementedError (detach it).  See :mod:`fastbptt.torch`."""
+    truncation=None)`` returns ``(output, (h_n, c_n))``.  See :mod:`fastbptt.torch`."""

@@ -193,12 +193,24 @@ def test_truncated_is_rnn_backward(cell, rng):
     close(got[2], tuple(want[n] for n in (("h0", "c0") if cell == "lstm" else ("h0",))))
 
 
-@pytest.mark.parametrize("cell,L,what", [("gru", 2, "layer below"), ("lstm", 1, "c_T")])
-def test_truncated_refuses_state_cotangents(cell, L, what, rng):
+@pytest.mark.parametrize("cell,L", [("gru", 2), ("lstm", 1), ("lstm", 2)])
+def test_truncated_with_every_state_cotangent(cell, L, rng):
+    """cotangents of every layer's h_T and of c_T join the last step's term: rnn_backward's dh_T
+    (whose Truncated(k) is checked against its definition in tests/test_state_grad.py)"""
     p, X, s0, w = make(cell, L, rng)
-    ours, _ = losses(cell, L, w, True, truncation=fastbptt.Truncated(2))
-    with pytest.raises(Exception, match=f"Truncated\\(2\\).*{what}"):
-        jax.block_until_ready(jax.jit(jax.grad(ours))(p, X, s0))
+    tr = fastbptt.Truncated(2)
+    ours, _ = losses(cell, L, w, True, truncation=tr)
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(p, X, s0)
+    npp = {k: np.asarray(v) for k, v in p.items()}
+    lstm = cell == "lstm"
+    h0 = tuple(map(np.asarray, s0)) if lstm else np.asarray(s0[0])
+    dh_T = tuple(map(np.asarray, w["s"])) if lstm else np.asarray(w["s"][0])
+    Hs = fastbptt.rnn_forward(npp, np.asarray(X), h0)
+    want = fastbptt.rnn_backward(npp, np.asarray(X), Hs, np.asarray(w["o"]), h0, truncation=tr, input_grad=True,
+                                 dh_T=dh_T)
+    close({k: got[0][k] for k in want if k in p}, {k: want[k] for k in want if k in p})
+    close(got[1], want["X"])
+    close(got[2], tuple(want[n] for n in (("h0", "c0") if lstm else ("h0",))))
 
 
 def test_state_forms_and_errors(rng):

@@ -66,8 +66,8 @@ def run(m, X, hx, Wo, Wh, truncation=None, c_grad=False):
         loss = loss + (out * Wo).sum()
     if Wh is not None:
         loss = loss + (h_n * Wh).sum()
-    if c_grad:
-        loss = loss + hn[1].sum()
+    if c_grad:                                       # Σ c_n ⊙ (1 + Wh): another weight than h_n's
+        loss = loss + (hn[1] * (1 + (0 if Wh is None else Wh))).sum()
     loss.backward()
     grads = [None if t.grad is None else t.grad.clone() for t in leaves(m, X, hx) if t.requires_grad]
     return out.detach(), tuple(s.detach() for s in hn) if is_lstm(m) else hn.detach(), grads
@@ -157,10 +157,14 @@ def test_no_grad_and_eval_dropout():
         torch.testing.assert_close(x, y, **TOL[torch.float64])
 
 
-def test_c_n_as_next_state_only():
-    """c_n detached (carrying the state on) or unused: fine; a zero gradient into c_n: fine"""
-    m, r = pair("lstm", 2)
-    X, hx, Wo, Wh = inputs(2, False, torch.float64, m, True)
+@pytest.mark.parametrize("L", [1, 3])
+def test_c_n_gradients(L):
+    """a loss reading c_n of every layer (with and without output and h_n): every gradient
+    equals torch.nn.LSTM's; c_n unused or detached: fine"""
+    m, r = pair("lstm", L)
+    X, hx, Wo, Wh = inputs(L, False, torch.float64, m, True)
+    for Wo_, Wh_ in ((Wo, Wh), (None, None), (None, Wh)):
+        assert_same(run(m, X, hx, Wo_, Wh_, c_grad=True), run(r, X, hx, Wo_, Wh_, c_grad=True), torch.float64)
     assert_same(run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh), torch.float64)
     out, (h, c) = m(X)
     (out.sum() + 0 * c.sum()).backward()
@@ -178,7 +182,7 @@ def test_gradcheck(kind):
 
     def f(X, h0, c0, *ws):
         out, hn = torch.func.functional_call(m, dict(zip(names, ws)), (X, (h0, c0) if lstm else h0))
-        return out, hn[0] if lstm else hn            # c_n's gradient is not supported
+        return (out, *hn) if lstm else (out, hn)         # gradcheck takes tensors, not pairs
 
     assert torch.autograd.gradcheck(f, (X, h0, c0, *[p.detach().clone().requires_grad_() for p in m.parameters()]))
 
@@ -193,8 +197,13 @@ def per_step_states(r, X, hx):
     return S
 
 
-def truncated_reference(r, X, hx, Wo, Wh, k):
-    """Truncated(k) by definition: loss term t (output[t], and h_n at t = T) reaches the states,
+def c_term(hn, Wh, c_grad):
+    """run()'s c_n term of the loss"""
+    return (hn[1] * (1 + Wh)).sum() if c_grad else 0
+
+
+def truncated_reference(r, X, hx, Wo, Wh, k, c_grad=False):
+    """Truncated(k) by definition: loss term t (output[t], and h_n, c_n at t = T) reaches the states,
     parameters and inputs of steps t-k+1..t only, in every layer: each term's gradient is that of
     a forward over its window from the states at step t-k held constant (from hx itself at 0)"""
     X = X.detach().clone().requires_grad_()
@@ -210,12 +219,12 @@ def truncated_reference(r, X, hx, Wo, Wh, k):
         out, hn = r(X[s0:t], start)
         term = (out[-1] * Wo[t - 1]).sum()
         if t == n:
-            term = term + ((hn[0] if lstm else hn) * Wh).sum()
+            term = term + ((hn[0] if lstm else hn) * Wh).sum() + c_term(hn, Wh, c_grad)
         term.backward()
     return [t.grad.clone() for t in leaves(r, X, hx)]
 
 
-def randomized_reference(r, X, hx, Wo, Wh, xi):
+def randomized_reference(r, X, hx, Wo, Wh, xi, c_grad=False):
     """Randomized by definition: the adjoint crossing from step t to t-1 (h, and c) is scaled by
     ξ_t: torch.nn one step at a time, each step's incoming state's gradient scaled"""
     X = X.detach().clone().requires_grad_()
@@ -231,7 +240,7 @@ def randomized_reference(r, X, hx, Wo, Wh, xi):
         s = tuple(scaled(a, xi[t]) for a in s) if lstm else scaled(s, xi[t])
         out, s = r(X[t:t + 1], s)
         loss = loss + (out[0] * Wo[t]).sum()
-    loss = loss + ((s[0] if lstm else s) * Wh).sum()
+    loss = loss + ((s[0] if lstm else s) * Wh).sum() + c_term(s, Wh, c_grad)
     loss.backward()
     return [t.grad.clone() for t in leaves(r, X, hx)]
 
@@ -249,16 +258,17 @@ def test_truncation(kind, L):
     one = run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(1))
     torch.testing.assert_close(one[0], full[0])                  # the forward is the same
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(one[2], full[2]))
-    for k in (1, 2):
-        got = run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(k))[2]
-        for a, b in zip(got, truncated_reference(r, X, hx, Wo, Wh, k)):
-            torch.testing.assert_close(a, b, **TOL[torch.float64])
     tr = fastbptt.Randomized(0.5, seed=3)
     xi = torch.from_numpy(tr.draw(T, np.float64))
     assert 0 < (xi == 0).sum() < T                                # a draw with both kinds of step
-    got = run(m, X, hx, Wo, Wh, truncation=tr)[2]
-    for a, b in zip(got, randomized_reference(r, X, hx, Wo, Wh, xi)):
-        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    for c_grad in (False, True) if kind == "lstm" else (False,):  # c_n of every layer in the loss
+        for k in (1, 2):
+            got = run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(k), c_grad=c_grad)[2]
+            for a, b in zip(got, truncated_reference(r, X, hx, Wo, Wh, k, c_grad)):
+                torch.testing.assert_close(a, b, **TOL[torch.float64])
+        got = run(m, X, hx, Wo, Wh, truncation=tr, c_grad=c_grad)[2]
+        for a, b in zip(got, randomized_reference(r, X, hx, Wo, Wh, xi, c_grad)):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
 # ---------------------------------------------------------------------- training
@@ -337,10 +347,6 @@ def test_not_implemented():
     m(X)                                                           # eval: no dropout, fine
     with pytest.raises(NotImplementedError, match="PackedSequence"):
         m(torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2]))
-    lstm = ft.LSTM(D, H)
-    out, (h, c) = lstm(X)
-    with pytest.raises(NotImplementedError, match="c_n"):
-        (out.sum() + c.sum()).backward()
     with pytest.raises(NotImplementedError, match="CPU"):
         ft.RNN(D, H, device="meta")(torch.randn(T, B, D, device="meta"))
     with pytest.raises(TypeError, match="truncation"):
