@@ -7,9 +7,9 @@
 The text (random lines of words, with capitals, punctuation and two-byte UTF-8) is written
 to ``--dir`` (default TMPDIR/fastbptt-big-corpus, kept between runs), the cache to ``--dir``/cache (emptied first unless
 ``--warm``).  The run is ``fastbptt train --text big.txt --epochs 1 --max-minutes M`` plus
-what follows ``--``; ``--max-minutes`` ends a run at an epoch end only, and an epoch of a
-1 GiB text at the book's settings lasts hours, so after ``--stop-minutes`` the run gets
-Ctrl-C (SIGINT; the trainer stops cleanly).  Reported: the tokenization's time and MB/s
+what follows ``--``; ``--max-minutes`` stops the run within its (hours-long) epoch, and
+after ``--stop-minutes`` the run gets Ctrl-C in case it has not stopped (SIGINT; the
+trainer stops cleanly).  Reported: the tokenization's time and MB/s
 (from the cache entry), the child's peak resident set (``ru_maxrss`` of wait4, what
 ``/usr/bin/time -v`` prints) and the most anonymous / file-backed memory seen in
 /proc/PID/status, each against the text's size.

@@ -186,10 +186,11 @@ class Bounded:
     @contextlib.contextmanager
     def _forward(self, a, b, state, kind):
         """``with``: a run over steps a+1..b, and the layers' records from ``state`` at a"""
-        with self.be.begin(self.P, self.X[a:b], kind, self.cell, self.L) as run:
+        X = self.X[a:b]                   # one object: the run's own X (the CUDA run copies it once)
+        with self.be.begin(self.P, X, kind, self.cell, self.L) as run:
             self.run = run
             self.steps += b - a
-            yield run, forward(self.cell, run, self.X[a:b], state, self.act)
+            yield run, forward(self.cell, run, X, state, self.act)
 
     def _state(self, run, lays, t):
         """copies of every layer's state at row t of the records, as state0 holds them"""
@@ -212,7 +213,7 @@ class Bounded:
         state at b (``end``); returns those of the state at a"""
         with self._forward(a, b, state, "reverse") as (run, lays):
             loss, dH, grads = self.direct(run, a, b, lays[-1].S, 0)
-            g, d0, dX = backward(self.cell, run, self.X[a:b], lays, dH, self.act, None, xi[a:b],
+            g, d0, dX = backward(self.cell, run, run.X, lays, dH, self.act, None, xi[a:b],
                                  self.want_dx, _given_end(run, end))
             grads.update(g)
             self._sum(run, loss, grads, dX, a)
@@ -263,7 +264,8 @@ class Bounded:
                 reverse()
                 _, a, b, store = action
                 if adv is None:
-                    adv = [a, b, set()]
+                    adv = [a, a, set()]
+                assert adv[1] == a, "a schedule's advances start where the state is"
                 adv[1] = b
                 if store:
                     adv[2].add(b)
@@ -287,7 +289,8 @@ class Bounded:
         return self
 
     def windows(self, k, m):
-        """Truncated(k): the loss terms of steps j0+1..j0+m at a time, each window recomputed
+        """Truncated(k): the loss terms of steps j0+1..j0+m at a time (m >= k: a window's
+        recomputation at most doubles it), each window recomputed
         from the kept state at w0, the last multiple of m at or before j0+1-k (every state
         those terms' chains reach).  The states at multiples of m are kept while a later
         window may start there."""
@@ -303,7 +306,7 @@ class Bounded:
                 for t in [t for t in kept if t < nxt]:
                     del kept[t]
                 loss, dH, grads = self.direct(run, w0, j1, lays[-1].S, j0 - w0)
-                g, d0, dX = truncated(self.cell, run, self.X[w0:j1], lays, dH, self.act, k, self.want_dx,
+                g, d0, dX = truncated(self.cell, run, run.X, lays, dH, self.act, k, self.want_dx,
                                       _given_end(run, self.end) if j1 == self.T else None)
                 grads.update(g)
                 self._sum(run, loss, grads, dX, w0)
@@ -326,7 +329,7 @@ def _bounded(be, cell, P, X, state0, act, L, direct, k, xi, stored, want_dx=Fals
     b = Bounded(be, cell, P, X, state0, act, L, direct, want_dx, end)
     T = X.shape[0]
     if k is not None:
-        return b.windows(k, schedule.window(T, stored))
+        return b.windows(k, max(schedule.window(T, stored), min(k, T)))
     return b.sweep(schedule.schedule(T, stored), xi, schedule.window(T, "sqrt"))
 
 
@@ -350,7 +353,9 @@ def bounded_rnn_backward(be, cell, P, X, dH, state0, act, k, xi, L, want_dx, sto
     on = {}                               # dH where the runs take it (the device: copied once)
 
     def direct(run, a, b, S, j):
-        D = on.setdefault("dH", run.given(dH))
+        if "dH" not in on:
+            on["dH"] = run.given(dH)
+        D = on["dH"]
         if j == 0:
             return 0.0, D[a:b], {}
         out = run.zeros("dHw", (b - a,) + D.shape[1:])

@@ -110,10 +110,10 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
         forward keeps for the backward; the others are recomputed from the nearest kept one,
         and the gradients are the same.  None: all T (the fastest); "sqrt": about √T, each
         step computed twice; an int n >= 1: Griewank and Walther's binomial schedule for n
-        (:mod:`fastbptt.schedule`), the fewest recomputations that n allow.  With
-        ``Truncated(k)``, k < T, the loss terms go in windows of ⌈√T⌉ ("sqrt") or ⌈T/n⌉
-        steps, each recomputed from a kept state at least k steps before it.  See
-        docs/memory.md.
+        (:mod:`fastbptt.schedule`), the fewest recomputations that n allow (n >= T: as None).
+        With ``Truncated(k)``, k < T, the loss terms go in windows of about √T ("sqrt") or
+        ⌈T/n⌉ steps (at least k), each recomputed from a kept state at least k steps before
+        it.  See docs/memory.md.
 
     Returns
     -------
@@ -128,7 +128,7 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     Yc = _targets(be, Y, m.X, m.P)
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     act = _activation(activation, m.cell)
-    stored = _stored_states(stored_states)
+    stored = _stored_states(stored_states, m.X.shape[0])
     run = _model.loss_and_grad if stored is None else functools.partial(_model.bounded_loss_and_grad,
                                                                         stored=stored)
     loss, grads, d0, last = run(be, m.module, m.P, m.X, Yc, m.state0, act, k, xi, _scale(reduction, m.X), m.L)
@@ -200,7 +200,7 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     """
     be = _backend(device)
     m = _model_inputs(be, params, X, h0, cell, head=False)
-    stored = _stored_states(stored_states)
+    stored = _stored_states(stored_states, m.X.shape[0])
     lays = None
     if forward is not None and stored is not None:
         raise ValueError("stored_states: recomputes the forward within bounded memory; it takes no "
@@ -210,7 +210,7 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
             raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
                              "params, X and h0")
         lays = forward.lays
-    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m)
+    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None)
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
     act = _activation(activation, m.cell)
@@ -304,13 +304,13 @@ def _scale(reduction, Xc):
     return 1.0 / (Xc.shape[0] * Xc.shape[1]) if reduction == "mean" else 1.0
 
 
-def _states_and_adjoints(be, Hs, dHs, m):
-    """Hx = h_0..h_T (T+1,B,H) of the top layer as the forward keeps them, and a writeable
-    copy of dHs."""
+def _states_and_adjoints(be, Hs, dHs, m, stack=True):
+    """Hx = h_0..h_T (T+1,B,H) of the top layer as the forward keeps them (None without
+    ``stack``: Hs only checked), and a writeable copy of dHs."""
     shape = tuple(m.X.shape[:2]) + (m.H,)
     Hsc = _floats(be, "Hs", Hs, shape, m.dtype)
     dZ = _floats(be, "dHs", dHs, shape, m.dtype, copy=True)     # the kernels overwrite it
-    return be.stack_states(m.state0[-1][0], Hsc), dZ
+    return (be.stack_states(m.state0[-1][0], Hsc) if stack else None), dZ
 
 
 def _size(name, n):
@@ -502,14 +502,14 @@ def _floats(be, name, a, shape, dt, copy=False):
     return _finite(be, name, be.normalized(name, a, dt, copy=copy))
 
 
-def _stored_states(stored_states):
-    """None, "sqrt" or a positive int n"""
+def _stored_states(stored_states, T):
+    """None, "sqrt" or a positive int n; n >= T keeps every state, as None does"""
     if stored_states is None or (isinstance(stored_states, str) and stored_states == "sqrt"):
         return stored_states
     if isinstance(stored_states, numbers.Integral) and not isinstance(stored_states, bool):
         if stored_states < 1:
             raise ValueError(f"stored_states: expected None, 'sqrt' or an int >= 1, got {stored_states}")
-        return int(stored_states)
+        return int(stored_states) if stored_states < T else None
     raise (ValueError if isinstance(stored_states, str) else TypeError)(
         f"stored_states: expected None, 'sqrt' or an int >= 1, got {stored_states!r}")
 

@@ -24,6 +24,7 @@ import io
 import json
 import mmap
 import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -248,9 +249,17 @@ def _map(file, dtype, n):
 
 
 def _key(path, st, mode):
+    """the entry's name: the path and tokenizer, then the file's state (size, times, inode)"""
     where = hashlib.sha256(f"{path}\0{mode}".encode()).hexdigest()[:16]
-    state = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}\0{FORMAT}".encode()).hexdigest()[:16]
+    state = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{FORMAT}"
+                           .encode()).hexdigest()[:16]
     return f"{where}-{state}"
+
+
+def _tmp_suffix():
+    """``.tmp<host>-<pid>``: a temporary's owner, so that a cache on a shared disk tidies only
+    the temporaries of this host's dead processes"""
+    return f".tmp{socket.gethostname().replace('-', '_')}-{os.getpid()}"
 
 
 def _alive(pid):
@@ -270,12 +279,10 @@ def _tidy(folder, key):
     for p in folder.glob(f"{where}-*"):
         if not p.name.startswith(key):
             p.unlink(missing_ok=True)
+    host = socket.gethostname().replace("-", "_")
     for p in folder.glob(".*.tmp*"):
-        try:
-            pid = int(p.name.rsplit(".tmp", 1)[1])
-        except ValueError:
-            continue
-        if not _alive(pid):
+        owner, _, pid = p.name.rsplit(".tmp", 1)[1].rpartition("-")
+        if owner == host and pid.isdigit() and not _alive(int(pid)):
             p.unlink(missing_ok=True)
 
 
@@ -300,7 +307,7 @@ def _store(folder, key, build, path, st, mode):
     complete) last."""
     folder.mkdir(parents=True, exist_ok=True)
     _tidy(folder, key)
-    tmp_ids, tmp_meta = (folder / f".{key}.{ext}.tmp{os.getpid()}" for ext in ("ids", "json"))
+    tmp_ids, tmp_meta = (folder / f".{key}.{ext}{_tmp_suffix()}" for ext in ("ids", "json"))
     try:
         with open(tmp_ids, "wb") as out:
             t = build(out)
@@ -349,7 +356,7 @@ def token_ids(path=None, mode="book", *, cache=None, chunk_bytes=None, min_cache
         return hit
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe.tmp{os.getpid()}"
+        probe = folder / f".probe{_tmp_suffix()}"
         probe.touch()
         probe.unlink()
     except OSError as e:
@@ -364,7 +371,12 @@ def token_ids(path=None, mode="book", *, cache=None, chunk_bytes=None, min_cache
             raise ValueError(f"path: {path} changed while it was being tokenized; run again")
         return t
 
-    _store(folder, key, build, p.resolve(), st, mode)
+    try:
+        _store(folder, key, build, p.resolve(), st, mode)
+    except OSError as e:                            # a full disk mid-write: the text still trains
+        warnings.warn(f"cache: could not write the tokenized {path} to {folder} ({e.strerror or e}); "
+                      "tokenizing it in memory", stacklevel=2)
+        return _build(lambda: open(p, "rb"), path, mode, chunk_bytes, st.st_size, quiet=quiet)
     hit = _load(folder, key)
     if hit is None:
         raise OSError(f"cache: the tokenized {path} could not be read back from {folder}")
@@ -392,7 +404,7 @@ def _remap(t, lut, n, dtype):
     file = folder / f"{key}.ids"
     if file.is_file() and file.stat().st_size == n * dtype.itemsize:
         return _map(file, dtype, n)
-    tmp = folder / f".{key}.tmp{os.getpid()}"
+    tmp = folder / f".{key}{_tmp_suffix()}"
     try:
         with open(tmp, "wb") as out:
             step = 1 << 20

@@ -133,8 +133,12 @@ def threads_per_rank(comm, mine=None, node=None):
     """numba threads for each rank: the cores this process may run on (``mine``, its affinity)
     when the launcher bound it to fewer than the node's (``node``); else the node's cores
     over its ranks, at least 1 — so N ranks on N cores run one thread each, not N threads
-    each fighting for N cores.  NUMBA_NUM_THREADS, when set, wins (None: leave it)."""
-    if comm.size == 1 or "NUMBA_NUM_THREADS" in os.environ:
+    each fighting for N cores.  NUMBA_NUM_THREADS, when set, wins (None: leave it).  Every
+    rank calls local_size (a collective) before deciding, whatever its own environment."""
+    if comm.size == 1:
+        return None
+    local = comm.local_size()
+    if "NUMBA_NUM_THREADS" in os.environ:
         return None
     node = node or os.cpu_count() or 1
     if mine is None:
@@ -144,7 +148,7 @@ def threads_per_rank(comm, mine=None, node=None):
             mine = node
     if mine < node:
         return mine
-    return max(1, node // max(1, comm.local_size()))
+    return max(1, node // max(1, local))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ LSTM, of every layer), carried out by ``fastbptt._model.bounded``:
     ("reverse", a, b)          from the current x_a, recompute steps a+1..b with their gates
                                and run their backward (the adjoint of x_b in, of x_a out)
 
-- :func:`segments` ("sqrt"): x_0, x_m, x_2m, ... kept in one forward pass, m = ⌈√T⌉; each
+- :func:`segments` ("sqrt"): x_0, x_m, x_2m, ... kept in one forward pass, m = ⌈T/⌊√T⌋⌉ ≈ √T; each
   segment reversed from its first state.  Every step is computed twice.
 - :func:`revolve` (an int n): Griewank and Walther's binomial schedule (ACM TOMS 26(1), 2000),
   with n slots for kept states (x_0's among them).  Its forward steps (advances) number
@@ -86,7 +86,7 @@ def revolve(T, n):
 
 
 def segments(T, m=None):
-    """the actions of the "sqrt" schedule: x_0, x_m, ... kept in one forward pass (m = ⌈√T⌉),
+    """the actions of the "sqrt" schedule: x_0, x_m, ... kept in one forward pass (m = ⌈T/⌊√T⌋⌉),
     then each segment reversed from its first state, the last first"""
     m = m or max(1, -(-T // max(1, isqrt(T))))
     starts = list(range(0, T, m))
@@ -109,7 +109,8 @@ def schedule(T, stored_states):
 
 
 def window(T, stored_states):
-    """Truncated(k)'s window of loss terms: m = ⌈√T⌉ for "sqrt", else ⌈T/n⌉ (n windows)"""
+    """Truncated(k)'s window of loss terms: m = ⌈T/⌊√T⌋⌉ for "sqrt", else ⌈T/n⌉ (n windows); also
+    the longest advance of a schedule (with "sqrt")"""
     if stored_states == "sqrt":
         return max(1, -(-T // max(1, isqrt(T))))
     return max(1, -(-T // stored_states))

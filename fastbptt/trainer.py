@@ -533,7 +533,7 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
                 return load_checkpoint(checkpoint)
         saved = distributed.agree_root(comm, read)
 
-    def prepare():
+    def configure():
         if resume:
             cfg = merge_resume_config(saved[2]["config"], options).resolved()
         else:
@@ -543,6 +543,13 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             _check_outputs(checkpoint, json_log, plot, resume, overwrite)
         if cfg.device == "cuda":
             require_cuda("device")
+        return cfg
+
+    cfg = distributed.agree(comm, configure)
+    if comm.size > 1:                # rank 0 tokenizes a new text into the cache once; the others map it
+        distributed.agree_root(comm, lambda: load_corpus(cfg, quiet=quiet) and None)
+
+    def prepare():
         corpus = load_corpus(cfg, quiet=quiet or not root)
         _check_memory(cfg, len(corpus.vocab))
         if resume and (saved[2]["text_sha256"] != corpus.sha256 or saved[2]["vocab"] != corpus.vocab.idx_to_token):
@@ -554,9 +561,9 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
         except MemoryError as e:
             raise ValueError(f"hidden: not enough memory for the model ({cfg.cell}, hidden={cfg.hidden}, "
                              f"num_layers={cfg.num_layers}): {_first_line(e)}") from None
-        return cfg, corpus, params, opt
+        return corpus, params, opt
 
-    cfg, corpus, params, opt = distributed.agree(comm, prepare)
+    corpus, params, opt = distributed.agree(comm, prepare)
     rng = np.random.default_rng(cfg.seed)
     history, start = [], 0
     if resume:

@@ -169,9 +169,24 @@ def test_an_interrupted_tokenization_leaves_no_entry(tmp_path, monkeypatch):
         cached(f, "book", folder, chunk_bytes=2000)
     assert entries(folder) == []
     monkeypatch.setattr(corpus._Tokenizer, "__call__", real)
-    (folder / ".x-y.ids.tmp999999999").write_bytes(b"left by a killed process")
+    host = corpus._tmp_suffix().split(".tmp")[1].rpartition("-")[0]
+    (folder / f".x-y.ids.tmp{host}-999999999").write_bytes(b"left by a killed process")
+    (folder / ".x-y.ids.tmpanother_host-1").write_bytes(b"another host's, maybe alive (a shared disk)")
     t = cached(f, "book", folder, chunk_bytes=2000)
-    assert entries(folder) == [f"{t.key}.ids", f"{t.key}.json"]
+    assert entries(folder) == [".x-y.ids.tmpanother_host-1", f"{t.key}.ids", f"{t.key}.json"]
+
+
+def test_a_failed_cache_write_tokenizes_in_memory_with_a_warning(tmp_path, monkeypatch):
+    f = tmp_path / "t.txt"
+    f.write_text("the time traveller\n" * 100)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(corpus.os, "replace", full)
+    with pytest.warns(UserWarning, match=r"^cache: could not write the tokenized .*No space left"):
+        t = cached(f, "book", tmp_path / "c")
+    assert t.file is None and entries(tmp_path / "c") == []
+    assert t.vocab.decode(t.ids) == "".join(data.tokenize(f.read_text(), "book"))
 
 
 def test_the_cache_folder_follows_fastbptt_cache_dir(tmp_path, monkeypatch):

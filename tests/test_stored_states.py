@@ -99,9 +99,12 @@ def test_executed_steps_are_the_schedules(monkeypatch, rng):
     T = 23
     P = fastbptt.init_params(5, 4, 5, np.float64, seed=0, cell="gru")
     X, Y = rng.integers(0, 5, (T, 2)), rng.integers(0, 5, (T, 2))
-    for n in (1, 2, 3, 5, 8, T):
+    for n in (1, 2, 3, 5, 8, T - 1):
         fastbptt.loss_and_grad(P, X, Y, stored_states=n)
         assert seen[-1].steps == schedule.forward_steps(T, n) + T, n
+    before = len(seen)
+    fastbptt.loss_and_grad(P, X, Y, stored_states=T)          # n >= T keeps every state: None's path
+    assert len(seen) == before
     fastbptt.loss_and_grad(P, X, Y, stored_states="sqrt")
     assert seen[-1].steps == schedule.advances(schedule.segments(T)) + T
 
