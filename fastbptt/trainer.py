@@ -174,14 +174,17 @@ def parse_truncation(spec):
 
 def parse_stored_states(spec):
     """None, "sqrt" or a positive int, from the CLI's text ("all" and "none" are None) or the API's value"""
-    if spec is None or spec == "sqrt":
-        return spec
+    if spec is None:
+        return None
     if isinstance(spec, str):
-        if spec.lower() in ("all", "none"):
-            return None
-        if spec.strip().isdigit() and int(spec) >= 1:
-            return int(spec)
-    elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool) and spec >= 1:
+        s = spec.strip().lower()
+        if s in ("all", "none", "sqrt"):
+            return "sqrt" if s == "sqrt" else None
+        if s.isdigit() and int(s) >= 1:
+            return int(s)
+    elif not isinstance(spec, (int, np.integer)) or isinstance(spec, bool):
+        raise TypeError(f"stored_states: expected all, sqrt or an integer N >= 1, got {type(spec).__name__}")
+    elif spec >= 1:
         return int(spec)
     raise ValueError(f"stored_states: expected all, sqrt or an integer N >= 1, got {spec!r}")
 
