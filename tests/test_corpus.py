@@ -1,12 +1,14 @@
 """Streaming tokenization into a cached memory-mapped array: the same vocabulary and ids as
 ``data.tokenize`` + ``data.Vocab`` in memory, the cache's keys, and bounded memory."""
 import hashlib
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,17 +258,12 @@ def test_load_corpus_maps_a_cached_text_and_matches_the_in_memory_split(tmp_path
         assert c.file.startswith(str(tmp_path / "fc" / "corpora"))
 
 
-def write_big_text(path, size, seed=0):
-    """About ``size`` bytes of random lines of words (capitals, punctuation, é), written fast."""
-    rng = np.random.default_rng(seed)
-    letters = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxzETAOIN", np.uint8)
-    words = [bytes(letters[rng.integers(0, letters.size, rng.integers(1, 10))]) for _ in range(3000)]
-    words += [b"caf\xc3\xa9", b"na\xc3\xafve,", b"--", b"1887."]
-    lines = [b" ".join(words[i] for i in rng.integers(0, len(words), rng.integers(0, 14))) + b"\n"
-             for _ in range(20000)]
-    with open(path, "wb") as f:
-        while f.tell() < size:
-            f.write(b"".join(lines[i] for i in rng.permutation(len(lines))))
+def write_big_text(path, size):
+    """the text of bench/big_corpus.py (random lines of words, capitals, punctuation, é), written fast"""
+    spec = importlib.util.spec_from_file_location("big_corpus", Path(__file__).parents[1] / "bench" / "big_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_text(path, size)
 
 
 # The child measures its own resident memory (/proc/self/status) after warming up (imports,
