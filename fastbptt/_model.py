@@ -7,6 +7,8 @@ gpt2_forward / gpt2_backward): what runs in which order, on which buffers.
     backward  for each layer from the top: the cell's reverse sweep from the direct terms dH,
               its weight gradients over all rows, and dH of the layer below = dP W_xhᵀ
               (Truncated(k): every loss term's chain, through all layers at once: truncated)
+    bounded   stored_states: the same over ranges of steps recomputed from kept states, the
+              adjoints of a range's last states carried down to the range below (Bounded)
 
 ``be`` is a backend (``fastbptt._cpu`` or ``fastbptt._cuda``): it makes a *run* (one call's
 threads, packed weights, buffers, and the products over all rows).  ``cell`` is that
