@@ -128,12 +128,21 @@ def loss(be, cell, P, X, Y, state0, act, L):
         return run.head_loss(lays[-1].S, Y), run.last_states(cell, lays)
 
 
+class Records(list):
+    """the layers' records that rnn_forward(keep=True) hands out; their buffers are the
+    backend's again once this is gone (Run.keep_until)"""
+
+
 def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
     """(the top layer's h_0..h_T (T+1,B,H), a new array; the last states; with ``keep``, the
-    layers' records for rnn_backward, in buffers of their own, else None)"""
+    layers' records for rnn_backward, in buffers of their own (Records), else None)"""
     with be.begin(P, X, "forward", cell, L, keep=keep) as run:
         lays = forward(cell, run, X, state0, act)
-        return run.output(lays[-1].S), run.last_states(cell, lays), lays if keep else None
+        kept = None
+        if keep:
+            kept = Records(lays)
+            run.keep_until(kept)
+        return run.output(lays[-1].S), run.last_states(cell, lays), kept
 
 
 def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None):

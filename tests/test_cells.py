@@ -221,3 +221,22 @@ def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     with pytest.raises(ValueError, match="forward: expected what rnn_forward"):
         fastbptt.rnn_backward(params, X[:2], Hs[:2], dHs[:2], given, forward=kept)
+
+
+def test_kept_records_are_taken_again_once_released(rng):
+    """a framework's loop keeps one forward at a time: the buffers of a released one serve the
+    next (no fresh pages every step), never those of one still held"""
+    params, X, _, given, _, _ = case(rng, "lstm", 2, dense=True)
+    _, _, first = fastbptt.rnn_forward(params, X, given, keep=True)
+    gates = first.lays[0].Z
+    _, _, second = fastbptt.rnn_forward(params, X, given, keep=True)
+    assert second.lays[0].Z is not gates
+    del first
+    X2 = X[::-1].copy()
+    Hs, _, third = fastbptt.rnn_forward(params, X2, given, keep=True)
+    assert third.lays[0].Z is gates
+    dHs = rng.normal(0, 1, Hs.shape)
+    want = fastbptt.rnn_backward(params, X2, Hs, dHs, given, input_grad=True)
+    got = fastbptt.rnn_backward(params, X2, Hs, dHs, given, input_grad=True, forward=third)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)

@@ -21,6 +21,7 @@ from . import cache
 cache.install()              # before any kernel is defined: every kernel keyed by cache.stamp()
 
 import threading  # noqa: E402
+import weakref  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -62,13 +63,44 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+class _Records:
+    """The buffers of the records that rnn_forward(keep=True) hands out (they outlive the call),
+    taken again once what held them is gone: a framework's training loop then reuses the same
+    pages every step instead of faulting fresh ones in.  At most two free sets per shape, and
+    config.CPU_SCRATCH_BYTES in all."""
+
+    def __init__(self):
+        self.free = {}
+        self.lock = threading.Lock()
+
+    def take(self, shapes, dtype):
+        key = (tuple(tuple(s) for s in shapes), np.dtype(dtype).str)
+        with self.lock:
+            sets = self.free.get(key)
+            if sets:
+                return key, sets.pop()
+        return key, tuple(products.empty(shape, dtype) for shape in shapes)
+
+    def give(self, taken):
+        with self.lock:
+            for key, bufs in taken:
+                kept = sum(b.nbytes for sets in self.free.values() for group in sets for b in group)
+                sets = self.free.setdefault(key, [])
+                if len(sets) < 2 and kept + sum(b.nbytes for b in bufs) <= config.CPU_SCRATCH_BYTES:
+                    sets.append(bufs)
+
+
+_records = _Records()
+
+
 class Run(LayerParams):
     """One call: its thread count (from the team), plan, packed weights and buffers, and the
     products over all rows that the graph and the cells ask for."""
 
     def __init__(self, P, X, kind, cell, L, keep=False):
         self.P, self.X, self.kind, self.cell, self.L = P, X, kind, cell, L
-        self.keep = keep                  # the call's buffers outlive it: none from the kept ones
+        self.keep = keep                  # the records outlive the call (Run.record)
+        self._taken = []
         self.T, self.B = X.shape[:2]
         self.H = P["W_hh"].shape[0]
         self.dtype = P["W_hh"].dtype
@@ -109,13 +141,24 @@ class Run(LayerParams):
         return self._packed[name]
 
     def scratch(self, name, shapes):
-        """work buffers kept across calls of the same shapes (see _Scratch); fresh ones for a
-        call whose buffers outlive it"""
-        if self.keep:
-            return tuple(products.empty(shape, self.dtype) for shape in shapes)
+        """work buffers kept across calls of the same shapes (see _Scratch)"""
         Q = self.P["W_hq"].shape[1] if "W_hq" in self.P else 0
         return _scratch.get((self.kind, self.cell.__name__, self.L, self.T, self.B, self.H, Q,
                              self.dtype), name, shapes, self.dtype)
+
+    def record(self, name, shapes):
+        """the buffers of a layer's record (what its backward reads): scratch, or, in a call
+        whose records outlive it (keep), buffers of their own (_Records) until keep_until's
+        holder is gone"""
+        if not self.keep:
+            return self.scratch(name, shapes)
+        key, bufs = _records.take(shapes, self.dtype)
+        self._taken.append((key, bufs))
+        return bufs
+
+    def keep_until(self, holder):
+        """the records this call took go back to _Records when ``holder`` is collected"""
+        weakref.finalize(holder, _records.give, self._taken)
 
     def zeros(self, name, shape):
         a, = self.scratch(name, [shape])

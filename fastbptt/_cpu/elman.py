@@ -163,7 +163,7 @@ def forward(run, l, X, state0, act):
     (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T.  With h_0 = 0 the first
     step has no product: h_1 = φ(pre_1)."""
     T, B, H = run.T, run.B, run.H
-    S, = run.scratch(f"rnn{l}", [(T + 1, B, H)])
+    S, = run.record(f"rnn{l}", [(T + 1, B, H)])
     S[0] = state0[0]
     run.project(X, S[1:].reshape(T * B, H), run.key("W_xh", l), run.param("b_h", l))
     lanes, blk = run.sweep(B, H)

@@ -176,7 +176,7 @@ def forward(run, l, X, state0, act):
     (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T, Z, N."""
     T, B, H = run.T, run.B, run.H
     cols = run.columns(G)
-    S, Z, N = run.scratch(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
+    S, Z, N = run.record(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
     S[0] = state0[0]
     run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
     split_cpu(Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l), run.n)

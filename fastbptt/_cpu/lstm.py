@@ -161,7 +161,7 @@ def forward(run, l, X, state0, act):
     (T,B,D).  Returns what the backward needs: S, C (T+1,B,H), Z."""
     T, B, H = run.T, run.B, run.H
     cols = run.columns(G)
-    S, C, Z = run.scratch(f"lstm{l}", [(T + 1, B, H), (T + 1, B, H), (T, B, G * H)])
+    S, C, Z = run.record(f"lstm{l}", [(T + 1, B, H), (T + 1, B, H), (T, B, G * H)])
     S[0], C[0] = state0
     run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
     lanes, blk = run.sweep(B, H)

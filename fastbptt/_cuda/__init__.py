@@ -80,6 +80,13 @@ class Run(LayerParams):
     def zeros(self, name, shape):
         return zeros(tuple(shape), self.dtype)
 
+    def record(self, name, shapes):
+        """the buffers of a layer's record: the call's own, as every buffer here"""
+        return self.scratch(name, shapes)
+
+    def keep_until(self, holder):
+        """nothing to give back: the records are the call's own device arrays"""
+
     # ---------------------------------------------------------------- layers, columns
     def columns(self, G):
         """a gated cell's column order inside the engine: the natural one (None)"""

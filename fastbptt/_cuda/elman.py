@@ -259,7 +259,7 @@ def forward(run, l, X, state0, act):
     """the layer's forward over the T steps from state0 = (h_0,); X its input (T,B) ids or
     (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T."""
     T, B, H = run.T, run.B, run.H
-    S, = run.scratch(f"rnn{l}", [(T + 1, B, H)])
+    S, = run.record(f"rnn{l}", [(T + 1, B, H)])
     S[0].copy_to_device(state0[0])
     run.project(X, S[1:].reshape(T * B, H), run.key("W_xh", l), run.param("b_h", l))
     forward_cuda(S, run.param("W_hh", l), act)

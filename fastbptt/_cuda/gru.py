@@ -131,7 +131,7 @@ def forward(run, l, X, state0, act):
     """the layer's forward over the T steps from state0 = (h_0,); X its input (T,B) ids or
     (T,B,D).  Returns what the backward needs: S (T+1,B,H) h_0..h_T, Z, N."""
     T, B, H = run.T, run.B, run.H
-    S, Z, N = run.scratch(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
+    S, Z, N = run.record(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
     S[0].copy_to_device(state0[0])
     run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l))
     split_cuda[launch(T * B * H)](Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l))

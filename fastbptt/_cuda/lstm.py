@@ -118,7 +118,7 @@ def forward(run, l, X, state0, act):
     """the layer's forward over the T steps from state0 = (h_0, c_0); X its input (T,B) ids or
     (T,B,D).  Returns what the backward needs: S, C (T+1,B,H), Z."""
     T, B, H = run.T, run.B, run.H
-    S, C, Z = run.scratch(f"lstm{l}", [(T + 1, B, H), (T + 1, B, H), (T, B, G * H)])
+    S, C, Z = run.record(f"lstm{l}", [(T + 1, B, H), (T + 1, B, H), (T, B, G * H)])
     S[0].copy_to_device(state0[0])
     C[0].copy_to_device(state0[1])
     run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l))
