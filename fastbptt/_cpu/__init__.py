@@ -66,8 +66,8 @@ _scratch = _Scratch()
 class _Records:
     """The buffers of the records that rnn_forward(keep=True) hands out (they outlive the call),
     taken again once what held them is gone: a framework's training loop then reuses the same
-    pages every step instead of faulting fresh ones in.  At most two free sets per shape, and
-    config.CPU_SCRATCH_BYTES in all."""
+    pages every step instead of faulting fresh ones in.  At most eight free sets per shape (a
+    stack's layers share one), and config.CPU_SCRATCH_BYTES in all."""
 
     def __init__(self):
         self.free = {}
@@ -86,7 +86,7 @@ class _Records:
             for key, bufs in taken:
                 kept = sum(b.nbytes for sets in self.free.values() for group in sets for b in group)
                 sets = self.free.setdefault(key, [])
-                if len(sets) < 2 and kept + sum(b.nbytes for b in bufs) <= config.CPU_SCRATCH_BYTES:
+                if len(sets) < 8 and kept + sum(b.nbytes for b in bufs) <= config.CPU_SCRATCH_BYTES:
                     sets.append(bufs)
 
 
