@@ -248,9 +248,10 @@ class Bounded:
         return state
 
     def sweep(self, actions, xi, chunk):
-        """the full (or randomized) gradient by a schedule's actions.  Consecutive advances are
-        computed as one (their kept states copied out of its runs), and consecutive one-step
-        reversals from kept states as one range: the same steps, in fewer runs."""
+        """the full (or randomized) gradient by a schedule's actions.  Consecutive advances (a
+        restore of the state they reach between them changes nothing) are computed as one,
+        their kept states copied out of its runs, and consecutive one-step reversals from kept
+        states as one range: the same steps, in fewer runs."""
         self.slots = {0: self.state0}
         cur, cur_state = 0, self.state0
         adv = None                          # [a, b, stores]: advances not yet computed
@@ -280,11 +281,13 @@ class Bounded:
                 adv[1] = b
                 if store:
                     adv[2].add(b)
-            elif kind == "restore":
-                advance()
-                cur, cur_state = action[1], self.slots[action[1]]
+            elif kind == "restore":                   # of the state the advances reach: nothing to do
+                if action[1] != (cur if adv is None else adv[1]):
+                    advance()
+                    cur, cur_state = action[1], self.slots[action[1]]
             elif kind == "free":
-                advance()
+                if adv is not None and action[1] in adv[2]:
+                    advance()
                 del self.slots[action[1]]
             else:
                 advance()
