@@ -9,10 +9,10 @@ would build it from the whole text in memory.
 
 The cache (``$FASTBPTT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastbptt`` or
 ``~/.cache/fastbptt``; then ``corpora/``) holds for each text ``<P>-<S>.ids`` and
-``<P>-<S>.json``: P a hash of the absolute path and tokenizer, S of the size, mtime
-(ns) and :data:`FORMAT`, so a changed file re-tokenizes and its old entry is removed.
-Both files are written under temporary names and renamed, the JSON last: a killed
-tokenization leaves no entry.  Texts under :data:`MIN_CACHED_BYTES` are tokenized the
+``<P>-<S>.json``: P a hash of the absolute path and tokenizer, S of the size, mtime and
+ctime (ns), inode and :data:`FORMAT`, so a changed file re-tokenizes and its old entry is
+removed.  Both files are written under temporary names (``.tmp<host>-<pid>``) and renamed,
+the JSON last: a killed tokenization leaves no entry.  Texts under :data:`MIN_CACHED_BYTES` are tokenized the
 same way, in memory, on every run (faster than a cache would be).
 """
 from __future__ import annotations
