@@ -276,7 +276,7 @@ class Bounded:
                 reverse()
                 _, a, b, store = action
                 if adv is None:
-                    adv = [a, a, set()]
+                    adv = [cur, cur, set()]
                 assert adv[1] == a, "a schedule's advances start where the state is"
                 adv[1] = b
                 if store:
