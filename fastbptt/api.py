@@ -463,20 +463,25 @@ def _token_ids(be, name, ids, shape, n, what):
     return ids
 
 
+def _state_parts(h0, cell, names=("h0", "c0")):
+    """(the names, the arrays) a state is made of: (h0,), or the LSTM's (h0, c0) pair; None
+    for each when h0 is None.  Shared with the JAX bridge, which checks them at trace time."""
+    names = names if cell == "lstm" else names[:1]
+    if h0 is None:
+        return names, [None] * len(names)
+    if cell == "lstm":
+        if not isinstance(h0, (tuple, list)) or len(h0) != 2:
+            raise TypeError(f"{names[0]}: an LSTM's state is a tuple ({names[0]}, {names[1]}) of (B,H) or "
+                            f"(num_layers,B,H) arrays, got {type(h0).__name__}")
+        return names, list(h0)
+    return names, [h0]
+
+
 def _states(be, h0, cell, L, B, H, dt, names=("h0", "c0")):
     """(one tuple (h_0,) or (h_0, c_0) per layer, whether the caller's state is stacked
     (num_layers,B,H)).  None: zeros; a (B,H) array only for one layer.  ``names``: the
     arguments' names in errors."""
-    names = names if cell == "lstm" else names[:1]
-    if h0 is None:
-        given = [None] * len(names)
-    elif cell == "lstm":
-        if not isinstance(h0, (tuple, list)) or len(h0) != 2:
-            raise TypeError(f"{names[0]}: an LSTM's state is a tuple ({names[0]}, {names[1]}) of (B,H) or "
-                            f"(num_layers,B,H) arrays, got {type(h0).__name__}")
-        given = list(h0)
-    else:
-        given = [h0]
+    names, given = _state_parts(h0, cell, names)
     stacked = L > 1
     arrays = []
     for name, a in zip(names, given):

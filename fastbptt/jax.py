@@ -131,16 +131,9 @@ def _check_truncation(truncation):
 
 def _check_state(h0, cell, L, B, H, dt):
     """((h0,) or (h0, c0), each (L,B,H) of dt; whether the caller gave (B,H))"""
-    names = ("h0", "c0") if cell == "lstm" else ("h0",)
+    names, given = api._state_parts(h0, cell)
     if h0 is None:
         return tuple(jnp.zeros((L, B, H), dt) for _ in names), False
-    if cell == "lstm":
-        if not isinstance(h0, (tuple, list)) or len(h0) != 2:
-            raise TypeError(f"h0: an LSTM's state is a tuple (h0, c0) of (B,H) or (num_layers,B,H) "
-                            f"arrays, got {type(h0).__name__}")
-        given = tuple(h0)
-    else:
-        given = (h0,)
     out, flat = [], []
     for name, a in zip(names, given):
         a = jnp.asarray(a)
