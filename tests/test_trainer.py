@@ -27,6 +27,14 @@ def run_cli(*argv):
     return e.value.code
 
 
+def one_epoch_checkpoint(tmp_path, capsys):
+    """(the path, the bytes) of a checkpoint after one epoch of the tiny run, its output read"""
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
+    capsys.readouterr()
+    return ck, ck.read_bytes()
+
+
 def cli_error(capsys, command):
     """The one line ``fastbptt COMMAND: error: …`` on stderr, without that prefix."""
     err = capsys.readouterr().err.strip()
@@ -532,10 +540,7 @@ def test_out_of_memory_while_training_exits_2(capsys, monkeypatch):
 
 
 def test_an_existing_checkpoint_is_resumed_or_overwritten_never_silently_replaced(tmp_path, capsys, monkeypatch):
-    ck = tmp_path / "ck.npz"
-    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
-    capsys.readouterr()
-    before = ck.read_bytes()
+    ck, before = one_epoch_checkpoint(tmp_path, capsys)
     with monkeypatch.context() as m:
         m.setattr(api, "loss_and_grad", lambda *a, **k: pytest.fail("training started"))
         assert run_cli(*TINY_ARGV, "--epochs", 2, "--checkpoint", ck) == 2
@@ -565,10 +570,7 @@ def _disk_full_after(monkeypatch, n_ok):
 
 
 def test_a_full_disk_while_saving_exits_2_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    ck = tmp_path / "ck.npz"
-    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
-    capsys.readouterr()
-    before = ck.read_bytes()
+    ck, before = one_epoch_checkpoint(tmp_path, capsys)
     with monkeypatch.context() as m:
         _disk_full_after(m, 0)
         assert run_cli("train", "--epochs", 3, "--checkpoint", ck, "--resume", "--quiet") == 2
@@ -602,10 +604,7 @@ def test_a_failing_json_log_write_exits_2(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("argv", [("--lr", 1e6), ("--lr", 100, "--clip", "inf", "--hidden", 32),
                                   ("--optimizer", "adam", "--lr", 1e4)])
 def test_a_diverging_run_exits_3_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, argv):
-    ck = tmp_path / "ck.npz"
-    assert run_cli(*TINY_ARGV, "--epochs", 1, "--checkpoint", ck) == 0
-    capsys.readouterr()
-    before = ck.read_bytes()
+    ck, before = one_epoch_checkpoint(tmp_path, capsys)
     assert run_cli(*TINY_ARGV, "--epochs", 3, "--checkpoint", ck, "--overwrite", *argv) == 3
     err = one_line(capsys)
     assert err.startswith("epoch 1: the perplexity became inf") and "lower --lr" in err, err
