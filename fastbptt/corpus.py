@@ -13,7 +13,8 @@ The cache (``$FASTBPTT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastbptt`` or
 ctime (ns), inode and :data:`FORMAT`, so a changed file re-tokenizes and its old entry is
 removed.  Both files are written under temporary names (``.tmp<host>-<pid>``) and renamed,
 the JSON last: a killed tokenization leaves no entry.  Texts under :data:`MIN_CACHED_BYTES` are tokenized the
-same way, in memory, on every run (faster than a cache would be).
+same way, in memory, on every run: a fraction of a second, not worth an entry on disk
+(docs/corpora.md).
 """
 from __future__ import annotations
 
