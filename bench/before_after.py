@@ -1,11 +1,12 @@
 """fastbptt against an earlier checkout of itself and numpy, in one process.
 
-    python bench/before_after.py PATH [sweep]
+    python bench/before_after.py PATH [sweep | gru | lstm]
 
 PATH is an earlier checkout of fastbptt (e.g. ``git worktree add /tmp/before 41148b1``);
 its package is copied as ``fastbptt_before`` into a temporary folder and imported beside
 this one.  Per config: median ms of each system over six interleaved rounds, each system
-following each other one in turn, and the speedups.  ``sweep``: the bench's H and B sweep.
+following each other one in turn, and the speedups.  ``sweep``: the bench's H and B sweep;
+``gru``, ``lstm``: that cell's configs (``fastbptt bench --cell``).
 """
 import json
 import shutil
@@ -25,14 +26,17 @@ import fastbptt  # noqa: E402
 import fastbptt_before  # noqa: E402
 from fastbptt import bench, peers  # noqa: E402
 
-shapes = dict(bench.CONFIGS)
-if len(sys.argv) > 2 and sys.argv[2] == "sweep":
-    shapes = {f"H={h}": (64, 32, 64, h) for h in bench.SWEEP_H}
-    shapes.update({f"B={b}": (64, b, 64, 256) for b in bench.SWEEP_B})
+mode = sys.argv[2] if len(sys.argv) > 2 else "rnn"
+cell = mode if mode in ("gru", "lstm") else "rnn"
+shapes = {k: v[:4] + (v[4], v[5]) for k, v in bench.GATED_CONFIGS.items()} if cell != "rnn" else \
+    {k: v + (v[2], False) for k, v in bench.CONFIGS.items()}
+if mode == "sweep":
+    shapes = {f"H={h}": (64, 32, 64, h, 64, False) for h in bench.SWEEP_H}
+    shapes.update({f"B={b}": (64, b, 64, 256, 64, False) for b in bench.SWEEP_B})
 gemm = bench.gemm_rate()
 out = []
-for name, (T, B, V, H) in shapes.items():
-    p, X, Y, h0 = bench.workload(T, B, V, H)
+for name, (T, B, V, H, Q, dense) in shapes.items():
+    p, X, Y, h0 = bench.workload(T, B, V, H, cell=cell, Q=Q, dense=dense)
     fns = {"after": lambda: fastbptt.loss_and_grad(p, X, Y, h0)[0],
            "before": lambda: fastbptt_before.loss_and_grad(p, X, Y, h0)[0],
            "numpy": peers.make_numpy(p, X, Y, h0)}
@@ -51,7 +55,7 @@ for name, (T, B, V, H) in shapes.items():
                 t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
                 if time.perf_counter() > end and len(times[k]) >= 2 * (rnd + 1): break
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    fl = bench.flops(T, B, V, H)
+    fl = bench.flops(T, B, V, H, Q, bench.GATES[cell], dense)
     row = dict(config=name, after_ms=med["after"], before_ms=med["before"], numpy_ms=med["numpy"],
                after_pct_gemm=100 * fl / (med["after"] / 1e3) / 1e9 / gemm,
                before_pct_gemm=100 * fl / (med["before"] / 1e3) / 1e9 / gemm,

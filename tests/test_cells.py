@@ -94,8 +94,9 @@ def test_sweeps_are_exact_on_any_lanes(cell, lanes, rng, monkeypatch):
     blk = np.array([64, 64], np.int64)
     monkeypatch.setattr(plan.Plan, "sweep", lambda self, dtype, B, H: (lanes, blk))
     params, X, Y, given, h0, c0 = case(rng, cell, 2, T=5, B=3, H=40)
-    want = reference_for(params, cell, X, Y, h0, c0, None, 5)
-    check(*fastbptt.loss_and_grad(params, X, Y, given), want, cell, np.float64)
+    for truncation in (None, fastbptt.Truncated(2)):         # the sweeps, and the chains
+        want = reference_for(params, cell, X, Y, h0, c0, truncation, 5)
+        check(*fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation), want, cell, np.float64)
 
 
 def test_one_rnn_layer_is_todays_model(rng):

@@ -33,16 +33,20 @@ def test_packing_keeps_every_column_and_pads_with_zeros(K, N, view, rng):
             assert np.array_equal(col, B[:, j] if j < N else np.zeros(K)), (j, n)
 
 
-@pytest.mark.parametrize("H,G", [(1, 3), (7, 4), (16, 3), (18, 4), (40, 3)])
-def test_gated_columns_pack_and_come_back(H, G, rng):
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+@pytest.mark.parametrize("H,G", [(1, 3), (7, 4), (16, 3), (18, 4), (40, 3), (64, 4)])
+def test_gated_columns_pack_and_come_back(H, G, lanes, rng):
     # a gated cell's weight in the engine's column order: packed from W and Wᵀ without a
-    # copy, groups of units holding every gate, and the gradient's columns put back
-    cols = products.interleaved(H, G)
+    # copy, each lane's units holding every gate of theirs, and the gradient's columns put back
+    cols = products.interleaved(H, G, lanes)
     assert sorted(cols) == list(range(G * H))
-    for u0 in range(0, H, PANEL):
-        first, m = u0 * G, min(PANEL, H - u0)
+    if lanes == 1:
+        assert list(cols) == list(range(G * H))
+    ends = [0] + [min(H, H * c // lanes // PANEL * PANEL) for c in range(1, lanes)] + [H]
+    for u0, u1 in zip(ends, ends[1:]):
+        first, m = u0 * G, u1 - u0
         for g in range(G):
-            assert list(cols[first + g * m:first + (g + 1) * m]) == list(range(g * H + u0, g * H + u0 + m))
+            assert list(cols[first + g * m:first + (g + 1) * m]) == list(range(g * H + u0, g * H + u1))
     W = rng.normal(size=(5, G * H))
     for transposed, want in ((False, W[:, cols]), (True, W[:, cols].T)):
         for n in (1, 2, 3):
@@ -50,7 +54,7 @@ def test_gated_columns_pack_and_come_back(H, G, rng):
             products.pack_columns_cpu(Bp, W, cols, transposed, n)
             np.testing.assert_array_equal(Bp, packed(np.ascontiguousarray(want), 1))
     back = np.full_like(W, np.nan)
-    products.unpermute_cpu(back, np.ascontiguousarray(W[:, cols]), H, 2)
+    products.unpermute_cpu(back, np.ascontiguousarray(W[:, cols]), H, lanes, 2)
     np.testing.assert_array_equal(back, W)
 
 

@@ -166,10 +166,20 @@ class Run(LayerParams):
         return a
 
     # ---------------------------------------------------------------- layers, columns
+    @property
+    def lanes(self):
+        """the lanes of the call's sweeps (the plan's for B x H): a gated cell's columns are
+        grouped by them"""
+        return self.sweep(self.B, self.H)[0]
+
+    def lane_units(self):
+        """each lane's units [u0, u1)"""
+        return [products.chunk.py_func(self.H, c, self.lanes) for c in range(self.lanes)]
+
     def columns(self, G):
         """a gated cell's column order inside the engine (products.interleaved)"""
         if ("columns", G) not in self._buffers:
-            self._buffers[("columns", G)] = products.interleaved(self.H, G)
+            self._buffers[("columns", G)] = products.interleaved(self.H, G, self.lanes)
         return self._buffers[("columns", G)]
 
     def natural(self, a, cols):
@@ -177,7 +187,8 @@ class Run(LayerParams):
         if cols is None:
             return a
         out = products.empty(a.shape, a.dtype)
-        products.unpermute_cpu(out.reshape(-1, a.shape[-1]), a.reshape(-1, a.shape[-1]), self.H, self.n)
+        products.unpermute_cpu(out.reshape(-1, a.shape[-1]), a.reshape(-1, a.shape[-1]), self.H,
+                               self.lanes, self.n)
         return out
 
     # ------------------------------------------------------------------- the graph's

@@ -11,7 +11,7 @@ the reset applied after the recurrent product.
               dR_t = [dr, dz, dn ⊙ r]  (the recurrent product's: ∂W_hh, ∂b_hn, the chain)
 
 Shapes: x_t (B,D), h_t (B,H); W_xh (D,3H), W_hh (H,3H), b_h (3H,), b_hn (H,) with the column
-blocks [r | z | n].  Inside the engine the 3H columns are interleaved by groups of units
+blocks [r | z | n].  Inside the engine the 3H columns are grouped by lanes
 (``products.interleaved``) so that a lane's units own every gate of theirs.
 
 What the forward keeps for the backward, and why: Z_t = [r_t, z_t, hn_t] (the gates, and hn,
@@ -29,7 +29,7 @@ from numba import njit, prange
 from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
-from .products import NO_POST, PANEL, _0, gate_group, matmul_k
+from .products import NO_POST, _0, chunk, matmul_k
 
 G = 3
 STATES = ("S",)            # the record's state arrays: h_0..h_T
@@ -38,17 +38,16 @@ STATES = ("S",)            # the record's state arrays: h_0..h_T
 # ------------------------------------------------------------------------ pointwise
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def forward_point(Z, N, hp, h, u0, u1):
-    """units [u0, u1) of one step, every row:  Z [xr + h W_hr, xz + h W_hz, h W_hn + b_hn] →
-    [r, z, hn];  N xn → n;  h = (1 − z) n + z hp
+    """a lane's units [u0, u1) of one step, every row:  Z [xr + h W_hr, xz + h W_hz,
+    h W_hn + b_hn] → [r, z, hn];  N xn → n;  h = (1 − z) n + z hp
 
-    Z (rows,3H) interleaved · N, hp, h (rows,H)"""
-    H = N.shape[1]
+    Z (rows,3H) interleaved, the lane's gates in columns [3·u0, 3·u1) · N, hp, h (rows,H)"""
     one = N.dtype.type(1)
-    for g0 in range(u0, u1, PANEL):
-        c, m = gate_group(H, G, g0)
+    c, m = G * u0, u1 - u0
+    if m > 0:
         for b in range(N.shape[0]):
             zr, zz, hn = Z[b, c:c + m], Z[b, c + m:c + 2 * m], Z[b, c + 2 * m:c + 3 * m]
-            nn, hpb, hb = N[b, g0:g0 + m], hp[b, g0:g0 + m], h[b, g0:g0 + m]
+            nn, hpb, hb = N[b, u0:u1], hp[b, u0:u1], h[b, u0:u1]
             for j in range(m):
                 r = sigmoid(zr[j])
                 z = sigmoid(zz[j])
@@ -59,21 +58,21 @@ def forward_point(Z, N, hp, h, u0, u1):
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def backward_point(A, carry, xi, Z, N, hp, dP, dR, u0, u1):
-    """units [u0, u1) of one step, every row:  a = A + ξ carry (the adjoint of h; A holds the
-    direct term and the product's share, and gets a);  dP, dR as in the module notes;
-    carry ← a ⊙ z (what crosses to h_{t-1} besides the product)
+    """a lane's units [u0, u1) of one step, every row:  a = A + ξ carry (the adjoint of h; A
+    holds the direct term and the product's share, and gets a);  dP, dR as in the module
+    notes;  carry ← a ⊙ z (what crosses to h_{t-1} besides the product)
 
-    A, carry, N, hp (rows,H) · Z [r, z, hn], dP, dR (rows,3H) interleaved · xi a scalar"""
-    H = N.shape[1]
+    A, carry, N, hp (rows,H) · Z [r, z, hn], dP, dR (rows,3H) interleaved, the lane's gates in
+    columns [3·u0, 3·u1) · xi a scalar"""
     one = N.dtype.type(1)
-    for g0 in range(u0, u1, PANEL):
-        c, m = gate_group(H, G, g0)
+    c, m = G * u0, u1 - u0
+    if m > 0:
         for b in range(N.shape[0]):
             zr, zz, hn = Z[b, c:c + m], Z[b, c + m:c + 2 * m], Z[b, c + 2 * m:c + 3 * m]
             pr, pz, pn = dP[b, c:c + m], dP[b, c + m:c + 2 * m], dP[b, c + 2 * m:c + 3 * m]
             rr, rz, rn = dR[b, c:c + m], dR[b, c + m:c + 2 * m], dR[b, c + 2 * m:c + 3 * m]
-            ab, cb = A[b, g0:g0 + m], carry[b, g0:g0 + m]
-            nn, hpb = N[b, g0:g0 + m], hp[b, g0:g0 + m]
+            ab, cb = A[b, u0:u1], carry[b, u0:u1]
+            nn, hpb = N[b, u0:u1], hp[b, u0:u1]
             for j in range(m):
                 a = ab[j] + xi * cb[j]
                 r, z, n = zr[j], zz[j], nn[j]
@@ -87,17 +86,19 @@ def backward_point(A, carry, xi, Z, N, hp, dP, dR, u0, u1):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def split_cpu(Z, N, b_hn, n):
+def split_cpu(Z, N, b_hn, lanes, n):
     """after the input projection Z = x W_xh + b_h (rows,3H): N ← its n columns (xn), and
-    those columns of Z ← b_hn, the recurrent product's bias · n row chunks"""
+    those columns of Z ← b_hn, the recurrent product's bias · the lanes of the column order ·
+    n row chunks"""
     rows, H = N.shape
     for c in prange(n):
         for b in range(rows * c // n, rows * (c + 1) // n):
-            for g0 in range(0, H, PANEL):
-                k, m = gate_group(H, G, g0)
+            for o in range(lanes):
+                u0, u1 = chunk(H, o, lanes)
+                k, m = G * u0, u1 - u0
                 for j in range(m):
-                    N[b, g0 + j] = Z[b, k + 2 * m + j]
-                    Z[b, k + 2 * m + j] = b_hn[g0 + j]
+                    N[b, u0 + j] = Z[b, k + 2 * m + j]
+                    Z[b, k + 2 * m + j] = b_hn[u0 + j]
 
 
 # ---------------------------------------------------------------------------- steps
@@ -157,15 +158,19 @@ def backward_cpu(A, carry, S, Z, N, dP, dR, W_hhTp, xi, blk, n, threads):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def chain_cpu(A, carry, Z, N, hp, dP, dR, n):
-    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1
+def chain_cpu(A, carry, Z, N, hp, dP, dR, lanes, n):
+    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1,
+    each lane's units in turn
 
-    A, carry, N, hp (rows,H) · Z, dP, dR (rows,3H) · n row chunks"""
+    A, carry, N, hp (rows,H) · Z, dP, dR (rows,3H) · the lanes of the column order · n row
+    chunks"""
     rows, H = A.shape
     for c in prange(n):
         r0, r1 = rows * c // n, rows * (c + 1) // n
-        backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], N[r0:r1], hp[r0:r1],
-                       dP[r0:r1], dR[r0:r1], 0, H)
+        for o in range(lanes):
+            u0, u1 = chunk(H, o, lanes)
+            backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], N[r0:r1], hp[r0:r1],
+                           dP[r0:r1], dR[r0:r1], u0, u1)
 
 
 # --------------------------------------------------------------- the graph's calls
@@ -179,12 +184,13 @@ def forward(run, l, X, state0, act):
     S, Z, N = run.record(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
     S[0] = state0[0]
     run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
-    split_cpu(Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l), run.n)
+    split_cpu(Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l), run.lanes, run.n)
     lanes, blk = run.sweep(B, H)
     W_hhp = run.packed(run.key("W_hh", l), cols=cols)
     t0 = 0
     if not S[0].any():                      # h_0 = 0: the first step has no product
-        forward_point(Z[0], N[0], S[0], S[1], 0, H)
+        for u0, u1 in run.lane_units():
+            forward_point(Z[0], N[0], S[0], S[1], u0, u1)
         t0 = 1
     forward_cpu(S[t0:], Z[t0:], N[t0:], W_hhp, blk, lanes, run.n)
     return SimpleNamespace(S=S, Z=Z, N=N)
@@ -243,7 +249,7 @@ def chain_point(run, l, lay, c, n, act):
     rows = n * B
     chain_cpu(c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), lay.Z[:n].reshape(rows, G * H),
               lay.N[:n].reshape(rows, H), lay.S[:n].reshape(rows, H),
-              c.dP[:n].reshape(rows, G * H), c.dR[:n].reshape(rows, G * H), run.n)
+              c.dP[:n].reshape(rows, G * H), c.dR[:n].reshape(rows, G * H), run.lanes, run.n)
 
 
 def initial_grads(dh0, carry):

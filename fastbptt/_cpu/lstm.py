@@ -9,7 +9,7 @@ and an (h, c) state.
               dZ_t = [e g i(1−i), e c_{t-1} f(1−f), e i (1−g²), a tanh(c_t) o(1−o)]
 
 Shapes: x_t (B,D), h_t, c_t (B,H); W_xh (D,4H), W_hh (H,4H), b_h (4H,) with the column blocks
-[i | f | g | o].  Inside the engine the 4H columns are interleaved by groups of units
+[i | f | g | o].  Inside the engine the 4H columns are grouped by lanes
 (``products.interleaved``) so that a lane's units own every gate of theirs.
 
 What the forward keeps for the backward, and why: Z_t = the gates (σ' and tanh' are written
@@ -26,7 +26,7 @@ from numba import njit, prange
 from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
-from .products import NO_POST, PANEL, _0, gate_group, matmul_k
+from .products import NO_POST, _0, chunk, matmul_k
 
 G = 4
 STATES = ("S", "C")        # the record's state arrays: h_0..h_T, c_0..c_T
@@ -35,17 +35,16 @@ STATES = ("S", "C")        # the record's state arrays: h_0..h_T, c_0..c_T
 # ------------------------------------------------------------------------ pointwise
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def forward_point(Z, cp, c, h, u0, u1):
-    """units [u0, u1) of one step, every row:  Z pre-activations → [i, f, g, o];
+    """a lane's units [u0, u1) of one step, every row:  Z pre-activations → [i, f, g, o];
     c = f cp + i g;  h = o tanh(c)
 
-    Z (rows,4H) interleaved · cp, c, h (rows,H)"""
-    H = c.shape[1]
-    for g0 in range(u0, u1, PANEL):
-        k, m = gate_group(H, G, g0)
+    Z (rows,4H) interleaved, the lane's gates in columns [4·u0, 4·u1) · cp, c, h (rows,H)"""
+    k, m = G * u0, u1 - u0
+    if m > 0:
         for b in range(c.shape[0]):
             zi, zf = Z[b, k:k + m], Z[b, k + m:k + 2 * m]
             zg, zo = Z[b, k + 2 * m:k + 3 * m], Z[b, k + 3 * m:k + 4 * m]
-            cpb, cb, hb = cp[b, g0:g0 + m], c[b, g0:g0 + m], h[b, g0:g0 + m]
+            cpb, cb, hb = cp[b, u0:u1], c[b, u0:u1], h[b, u0:u1]
             for j in range(m):
                 i = sigmoid(zi[j])
                 f = sigmoid(zf[j])
@@ -59,21 +58,21 @@ def forward_point(Z, cp, c, h, u0, u1):
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def backward_point(A, carry, xi, Z, cp, c, dZ, u0, u1):
-    """units [u0, u1) of one step, every row:  A the adjoint of h;  e = ξ carry + a o (1 −
-    tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what crosses to c_{t-1})
+    """a lane's units [u0, u1) of one step, every row:  A the adjoint of h;  e = ξ carry +
+    a o (1 − tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what crosses to c_{t-1})
 
-    A, carry, cp, c (rows,H) · Z [i, f, g, o], dZ (rows,4H) interleaved · xi a scalar"""
-    H = c.shape[1]
+    A, carry, cp, c (rows,H) · Z [i, f, g, o], dZ (rows,4H) interleaved, the lane's gates in
+    columns [4·u0, 4·u1) · xi a scalar"""
     one = c.dtype.type(1)
-    for g0 in range(u0, u1, PANEL):
-        k, m = gate_group(H, G, g0)
+    k, m = G * u0, u1 - u0
+    if m > 0:
         for b in range(c.shape[0]):
             zi, zf = Z[b, k:k + m], Z[b, k + m:k + 2 * m]
             zg, zo = Z[b, k + 2 * m:k + 3 * m], Z[b, k + 3 * m:k + 4 * m]
             di, df = dZ[b, k:k + m], dZ[b, k + m:k + 2 * m]
             dg, do = dZ[b, k + 2 * m:k + 3 * m], dZ[b, k + 3 * m:k + 4 * m]
-            ab, cab = A[b, g0:g0 + m], carry[b, g0:g0 + m]
-            cpb, cb = cp[b, g0:g0 + m], c[b, g0:g0 + m]
+            ab, cab = A[b, u0:u1], carry[b, u0:u1]
+            cpb, cb = cp[b, u0:u1], c[b, u0:u1]
             for j in range(m):
                 i, f, g, o = zi[j], zf[j], zg[j], zo[j]
                 a = ab[j]
@@ -142,15 +141,18 @@ def backward_cpu(A, carry, C, Z, dZ, W_hhTp, xi, blk, n, threads):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def chain_cpu(A, carry, Z, cp, c, dZ, n):
-    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1
+def chain_cpu(A, carry, Z, cp, c, dZ, lanes, n):
+    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1,
+    each lane's units in turn
 
-    A, carry, cp, c (rows,H) · Z, dZ (rows,4H) · n row chunks"""
+    A, carry, cp, c (rows,H) · Z, dZ (rows,4H) · the lanes of the column order · n row chunks"""
     rows, H = A.shape
     for k in prange(n):
         r0, r1 = rows * k // n, rows * (k + 1) // n
-        backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], cp[r0:r1], c[r0:r1],
-                       dZ[r0:r1], 0, H)
+        for o in range(lanes):
+            u0, u1 = chunk(H, o, lanes)
+            backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], cp[r0:r1], c[r0:r1],
+                           dZ[r0:r1], u0, u1)
 
 
 # --------------------------------------------------------------- the graph's calls
@@ -167,7 +169,8 @@ def forward(run, l, X, state0, act):
     lanes, blk = run.sweep(B, H)
     t0 = 0
     if not S[0].any():                      # h_0 = 0: the first step has no product
-        forward_point(Z[0], C[0], C[1], S[1], 0, H)
+        for u0, u1 in run.lane_units():
+            forward_point(Z[0], C[0], C[1], S[1], u0, u1)
         t0 = 1
     forward_cpu(S[t0:], C[t0:], Z[t0:], run.packed(run.key("W_hh", l), cols=cols), blk, lanes, run.n)
     return SimpleNamespace(S=S, C=C, Z=Z)
@@ -226,7 +229,7 @@ def chain_point(run, l, lay, c, n, act):
     rows = n * B
     chain_cpu(c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), lay.Z[:n].reshape(rows, G * H),
               lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H),
-              c.dP[:n].reshape(rows, G * H), run.n)
+              c.dP[:n].reshape(rows, G * H), run.lanes, run.n)
 
 
 def initial_grads(dh0, carry):

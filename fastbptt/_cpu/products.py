@@ -282,23 +282,20 @@ def row_chunk(M, c, n):
 
 
 # ------------------------------------------------------------ a gated cell's columns
-def interleaved(H, G):
+def interleaved(H, G, lanes):
     """The order in which the engine keeps the G·H columns of a gated cell's products
     (column i here is column cols[i] of the natural [gate 0 | gate 1 | ...] layout): for each
-    group of PANEL hidden units, gate 0's columns, then gate 1's, ... (the last group may be
-    narrower).  A lane's units [j0, j1) (multiples of PANEL) then own the contiguous columns
-    [G·j0, G·j1) with every gate of those units, so a step's pointwise part needs no other
-    lane's columns."""
-    cols = [g * H + u for u0 in range(0, H, PANEL)
-            for g in range(G) for u in range(u0, min(u0 + PANEL, H))]
+    lane's units [u0, u1) (``chunk(H, c, lanes)``), gate 0's columns, then gate 1's, ...  A
+    lane then owns the contiguous columns [G·u0, G·u1) with every gate of its units, so a
+    step's pointwise part needs no other lane's columns, and each gate of its units is one
+    run of u1 − u0 columns: the pointwise loops run over whole runs, not groups of a vector
+    (docs/performance.md, "gate columns").  One lane: the natural order."""
+    cols = []
+    for c in range(lanes):
+        u0, u1 = chunk.py_func(H, c, lanes)
+        for g in range(G):
+            cols.extend(range(g * H + u0, g * H + u1))
     return np.array(cols, np.int64)
-
-
-@njit(inline="always")
-def gate_group(H, G, u0):
-    """(first column, width m) of the group of units [u0, u0 + m) in the interleaved
-    columns; gate g of those units is columns [first + g·m, first + (g+1)·m)"""
-    return G * u0, min(PANEL, H - u0)
 
 
 # ---------------------------------------------------------------------------- packing
@@ -381,19 +378,20 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def unpermute_cpu(out, a, H, n):
-    """out = a (rows, G·H) with its columns from the ``interleaved`` order back to the natural
-    one, a group's gate at a time · n row chunks"""
+def unpermute_cpu(out, a, H, lanes, n):
+    """out = a (rows, G·H) with its columns from the ``interleaved(H, G, lanes)`` order back
+    to the natural one, a lane's gate at a time · n row chunks"""
     M, GH = a.shape
     G = GH // H
     for c in prange(n):
         for r in range(M * c // n, M * (c + 1) // n):
             src, dst = a[r], out[r]
-            for u0 in range(0, H, PANEL):
-                first, m = gate_group(H, G, u0)
+            for o in range(lanes):
+                u0, u1 = chunk(H, o, lanes)
+                m = u1 - u0
                 for g in range(G):
-                    d = dst[g * H + u0:g * H + u0 + m]
-                    s = src[first + g * m:first + (g + 1) * m]
+                    d = dst[g * H + u0:g * H + u1]
+                    s = src[G * u0 + g * m:G * u0 + (g + 1) * m]
                     for l in range(m):
                         d[l] = s[l]
 
