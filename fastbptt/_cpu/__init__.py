@@ -106,6 +106,7 @@ class Run(LayerParams):
         self.dtype = P["W_hh"].dtype
         self._packed = {}
         self._buffers = {}
+        self._rows = None                 # (d, d packed): recurrent_grads' operand, for input_grads
 
     def __enter__(self):
         self._call = team.team.call((self.kind, self.cell.__name__, self.L, self.X.ndim, self.T, self.B,
@@ -271,27 +272,34 @@ class Run(LayerParams):
             self.packed("W_hq", transposed=True), self.P["b_q"], scale, self.blk("rows"), self.n)
         return float(row_loss.sum()) * scale, dH, {"W_hq": dW_hq, "b_q": db_q}
 
-    def _packed_rows(self, dZ2, k0, cols):
-        """dZ2[k0:] (the B operand of the weight gradients) packed, its columns put back in the
-        natural order when they are a gated cell's (cols), in a kept buffer"""
-        dZp, = self.scratch(f"dZp{k0}", [packed_shape(dZ2.shape[0] - k0, dZ2.shape[1])])
+    def _packed_rows(self, d, cols):
+        """d (T,B,G·H) over its T·B rows, the B operand of the weight gradients, packed, its
+        columns put back in the natural order when they are a gated cell's (cols), in a kept
+        buffer.  Once per array: ∂W_hh's packing serves ∂W_xh right after it when the cell's
+        dP and dR are one array (recurrent_grads, then input_grads, in its weight_grads)."""
+        last, self._rows = self._rows, None
+        if last is not None and last[0] is d:
+            return last[1]
+        d2 = d.reshape(-1, d.shape[-1])
+        dZp, = self.scratch("dZp", [packed_shape(*d2.shape)])
         if cols is None:
-            pack_cpu(dZp, dZ2[k0:], self.n)
+            pack_cpu(dZp, d2, self.n)
         else:
             inverse = self._buffers.setdefault(("inverse", len(cols)), np.argsort(cols))
-            products.pack_columns_cpu(dZp, dZ2[k0:], inverse, False, self.n)
+            products.pack_columns_cpu(dZp, d2, inverse, False, self.n)
         return dZp
 
     def recurrent_grads(self, S, dR, cols=None):
         """∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t: one product over the T·B rows
         (the h_0 rows skipped when h_0 = 0); both in the natural column order"""
         T, B, GH = dR.shape
-        dR2 = dR.reshape(T * B, GH)
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
         db = np.empty(GH, dR.dtype)
-        projections.recurrent_grads_cpu(dW_hh, db, dR2, self._packed_rows(dR2, k0, cols),
-                                        self.transposed_states(S), k0, self.blk("grad"), self.n)
+        dRp = self._packed_rows(dR, cols)
+        projections.recurrent_grads_cpu(dW_hh, db, dR.reshape(T * B, GH), dRp, self.transposed_states(S), k0,
+                                        self.blk("grad"), self.n)
+        self._rows = (dR, dRp)
         return dW_hh, self.natural(db, cols)
 
     def input_grads(self, X, dP, cols=None):
@@ -300,13 +308,13 @@ class Run(LayerParams):
         T, B, GH = dP.shape
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
         if X.ndim == 2:
+            self._rows = None
             projections.embed_tokens_backward_cpu(dW_xh, dP, X)
             return self.natural(dW_xh, cols)
         X2 = X.reshape(T * B, -1)
         XT, = self.scratch("XT", [(X2.shape[1], T * B)])
         transpose_cpu(XT, X2, self.n)
-        projections.embed_dense_backward_cpu(dW_xh, XT, self._packed_rows(dP.reshape(T * B, GH), 0, cols),
-                                             self.blk("grad"), self.n)
+        projections.embed_dense_backward_cpu(dW_xh, XT, self._packed_rows(dP, cols), self.blk("grad"), self.n)
         return dW_xh
 
     def input_adjoint(self, l, dP, G, out=None):
