@@ -99,6 +99,36 @@ def test_sweeps_are_exact_on_any_lanes(cell, lanes, rng, monkeypatch):
         check(*fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation), want, cell, np.float64)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_row_split_sweeps_sum_each_row_as_one_lane(cell, rng, monkeypatch):
+    # the rows split in chunks (a plan's lanes = -r): every row summed as on one lane, for any
+    # chunks and thread count (B = 13: chunks of 4-row tiles, a row left over, and with three
+    # chunks an empty one), and exact against the reference
+    import numba
+    params, X, Y, given, h0, c0 = case(rng, cell, 2, T=5, B=13, H=40)
+    blk = np.array([64, 64], np.int64)
+    before = numba.get_num_threads()
+    got = {}
+    try:
+        for lanes in (1, -2, -3):
+            monkeypatch.setattr(plan.Plan, "sweep", lambda self, dtype, B, H, n=lanes: (n, blk))
+            for threads in (1, 2):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                for k in (None, 2):
+                    truncation = None if k is None else fastbptt.Truncated(k)
+                    got[lanes, threads, k] = fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation)
+    finally:
+        numba.set_num_threads(before)
+    for (lanes, threads, k), (loss, grads, last) in got.items():
+        one = got[1, 1, k]
+        assert loss == one[0], (lanes, threads, k)
+        assert all(np.array_equal(grads[key], one[1][key]) for key in grads), (lanes, threads, k)
+        assert all(np.array_equal(a, b) for a, b in zip(np.atleast_1d(last), np.atleast_1d(one[2])))
+    for k in (None, 2):
+        truncation = None if k is None else fastbptt.Truncated(k)
+        check(*got[-2, 2, k], reference_for(params, cell, X, Y, h0, c0, truncation, 5), cell, np.float64)
+
+
 def test_one_rnn_layer_is_todays_model(rng):
     # the (B,H) state, the keys and the results of a one-layer "rnn" stay as they were
     params, X, Y, _, h0, _ = case(rng, "rnn", 1, H=7)

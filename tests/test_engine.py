@@ -89,7 +89,7 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     assert not os.path.exists(p.path)
     assert p.blocking == plan.DEFAULT_BLOCKING and not p.tuned
     lanes, blk = p.sweep(np.float32, 4, 96)                      # measured now, then kept
-    assert lanes in (1, 2) and tuple(blk) in plan.STEP_BLOCKING
+    assert lanes in (1, 2, -2) and tuple(blk) in plan.STEP_BLOCKING
     with open(p.path) as f:
         data = json.load(f)
     assert data["key"] == plan.machine_key(2)
@@ -98,6 +98,10 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     again = plan.current(2)
     assert again is not p and again.sweeps == {"float32 B=4 H=96": (lanes, int(blk[0]), int(blk[1]))}
     assert plan.current(1).path != again.path                   # the thread count is in the key
+    again.sweeps["float32 B=32 H=96"] = (-2, 128, 64)           # a row split is kept as well
+    again.save()
+    plan.forget()
+    assert plan.current(2).sweeps["float32 B=32 H=96"] == (-2, 128, 64)
 
 
 def test_first_use_measures_the_products_blocking(plan_dir, monkeypatch):
@@ -116,16 +120,18 @@ def test_plan_key_names_the_machine_and_versions():
     assert key["cpu"] and key["cpu_name"] and key["features"]
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 2}', '{"format": 1, "key": KEY}',
-                                     '{"format": 2, "key": KEY, "blocking": {"rows": [0, 64], '
+@pytest.mark.parametrize("content", ["{not json", '{"format": FMT}', '{"format": 1, "key": KEY}',
+                                     '{"format": FMT, "key": KEY, "blocking": {"rows": [0, 64], '
                                      '"grad": [128, 64]}, "sweeps": {}}',
-                                     '{"format": 2, "key": KEY, "blocking": {"rows": [128, 64], '
-                                     '"grad": [128, 64]}, "sweeps": {"float32 B=1 H=8": [2]}}'])
+                                     '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
+                                     '"grad": [128, 64]}, "sweeps": {"float32 B=1 H=8": [2]}}',
+                                     '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
+                                     '"grad": [128, 64]}, "sweeps": {"float32 B=8 H=8": [-1, 128, 64]}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()
     with open(path, "w") as f:
-        f.write(content.replace("KEY", json.dumps(plan.machine_key(2))))
+        f.write(content.replace("KEY", json.dumps(plan.machine_key(2))).replace("FMT", str(plan.FORMAT)))
     with pytest.warns(RuntimeWarning, match="ignoring"):
         p = plan.current(2)
     assert p.blocking == plan.DEFAULT_BLOCKING and p.sweeps == {}
@@ -136,7 +142,7 @@ def test_plan_from_another_machine_is_not_used(plan_dir):
     plan.forget()
     other = dict(plan.machine_key(2), cpu="Some Other CPU")
     with open(path, "w") as f:
-        json.dump({"format": 2, "key": other, "tuned": True, "blocking": {k: [512, 128] for k in
+        json.dump({"format": plan.FORMAT, "key": other, "tuned": True, "blocking": {k: [512, 128] for k in
                    plan.DEFAULT_BLOCKING}, "sweeps": {"float32 B=1 H=64": [2, 512, 64]}}, f)
     with pytest.warns(RuntimeWarning, match="made for"):
         p = plan.current(2)

@@ -169,9 +169,9 @@ class Run(LayerParams):
     # ---------------------------------------------------------------- layers, columns
     @property
     def lanes(self):
-        """the lanes of the call's sweeps (the plan's for B x H): a gated cell's columns are
-        grouped by them"""
-        return self.sweep(self.B, self.H)[0]
+        """the column lanes of the call's sweeps (the plan's for B x H; 1 when they split the
+        rows instead): a gated cell's columns are grouped by them"""
+        return max(1, self.sweep(self.B, self.H)[0])
 
     def lane_units(self):
         """each lane's units [u0, u1)"""

@@ -80,33 +80,35 @@ Backward = namedtuple("ElmanBackward", "dZ Hx Wp xi act blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_step(ctx, s, j0, j1, k0, k1, last):
-    """h_t = φ(pre_t + h_{t-1} W_hh) on columns [j0, j1), t = s + 1 (Hx[t] holds pre_t): adds
-    h_{t-1}[:, k0:k1] W_hh[k0:k1]; with last, then φ"""
+def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """h_t = φ(pre_t + h_{t-1} W_hh) on rows [r0, r1) and columns [j0, j1), t = s + 1 (Hx[t]
+    holds pre_t): adds h_{t-1}[:, k0:k1] W_hh[k0:k1]; with last, then φ"""
     S, t = ctx.Hx, s + 1
     one = S.dtype.type(1)
+    C, A = S[t][r0:r1], S[t - 1][r0:r1]
     if last:
-        matmul_k(S[t], S[t - 1], ctx.Wp, one, j0, j1, _0, k0, k1, Activate(ctx.act), ctx.blk)
+        matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, Activate(ctx.act), ctx.blk)
     else:
-        matmul_k(S[t], S[t - 1], ctx.Wp, one, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
+        matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _backward_step(ctx, s, j0, j1, k0, k1, last):
-    """dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(h_t) on columns [j0, j1), t = T-1-s
-    (0-based: dZ[t] holds dHs_t): adds ξ_{t+1} dz_{t+1}[:, k0:k1] W_hhᵀ[k0:k1]; with last,
-    then ⊙ φ'.  ξ = 0 skips the product."""
+def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """dz_t = (dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ) ⊙ φ'(h_t) on rows [r0, r1) and columns
+    [j0, j1), t = T-1-s (0-based: dZ[t] holds dHs_t): adds ξ_{t+1} dz_{t+1}[:, k0:k1]
+    W_hhᵀ[k0:k1]; with last, then ⊙ φ'.  ξ = 0 skips the product."""
     S = ctx.dZ
     t = S.shape[0] - 1 - s
-    h = ctx.Hx[t + 1]
+    h = ctx.Hx[t + 1][r0:r1]
     x = ctx.xi[t + 1] if t + 1 < S.shape[0] else S.dtype.type(0)
+    C = S[t][r0:r1]
     if x == 0:
         if last:
-            dphi(S[t], h, j0, j1, ctx.act)
+            dphi(C, h, j0, j1, ctx.act)
     elif last:
-        matmul_k(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, k0, k1, Derivative(h, ctx.act), ctx.blk)
+        matmul_k(C, S[t + 1][r0:r1], ctx.Wp, x, j0, j1, _0, k0, k1, Derivative(h, ctx.act), ctx.blk)
     else:
-        matmul_k(S[t], S[t + 1], ctx.Wp, x, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
+        matmul_k(C, S[t + 1][r0:r1], ctx.Wp, x, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
 
 
 cell_steps(Forward, _forward_step, Backward, _backward_step)
@@ -122,7 +124,7 @@ def forward_cpu(Hx, W_hhp, act, blk, n, threads):
     this thread (the same sums in the same order: the same results).  h_0 sits in front of h_1..h_T so that ∂W_hh is one
     product over Hx[:T].
     """
-    run_lanes(Forward(Hx, W_hhp, act, blk), Hx.shape[0] - 1, Hx.shape[2], n, threads)
+    run_lanes(Forward(Hx, W_hhp, act, blk), Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -134,7 +136,7 @@ def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n, threads):
     h_0..h_T · W_hhTp: W_hhᵀ packed · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}:
     randomized truncation) · act · blk (kc, mc) · n lanes · threads (as forward_cpu).
     """
-    run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[2], n, threads)
+    run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[1], dZ.shape[2], n, threads)
     dh0[:] = 0
     if xi[0] != 0:
         gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, threads)

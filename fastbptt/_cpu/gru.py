@@ -108,27 +108,29 @@ Backward = namedtuple("GRUBackward", "A carry xi S Z N dP dR WTp blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_step(ctx, s, j0, j1, k0, k1, last):
-    """step s (h_{s+1} from h_s = S[s]) on units [j0, j1): adds h_s[:, k0:k1] W_hh[k0:k1] to
-    the units' gate columns; with last, then the pointwise part"""
-    matmul_k(ctx.Z[s], ctx.S[s], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1,
-             NO_POST, ctx.blk)
+def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """step s (h_{s+1} from h_s = S[s]) on rows [r0, r1) and units [j0, j1): adds
+    h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns; with last, then the pointwise part"""
+    Z, h = ctx.Z[s][r0:r1], ctx.S[s][r0:r1]
+    matmul_k(Z, h, ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk)
     if last:
-        forward_point(ctx.Z[s], ctx.N[s], ctx.S[s], ctx.S[s + 1], j0, j1)
+        forward_point(Z, ctx.N[s][r0:r1], h, ctx.S[s + 1][r0:r1], j0, j1)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _backward_step(ctx, s, j0, j1, k0, k1, last):
-    """step t = T-1-s (0-based) on units [j0, j1): adds ξ dR_{t+1}[:, units k0:k1] W_hhᵀ to
-    A_t; with last, then the pointwise part.  ξ = 0 skips the product."""
+def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """step t = T-1-s (0-based) on rows [r0, r1) and units [j0, j1): adds
+    ξ dR_{t+1}[:, units k0:k1] W_hhᵀ to A_t; with last, then the pointwise part.  ξ = 0
+    skips the product."""
     T = ctx.A.shape[0]
     t = T - 1 - s
     x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(0)
+    A = ctx.A[t][r0:r1]
     if x != 0:
-        matmul_k(ctx.A[t], ctx.dR[t + 1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
+        matmul_k(A, ctx.dR[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
     if last:
-        backward_point(ctx.A[t], ctx.carry, x, ctx.Z[t], ctx.N[t], ctx.S[t], ctx.dP[t], ctx.dR[t],
-                       j0, j1)
+        backward_point(A, ctx.carry[r0:r1], x, ctx.Z[t][r0:r1], ctx.N[t][r0:r1], ctx.S[t][r0:r1],
+                       ctx.dP[t][r0:r1], ctx.dR[t][r0:r1], j0, j1)
 
 
 cell_steps(Forward, _forward_step, Backward, _backward_step)
@@ -142,7 +144,7 @@ def forward_cpu(S, Z, N, W_hhp, blk, n, threads):
     S (T+1,B,H) in: h_0; out: h_0..h_T · Z (T,B,3H) in: [xr, xz, b_hn], out: [r, z, hn] ·
     N (T,B,H) in: xn, out: n · W_hhp: W_hh (H,3H) interleaved, packed · blk (kc, mc) ·
     n lanes · threads (1: the lanes on this thread, the same sums in the same order)"""
-    run_lanes(Forward(S, Z, N, W_hhp, blk), Z.shape[0], N.shape[2], n, threads)
+    run_lanes(Forward(S, Z, N, W_hhp, blk), Z.shape[0], N.shape[1], N.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -153,8 +155,8 @@ def backward_cpu(A, carry, S, Z, N, dP, dR, W_hhTp, xi, blk, n, threads):
     S, Z, N: the forward's · dP, dR (T,B,3H) out · W_hhTp: W_hhᵀ (3H,H), rows interleaved,
     packed · xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
     carry[:] = 0
-    run_lanes(Backward(A, carry, xi, S, Z, N, dP, dR, W_hhTp, blk), A.shape[0], A.shape[2], n,
-              threads)
+    run_lanes(Backward(A, carry, xi, S, Z, N, dP, dR, W_hhTp, blk), A.shape[0], A.shape[1], A.shape[2],
+              n, threads)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

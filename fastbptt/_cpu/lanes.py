@@ -1,5 +1,10 @@
 """The lane scheduler of the CPU engine: the T steps of a sweep in one parallel region.
 
+A sweep splits its work between threads one of two ways, as the plan measured faster for
+its shape: by rows (the batch's sequences are independent, so each thread runs its own
+rows' steps from the first to the last with no waits at all; see :func:`run_lanes`), or
+by columns, as follows.
+
 Each thread owns a chunk of the output columns (a *lane*), so its slice of the packed
 W_hh stays in its own cache for all T steps.  Step s + 1 of a lane needs every lane's
 part of the state made at step s, but its own part first: a lane adds the product over
@@ -35,24 +40,25 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ..config import CPU_SOLO_WAIT, CPU_STEAL_SPINS, CPU_WAIT_SPINS, FASTMATH
-from .products import chunk, of_type
+from .products import chunk, of_type, row_chunk
 
 
-def cell_step(ctx, s, j0, j1, k0, k1, last):
-    """Step s (0-based, in sweep order) on columns [j0, j1): add the recurrent product over
-    the K range [k0, k1) of the previous step's state; with ``last``, the step's pointwise
-    part.  A stub: each cell overloads it for its own namedtuple ``ctx``."""
+def cell_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """Step s (0-based, in sweep order) on rows [r0, r1) and columns [j0, j1): add the
+    recurrent product over the K range [k0, k1) of the previous step's state; with ``last``,
+    the step's pointwise part.  A stub: each cell overloads it for its own namedtuple ``ctx``."""
 
 
 def cell_steps(forward_ctx, forward_step, backward_ctx, backward_step):
     """Overload :func:`cell_step` for a cell's two sweep contexts (namedtuple classes), with its
     forward and reverse step functions (``@njit``, cell_step's signature)."""
     @overload(cell_step, jit_options={"cache": True})
-    def _cell_step(ctx, s, j0, j1, k0, k1, last):
+    def _cell_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
         if of_type(ctx, forward_ctx):
-            return lambda ctx, s, j0, j1, k0, k1, last: forward_step(ctx, s, j0, j1, k0, k1, last)
+            return lambda ctx, s, r0, r1, j0, j1, k0, k1, last: forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last)
         if of_type(ctx, backward_ctx):
-            return lambda ctx, s, j0, j1, k0, k1, last: backward_step(ctx, s, j0, j1, k0, k1, last)
+            return lambda ctx, s, r0, r1, j0, j1, k0, k1, last: backward_step(ctx, s, r0, r1, j0, j1, k0, k1,
+                                                                              last)
 
 
 @intrinsic
@@ -118,20 +124,20 @@ _SOLO_MIN_CYCLES = 200_000  # a wait shorter than this (~0.1 ms) never sends a s
 
 
 @njit(inline="always")
-def _own(ctx, s, o, H, n):
+def _own(ctx, s, o, B, H, n):
     """lane o's step s over its own K range: the state that lane made at step s - 1"""
     j0, j1 = chunk(H, o, n)
-    cell_step(ctx, s, j0, j1, j0, j1, n == 1)
+    cell_step(ctx, s, 0, B, j0, j1, j0, j1, n == 1)
 
 
 @njit(inline="always")
-def _rest(ctx, s, o, H, n):
+def _rest(ctx, s, o, B, H, n):
     """lane o's step s over the other lanes' K ranges, in the order o+1, o+2, ... (mod n),
     then the pointwise part"""
     j0, j1 = chunk(H, o, n)
     for i in range(1, n):
         k0, k1 = chunk(H, (o + i) % n, n)
-        cell_step(ctx, s, j0, j1, k0, k1, i == n - 1)
+        cell_step(ctx, s, 0, B, j0, j1, k0, k1, i == n - 1)
 
 
 @njit(inline="always")
@@ -144,19 +150,19 @@ def _ready(flags, s, n):
 
 
 @njit(inline="always")
-def _take(ctx, flags, o, s, H, n):
+def _take(ctx, flags, o, s, B, H, n):
     """claim and run all of step s of lane o, whose inputs are ready; True if this thread did"""
     f = o * _LINE
     if _ready(flags, s, n) and _cas(flags, f + _CLAIMED, s, s + 1):
-        _own(ctx, s, o, H, n)
-        _rest(ctx, s, o, H, n)
+        _own(ctx, s, o, B, H, n)
+        _rest(ctx, s, o, B, H, n)
         _store_release(flags, f + _DONE, s + 1)
         return True
     return False
 
 
 @njit(inline="always")
-def _wait(ctx, flags, q, s, H, n, c, patient, step_cycles):
+def _wait(ctx, flags, q, s, B, H, n, c, patient, step_cycles):
     """until lane q has done step s - 1, taking that step over if its thread is away (see
     the module notes); returns whether this thread is still patient with unstarted lanes"""
     f = q * _LINE
@@ -167,8 +173,8 @@ def _wait(ctx, flags, q, s, H, n, c, patient, step_cycles):
         if _load_acquire(flags, f + _STARTED) == 0:
             if not patient or spins > CPU_WAIT_SPINS:
                 patient = False
-                _take(ctx, flags, q, s - 1, H, n)
-        elif spins > CPU_STEAL_SPINS and not _take(ctx, flags, q, s - 1, H, n):
+                _take(ctx, flags, q, s - 1, B, H, n)
+        elif spins > CPU_STEAL_SPINS and not _take(ctx, flags, q, s - 1, B, H, n):
             waited = _cycles() - t0
             if waited > CPU_SOLO_WAIT * step_cycles and waited > _SOLO_MIN_CYCLES:
                 _cas(flags, n * _LINE, 0, c + 1)       # the first to get here runs the rest
@@ -177,22 +183,40 @@ def _wait(ctx, flags, q, s, H, n, c, patient, step_cycles):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def run_lanes(ctx, steps, H, n, threads):
-    """Every step s = 0..steps-1 of a sweep on n column chunks ("lanes") of [0, H): each
-    lane's step over its own K range first, then the others' (see _own, _rest).  On this
-    thread when threads = 1 (the same order of sums, so the same results), else in one
-    parallel region, one thread per lane: a lane starts step s + 1 on its own K range as
-    soon as it has done step s, and waits for the other lanes only before their ranges.
+def run_lanes(ctx, steps, B, H, n, threads):
+    """Every step s = 0..steps-1 of a sweep of B rows on n column chunks ("lanes") of
+    [0, H): each lane's step over its own K range first, then the others' (see _own,
+    _rest).  On this thread when threads = 1 (the same order of sums, so the same results),
+    else in one parallel region, one thread per lane: a lane starts step s + 1 on its own K
+    range as soon as it has done step s, and waits for the other lanes only before their
+    ranges.
+
+    n = -r < 0: the rows split instead, in r chunks (``row_chunk``), each a one-lane sweep
+    of its own rows from the first step to the last, with no waits at all: the rows are
+    independent sequences.  Each row is summed as in a one-lane sweep, whatever r and the
+    thread count.
 
     A thread that has waited CPU_SOLO_WAIT times its own last step (and at least
     _SOLO_MIN_CYCLES) for a step another thread holds runs every remaining step of every
     lane itself ("solo"): the others stop after the step they hold.
     """
+    if n < 0 and threads == 1:
+        for c in range(-n):
+            r0, r1 = row_chunk(B, c, -n)
+            for s in range(steps):
+                cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
+        return
+    if n < 0:
+        for c in prange(-n):
+            r0, r1 = row_chunk(B, c, -n)
+            for s in range(steps):
+                cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
+        return
     if n == 1 or threads == 1:
         for s in range(steps):
             for o in range(n):
-                _own(ctx, s, o, H, n)
-                _rest(ctx, s, o, H, n)
+                _own(ctx, s, o, B, H, n)
+                _rest(ctx, s, o, B, H, n)
         return
     solo = n * _LINE                            # 0: lanes; c + 1: lane c's thread runs the rest
     flags = np.zeros(n * _LINE + _LINE, np.int64)
@@ -201,7 +225,7 @@ def run_lanes(ctx, steps, H, n, threads):
         patient = True
         step_cycles = 0
         for s in range(steps):
-            patient = _wait(ctx, flags, c, s, H, n, c, patient, step_cycles)
+            patient = _wait(ctx, flags, c, s, B, H, n, c, patient, step_cycles)
             who = _load_acquire(flags, solo)
             if who != 0 and who != c + 1:
                 break                              # another thread runs the rest
@@ -209,11 +233,11 @@ def run_lanes(ctx, steps, H, n, threads):
                 if (o != c and who == 0) or not _cas(flags, o * _LINE + _CLAIMED, s, s + 1):
                     continue
                 t0 = _cycles()
-                patient = _wait(ctx, flags, o, s, H, n, c, patient, step_cycles)
-                _own(ctx, s, o, H, n)
+                patient = _wait(ctx, flags, o, s, B, H, n, c, patient, step_cycles)
+                _own(ctx, s, o, B, H, n)
                 for i in range(1, n):
-                    patient = _wait(ctx, flags, (o + i) % n, s, H, n, c, patient, step_cycles)
-                _rest(ctx, s, o, H, n)
+                    patient = _wait(ctx, flags, (o + i) % n, s, B, H, n, c, patient, step_cycles)
+                _rest(ctx, s, o, B, H, n)
                 _store_release(flags, o * _LINE + _DONE, s + 1)
                 if o == c:
                     step_cycles = _cycles() - t0
@@ -221,4 +245,4 @@ def run_lanes(ctx, steps, H, n, threads):
         # one may have left its lane's next step unclaimed after the solo one's last check.
         for s in range(1, steps + 1):
             for o in range(n):
-                _wait(ctx, flags, o, s, H, n, c, False, step_cycles)
+                _wait(ctx, flags, o, s, B, H, n, c, False, step_cycles)

@@ -92,27 +92,30 @@ Backward = namedtuple("LSTMBackward", "A carry xi C Z dZ WTp blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _forward_step(ctx, s, j0, j1, k0, k1, last):
-    """step s ((h, c)_{s+1} from (h, c)_s) on units [j0, j1): adds h_s[:, k0:k1] W_hh[k0:k1] to
-    the units' gate columns; with last, then the pointwise part"""
-    matmul_k(ctx.Z[s], ctx.S[s], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1,
-             NO_POST, ctx.blk)
+def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """step s ((h, c)_{s+1} from (h, c)_s) on rows [r0, r1) and units [j0, j1): adds
+    h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns; with last, then the pointwise part"""
+    Z = ctx.Z[s][r0:r1]
+    matmul_k(Z, ctx.S[s][r0:r1], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk)
     if last:
-        forward_point(ctx.Z[s], ctx.C[s], ctx.C[s + 1], ctx.S[s + 1], j0, j1)
+        forward_point(Z, ctx.C[s][r0:r1], ctx.C[s + 1][r0:r1], ctx.S[s + 1][r0:r1], j0, j1)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _backward_step(ctx, s, j0, j1, k0, k1, last):
-    """step t = T-1-s (0-based) on units [j0, j1): adds ξ dZ_{t+1}[:, units k0:k1] W_hhᵀ to
-    A_t; with last, then the pointwise part.  ξ = 0 skips the product.  At t = T-1 the carry
-    is ∂L/∂c_T from beyond the sweep, taken as it is (ξ = 1)."""
+def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
+    """step t = T-1-s (0-based) on rows [r0, r1) and units [j0, j1): adds
+    ξ dZ_{t+1}[:, units k0:k1] W_hhᵀ to A_t; with last, then the pointwise part.  ξ = 0
+    skips the product.  At t = T-1 the carry is ∂L/∂c_T from beyond the sweep, taken as it
+    is (ξ = 1)."""
     T = ctx.A.shape[0]
     t = T - 1 - s
     x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(1)
+    A = ctx.A[t][r0:r1]
     if t + 1 < T and x != 0:
-        matmul_k(ctx.A[t], ctx.dZ[t + 1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
+        matmul_k(A, ctx.dZ[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
     if last:
-        backward_point(ctx.A[t], ctx.carry, x, ctx.Z[t], ctx.C[t], ctx.C[t + 1], ctx.dZ[t], j0, j1)
+        backward_point(A, ctx.carry[r0:r1], x, ctx.Z[t][r0:r1], ctx.C[t][r0:r1], ctx.C[t + 1][r0:r1],
+                       ctx.dZ[t][r0:r1], j0, j1)
 
 
 cell_steps(Forward, _forward_step, Backward, _backward_step)
@@ -126,7 +129,7 @@ def forward_cpu(S, C, Z, W_hhp, blk, n, threads):
     S, C (T+1,B,H) in: h_0, c_0; out: h_0..h_T, c_0..c_T · Z (T,B,4H) in: x_t W_xh + b_h,
     out: the gates · W_hhp: W_hh (H,4H) interleaved, packed · blk (kc, mc) · n lanes ·
     threads (1: the lanes on this thread, the same sums in the same order)"""
-    run_lanes(Forward(S, C, Z, W_hhp, blk), Z.shape[0], S.shape[2], n, threads)
+    run_lanes(Forward(S, C, Z, W_hhp, blk), Z.shape[0], S.shape[1], S.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -137,7 +140,7 @@ def backward_cpu(A, carry, C, Z, dZ, W_hhTp, xi, blk, n, threads):
     beyond the sweep (zero: none); out: e_1 ⊙ f_1 ·
     C, Z: the forward's · dZ (T,B,4H) out · W_hhTp: W_hhᵀ (4H,H), rows interleaved, packed ·
     xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
-    run_lanes(Backward(A, carry, xi, C, Z, dZ, W_hhTp, blk), A.shape[0], A.shape[2], n, threads)
+    run_lanes(Backward(A, carry, xi, C, Z, dZ, W_hhTp, blk), A.shape[0], A.shape[1], A.shape[2], n, threads)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

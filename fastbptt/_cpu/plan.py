@@ -10,8 +10,9 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   head, the input projection: T·B rows) and "grad" (the weight gradients: K = T·B).
   Measured the first time the engine runs on a machine (about two seconds) and again by
   :func:`tune` (``fastbptt tune``); DEFAULT_BLOCKING with ``config.CPU_AUTOTUNE = False``.
-- **sweeps**, per (dtype, B, H): the lanes a sweep's steps run on (1 or all the threads)
-  and the blocking of its steps.  Measured the first time a sweep of that shape runs (a
+- **sweeps**, per (dtype, B, H): how a sweep's steps split, 1 (one lane), n (n column
+  lanes, one per thread) or -n (the rows in n chunks, each a one-lane sweep of its own
+  rows, no waits; ``lanes.run_lanes``), and the blocking of its steps.  Measured the first time a sweep of that shape runs (a
   few steps of each candidate, well under a second) and added to the plan.
 
 A plan file that cannot be read, has another format, or was made on another machine
@@ -36,7 +37,7 @@ import numpy as np
 from .. import config
 from .cache import cache_dir
 
-FORMAT = 2
+FORMAT = 3
 #: the tile's blocking without a plan: K slices of 128 keep a tile column's slice of B
 #: (128 x 64 float32) in a 48 KiB L1; see docs/performance.md
 DEFAULT_BLOCKING = {"rows": (128, 64), "grad": (128, 64)}
@@ -100,7 +101,7 @@ class Plan:
                 return self
             blocking = {k: tuple(int(x) for x in v) for k, v in data["blocking"].items()}
             sweeps = {str(k): tuple(int(x) for x in v) for k, v in data["sweeps"].items()}
-            if any(len(v) != 3 or min(v) < 1 for v in sweeps.values()):
+            if any(len(v) != 3 or v[0] in (0, -1) or min(v[1:]) < 1 for v in sweeps.values()):
                 raise ValueError(f"sweeps {data['sweeps']!r}")
             if set(blocking) != set(DEFAULT_BLOCKING) or any(
                     len(v) != 2 or min(v) < 1 for v in blocking.values()):
@@ -200,8 +201,9 @@ def _fastest(fns, rounds):
 
 def measure_sweep(dtype, B, H, threads):
     """(lanes, kc, mc): the fastest forward sweeps of B x H steps (a few steps, best of 5)
-    on one lane or ``threads`` lanes, with each of STEP_BLOCKING; a step of at least
-    SPLIT_ALWAYS_MACS runs on every lane, its blocking measured on one"""
+    on one lane, ``threads`` column lanes or ``threads`` row chunks (lanes = -threads; when
+    each has a 4-row tile), with each of STEP_BLOCKING; a step of at least SPLIT_ALWAYS_MACS
+    runs on every thread, its blocking measured on one lane"""
     from . import elman
     from .products import empty, packed
     rng = np.random.default_rng(0)
@@ -218,15 +220,20 @@ def measure_sweep(dtype, B, H, threads):
 
         def fn():
             Hx[:] = pre
-            with numba_threads(lanes):
-                elman.forward_cpu(Hx, Wp, act, blk, lanes, lanes)
+            with numba_threads(abs(lanes)):
+                elman.forward_cpu(Hx, Wp, act, blk, lanes, abs(lanes))
         return fn
 
     split = threads > 1 and B * H * H >= SPLIT_ALWAYS_MACS
-    lanes = (1,) if threads == 1 or split else (1, threads)
+    rows = (-threads,) if threads > 1 and B >= 4 * threads else ()     # a 4-row tile per chunk
+    lanes = (1,) if threads == 1 or split else (1, threads) + rows
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
     best = _fastest([run(*c) for c in candidates], rounds=3 if split else 7)
-    return (threads,) + candidates[best][1:] if split else candidates[best]
+    if not split:
+        return candidates[best]
+    kc, mc = candidates[best][1:]
+    ways = [(threads, kc, mc)] + [(r, kc, mc) for r in rows]
+    return ways[_fastest([run(*w) for w in ways], rounds=3)]
 
 
 class numba_threads:
