@@ -61,16 +61,22 @@ def _np(t):
     return t.detach().numpy()
 
 
+def _transposed(w):
+    """wᵀ as a C-contiguous numpy array: torch's blocked transpose (numpy's copy of a
+    transposed view runs at a few hundred MB/s on a large matrix)"""
+    return w.detach().t().contiguous().numpy()
+
+
 def _params(cfg, weights):
-    """fastbptt's params (numpy) from torch's weights:
-    W_xh = weight_ihᵀ, W_hh = weight_hhᵀ, b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r,
-    bias_hh_z, 0] and b_hn = bias_hh_n)"""
+    """fastbptt's params (numpy) from torch's weights, made once per forward and kept for
+    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ, b_h = bias_ih + bias_hh (the GRU:
+    + [bias_hh_r, bias_hh_z, 0] and b_hn = bias_hh_n)"""
     H, G = cfg.H, api.CELLS[cfg.cell]
     P = {}
     for l in range(cfg.L):
         w = weights[l * cfg.per_layer:(l + 1) * cfg.per_layer]
-        P[_key("W_xh", l)] = _np(w[0]).T
-        P[_key("W_hh", l)] = _np(w[1]).T
+        P[_key("W_xh", l)] = _transposed(w[0])
+        P[_key("W_hh", l)] = _transposed(w[1])
         if cfg.bias:
             b_ih, b_hh = w[2].detach(), w[3].detach()
             if cfg.cell == "gru":
@@ -114,7 +120,7 @@ class _Function(torch.autograd.Function):
         # numpy reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
         outs = (torch.from_numpy(Hs),) + tuple(torch.from_numpy(np.ascontiguousarray(s.reshape(cfg.L, B, cfg.H)))
                                                for s in last)
-        ctx.cfg, ctx.kept = cfg, kept
+        ctx.cfg, ctx.kept, ctx.P = cfg, kept, P
         ctx.save_for_backward(X, h0, c0, outs[0], *weights)
         return outs
 
@@ -135,7 +141,7 @@ class _Function(torch.autograd.Function):
         if any(_nonzero(d) for d in ends):
             dh_T = tuple(np.zeros((L, B, H), dtype) if d is None else _np(d) for d in ends)
             dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
-        g = api.rnn_backward(_params(cfg, weights), _np(X), _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act,
+        g = api.rnn_backward(ctx.P, _np(X), _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act,
                              truncation=cfg.truncation, cell=cfg.cell, input_grad=want_dx, forward=ctx.kept,
                              dh_T=dh_T)
 
