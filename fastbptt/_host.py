@@ -18,9 +18,20 @@ def as_array(name, a):
         raise TypeError(f"{name}: expected an array, got {type(a).__name__} ({e})") from None
 
 
+#: a strided 2-D array is copied in square blocks of this side: numpy's element-order copy of a
+#: transposed view (a weight given as Wᵀ) misses the cache on every element (see docs/performance.md)
+COPY_BLOCK = 64
+
+
 def normalized(name, a, dtype, copy=False):
     """C-contiguous, writeable, of ``dtype``: ``a`` itself only if it already is all that and no
     copy is asked for."""
+    if a.ndim == 2 and not a.flags.c_contiguous and a.size > COPY_BLOCK * COPY_BLOCK:
+        out = np.empty(a.shape, dtype)
+        for i in range(0, a.shape[0], COPY_BLOCK):
+            for j in range(0, a.shape[1], COPY_BLOCK):
+                out[i:i + COPY_BLOCK, j:j + COPY_BLOCK] = a[i:i + COPY_BLOCK, j:j + COPY_BLOCK]
+        return out
     if copy:
         return np.array(a, dtype=dtype, order="C", copy=True)
     a = np.ascontiguousarray(a, dtype=dtype)

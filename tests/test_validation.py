@@ -167,3 +167,36 @@ def test_cuda_array_on_the_cpu_path_is_a_type_error(case):
 
     with pytest.raises(TypeError, match="X: a CUDA array needs device='cuda'"):
         call(params, DeviceArray(), Y)
+
+
+
+STRIDED = {"transposed": lambda W: np.ascontiguousarray(W.T).T,
+           "every-other-row": lambda W: np.repeat(W, 2, axis=0)[::2],
+           "column-slice": lambda W: np.hstack([np.ones((W.shape[0], 1)), W])[:, 1:]}
+
+
+@pytest.mark.parametrize("layout", list(STRIDED))
+def test_strided_weights_give_the_contiguous_result(rng, layout):
+    """a strided weight (copied in blocks, ragged edges included) is its values, the caller's
+    array left as it was"""
+    params = fastbptt.init_params(200, 130, 7, seed=1, dtype=np.float64)
+    X, Y = rng.integers(0, 200, (3, 2)), rng.integers(0, 7, (3, 2))
+    want = fastbptt.loss_and_grad(params, X, Y)
+    strided = dict(params, W_xh=STRIDED[layout](params["W_xh"]))
+    assert not strided["W_xh"].flags.c_contiguous
+    before = strided["W_xh"].copy()
+    got = fastbptt.loss_and_grad(strided, X, Y)
+    assert got[0] == want[0]
+    for k in want[1]:
+        np.testing.assert_array_equal(got[1][k], want[1][k])
+    np.testing.assert_array_equal(strided["W_xh"], before)
+
+
+@pytest.mark.parametrize("layout", list(STRIDED))
+def test_strided_normalized_converts_dtype(rng, layout):
+    from fastbptt import _host
+    W = rng.standard_normal((150, 97))
+    a = STRIDED[layout](W)
+    got = _host.normalized("W", a, np.float32)
+    assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
+    np.testing.assert_array_equal(got, W.astype(np.float32))
