@@ -44,10 +44,12 @@ class _Scratch(threading.local):
         self.sets = {}
 
     def get(self, call, name, shapes, dtype):
-        bufs = self.sets.setdefault(call, {})
-        self.sets[call] = self.sets.pop(call)          # most recent last
-        while len(self.sets) > 2:
-            del self.sets[next(iter(self.sets))]
+        sets = self.sets
+        if next(reversed(sets), None) != call:          # most recent last
+            sets[call] = sets.pop(call, {})
+            while len(sets) > 2:
+                del sets[next(iter(sets))]
+        bufs = sets[call]
         got = bufs.get(name)
         if got is None or [b.shape for b in got] != [tuple(shape) for shape in shapes]:
             got = tuple(products.empty(shape, dtype) for shape in shapes)
@@ -107,6 +109,7 @@ class Run(LayerParams):
         self._packed = {}
         self._buffers = {}
         self._rows = None                 # (d, d packed): recurrent_grads' operand, for input_grads
+        self._scratch_key = None
 
     def __enter__(self):
         self._call = team.team.call((self.kind, self.cell.__name__, self.L, self.X.ndim, self.T, self.B,
@@ -143,9 +146,10 @@ class Run(LayerParams):
 
     def scratch(self, name, shapes):
         """work buffers kept across calls of the same shapes (see _Scratch)"""
-        Q = self.P["W_hq"].shape[1] if "W_hq" in self.P else 0
-        return _scratch.get((self.kind, self.cell.__name__, self.L, self.T, self.B, self.H, Q,
-                             self.dtype), name, shapes, self.dtype)
+        if self._scratch_key is None:
+            Q = self.P["W_hq"].shape[1] if "W_hq" in self.P else 0
+            self._scratch_key = (self.kind, self.cell.__name__, self.L, self.T, self.B, self.H, Q, self.dtype)
+        return _scratch.get(self._scratch_key, name, shapes, self.dtype)
 
     def record(self, name, shapes):
         """the buffers of a layer's record (what its backward reads): scratch, or, in a call

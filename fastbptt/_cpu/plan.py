@@ -70,6 +70,7 @@ def machine_key(threads):
             "numba": numba.__version__, "numpy": np.__version__, "threads": int(threads)}
 
 
+@functools.lru_cache(maxsize=1024)            # every call asks: numpy's dtype.name is slow
 def _sweep_key(dtype, B, H):
     return f"{np.dtype(dtype).name} B={B} H={H}"
 
@@ -83,6 +84,7 @@ class Plan:
         self.blocking = dict(DEFAULT_BLOCKING)
         self.sweeps = {}
         self.tuned = False                    # blocking measured (by tune), not the default
+        self._arrays = {}                     # a choice as the kernels take it, made once
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ persistence
@@ -130,7 +132,14 @@ class Plan:
     # ---------------------------------------------------------------------- choices
     def blk(self, kind):
         """the blocking of a product kind, as the kernels take it: int64 [kc, mc]"""
-        return np.array(self.blocking[kind], np.int64)
+        return self._array(self.blocking[kind])
+
+    def _array(self, choice):
+        """``choice`` (a tuple of ints) as an int64 array, one per distinct choice (never written)"""
+        got = self._arrays.get(choice)
+        if got is None:
+            got = self._arrays[choice] = np.array(choice, np.int64)
+        return got
 
     def sweep(self, dtype, B, H):
         """(lanes, blk) for a sweep of B rows and H columns: from the plan, else measured now
@@ -144,7 +153,7 @@ class Plan:
                 if choice is None:
                     choice = self.sweeps[key] = measure_sweep(dtype, B, H, self.key["threads"])
                     self.save()
-        return choice[0], np.array(choice[1:], np.int64)
+        return choice[0], self._array(choice[1:])
 
 
 @functools.cache

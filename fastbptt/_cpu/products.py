@@ -305,9 +305,12 @@ ALIGN = 64
 
 
 def empty(shape, dtype):
-    """np.empty(shape, dtype), its start aligned to ALIGN bytes"""
+    """np.empty(shape, dtype), its start aligned to ALIGN bytes (a buffer of a page or less:
+    as numpy gives it; the tile's loads need only the element's alignment)"""
     dtype = np.dtype(dtype)
     n = math.prod(shape)
+    if n * dtype.itemsize <= 4096:
+        return np.empty(shape, dtype)
     raw = np.empty(n * dtype.itemsize + ALIGN, np.uint8)
     skip = -raw.ctypes.data % ALIGN
     return raw[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
