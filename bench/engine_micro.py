@@ -9,6 +9,10 @@
     python bench/engine_micro.py interleave # d2l-scratch calls after numpy's: the team's thread counts
     python bench/engine_micro.py phases CELL T B D H  # where a loss_and_grad's time goes (cProfile,
                                             # D <= 64: token ids, else dense input)
+    python bench/engine_micro.py overhead   # the fixed cost of a call: loss_and_grad of one step, one unit
+    python bench/engine_micro.py copy       # a weight given as its transpose made contiguous: blocks or numpy
+    python bench/engine_micro.py blas CELL T B D H  # rnn_forward + rnn_backward with the weight gradients
+                                            # by the tile or by numpy's BLAS (each in a process of its own)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -160,6 +164,59 @@ def bench_phases():
         print(f"  {ms:7.3f} ms  {name}")
 
 
+def bench_overhead():
+    """µs per loss_and_grad where the kernels do almost nothing: what every call costs"""
+    import fastbptt
+    from fastbptt import bench
+    for T, B, V, H in [(1, 1, 2, 1), (32, 1, 64, 64)]:
+        p, X, Y, h0 = bench.workload(T, B, V, H)
+        call = lambda: fastbptt.loss_and_grad(p, X, Y, h0)               # noqa: E731
+        for _ in range(200):                      # past the team's first choice of threads
+            call()
+        print(f"T={T} B={B} V={V} H={H}: {best_ms(call, reps=400) * 1e3:.1f} µs per call (best)")
+
+
+def bench_copy():
+    """a 2048 x 512 float32 weight given as its transpose, made C-contiguous"""
+    from fastbptt import _host
+    W = np.random.default_rng(0).standard_normal((2048, 512), dtype=np.float32).T
+    print(f"numpy ascontiguousarray {best_ms(lambda: np.ascontiguousarray(W)):.2f} ms, "
+          f"fastbptt (64 x 64 blocks) {best_ms(lambda: _host.normalized('W', W, np.float32)):.2f} ms")
+
+
+def _blas_child(cell, T, B, D, H, mode):
+    """one process: rnn_forward + rnn_backward, its weight gradients by the tile or by np.dot"""
+    import fastbptt
+    from fastbptt import _cpu
+    if mode == "blas":
+        def recurrent_grads(self, S, dR, cols=None):
+            t0 = 0 if S[0].any() else 1
+            dW = np.dot(S[t0:self.T].reshape(-1, self.H).T, dR[t0:].reshape(-1, dR.shape[-1]))
+            return self.natural(dW, cols), self.natural(dR.reshape(-1, dR.shape[-1]).sum(0), cols)
+
+        def input_grads(self, X, dP, cols=None):
+            return self.natural(np.dot(X.reshape(self.T * self.B, -1).T, dP.reshape(-1, dP.shape[-1])), cols)
+        _cpu.Run.recurrent_grads, _cpu.Run.input_grads = recurrent_grads, input_grads
+    rng = np.random.default_rng(0)
+    p = {k: (rng.standard_normal(v.shape) / np.sqrt(H)).astype(np.float32)
+         for k, v in fastbptt.init_params(D, H, 28, cell=cell).items() if k not in ("W_hq", "b_q")}
+    X = rng.standard_normal((T, B, D)).astype(np.float32)
+    dH = np.ones((T, B, H), np.float32)
+
+    def call():
+        Hs, _, kept = fastbptt.rnn_forward(p, X, cell=cell, keep=True)
+        fastbptt.rnn_backward(p, X, Hs, dH, cell=cell, input_grad=True, forward=kept)
+    for _ in range(15):
+        call()
+    print(f"{cell} T={T} B={B} D={D} H={H}, weight gradients by {mode}: {best_ms(call, reps=5):.2f} ms")
+
+
+def bench_blas():
+    args = sys.argv[2:7]
+    for mode in ("tile", "blas"):
+        subprocess.run([sys.executable, __file__, "blas-child", *args, mode], check=True)
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -168,4 +225,6 @@ def bench_firstcall():
 
 if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
-     "phases": bench_phases, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
+     "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
+     "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
