@@ -1,6 +1,6 @@
 """fastbptt.torch against torch.nn in one process: forward + backward of the same models.
 
-    python bench/torch_bridge.py [--rounds 10] [--warmup 2] [--only d2l-gru,d2l-lstm,deepbench-lstm]
+    python bench/torch_bridge.py [--rounds 10] [--warmup 8] [--only d2l-gru,d2l-lstm,deepbench-lstm]
 
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
@@ -75,7 +75,7 @@ def deepbench_case():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--only", default="d2l-gru,d2l-lstm,deepbench-lstm")
     a = ap.parse_args()
     torch.set_num_threads(numba.get_num_threads())
