@@ -189,14 +189,13 @@ def _blas_child(cell, T, B, D, H, mode):
     import fastbptt
     from fastbptt import _cpu
     if mode == "blas":
-        def recurrent_grads(self, S, dR, cols=None):
+        def weight_grads(self, X, S, dP, dR, cols=None):
             t0 = 0 if S[0].any() else 1
-            dW = np.dot(S[t0:self.T].reshape(-1, self.H).T, dR[t0:].reshape(-1, dR.shape[-1]))
-            return self.natural(dW, cols), self.natural(dR.reshape(-1, dR.shape[-1]).sum(0), cols)
-
-        def input_grads(self, X, dP, cols=None):
-            return self.natural(np.dot(X.reshape(self.T * self.B, -1).T, dP.reshape(-1, dP.shape[-1])), cols)
-        _cpu.Run.recurrent_grads, _cpu.Run.input_grads = recurrent_grads, input_grads
+            dW_hh = np.dot(S[t0:self.T].reshape(-1, self.H).T, dR[t0:].reshape(-1, dR.shape[-1]))
+            dW_xh = np.dot(X.reshape(self.T * self.B, -1).T, dP.reshape(-1, dP.shape[-1]))
+            db = dR.reshape(-1, dR.shape[-1]).sum(0)
+            return self.natural(dW_xh, cols), self.natural(dW_hh, cols), self.natural(db, cols)
+        _cpu.Run.weight_grads = weight_grads
     rng = np.random.default_rng(0)
     p = {k: (rng.standard_normal(v.shape) / np.sqrt(H)).astype(np.float32)
          for k, v in fastbptt.init_params(D, H, 28, cell=cell).items() if k not in ("W_hq", "b_q")}

@@ -108,7 +108,6 @@ class Run(LayerParams):
         self.dtype = P["W_hh"].dtype
         self._packed = {}
         self._buffers = {}
-        self._rows = None                 # (d, d packed): recurrent_grads' operand, for input_grads
         self._scratch_key = None
 
     def __enter__(self):
@@ -276,16 +275,12 @@ class Run(LayerParams):
             self.packed("W_hq", transposed=True), self.P["b_q"], scale, self.blk("rows"), self.n)
         return float(row_loss.sum()) * scale, dH, {"W_hq": dW_hq, "b_q": db_q}
 
-    def _packed_rows(self, d, cols):
-        """d (T,B,G·H) over its T·B rows, the B operand of the weight gradients, packed, its
-        columns put back in the natural order when they are a gated cell's (cols), in a kept
-        buffer.  Once per array: ∂W_hh's packing serves ∂W_xh right after it when the cell's
-        dP and dR are one array (recurrent_grads, then input_grads, in its weight_grads)."""
-        last, self._rows = self._rows, None
-        if last is not None and last[0] is d:
-            return last[1]
+    def _packed_rows(self, d, cols, name):
+        """d (T,B,G·H) over its T·B rows, the B operand of a weight gradient, packed, its
+        columns put back in the natural order when they are a gated cell's (cols), in the
+        kept buffer ``name``"""
         d2 = d.reshape(-1, d.shape[-1])
-        dZp, = self.scratch("dZp", [packed_shape(*d2.shape)])
+        dZp, = self.scratch(name, [packed_shape(*d2.shape)])
         if cols is None:
             pack_cpu(dZp, d2, self.n)
         else:
@@ -293,33 +288,29 @@ class Run(LayerParams):
             products.pack_columns_cpu(dZp, d2, inverse, False, self.n)
         return dZp
 
-    def recurrent_grads(self, S, dR, cols=None):
-        """∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t: one product over the T·B rows
-        (the h_0 rows skipped when h_0 = 0); both in the natural column order"""
+    def weight_grads(self, X, S, dP, dR, cols=None):
+        """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t), in the
+        natural column order: one product over the T·B rows each (the h_0 rows skipped when
+        h_0 = 0; a scatter-add for token ids).  dR is packed once, and that packing serves
+        ∂W_xh too when dP is dR (a cell whose input and recurrent sides share one dZ)."""
         T, B, GH = dR.shape
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
         db = np.empty(GH, dR.dtype)
-        dRp = self._packed_rows(dR, cols)
+        dRp = self._packed_rows(dR, cols, "dRp")
         projections.recurrent_grads_cpu(dW_hh, db, dR.reshape(T * B, GH), dRp, self.transposed_states(S), k0,
                                         self.blk("grad"), self.n)
-        self._rows = (dR, dRp)
-        return dW_hh, self.natural(db, cols)
-
-    def input_grads(self, X, dP, cols=None):
-        """∂W_xh = Σ_t x_tᵀ dP_t, in the natural column order: a scatter-add for token ids, else
-        one product"""
-        T, B, GH = dP.shape
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
         if X.ndim == 2:
-            self._rows = None
             projections.embed_tokens_backward_cpu(dW_xh, dP, X)
-            return self.natural(dW_xh, cols)
-        X2 = X.reshape(T * B, -1)
-        XT, = self.scratch("XT", [(X2.shape[1], T * B)])
-        transpose_cpu(XT, X2, self.n)
-        projections.embed_dense_backward_cpu(dW_xh, XT, self._packed_rows(dP, cols), self.blk("grad"), self.n)
-        return dW_xh
+            dW_xh = self.natural(dW_xh, cols)
+        else:
+            X2 = X.reshape(T * B, -1)
+            XT, = self.scratch("XT", [(X2.shape[1], T * B)])
+            transpose_cpu(XT, X2, self.n)
+            dPp = dRp if dP is dR else self._packed_rows(dP, cols, "dPp")
+            projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad"), self.n)
+        return dW_xh, dW_hh, self.natural(db, cols)
 
     def input_adjoint(self, l, dP, G, out=None):
         """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""

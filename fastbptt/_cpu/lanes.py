@@ -141,6 +141,14 @@ def _rest(ctx, s, o, B, H, n):
 
 
 @njit(inline="always")
+def _row_chunk(ctx, steps, B, H, c, r):
+    """every step of row chunk c of r (``row_chunk``): a one-lane sweep of its own rows"""
+    r0, r1 = row_chunk(B, c, r)
+    for s in range(steps):
+        cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
+
+
+@njit(inline="always")
 def _ready(flags, s, n):
     """every lane has done step s - 1"""
     for q in range(n):
@@ -202,15 +210,11 @@ def run_lanes(ctx, steps, B, H, n, threads):
     """
     if n < 0 and threads == 1:
         for c in range(-n):
-            r0, r1 = row_chunk(B, c, -n)
-            for s in range(steps):
-                cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
+            _row_chunk(ctx, steps, B, H, c, -n)
         return
     if n < 0:
         for c in prange(-n):
-            r0, r1 = row_chunk(B, c, -n)
-            for s in range(steps):
-                cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
+            _row_chunk(ctx, steps, B, H, c, -n)
         return
     if n == 1 or threads == 1:
         for s in range(steps):

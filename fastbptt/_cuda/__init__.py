@@ -174,17 +174,14 @@ class Run(LayerParams):
                                                self.P["W_hq"], self.P["b_q"], scale)
         return loss, dH, {"W_hq": dW_hq, "b_q": db_q}
 
-    def recurrent_grads(self, S, dR):
-        """∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t: one GEMM over the T·B rows"""
-        GH = dR.shape[2]
+    def weight_grads(self, X, S, dP, dR, cols=None):
+        """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t): one
+        GEMM over the T·B rows each (an atomic scatter-add for token ids); the columns are
+        in the natural order here (cols is None)"""
+        T, B, GH = dR.shape
         dW_hh = cuda.device_array((self.H, GH), dR.dtype)
         db = cuda.device_array(GH, dR.dtype)
         projections.recurrent_grads_cuda(dW_hh, db, dR, S)
-        return dW_hh, db
-
-    def input_grads(self, X, dP):
-        """∂W_xh = Σ_t x_tᵀ dP_t: an atomic scatter-add for token ids, else one GEMM"""
-        T, B, GH = dP.shape
         Xd = self.inputs(X)
         if X.ndim == 2:
             dW_xh = zeros((self.P["W_xh"].shape[0], GH), dP.dtype)
@@ -192,7 +189,7 @@ class Run(LayerParams):
         else:
             dW_xh = cuda.device_array((X.shape[2], GH), dP.dtype)
             projections.embed_dense_backward_cuda(dW_xh, dP.reshape(T * B, GH), Xd.reshape(T * B, X.shape[2]))
-        return dW_xh
+        return dW_xh, dW_hh, db
 
     def input_adjoint(self, l, dP, G, out=None):
         """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""

@@ -166,12 +166,12 @@ def weight_grads(run, l, X, lay, dP, dR):
     """∂W_xh = Σ x_tᵀ dP_t, ∂b_h = Σ dP_t, ∂W_hh = Σ h_{t-1}ᵀ dR_t, ∂b_hn = Σ dR_t's n columns"""
     T, B, GH = dP.shape
     H = GH // G
-    dW_hh, dbR = run.recurrent_grads(lay.S, dR)
+    dW_xh, dW_hh, dbR = run.weight_grads(X, lay.S, dP, dR)
     db_h = cuda.device_array(GH, dP.dtype)
     column_sums_cuda[launch(GH)](db_h, dP.reshape(T * B, GH))
     db_hn = cuda.device_array(H, dP.dtype)
     db_hn.copy_to_device(dbR[2 * H:])
-    return {"W_xh": run.input_grads(X, dP), "W_hh": dW_hh, "b_h": db_h, "b_hn": db_hn}
+    return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "b_hn": db_hn}
 
 
 def chains(run, l, lay):
