@@ -149,11 +149,12 @@ def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=Non
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
     top layer's states S (T+1,B,H) and direct terms dH (overwritten), and ``end`` (one tuple
     per layer: the adjoints of the last states, or None).  ``lays``: the records of
-    rnn_forward(keep=True); else one Elman layer uses S as it is, and other cells and stacks
-    recompute their forward from X and state0."""
+    rnn_forward(keep=True), which hold the states (S is then None); else one Elman layer uses
+    S as it is, and other cells and stacks recompute their forward from X and state0."""
     with be.begin(P, X, "backward", cell, L) as run:
-        S, dH = run.given(S), run.given(dH)
+        dH = run.given(dH)
         if lays is None:
+            S = run.given(S)
             lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
         grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx, _given_end(run, end))
         if dX is not None:

@@ -210,7 +210,7 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
             raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
                              "params, X and h0")
         lays = forward.lays
-    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None)
+    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
     act = _activation(activation, m.cell)
