@@ -122,10 +122,12 @@ MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": pee
 
 #: interleaved timing rounds per config (see ``run``)
 ROUNDS = 5
-#: untimed calls of each system before its rounds: compiles, caches, and the CPU engine's
-#: first choice of its thread count (two calls measured on each count after a warm-up
-#: each; ``fastbptt._cpu.team``), so that the rounds time each system's steady state
-WARMUP_CALLS = 8
+def warmup_calls():
+    """untimed calls of each system before its rounds, after the check call: compiles,
+    caches, and the CPU engine's first choice of its thread count (``fastbptt._cpu.team``),
+    so that the rounds time each system's steady state"""
+    from ._cpu.team import FIRST_CHOICE_CALLS
+    return FIRST_CHOICE_CALLS + 1
 
 
 def time_call(fn, min_runs, min_seconds):
@@ -177,7 +179,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     configs and systems default to all of the cell's (``configs_of``, ``systems_of``); every
     system's loss is checked against fastbptt's.
 
-    Per config, every system is checked and warmed up first (WARMUP_CALLS), then timed in ROUNDS
+    Per config, every system is checked and warmed up first (``warmup_calls``), then timed in ROUNDS
     interleaved rounds (each system a slice of the time in every round), so that a
     slow spell of a shared host falls on all of them alike; the median is over all
     calls of all rounds."""
@@ -212,7 +214,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
             if not abs(got - want) <= 1e-4 * max(1.0, abs(want)):
                 row.status = f"mismatch: loss {got:.6f} != {ref} {want:.6f}"
                 continue
-            for _ in range(1 if quick else WARMUP_CALLS - 1):
+            for _ in range(1 if quick else warmup_calls()):
                 fn()
             fns[system], times[system] = fn, []
         for _ in range(rounds):

@@ -29,6 +29,9 @@ from .plan import numba_threads
 
 _WINDOW = 3           # the recent calls whose median time stands for a thread count
 _FIRST = 2            # calls measured with each count before the first choice
+#: the calls of one kind before its first choice: each count's warm-up and _FIRST measured
+#: calls (a benchmark's warm-up covers these to time the steady state)
+FIRST_CHOICE_CALLS = 2 * (1 + _FIRST)
 
 
 def max_threads():
