@@ -177,11 +177,12 @@ def bench_overhead():
 
 
 def bench_copy():
-    """a 2048 x 512 float32 weight given as its transpose, made C-contiguous"""
+    """a 2048 x 512 weight given as its transpose, made C-contiguous"""
     from fastbptt import _host
-    W = np.random.default_rng(0).standard_normal((2048, 512), dtype=np.float32).T
-    print(f"numpy ascontiguousarray {best_ms(lambda: np.ascontiguousarray(W)):.2f} ms, "
-          f"fastbptt (64 x 64 blocks) {best_ms(lambda: _host.normalized('W', W, np.float32)):.2f} ms")
+    for dt in (np.float32, np.float64):
+        W = np.random.default_rng(0).standard_normal((2048, 512)).astype(dt).T
+        print(f"{np.dtype(dt).name}: numpy ascontiguousarray {best_ms(lambda: np.ascontiguousarray(W)):.2f} ms, "
+              f"fastbptt (64 x 64 blocks) {best_ms(lambda: _host.normalized('W', W, dt)):.2f} ms")
 
 
 def _blas_child(cell, T, B, D, H, mode):
