@@ -10,7 +10,8 @@
     python bench/engine_micro.py phases CELL T B D H  # where a loss_and_grad's time goes (cProfile,
                                             # D <= 64: token ids, else dense input)
     python bench/engine_micro.py overhead   # the fixed cost of a call: loss_and_grad of one step, one unit
-    python bench/engine_micro.py copy       # a weight given as its transpose made contiguous: blocks or numpy
+    python bench/engine_micro.py copy       # a weight given as its transpose made contiguous: numpy, blocks,
+                                            # the engine's transpose, torch
     python bench/engine_micro.py blas CELL T B D H  # rnn_forward + rnn_backward with the weight gradients
                                             # by the tile or by numpy's BLAS (each in a process of its own)
 
@@ -177,12 +178,23 @@ def bench_overhead():
 
 
 def bench_copy():
-    """a 2048 x 512 weight given as its transpose, made C-contiguous"""
-    from fastbptt import _host
+    """a 2048 x 512 weight given as its transpose, made C-contiguous: by numpy, by square
+    blocks (any strided array; fastbptt._host), by the engine's vector transpose (fastbptt._cpu)
+    and, with torch installed, by torch's .contiguous()"""
+    from fastbptt import _cpu, _host
+    try:
+        import torch
+    except ImportError:
+        torch = None
     for dt in (np.float32, np.float64):
         W = np.random.default_rng(0).standard_normal((2048, 512)).astype(dt).T
-        print(f"{np.dtype(dt).name}: numpy ascontiguousarray {best_ms(lambda: np.ascontiguousarray(W)):.2f} ms, "
-              f"fastbptt (64 x 64 blocks) {best_ms(lambda: _host.normalized('W', W, dt)):.2f} ms")
+        line = (f"{np.dtype(dt).name}: numpy ascontiguousarray {best_ms(lambda: np.ascontiguousarray(W)):.2f} ms, "
+                f"64 x 64 blocks {best_ms(lambda: _host.normalized('W', W, dt)):.2f} ms, "
+                f"engine transpose {best_ms(lambda: _cpu.normalized('W', W, dt)):.2f} ms")
+        if torch is not None:
+            t = torch.from_numpy(W.T.copy())
+            line += f", torch .t().contiguous() {best_ms(lambda: t.t().contiguous()):.2f} ms"
+        print(line)
 
 
 def _blas_child(cell, T, B, D, H, mode):

@@ -61,10 +61,13 @@ def _np(t):
     return t.detach().numpy()
 
 
-def _transposed(w):
-    """wᵀ as a C-contiguous numpy array: torch's blocked transpose (numpy's copy of a
-    transposed view runs at a few hundred MB/s on a large matrix)"""
-    return w.detach().t().contiguous().numpy()
+def _transposed(a):
+    """aᵀ (a tensor's or an array's) as a C-contiguous numpy array, by the engine's vector
+    transpose: fastbptt holds W_xh = weight_ihᵀ and W_hh = weight_hhᵀ, and its gradients come
+    back in that layout, while torch accumulates a gradient only in its parameter's layout"""
+    from . import _cpu
+    a = _np(a) if isinstance(a, torch.Tensor) else a
+    return _cpu.normalized("weight", a.T, a.dtype)
 
 
 def _params(cfg, weights):
@@ -152,7 +155,7 @@ class _Function(torch.autograd.Function):
         grads = []
         for l in range(L):
             db = t(g[_key("b_h", l)])
-            layer = [t(g[_key("W_xh", l)]).T, t(g[_key("W_hh", l)]).T]
+            layer = [t(_transposed(g[_key("W_xh", l)])), t(_transposed(g[_key("W_hh", l)]))]
             if cfg.bias:
                 if cfg.cell == "gru":
                     dbhh = torch.cat([db[:2 * H], t(g[_key("b_hn", l)])])

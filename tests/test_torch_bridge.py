@@ -104,6 +104,25 @@ def test_same_as_torch_nn(kind, L, dtype):
         assert_same(run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh), dtype)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_parameter_gradients_have_the_parameters_layout(kind):
+    """the weights' gradients come back in the parameters' layout (fastbptt holds the
+    transposes), so torch keeps them without a copy, and a second backward accumulates into them"""
+    m, r = pair(kind, 2)
+    X, hx, Wo, _ = inputs(2, False, torch.float64, m, True)
+    layouts = []
+    for name, p in m.named_parameters():
+        p.register_hook(lambda g, p=p, name=name: layouts.append((name, g.stride() == p.stride())))
+    for mod in (m, r):
+        mod.zero_grad(set_to_none=True)
+        for _ in range(2):
+            out, _ = mod(X, hx)
+            (out * Wo).sum().backward()
+    assert len(layouts) == 2 * len(list(m.parameters())) and all(same for _, same in layouts), layouts
+    for (name, p), q in zip(m.named_parameters(), r.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("L", [1, 3])
 @pytest.mark.parametrize("terms", ["output", "h_n", "output+h_n"])

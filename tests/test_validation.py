@@ -200,3 +200,20 @@ def test_strided_normalized_converts_dtype(rng, layout):
     got = _host.normalized("W", a, np.float32)
     assert got.flags.c_contiguous and got.flags.writeable and got.dtype == np.float32
     np.testing.assert_array_equal(got, W.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(150, 97), (16, 48), (1, 40), (33, 1)])
+def test_cpu_normalized_transposes_a_transposed_array(rng, dtype, shape):
+    """a weight given as Wᵀ (the engine's vector transpose: whole tiles, ragged edges, one row or
+    column) is its values, in a new C-contiguous array; the caller's array left as it was"""
+    from fastbptt import _cpu
+    W = rng.standard_normal(shape).astype(dtype)
+    a = np.ascontiguousarray(W.T).T
+    before = a.copy()
+    got = _cpu.normalized("W", a, dtype)
+    assert got.flags.c_contiguous and got.flags.writeable and got.dtype == dtype
+    np.testing.assert_array_equal(got, W)
+    np.testing.assert_array_equal(a, before)
+    if not a.flags.c_contiguous:
+        assert not np.shares_memory(got, a)

@@ -27,11 +27,24 @@ import numpy as np  # noqa: E402
 
 from .. import config  # noqa: E402
 from .._model import LayerParams  # noqa: E402
-from .._host import as_array, first_nonfinite, id_range, normalized, stack_states  # noqa: E402,F401
+from .. import _host  # noqa: E402
+from .._host import as_array, first_nonfinite, id_range, stack_states  # noqa: E402,F401
 from . import elman, gru, head, lstm, plan, products, projections, team  # noqa: E402
 from .products import gemm_cpu, packed_shape, pack_cpu, transpose_cpu  # noqa: E402
 
 CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
+
+
+def normalized(name, a, dtype, copy=False):
+    """as fastbptt._host.normalized; a transposed 2-D float array of ``dtype`` (a weight given
+    as Wᵀ, as torch holds it) is made C-contiguous by the engine's vector transpose, several
+    times faster than a blocked copy (docs/performance.md, "strided arrays")"""
+    if (a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
+            and a.T.flags.c_contiguous and not a.flags.c_contiguous):
+        out = products.empty(a.shape, a.dtype)
+        transpose_cpu(out, a.T, team.max_threads())
+        return out
+    return _host.normalized(name, a, dtype, copy)
 
 
 class _Scratch(threading.local):
