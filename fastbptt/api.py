@@ -309,7 +309,7 @@ def _states_and_adjoints(be, Hs, dHs, m, stack=True):
     ``stack``: Hs only checked), and a writeable copy of dHs."""
     shape = tuple(m.X.shape[:2]) + (m.H,)
     Hsc = _floats(be, "Hs", Hs, shape, m.dtype)
-    dZ = _floats(be, "dHs", dHs, shape, m.dtype, copy=True)     # the kernels overwrite it
+    dZ = be.work_copy("dHs", _floats(be, "dHs", dHs, shape, m.dtype))     # the kernels overwrite it
     return (be.stack_states(m.state0[-1][0], Hsc) if stack else None), dZ
 
 
@@ -498,13 +498,13 @@ def _states(be, h0, cell, L, B, H, dt, names=("h0", "c0")):
     return [tuple(a[l] for a in arrays) for l in range(L)], stacked
 
 
-def _floats(be, name, a, shape, dt, copy=False):
+def _floats(be, name, a, shape, dt):
     a = be.as_array(name, a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
-    return _finite(be, name, be.normalized(name, a, dt, copy=copy))
+    return _finite(be, name, be.normalized(name, a, dt))
 
 
 def _stored_states(stored_states, T):

@@ -76,6 +76,16 @@ class _Scratch(threading.local):
 
 
 _scratch = _Scratch()
+_work = _Scratch()              # the callers' arrays that a call overwrites (work_copy)
+
+
+def work_copy(name, a):
+    """a copy of the caller's ``a`` that the call overwrites and never hands out (rnn_backward's
+    direct terms), in a buffer kept for this thread's next call, as the calls' scratch: a
+    fresh copy faults its pages in (docs/performance.md, "fixed cost per call")"""
+    out, = _work.get(("work", a.dtype.str), name, [a.shape], a.dtype)
+    np.copyto(out, a)
+    return out
 
 
 class _Records:

@@ -39,6 +39,11 @@ def available() -> bool:
         return False
 
 
+def work_copy(name, a):
+    """a copy of the caller's ``a`` that the call overwrites (a device array: on the device)"""
+    return normalized(name, a, a.dtype, copy=True)
+
+
 def to_device(P):
     return {k: device(v) for k, v in P.items()}
 
