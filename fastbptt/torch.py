@@ -19,7 +19,9 @@ or ``fastbptt.Randomized(p, seed)``.  The loss terms it counts steps from are wh
 
 Also beyond ``torch.nn``: integer token ids (T,B) (or (B,T) with ``batch_first``; (T,) unbatched)
 as the input, with ``input_size`` the vocabulary: the same as ``one_hot(X, V).float()``
-without building the one-hot.
+without building the one-hot.  A one-hot float input that needs no gradient (the book's
+concise models) is found as such and runs as its ids: a row gather instead of the input
+product, a scatter-add instead of ∂W_xh's product.
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
 ``bidirectional=True``, the LSTM's ``proj_size > 0``, inter-layer ``dropout > 0`` in training
@@ -103,6 +105,16 @@ def _state(cfg, h0, c0):
     return (_np(h0), _np(c0)) if cfg.cell == "lstm" else _np(h0)
 
 
+def _one_hot_ids(X):
+    """the token ids (T,B) of a one-hot X (T,B,D) (each row a single 1, the rest 0), else None:
+    x_t W_xh is then the row W_xh[id], and ∂W_xh a scatter-add of the rows of dZ (the
+    book's concise models feed one_hot(X).float())"""
+    if X.ndim != 3 or X.shape[2] < 2 or np.count_nonzero(X) != X.shape[0] * X.shape[1]:
+        return None
+    ids = X.argmax(-1)
+    return ids if (np.take_along_axis(X, ids[..., None], -1) == 1).all() else None
+
+
 def _nonzero(g):
     return g is not None and bool(g.any())
 
@@ -116,14 +128,18 @@ class _Function(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         X = X.contiguous()
         P = _params(cfg, weights)
-        Hs, last, kept = api.rnn_forward(P, _np(X), _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
+        Xn = _np(X)
+        if X.is_floating_point() and not ctx.needs_input_grad[1]:      # no ∂L/∂X asked for
+            ids = _one_hot_ids(Xn)
+            Xn = Xn if ids is None else ids
+        Hs, last, kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
                                          keep=True)
         T, B = X.shape[:2]
         last = last if cfg.cell == "lstm" else (last,)
         # numpy reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
         outs = (torch.from_numpy(Hs),) + tuple(torch.from_numpy(np.ascontiguousarray(s.reshape(cfg.L, B, cfg.H)))
                                                for s in last)
-        ctx.cfg, ctx.kept, ctx.P = cfg, kept, P
+        ctx.cfg, ctx.kept, ctx.P, ctx.Xn = cfg, kept, P, Xn
         ctx.save_for_backward(X, h0, c0, outs[0], *weights)
         return outs
 
@@ -144,7 +160,7 @@ class _Function(torch.autograd.Function):
         if any(_nonzero(d) for d in ends):
             dh_T = tuple(np.zeros((L, B, H), dtype) if d is None else _np(d) for d in ends)
             dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
-        g = api.rnn_backward(ctx.P, _np(X), _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act,
+        g = api.rnn_backward(ctx.P, ctx.Xn, _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act,
                              truncation=cfg.truncation, cell=cfg.cell, input_grad=want_dx, forward=ctx.kept,
                              dh_T=dh_T)
 

@@ -165,6 +165,42 @@ def test_token_ids_equal_one_hot(kind, batch_first):
     assert_same(a, (b[0], b[1], b[2][1:]), torch.float64)      # no gradient for the ids
 
 
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_one_hot_input_runs_as_token_ids(kind, monkeypatch):
+    """a one-hot float input that needs no gradient runs as its ids (what fastbptt is handed),
+    with torch.nn's results; one that needs its gradient, or is not quite one-hot, runs dense"""
+    import fastbptt.api
+    V = 7
+    m, r = pair(kind, 2, input_size=V)
+    seen = []
+    forward = fastbptt.api.rnn_forward
+    monkeypatch.setattr(fastbptt.api, "rnn_forward", lambda P, X, *a, **k: seen.append(X.ndim) or forward(P, X, *a, **k))
+    ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(5))
+    one_hot = torch.nn.functional.one_hot(ids, V).double()
+    _, hx, Wo, Wh = inputs(2, False, torch.float64, m, True)
+    not_quite = [one_hot.clone() for _ in range(3)]
+    not_quite[0][2, 1, 0] += 0.5                    # a row with two nonzeros
+    not_quite[1][2, 1] = 0                          # a row of zeros
+    not_quite[2][2, 1] *= 2                         # a row whose one nonzero is 2
+    for X, want_ndim in [(one_hot, 2)] + [(x, 3) for x in not_quite]:
+        seen.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(m(X, hx)[0], r(X, hx)[0], **TOL[torch.float64])
+        out, _ = m(X, hx)
+        (out * Wo).sum().backward()                 # X needs no gradient here
+        assert seen == [want_ndim, want_ndim]
+        a, b = run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh)      # X needs its gradient: dense
+        assert seen[-1] == 3
+        assert_same(a, b, torch.float64)
+        Xg = X.detach().clone()
+        for mod in (m, r):
+            mod.zero_grad(set_to_none=True)
+            out, _ = mod(Xg, hx)
+            (out * Wo).sum().backward()
+        for p, q in zip(m.parameters(), r.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64])
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
