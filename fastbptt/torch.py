@@ -35,6 +35,9 @@ try:
 except ImportError as e:                                   # pragma: no cover - exercised in a subprocess
     raise ImportError(f"fastbptt.torch needs PyTorch: pip install fastbptt[torch] ({e})") from e
 
+import threading
+import weakref
+
 import numpy as np
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
@@ -63,25 +66,62 @@ def _np(t):
     return t.detach().numpy()
 
 
-def _transposed(a):
-    """aᵀ (a tensor's or an array's) as a C-contiguous numpy array, by the engine's vector
-    transpose: fastbptt holds W_xh = weight_ihᵀ and W_hh = weight_hhᵀ, and its gradients come
-    back in that layout, while torch accumulates a gradient only in its parameter's layout"""
+class _Lent:
+    """The arrays the bridge hands torch as weight gradients, their memory taken again once
+    torch has let go of them (``zero_grad()`` drops every ``.grad`` each step): a training
+    loop then writes the same pages every step instead of faulting fresh ones in
+    (docs/performance.md, "fresh pages").  An array is handed out as a view of a buffer the
+    pool keeps; ``torch.from_numpy`` holds that very view, and whatever torch makes of the
+    tensor holds it too, so the buffer is free exactly when the view is collected."""
+
+    MOST = 16                     # free buffers kept per shape and dtype
+
+    def __init__(self):
+        self.free = {}
+        self.lock = threading.Lock()
+
+    def take(self, shape, dtype):
+        key = (tuple(shape), np.dtype(dtype).str)
+        with self.lock:
+            free = self.free.get(key)
+            buf = free.pop() if free else None
+        if buf is None:
+            buf = np.empty(shape, dtype)
+        a = buf.view()
+        weakref.finalize(a, self._give, key, buf)
+        return a
+
+    def _give(self, key, buf):
+        with self.lock:
+            free = self.free.setdefault(key, [])
+            if len(free) < self.MOST:
+                free.append(buf)
+
+
+_lent = _Lent()
+
+
+def _grad_tensor(g):
+    """torch's gradient of a weight from fastbptt's g = ∂L/∂Wᵀ: gᵀ, C-contiguous (torch keeps
+    a gradient only in its parameter's layout), by the engine's vector transpose into a lent
+    array (_Lent)"""
     from . import _cpu
-    a = _np(a) if isinstance(a, torch.Tensor) else a
-    return _cpu.normalized("weight", a.T, a.dtype)
+    a = _lent.take(g.shape[::-1], g.dtype)
+    _cpu.transposed(g, out=a)
+    return torch.from_numpy(a)
 
 
 def _params(cfg, weights):
     """fastbptt's params (numpy) from torch's weights, made once per forward and kept for
-    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ, b_h = bias_ih + bias_hh (the GRU:
-    + [bias_hh_r, bias_hh_z, 0] and b_hn = bias_hh_n)"""
+    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ (views: each fastbptt call makes them
+    contiguous in buffers of its own), b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r,
+    bias_hh_z, 0] and b_hn = bias_hh_n)"""
     H, G = cfg.H, api.CELLS[cfg.cell]
     P = {}
     for l in range(cfg.L):
         w = weights[l * cfg.per_layer:(l + 1) * cfg.per_layer]
-        P[_key("W_xh", l)] = _transposed(w[0])
-        P[_key("W_hh", l)] = _transposed(w[1])
+        P[_key("W_xh", l)] = _np(w[0]).T
+        P[_key("W_hh", l)] = _np(w[1]).T
         if cfg.bias:
             b_ih, b_hh = w[2].detach(), w[3].detach()
             if cfg.cell == "gru":
@@ -109,7 +149,9 @@ def _one_hot_ids(X):
     """the token ids (T,B) of a one-hot X (T,B,D) (each row a single 1, the rest 0), else None:
     x_t W_xh is then the row W_xh[id], and ∂W_xh a scatter-add of the rows of dZ (the
     book's concise models feed one_hot(X).float())"""
-    if X.ndim != 3 or X.shape[2] < 2 or np.count_nonzero(X) != X.shape[0] * X.shape[1]:
+    if X.ndim != 3 or X.shape[2] < 2 or X.size == 0 or np.count_nonzero(X[0, 0]) != 1:
+        return None                                     # (a dense input fails at its first row)
+    if np.count_nonzero(X) != X.shape[0] * X.shape[1]:
         return None
     ids = X.argmax(-1)
     return ids if (np.take_along_axis(X, ids[..., None], -1) == 1).all() else None
@@ -171,7 +213,7 @@ class _Function(torch.autograd.Function):
         grads = []
         for l in range(L):
             db = t(g[_key("b_h", l)])
-            layer = [t(_transposed(g[_key("W_xh", l)])), t(_transposed(g[_key("W_hh", l)]))]
+            layer = [_grad_tensor(g[_key("W_xh", l)]), _grad_tensor(g[_key("W_hh", l)])]
             if cfg.bias:
                 if cfg.cell == "gru":
                     dbhh = torch.cat([db[:2 * H], t(g[_key("b_hn", l)])])

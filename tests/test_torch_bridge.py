@@ -165,6 +165,38 @@ def test_token_ids_equal_one_hot(kind, batch_first):
     assert_same(a, (b[0], b[1], b[2][1:]), torch.float64)      # no gradient for the ids
 
 
+def test_a_gradient_held_after_zero_grad_keeps_its_values():
+    """the weight gradients' memory is taken again only once torch has let go of them: a
+    .grad (or a view of it, or its numpy) held across zero_grad and the next backward keeps
+    its values, and a fresh backward gives the same gradients again"""
+    m, _ = pair("lstm", 2)
+    X, hx, Wo, _ = inputs(2, False, torch.float64, m, True)
+
+    def grads(scale):                                   # each scale its own gradients
+        m.zero_grad(set_to_none=True)
+        out, _ = m(X, hx)
+        (out * Wo * scale).sum().backward()
+        return {name: p.grad for name, p in m.named_parameters()}
+
+    want = {scale: {name: g.clone() for name, g in grads(scale).items()} for scale in (1, 2)}
+    first = grads(1)
+    views = {name: g[1:] for name, g in first.items()}
+    arrays = {name: g.numpy() for name, g in first.items()}
+    for _ in range(3):
+        again = grads(2)
+        for name in first:
+            assert again[name].data_ptr() != first[name].data_ptr(), name
+            assert torch.equal(again[name], want[2][name]), name
+    for name in first:
+        assert torch.equal(first[name], want[1][name]) and torch.equal(views[name], want[1][name][1:]), name
+        assert np.array_equal(arrays[name], want[1][name].numpy()), name
+    del first, views, arrays, again
+    import gc
+    gc.collect()
+    for scale in (1, 2, 1):                             # the memory given back serves again
+        assert all(torch.equal(g, want[scale][name]) for name, g in grads(scale).items())
+
+
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 def test_one_hot_input_runs_as_token_ids(kind, monkeypatch):
     """a one-hot float input that needs no gradient runs as its ids (what fastbptt is handed),

@@ -217,3 +217,17 @@ def test_cpu_normalized_transposes_a_transposed_array(rng, dtype, shape):
     np.testing.assert_array_equal(a, before)
     if not a.flags.c_contiguous:
         assert not np.shares_memory(got, a)
+
+
+def test_transposed_weights_of_calls_in_turn_are_each_their_own(rng):
+    """a transposed weight is made contiguous into a buffer kept for the next call: calls with
+    other weights in turn (and another dtype between) each give their own contiguous result"""
+    cases = []
+    for seed, dt in [(1, np.float32), (2, np.float32), (3, np.float64)]:
+        params = fastbptt.init_params(20, 40, 7, seed=seed, dtype=dt)
+        X, Y = rng.integers(0, 20, (5, 3)), rng.integers(0, 7, (5, 3))
+        given = {k: (np.ascontiguousarray(v.T).T if v.ndim == 2 else v) for k, v in params.items()}
+        cases.append((given, X, Y, fastbptt.loss_and_grad(params, X, Y)))
+    for given, X, Y, want in cases + cases[::-1]:
+        got = fastbptt.loss_and_grad(given, X, Y)
+        assert got[0] == want[0] and all(np.array_equal(got[1][k], want[1][k]) for k in want[1])

@@ -35,18 +35,6 @@ from .products import gemm_cpu, packed_shape, pack_cpu, transpose_cpu  # noqa: E
 CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
 
 
-def normalized(name, a, dtype, copy=False):
-    """as fastbptt._host.normalized; a transposed 2-D float array of ``dtype`` (a weight given
-    as Wᵀ, as torch holds it) is made C-contiguous by the engine's vector transpose, several
-    times faster than a blocked copy (docs/performance.md, "strided arrays")"""
-    if (a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
-            and a.T.flags.c_contiguous and not a.flags.c_contiguous):
-        out = products.empty(a.shape, a.dtype)
-        transpose_cpu(out, a.T, team.max_threads())
-        return out
-    return _host.normalized(name, a, dtype, copy)
-
-
 class _Scratch(threading.local):
     """Work buffers that never leave a call, kept for the next call of the same shapes (a
     fresh multi-MB buffer costs a page fault per 4 KiB on first touch).  One set per
@@ -77,6 +65,7 @@ class _Scratch(threading.local):
 
 _scratch = _Scratch()
 _work = _Scratch()              # the callers' arrays that a call overwrites (work_copy)
+_lent = _Scratch()              # transposed inputs made contiguous for one call (normalized)
 
 
 def work_copy(name, a):
@@ -86,6 +75,29 @@ def work_copy(name, a):
     out, = _work.get(("work", a.dtype.str), name, [a.shape], a.dtype)
     np.copyto(out, a)
     return out
+
+
+def transposed(a, out=None):
+    """aᵀ (a C-contiguous 2-D float array) in ``out`` (C-contiguous, of aᵀ's shape and a's
+    dtype) or a new array, by the engine's vector transpose"""
+    if out is None:
+        out = products.empty(a.shape[::-1], a.dtype)
+    transpose_cpu(out, a, team.max_threads())
+    return out
+
+
+def normalized(name, a, dtype, copy=False):
+    """as fastbptt._host.normalized, but a transposed 2-D float array of ``dtype`` (a weight
+    given as Wᵀ, as torch holds it) is made C-contiguous by the engine's vector transpose,
+    several times faster than a blocked copy, into a buffer kept for this thread's next call
+    (per ``name``): the API reads its inputs only while the call runs, and a fresh buffer
+    would fault its pages in (docs/performance.md, "strided arrays")"""
+    if (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
+            and a.T.flags.c_contiguous and not a.flags.c_contiguous):
+        out, = _lent.get(("lent", a.dtype.str), name, [a.shape], a.dtype)
+        transpose_cpu(out, a.T, team.max_threads())
+        return out
+    return _host.normalized(name, a, dtype, copy)
 
 
 class _Records:
