@@ -1,6 +1,7 @@
 """fastbptt.torch against torch.nn in one process: forward + backward of the same models.
 
     python bench/torch_bridge.py [--rounds 10] [--warmup 8] [--only d2l-gru,d2l-lstm,deepbench-lstm]
+    python bench/torch_bridge.py --kernels [--only ...]   # where fastbptt.torch's step goes
 
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
@@ -72,11 +73,59 @@ def deepbench_case():
     return {"torch.nn": theirs, "fastbptt.torch": ours}, step
 
 
+def kernels(name, models, step, rounds):
+    """fastbptt.torch's step alone: ms per step in each engine kernel, the API calls, and the
+    page faults per step (resource's ru_minflt)"""
+    import collections
+    import resource
+
+    import fastbptt._cpu as cpu
+    from fastbptt import api
+    from fastbptt._cpu import elman, gru, lstm, products, projections
+    spent = collections.defaultdict(float)
+
+    def timed(mod, fn, label):
+        f = getattr(mod, fn)
+
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[label] += time.perf_counter() - t
+        setattr(mod, fn, g)
+        return mod, fn, f
+    wrapped = [timed(projections, f, f) for f in ("recurrent_grads_cpu", "embed_dense_backward_cpu",
+                                                   "embed_dense_cpu", "embed_tokens_cpu",
+                                                   "embed_tokens_backward_cpu")]
+    wrapped += [timed(cpu, f, f) for f in ("transpose_cpu", "pack_cpu", "gemm_cpu", "first_nonfinite")]
+    wrapped += [timed(products, "pack_columns_cpu", "pack_columns_cpu")]
+    wrapped += [timed(c, f, f"{c.__name__.split('.')[-1]}.{f}") for c in (elman, gru, lstm)
+                for f in ("forward_cpu", "backward_cpu")]
+    wrapped += [timed(api, f, f"api.{f}") for f in ("rnn_forward", "rnn_backward")]
+    m = models["fastbptt.torch"]
+    for _ in range(8):
+        step(m)
+    spent.clear()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        step(m)
+    total = (time.perf_counter() - t0) / rounds
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / rounds
+    for mod, fn, f in wrapped:
+        setattr(mod, fn, f)
+    print(f"{name}: fastbptt.torch alone {total * 1e3:.2f} ms per step, {faults:.0f} page faults per step")
+    for label, t in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {label:28s} {t / rounds * 1e3:7.3f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--only", default="d2l-gru,d2l-lstm,deepbench-lstm")
+    ap.add_argument("--kernels", action="store_true", help="time the engine's kernels in fastbptt.torch's step")
     a = ap.parse_args()
     torch.set_num_threads(numba.get_num_threads())
     cases = {"d2l-gru": lambda: d2l_case("GRU"), "d2l-lstm": lambda: d2l_case("LSTM"),
@@ -85,6 +134,9 @@ def main():
           f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward")
     for name in a.only.split(","):
         models, step = cases[name]()
+        if a.kernels:
+            kernels(name, models, step, a.rounds)
+            continue
         names = list(models)
         times = {n: [] for n in names}
         for r in range(a.warmup + a.rounds):
