@@ -42,7 +42,7 @@ import numpy as np
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
-from . import api
+from . import api, config
 from ._model import key as _key
 from .truncation import Randomized, Truncated
 
@@ -74,7 +74,8 @@ class _Lent:
     pool keeps; ``torch.from_numpy`` holds that very view, and whatever torch makes of the
     tensor holds it too, so the buffer is free exactly when the view is collected."""
 
-    MOST = 16                     # free buffers kept per shape and dtype
+    MOST = 16                     # free buffers kept per shape and dtype, at most
+                                  # config.CPU_SCRATCH_BYTES in all
 
     def __init__(self):
         self.free = {}
@@ -94,7 +95,8 @@ class _Lent:
     def _give(self, key, buf):
         with self.lock:
             free = self.free.setdefault(key, [])
-            if len(free) < self.MOST:
+            kept = sum(b.nbytes for bufs in self.free.values() for b in bufs)
+            if len(free) < self.MOST and kept + buf.nbytes <= config.CPU_SCRATCH_BYTES:
                 free.append(buf)
 
 
@@ -113,8 +115,8 @@ def _grad_tensor(g):
 
 def _params(cfg, weights):
     """fastbptt's params (numpy) from torch's weights, made once per forward and kept for
-    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ (views: each fastbptt call makes them
-    contiguous in buffers of its own), b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r,
+    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ (views of torch's memory: each
+    fastbptt call makes them contiguous in buffers of its own), b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r,
     bias_hh_z, 0] and b_hn = bias_hh_n)"""
     H, G = cfg.H, api.CELLS[cfg.cell]
     P = {}

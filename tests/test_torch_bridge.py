@@ -197,6 +197,25 @@ def test_a_gradient_held_after_zero_grad_keeps_its_values():
         assert all(torch.equal(g, want[scale][name]) for name, g in grads(scale).items())
 
 
+def test_lent_arrays_come_back_only_when_dropped_and_within_the_cap(monkeypatch):
+    import gc
+    from fastbptt import config
+    monkeypatch.setattr(config, "CPU_SCRATCH_BYTES", 2000)
+    lent = ft._Lent()
+    a, b, c = (lent.take((10, 10), np.float64) for _ in range(3))       # 800 bytes each
+    assert len({x.ctypes.data for x in (a, b, c)}) == 3
+    held = a.ctypes.data
+    del b, c
+    gc.collect()
+    assert sum(x.nbytes for bufs in lent.free.values() for x in bufs) == 1600     # both back
+    d = lent.take((10, 10), np.float64)
+    assert d.ctypes.data != held                                        # a is still held
+    e, f = lent.take((10, 10), np.float64), lent.take((10, 10), np.float64)
+    del a, d, e, f
+    gc.collect()
+    assert sum(x.nbytes for bufs in lent.free.values() for x in bufs) <= 2000     # the cap
+
+
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 def test_one_hot_input_runs_as_token_ids(kind, monkeypatch):
     """a one-hot float input that needs no gradient runs as its ids (what fastbptt is handed),
