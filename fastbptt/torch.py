@@ -103,27 +103,30 @@ class _Lent:
 _lent = _Lent()
 
 
+def _transposed(w):
+    """wᵀ (w C-contiguous 2-D) by the engine's vector transpose, into a lent array (_Lent)"""
+    from . import _cpu
+    return _cpu.transposed(w, out=_lent.take(w.shape[::-1], w.dtype))
+
+
 def _grad_tensor(g):
     """torch's gradient of a weight from fastbptt's g = ∂L/∂Wᵀ: gᵀ, C-contiguous (torch keeps
-    a gradient only in its parameter's layout), by the engine's vector transpose into a lent
-    array (_Lent)"""
-    from . import _cpu
-    a = _lent.take(g.shape[::-1], g.dtype)
-    _cpu.transposed(g, out=a)
-    return torch.from_numpy(a)
+    a gradient only in its parameter's layout), in a lent array"""
+    return torch.from_numpy(_transposed(g))
 
 
 def _params(cfg, weights):
     """fastbptt's params (numpy) from torch's weights, made once per forward and kept for
-    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ (views of torch's memory: each
-    fastbptt call makes them contiguous in buffers of its own), b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r,
-    bias_hh_z, 0] and b_hn = bias_hh_n)"""
+    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ (in lent arrays, back to the bridge once
+    the step's graph is gone), b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r, bias_hh_z, 0]
+    and b_hn = bias_hh_n)"""
     H, G = cfg.H, api.CELLS[cfg.cell]
     P = {}
     for l in range(cfg.L):
         w = weights[l * cfg.per_layer:(l + 1) * cfg.per_layer]
-        P[_key("W_xh", l)] = _np(w[0]).T
-        P[_key("W_hh", l)] = _np(w[1]).T
+        for name, wl in (("W_xh", w[0]), ("W_hh", w[1])):
+            a = _np(wl)
+            P[_key(name, l)] = _transposed(a) if a.flags.c_contiguous else a.T    # (the API copies a strided one)
         if cfg.bias:
             b_ih, b_hh = w[2].detach(), w[3].detach()
             if cfg.cell == "gru":

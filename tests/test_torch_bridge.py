@@ -197,6 +197,24 @@ def test_a_gradient_held_after_zero_grad_keeps_its_values():
         assert all(torch.equal(g, want[scale][name]) for name, g in grads(scale).items())
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_two_models_forward_then_backward_in_turn(kind):
+    """each forward's weights stay its own until its backward (the lent transposes): two
+    models of the same shapes, both forwards before either backward, each gives torch.nn's"""
+    pairs = [pair(kind, 2, seed=s) for s in (0, 1)]
+    X, hx, Wo, _ = inputs(2, False, torch.float64, pairs[0][0], True)
+    losses = []
+    for mods in zip(*pairs):                        # (ours, ours), then (torch.nn, torch.nn)
+        for m in mods:
+            m.zero_grad(set_to_none=True)
+        losses.append([(m(X, hx)[0] * Wo).sum() for m in mods])
+    for loss in losses[0][::-1] + losses[1]:
+        loss.backward()
+    for m, r in pairs:
+        for (name, p), q in zip(m.named_parameters(), r.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64], msg=name)
+
+
 def test_lent_arrays_come_back_only_when_dropped_and_within_the_cap(monkeypatch):
     import gc
     from fastbptt import config
