@@ -67,12 +67,13 @@ def _np(t):
 
 
 class _Lent:
-    """The arrays the bridge hands torch as weight gradients, their memory taken again once
-    torch has let go of them (``zero_grad()`` drops every ``.grad`` each step): a training
-    loop then writes the same pages every step instead of faulting fresh ones in
-    (docs/performance.md, "fresh pages").  An array is handed out as a view of a buffer the
-    pool keeps; ``torch.from_numpy`` holds that very view, and whatever torch makes of the
-    tensor holds it too, so the buffer is free exactly when the view is collected."""
+    """The bridge's transposes: the weights a forward keeps for its backward (held by the
+    step's graph) and the weight gradients handed to torch (``zero_grad()`` drops them each
+    step), their memory taken again once they are collected, so that a training loop writes
+    the same pages every step instead of faulting fresh ones in (docs/performance.md, "fresh
+    pages").  An array is handed out as a view of a buffer the pool keeps; ``torch.from_numpy``
+    holds that very view, and whatever torch makes of the tensor holds it too, so the buffer
+    is free exactly when the view is collected."""
 
     MOST = 16                     # free buffers kept per shape and dtype, at most
                                   # config.CPU_SCRATCH_BYTES in all
