@@ -77,11 +77,9 @@ def work_copy(name, a):
     return out
 
 
-def transposed(a, out=None):
-    """aᵀ (a C-contiguous 2-D float array) in ``out`` (C-contiguous, of aᵀ's shape and a's
-    dtype) or a new array, by the engine's vector transpose"""
-    if out is None:
-        out = products.empty(a.shape[::-1], a.dtype)
+def transposed(a, out):
+    """out = aᵀ (a C-contiguous 2-D float array; out C-contiguous, of aᵀ's shape and a's
+    dtype), by the engine's vector transpose"""
     transpose_cpu(out, a, team.max_threads())
     return out
 
