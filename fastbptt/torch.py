@@ -35,14 +35,11 @@ try:
 except ImportError as e:                                   # pragma: no cover - exercised in a subprocess
     raise ImportError(f"fastbptt.torch needs PyTorch: pip install fastbptt[torch] ({e})") from e
 
-import threading
-import weakref
-
 import numpy as np
 from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
-from . import api, config
+from . import api
 from ._model import key as _key
 from .truncation import Randomized, Truncated
 
@@ -66,48 +63,14 @@ def _np(t):
     return t.detach().numpy()
 
 
-class _Lent:
-    """The bridge's transposes: the weights a forward keeps for its backward (held by the
-    step's graph) and the weight gradients handed to torch (``zero_grad()`` drops them each
-    step), their memory taken again once they are collected, so that a training loop writes
-    the same pages every step instead of faulting fresh ones in (docs/performance.md, "fresh
-    pages").  An array is handed out as a view of a buffer the pool keeps; ``torch.from_numpy``
-    holds that very view, and whatever torch makes of the tensor holds it too, so the buffer
-    is free exactly when the view is collected."""
-
-    MOST = 16                     # free buffers kept per shape and dtype, at most
-                                  # config.CPU_SCRATCH_BYTES in all
-
-    def __init__(self):
-        self.free = {}
-        self.lock = threading.Lock()
-
-    def take(self, shape, dtype):
-        key = (tuple(shape), np.dtype(dtype).str)
-        with self.lock:
-            free = self.free.get(key)
-            buf = free.pop() if free else None
-        if buf is None:
-            buf = np.empty(shape, dtype)
-        a = buf.view()
-        weakref.finalize(a, self._give, key, buf)
-        return a
-
-    def _give(self, key, buf):
-        with self.lock:
-            free = self.free.setdefault(key, [])
-            kept = sum(b.nbytes for bufs in self.free.values() for b in bufs)
-            if len(free) < self.MOST and kept + buf.nbytes <= config.CPU_SCRATCH_BYTES:
-                free.append(buf)
-
-
-_lent = _Lent()
-
-
 def _transposed(w):
-    """wᵀ (w C-contiguous 2-D) by the engine's vector transpose, into a lent array (_Lent)"""
+    """wᵀ (w C-contiguous 2-D) by the engine's vector transpose, into an array lent by the
+    engine (``_Records.lend``): the weights a forward keeps for its backward (held by the
+    step's graph) and the weight gradients handed to torch (``zero_grad()`` drops them each
+    step) come back once collected, so a training loop writes the same pages every step
+    (docs/performance.md, "fresh pages")"""
     from . import _cpu
-    return _cpu.transposed(w, out=_lent.take(w.shape[::-1], w.dtype))
+    return _cpu.transposed(w, out=_cpu._records.lend(w.shape[::-1], w.dtype))
 
 
 def _grad_tensor(g):

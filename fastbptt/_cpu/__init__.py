@@ -65,7 +65,7 @@ class _Scratch(threading.local):
 
 _scratch = _Scratch()
 _work = _Scratch()              # the callers' arrays that a call overwrites (work_copy)
-_lent = _Scratch()              # transposed inputs made contiguous for one call (normalized)
+_transposes = _Scratch()        # transposed inputs made contiguous for one call (normalized)
 
 
 def work_copy(name, a):
@@ -92,16 +92,17 @@ def normalized(name, a, dtype, copy=False):
     would fault its pages in (docs/performance.md, "strided arrays")"""
     if (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
             and a.T.flags.c_contiguous and not a.flags.c_contiguous):
-        out, = _lent.get(("lent", a.dtype.str), name, [a.shape], a.dtype)
+        out, = _transposes.get(("transposes", a.dtype.str), name, [a.shape], a.dtype)
         transpose_cpu(out, a.T, team.max_threads())
         return out
     return _host.normalized(name, a, dtype, copy)
 
 
 class _Records:
-    """The buffers of the records that rnn_forward(keep=True) hands out (they outlive the call),
-    taken again once what held them is gone: a framework's training loop then reuses the same
-    pages every step instead of faulting fresh ones in.  At most eight free sets per shape (a
+    """Buffers that outlive a call, taken again once what held them is gone: the records that
+    rnn_forward(keep=True) hands out, and the arrays lent to a framework (``lend``: the PyTorch
+    bridge's transposed weights and gradients).  A training loop then reuses the same pages
+    every step instead of faulting fresh ones in.  At most eight free sets per shape (a
     stack's layers share one), and config.CPU_SCRATCH_BYTES in all."""
 
     def __init__(self):
@@ -123,6 +124,15 @@ class _Records:
                 sets = self.free.setdefault(key, [])
                 if len(sets) < 8 and kept + sum(b.nbytes for b in bufs) <= config.CPU_SCRATCH_BYTES:
                     sets.append(bufs)
+
+    def lend(self, shape, dtype):
+        """a new view of a buffer, given back once that view is collected: for a holder that
+        keeps the very array it is handed (``torch.from_numpy`` does, and so does every tensor
+        torch makes of it), never a view of it"""
+        taken = self.take([shape], dtype)
+        a = taken[1][0].view()
+        weakref.finalize(a, self.give, [taken])
+        return a
 
 
 _records = _Records()
