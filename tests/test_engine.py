@@ -58,6 +58,23 @@ def test_gated_columns_pack_and_come_back(H, G, lanes, rng):
     np.testing.assert_array_equal(back, W)
 
 
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (40, 64), (9, 100)])
+@pytest.mark.parametrize("order", ["natural", "permuted"])
+def test_a_gradients_packing_sums_its_columns(K, N, order, rng):
+    # dZ's packing (the right factor of ∂W) and its column sums (∂b) from one read: every
+    # column in its panel, zeros past N, and each sum exactly numpy's sequential one
+    D = rng.normal(size=(K, N))
+    cols = np.arange(N) if order == "natural" else rng.permutation(N)
+    want = np.zeros(N)
+    for k in range(K):                                  # summed over k in order
+        want += D[k, cols]
+    for n in (1, 2, 3):
+        Bp, sums = np.full(packed_shape(K, N), np.nan), np.full(N, np.nan)
+        products.pack_sums_cpu(Bp, sums, D, cols, n)
+        np.testing.assert_array_equal(Bp, packed(np.ascontiguousarray(D[:, cols]), 1))
+        np.testing.assert_array_equal(sums, want)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_products_do_not_depend_on_the_leading_dimension(dtype, rng):
     # the same columns of B, from matrices of different widths: the same result, exactly

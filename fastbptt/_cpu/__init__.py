@@ -319,30 +319,31 @@ class Run(LayerParams):
         return float(row_loss.sum()) * scale, dH, {"W_hq": dW_hq, "b_q": db_q}
 
     def _packed_rows(self, d, cols, name):
-        """d (T,B,G·H) over its T·B rows, the B operand of a weight gradient, packed, its
-        columns put back in the natural order when they are a gated cell's (cols), in the
-        kept buffer ``name``"""
+        """(d packed, Σ over its rows) of d (T,B,G·H) over its T·B rows, the B operand of a
+        weight gradient and its bias gradient, from one read of d, in the natural column
+        order when its columns are a gated cell's (cols), in the kept buffer ``name``"""
         d2 = d.reshape(-1, d.shape[-1])
+        N = d2.shape[1]
         dZp, = self.scratch(name, [packed_shape(*d2.shape)])
-        if cols is None:
-            pack_cpu(dZp, d2, self.n)
-        else:
-            inverse = self._buffers.setdefault(("inverse", len(cols)), np.argsort(cols))
-            products.pack_columns_cpu(dZp, d2, inverse, False, self.n)
-        return dZp
+        sums = np.empty(N, d.dtype)
+        order = self._buffers.get(("order", N, cols is None))
+        if order is None:                             # natural column j is column order[j] of d
+            order = np.arange(N) if cols is None else np.argsort(cols)
+            self._buffers["order", N, cols is None] = order
+        products.pack_sums_cpu(dZp, sums, d2, order, self.n)
+        return dZp, sums
 
     def weight_grads(self, X, S, dP, dR, cols=None):
         """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t), in the
         natural column order: one product over the T·B rows each (the h_0 rows skipped when
-        h_0 = 0; a scatter-add for token ids).  dR is packed once, and that packing serves
-        ∂W_xh too when dP is dR (a cell whose input and recurrent sides share one dZ)."""
+        h_0 = 0; a scatter-add for token ids).  dR is packed once, ∂b summed as it is packed,
+        and that packing serves ∂W_xh too when dP is dR (a cell whose input and recurrent
+        sides share one dZ)."""
         T, B, GH = dR.shape
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
-        db = np.empty(GH, dR.dtype)
-        dRp = self._packed_rows(dR, cols, "dRp")
-        projections.recurrent_grads_cpu(dW_hh, db, dR.reshape(T * B, GH), dRp, self.transposed_states(S), k0,
-                                        self.blk("grad"), self.n)
+        dRp, db = self._packed_rows(dR, cols, "dRp")
+        projections.recurrent_grads_cpu(dW_hh, dRp, self.transposed_states(S), k0, self.blk("grad"), self.n)
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
         if X.ndim == 2:
             projections.embed_tokens_backward_cpu(dW_xh, dP, X)
@@ -351,9 +352,9 @@ class Run(LayerParams):
             X2 = X.reshape(T * B, -1)
             XT, = self.scratch("XT", [(X2.shape[1], T * B)])
             transpose_cpu(XT, X2, self.n)
-            dPp = dRp if dP is dR else self._packed_rows(dP, cols, "dPp")
+            dPp = dRp if dP is dR else self._packed_rows(dP, cols, "dPp")[0]
             projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad"), self.n)
-        return dW_xh, dW_hh, self.natural(db, cols)
+        return dW_xh, dW_hh, db
 
     def input_adjoint(self, l, dP, G, out=None):
         """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""

@@ -321,19 +321,36 @@ def packed_shape(K, N):
     return (-(-N // PANEL), K, PANEL)
 
 
+#: rows of B copied to every panel of a chunk before the next rows: a block reads a few
+#: dozen pages of B and writes one page per panel, where a panel at a time walks every page
+#: of a large B (one TLB miss per row); see docs/performance.md, "packing"
+PACK_ROWS = 64
+
+
+@njit(inline="always")
+def _is_run(cols, j0, w):
+    """whether cols[j0:j0+w] are consecutive (a copy, not a gather)"""
+    run = True
+    for l in range(w):
+        run = run and cols[j0 + l] == cols[j0] + l
+    return run
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _pack(Bp, B, p0, p1):
     """panels [p0, p1) of Bp ← B: Bp[p, k, l] = B[k, p·PANEL + l], 0 past B's N columns"""
     K, N = B.shape
     for p in range(p0, p1):
-        j0 = p * PANEL
-        w = min(PANEL, N - j0)
-        dst = Bp[p]
-        for k in range(K):
-            for l in range(w):
-                dst[k, l] = B[k, j0 + l]
-            for l in range(w, PANEL):
-                dst[k, l] = 0
+        w = min(PANEL, N - p * PANEL)
+        Bp[p, :, w:] = 0
+    for k0 in range(0, K, PACK_ROWS):
+        for p in range(p0, p1):
+            j0 = p * PANEL
+            w = min(PANEL, N - j0)
+            dst = Bp[p]
+            for k in range(k0, min(k0 + PACK_ROWS, K)):
+                for l in range(w):
+                    dst[k, l] = B[k, j0 + l]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -351,33 +368,70 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
     with ``transposed``, its transpose (K = len(cols), N = W's rows): a gated cell's weight in
     the engine's column order (``interleaved``) without a permuted copy · n chunks of panels"""
     P, K, _ = Bp.shape
+    N = W.shape[0] if transposed else cols.shape[0]
     for c in prange(n):
-        for p in range(P * c // n, P * (c + 1) // n):
-            j0 = p * PANEL
-            dst = Bp[p]
-            dst[:] = 0
-            if transposed:                          # B[k, j] = W[j, cols[k]]
-                w = min(PANEL, W.shape[0] - j0)
+        p0, p1 = P * c // n, P * (c + 1) // n
+        for p in range(p0, p1):
+            Bp[p, :, min(PANEL, N - p * PANEL):] = 0
+        if transposed:                              # B[k, j] = W[j, cols[k]]: 16 rows of W a panel
+            for p in range(p0, p1):
+                j0 = p * PANEL
+                dst = Bp[p]
                 for k in range(K):
                     ck = cols[k]
-                    for l in range(w):
+                    for l in range(min(PANEL, N - j0)):
                         dst[k, l] = W[j0 + l, ck]
-            else:                                   # B[k, j] = W[k, cols[j]]
-                w = min(PANEL, cols.shape[0] - j0)
-                run = True                          # a run of W's columns: a copy, not a gather
-                for l in range(w):
-                    run = run and cols[j0 + l] == cols[j0] + l
-                if run:
+        else:                                       # B[k, j] = W[k, cols[j]], in blocks of rows
+            for k0 in range(0, K, PACK_ROWS):
+                for p in range(p0, p1):
+                    j0 = p * PANEL
+                    w = min(PANEL, N - j0)
+                    dst = Bp[p]
+                    if _is_run(cols, j0, w):
+                        s0 = cols[j0]
+                        for k in range(k0, min(k0 + PACK_ROWS, K)):
+                            src = W[k, s0:s0 + w]
+                            for l in range(w):
+                                dst[k, l] = src[l]
+                    else:
+                        for k in range(k0, min(k0 + PACK_ROWS, K)):
+                            row = W[k]
+                            for l in range(w):
+                                dst[k, l] = row[cols[j0 + l]]
+
+
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def pack_sums_cpu(Bp, sums, D, cols, n):
+    """Bp ← B packed (see packed_shape) and sums = Σ_k B[k], B = D[:, cols] (K = D's rows,
+    N = len(cols)): a weight gradient's right factor and its bias gradient from one read of D
+    (each column summed over k in order, as :func:`column_sums`) · n chunks of panels"""
+    P, K, _ = Bp.shape
+    N = cols.shape[0]
+    for c in prange(n):
+        p0, p1 = P * c // n, P * (c + 1) // n
+        for p in range(p0, p1):
+            j0 = p * PANEL
+            Bp[p, :, min(PANEL, N - j0):] = 0
+            sums[j0:min(j0 + PANEL, N)] = 0
+        for k0 in range(0, K, PACK_ROWS):
+            for p in range(p0, p1):
+                j0 = p * PANEL
+                w = min(PANEL, N - j0)
+                dst, s = Bp[p], sums[j0:j0 + w]
+                if _is_run(cols, j0, w):
                     s0 = cols[j0]
-                    for k in range(K):
-                        src = W[k, s0:s0 + w]
+                    for k in range(k0, min(k0 + PACK_ROWS, K)):
+                        src, d = D[k, s0:s0 + w], dst[k]
                         for l in range(w):
-                            dst[k, l] = src[l]
+                            d[l] = src[l]
+                            s[l] += src[l]
                 else:
-                    for k in range(K):
-                        row = W[k]
+                    for k in range(k0, min(k0 + PACK_ROWS, K)):
+                        row, d = D[k], dst[k]
                         for l in range(w):
-                            dst[k, l] = row[cols[j0 + l]]
+                            x = row[cols[j0 + l]]
+                            d[l] = x
+                            s[l] += x
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

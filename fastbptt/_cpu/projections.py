@@ -10,7 +10,7 @@ G·H is the width of a cell's pre-activations (G = 1 for the Elman cell).
 from numba import njit, prange
 
 from ..config import FASTMATH
-from .products import NO_POST, _0, chunk, column_sums, matmul, matmul_k, row_chunk
+from .products import NO_POST, _0, chunk, matmul, matmul_k, row_chunk
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -73,19 +73,18 @@ def embed_dense_backward_cpu(dW_xh, XT, dZp, blk, n):
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def recurrent_grads_cpu(dW_hh, db_h, dZ2, dZp, HxT, t0B, blk, n):
-    """∂W_hh = Σ_{t>t0} h_{t-1}ᵀ dz_t,  ∂b_h = Σ_t Σ_b dz_t   (one product over the T·B rows)
+def recurrent_grads_cpu(dW_hh, dZp, HxT, t0B, blk, n):
+    """∂W_hh = Σ_{t>t0} h_{t-1}ᵀ dz_t   (one product over the T·B rows; ∂b_h comes with the
+    packing of dZ, :func:`fastbptt._cpu.products.pack_sums_cpu`)
 
-    dW_hh (H,G·H) out · db_h (G·H,) out · dZ2 (T·B,G·H) · dZp: dZ2 packed ·
-    HxT (H,(T+1)·B) h_0..h_T transposed (the product's A: row i is h[:, i] over the rows) ·
-    t0B: B when h_0 = 0 (its term vanishes: the product starts at row t0B), else 0 ·
-    blk (kc, mc) · n column chunks
+    dW_hh (H,G·H) out · dZp: dZ (T·B,G·H) packed · HxT (H,(T+1)·B) h_0..h_T transposed (the
+    product's A: row i is h[:, i] over the rows) · t0B: B when h_0 = 0 (its term vanishes:
+    the product starts at row t0B), else 0 · blk (kc, mc) · n column chunks
     """
     for c in prange(n):
         j0, j1 = chunk(dW_hh.shape[1], c, n)
         dW_hh[:, j0:j1] = 0
-        matmul_k(dW_hh, HxT, dZp, dZ2.dtype.type(1), j0, j1, _0, t0B, dZ2.shape[0], NO_POST, blk)
-        column_sums(db_h, dZ2, j0, j1)
+        matmul_k(dW_hh, HxT, dZp, dW_hh.dtype.type(1), j0, j1, _0, t0B, dZp.shape[1], NO_POST, blk)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
