@@ -251,6 +251,8 @@ def _tune_parser(sub):
                    help="batch sizes of the sweeps to measure (default: %(default)s)")
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], metavar="H",
                    help="hidden sizes of the sweeps to measure (default: %(default)s)")
+    p.add_argument("--cell", nargs="+", choices=("rnn", "gru", "lstm"), default=["rnn", "gru", "lstm"],
+                   help="the cells whose sweeps to measure (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_tune)
 
@@ -264,7 +266,9 @@ def _run_tune(args):
             raise ValueError(f"--{name}: expected positive integers, got {getattr(args, name)}")
     shapes = {(B, H) for B in args.batch for H in args.hidden}
     shapes |= {(B, H) for _, B, _, H in bench.CONFIGS.values()}
-    p = tune(progress=not args.quiet, sweeps=[(np.float32, B, H) for B, H in sorted(shapes)])
+    shapes |= {(B, H) for _, B, _, H, _, _ in bench.GATED_CONFIGS.values()}
+    sweeps = [(cell, np.float32, B, H) for cell in args.cell for B, H in sorted(shapes)]
+    p = tune(progress=not args.quiet, sweeps=sweeps)
     print(plan.describe(p))
     print(f"written: {p.path}")
     return 0

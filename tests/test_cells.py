@@ -92,7 +92,7 @@ def test_degenerate_sizes(cell, T, B, H, rng):
 def test_sweeps_are_exact_on_any_lanes(cell, lanes, rng, monkeypatch):
     # more lanes than threads, narrow lanes and an empty one (H = 40 in chunks of 16 units)
     blk = np.array([64, 64], np.int64)
-    monkeypatch.setattr(plan.Plan, "sweep", lambda self, dtype, B, H: (lanes, blk))
+    monkeypatch.setattr(plan.Plan, "sweep", lambda self, cell, dtype, B, H: (lanes, blk))
     params, X, Y, given, h0, c0 = case(rng, cell, 2, T=5, B=3, H=40)
     for truncation in (None, fastbptt.Truncated(2)):         # the sweeps, and the chains
         want = reference_for(params, cell, X, Y, h0, c0, truncation, 5)
@@ -113,7 +113,7 @@ def test_row_split_sweeps_sum_each_row_as_one_lane(cell, rng, monkeypatch):
     got = {}
     try:
         for lanes in (1, -2, -3):
-            monkeypatch.setattr(plan.Plan, "sweep", lambda self, dtype, B, H, n=lanes: (n, blk))
+            monkeypatch.setattr(plan.Plan, "sweep", lambda self, cell, dtype, B, H, n=lanes: (n, blk))
             for threads in (1, 2):
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
                 for k in (None, 2):

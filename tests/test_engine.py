@@ -11,7 +11,7 @@ import pytest
 import fastbptt
 import reference
 from fastbptt import config
-from fastbptt._cpu import elman, plan, products, team
+from fastbptt._cpu import elman, lstm, plan, products, team
 from fastbptt._cpu.products import PANEL, packed, packed_shape
 
 BLK = np.array([64, 32])
@@ -105,20 +105,29 @@ def test_plan_is_measured_once_persisted_and_read_back(plan_dir):
     p = plan.current(2)
     assert not os.path.exists(p.path)
     assert p.blocking == plan.DEFAULT_BLOCKING and not p.tuned
-    lanes, blk = p.sweep(np.float32, 4, 96)                      # measured now, then kept
+    lanes, blk = p.sweep(elman, np.float32, 4, 96)                      # measured now, then kept
     assert lanes in (1, 2, -2) and tuple(blk) in plan.STEP_BLOCKING
     with open(p.path) as f:
         data = json.load(f)
     assert data["key"] == plan.machine_key(2)
-    assert data["sweeps"] == {"float32 B=4 H=96": [lanes, int(blk[0]), int(blk[1])]}
+    assert data["sweeps"] == {"elman float32 B=4 H=96": [lanes, int(blk[0]), int(blk[1])]}
     plan.forget()
     again = plan.current(2)
-    assert again is not p and again.sweeps == {"float32 B=4 H=96": (lanes, int(blk[0]), int(blk[1]))}
+    assert again is not p and again.sweeps == {"elman float32 B=4 H=96": (lanes, int(blk[0]), int(blk[1]))}
     assert plan.current(1).path != again.path                   # the thread count is in the key
-    again.sweeps["float32 B=32 H=96"] = (-2, 128, 64)           # a row split is kept as well
+    again.sweeps["elman float32 B=32 H=96"] = (-2, 128, 64)           # a row split is kept as well
     again.save()
     plan.forget()
-    assert plan.current(2).sweeps["float32 B=32 H=96"] == (-2, 128, 64)
+    assert plan.current(2).sweeps["elman float32 B=32 H=96"] == (-2, 128, 64)
+
+
+@pytest.mark.parametrize("cell,name", [("rnn", "elman"), ("gru", "gru"), ("lstm", "lstm")])
+def test_each_cell_measures_its_own_sweeps(plan_dir, cell, name, rng):
+    # a gated step is a product G times as wide with a pointwise part of its own: the plan
+    # times the cell's own sweep, under the cell's own key
+    params = fastbptt.init_params(8, 24, 8, cell=cell, seed=0)
+    fastbptt.loss_and_grad(params, rng.integers(0, 8, (3, 5)), rng.integers(0, 8, (3, 5)))
+    assert list(plan.current(team.max_threads()).sweeps) == [f"{name} float32 B=5 H=24"]
 
 
 def test_first_use_measures_the_products_blocking(plan_dir, monkeypatch):
@@ -141,9 +150,9 @@ def test_plan_key_names_the_machine_and_versions():
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [0, 64], '
                                      '"grad": [128, 64]}, "sweeps": {}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
-                                     '"grad": [128, 64]}, "sweeps": {"float32 B=1 H=8": [2]}}',
+                                     '"grad": [128, 64]}, "sweeps": {"elman float32 B=1 H=8": [2]}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
-                                     '"grad": [128, 64]}, "sweeps": {"float32 B=8 H=8": [-1, 128, 64]}}'])
+                                     '"grad": [128, 64]}, "sweeps": {"elman float32 B=8 H=8": [-1, 128, 64]}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()
@@ -160,7 +169,7 @@ def test_plan_from_another_machine_is_not_used(plan_dir):
     other = dict(plan.machine_key(2), cpu="Some Other CPU")
     with open(path, "w") as f:
         json.dump({"format": plan.FORMAT, "key": other, "tuned": True, "blocking": {k: [512, 128] for k in
-                   plan.DEFAULT_BLOCKING}, "sweeps": {"float32 B=1 H=64": [2, 512, 64]}}, f)
+                   plan.DEFAULT_BLOCKING}, "sweeps": {"elman float32 B=1 H=64": [2, 512, 64]}}, f)
     with pytest.warns(RuntimeWarning, match="made for"):
         p = plan.current(2)
     assert p.blocking == plan.DEFAULT_BLOCKING and p.sweeps == {} and not p.tuned
@@ -170,12 +179,12 @@ def test_tune_measures_every_kind_and_saves(plan_dir, monkeypatch):
     monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
     monkeypatch.setattr(plan, "KC_CANDIDATES", (16, 512))
     monkeypatch.setattr(plan, "MC_CANDIDATES", (4, 64))
-    p = plan.tune(2, progress=False, sweeps=[(np.float32, 2, 48)])
+    p = plan.tune(2, progress=False, sweeps=[(elman, np.float32, 2, 48), (lstm, np.float32, 2, 48)])
     assert p.tuned and set(p.blocking) == set(plan.DEFAULT_BLOCKING)
     assert all(b[0] in (16, 512) and b[1] in (4, 64) for b in p.blocking.values())
     with open(p.path) as f:
         data = json.load(f)
-    assert data["tuned"] and "float32 B=2 H=48" in data["sweeps"]
+    assert data["tuned"] and {"elman float32 B=2 H=48", "lstm float32 B=2 H=48"} <= set(data["sweeps"])
     assert "tuned" in plan.describe(p)
 
 
@@ -193,7 +202,7 @@ def test_results_do_not_depend_on_the_thread_count_for_a_fixed_plan(rng, plan_di
             results = []
             for n in (1, 2):
                 numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-                plan.current(team.max_threads()).sweeps["float32 B=7 H=100"] = (lanes, 128, 64)
+                plan.current(team.max_threads()).sweeps["elman float32 B=7 H=100"] = (lanes, 128, 64)
                 results.append(fastbptt.loss_and_grad(params, X, Y))
             (l1, g1, h1), (l2, g2, h2) = results
             assert l1 == l2 and np.array_equal(h1, h2)
@@ -397,11 +406,13 @@ def test_tune_command_measures_and_prints_the_plan(plan_dir, monkeypatch, capsys
     from fastbptt import bench, cli
     monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
     monkeypatch.setattr(bench, "CONFIGS", {"tiny": (4, 2, 8, 32)})
+    monkeypatch.setattr(bench, "GATED_CONFIGS", {"tiny": (4, 2, 8, 32, 8, False)})
     with pytest.raises(SystemExit) as done:
-        cli.main(["tune", "--batch", "1", "3", "--hidden", "16", "--quiet"])
+        cli.main(["tune", "--batch", "1", "3", "--hidden", "16", "--cell", "rnn", "lstm", "--quiet"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "tuned" in out and "3 sweep shapes measured" in out
+    assert "tuned" in out and "6 sweep shapes measured" in out          # 3 shapes of each cell
+    assert {k.split()[0] for k in plan.current(team.max_threads()).sweeps} == {"elman", "lstm"}
     with pytest.raises(SystemExit) as done:
         cli.main(["tune", "--batch", "0", "--quiet"])
     assert done.value.code == 2 and "--batch" in capsys.readouterr().err

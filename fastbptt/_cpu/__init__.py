@@ -168,8 +168,8 @@ class Run(LayerParams):
         return self.plan.blk(kind)
 
     def sweep(self, B, H):
-        """(lanes, blk) of a sweep of B x H steps"""
-        return self.plan.sweep(self.dtype, B, H)
+        """(lanes, blk) of a sweep of the call's cell on B x H steps"""
+        return self.plan.sweep(self.cell, self.dtype, B, H)
 
     def packed(self, key, transposed=False, cols=None):
         """the weight P[key] (its columns in the order cols, or all), or its transpose, packed
@@ -386,8 +386,9 @@ def begin(P, X, kind, cell, L, keep=False):
 
 
 def tune(progress=True, sweeps=()):
-    """measure this machine's plan now (``fastbptt tune``) and return it"""
-    return plan.tune(team.max_threads(), progress, sweeps)
+    """measure this machine's plan now (``fastbptt tune``) and return it; sweeps: (cell
+    name, dtype, B, H)"""
+    return plan.tune(team.max_threads(), progress, [(CELLS[c], *rest) for c, *rest in sweeps])
 
 
 def current_plan():

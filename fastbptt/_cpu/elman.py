@@ -178,6 +178,19 @@ def forward(run, l, X, state0, act):
     return SimpleNamespace(S=S)
 
 
+def sweep_probe(dt, B, H, T, rng):
+    """fn(blk, lanes, threads): a forward sweep of T steps of B x H on random data, for the
+    plan to time (fastbptt._cpu.plan.measure_sweep)"""
+    Wp = products.packed((rng.standard_normal((H, H)) / np.sqrt(H)).astype(dt), 1)
+    pre = rng.standard_normal((T + 1, B, H)).astype(dt)
+    Hx = products.empty(pre.shape, dt)
+
+    def fn(blk, lanes, threads):
+        Hx[:] = pre
+        forward_cpu(Hx, Wp, 0, blk, lanes, threads)
+    return fn
+
+
 def given(run, l, X, S, state0, act):
     """the forward's record from the caller's states S (T+1,B,H) h_0..h_T"""
     return SimpleNamespace(S=S)

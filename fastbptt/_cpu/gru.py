@@ -29,6 +29,7 @@ from numba import njit, prange
 from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
+from . import products
 from .products import NO_POST, _0, chunk, matmul_k
 
 G = 3
@@ -212,6 +213,21 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
     dh0 = run.cross(dR[0], W_hhTp, xi[0])
     dh0 += xi[0] * carry
     return weight_grads(run, l, X, lay, dP, dR), (dh0,), run.input_adjoint(l, dP, G) if want_dx else None
+
+
+def sweep_probe(dt, B, H, T, rng):
+    """fn(blk, lanes, threads): a forward sweep of T steps of B x H on random data, for the
+    plan to time (fastbptt._cpu.plan.measure_sweep)"""
+    Wp = products.packed((rng.standard_normal((H, G * H)) / np.sqrt(H)).astype(dt), 1)
+    pre = rng.standard_normal((T, B, G * H)).astype(dt)
+    S = products.empty((T + 1, B, H), dt)
+    S[:] = rng.standard_normal((T + 1, B, H))
+    Z, N = products.empty(pre.shape, dt), rng.standard_normal((T, B, H)).astype(dt)
+
+    def fn(blk, lanes, threads):
+        Z[:] = pre
+        forward_cpu(S, Z, N, Wp, blk, lanes, threads)
+    return fn
 
 
 def given(run, l, X, S, state0, act):

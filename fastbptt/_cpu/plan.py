@@ -10,10 +10,12 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   head, the input projection: T·B rows) and "grad" (the weight gradients: K = T·B).
   Measured the first time the engine runs on a machine (about two seconds) and again by
   :func:`tune` (``fastbptt tune``); DEFAULT_BLOCKING with ``config.CPU_AUTOTUNE = False``.
-- **sweeps**, per (dtype, B, H): how a sweep's steps split, 1 (one lane), n (n column
-  lanes, one per thread) or -n (the rows in n chunks, each a one-lane sweep of its own
-  rows, no waits; ``lanes.run_lanes``), and the blocking of its steps.  Measured the first time a sweep of that shape runs (a
-  few steps of each candidate, well under a second) and added to the plan.
+- **sweeps**, per (cell, dtype, B, H): how a sweep's steps split, 1 (one lane), n (n
+  column lanes, one per thread) or -n (the rows in n chunks, each a one-lane sweep of its
+  own rows, no waits; ``lanes.run_lanes``), and the blocking of its steps.  Measured on
+  that cell's own forward sweep (its ``sweep_probe``: a gated cell's step is a product G
+  times as wide, with its own pointwise part) the first time a sweep of that shape runs (a
+  few steps of each candidate, well under a second), and added to the plan.
 
 A plan file that cannot be read, has another format, or was made on another machine
 (its key differs) is ignored with a warning.  Results are deterministic for a fixed plan
@@ -37,7 +39,7 @@ import numpy as np
 from .. import config
 from .cache import cache_dir
 
-FORMAT = 3
+FORMAT = 4
 #: the tile's blocking without a plan: K slices of 128 keep a tile column's slice of B
 #: (128 x 64 float32) in a 48 KiB L1; see docs/performance.md
 DEFAULT_BLOCKING = {"rows": (128, 64), "grad": (128, 64)}
@@ -45,7 +47,7 @@ KC_CANDIDATES = (64, 128, 256, 512)
 MC_CANDIDATES = (32, 64, 128)
 #: a sweep's steps are measured with these (kc, mc)
 STEP_BLOCKING = ((64, 64), (128, 64), (256, 64), (512, 64))
-#: a sweep step of at least this many multiply-adds (B·H²) runs on every thread, its
+#: a sweep step of at least this many multiply-adds (B·G·H²) runs on every thread, its
 #: blocking measured on one
 SPLIT_ALWAYS_MACS = 1 << 22
 
@@ -71,8 +73,13 @@ def machine_key(threads):
 
 
 @functools.lru_cache(maxsize=1024)            # every call asks: numpy's dtype.name is slow
-def _sweep_key(dtype, B, H):
-    return f"{np.dtype(dtype).name} B={B} H={H}"
+def _sweep_key(cell, dtype, B, H):
+    return f"{cell_name(cell)} {np.dtype(dtype).name} B={B} H={H}"
+
+
+def cell_name(cell):
+    """a cell module's name in the plan: ``elman``, ``gru``, ``lstm``"""
+    return cell.__name__.rpartition(".")[2]
 
 
 class Plan:
@@ -141,17 +148,18 @@ class Plan:
             got = self._arrays[choice] = np.array(choice, np.int64)
         return got
 
-    def sweep(self, dtype, B, H):
-        """(lanes, blk) for a sweep of B rows and H columns: from the plan, else measured now
-        and added to it.  The lanes fix the order of the steps' sums (each lane adds its own
-        K range first), so they stay whatever thread count a call then runs on."""
-        key = _sweep_key(dtype, B, H)
+    def sweep(self, cell, dtype, B, H):
+        """(lanes, blk) for a sweep of ``cell`` (its module) on B rows and H units: from the
+        plan, else measured now and added to it.  The lanes fix the order of the steps' sums
+        (each lane adds its own K range first), so they stay whatever thread count a call
+        then runs on."""
+        key = _sweep_key(cell, dtype, B, H)
         choice = self.sweeps.get(key)
         if choice is None:
             with self._lock:
                 choice = self.sweeps.get(key)
                 if choice is None:
-                    choice = self.sweeps[key] = measure_sweep(dtype, B, H, self.key["threads"])
+                    choice = self.sweeps[key] = measure_sweep(cell, dtype, B, H, self.key["threads"])
                     self.save()
         return choice[0], self._array(choice[1:])
 
@@ -208,32 +216,26 @@ def _fastest(fns, rounds):
     return int(np.argmin(best))
 
 
-def measure_sweep(dtype, B, H, threads):
-    """(lanes, kc, mc): the fastest forward sweeps of B x H steps (a few steps, best of 5)
-    on one lane, ``threads`` column lanes or ``threads`` row chunks (lanes = -threads; when
-    each has a 4-row tile), with each of STEP_BLOCKING; a step of at least SPLIT_ALWAYS_MACS
-    runs on every thread, its blocking measured on one lane"""
-    from . import elman
-    from .products import empty, packed
-    rng = np.random.default_rng(0)
+def measure_sweep(cell, dtype, B, H, threads):
+    """(lanes, kc, mc): the fastest forward sweeps of ``cell`` (its module's
+    ``sweep_probe``) on B x H steps (a few steps, best of 5) on one lane, ``threads``
+    column lanes or ``threads`` row chunks (lanes = -threads; when each has a 4-row tile),
+    with each of STEP_BLOCKING; a step of at least SPLIT_ALWAYS_MACS runs on every thread,
+    its blocking measured on one"""
     dt = np.dtype(dtype)
-    T = int(min(64, max(2, (1 << 20) // max(1, B * H * H))))
-    W = (rng.standard_normal((H, H)) / np.sqrt(H)).astype(dt)
-    Wp = packed(W, 1)
-    pre = rng.standard_normal((T + 1, B, H)).astype(dt)
-    Hx = empty(pre.shape, dt)
-    act = 0
+    macs = B * cell.G * H * H                   # one step's product
+    T = int(min(64, max(2, (1 << 20) // max(1, macs))))
+    probe = cell.sweep_probe(dt, B, H, T, np.random.default_rng(0))
 
     def run(lanes, kc, mc):
         blk = np.array([kc, mc], np.int64)
 
         def fn():
-            Hx[:] = pre
             with numba_threads(abs(lanes)):
-                elman.forward_cpu(Hx, Wp, act, blk, lanes, abs(lanes))
+                probe(blk, lanes, abs(lanes))
         return fn
 
-    split = threads > 1 and B * H * H >= SPLIT_ALWAYS_MACS
+    split = threads > 1 and macs >= SPLIT_ALWAYS_MACS
     rows = (-threads,) if threads > 1 and B >= 4 * threads else ()     # a 4-row tile per chunk
     lanes = (1,) if threads == 1 or split else (1, threads) + rows
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
@@ -296,8 +298,8 @@ def tune_products(plan, bar=None):
 
 
 def tune(threads, progress=True, sweeps=()):
-    """Measure the blocking of every product kind, and the sweeps of each (dtype, B, H) in
-    ``sweeps``, again (with a progress bar); save the plan and return it."""
+    """Measure the blocking of every product kind, and the sweeps of each (cell module,
+    dtype, B, H) in ``sweeps``, again (with a progress bar); save the plan and return it."""
     from tqdm.auto import tqdm
     plan = current(threads)
     grid = len(KC_CANDIDATES) * len(MC_CANDIDATES)
@@ -305,8 +307,8 @@ def tune(threads, progress=True, sweeps=()):
     with tqdm(total=total, disable=not progress, desc="fastbptt tune", unit="case", leave=False) as bar:
         tune_products(plan, bar)
         plan.sweeps.clear()
-        for dtype, B, H in sweeps:
-            plan.sweep(dtype, B, H)
+        for cell, dtype, B, H in sweeps:
+            plan.sweep(cell, dtype, B, H)
             bar.update(1)
     plan.save()
     return plan
