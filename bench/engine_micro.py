@@ -14,6 +14,8 @@
                                             # the engine's transpose, torch
     python bench/engine_micro.py blas CELL T B D H  # rnn_forward + rnn_backward with the weight gradients
                                             # by the tile or by numpy's BLAS (each in a process of its own)
+    python bench/engine_micro.py blocking   # products over all rows, on every thread, with each blocking:
+                                            # the worst, the kind's one blocking, the shape's own (the plan's)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -229,6 +231,36 @@ def bench_blas():
         subprocess.run([sys.executable, __file__, "blas-child", *args, mode], check=True)
 
 
+def bench_blocking():
+    """GFLOP/s of the products over all rows of the gated configs, split as their kernels
+    split them, with the grid's worst blocking, the kind's one blocking (the plan's, for
+    every shape of that kind) and the blocking measured for the shape"""
+    from fastbptt._cpu import plan, products, projections, team
+    threads = team.max_threads()
+    p = plan.current(threads)
+    rng = np.random.default_rng(0)
+    cases = [("rows", "rows", 1600, 512, 2048, "deepbench x W_xh"), ("rows", "rows", 1024, 1024, 3072, "wide x W_xh"),
+             ("grad", "cols", 512, 1600, 2048, "deepbench dW"), ("grad", "cols", 1024, 1024, 3072, "wide dW"),
+             ("grad", "cols", 256, 1120, 1024, "d2l lstm dW_hh")]
+    for kind, split, M, K, N, name in cases:
+        A = rng.standard_normal((M, K)).astype(np.float32)
+        Bp = products.packed(rng.standard_normal((K, N)).astype(np.float32), threads)
+        C, b = products.empty((M, N), np.float32), np.zeros(N, np.float32)
+
+        def rate(blk):
+            blk = np.array(blk, np.int64)
+            if split == "rows":
+                ms = best_ms(lambda: projections.embed_dense_cpu(C, A, Bp, b, blk, threads), reps=3)
+            else:
+                ms = best_ms(lambda: products.gemm_cpu(C, A, Bp, np.float32(1), blk, threads), reps=3)
+            return 2 * M * K * N / ms / 1e6
+        grid = {(kc, mc): rate((kc, mc)) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
+        own = tuple(p.blk(kind, np.float32, M, K, N, split))
+        print(f"{name} ({M},{K})·({K},{N}), {threads} threads, GFLOP/s: worst {min(grid.values()):.0f}, "
+              f"kind's {p.blocking[kind]} {grid[p.blocking[kind]]:.0f}, shape's own {own} {grid[own]:.0f}, "
+              f"best {max(grid.values()):.0f}")
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -239,4 +271,4 @@ if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
-     "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "blocking": bench_blocking, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -61,5 +61,6 @@ CUDA_USE_CUPY = True
 CPU_SCRATCH_BYTES = 256 << 20
 
 #: Measure the CPU products' blocking the first time the engine runs on a machine (about
-#: two seconds, kept in the plan: ``fastbptt._cpu.plan``); False: the documented defaults.
+#: two seconds), and a large product's own the first time one of its shape runs (kept in
+#: the plan: ``fastbptt._cpu.plan``); False: the documented defaults.
 CPU_AUTOTUNE = True

@@ -108,7 +108,7 @@ def test_row_split_sweeps_sum_each_row_as_one_lane(cell, rng, monkeypatch):
     import numba
     params, X, Y, given, h0, c0 = case(rng, cell, 2, T=5, B=13, H=40)
     blk = np.array([64, 64], np.int64)
-    monkeypatch.setattr(plan.Plan, "blk", lambda self, kind: blk)
+    monkeypatch.setattr(plan.Plan, "blk", lambda self, kind, *shape: blk)
     before = numba.get_num_threads()
     got = {}
     try:

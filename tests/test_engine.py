@@ -130,6 +130,24 @@ def test_each_cell_measures_its_own_sweeps(plan_dir, cell, name, rng):
     assert list(plan.current(team.max_threads()).sweeps) == [f"{name} float32 B=5 H=24"]
 
 
+def test_a_large_product_measures_its_own_blocking_once(plan_dir, monkeypatch):
+    monkeypatch.setattr(config, "CPU_AUTOTUNE", True)
+    monkeypatch.setattr(plan, "MEASURE_MACS", 1000)
+    monkeypatch.setattr(plan, "PROBE_ROWS", 24)
+    p = plan.Plan(plan.machine_key(2), str(plan_dir / "p.json"))
+    grid = {(kc, mc) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
+    assert tuple(p.blk("rows", np.float32, 4, 10, 20)) == p.blocking["rows"]        # 800 < MEASURE_MACS
+    blk = p.blk("rows", np.float32, 50, 40, 20, split="rows")        # measured on 24 of its rows
+    assert tuple(blk) in grid and list(p.products) == ["rows float32 M=24 K=40 N=20"]
+    assert p.blk("rows", np.float32, 90, 40, 20, split="rows") is blk          # the same key: kept
+    p.blk("grad", np.float32, 30, 40, 20)
+    assert set(p.products) == {"rows float32 M=24 K=40 N=20", "cols float32 M=24 K=40 N=20"}
+    again = plan.Plan(p.key, p.path).load()                           # persisted, read back
+    assert again.products == p.products
+    monkeypatch.setattr(config, "CPU_AUTOTUNE", False)                # the documented defaults
+    assert tuple(again.blk("grad", np.float32, 500, 40, 200)) == again.blocking["grad"]
+
+
 def test_first_use_measures_the_products_blocking(plan_dir, monkeypatch):
     monkeypatch.setattr(config, "CPU_AUTOTUNE", True)
     monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
@@ -152,7 +170,10 @@ def test_plan_key_names_the_machine_and_versions():
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
                                      '"grad": [128, 64]}, "sweeps": {"elman float32 B=1 H=8": [2]}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
-                                     '"grad": [128, 64]}, "sweeps": {"elman float32 B=8 H=8": [-1, 128, 64]}}'])
+                                     '"grad": [128, 64]}, "sweeps": {"elman float32 B=8 H=8": [-1, 128, 64]}}',
+                                     '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
+                                     '"grad": [128, 64]}, "sweeps": {}, '
+                                     '"products": {"cols float32 M=1 K=1 N=1": [0, 64]}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()

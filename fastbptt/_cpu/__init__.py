@@ -164,8 +164,10 @@ class Run(LayerParams):
         self._call.__exit__(*exc)
 
     # ------------------------------------------------------------------- the engine
-    def blk(self, kind):
-        return self.plan.blk(kind)
+    def blk(self, kind, M=0, K=0, N=0, split="cols"):
+        """the blocking of a product (M,K) x (K,N) of ``kind`` split by ``split`` (the plan's
+        for its shape)"""
+        return self.plan.blk(kind, self.dtype, M, K, N, split)
 
     def sweep(self, B, H):
         """(lanes, blk) of a sweep of the call's cell on B x H steps"""
@@ -291,8 +293,9 @@ class Run(LayerParams):
             W = self.P[key] if cols is None else np.ascontiguousarray(self.P[key][:, cols])
             projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.n)
         else:
-            projections.embed_dense_cpu(out, X.reshape(self.T * self.B, -1), self.packed(key, cols=cols),
-                                        bias, self.blk("rows"), self.n)
+            X2 = X.reshape(self.T * self.B, -1)
+            projections.embed_dense_cpu(out, X2, self.packed(key, cols=cols), bias,
+                                        self.blk("rows", *X2.shape, out.shape[1], split="rows"), self.n)
 
     def head_loss(self, S, Y):
         T, B, H = S.shape[0] - 1, self.B, self.H
@@ -343,7 +346,8 @@ class Run(LayerParams):
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
         dRp, db = self._packed_rows(dR, cols, "dRp")
-        projections.recurrent_grads_cpu(dW_hh, dRp, self.transposed_states(S), k0, self.blk("grad"), self.n)
+        projections.recurrent_grads_cpu(dW_hh, dRp, self.transposed_states(S), k0,
+                                        self.blk("grad", self.H, T * B, GH), self.n)
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
         if X.ndim == 2:
             projections.embed_tokens_backward_cpu(dW_xh, dP, X)
@@ -353,7 +357,7 @@ class Run(LayerParams):
             XT, = self.scratch("XT", [(X2.shape[1], T * B)])
             transpose_cpu(XT, X2, self.n)
             dPp = dRp if dP is dR else self._packed_rows(dP, cols, "dPp")[0]
-            projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad"), self.n)
+            projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad", *XT.shape, GH), self.n)
         return dW_xh, dW_hh, db
 
     def input_adjoint(self, l, dP, G, out=None):
@@ -362,15 +366,16 @@ class Run(LayerParams):
         if out is None:
             out = np.zeros(dP.shape[:-1] + (self.P[W].shape[0],), dP.dtype)
         WTp = self.packed(W, transposed=True, cols=self.columns(G) if G > 1 else None)
-        gemm_cpu(out.reshape(-1, out.shape[-1]), dP.reshape(-1, dP.shape[-1]), WTp, dP.dtype.type(1),
-                 self.blk("rows"), self.n)
+        out2, dP2 = out.reshape(-1, out.shape[-1]), dP.reshape(-1, dP.shape[-1])
+        gemm_cpu(out2, dP2, WTp, dP.dtype.type(1), self.blk("rows", *dP2.shape, out2.shape[1]), self.n)
         return out
 
     def recurrent_adjoint(self, l, dR, G, out):
         """out (rows,H) += dR W_hhᵀ"""
         WTp = self.packed(self.key("W_hh", l), transposed=True, cols=self.columns(G) if G > 1 else None)
-        gemm_cpu(out.reshape(-1, self.H), dR.reshape(-1, dR.shape[-1]), WTp, dR.dtype.type(1),
-                 self.blk("rows"), self.n)
+        dR2 = dR.reshape(-1, dR.shape[-1])
+        gemm_cpu(out.reshape(-1, self.H), dR2, WTp, dR.dtype.type(1), self.blk("rows", *dR2.shape, self.H),
+                 self.n)
 
     def cross(self, dR0, WTp, x):
         """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0"""

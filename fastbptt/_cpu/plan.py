@@ -10,6 +10,12 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   head, the input projection: T·B rows) and "grad" (the weight gradients: K = T·B).
   Measured the first time the engine runs on a machine (about two seconds) and again by
   :func:`tune` (``fastbptt tune``); DEFAULT_BLOCKING with ``config.CPU_AUTOTUNE = False``.
+- **products**, per (split, dtype, shape) of a product of at least MEASURE_MACS
+  multiply-adds: its own blocking, measured as its kernel splits it between threads (by
+  rows or by columns) on at most PROBE_ROWS of its rows and PROBE_K of its K.  The best
+  blocking moves with the shape (docs/performance.md, "blocking per shape"); measured the
+  first time a product of that shape runs, and added to the plan.  Smaller products take
+  their kind's blocking.
 - **sweeps**, per (cell, dtype, B, H): how a sweep's steps split, 1 (one lane), n (n
   column lanes, one per thread) or -n (the rows in n chunks, each a one-lane sweep of its
   own rows, no waits; ``lanes.run_lanes``), and the blocking of its steps.  Measured on
@@ -45,6 +51,10 @@ FORMAT = 4
 DEFAULT_BLOCKING = {"rows": (128, 64), "grad": (128, 64)}
 KC_CANDIDATES = (64, 128, 256, 512)
 MC_CANDIDATES = (32, 64, 128)
+#: a product of at least this many multiply-adds has a blocking of its own shape
+MEASURE_MACS = 1 << 25
+#: at most this many rows and this K of a product are what its blocking is measured on
+PROBE_ROWS, PROBE_K = 1024, 2048
 #: a sweep's steps are measured with these (kc, mc)
 STEP_BLOCKING = ((64, 64), (128, 64), (256, 64), (512, 64))
 #: a sweep step of at least this many multiply-adds (B·G·H²) runs on every thread, its
@@ -77,6 +87,11 @@ def _sweep_key(cell, dtype, B, H):
     return f"{cell_name(cell)} {np.dtype(dtype).name} B={B} H={H}"
 
 
+@functools.lru_cache(maxsize=1024)
+def _product_key(split, dtype, M, K, N):
+    return f"{split} {np.dtype(dtype).name} M={M} K={K} N={N}"
+
+
 def cell_name(cell):
     """a cell module's name in the plan: ``elman``, ``gru``, ``lstm``"""
     return cell.__name__.rpartition(".")[2]
@@ -90,6 +105,7 @@ class Plan:
         self.path = path
         self.blocking = dict(DEFAULT_BLOCKING)
         self.sweeps = {}
+        self.products = {}
         self.tuned = False                    # blocking measured (by tune), not the default
         self._arrays = {}                     # a choice as the kernels take it, made once
         self._lock = threading.Lock()
@@ -112,6 +128,9 @@ class Plan:
             sweeps = {str(k): tuple(int(x) for x in v) for k, v in data["sweeps"].items()}
             if any(len(v) != 3 or v[0] in (0, -1) or min(v[1:]) < 1 for v in sweeps.values()):
                 raise ValueError(f"sweeps {data['sweeps']!r}")
+            products = {str(k): tuple(int(x) for x in v) for k, v in data["products"].items()}
+            if any(len(v) != 2 or min(v) < 1 for v in products.values()):
+                raise ValueError(f"products {data['products']!r}")
             if set(blocking) != set(DEFAULT_BLOCKING) or any(
                     len(v) != 2 or min(v) < 1 for v in blocking.values()):
                 raise ValueError(f"blocking {data['blocking']!r}")
@@ -119,14 +138,16 @@ class Plan:
             warnings.warn(f"fastbptt: ignoring the unreadable plan {self.path} ({e}); "
                           f"using the defaults", RuntimeWarning, stacklevel=2)
             return self
-        self.blocking, self.sweeps, self.tuned = blocking, sweeps, bool(data.get("tuned"))
+        self.blocking, self.sweeps, self.products = blocking, sweeps, products
+        self.tuned = bool(data.get("tuned"))
         return self
 
     def save(self):
         """write the plan atomically (other processes may read it meanwhile)"""
         data = {"format": FORMAT, "key": self.key, "tuned": self.tuned,
                 "blocking": {k: list(v) for k, v in self.blocking.items()},
-                "sweeps": {k: list(v) for k, v in sorted(self.sweeps.items())}}
+                "sweeps": {k: list(v) for k, v in sorted(self.sweeps.items())},
+                "products": {k: list(v) for k, v in sorted(self.products.items())}}
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             with open(tmp, "w") as f:
@@ -137,9 +158,23 @@ class Plan:
                           stacklevel=2)
 
     # ---------------------------------------------------------------------- choices
-    def blk(self, kind):
-        """the blocking of a product kind, as the kernels take it: int64 [kc, mc]"""
-        return self._array(self.blocking[kind])
+    def blk(self, kind, dtype=None, M=0, K=0, N=0, split="cols"):
+        """the blocking of a product (M,K) x (K,N) of ``kind``, its kernel splitting it by
+        ``split`` ("rows" or "cols"), as the kernels take it: int64 [kc, mc].  A product of
+        at least MEASURE_MACS has its own, from the plan or measured now and added to it; a
+        smaller one, a kind alone, or any without ``config.CPU_AUTOTUNE``, the kind's."""
+        if M * K * N < MEASURE_MACS or not config.CPU_AUTOTUNE:
+            return self._array(self.blocking[kind])
+        M, K = min(M, PROBE_ROWS), min(K, PROBE_K)
+        key = _product_key(split, dtype, M, K, N)
+        choice = self.products.get(key)
+        if choice is None:
+            with self._lock:
+                choice = self.products.get(key)
+                if choice is None:
+                    choice = self.products[key] = measure_product(split, dtype, M, K, N, self.key["threads"])
+                    self.save()
+        return self._array(choice)
 
     def _array(self, choice):
         """``choice`` (a tuple of ints) as an int64 array, one per distinct choice (never written)"""
@@ -247,6 +282,33 @@ def measure_sweep(cell, dtype, B, H, threads):
     return ways[_fastest([run(*w) for w in ways], rounds=3)]
 
 
+def measure_product(split, dtype, M, K, N, threads):
+    """(kc, mc): the fastest blocking of the grid for a product (M,K) x (K,N) split between
+    ``threads`` threads by ``split``: "rows" as the input projection splits, "cols" as the
+    weight gradients and the adjoints' products do"""
+    from .products import empty, gemm_cpu, packed
+    from .projections import embed_dense_cpu
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((M, K)).astype(dt)
+    Bp = packed(rng.standard_normal((K, N)).astype(dt), 1)
+    C = empty((M, N), dt)
+    b = np.zeros(N, dt)
+    grid = [(kc, mc) for kc in KC_CANDIDATES for mc in MC_CANDIDATES]
+
+    def run(kc, mc):
+        blk = np.array([kc, mc], np.int64)
+
+        def fn():
+            with numba_threads(threads):
+                if split == "rows":
+                    embed_dense_cpu(C, A, Bp, b, blk, threads)
+                else:
+                    gemm_cpu(C, A, Bp, dt.type(1), blk, threads)
+        return fn
+    return grid[_fastest([run(*g) for g in grid], rounds=3)]
+
+
 class numba_threads:
     """numba's thread count for this Python thread set to ``n`` inside the block"""
 
@@ -307,6 +369,7 @@ def tune(threads, progress=True, sweeps=()):
     with tqdm(total=total, disable=not progress, desc="fastbptt tune", unit="case", leave=False) as bar:
         tune_products(plan, bar)
         plan.sweeps.clear()
+        plan.products.clear()
         for cell, dtype, B, H in sweeps:
             plan.sweep(cell, dtype, B, H)
             bar.update(1)
@@ -318,5 +381,6 @@ def describe(plan):
     """one line: where the plan is and what it holds"""
     src = "tuned" if plan.tuned else "default blocking"
     blk = ", ".join(f"{k} kc={v[0]} mc={v[1]}" for k, v in plan.blocking.items())
-    return (f"plan {os.path.basename(plan.path)} ({src}; {blk}; {len(plan.sweeps)} sweep shapes "
+    return (f"plan {os.path.basename(plan.path)} ({src}; {blk}; {len(plan.products)} product shapes and "
+            f"{len(plan.sweeps)} sweep shapes "
             f"measured; {plan.key['threads']} threads on {plan.key['cpu']})")
