@@ -255,7 +255,7 @@ def bench_blocking():
                 ms = best_ms(lambda: products.gemm_cpu(C, A, Bp, np.float32(1), blk, threads), reps=3)
             return 2 * M * K * N / ms / 1e6
         grid = {(kc, mc): rate((kc, mc)) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
-        own = tuple(p.blk(kind, np.float32, M, K, N, split))
+        own = tuple(int(x) for x in p.blk(kind, np.float32, M, K, N, split))
         print(f"{name} ({M},{K})·({K},{N}), {threads} threads, GFLOP/s: worst {min(grid.values()):.0f}, "
               f"kind's {p.blocking[kind]} {grid[p.blocking[kind]]:.0f}, shape's own {own} {grid[own]:.0f}, "
               f"best {max(grid.values()):.0f}")
