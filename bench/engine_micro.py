@@ -14,6 +14,8 @@
                                             # the engine's transpose, torch
     python bench/engine_micro.py blas CELL T B D H  # rnn_forward + rnn_backward with the weight gradients
                                             # by the tile or by numpy's BLAS (each in a process of its own)
+    python bench/engine_micro.py cellsweeps # each cell's forward sweep with the lanes and blocking chosen on
+                                            # the Elman cell's and on its own
     python bench/engine_micro.py blocking   # products over all rows, on every thread, with each blocking:
                                             # the worst, the kind's one blocking, the shape's own (the plan's)
 
@@ -261,6 +263,28 @@ def bench_blocking():
               f"best {max(grid.values()):.0f}")
 
 
+def bench_cellsweeps():
+    """ms of a gated cell's forward sweep (T = 32) with every (lanes, kc) candidate: the
+    best for the Elman cell's sweep of the same (B, H), and the best for its own"""
+    from fastbptt._cpu import gru, lstm, plan, team
+    threads = team.max_threads()
+    for B, H in ((32, 256), (64, 512), (32, 1024)):
+        cands = [(n, kc, mc) for n in (1, threads, -threads) for kc, mc in plan.STEP_BLOCKING]
+        times = {}
+        for cell in (elman, gru, lstm):
+            probe = cell.sweep_probe(np.dtype(np.float32), B, H, 32, np.random.default_rng(0))
+            times[cell] = {}
+            for n, kc, mc in cands:
+                blk = np.array([kc, mc], np.int64)
+                with plan.numba_threads(abs(n)):
+                    times[cell][n, kc, mc] = best_ms(lambda: probe(blk, n, abs(n)), reps=3)
+        by_elman = min(times[elman], key=times[elman].get)
+        for cell in (gru, lstm):
+            own = min(times[cell], key=times[cell].get)
+            print(f"{plan.cell_name(cell)} B={B} H={H}: Elman's choice {by_elman} {times[cell][by_elman]:.3f} ms, "
+                  f"its own {own} {times[cell][own]:.3f} ms (x{times[cell][by_elman] / times[cell][own]:.2f})")
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -271,4 +295,4 @@ if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
-     "blocking": bench_blocking, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "blocking": bench_blocking, "cellsweeps": bench_cellsweeps, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

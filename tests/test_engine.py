@@ -137,11 +137,11 @@ def test_a_large_product_measures_its_own_blocking_once(plan_dir, monkeypatch):
     p = plan.Plan(plan.machine_key(2), str(plan_dir / "p.json"))
     grid = {(kc, mc) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
     assert tuple(p.blk("rows", np.float32, 4, 10, 20)) == p.blocking["rows"]        # 800 < MEASURE_MACS
-    blk = p.blk("rows", np.float32, 50, 40, 20, split="rows")        # measured on 24 of its rows
-    assert tuple(blk) in grid and list(p.products) == ["rows float32 M=24 K=40 N=20"]
-    assert p.blk("rows", np.float32, 90, 40, 20, split="rows") is blk          # the same key: kept
+    blk = p.blk("rows", np.float32, 50, 40, 20, split="rows")      # measured on 16 of its rows
+    assert tuple(blk) in grid and list(p.products) == ["rows float32 M=16 K=32 N=20"]
+    assert p.blk("rows", np.float32, 90, 63, 20, split="rows") is blk          # the same class: kept
     p.blk("grad", np.float32, 30, 40, 20)
-    assert set(p.products) == {"rows float32 M=24 K=40 N=20", "cols float32 M=24 K=40 N=20"}
+    assert set(p.products) == {"rows float32 M=16 K=32 N=20", "cols float32 M=16 K=32 N=20"}
     again = plan.Plan(p.key, p.path).load()                           # persisted, read back
     assert again.products == p.products
     monkeypatch.setattr(config, "CPU_AUTOTUNE", False)                # the documented defaults

@@ -10,9 +10,11 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   head, the input projection: T·B rows) and "grad" (the weight gradients: K = T·B).
   Measured the first time the engine runs on a machine (about two seconds) and again by
   :func:`tune` (``fastbptt tune``); DEFAULT_BLOCKING with ``config.CPU_AUTOTUNE = False``.
-- **products**, per (split, dtype, shape) of a product of at least MEASURE_MACS
+- **products**, per (split, dtype, shape class) of a product of at least MEASURE_MACS
   multiply-adds: its own blocking, measured as its kernel splits it between threads (by
-  rows or by columns) on at most PROBE_ROWS of its rows and PROBE_K of its K.  The best
+  rows or by columns) on at most PROBE_ROWS of its rows and PROBE_K of its K, each
+  rounded down to a power of two (the class: M and K grow with T·B, which may change
+  from call to call; N is a weight's width).  The best
   blocking moves with the shape (docs/performance.md, "blocking per shape"); measured the
   first time a product of that shape runs, and added to the plan.  Smaller products take
   their kind's blocking.
@@ -85,6 +87,11 @@ def machine_key(threads):
 @functools.lru_cache(maxsize=1024)            # every call asks: numpy's dtype.name is slow
 def _sweep_key(cell, dtype, B, H):
     return f"{cell_name(cell)} {np.dtype(dtype).name} B={B} H={H}"
+
+
+def _class(n):
+    """the largest power of two <= n"""
+    return 1 << (int(n).bit_length() - 1)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -165,7 +172,7 @@ class Plan:
         smaller one, a kind alone, or any without ``config.CPU_AUTOTUNE``, the kind's."""
         if M * K * N < MEASURE_MACS or not config.CPU_AUTOTUNE:
             return self._array(self.blocking[kind])
-        M, K = min(M, PROBE_ROWS), min(K, PROBE_K)
+        M, K = _class(min(M, PROBE_ROWS)), _class(min(K, PROBE_K))
         key = _product_key(split, dtype, M, K, N)
         choice = self.products.get(key)
         if choice is None:
