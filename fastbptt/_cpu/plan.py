@@ -313,7 +313,7 @@ def measure_product(split, dtype, M, K, N, threads):
                 else:
                     gemm_cpu(C, A, Bp, dt.type(1), blk, threads)
         return fn
-    return grid[_fastest([run(*g) for g in grid], rounds=3)]
+    return grid[_fastest([run(*g) for g in grid], rounds=5)]
 
 
 class numba_threads:
