@@ -138,14 +138,42 @@ def test_a_large_product_measures_its_own_blocking_once(plan_dir, monkeypatch):
     grid = {(kc, mc) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
     assert tuple(p.blk("rows", np.float32, 4, 10, 20)) == p.blocking["rows"]        # 800 < MEASURE_MACS
     blk = p.blk("rows", np.float32, 50, 40, 20, split="rows")      # measured on 16 of its rows
-    assert tuple(blk) in grid and list(p.products) == ["rows float32 M=16 K=32 N=20"]
+    assert tuple(blk) in grid and list(p.products) == ["rows by rows float32 M=16 K=32 N=20"]
     assert p.blk("rows", np.float32, 90, 63, 20, split="rows") is blk          # the same class: kept
     p.blk("grad", np.float32, 30, 40, 20)
-    assert set(p.products) == {"rows float32 M=16 K=32 N=20", "cols float32 M=16 K=32 N=20"}
+    assert set(p.products) == {"rows by rows float32 M=16 K=32 N=20", "grad by cols float32 M=16 K=32 N=20"}
     again = plan.Plan(p.key, p.path).load()                           # persisted, read back
     assert again.products == p.products
     monkeypatch.setattr(config, "CPU_AUTOTUNE", False)                # the documented defaults
     assert tuple(again.blk("grad", np.float32, 500, 40, 200)) == again.blocking["grad"]
+
+
+@pytest.mark.parametrize("others,chosen", [(0.97, "incumbent"), (0.90, "other")])
+def test_a_products_own_blocking_must_beat_its_kinds_by_the_margin(plan_dir, monkeypatch, others, chosen):
+    # within this machine's noise of the kind's blocking, the kind's stays
+    times = {"n": 0}
+
+    def best_times(fns, rounds):
+        times["n"] = len(fns)
+        return [1.0] + [others] + [1.5] * (len(fns) - 2)           # the incumbent is measured first
+    monkeypatch.setattr(plan, "_best_times", best_times)
+    incumbent = (128, 64)
+    got = plan.measure_product("cols", np.float32, 8, 40, 20, 2, incumbent)
+    grid = [(kc, mc) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES]
+    assert times["n"] == len(grid)
+    second = [g for g in grid if g != incumbent][0]
+    assert got == (incumbent if chosen == "incumbent" else second)
+
+
+@pytest.mark.parametrize("lanes_time,want", [(0.97, -2), (0.90, 2)])
+def test_a_gated_cells_column_lanes_must_win_by_the_margin(lanes_time, want):
+    # column lanes put a gated cell's columns in the lanes' order, which costs outside the
+    # sweep: within the margin of the row split, the row split stays; the Elman cell has no
+    # such cost
+    candidates = [(1, 128, 64), (2, 128, 64), (-2, 128, 64)]
+    times = [1.2, lanes_time, 1.0]
+    assert plan._sweep_choice(lstm, candidates, times)[0] == want
+    assert plan._sweep_choice(elman, candidates, times)[0] == 2
 
 
 def test_first_use_measures_the_products_blocking(plan_dir, monkeypatch):
@@ -173,7 +201,7 @@ def test_plan_key_names_the_machine_and_versions():
                                      '"grad": [128, 64]}, "sweeps": {"elman float32 B=8 H=8": [-1, 128, 64]}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
                                      '"grad": [128, 64]}, "sweeps": {}, '
-                                     '"products": {"cols float32 M=1 K=1 N=1": [0, 64]}}'])
+                                     '"products": {"grad by cols float32 M=1 K=1 N=1": [0, 64]}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()

@@ -10,20 +10,22 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   head, the input projection: T·B rows) and "grad" (the weight gradients: K = T·B).
   Measured the first time the engine runs on a machine (about two seconds) and again by
   :func:`tune` (``fastbptt tune``); DEFAULT_BLOCKING with ``config.CPU_AUTOTUNE = False``.
-- **products**, per (split, dtype, shape class) of a product of at least MEASURE_MACS
-  multiply-adds: its own blocking, measured as its kernel splits it between threads (by
-  rows or by columns) on at most PROBE_ROWS of its rows and PROBE_K of its K, each
-  rounded down to a power of two (the class: M and K grow with T·B, which may change
-  from call to call; N is a weight's width).  The best
-  blocking moves with the shape (docs/performance.md, "blocking per shape"); measured the
-  first time a product of that shape runs, and added to the plan.  Smaller products take
-  their kind's blocking.
+- **products**, per (kind, split, dtype, shape class) of a product of at least
+  MEASURE_MACS multiply-adds: its own blocking, measured as its kernel splits it between
+  threads (by rows or by columns) on at most PROBE_ROWS of its rows and PROBE_K of its K,
+  each rounded down to a power of two (the class: M and K grow with T·B, which may change
+  from call to call; N is a weight's width).  The best blocking moves with the shape
+  (docs/performance.md, "blocking per shape"), but by less than this machine's noise at
+  many shapes: the kind's blocking stays unless another beats it by PRODUCT_MARGIN in the
+  same measurement.  Measured the first time a product of that shape runs, and added to
+  the plan.  Smaller products take their kind's blocking.
 - **sweeps**, per (cell, dtype, B, H): how a sweep's steps split, 1 (one lane), n (n
   column lanes, one per thread) or -n (the rows in n chunks, each a one-lane sweep of its
   own rows, no waits; ``lanes.run_lanes``), and the blocking of its steps.  Measured on
   that cell's own forward sweep (its ``sweep_probe``: a gated cell's step is a product G
   times as wide, with its own pointwise part) the first time a sweep of that shape runs (a
-  few steps of each candidate, well under a second), and added to the plan.
+  few steps of each candidate, well under a second), and added to the plan.  A gated
+  cell's column lanes must win by GATED_LANES_MARGIN.
 
 A plan file that cannot be read, has another format, or was made on another machine
 (its key differs) is ignored with a warning.  Results are deterministic for a fixed plan
@@ -57,8 +59,14 @@ MC_CANDIDATES = (32, 64, 128)
 MEASURE_MACS = 1 << 25
 #: at most this many rows and this K of a product are what its blocking is measured on
 PROBE_ROWS, PROBE_K = 1024, 2048
+#: a product's own blocking replaces its kind's only when this much faster (a time ratio)
+PRODUCT_MARGIN = 1.05
 #: a sweep's steps are measured with these (kc, mc)
 STEP_BLOCKING = ((64, 64), (128, 64), (256, 64), (512, 64))
+#: a gated cell's sweep takes column lanes only when this much faster (a time ratio) than
+#: its best sweep in the natural column order: the lanes' order costs outside the sweep
+#: (docs/performance.md, "each cell's own sweeps")
+GATED_LANES_MARGIN = 1.05
 #: a sweep step of at least this many multiply-adds (B·G·H²) runs on every thread, its
 #: blocking measured on one
 SPLIT_ALWAYS_MACS = 1 << 22
@@ -95,8 +103,8 @@ def _class(n):
 
 
 @functools.lru_cache(maxsize=1024)
-def _product_key(split, dtype, M, K, N):
-    return f"{split} {np.dtype(dtype).name} M={M} K={K} N={N}"
+def _product_key(kind, split, dtype, M, K, N):
+    return f"{kind} by {split} {np.dtype(dtype).name} M={M} K={K} N={N}"
 
 
 def cell_name(cell):
@@ -173,13 +181,14 @@ class Plan:
         if M * K * N < MEASURE_MACS or not config.CPU_AUTOTUNE:
             return self._array(self.blocking[kind])
         M, K = _class(min(M, PROBE_ROWS)), _class(min(K, PROBE_K))
-        key = _product_key(split, dtype, M, K, N)
+        key = _product_key(kind, split, dtype, M, K, N)
         choice = self.products.get(key)
         if choice is None:
             with self._lock:
                 choice = self.products.get(key)
                 if choice is None:
-                    choice = self.products[key] = measure_product(split, dtype, M, K, N, self.key["threads"])
+                    choice = self.products[key] = measure_product(split, dtype, M, K, N, self.key["threads"],
+                                                                  self.blocking[kind])
                     self.save()
         return self._array(choice)
 
@@ -244,9 +253,9 @@ def _best(fn, reps=5):
     return best
 
 
-def _fastest(fns, rounds):
-    """the index of the fastest of fns by their best time, the candidates interleaved in
-    every round so that a slow spell of the machine falls on all of them"""
+def _best_times(fns, rounds):
+    """the best time of each of fns, the candidates interleaved in every round so that a
+    slow spell of the machine falls on all of them"""
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
@@ -255,7 +264,8 @@ def _fastest(fns, rounds):
             t = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - t)
-    return int(np.argmin(best))
+    return best
+
 
 
 def measure_sweep(cell, dtype, B, H, threads):
@@ -281,18 +291,33 @@ def measure_sweep(cell, dtype, B, H, threads):
     rows = (-threads,) if threads > 1 and B >= 4 * threads else ()     # a 4-row tile per chunk
     lanes = (1,) if threads == 1 or split else (1, threads) + rows
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
-    best = _fastest([run(*c) for c in candidates], rounds=3 if split else 7)
-    if not split:
+    times = _best_times([run(*c) for c in candidates], rounds=3 if split else 7)
+    if split:
+        kc, mc = candidates[int(np.argmin(times))][1:]
+        candidates = [(threads, kc, mc)] + [(r, kc, mc) for r in rows]
+        times = _best_times([run(*w) for w in candidates], rounds=3)
+    return _sweep_choice(cell, candidates, times)
+
+
+def _sweep_choice(cell, candidates, times):
+    """the fastest candidate; for a gated cell, column lanes (which put its columns in the
+    lanes' order: gathers in its packs, its gradients' columns put back) only when faster
+    than the best of the others by GATED_LANES_MARGIN"""
+    best = int(np.argmin(times))
+    if cell.G == 1 or candidates[best][0] <= 1:
         return candidates[best]
-    kc, mc = candidates[best][1:]
-    ways = [(threads, kc, mc)] + [(r, kc, mc) for r in rows]
-    return ways[_fastest([run(*w) for w in ways], rounds=3)]
+    natural = [i for i, c in enumerate(candidates) if c[0] <= 1]
+    if not natural:
+        return candidates[best]
+    other = min(natural, key=lambda i: times[i])
+    return candidates[best] if times[best] * GATED_LANES_MARGIN < times[other] else candidates[other]
 
 
-def measure_product(split, dtype, M, K, N, threads):
+def measure_product(split, dtype, M, K, N, threads, incumbent):
     """(kc, mc): the fastest blocking of the grid for a product (M,K) x (K,N) split between
-    ``threads`` threads by ``split``: "rows" as the input projection splits, "cols" as the
-    weight gradients and the adjoints' products do"""
+    ``threads`` threads by ``split`` ("rows" as the input projection splits, "cols" as the
+    weight gradients and the adjoints' products do) if it beats ``incumbent`` (the kind's
+    blocking) by PRODUCT_MARGIN, else the incumbent"""
     from .products import empty, gemm_cpu, packed
     from .projections import embed_dense_cpu
     dt = np.dtype(dtype)
@@ -301,7 +326,8 @@ def measure_product(split, dtype, M, K, N, threads):
     Bp = packed(rng.standard_normal((K, N)).astype(dt), 1)
     C = empty((M, N), dt)
     b = np.zeros(N, dt)
-    grid = [(kc, mc) for kc in KC_CANDIDATES for mc in MC_CANDIDATES]
+    incumbent = tuple(incumbent)
+    grid = [incumbent] + [(kc, mc) for kc in KC_CANDIDATES for mc in MC_CANDIDATES if (kc, mc) != incumbent]
 
     def run(kc, mc):
         blk = np.array([kc, mc], np.int64)
@@ -313,7 +339,9 @@ def measure_product(split, dtype, M, K, N, threads):
                 else:
                     gemm_cpu(C, A, Bp, dt.type(1), blk, threads)
         return fn
-    return grid[_fastest([run(*g) for g in grid], rounds=5)]
+    best = _best_times([run(*g) for g in grid], rounds=5)
+    fastest = int(np.argmin(best))
+    return grid[fastest] if best[fastest] * PRODUCT_MARGIN < best[0] else incumbent
 
 
 class numba_threads:
