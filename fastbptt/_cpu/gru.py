@@ -29,7 +29,7 @@ from numba import njit, prange
 from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
-from . import products
+from .plan import probe_inputs
 from .products import NO_POST, _0, chunk, matmul_k
 
 G = 3
@@ -218,11 +218,8 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
 def sweep_probe(dt, B, H, T, rng):
     """fn(blk, lanes, threads): a forward sweep of T steps of B x H on random data, for the
     plan to time (fastbptt._cpu.plan.measure_sweep)"""
-    Wp = products.packed((rng.standard_normal((H, G * H)) / np.sqrt(H)).astype(dt), 1)
-    pre = rng.standard_normal((T, B, G * H)).astype(dt)
-    S = products.empty((T + 1, B, H), dt)
-    S[:] = rng.standard_normal((T + 1, B, H))
-    Z, N = products.empty(pre.shape, dt), rng.standard_normal((T, B, H)).astype(dt)
+    Wp, pre, S, Z = probe_inputs(dt, B, G, H, T, rng)
+    N = rng.standard_normal((T, B, H)).astype(dt)
 
     def fn(blk, lanes, threads):
         Z[:] = pre

@@ -299,6 +299,17 @@ def measure_sweep(cell, dtype, B, H, threads):
     return _sweep_choice(cell, candidates, times)
 
 
+def probe_inputs(dt, B, G, H, T, rng):
+    """random inputs of a gated cell's sweep_probe: W_hh (H,G·H) packed, the steps'
+    pre-activations (T,B,G·H), the states S (T+1,B,H) and Z, the buffer the sweep overwrites"""
+    from .products import empty, packed
+    Wp = packed((rng.standard_normal((H, G * H)) / np.sqrt(H)).astype(dt), 1)
+    pre = rng.standard_normal((T, B, G * H)).astype(dt)
+    S = empty((T + 1, B, H), dt)
+    S[:] = rng.standard_normal((T + 1, B, H))
+    return Wp, pre, S, empty(pre.shape, dt)
+
+
 def _sweep_choice(cell, candidates, times):
     """the fastest candidate; for a gated cell, column lanes (which put its columns in the
     lanes' order: gathers in its packs, its gradients' columns put back) only when faster
