@@ -323,7 +323,7 @@ def packed_shape(K, N):
 
 #: rows of B copied to every panel of a chunk before the next rows: a block reads a few
 #: dozen pages of B and writes one page per panel, where a panel at a time walks every page
-#: of a large B (one TLB miss per row); see docs/performance.md, "packing"
+#: of a large B once per panel; see docs/performance.md, "packing in blocks of rows"
 PACK_ROWS = 64
 
 
