@@ -16,6 +16,9 @@
                                             # by the tile or by numpy's BLAS (each in a process of its own)
     python bench/engine_micro.py cellsweeps # each cell's forward sweep with the lanes and blocking chosen on
                                             # the Elman cell's and on its own
+    python bench/engine_micro.py choices CELL T B D H  # whole loss_and_grad calls (2 threads) alternating
+                                            # the plan's choices: a sweep's column lanes or rows split, and the
+                                            # products' blocking per shape or their kind's
     python bench/engine_micro.py blocking   # products over all rows, on every thread, with each blocking:
                                             # the worst, the kind's one blocking, the shape's own (the plan's)
 
@@ -285,6 +288,46 @@ def bench_cellsweeps():
                   f"its own {own} {times[cell][own]:.3f} ms (x{times[cell][by_elman] / times[cell][own]:.2f})")
 
 
+def bench_choices():
+    """median ms of whole float32 loss_and_grad calls on both threads (the team's choice
+    fixed) with each way of a plan choice forced in turn, six alternating rounds of five
+    calls: the cell's sweep by column lanes or by rows, and the products' blocking per
+    shape (the plan's) or their kind's at every shape"""
+    import fastbptt
+    from fastbptt._cpu import plan, team
+    team.CPU_TEAM_ADAPT = False
+    cell, (T, B, D, H) = sys.argv[2], (int(x) for x in sys.argv[3:7])
+    rng = np.random.default_rng(0)
+    p = {k: (rng.standard_normal(v.shape) / np.sqrt(H)).astype(np.float32)
+         for k, v in fastbptt.init_params(D, H, 28, cell=cell).items()}
+    X = rng.integers(0, D, (T, B)) if D <= 64 else rng.standard_normal((T, B, D)).astype(np.float32)
+    Y = rng.integers(0, 28, (T, B))
+    pl = plan.current(team.max_threads())
+    fastbptt.loss_and_grad(p, X, Y)                          # the plan's choices for this shape
+    key = f"{plan.cell_name(fastbptt._cpu.CELLS[cell])} float32 B={B} H={H}"
+    lanes, kc, mc = pl.sweeps[key]
+    own = dict(pl.products)
+    ways = {"column lanes": lambda: pl.sweeps.__setitem__(key, (team.max_threads(), kc, mc)),
+            "rows split": lambda: pl.sweeps.__setitem__(key, (-team.max_threads(), kc, mc)),
+            "blocking per shape": lambda: (pl.sweeps.__setitem__(key, (lanes, kc, mc)), pl.products.update(own)),
+            "kind's blocking": lambda: (pl.sweeps.__setitem__(key, (lanes, kc, mc)),
+                                        pl.products.update({k: pl.blocking[k.split()[0]] for k in own}))}
+    for pair in (("column lanes", "rows split"), ("blocking per shape", "kind's blocking")):
+        times = {w: [] for w in pair}
+        for rnd in range(6):
+            for w in (pair if rnd % 2 else pair[::-1]):
+                ways[w]()
+                for _ in range(2):
+                    fastbptt.loss_and_grad(p, X, Y)
+                for _ in range(5):
+                    t = time.perf_counter()
+                    fastbptt.loss_and_grad(p, X, Y)
+                    times[w].append(time.perf_counter() - t)
+        print(f"{cell} T={T} B={B} D={D} H={H}: " + ", ".join(f"{w} {np.median(ts) * 1e3:.2f} ms"
+                                                             for w, ts in times.items()))
+    pl.products.update(own)
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -295,4 +338,4 @@ if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
-     "blocking": bench_blocking, "cellsweeps": bench_cellsweeps, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "blocking": bench_blocking, "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
