@@ -21,6 +21,8 @@
                                             # products' blocking per shape or their kind's
     python bench/engine_micro.py blocking   # products over all rows, on every thread, with each blocking:
                                             # the worst, the kind's one blocking, the shape's own (the plan's)
+    python bench/engine_micro.py tiles      # one thread's product with register tiles of R rows x NV vectors
+                                            # (the engine's _outer_tile), at a sweep's and at all rows' shapes
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -32,6 +34,7 @@ import numba
 import numpy as np
 
 from fastbptt._cpu import elman, products
+from fastbptt.config import FASTMATH
 
 
 def best_ms(fn, reps=20, rounds=5):
@@ -328,6 +331,73 @@ def bench_choices():
     pl.products.update(own)
 
 
+def _tile_product(R, NV):
+    """C += A B on packed B with tiles of R rows x NV vectors (the columns left over in
+    one-vector tiles; the rows left over in 4-row, then 1-row tiles): matmul_k's loops with
+    the tile's shape as a parameter"""
+    tile = products._outer_tile
+
+    @numba.njit(fastmath=FASTMATH, error_model="numpy")
+    def product(C, A, Bp, kc, mc):
+        M, N = C.shape
+        K = A.shape[1]
+        L = products.vector_lanes(C)
+        W = NV * L
+        one = C.dtype.type(1)
+        for ks in range(0, K, kc):
+            n = min(kc, K - ks)
+            for m0 in range(0, M, mc):
+                m1 = min(m0 + mc, M)
+                for j in range(0, N, W):
+                    if j + W <= N:
+                        r = m0
+                        while r + R <= m1:
+                            tile(C, A, Bp, one, r, j, W, ks, ks, n, R, NV)
+                            r += R
+                        while r + 4 <= m1:
+                            tile(C, A, Bp, one, r, j, W, ks, ks, n, 4, NV)
+                            r += 4
+                        for i in range(r, m1):
+                            tile(C, A, Bp, one, i, j, W, ks, ks, n, 1, NV)
+                    else:
+                        for jj in range(j, N, L):
+                            w = min(L, N - jj)
+                            r = m0
+                            while r + 4 <= m1:
+                                tile(C, A, Bp, one, r, jj, w, ks, ks, n, 4, 1)
+                                r += 4
+                            for i in range(r, m1):
+                                tile(C, A, Bp, one, i, jj, w, ks, ks, n, 1, 1)
+    return product
+
+
+def bench_tiles():
+    """GFLOP/s of one thread's product with each register tile shape (the best of K slices
+    128, 256, 512; panels of 64 rows): a sweep's step on one thread's rows, and products
+    over all rows"""
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    shapes = [(16, 256, 1024), (16, 512, 512), (32, 512, 2048), (32, 1024, 1024), (16, 1024, 3072),
+              (800, 512, 2048), (256, 1088, 512), (512, 1600, 1024)]
+    tiles = [(4, 4), (8, 3), (6, 4), (8, 2)] if products.vector_shape()[1] >= 32 else [(4, 2), (4, 1)]
+    for M, K, N in shapes:
+        A = rng.standard_normal((M, K), dtype=np.float32)
+        B = rng.standard_normal((K, N), dtype=np.float32)
+        C = np.zeros((M, N), np.float32)
+        Bp = products.packed(B, 1)
+        rate = {}
+        for R, NV in tiles:
+            product = _tile_product(R, NV)
+            C[:] = 0
+            product(C, A, Bp, 128, 64)
+            assert np.allclose(C, A.astype(np.float64) @ B, rtol=1e-3, atol=1e-3), (R, NV)
+            reps = max(1, int(1e8 / (2 * M * K * N)))
+            ms = min(best_ms(lambda: product(C, A, Bp, kc, 64), reps=reps) for kc in (128, 256, 512))
+            rate[f"{R}x{NV}"] = 2 * M * K * N / ms / 1e6
+        print(f"({M},{K})·({K},{N}) GFLOP/s, one thread, tile rows x vectors: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -338,4 +408,4 @@ if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
-     "blocking": bench_blocking, "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "blocking": bench_blocking, "tiles": bench_tiles, "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -49,9 +49,9 @@ import numpy as np
 from .. import config
 from .cache import cache_dir
 
-FORMAT = 4
+FORMAT = 5
 #: the tile's blocking without a plan: K slices of 128 keep a tile column's slice of B
-#: (128 x 64 float32) in a 48 KiB L1; see docs/performance.md
+#: (128 x 48 float32) in a 48 KiB L1; see docs/performance.md
 DEFAULT_BLOCKING = {"rows": (128, 64), "grad": (128, 64)}
 KC_CANDIDATES = (64, 128, 256, 512)
 MC_CANDIDATES = (32, 64, 128)

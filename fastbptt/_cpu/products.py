@@ -11,9 +11,11 @@ W_hhᵀ, the B of every step of a sweep, are packed once per call.
 The tile (``_outer_tile``, LLVM IR, as in BLAS): R rows x NV vectors of C stay in vector
 registers for all of a K slice; each k adds the outer product of R broadcast elements
 of A and NV vectors of B's row k (no horizontal sums).  The vector width and the tile
-follow the CPU numba compiles for (AVX-512: 16 float32 lanes, 4 x 4 vectors; AVX2: 8
-lanes, 4 x 2; SSE / NEON: 4 lanes).  K runs in slices of ``kc``, rows in panels of
-``mc`` (the plan's blocking, :mod:`fastbptt._cpu.plan`).
+follow the CPU numba compiles for: with 32 vector registers (AVX-512: 16 float32 lanes;
+NEON: 4) 8 rows x 3 vectors, 24 accumulators, so that each vector of B loaded serves 8
+FMAs (docs/performance.md, "the tile's shape"); with 16 (AVX2: 8 lanes; SSE: 4) 4 x 2.
+K runs in slices of ``kc``, rows in panels of ``mc`` (the plan's blocking,
+:mod:`fastbptt._cpu.plan`).
 
 After the last K slice of a tile column, an *epilogue* runs on it while it is in L1:
 :func:`epilogue` is a stub that each user of the engine overloads for its own
@@ -72,11 +74,19 @@ def vector_lanes(typingctx, a):
 
 @intrinsic
 def _tile_vectors(typingctx):
-    """vectors per row of a full register tile: 4 (16 accumulators) with 32 registers,
-    2 with 16"""
+    """vectors per row of a full register tile: 3 with 32 registers (8 rows x 3: 24
+    accumulators), 2 with 16 (4 rows x 2: 8)"""
     def codegen(context, builder, sig, args):
-        return context.get_constant(types.intp, 4 if vector_shape()[1] >= 32 else 2)
+        return context.get_constant(types.intp, 3 if vector_shape()[1] >= 32 else 2)
     return types.intp(), codegen
+
+
+@intrinsic
+def _tall_tiles(typingctx):
+    """whether a full register tile is 8 rows tall (32 registers), not 4 (16)"""
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, vector_shape()[1] >= 32)
+    return types.boolean(), codegen
 
 
 def _vector_intrinsic(builder, name, vty, argtys):
@@ -139,6 +149,15 @@ def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV):
             return builder.call(mload, [p, i32(size), mask, zero])
 
         rows = [builder.add(r0, r0.type(r)) for r in range(nrow)]
+        # C's tile is read only after the K loop: ask for its lines now, so that a C the
+        # tile has not touched yet (a sweep's pre-activations) arrives while the FMAs run
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        for r in rows:
+            for v in range(nvec):
+                builder.call(prefetch, [builder.bitcast(cvector(r, v), ir.IntType(8).as_pointer()),
+                                        i32(1), i32(3), i32(1)])
         arow = [cgutils.get_item_pointer(context, builder, aty, aary, [r, ka]) for r in rows]
         bcol = []                              # B's vector v at row kb: bcol[v] + k·PANEL is row kb + k
         for v in range(nvec):
@@ -183,8 +202,13 @@ def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV):
 
 @njit(inline="always")
 def _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka, kb, K, NV):
-    """rows [m0, m1) of C's tile column [j, j+w): 4 rows at a time, then one by one"""
+    """rows [m0, m1) of C's tile column [j, j+w): 8 rows at a time (with 32 registers),
+    then 4, then one by one.  Every row's sums are the same in a tile of any height."""
     r = m0
+    if _tall_tiles():
+        while r + 8 <= m1:
+            _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, 8, NV)
+            r += 8
     while r + 4 <= m1:
         _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, 4, NV)
         r += 4
@@ -234,8 +258,8 @@ def matmul_k(C, A, Bp, alpha, j0, j1, ka, k0, k1, post, blk):
 
     blk = (kc, mc) int64 array: [k0, k1) in equal slices of at most kc, rows in panels of
     mc, so that a panel of A and the slice of B under a tile column stay in cache.  Tiles of
-    4 rows x the tile's vectors (_outer_tile), the columns left over in a tile of fewer
-    vectors.
+    8 (or 4) rows x the tile's vectors (_tile_rows, _outer_tile), the columns left over in a
+    tile of fewer vectors.
     """
     M, K = C.shape[0], k1 - k0
     kc, mc = blk[0], blk[1]
@@ -251,9 +275,7 @@ def matmul_k(C, A, Bp, alpha, j0, j1, ka, k0, k1, post, blk):
             for j in range(j0, j1, W):
                 w = min(W, j1 - j)
                 nv = (w + L - 1) // L                   # vectors in this tile column
-                if nv == 4:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 4)
-                elif nv == 3:
+                if nv == 3:
                     _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 3)
                 elif nv == 2:
                     _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 2)
