@@ -23,6 +23,8 @@
                                             # the worst, the kind's one blocking, the shape's own (the plan's)
     python bench/engine_micro.py tiles      # one thread's product with register tiles of R rows x NV vectors
                                             # (the engine's _outer_tile), at a sweep's and at all rows' shapes
+    python bench/engine_micro.py packrows   # packing B (every thread) in blocks of 16, 32, 64 rows, from memory
+                                            # (caches flushed first) and from cache
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -398,6 +400,52 @@ def bench_tiles():
               + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
 
 
+def _pack_in_blocks(rows):
+    """products._pack's loops (every thread's chunk of panels) with blocks of ``rows`` rows"""
+    panel = products.PANEL
+
+    @numba.njit(parallel=True, fastmath=FASTMATH, error_model="numpy")
+    def pack(Bp, B, n):
+        P, K, _ = Bp.shape
+        for c in numba.prange(n):
+            for k0 in range(0, K, rows):
+                for p in range(P * c // n, P * (c + 1) // n):
+                    dst = Bp[p]
+                    for k in range(k0, min(k0 + rows, K)):
+                        src = B[k, p * panel:(p + 1) * panel]
+                        for j in range(panel):
+                            dst[k, j] = src[j]
+    return pack
+
+
+def bench_packrows():
+    """ms to pack B (K,N) into panels on every thread, in blocks of 16, 32 and 64 rows (the
+    median of 9): "cold" after writing 64 MiB elsewhere (B comes from memory, as a weight
+    or dZ does in a call), "warm" straight after the last pack"""
+    n = numba.get_num_threads()
+    flush = np.ones(64 << 20, np.uint8)
+    packs = {rows: _pack_in_blocks(rows) for rows in (16, 32, 64)}
+
+    def median_ms(fn, cold):
+        times = []
+        for _ in range(9):
+            if cold:
+                flush[::64] += 1
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return sorted(times)[4] * 1e3
+    for K, N in ((1024, 4096), (1024, 3072), (512, 2048), (256, 1024), (1600, 2048), (1120, 1024), (2048, 512)):
+        B = np.random.default_rng(0).standard_normal((K, N), dtype=np.float32)
+        Bp = products.empty(products.packed_shape(K, N), np.float32)
+        for cold in (True, False):
+            line = []
+            for rows, pack in packs.items():
+                pack(Bp, B, n)
+                line.append(f"{rows} rows {median_ms(lambda: pack(Bp, B, n), cold):.3f} ms")
+            print(f"({K},{N}) {'cold' if cold else 'warm'}: " + ", ".join(line))
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -408,4 +456,4 @@ if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
-     "blocking": bench_blocking, "tiles": bench_tiles, "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
