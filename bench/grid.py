@@ -5,6 +5,7 @@
 Per point: median ms of each system over four rounds of 0.25 s, the order alternating
 between rounds, and numpy's time over fastbptt's.
 """
+import sys
 import time
 
 import numpy as np
@@ -13,8 +14,8 @@ from fastbptt import bench, peers
 
 T, V = 32, 64
 res = []
-for H in (64, 128, 256, 512, 1024, 2048):
-    for B in (1, 4, 16, 64, 256):
+for H in ([int(h) for h in sys.argv[1].split(",")] if len(sys.argv) > 1 else (64, 128, 256, 512, 1024, 2048)):
+    for B in ([int(b) for b in sys.argv[2].split(",")] if len(sys.argv) > 2 else (1, 4, 16, 64, 256)):
         p, X, Y, h0 = bench.workload(T, B, V, H)
         f, g = bench.make_fastbptt(p, X, Y, h0), peers.make_numpy(p, X, Y, h0)
         f()
