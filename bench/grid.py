@@ -1,6 +1,7 @@
 """fastbptt against the plain numpy BPTT on a grid of (B, H), T = 32, V = 64, float32.
 
-    python bench/grid.py
+    python bench/grid.py                 # H = 64 .. 2048, B = 1 .. 256
+    python bench/grid.py 2048 256        # some points again: H list, then B list (comma-separated)
 
 Per point: median ms of each system over four rounds of 0.25 s, the order alternating
 between rounds, and numpy's time over fastbptt's.
