@@ -190,10 +190,11 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     what :class:`Truncated` counts steps from).  ``forward``: what ``rnn_forward(...,
     keep=True)`` kept for the same params, X and h0; without it one "rnn" layer uses Hs as
     it is, and other cells and stacks recompute their gates from X and h0.  ``stored_states``
-    as in :func:`loss_and_grad`: the forward is recomputed within that memory (Hs is then
-    only checked).  ``dh_T``: ∂L/∂ of the last state, in h_T's form ((B,H) or (num_layers,B,H);
-    (dh_T, dc_T) for the LSTM), None for zeros: what flows in through the last states (an
-    encoder's h_n of every layer; with ``Truncated``, it joins step T's term).
+    as in :func:`loss_and_grad`: the forward is recomputed within that memory.  With
+    ``forward`` or ``stored_states`` Hs is not read (its dtype and shape are checked).
+    ``dh_T``: ∂L/∂ of the last state, in h_T's form ((B,H) or (num_layers,B,H); (dh_T, dc_T)
+    for the LSTM), None for zeros: what flows in through the last states (an encoder's h_n
+    of every layer; with ``Truncated``, it joins step T's term).
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
@@ -305,12 +306,17 @@ def _scale(reduction, Xc):
 
 
 def _states_and_adjoints(be, Hs, dHs, m, stack=True):
-    """Hx = h_0..h_T (T+1,B,H) of the top layer as the forward keeps them (None without
-    ``stack``: Hs only checked), and a writeable copy of dHs."""
+    """Hx = h_0..h_T (T+1,B,H) of the top layer as the forward keeps them, and a writeable
+    copy of dHs.  Without ``stack`` (the states come from the forward's record, or are
+    recomputed) Hs is not read: None, its dtype and shape checked, not its values."""
     shape = tuple(m.X.shape[:2]) + (m.H,)
-    Hsc = _floats(be, "Hs", Hs, shape, m.dtype)
+    Hx = None
+    if stack:
+        Hx = be.stack_states(m.state0[-1][0], _floats(be, "Hs", Hs, shape, m.dtype))
+    else:
+        _float_shape(be, "Hs", Hs, shape)
     dZ = be.work_copy("dHs", _floats(be, "dHs", dHs, shape, m.dtype))     # the kernels overwrite it
-    return (be.stack_states(m.state0[-1][0], Hsc) if stack else None), dZ
+    return Hx, dZ
 
 
 def _size(name, n):
@@ -498,13 +504,18 @@ def _states(be, h0, cell, L, B, H, dt, names=("h0", "c0")):
     return [tuple(a[l] for a in arrays) for l in range(L)], stacked
 
 
-def _floats(be, name, a, shape, dt):
+def _float_shape(be, name, a, shape):
+    """``a`` as an array, checked to be floating of ``shape``"""
     a = be.as_array(name, a)
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
-    return _finite(be, name, be.normalized(name, a, dt))
+    return a
+
+
+def _floats(be, name, a, shape, dt):
+    return _finite(be, name, be.normalized(name, _float_shape(be, name, a, shape), dt))
 
 
 def _stored_states(stored_states, T):

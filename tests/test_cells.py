@@ -254,6 +254,17 @@ def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     with pytest.raises(ValueError, match="forward: expected what rnn_forward"):
         fastbptt.rnn_backward(params, X[:2], Hs[:2], dHs[:2], given, forward=kept)
+    # with forward=, Hs is not read: only its dtype and shape are checked
+    unread = np.full_like(Hs, np.nan)
+    got = fastbptt.rnn_backward(params, X, unread, dHs, given, input_grad=True, forward=kept)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="Hs: expected shape"):
+        fastbptt.rnn_backward(params, X, Hs[:, :1], dHs, given, forward=kept)
+    with pytest.raises(TypeError, match="Hs: expected a float array"):
+        fastbptt.rnn_backward(params, X, Hs.astype(int), dHs, given, forward=kept)
+    with pytest.raises(ValueError, match="Hs: non-finite"):                 # read without forward=
+        fastbptt.rnn_backward(params, X, unread, dHs, given)
 
 
 def test_kept_records_are_taken_again_once_released(rng):
