@@ -337,28 +337,34 @@ class Run(LayerParams):
         return dZp, sums
 
     def weight_grads(self, X, S, dP, dR, cols=None):
-        """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t), in the
-        natural column order: one product over the T·B rows each (the h_0 rows skipped when
-        h_0 = 0; a scatter-add for token ids).  dR is packed once, ∂b summed as it is packed,
-        and that packing serves ∂W_xh too when dP is dR (a cell whose input and recurrent
-        sides share one dZ)."""
+        """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), Σ_t Σ_b dP_t, Σ_t Σ_b dR_t),
+        in the natural column order: one product over the T·B rows each (the h_0 rows skipped
+        when h_0 = 0; a scatter-add for token ids).  dR is packed once, its sums taken as it is
+        packed, and that packing serves ∂W_xh too when dP is dR (a cell whose input and
+        recurrent sides share one dZ; the two sums are then one array); a dense dP of its
+        own is packed and summed the same way."""
         T, B, GH = dR.shape
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
-        dRp, db = self._packed_rows(dR, cols, "dRp")
+        dRp, dbR = self._packed_rows(dR, cols, "dRp")
         projections.recurrent_grads_cpu(dW_hh, dRp, self.transposed_states(S), k0,
                                         self.blk("grad", self.H, T * B, GH), self.n)
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
+        dbP = dbR
         if X.ndim == 2:
             projections.embed_tokens_backward_cpu(dW_xh, dP, X)
             dW_xh = self.natural(dW_xh, cols)
+            if dP is not dR:
+                dbP = self.natural(dP.reshape(-1, GH).sum(axis=0, dtype=dP.dtype), cols)
         else:
             X2 = X.reshape(T * B, -1)
             XT, = self.scratch("XT", [(X2.shape[1], T * B)])
             transpose_cpu(XT, X2, self.n)
-            dPp = dRp if dP is dR else self._packed_rows(dP, cols, "dPp")[0]
+            dPp = dRp
+            if dP is not dR:
+                dPp, dbP = self._packed_rows(dP, cols, "dPp")
             projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad", *XT.shape, GH), self.n)
-        return dW_xh, dW_hh, db
+        return dW_xh, dW_hh, dbP, dbR
 
     def input_adjoint(self, l, dP, G, out=None):
         """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""

@@ -241,10 +241,9 @@ def adjoints(run, l, X, lay, A, act):
 def weight_grads(run, l, X, lay, dP, dR):
     """∂W_xh = Σ x_tᵀ dP_t, ∂b_h = Σ dP_t, ∂W_hh = Σ h_{t-1}ᵀ dR_t, ∂b_hn = Σ dR_t's n columns,
     back in the natural column order"""
-    cols, H = run.columns(G), run.H
-    dW_xh, dW_hh, dbR = run.weight_grads(X, lay.S, dP, dR, cols)
-    db_h = dP.reshape(-1, G * H).sum(axis=0, dtype=dP.dtype)
-    return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": run.natural(db_h, cols), "b_hn": dbR[2 * H:].copy()}
+    H = run.H
+    dW_xh, dW_hh, db_h, dbR = run.weight_grads(X, lay.S, dP, dR, run.columns(G))
+    return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "b_hn": dbR[2 * H:].copy()}
 
 
 def chains(run, l, lay):

@@ -26,7 +26,7 @@ from numba import cuda
 from .._model import LayerParams
 from . import elman, gru, head, lstm, projections
 from .arrays import as_array, device, first_nonfinite, id_range, normalized, on_device, stack_states  # noqa: F401
-from .products import SIMULATOR, axpy, gemm, launch, shift, zero_cuda, zeros  # noqa: F401
+from .products import SIMULATOR, axpy, column_sums_cuda, gemm, launch, shift, zero_cuda, zeros  # noqa: F401
 
 CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
 
@@ -180,13 +180,17 @@ class Run(LayerParams):
         return loss, dH, {"W_hq": dW_hq, "b_q": db_q}
 
     def weight_grads(self, X, S, dP, dR, cols=None):
-        """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), ∂b = Σ_t Σ_b dR_t): one
-        GEMM over the T·B rows each (an atomic scatter-add for token ids); the columns are
-        in the natural order here (cols is None)"""
+        """(∂W_xh = Σ_t x_tᵀ dP_t, ∂W_hh = Σ_t h_{t-1}ᵀ dR_t (H,G·H), Σ_t Σ_b dP_t, Σ_t Σ_b dR_t):
+        one GEMM over the T·B rows each (an atomic scatter-add for token ids); the columns
+        are in the natural order here (cols is None); when dP is dR, the two sums are one array"""
         T, B, GH = dR.shape
         dW_hh = cuda.device_array((self.H, GH), dR.dtype)
-        db = cuda.device_array(GH, dR.dtype)
-        projections.recurrent_grads_cuda(dW_hh, db, dR, S)
+        dbR = cuda.device_array(GH, dR.dtype)
+        projections.recurrent_grads_cuda(dW_hh, dbR, dR, S)
+        dbP = dbR
+        if dP is not dR:
+            dbP = cuda.device_array(GH, dP.dtype)
+            column_sums_cuda[launch(GH)](dbP, dP.reshape(T * B, GH))
         Xd = self.inputs(X)
         if X.ndim == 2:
             dW_xh = zeros((self.P["W_xh"].shape[0], GH), dP.dtype)
@@ -194,7 +198,7 @@ class Run(LayerParams):
         else:
             dW_xh = cuda.device_array((X.shape[2], GH), dP.dtype)
             projections.embed_dense_backward_cuda(dW_xh, dP.reshape(T * B, GH), Xd.reshape(T * B, X.shape[2]))
-        return dW_xh, dW_hh, db
+        return dW_xh, dW_hh, dbP, dbR
 
     def input_adjoint(self, l, dP, G, out=None):
         """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""

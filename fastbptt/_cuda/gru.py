@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 from numba import cuda
 
-from .products import axpy, column_sums_cuda, gemm, launch, scaled, sigmoid
+from .products import axpy, gemm, launch, scaled, sigmoid
 
 G = 3
 STATES = ("S",)            # the record's state arrays: h_0..h_T
@@ -164,11 +164,8 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
 
 def weight_grads(run, l, X, lay, dP, dR):
     """∂W_xh = Σ x_tᵀ dP_t, ∂b_h = Σ dP_t, ∂W_hh = Σ h_{t-1}ᵀ dR_t, ∂b_hn = Σ dR_t's n columns"""
-    T, B, GH = dP.shape
-    H = GH // G
-    dW_xh, dW_hh, dbR = run.weight_grads(X, lay.S, dP, dR)
-    db_h = cuda.device_array(GH, dP.dtype)
-    column_sums_cuda[launch(GH)](db_h, dP.reshape(T * B, GH))
+    H = dP.shape[2] // G
+    dW_xh, dW_hh, db_h, dbR = run.weight_grads(X, lay.S, dP, dR)
     db_hn = cuda.device_array(H, dP.dtype)
     db_hn.copy_to_device(dbR[2 * H:])
     return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h, "b_hn": db_hn}

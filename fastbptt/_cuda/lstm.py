@@ -151,7 +151,7 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
 
 def weight_grads(run, l, X, lay, dP, dR):
     """∂W_xh = Σ x_tᵀ dZ_t, ∂W_hh = Σ h_{t-1}ᵀ dZ_t, ∂b_h = Σ dZ_t (dP and dR are the same dZ)"""
-    dW_xh, dW_hh, db_h = run.weight_grads(X, lay.S, dP, dR)
+    dW_xh, dW_hh, db_h, _ = run.weight_grads(X, lay.S, dP, dR)
     return {"W_xh": dW_xh, "W_hh": dW_hh, "b_h": db_h}
 
 
