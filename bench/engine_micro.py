@@ -154,11 +154,9 @@ def bench_interleave():
         print(f"round {rnd}: " + " ".join(f"{t:.1f}({n})" for t, n in zip(times, counts)))
 
 
-def bench_phases():
-    """ms per call of each kernel of a float32 loss_and_grad (the rows summing to the call)"""
-    import cProfile
-    import pstats
-
+def _argv_workload():
+    """CELL T B D H from the command line, and a float32 model and minibatch of that shape
+    (D <= 64: token ids, else dense input; a 28-way head)"""
     import fastbptt
     cell, (T, B, D, H) = sys.argv[2], (int(x) for x in sys.argv[3:7])
     rng = np.random.default_rng(0)
@@ -166,6 +164,16 @@ def bench_phases():
          for k, v in fastbptt.init_params(D, H, 28, cell=cell).items()}
     X = rng.integers(0, D, (T, B)) if D <= 64 else rng.standard_normal((T, B, D)).astype(np.float32)
     Y = rng.integers(0, 28, (T, B))
+    return cell, T, B, D, H, p, X, Y
+
+
+def bench_phases():
+    """ms per call of each kernel of a float32 loss_and_grad (the rows summing to the call)"""
+    import cProfile
+    import pstats
+
+    import fastbptt
+    cell, T, B, D, H, p, X, Y = _argv_workload()
     call = lambda: fastbptt.loss_and_grad(p, X, Y)                      # noqa: E731
     print(f"{cell} T={T} B={B} D={D} H={H}: {best_ms(call, reps=10):.2f} ms per call (best)")
     prof = cProfile.Profile()
@@ -301,12 +309,7 @@ def bench_choices():
     import fastbptt
     from fastbptt._cpu import plan, team
     team.CPU_TEAM_ADAPT = False
-    cell, (T, B, D, H) = sys.argv[2], (int(x) for x in sys.argv[3:7])
-    rng = np.random.default_rng(0)
-    p = {k: (rng.standard_normal(v.shape) / np.sqrt(H)).astype(np.float32)
-         for k, v in fastbptt.init_params(D, H, 28, cell=cell).items()}
-    X = rng.integers(0, D, (T, B)) if D <= 64 else rng.standard_normal((T, B, D)).astype(np.float32)
-    Y = rng.integers(0, 28, (T, B))
+    cell, T, B, D, H, p, X, Y = _argv_workload()
     pl = plan.current(team.max_threads())
     fastbptt.loss_and_grad(p, X, Y)                          # the plan's choices for this shape
     key = f"{plan.cell_name(fastbptt._cpu.CELLS[cell])} float32 B={B} H={H}"
