@@ -346,8 +346,8 @@ def packed_shape(K, N):
 #: rows of B copied to every panel of a chunk before the next rows: a block reads a few
 #: dozen pages of B and writes one page per panel, where a panel at a time walks every page
 #: of a large B once per panel.  32: the rows a block reads at once are so many streams for
-#: the CPU's prefetchers, and 64 (more than they follow) packed a B that is not in cache
-#: 1.5-2.3x slower; see docs/performance.md, "packing in blocks of rows"
+#: the CPU's prefetchers, and 64 are more than they follow (a B not in cache packed slower);
+#: see docs/performance.md, "packing in blocks of rows"
 PACK_ROWS = 32
 
 
