@@ -384,7 +384,7 @@ def bench_tiles():
     rng = np.random.default_rng(0)
     shapes = [(16, 256, 1024), (16, 512, 512), (32, 512, 2048), (32, 1024, 1024), (16, 1024, 3072),
               (800, 512, 2048), (256, 1088, 512), (512, 1600, 1024)]
-    tiles = [(4, 4), (8, 3), (6, 4), (8, 2)] if products.vector_shape()[1] >= 32 else [(4, 2), (4, 1)]
+    tiles = [(4, 4), (8, 3), (6, 4), (8, 2)] if products.full_tile() == (8, 3) else [(4, 2), (4, 1)]
     for M, K, N in shapes:
         A = rng.standard_normal((M, K), dtype=np.float32)
         B = rng.standard_normal((K, N), dtype=np.float32)

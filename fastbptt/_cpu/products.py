@@ -72,20 +72,25 @@ def vector_lanes(typingctx, a):
     return types.intp(a), codegen
 
 
+def full_tile():
+    """(rows, vectors per row) of a full register tile: 8 x 3 with 32 vector registers (24
+    accumulators), 4 x 2 with 16 (8)"""
+    return (8, 3) if vector_shape()[1] >= 32 else (4, 2)
+
+
 @intrinsic
 def _tile_vectors(typingctx):
-    """vectors per row of a full register tile: 3 with 32 registers (8 rows x 3: 24
-    accumulators), 2 with 16 (4 rows x 2: 8)"""
+    """vectors per row of a full register tile (full_tile), a compile-time constant"""
     def codegen(context, builder, sig, args):
-        return context.get_constant(types.intp, 3 if vector_shape()[1] >= 32 else 2)
+        return context.get_constant(types.intp, full_tile()[1])
     return types.intp(), codegen
 
 
 @intrinsic
 def _tall_tiles(typingctx):
-    """whether a full register tile is 8 rows tall (32 registers), not 4 (16)"""
+    """whether a full register tile is 8 rows tall, not 4 (full_tile), a compile-time constant"""
     def codegen(context, builder, sig, args):
-        return context.get_constant(types.boolean, vector_shape()[1] >= 32)
+        return context.get_constant(types.boolean, full_tile()[0] == 8)
     return types.boolean(), codegen
 
 
