@@ -21,6 +21,7 @@ from numba.extending import overload
 from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
 from .lanes import cell_steps, run_lanes
+from .plan import probe_inputs
 from . import products
 from .products import NO_POST, of_type, _0, epilogue, gemm_cpu, matmul_k
 
@@ -181,12 +182,10 @@ def forward(run, l, X, state0, act):
 def sweep_probe(dt, B, H, T, rng):
     """fn(blk, lanes, threads): a forward sweep of T steps of B x H on random data, for the
     plan to time (fastbptt._cpu.plan.measure_sweep)"""
-    Wp = products.packed((rng.standard_normal((H, H)) / np.sqrt(H)).astype(dt), 1)
-    pre = rng.standard_normal((T + 1, B, H)).astype(dt)
-    Hx = products.empty(pre.shape, dt)
+    Wp, pre, Hx, _ = probe_inputs(dt, B, 1, H, T, rng)
 
     def fn(blk, lanes, threads):
-        Hx[:] = pre
+        Hx[1:] = pre
         forward_cpu(Hx, Wp, 0, blk, lanes, threads)
     return fn
 

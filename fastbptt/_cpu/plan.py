@@ -300,8 +300,9 @@ def measure_sweep(cell, dtype, B, H, threads):
 
 
 def probe_inputs(dt, B, G, H, T, rng):
-    """random inputs of a gated cell's sweep_probe: W_hh (H,G·H) packed, the steps'
-    pre-activations (T,B,G·H), the states S (T+1,B,H) and Z, the buffer the sweep overwrites"""
+    """random inputs of a cell's sweep_probe: W_hh (H,G·H) packed, the steps'
+    pre-activations (T,B,G·H), the states S (T+1,B,H) and Z, a buffer of pre's shape for the
+    sweep to overwrite"""
     from .products import empty, packed
     Wp = packed((rng.standard_normal((H, G * H)) / np.sqrt(H)).astype(dt), 1)
     pre = rng.standard_normal((T, B, G * H)).astype(dt)
