@@ -237,6 +237,15 @@ def test_tune_measures_every_kind_and_saves(plan_dir, monkeypatch):
     assert "tuned" in plan.describe(p)
 
 
+def test_a_sweep_measured_again_keeps_each_candidates_best_time(plan_dir):
+    # fastbptt tune measures a sweep in passes apart: a candidate's fast time in an earlier
+    # pass counts though a busy spell slowed it in this one
+    seen = {(1, 64, 64): 1e-12}
+    assert plan.measure_sweep(elman, np.float32, 2, 48, 2, seen) == (1, 64, 64)
+    assert {(n, kc, mc) for n in (1, 2) for kc, mc in plan.STEP_BLOCKING} <= set(seen)
+    assert seen[(1, 64, 64)] == 1e-12 and all(t > 1e-12 for c, t in seen.items() if c != (1, 64, 64))
+
+
 def test_results_do_not_depend_on_the_thread_count_for_a_fixed_plan(rng, plan_dir):
     # the lanes fix the order of every sum (a lane adds its own K range first); one thread
     # running both lanes gives the very same bits as two threads

@@ -24,8 +24,9 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   own rows, no waits; ``lanes.run_lanes``), and the blocking of its steps.  Measured on
   that cell's own forward sweep (its ``sweep_probe``: a gated cell's step is a product G
   times as wide, with its own pointwise part) the first time a sweep of that shape runs (a
-  few steps of each candidate, well under a second), and added to the plan.  A gated
-  cell's column lanes must win by GATED_LANES_MARGIN.
+  few steps of each candidate, well under a second), and added to the plan;
+  ``fastbptt tune`` measures each shape in TUNE_PASSES passes apart.  A gated cell's
+  column lanes must win by GATED_LANES_MARGIN.
 
 A plan file that cannot be read, has another format, or was made on another machine
 (its key differs) is ignored with a warning.  Results are deterministic for a fixed plan
@@ -49,7 +50,7 @@ import numpy as np
 from .. import config
 from .cache import cache_dir
 
-FORMAT = 5
+FORMAT = 6
 #: the tile's blocking without a plan: K slices of 128 keep a tile column's slice of B
 #: (128 x 48 float32) in a 48 KiB L1; see docs/performance.md
 DEFAULT_BLOCKING = {"rows": (128, 64), "grad": (128, 64)}
@@ -70,6 +71,14 @@ GATED_LANES_MARGIN = 1.05
 #: a sweep step of at least this many multiply-adds (B·G·H²) runs on every thread, its
 #: blocking measured on one
 SPLIT_ALWAYS_MACS = 1 << 22
+#: a sweep is measured on T steps of about this many multiply-adds in all (4 to 256 steps):
+#: enough that entering the parallel region and reading the clock are small beside the
+#: steps, or a small step's lanes lose to one lane by noise (docs/performance.md, "lanes")
+SWEEP_PROBE_MACS = 1 << 23
+SWEEP_PROBE_STEPS = (4, 256)
+#: ``fastbptt tune`` measures each sweep this many times, a pass over all of them apart, and
+#: keeps each candidate's best time
+TUNE_PASSES = 3
 
 
 def cpu_model():
@@ -268,15 +277,18 @@ def _best_times(fns, rounds):
 
 
 
-def measure_sweep(cell, dtype, B, H, threads):
+def measure_sweep(cell, dtype, B, H, threads, seen=None):
     """(lanes, kc, mc): the fastest forward sweeps of ``cell`` (its module's
-    ``sweep_probe``) on B x H steps (a few steps, best of 5) on one lane, ``threads``
-    column lanes or ``threads`` row chunks (lanes = -threads; when each has a 4-row tile),
-    with each of STEP_BLOCKING; a step of at least SPLIT_ALWAYS_MACS runs on every thread,
-    its blocking measured on one"""
+    ``sweep_probe``) on B x H steps (SWEEP_PROBE_MACS in all, best of 7) on one lane,
+    ``threads`` column lanes or ``threads`` row chunks (lanes = -threads; when each has a
+    4-row tile), with each of STEP_BLOCKING; a step of at least SPLIT_ALWAYS_MACS runs on
+    every thread, its blocking measured on one.  ``seen``: {candidate: best time} of earlier
+    measurements of the same sweep, updated and chosen from (``fastbptt tune`` measures each
+    sweep TUNE_PASSES times, far apart, so that a busy spell of the machine does not decide)"""
+    seen = {} if seen is None else seen
     dt = np.dtype(dtype)
     macs = B * cell.G * H * H                   # one step's product
-    T = int(min(64, max(2, (1 << 20) // max(1, macs))))
+    T = int(np.clip(SWEEP_PROBE_MACS // max(1, macs), *SWEEP_PROBE_STEPS))
     probe = cell.sweep_probe(dt, B, H, T, np.random.default_rng(0))
 
     def run(lanes, kc, mc):
@@ -287,15 +299,20 @@ def measure_sweep(cell, dtype, B, H, threads):
                 probe(blk, lanes, abs(lanes))
         return fn
 
+    def timed(candidates, rounds):
+        for c, t in zip(candidates, _best_times([run(*c) for c in candidates], rounds)):
+            seen[c] = min(seen.get(c, t), t)
+        return [seen[c] for c in candidates]
+
     split = threads > 1 and macs >= SPLIT_ALWAYS_MACS
     rows = (-threads,) if threads > 1 and B >= 4 * threads else ()     # a 4-row tile per chunk
     lanes = (1,) if threads == 1 or split else (1, threads) + rows
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
-    times = _best_times([run(*c) for c in candidates], rounds=3 if split else 7)
+    times = timed(candidates, rounds=3 if split else 7)
     if split:
         kc, mc = candidates[int(np.argmin(times))][1:]
         candidates = [(threads, kc, mc)] + [(r, kc, mc) for r in rows]
-        times = _best_times([run(*w) for w in candidates], rounds=3)
+        times = timed(candidates, rounds=3)
     return _sweep_choice(cell, candidates, times)
 
 
@@ -408,18 +425,21 @@ def tune_products(plan, bar=None):
 
 def tune(threads, progress=True, sweeps=()):
     """Measure the blocking of every product kind, and the sweeps of each (cell module,
-    dtype, B, H) in ``sweeps``, again (with a progress bar); save the plan and return it."""
+    dtype, B, H) in ``sweeps`` (TUNE_PASSES times each, one pass over all of them after
+    another), again (with a progress bar); save the plan and return it."""
     from tqdm.auto import tqdm
     plan = current(threads)
     grid = len(KC_CANDIDATES) * len(MC_CANDIDATES)
-    total = sum(len(s) for s in TUNE_SHAPES.values()) * grid + len(sweeps)
+    total = sum(len(s) for s in TUNE_SHAPES.values()) * grid + TUNE_PASSES * len(sweeps)
     with tqdm(total=total, disable=not progress, desc="fastbptt tune", unit="case", leave=False) as bar:
         tune_products(plan, bar)
         plan.sweeps.clear()
         plan.products.clear()
-        for cell, dtype, B, H in sweeps:
-            plan.sweep(cell, dtype, B, H)
-            bar.update(1)
+        seen = [{} for _ in sweeps]
+        for _ in range(TUNE_PASSES):
+            for (cell, dtype, B, H), times in zip(sweeps, seen):
+                plan.sweeps[_sweep_key(cell, dtype, B, H)] = measure_sweep(cell, dtype, B, H, threads, times)
+                bar.update(1)
     plan.save()
     return plan
 
