@@ -352,7 +352,7 @@ class Run(LayerParams):
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
         dbP = dbR
         if X.ndim == 2:
-            projections.embed_tokens_backward_cpu(dW_xh, dP, X)
+            projections.embed_tokens_backward_cpu(dW_xh, dP, X, self.n)
             dW_xh = self.natural(dW_xh, cols)
             if dP is not dR:
                 dbP = self.natural(dP.reshape(-1, GH).sum(axis=0, dtype=dP.dtype), cols)

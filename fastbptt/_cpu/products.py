@@ -378,8 +378,9 @@ def _pack(Bp, B, p0, p1):
             w = min(PANEL, N - j0)
             dst = Bp[p]
             for k in range(k0, min(k0 + PACK_ROWS, K)):
+                src, d = B[k, j0:j0 + w], dst[k]          # 1-D slices: the loop vectorizes
                 for l in range(w):
-                    dst[k, l] = B[k, j0 + l]
+                    d[l] = src[l]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

@@ -44,20 +44,23 @@ def embed_dense_cpu(pre, X, W_xhp, b_h, blk, n):
         matmul(pre[r0:r1], X[r0:r1], W_xhp, one, _0, H, _0, NO_POST, blk)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def embed_tokens_backward_cpu(dW_xh, dZ, X):
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def embed_tokens_backward_cpu(dW_xh, dZ, X, n):
     """∂W_xh = Σ_t x_tᵀ dz_t for one-hot x_t: a scatter-add, dW_xh[X[t,b]] += dz_t[b]
 
-    dW_xh (D,H) out · dZ (T,B,H) · X (T,B) int64 token ids
+    dW_xh (D,H) out · dZ (T,B,H) · X (T,B) int64 token ids · n column chunks (each element
+    sums over (t, b) in order, whatever n)
     """
     T, B, H = dZ.shape
-    dW_xh[:] = 0
-    for t in range(T):
-        for b in range(B):
-            dst = dW_xh[X[t, b]]
-            src = dZ[t, b]
-            for j in range(H):
-                dst[j] += src[j]
+    for c in prange(n):
+        j0, j1 = chunk(H, c, n)
+        dW_xh[:, j0:j1] = 0
+        for t in range(T):
+            for b in range(B):
+                dst = dW_xh[X[t, b], j0:j1]
+                src = dZ[t, b, j0:j1]
+                for j in range(dst.shape[0]):
+                    dst[j] += src[j]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
