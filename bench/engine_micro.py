@@ -17,14 +17,15 @@
     python bench/engine_micro.py cellsweeps # each cell's forward sweep with the lanes and blocking chosen on
                                             # the Elman cell's and on its own
     python bench/engine_micro.py choices CELL T B D H  # whole loss_and_grad calls (2 threads) alternating
-                                            # the plan's choices: a sweep's column lanes or rows split, and the
-                                            # products' blocking per shape or their kind's
+                                            # the plan's choices: a sweep on one lane, column lanes or rows
+                                            # split, and the products' blocking per shape or their kind's
     python bench/engine_micro.py blocking   # products over all rows, on every thread, with each blocking:
                                             # the worst, the kind's one blocking, the shape's own (the plan's)
     python bench/engine_micro.py tiles      # one thread's product with register tiles of R rows x NV vectors
                                             # (the engine's _outer_tile), at a sweep's and at all rows' shapes
     python bench/engine_micro.py packrows   # packing B (every thread) in blocks of 16, 32, 64 rows, from memory
                                             # (caches flushed first) and from cache
+    python bench/engine_micro.py packs      # each of the engine's packings (every thread, from cache)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -304,8 +305,9 @@ def bench_cellsweeps():
 def bench_choices():
     """median ms of whole float32 loss_and_grad calls on both threads (the team's choice
     fixed) with each way of a plan choice forced in turn, six alternating rounds of five
-    calls: the cell's sweep by column lanes or by rows, and the products' blocking per
-    shape (the plan's) or their kind's at every shape"""
+    calls: the cell's sweep on one lane, by column lanes or by rows (when each chunk has a
+    4-row tile), and the products' blocking per shape (the plan's) or their kind's at every
+    shape"""
     import fastbptt
     from fastbptt._cpu import plan, team
     team.CPU_TEAM_ADAPT = False
@@ -315,12 +317,14 @@ def bench_choices():
     key = f"{plan.cell_name(fastbptt._cpu.CELLS[cell])} float32 B={B} H={H}"
     lanes, kc, mc = pl.sweeps[key]
     own = dict(pl.products)
-    ways = {"column lanes": lambda: pl.sweeps.__setitem__(key, (team.max_threads(), kc, mc)),
+    ways = {"one lane": lambda: pl.sweeps.__setitem__(key, (1, kc, mc)),
+            "column lanes": lambda: pl.sweeps.__setitem__(key, (team.max_threads(), kc, mc)),
             "rows split": lambda: pl.sweeps.__setitem__(key, (-team.max_threads(), kc, mc)),
             "blocking per shape": lambda: (pl.sweeps.__setitem__(key, (lanes, kc, mc)), pl.products.update(own)),
             "kind's blocking": lambda: (pl.sweeps.__setitem__(key, (lanes, kc, mc)),
                                         pl.products.update({k: pl.blocking[k.split()[0]] for k in own}))}
-    for pair in (("column lanes", "rows split"), ("blocking per shape", "kind's blocking")):
+    split = ("one lane", "column lanes") + (("rows split",) if B >= 4 * team.max_threads() else ())
+    for pair in (split, ("blocking per shape", "kind's blocking")):
         times = {w: [] for w in pair}
         for rnd in range(6):
             for w in (pair if rnd % 2 else pair[::-1]):
@@ -449,6 +453,24 @@ def bench_packrows():
             print(f"({K},{N}) {'cold' if cold else 'warm'}: " + ", ".join(line))
 
 
+def bench_packs():
+    """ms of the engine's packings as a call runs them (every thread, B in cache, best of
+    several): pack_cpu of a weight and of its transpose, pack_columns_cpu, pack_sums_cpu of
+    dZ.  Run it in an earlier checkout too (PYTHONPATH) to compare."""
+    n = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    for K, N in ((256, 256), (256, 1024), (1024, 256), (1120, 1024), (512, 2048)):
+        B = rng.standard_normal((K, N), dtype=np.float32)
+        Bp = products.empty(products.packed_shape(K, N), np.float32)
+        BTp = products.empty(products.packed_shape(N, K), np.float32)
+        sums, cols = np.empty(N, np.float32), np.arange(N)
+        ms = {"pack": best_ms(lambda: products.pack_cpu(Bp, B, n)),
+              "pack of the transpose": best_ms(lambda: products.pack_cpu(BTp, B.T, n)),
+              "pack_columns": best_ms(lambda: products.pack_columns_cpu(Bp, B, cols, False, n)),
+              "pack_sums": best_ms(lambda: products.pack_sums_cpu(Bp, sums, B, cols, n))}
+        print(f"({K},{N}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -459,4 +481,6 @@ if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
-     "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall, "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
+     "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
+     "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
