@@ -58,6 +58,21 @@ def test_gated_columns_pack_and_come_back(H, G, lanes, rng):
     np.testing.assert_array_equal(back, W)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows,H,G,lanes", [(16, 16, 3, 1), (37, 64, 4, 2), (48, 40, 3, 3), (33, 18, 4, 2)])
+@pytest.mark.parametrize("order", ["interleaved", "permuted"])
+def test_a_transposed_weight_packs_in_blocks_and_element_by_element(rows, H, G, lanes, order, dtype, rng):
+    # Wᵀ's whole panels over runs of columns go through blocks transposed in registers, the
+    # rest (a partial panel, a run broken by the order, the last columns) element by element
+    W = rng.normal(size=(rows, G * H)).astype(dtype)
+    cols = products.interleaved(H, G, lanes) if order == "interleaved" else rng.permutation(G * H)
+    want = np.ascontiguousarray(W[:, cols].T)
+    for n in (1, 2):
+        Bp = np.full(packed_shape(*want.shape), np.nan, dtype)
+        products.pack_columns_cpu(Bp, W, cols, True, n)
+        np.testing.assert_array_equal(Bp, packed(want, 1))
+
+
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (40, 64), (9, 100)])
 @pytest.mark.parametrize("order", ["natural", "permuted"])
 def test_a_gradients_packing_sums_its_columns(K, N, order, rng):

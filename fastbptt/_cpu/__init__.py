@@ -181,9 +181,10 @@ class Run(LayerParams):
             W = self.P[key]
             K, N = W.shape[::-1] if transposed else W.shape
             Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(K, N)])
-            if cols is None:
-                pack_cpu(Wp, W.T if transposed else W, self.n)
-            else:
+            if cols is None and not transposed:
+                pack_cpu(Wp, W, self.n)
+            else:                                     # a transpose packs in blocks turned in registers
+                cols = np.arange(W.shape[1]) if cols is None else cols
                 products.pack_columns_cpu(Wp, W, cols, transposed, self.n)
             self._packed[name] = Wp
         return self._packed[name]

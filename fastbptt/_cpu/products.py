@@ -404,13 +404,22 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
         for p in range(p0, p1):
             Bp[p, :, min(PANEL, N - p * PANEL):] = 0
         if transposed:                              # B[k, j] = W[j, cols[k]]: 16 rows of W a panel
+            L = vector_lanes(W)
             for p in range(p0, p1):
                 j0 = p * PANEL
+                w = min(PANEL, N - j0)
                 dst = Bp[p]
-                for k in range(K):
-                    ck = cols[k]
-                    for l in range(min(PANEL, N - j0)):
-                        dst[k, l] = W[j0 + l, ck]
+                k = 0
+                while k < K:
+                    if w == PANEL and k + L <= K and _is_run(cols, k, L):
+                        for q in range(0, PANEL, L):        # L x L blocks, transposed in registers
+                            _transpose_tile(dst, W, j0 + q, cols[k], q, k)
+                        k += L
+                    else:
+                        ck = cols[k]
+                        for l in range(w):
+                            dst[k, l] = W[j0 + l, ck]
+                        k += 1
         else:                                       # B[k, j] = W[k, cols[j]], in blocks of rows
             for k0 in range(0, K, PACK_ROWS):
                 for p in range(p0, p1):
@@ -512,9 +521,9 @@ def column_sums(out, A, j0, j1):
 
 # -------------------------------------------------------------------------- transposes
 @intrinsic
-def _transpose_tile(typingctx, dst, src, r0, j0):
-    """dst[j0+c, r0+i] = src[r0+i, j0+c] for i, c < L, L the lanes of a vector register (16
-    float32 with AVX-512): L rows loaded as vectors, transposed in registers by log2(L)
+def _transpose_tile(typingctx, dst, src, r0, j0, dr0, dj0):
+    """dst[dj0+c, dr0+i] = src[r0+i, j0+c] for i, c < L, L the lanes of a vector register
+    (16 float32 with AVX-512): L rows loaded as vectors, transposed in registers by log2(L)
     rounds of two-vector shuffles, stored as L rows (dst, src: C-contiguous 2-D)"""
     def codegen(context, builder, sig, args):
         dty, sty = sig.args[0], sig.args[1]
@@ -523,8 +532,7 @@ def _transpose_tile(typingctx, dst, src, r0, j0):
         vty, i32 = ir.VectorType(fty, L), ir.IntType(32)
         dary = context.make_array(dty)(context, builder, args[0])
         sary = context.make_array(sty)(context, builder, args[1])
-        r0 = context.cast(builder, args[2], sig.args[2], types.intp)
-        j0 = context.cast(builder, args[3], sig.args[3], types.intp)
+        r0, j0, dr0, dj0 = (context.cast(builder, args[i], sig.args[i], types.intp) for i in range(2, 6))
 
         def row(ty, ary, r, c):
             p = cgutils.get_item_pointer(context, builder, ty, ary, [r, c])
@@ -545,9 +553,9 @@ def _transpose_tile(typingctx, dst, src, r0, j0):
             rows = out
             s *= 2
         for c in range(L):
-            builder.store(rows[c], row(dty, dary, builder.add(j0, j0.type(c)), r0), align=size)
+            builder.store(rows[c], row(dty, dary, builder.add(dj0, dj0.type(c)), dr0), align=size)
         return context.get_dummy_value()
-    return types.void(dst, src, r0, j0), codegen
+    return types.void(dst, src, r0, j0, dr0, dj0), codegen
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -559,7 +567,7 @@ def _transpose(dst, src, j0, j1):
     nr, jt = N // L * L, j0 + (j1 - j0) // L * L
     for r0 in range(0, nr, L):
         for j in range(j0, jt, L):
-            _transpose_tile(dst, src, r0, j)
+            _transpose_tile(dst, src, r0, j, r0, j)
     for r0 in range(0, N, L):                  # the columns left over, and the rows left over
         r1 = min(r0 + L, N)
         for j in range(jt if r0 < nr else j0, j1):
