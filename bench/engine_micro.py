@@ -455,8 +455,8 @@ def bench_packrows():
 
 def bench_packs():
     """ms of the engine's packings as a call runs them (every thread, B in cache, best of
-    several): pack_cpu of a weight and of its transpose, pack_columns_cpu, pack_sums_cpu of
-    dZ.  Run it in an earlier checkout too (PYTHONPATH) to compare."""
+    several): pack_cpu of a weight, pack_columns_cpu of its transpose and of its columns,
+    pack_sums_cpu of dZ.  Run it in an earlier checkout too (PYTHONPATH) to compare."""
     n = numba.get_num_threads()
     rng = np.random.default_rng(0)
     for K, N in ((256, 256), (256, 1024), (1024, 256), (1120, 1024), (512, 2048)):
@@ -465,7 +465,7 @@ def bench_packs():
         BTp = products.empty(products.packed_shape(N, K), np.float32)
         sums, cols = np.empty(N, np.float32), np.arange(N)
         ms = {"pack": best_ms(lambda: products.pack_cpu(Bp, B, n)),
-              "pack of the transpose": best_ms(lambda: products.pack_cpu(BTp, B.T, n)),
+              "pack of the transpose": best_ms(lambda: products.pack_columns_cpu(BTp, B, cols, True, n)),
               "pack_columns": best_ms(lambda: products.pack_columns_cpu(Bp, B, cols, False, n)),
               "pack_sums": best_ms(lambda: products.pack_sums_cpu(Bp, sums, B, cols, n))}
         print(f"({K},{N}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
