@@ -343,7 +343,8 @@ class Run(LayerParams):
         when h_0 = 0; a scatter-add for token ids).  dR is packed once, its sums taken as it is
         packed, and that packing serves ∂W_xh too when dP is dR (a cell whose input and
         recurrent sides share one dZ; the two sums are then one array); a dense dP of its
-        own is packed and summed the same way."""
+        own is packed and summed the same way, and a dP of its own for token ids is summed
+        in the scatter-add's read."""
         T, B, GH = dR.shape
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
@@ -351,17 +352,17 @@ class Run(LayerParams):
         projections.recurrent_grads_cpu(dW_hh, dRp, self.transposed_states(S), k0,
                                         self.blk("grad", self.H, T * B, GH), self.n)
         dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
-        dbP = dbR
         if X.ndim == 2:
-            projections.embed_tokens_backward_cpu(dW_xh, dP, X, self.n)
+            dbP = dbR if dP is dR else np.empty(GH, dP.dtype)
+            projections.embed_tokens_backward_cpu(dW_xh, None if dP is dR else dbP, dP, X, self.n)
             dW_xh = self.natural(dW_xh, cols)
             if dP is not dR:
-                dbP = self.natural(dP.reshape(-1, GH).sum(axis=0, dtype=dP.dtype), cols)
+                dbP = self.natural(dbP, cols)
         else:
             X2 = X.reshape(T * B, -1)
             XT, = self.scratch("XT", [(X2.shape[1], T * B)])
             transpose_cpu(XT, X2, self.n)
-            dPp = dRp
+            dPp, dbP = dRp, dbR
             if dP is not dR:
                 dPp, dbP = self._packed_rows(dP, cols, "dPp")
             projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad", *XT.shape, GH), self.n)
