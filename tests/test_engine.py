@@ -67,10 +67,11 @@ def test_a_transposed_weight_packs_in_blocks_and_element_by_element(rows, H, G, 
     W = rng.normal(size=(rows, G * H)).astype(dtype)
     cols = products.interleaved(H, G, lanes) if order == "interleaved" else rng.permutation(G * H)
     want = np.ascontiguousarray(W[:, cols].T)
-    for n in (1, 2):
-        Bp = np.full(packed_shape(*want.shape), np.nan, dtype)
-        products.pack_columns_cpu(Bp, W, cols, True, n)
-        np.testing.assert_array_equal(Bp, packed(want, 1))
+    for src in (W, np.asfortranarray(W), np.repeat(W, 2, axis=1)[:, ::2]):   # rows contiguous or not
+        for n in (1, 2):
+            Bp = np.full(packed_shape(*want.shape), np.nan, dtype)
+            products.pack_columns_cpu(Bp, src, cols, True, n)
+            np.testing.assert_array_equal(Bp, packed(want, 1))
 
 
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (40, 64), (9, 100)])

@@ -227,7 +227,11 @@ class Run(LayerParams):
         return [products.chunk.py_func(self.H, c, self.lanes) for c in range(self.lanes)]
 
     def columns(self, G):
-        """a gated cell's column order inside the engine (products.interleaved)"""
+        """a gated cell's column order inside the engine (products.interleaved); None for the
+        natural order (one lane, or the rows split), whose packs, gathers and gradients are
+        then plain copies, or nothing"""
+        if self.lanes == 1:
+            return None
         if ("columns", G) not in self._buffers:
             self._buffers[("columns", G)] = products.interleaved(self.H, G, self.lanes)
         return self._buffers[("columns", G)]
@@ -289,7 +293,8 @@ class Run(LayerParams):
     # ------------------------------------------------------------------ rows products
     def project(self, X, out, key, bias, cols=None):
         """out (T·B,G·H) = X W + b over all rows: a row gather for token ids X (T,B), one
-        product for dense X (T,B,D); W = P[key] with its columns in the order cols"""
+        product for dense X (T,B,D); W = P[key] and b with their columns in the order cols"""
+        bias = bias if cols is None else bias[cols]
         if X.ndim == 2:
             W = self.P[key] if cols is None else np.ascontiguousarray(self.P[key][:, cols])
             projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.n)

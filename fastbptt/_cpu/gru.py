@@ -186,7 +186,7 @@ def forward(run, l, X, state0, act):
     cols = run.columns(G)
     S, Z, N = run.record(f"gru{l}", [(T + 1, B, H), (T, B, G * H), (T, B, H)])
     S[0] = state0[0]
-    run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
+    run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l), cols)
     split_cpu(Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l), run.lanes, run.n)
     lanes, blk = run.sweep(B, H)
     W_hhp = run.packed(run.key("W_hh", l), cols=cols)

@@ -169,7 +169,7 @@ def forward(run, l, X, state0, act):
     cols = run.columns(G)
     S, C, Z = run.record(f"lstm{l}", [(T + 1, B, H), (T + 1, B, H), (T, B, G * H)])
     S[0], C[0] = state0
-    run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l)[cols], cols)
+    run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l), cols)
     lanes, blk = run.sweep(B, H)
     t0 = 0
     if not S[0].any():                      # h_0 = 0: the first step has no product

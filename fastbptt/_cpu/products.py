@@ -405,13 +405,14 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
             Bp[p, :, min(PANEL, N - p * PANEL):] = 0
         if transposed:                              # B[k, j] = W[j, cols[k]]: 16 rows of W a panel
             L = vector_lanes(W)
+            rows = W.strides[1] == W.itemsize and W.strides[0] % W.itemsize == 0   # W's rows are vectors
             for p in range(p0, p1):
                 j0 = p * PANEL
                 w = min(PANEL, N - j0)
                 dst = Bp[p]
                 k = 0
                 while k < K:
-                    if w == PANEL and k + L <= K and _is_run(cols, k, L):
+                    if rows and w == PANEL and k + L <= K and _is_run(cols, k, L):
                         for q in range(0, PANEL, L):        # L x L blocks, transposed in registers
                             _transpose_tile(dst, W, j0 + q, cols[k], q, k)
                         k += L
