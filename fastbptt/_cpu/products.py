@@ -365,6 +365,16 @@ def _is_run(cols, j0, w):
     return run
 
 
+@njit(inline="always")
+def _copy_rows(dst, src, k0, k1, s0, w):
+    """dst[k, :w] = src[k, s0:s0+w] for k in [k0, k1): row by row as 1-D slices, a loop
+    that vectorizes (indexing src[k, s0 + l] element by element does not)"""
+    for k in range(k0, k1):
+        a, d = src[k, s0:s0 + w], dst[k]
+        for l in range(w):
+            d[l] = a[l]
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _pack(Bp, B, p0, p1):
     """panels [p0, p1) of Bp ← B: Bp[p, k, l] = B[k, p·PANEL + l], 0 past B's N columns"""
@@ -376,11 +386,7 @@ def _pack(Bp, B, p0, p1):
         for p in range(p0, p1):
             j0 = p * PANEL
             w = min(PANEL, N - j0)
-            dst = Bp[p]
-            for k in range(k0, min(k0 + PACK_ROWS, K)):
-                src, d = B[k, j0:j0 + w], dst[k]          # 1-D slices: the loop vectorizes
-                for l in range(w):
-                    d[l] = src[l]
+            _copy_rows(Bp[p], B, k0, min(k0 + PACK_ROWS, K), j0, w)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -405,7 +411,7 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
             Bp[p, :, min(PANEL, N - p * PANEL):] = 0
         if transposed:                              # B[k, j] = W[j, cols[k]]: 16 rows of W a panel
             L = vector_lanes(W)
-            rows = W.strides[1] == W.itemsize and W.strides[0] % W.itemsize == 0   # W's rows are vectors
+            rows = W.strides[1] == W.itemsize                # W's rows hold whole vectors
             for p in range(p0, p1):
                 j0 = p * PANEL
                 w = min(PANEL, N - j0)
@@ -428,11 +434,7 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
                     w = min(PANEL, N - j0)
                     dst = Bp[p]
                     if _is_run(cols, j0, w):
-                        s0 = cols[j0]
-                        for k in range(k0, min(k0 + PACK_ROWS, K)):
-                            src = W[k, s0:s0 + w]
-                            for l in range(w):
-                                dst[k, l] = src[l]
+                        _copy_rows(dst, W, k0, min(k0 + PACK_ROWS, K), cols[j0], w)
                     else:
                         for k in range(k0, min(k0 + PACK_ROWS, K)):
                             row = W[k]
