@@ -464,10 +464,11 @@ def bench_packs():
         Bp = products.empty(products.packed_shape(K, N), np.float32)
         BTp = products.empty(products.packed_shape(N, K), np.float32)
         sums, cols = np.empty(N, np.float32), np.arange(N)
+        runs, E, ids = products.runs_of(cols), np.empty((0, N), np.float32), np.empty(0, np.int64)
         ms = {"pack": best_ms(lambda: products.pack_cpu(Bp, B, n)),
               "pack of the transpose": best_ms(lambda: products.pack_columns_cpu(BTp, B, cols, True, n)),
               "pack_columns": best_ms(lambda: products.pack_columns_cpu(Bp, B, cols, False, n)),
-              "pack_sums": best_ms(lambda: products.pack_sums_cpu(Bp, sums, B, cols, n))}
+              "pack_sums": best_ms(lambda: products.pack_sums_cpu(Bp, sums, B, runs, E, ids, n))}
         print(f"({K},{N}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
 
 

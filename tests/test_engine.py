@@ -75,21 +75,28 @@ def test_a_transposed_weight_packs_in_blocks_and_element_by_element(rows, H, G, 
             np.testing.assert_array_equal(Bp, packed(want, 1))
 
 
-@pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (40, 64), (9, 100)])
-@pytest.mark.parametrize("order", ["natural", "permuted"])
-def test_a_gradients_packing_sums_its_columns(K, N, order, rng):
-    # dZ's packing (the right factor of ∂W) and its column sums (∂b) from one read: every
-    # column in its panel, zeros past N, and each sum exactly numpy's sequential one
+@pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (40, 64), (9, 100), (70, 120)])
+@pytest.mark.parametrize("order", ["natural", "interleaved", "permuted"])
+@pytest.mark.parametrize("scatter", [False, True])
+def test_a_gradients_packing_sums_its_columns(K, N, order, scatter, rng):
+    # dZ's packing (the right factor of ∂W), its column sums (∂b) and, for token ids, the
+    # scatter-add of ∂W_xh from one read: every column in its panel, zeros past N, and each
+    # sum exactly numpy's sequential one, in any column order (runs of any length)
     D = rng.normal(size=(K, N))
-    cols = np.arange(N) if order == "natural" else rng.permutation(N)
-    want = np.zeros(N)
+    cols = {"natural": np.arange(N), "permuted": rng.permutation(N),
+            "interleaved": np.argsort(products.interleaved(N // 4, 4, 3)) if N % 4 == 0 else np.arange(N)}[order]
+    ids = rng.integers(0, 5, K)
+    want, want_E = np.zeros(N), np.zeros((5 if scatter else 0, N))
     for k in range(K):                                  # summed over k in order
         want += D[k, cols]
+        if scatter:
+            want_E[ids[k]] += D[k, cols]
     for n in (1, 2, 3):
-        Bp, sums = np.full(packed_shape(K, N), np.nan), np.full(N, np.nan)
-        products.pack_sums_cpu(Bp, sums, D, cols, n)
+        Bp, sums, E = np.full(packed_shape(K, N), np.nan), np.full(N, np.nan), np.full(want_E.shape, np.nan)
+        products.pack_sums_cpu(Bp, sums, D, products.runs_of(cols), E, ids, n)
         np.testing.assert_array_equal(Bp, packed(np.ascontiguousarray(D[:, cols]), 1))
         np.testing.assert_array_equal(sums, want)
+        np.testing.assert_array_equal(E, want_E)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -327,19 +327,19 @@ class Run(LayerParams):
             self.packed("W_hq", transposed=True), self.P["b_q"], scale, self.blk("rows"), self.n)
         return float(row_loss.sum()) * scale, dH, {"W_hq": dW_hq, "b_q": db_q}
 
-    def _packed_rows(self, d, cols, name):
+    def _packed_rows(self, d, cols, name, E=None, ids=None):
         """(d packed, Σ over its rows) of d (T,B,G·H) over its T·B rows, the B operand of a
         weight gradient and its bias gradient, from one read of d, in the natural column
-        order when its columns are a gated cell's (cols), in the kept buffer ``name``"""
+        order when its columns are a gated cell's (cols), in the kept buffer ``name``; with
+        E, the scatter-add E[ids[k]] += d's row k (∂W_xh of token ids) in the same read"""
         d2 = d.reshape(-1, d.shape[-1])
         N = d2.shape[1]
         dZp, = self.scratch(name, [packed_shape(*d2.shape)])
         sums = np.empty(N, d.dtype)
-        order = self._buffers.get(("order", N, cols is None))
-        if order is None:                             # natural column j is column order[j] of d
-            order = np.arange(N) if cols is None else np.argsort(cols)
-            self._buffers["order", N, cols is None] = order
-        products.pack_sums_cpu(dZp, sums, d2, order, self.n)
+        runs = products.natural_runs(self.H, N // self.H, 1 if cols is None else self.lanes)
+        if E is None:
+            E, ids = np.empty((0, N), d.dtype), np.empty(0, np.int64)
+        products.pack_sums_cpu(dZp, sums, d2, runs, E, ids, self.n)
         return dZp, sums
 
     def weight_grads(self, X, S, dP, dR, cols=None):
@@ -347,22 +347,23 @@ class Run(LayerParams):
         in the natural column order: one product over the T·B rows each (the h_0 rows skipped
         when h_0 = 0; a scatter-add for token ids).  dR is packed once, its sums taken as it is
         packed, and that packing serves ∂W_xh too when dP is dR (a cell whose input and
-        recurrent sides share one dZ; the two sums are then one array); a dense dP of its
-        own is packed and summed the same way, and a dP of its own for token ids is summed
-        in the scatter-add's read."""
+        recurrent sides share one dZ; the two sums are then one array): for token ids its
+        scatter-add runs in the same read.  A dense dP of its own is packed and summed the
+        same way, and a dP of its own for token ids is summed in the scatter-add's read."""
         T, B, GH = dR.shape
         k0 = 0 if S[0].any() else B
         dW_hh = products.empty((self.H, GH), dR.dtype)
-        dRp, dbR = self._packed_rows(dR, cols, "dRp")
+        dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
+        scatter = X.ndim == 2 and dP is dR
+        dRp, dbR = self._packed_rows(dR, cols, "dRp", *((dW_xh, X.reshape(-1)) if scatter else ()))
         projections.recurrent_grads_cpu(dW_hh, dRp, self.transposed_states(S), k0,
                                         self.blk("grad", self.H, T * B, GH), self.n)
-        dW_xh = products.empty((X.shape[2] if X.ndim == 3 else self.P["W_xh"].shape[0], GH), dP.dtype)
-        if X.ndim == 2:
-            dbP = dbR if dP is dR else np.empty(GH, dP.dtype)
-            projections.embed_tokens_backward_cpu(dW_xh, None if dP is dR else dbP, dP, X, self.n)
-            dW_xh = self.natural(dW_xh, cols)
-            if dP is not dR:
-                dbP = self.natural(dbP, cols)
+        if scatter:
+            dbP = dbR
+        elif X.ndim == 2:
+            dbP = np.empty(GH, dP.dtype)
+            projections.embed_tokens_backward_cpu(dW_xh, dbP, dP, X, self.n)
+            dW_xh, dbP = self.natural(dW_xh, cols), self.natural(dbP, cols)
         else:
             X2 = X.reshape(T * B, -1)
             XT, = self.scratch("XT", [(X2.shape[1], T * B)])

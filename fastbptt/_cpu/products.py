@@ -366,11 +366,11 @@ def _is_run(cols, j0, w):
 
 
 @njit(inline="always")
-def _copy_rows(dst, src, k0, k1, s0, w):
-    """dst[k, :w] = src[k, s0:s0+w] for k in [k0, k1): row by row as 1-D slices, a loop
+def _copy_rows(dst, src, k0, k1, s0, w, d0=0):
+    """dst[k, d0:d0+w] = src[k, s0:s0+w] for k in [k0, k1): row by row as 1-D slices, a loop
     that vectorizes (indexing src[k, s0 + l] element by element does not)"""
     for k in range(k0, k1):
-        a, d = src[k, s0:s0 + w], dst[k]
+        a, d = src[k, s0:s0 + w], dst[k, d0:d0 + w]
         for l in range(w):
             d[l] = a[l]
 
@@ -442,38 +442,66 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
                                 dst[k, l] = row[cols[j0 + l]]
 
 
+def runs_of(cols):
+    """the column order ``cols`` (column j of B is column cols[j] of its source) as runs of
+    consecutive source columns: (R,3) int64 rows (first column j, its source column, length)"""
+    cols = np.asarray(cols, np.int64)
+    first = np.flatnonzero(np.diff(cols) != 1) + 1
+    b, e = np.concatenate([[0], first]), np.concatenate([first, [cols.shape[0]]])
+    return np.stack([b, cols[b], e - b], axis=1).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def natural_runs(H, G, lanes):
+    """runs_of the natural order of G·H columns kept in the ``interleaved(H, G, lanes)``
+    order: natural column j is column argsort(cols)[j] (one run with one lane)"""
+    return runs_of(np.argsort(interleaved(H, G, lanes)))
+
+
+@njit(inline="always")
+def _clip(runs, i, j0, j1):
+    """run i of ``runs`` within columns [j0, j1): (lo, hi, the source column of lo); none when
+    lo >= hi"""
+    c, a, w = runs[i, 0], runs[i, 1], runs[i, 2]
+    lo, hi = max(c, j0), min(c + w, j1)
+    return lo, hi, a + lo - c
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def pack_sums_cpu(Bp, sums, D, cols, n):
-    """Bp ← B packed (see packed_shape) and sums = Σ_k B[k], B = D[:, cols] (K = D's rows,
-    N = len(cols)): a weight gradient's right factor and its bias gradient from one read of D
-    (each column summed over k in order, as :func:`column_sums`) · n chunks of panels"""
+def pack_sums_cpu(Bp, sums, D, runs, E, ids, n):
+    """Bp ← B packed (see packed_shape), sums = Σ_k B[k] and, when E has rows, the scatter-add
+    E[ids[k]] += B[k] (E zeroed first), B = D[:, cols] with cols given by its runs
+    (``runs_of``; K = D's rows): a weight gradient's right factor, its bias gradient and, for
+    token ids, ∂W_xh from one read of D · n chunks of panels.  Each element of sums and E
+    sums over k in order, whatever n.  A block of rows is packed, then summed while in cache."""
     P, K, _ = Bp.shape
-    N = cols.shape[0]
+    N = sums.shape[0]
     for c in prange(n):
         p0, p1 = P * c // n, P * (c + 1) // n
+        j0, j1 = min(p0 * PANEL, N), min(p1 * PANEL, N)
         for p in range(p0, p1):
-            j0 = p * PANEL
-            Bp[p, :, min(PANEL, N - j0):] = 0
-            sums[j0:min(j0 + PANEL, N)] = 0
+            Bp[p, :, min(PANEL, N - p * PANEL):] = 0
+        sums[j0:j1] = 0
+        E[:, j0:j1] = 0
         for k0 in range(0, K, PACK_ROWS):
-            for p in range(p0, p1):
-                j0 = p * PANEL
-                w = min(PANEL, N - j0)
-                dst, s = Bp[p], sums[j0:j0 + w]
-                if _is_run(cols, j0, w):
-                    s0 = cols[j0]
-                    for k in range(k0, min(k0 + PACK_ROWS, K)):
-                        src, d = D[k, s0:s0 + w], dst[k]
-                        for l in range(w):
-                            d[l] = src[l]
+            k1 = min(k0 + PACK_ROWS, K)
+            for i in range(runs.shape[0]):                 # each run's columns, a panel's part at a time
+                lo, hi, a = _clip(runs, i, j0, j1)
+                while lo < hi:
+                    w = min(PANEL - lo % PANEL, hi - lo)
+                    _copy_rows(Bp[lo // PANEL], D, k0, k1, a, w, lo % PANEL)
+                    lo, a = lo + w, a + w
+            for k in range(k0, k1):
+                for i in range(runs.shape[0]):
+                    lo, hi, a = _clip(runs, i, j0, j1)
+                    if lo < hi:
+                        src, s = D[k, a:a + hi - lo], sums[lo:hi]
+                        for l in range(hi - lo):
                             s[l] += src[l]
-                else:
-                    for k in range(k0, min(k0 + PACK_ROWS, K)):
-                        row, d = D[k], dst[k]
-                        for l in range(w):
-                            x = row[cols[j0 + l]]
-                            d[l] = x
-                            s[l] += x
+                        if E.shape[0] > 0:
+                            e = E[ids[k], lo:hi]
+                            for l in range(hi - lo):
+                                e[l] += src[l]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

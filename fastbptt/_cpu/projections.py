@@ -46,28 +46,25 @@ def embed_dense_cpu(pre, X, W_xhp, b_h, blk, n):
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def embed_tokens_backward_cpu(dW_xh, sums, dZ, X, n):
-    """∂W_xh = Σ_t x_tᵀ dz_t for one-hot x_t: a scatter-add, dW_xh[X[t,b]] += dz_t[b]; and,
-    unless sums is None, sums = Σ_t Σ_b dz_t[b] (∂b) in the same read
+    """∂W_xh = Σ_t x_tᵀ dz_t for one-hot x_t: a scatter-add, dW_xh[X[t,b]] += dz_t[b]; and
+    sums = Σ_t Σ_b dz_t[b] (∂b) in the same read (a dZ that is also packed does both in
+    its packing instead: :func:`fastbptt._cpu.products.pack_sums_cpu`)
 
-    dW_xh (D,H) out · sums (H,) out or None · dZ (T,B,H) · X (T,B) int64 token ids · n column
-    chunks (each element sums over (t, b) in order, whatever n)
+    dW_xh (D,H) out · sums (H,) out · dZ (T,B,H) · X (T,B) int64 token ids · n column chunks
+    (each element sums over (t, b) in order, whatever n)
     """
     T, B, H = dZ.shape
     for c in prange(n):
         j0, j1 = chunk(H, c, n)
         dW_xh[:, j0:j1] = 0
-        if sums is not None:
-            sums[j0:j1] = 0
+        sums[j0:j1] = 0
         for t in range(T):
             for b in range(B):
-                dst = dW_xh[X[t, b], j0:j1]
+                dst, s = dW_xh[X[t, b], j0:j1], sums[j0:j1]
                 src = dZ[t, b, j0:j1]
                 for j in range(dst.shape[0]):
                     dst[j] += src[j]
-                if sums is not None:
-                    s = sums[j0:j1]
-                    for j in range(s.shape[0]):
-                        s[j] += src[j]
+                    s[j] += src[j]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
