@@ -6,6 +6,7 @@
     python bench/engine_micro.py align      # a sweep with its packed W_hh 64-byte aligned or not
     python bench/engine_micro.py firstcall  # a fresh process's first loss_and_grad (warm cache)
     python bench/engine_micro.py coldcall   # ... and with an empty cache (the compile)
+    python bench/engine_micro.py compile    # each cell's first call, float32 then float64, empty cache
     python bench/engine_micro.py interleave # d2l-scratch calls after numpy's: the team's thread counts
     python bench/engine_micro.py phases CELL T B D H  # where a loss_and_grad's time goes (cProfile,
                                             # D <= 64: token ids, else dense input)
@@ -129,6 +130,29 @@ def bench_coldcall():
     import os
     with tempfile.TemporaryDirectory() as folder:      # an empty kernel cache and plan
         subprocess.run([sys.executable, "-c", _FIRST], check=True, env=dict(os.environ, FASTBPTT_CACHE_DIR=folder))
+
+
+_COMPILE = """
+import sys, time
+import numpy as np, fastbptt
+X = np.random.default_rng(0).integers(0, 20, (5, 3))
+for dtype in ("float32", "float64"):
+    p = fastbptt.init_params(20, 16, 20, seed=0, cell=sys.argv[1], dtype=dtype)
+    t = time.perf_counter()
+    fastbptt.loss_and_grad(p, X, X)
+    print(f"{sys.argv[1]} {dtype}: first loss_and_grad {time.perf_counter() - t:.1f} s", flush=True)
+"""
+
+
+def bench_compile():
+    """each cell's first loss_and_grad (T=5, B=3, H=16) in float32, then float64, in a fresh
+    process with an empty kernel cache: numba compiling the cell's kernels"""
+    import os
+    import tempfile
+    for cell in ("rnn", "gru", "lstm"):
+        with tempfile.TemporaryDirectory() as folder:
+            subprocess.run([sys.executable, "-c", _COMPILE, cell], check=True,
+                           env=dict(os.environ, FASTBPTT_CACHE_DIR=folder))
 
 
 def bench_interleave():
@@ -484,4 +508,4 @@ if __name__ == "__main__":
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
-     "coldcall": bench_coldcall, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "coldcall": bench_coldcall, "compile": bench_compile, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ..config import CPU_SOLO_WAIT, CPU_STEAL_SPINS, CPU_WAIT_SPINS, FASTMATH
-from .products import chunk, of_type, row_chunk
+from .products import _0, chunk, of_type, row_chunk
 
 
 def cell_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
@@ -121,16 +121,22 @@ def _flag_ptr(context, builder, sig, args):
 _LINE = 16                  # int64 flags per lane: [started, claimed steps, done steps], padded
 _STARTED, _CLAIMED, _DONE = 0, 1, 2
 _SOLO_MIN_CYCLES = 200_000  # a wait shorter than this (~0.1 ms) never sends a sweep solo
+# The helpers below are functions of their own, not inlined into run_lanes: numba's passes over
+# a parallel region grow faster than its code, and inlined they doubled the compile of every
+# sweep kernel for no measurable speed (docs/performance.md, "compile time").  Their arguments
+# are typed alike at every call (int64, bool; not a prange index's uint64 or Literal[bool]) so
+# that each compiles once per cell and direction.
+_TRUE, _FALSE = np.bool_(True), np.bool_(False)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _own(ctx, s, o, B, H, n):
     """lane o's step s over its own K range: the state that lane made at step s - 1"""
     j0, j1 = chunk(H, o, n)
     cell_step(ctx, s, 0, B, j0, j1, j0, j1, n == 1)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _rest(ctx, s, o, B, H, n):
     """lane o's step s over the other lanes' K ranges, in the order o+1, o+2, ... (mod n),
     then the pointwise part"""
@@ -140,7 +146,7 @@ def _rest(ctx, s, o, B, H, n):
         cell_step(ctx, s, 0, B, j0, j1, k0, k1, i == n - 1)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _row_chunk(ctx, steps, B, H, c, r):
     """every step of row chunk c of r (``row_chunk``): a one-lane sweep of its own rows"""
     r0, r1 = row_chunk(B, c, r)
@@ -148,7 +154,7 @@ def _row_chunk(ctx, steps, B, H, c, r):
         cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _ready(flags, s, n):
     """every lane has done step s - 1"""
     for q in range(n):
@@ -157,7 +163,7 @@ def _ready(flags, s, n):
     return True
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _take(ctx, flags, o, s, B, H, n):
     """claim and run all of step s of lane o, whose inputs are ready; True if this thread did"""
     f = o * _LINE
@@ -169,7 +175,7 @@ def _take(ctx, flags, o, s, B, H, n):
     return False
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _wait(ctx, flags, q, s, B, H, n, c, patient, step_cycles):
     """until lane q has done step s - 1, taking that step over if its thread is away (see
     the module notes); returns whether this thread is still patient with unstarted lanes"""
@@ -214,7 +220,7 @@ def run_lanes(ctx, steps, B, H, n, threads):
         return
     if n < 0:
         for c in prange(-n):
-            _row_chunk(ctx, steps, B, H, c, -n)
+            _row_chunk(ctx, steps, B, H, np.int64(c), -n)
         return
     if n == 1 or threads == 1:
         for s in range(steps):
@@ -224,10 +230,11 @@ def run_lanes(ctx, steps, B, H, n, threads):
         return
     solo = n * _LINE                            # 0: lanes; c + 1: lane c's thread runs the rest
     flags = np.zeros(n * _LINE + _LINE, np.int64)
-    for c in prange(n):
+    for ci in prange(n):
+        c = np.int64(ci)                        # prange's index is unsigned: one type for every call
         _store_release(flags, c * _LINE + _STARTED, 1)
-        patient = True
-        step_cycles = 0
+        patient = _TRUE
+        step_cycles = _0
         for s in range(steps):
             patient = _wait(ctx, flags, c, s, B, H, n, c, patient, step_cycles)
             who = _load_acquire(flags, solo)
@@ -249,4 +256,4 @@ def run_lanes(ctx, steps, B, H, n, threads):
         # one may have left its lane's next step unclaimed after the solo one's last check.
         for s in range(1, steps + 1):
             for o in range(n):
-                _wait(ctx, flags, o, s, B, H, n, c, False, step_cycles)
+                _wait(ctx, flags, o, s, B, H, n, c, _FALSE, step_cycles)
