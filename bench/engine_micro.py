@@ -508,4 +508,5 @@ if __name__ == "__main__":
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
-     "coldcall": bench_coldcall, "compile": bench_compile, "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "coldcall": bench_coldcall, "compile": bench_compile,
+     "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
