@@ -122,10 +122,10 @@ _LINE = 16                  # int64 flags per lane: [started, claimed steps, don
 _STARTED, _CLAIMED, _DONE = 0, 1, 2
 _SOLO_MIN_CYCLES = 200_000  # a wait shorter than this (~0.1 ms) never sends a sweep solo
 # The helpers below are functions of their own, not inlined into run_lanes: numba's passes over
-# a parallel region grow faster than its code, and inlined they made a cell's first call
-# compile about 1.7 times as long, for no measurable speed (docs/performance.md, "compile
-# time").  Their arguments are typed alike at every call (int64, bool; not a prange index's
-# uint64 or Literal[bool]) so that each compiles once per cell and direction.
+# a parallel region grow faster than its code, so inlined they lengthened every cell's compile
+# for no measurable speed (docs/performance.md, "compile time").  Their arguments are typed
+# alike at every call (int64, bool; not a prange index's uint64 or Literal[bool]) so that each
+# compiles once per cell and direction.
 _TRUE, _FALSE = np.bool_(True), np.bool_(False)
 
 
