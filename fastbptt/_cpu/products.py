@@ -405,6 +405,7 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
     the engine's column order (``interleaved``) without a permuted copy · n chunks of panels"""
     P, K, _ = Bp.shape
     N = W.shape[0] if transposed else cols.shape[0]
+    runs = runs_of(cols)
     for c in prange(n):
         p0, p1 = P * c // n, P * (c + 1) // n
         for p in range(p0, p1):
@@ -428,27 +429,27 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
                             dst[k, l] = W[j0 + l, ck]
                         k += 1
         else:                                       # B[k, j] = W[k, cols[j]], in blocks of rows
+            j0, j1 = min(p0 * PANEL, N), min(p1 * PANEL, N)
             for k0 in range(0, K, PACK_ROWS):
-                for p in range(p0, p1):
-                    j0 = p * PANEL
-                    w = min(PANEL, N - j0)
-                    dst = Bp[p]
-                    if _is_run(cols, j0, w):
-                        _copy_rows(dst, W, k0, min(k0 + PACK_ROWS, K), cols[j0], w)
-                    else:
-                        for k in range(k0, min(k0 + PACK_ROWS, K)):
-                            row = W[k]
-                            for l in range(w):
-                                dst[k, l] = row[cols[j0 + l]]
+                _pack_runs(Bp, W, runs, k0, min(k0 + PACK_ROWS, K), j0, j1)
 
 
+@njit(cache=True, error_model="numpy")
 def runs_of(cols):
     """the column order ``cols`` (column j of B is column cols[j] of its source) as runs of
     consecutive source columns: (R,3) int64 rows (first column j, its source column, length)"""
-    cols = np.asarray(cols, np.int64)
-    first = np.flatnonzero(np.diff(cols) != 1) + 1
-    b, e = np.concatenate([[0], first]), np.concatenate([first, [cols.shape[0]]])
-    return np.stack([b, cols[b], e - b], axis=1).astype(np.int64)
+    N = cols.shape[0]
+    R = 0
+    for j in range(N):
+        R += j == 0 or cols[j] != cols[j - 1] + 1
+    runs = np.empty((R, 3), np.int64)
+    r = -1
+    for j in range(N):
+        if j == 0 or cols[j] != cols[j - 1] + 1:
+            r += 1
+            runs[r, 0], runs[r, 1], runs[r, 2] = j, cols[j], 0
+        runs[r, 2] += 1
+    return runs
 
 
 @functools.lru_cache(maxsize=64)
@@ -465,6 +466,18 @@ def _clip(runs, i, j0, j1):
     c, a, w = runs[i, 0], runs[i, 1], runs[i, 2]
     lo, hi = max(c, j0), min(c + w, j1)
     return lo, hi, a + lo - c
+
+
+@njit(inline="always")
+def _pack_runs(Bp, D, runs, k0, k1, j0, j1):
+    """rows [k0, k1) of B = D[:, cols] (cols given by its runs) into Bp's columns [j0, j1): each
+    run's columns a panel's part at a time, as row copies"""
+    for i in range(runs.shape[0]):
+        lo, hi, a = _clip(runs, i, j0, j1)
+        while lo < hi:
+            w = min(PANEL - lo % PANEL, hi - lo)
+            _copy_rows(Bp[lo // PANEL], D, k0, k1, a, w, lo % PANEL)
+            lo, a = lo + w, a + w
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -485,12 +498,7 @@ def pack_sums_cpu(Bp, sums, D, runs, E, ids, n):
         E[:, j0:j1] = 0
         for k0 in range(0, K, PACK_ROWS):
             k1 = min(k0 + PACK_ROWS, K)
-            for i in range(runs.shape[0]):                 # each run's columns, a panel's part at a time
-                lo, hi, a = _clip(runs, i, j0, j1)
-                while lo < hi:
-                    w = min(PANEL - lo % PANEL, hi - lo)
-                    _copy_rows(Bp[lo // PANEL], D, k0, k1, a, w, lo % PANEL)
-                    lo, a = lo + w, a + w
+            _pack_runs(Bp, D, runs, k0, k1, j0, j1)
             for k in range(k0, k1):
                 for i in range(runs.shape[0]):
                     lo, hi, a = _clip(runs, i, j0, j1)
