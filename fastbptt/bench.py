@@ -122,6 +122,10 @@ MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": pee
 
 #: interleaved timing rounds per config (see ``run``)
 ROUNDS = 5
+#: seconds of pause before each system's slice of a round: the previous system's thread pool
+#: goes idle first (OpenBLAS's threads poll for work about 0.1 s after a call; timed beside
+#: them, the next system runs on a core that is not free; docs/performance.md, "benchmark method")
+PAUSE = 0.25
 def warmup_calls():
     """untimed calls of each system before its rounds, after the check call: compiles,
     caches, and the CPU engine's first choice of its thread count (``fastbptt._cpu.team``),
@@ -180,8 +184,8 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     system's loss is checked against fastbptt's.
 
     Per config, every system is checked and warmed up first (``warmup_calls``), then timed in ROUNDS
-    interleaved rounds (each system a slice of the time in every round), so that a
-    slow spell of a shared host falls on all of them alike; the median is over all
+    interleaved rounds (each system a slice of the time in every round, after a PAUSE), so
+    that a slow spell of a shared host falls on all of them alike; the median is over all
     calls of all rounds."""
     from tqdm.auto import tqdm
     _set_threads(threads)
@@ -194,6 +198,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     shapes = shapes or {c: known[c] for c in configs}
     rounds = 2 if quick else ROUNDS
     min_runs, min_s = (3, 0.2) if quick else (10, 1.0)
+    pause = 0.0 if quick else PAUSE
     gemm = gemm_rate(runs=3 if quick else 5)
     rows = []
     bar = tqdm(total=len(shapes) * rounds, disable=not progress, unit="round", leave=False)
@@ -220,6 +225,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
         for _ in range(rounds):
             bar.set_description(name)
             for system, fn in fns.items():
+                time.sleep(pause)
                 times[system].extend(time_call(fn, -(-min_runs // rounds), min_s / rounds))
             bar.update(1)
         base = np.median(times["fastbptt"]) if "fastbptt" in times else None
