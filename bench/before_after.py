@@ -62,7 +62,8 @@ for name, (T, B, V, H, Q, dense) in shapes.items():
                after_over_before=med["before"] / med["after"], after_x_numpy=med["numpy"] / med["after"],
                before_x_numpy=med["numpy"] / med["before"])
     out.append(row)
-    print(f"{name:12s} after {med['after']:9.3f} ms ({row['after_pct_gemm']:5.1f}% GEMM, x{row['after_x_numpy']:.2f} numpy)  "
-          f"before {med['before']:9.3f} ms ({row['before_pct_gemm']:5.1f}%, x{row['before_x_numpy']:.2f})  after/before speedup x{row['after_over_before']:.2f}", flush=True)
+    print(f"{name:12s} after {med['after']:9.3f} ms ({row['after_pct_gemm']:5.1f}% GEMM, "
+          f"x{row['after_x_numpy']:.2f} numpy)  before {med['before']:9.3f} ms ({row['before_pct_gemm']:5.1f}%, "
+          f"x{row['before_x_numpy']:.2f})  after/before speedup x{row['after_over_before']:.2f}", flush=True)
 print(f"same-run GEMM {gemm:.1f} GFLOP/s")
 print(json.dumps({"gemm": gemm, "rows": out}))

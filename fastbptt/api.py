@@ -2,8 +2,8 @@
 
 Every function validates its arguments once, then hands C-contiguous, writeable
 arrays of one float dtype (token ids as int64) to the graph (``fastbptt._model``) with a
-backend (``fastbptt._cpu`` or ``fastbptt._cuda``) and its cell.  Inputs are never modified.  The params' dtype (float32 or
-float64) is the compute dtype; X (dense), h0 and dHs of another float dtype are
+backend (``fastbptt._cpu`` or ``fastbptt._cuda``) and its cell.  Inputs are never modified.  The
+params' dtype (float32 or float64) is the compute dtype; X (dense), h0 and dHs of another float dtype are
 cast to it, and every returned array is in it.
 """
 from __future__ import annotations

@@ -97,8 +97,8 @@ def _train_parser(sub):
                    help="start over when --checkpoint exists (without it or --resume, that is an error)")
     g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")
     g.add_argument("--plot", metavar="PATH", help="PNG of perplexity against epoch")
-    g.add_argument("--max-minutes", type=float, metavar="M", help="stop at the first minibatch past M minutes (an epoch stopped "
-                                                                      "within is not checkpointed)")
+    g.add_argument("--max-minutes", type=float, metavar="M",
+                   help="stop at the first minibatch past M minutes (an epoch stopped within is not checkpointed)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_train)
 
@@ -181,16 +181,21 @@ def _diagnose_parser(sub):
                    help="stacked layers, with --init; the per-lag norms and the spectrum are the top "
                         "layer's (default: %(default)s)")
     p.add_argument("--hidden", type=int, default=64, help="H, with --init (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=0.01, help="std of the initial weights, with --init (default: %(default)s)")
+    p.add_argument("--scale", type=float, default=0.01,
+                   help="std of the initial weights, with --init (default: %(default)s)")
     p.add_argument("--activation", choices=["tanh", "relu", "identity"], default="tanh",
                    help="of the rnn cell, with --init (default: %(default)s)")
     p.add_argument("--text", metavar="PATH", help="UTF-8 text (default: the checkpoint's, or the embedded corpus)")
     p.add_argument("--tokenize", choices=["book", "chars"], default=None, help="(default: the checkpoint's, or book)")
     p.add_argument("--max-chars", type=int, metavar="N", help="keep the first N tokens")
-    p.add_argument("--num-steps", type=int, default=32, help="T of the probe window and of the trained models (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="B of the probe and of the trained models (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=30, help="seeds per Randomized(p) in the truncation study (default: %(default)s)")
-    p.add_argument("--train-epochs", type=int, default=10, help="epochs of each model of the book's comparison (default: %(default)s)")
+    p.add_argument("--num-steps", type=int, default=32,
+                   help="T of the probe window and of the trained models (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="B of the probe and of the trained models (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=30,
+                   help="seeds per Randomized(p) in the truncation study (default: %(default)s)")
+    p.add_argument("--train-epochs", type=int, default=10,
+                   help="epochs of each model of the book's comparison (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe batch and the trained models (default: 0)")
     p.add_argument("--report", metavar="DIR", help="write the figures, diagnostics.json and report.md here")
     p.add_argument("--json", metavar="PATH", help="write every number plotted as JSON")

@@ -205,7 +205,8 @@ def _backward_np(keys, cell, L, act, truncation, dt, P, X, s0, Hs, dHs, dlast):
     params = dict(zip(keys, (np.asarray(p) for p in P)))
     X = np.asarray(X)
     dlast = tuple(np.asarray(d, dt) for d in dlast)            # every layer's h_T (and c_T) cotangent
-    g = api.rnn_backward(params, X, np.asarray(Hs), np.asarray(dHs, dt), _state_arg(cell, tuple(np.asarray(s) for s in s0)),
+    g = api.rnn_backward(params, X, np.asarray(Hs), np.asarray(dHs, dt),
+                         _state_arg(cell, tuple(np.asarray(s) for s in s0)),
                          activation=act, truncation=truncation, cell=cell, input_grad=True,
                          dh_T=_state_arg(cell, dlast))
     return _results(keys, g, X.ndim == 3, cell, dt)

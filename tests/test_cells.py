@@ -213,7 +213,8 @@ def bad(params, X, Y, h0=None, **kw):
 def test_errors_name_the_parameter_and_the_expected_shape(rng):
     p, X, Y, _, _, _ = case(rng, "gru", 2)
     B, H = X.shape[1], 18
-    with pytest.raises(ValueError, match=r"params\['W_hh'\]: shape \(18, 54\) is a gru's; cell='lstm' expects \(18, 72\)"):
+    with pytest.raises(ValueError,
+                       match=r"params\['W_hh'\]: shape \(18, 54\) is a gru's; cell='lstm' expects \(18, 72\)"):
         bad(p, X, Y, cell="lstm")()
     with pytest.raises(ValueError, match=r"params\['W_hh'\]: expected shape \(H,H\).*got \(18, 36\)"):
         bad(dict(p, W_hh=np.zeros((H, 2 * H))), X, Y)()

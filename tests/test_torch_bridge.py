@@ -244,7 +244,8 @@ def test_one_hot_input_runs_as_token_ids(kind, monkeypatch):
     m, r = pair(kind, 2, input_size=V)
     seen = []
     forward = fastbptt.api.rnn_forward
-    monkeypatch.setattr(fastbptt.api, "rnn_forward", lambda P, X, *a, **k: seen.append(X.ndim) or forward(P, X, *a, **k))
+    monkeypatch.setattr(fastbptt.api, "rnn_forward",
+                        lambda P, X, *a, **k: seen.append(X.ndim) or forward(P, X, *a, **k))
     ids = torch.randint(0, V, (T, B), generator=torch.Generator().manual_seed(5))
     one_hot = torch.nn.functional.one_hot(ids, V).double()
     _, hx, Wo, Wh = inputs(2, False, torch.float64, m, True)
