@@ -126,6 +126,8 @@ ROUNDS = 5
 #: goes idle first (OpenBLAS's threads poll for work about 0.1 s after a call; timed beside
 #: them, the next system runs on a core that is not free; docs/performance.md, "benchmark method")
 PAUSE = 0.25
+
+
 def warmup_calls():
     """untimed calls of each system before its rounds, after the check call: compiles,
     caches, and the CPU engine's first choice of its thread count (``fastbptt._cpu.team``),

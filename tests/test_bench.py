@@ -21,6 +21,19 @@ def test_numpy_peer_matches_fastbptt_gradients():
         np.testing.assert_allclose(grads[k], want[k], rtol=2e-3, atol=2e-6, err_msg=k)
 
 
+def test_every_timed_slice_starts_after_the_pause(monkeypatch):
+    # the previous system's thread pool goes idle before the next system is timed
+    events = []
+    monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("pause", s)))
+    monkeypatch.setattr(bench, "time_call", lambda fn, n, s: events.append(("slice", fn)) or np.array([1e-3]))
+    monkeypatch.setattr(bench, "gemm_rate", lambda runs: 100.0)
+    rows, _ = bench.run(configs=["latency"], systems=("fastbptt", "numpy"), progress=False)
+    assert [r.status for r in rows] == ["ok", "ok"]
+    assert len(events) == 2 * 2 * bench.ROUNDS
+    assert events[0::2] == [("pause", bench.PAUSE)] * (2 * bench.ROUNDS)
+    assert all(kind == "slice" for kind, _ in events[1::2])
+
+
 def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as e:
