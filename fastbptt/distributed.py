@@ -32,6 +32,9 @@ SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 #: the exit code of a job that one rank's error ended (the command line's usage-error code)
 EXIT_ABORT = 2
+#: seconds between a rank's last message and MPI_Abort: mpiexec forwards each rank's output
+#: on its own schedule and ends the job at the abort, dropping what it has not forwarded yet
+ABORT_GRACE = 0.5
 
 
 def launched():
@@ -100,9 +103,11 @@ class MPIComm:
         return self._local
 
     def abort(self, code=EXIT_ABORT):
-        """End every rank of the job with ``code`` (and this one at once: MPI_Abort may return)."""
+        """End every rank of the job with ``code`` (and this one at once: MPI_Abort may return),
+        ABORT_GRACE seconds after flushing this rank's output, so that mpiexec prints it."""
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE)
         self.comm.Abort(code)
         os._exit(code)
 
