@@ -405,7 +405,7 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
     the engine's column order (``interleaved``) without a permuted copy · n chunks of panels"""
     P, K, _ = Bp.shape
     N = W.shape[0] if transposed else cols.shape[0]
-    runs = runs_of(cols)
+    runs = runs_of(cols[:0] if transposed else cols)      # the runs serve the plain branch only
     for c in prange(n):
         p0, p1 = P * c // n, P * (c + 1) // n
         for p in range(p0, p1):
