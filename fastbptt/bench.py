@@ -122,9 +122,10 @@ MAKERS = {"fastbptt": make_fastbptt, "numpy": peers.make_numpy, "torch-rnn": pee
 
 #: interleaved timing rounds per config (see ``run``)
 ROUNDS = 5
-#: seconds of pause before each system's slice of a round: the previous system's thread pool
-#: goes idle first (OpenBLAS's threads poll for work about 0.1 s after a call; timed beside
-#: them, the next system runs on a core that is not free; docs/performance.md, "benchmark method")
+#: seconds of pause before each system's slice of a round, so that the previous system's
+#: thread pool is idle first: OpenBLAS's threads poll for work 2^28 cycles after a call by
+#: default (THREAD_TIMEOUT 28), under 0.25 s at any clock above 1.1 GHz; timed beside them,
+#: the next system runs on a core that is not free (docs/performance.md, "Benchmark method")
 PAUSE = 0.25
 
 
