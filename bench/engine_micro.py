@@ -125,11 +125,17 @@ print(f"import + setup {t1 - t0:.2f} s, first loss_and_grad at d2l-scratch {t2 -
 """
 
 
-def bench_coldcall():
-    import tempfile
+def _with_empty_cache(script, *args):
+    """run ``script`` (python -c) in a fresh process whose kernel cache and plan start empty"""
     import os
-    with tempfile.TemporaryDirectory() as folder:      # an empty kernel cache and plan
-        subprocess.run([sys.executable, "-c", _FIRST], check=True, env=dict(os.environ, FASTBPTT_CACHE_DIR=folder))
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([sys.executable, "-c", script, *args], check=True,
+                       env=dict(os.environ, FASTBPTT_CACHE_DIR=folder))
+
+
+def bench_coldcall():
+    _with_empty_cache(_FIRST)
 
 
 _COMPILE = """
@@ -147,12 +153,8 @@ for dtype in ("float32", "float64"):
 def bench_compile():
     """each cell's first loss_and_grad (T=5, B=3, H=16) in float32, then float64, in a fresh
     process with an empty kernel cache: numba compiling the cell's kernels"""
-    import os
-    import tempfile
     for cell in ("rnn", "gru", "lstm"):
-        with tempfile.TemporaryDirectory() as folder:
-            subprocess.run([sys.executable, "-c", _COMPILE, cell], check=True,
-                           env=dict(os.environ, FASTBPTT_CACHE_DIR=folder))
+        _with_empty_cache(_COMPILE, cell)
 
 
 def bench_interleave():
