@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import reference
-from fastbptt._cpu import elman, fastmath, head, products
+from fastbptt import _host
+from fastbptt._cpu import arrays, elman, fastmath, head, products
 from fastbptt._cpu.products import NO_POST, packed
 
 BLK = np.array([64, 32])          # small K slices and row panels, so that shapes cross them
@@ -48,6 +49,44 @@ def test_float64_exp_is_numpy():
     out = np.empty_like(x)
     fastmath.exp_cpu(out, x)
     np.testing.assert_allclose(out, np.exp(x), rtol=1e-15)
+
+
+# ------------------------------------------------------------- the validation's scans
+SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-310, 5e-324, -1e300, 3.0e38, 1.0, -7.5]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 16, 33, 1000])
+def test_nonfinite_count_is_numpys(dtype, n):
+    rng = np.random.default_rng(n)
+    with np.errstate(over="ignore"):
+        values = np.array(SPECIALS, dtype)
+    for _ in range(20):
+        a = rng.standard_normal(n).astype(dtype)
+        picks = rng.integers(0, n, rng.integers(0, 4))
+        a[picks] = rng.choice(values, picks.size)
+        for shaped in (a, a.reshape(1, n), a.reshape(n, 1, 1)):
+            assert arrays.count_nonfinite_cpu(shaped) == np.count_nonzero(~np.isfinite(shaped))
+            assert arrays.first_nonfinite(shaped) == _host.first_nonfinite(shaped)
+
+
+def test_first_nonfinite_of_any_array_is_hosts():
+    a = np.arange(12.0).reshape(3, 4)
+    a[2, 1] = np.inf
+    for view in (a, a.T, a[:, ::2], a.astype(np.float16), np.empty((0, 3))):
+        assert arrays.first_nonfinite(view) == _host.first_nonfinite(view)
+    assert arrays.first_nonfinite(a) == "inf at index (2, 1)"
+
+
+def test_id_range_is_numpys():
+    rng = np.random.default_rng(0)
+    for shape in [(1,), (35, 32), (3, 1)]:
+        ids = rng.integers(-2**62, 2**62, shape)
+        assert arrays.id_range(ids) == (ids.min(), ids.max())
+    ids = np.array([[5, np.iinfo(np.int64).max], [np.iinfo(np.int64).min, 0]])
+    assert arrays.id_range(ids) == (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
+    assert arrays.id_range(ids.T) == _host.id_range(ids.T)                 # not contiguous
+    assert arrays.id_range(ids.astype(np.int32)) == _host.id_range(ids.astype(np.int32))
 
 
 def test_softmax_head_is_stable_for_huge_logits():

@@ -10,6 +10,7 @@ The engine, by concern (it knows no cell):
 - ``plan``        choices measured on this machine (blocking, sweeps' lanes), kept on disk
 - ``team``        the threads of each call, measured under the current load
 - ``cache``       where kernels and plans live; when a cached kernel is stale
+- ``arrays``      the validation's scans of host arrays (non-finite values, id ranges)
 
 The cells: ``elman`` ("rnn"), ``gru``, ``lstm``.  The order of a call's operations is ``fastbptt._model``;
 this module gives it a *run* (one call's threads, plan, packed weights and buffers) and
@@ -28,7 +29,8 @@ import numpy as np  # noqa: E402
 from .. import config  # noqa: E402
 from .._model import LayerParams  # noqa: E402
 from .. import _host  # noqa: E402
-from .._host import as_array, first_nonfinite, id_range, stack_states  # noqa: E402,F401
+from .._host import as_array, stack_states  # noqa: E402,F401
+from .arrays import first_nonfinite, id_range  # noqa: E402,F401
 from . import elman, gru, head, lstm, plan, products, projections, team  # noqa: E402
 from .products import gemm_cpu, packed_shape, pack_cpu, transpose_cpu  # noqa: E402
 

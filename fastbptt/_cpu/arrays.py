@@ -1,0 +1,60 @@
+"""Host arrays as the API's validation sees them on the CPU: the counterpart of
+:mod:`fastbptt._cuda.arrays`, :mod:`fastbptt._host`'s two scans as kernels (the rest of
+``_host`` serves as it is).
+
+``fastbptt.api`` decides what to check; :mod:`fastbptt._host` says how, and describes a bad
+value.  The non-finite count and the id range run here as one pass each with no temporary
+array (numpy's ``isfinite(a).all()`` writes a boolean array and reads it again, and ``min``
+and ``max`` read the ids twice): every call checks every parameter, so a small call's
+fixed cost is mostly these scans' overhead.
+"""
+import numpy as np
+from numba import njit
+
+from .. import _host
+
+
+@njit(cache=True, error_model="numpy")
+def _count_masked(bits, mask):
+    """how many elements of ``bits`` have every bit of ``mask`` set (an integer loop that
+    vectorizes)"""
+    n = 0
+    for i in range(bits.shape[0]):
+        n += (bits[i] & mask) == mask
+    return n
+
+
+@njit(cache=True, error_model="numpy")
+def count_nonfinite_cpu(a):
+    """the number of NaN/inf values of a (C-contiguous float32 or float64): those whose
+    exponent bits are all set"""
+    v = a.reshape(-1)
+    if a.itemsize == 4:
+        return _count_masked(v.view(np.uint32), np.uint32(0x7F800000))
+    return _count_masked(v.view(np.uint64), np.uint64(0x7FF0000000000000))
+
+
+@njit(cache=True, error_model="numpy")
+def id_range_cpu(ids):
+    """(min, max) of ids (C-contiguous int64, not empty), in one pass"""
+    v = ids.reshape(-1)
+    lo = hi = v[0]
+    for i in range(v.shape[0]):
+        lo = min(lo, v[i])
+        hi = max(hi, v[i])
+    return lo, hi
+
+
+def first_nonfinite(a):
+    """None if every value is finite, else a description of the first one that is not
+    (fastbptt._host's)"""
+    if a.size and a.flags.c_contiguous and a.dtype in (np.float32, np.float64) and count_nonfinite_cpu(a) == 0:
+        return None
+    return _host.first_nonfinite(a)
+
+
+def id_range(ids):
+    if ids.size and ids.flags.c_contiguous and ids.dtype == np.int64:
+        lo, hi = id_range_cpu(ids)
+        return int(lo), int(hi)
+    return _host.id_range(ids)
