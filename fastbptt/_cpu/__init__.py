@@ -53,16 +53,17 @@ class _Scratch(threading.local):
             while len(sets) > 2:
                 del sets[next(iter(sets))]
         bufs = sets[call]
-        got = bufs.get(name)
-        if got is None or [b.shape for b in got] != [tuple(shape) for shape in shapes]:
-            got = tuple(products.empty(shape, dtype) for shape in shapes)
-            kept = sum(b.nbytes for group in bufs.values() for b in group)
-            if kept + sum(b.nbytes for b in got) <= config.CPU_SCRATCH_BYTES:
-                bufs[name] = got
+        kept = bufs.get(name)                  # (the list of shapes asked for, the buffers)
+        if kept is not None and kept[0] == shapes:
+            return kept[1]
+        got = tuple(products.empty(shape, dtype) for shape in shapes)
+        held = sum(b.nbytes for _, group in bufs.values() for b in group)
+        if held + sum(b.nbytes for b in got) <= config.CPU_SCRATCH_BYTES:
+            bufs[name] = (list(shapes), got)
         return got
 
     def nbytes(self):
-        return sum(b.nbytes for bufs in self.sets.values() for group in bufs.values() for b in group)
+        return sum(b.nbytes for bufs in self.sets.values() for _, group in bufs.values() for b in group)
 
 
 _scratch = _Scratch()
@@ -92,8 +93,11 @@ def normalized(name, a, dtype, copy=False):
     several times faster than a blocked copy, into a buffer kept for this thread's next call
     (per ``name``): the API reads its inputs only while the call runs, and a fresh buffer
     would fault its pages in (docs/performance.md, "strided arrays")"""
+    flags = a.flags
+    if not copy and a.dtype == dtype and flags.c_contiguous and flags.writeable:
+        return a                                        # as it is (most calls' every array)
     if (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
-            and a.T.flags.c_contiguous and not a.flags.c_contiguous):
+            and a.T.flags.c_contiguous and not flags.c_contiguous):
         out, = _transposes.get(("transposes", a.dtype.str), name, [a.shape], a.dtype)
         transpose_cpu(out, a.T, team.max_threads())
         return out
@@ -268,12 +272,11 @@ class Run(LayerParams):
 
     def last_states(self, cell, lays):
         """one array (L,B,H) per state of the cell (h, and c for the LSTM)"""
-        return tuple(np.stack([getattr(lay, name)[self.T] for lay in lays])
-                     for name in cell.STATES)
+        return tuple(_stacked([getattr(lay, name)[self.T] for lay in lays]) for name in cell.STATES)
 
     def state_grads(self, d0):
         """one array (L,B,H) per state of the cell, from one tuple per layer"""
-        return tuple(np.stack(g) for g in zip(*d0))
+        return tuple(_stacked(g) for g in zip(*d0))
 
     def add(self, dst, src):
         projections.add_cpu(dst.reshape(-1), src.reshape(-1), self.n)
@@ -400,6 +403,11 @@ class Run(LayerParams):
         if x != 0:
             gemm_cpu(dh0, dR0, WTp, x, self.blk("rows"), self.n)
         return dh0
+
+
+def _stacked(arrays):
+    """np.stack(arrays): a new (L,B,H) array (one layer's without np.stack's own overhead)"""
+    return arrays[0][None].copy() if len(arrays) == 1 else np.stack(arrays)
 
 
 def begin(P, X, kind, cell, L, keep=False):
