@@ -5,8 +5,8 @@
 ``fastbptt.api`` decides what to check; :mod:`fastbptt._host` says how, and describes a bad
 value.  The non-finite count and the id range run here as one pass each with no temporary
 array (numpy's ``isfinite(a).all()`` writes a boolean array and reads it again, and ``min``
-and ``max`` read the ids twice): every call checks every parameter, so a small call's
-fixed cost is mostly these scans' overhead.
+and ``max`` read the ids twice): every call checks every parameter, so these scans are
+part of every call's fixed cost (docs/performance.md, "the validation's scans").
 """
 import numpy as np
 from numba import njit
@@ -54,6 +54,7 @@ def first_nonfinite(a):
 
 
 def id_range(ids):
+    """(min, max) of the token ids, as Python ints (fastbptt._host's for any other array)"""
     if ids.size and ids.flags.c_contiguous and ids.dtype == np.int64:
         lo, hi = id_range_cpu(ids)
         return int(lo), int(hi)
