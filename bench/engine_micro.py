@@ -9,7 +9,8 @@
     python bench/engine_micro.py compile    # each cell's first call, float32 then float64, empty cache
     python bench/engine_micro.py interleave # d2l-scratch calls after numpy's: the team's thread counts
     python bench/engine_micro.py phases CELL T B D H  # where a loss_and_grad's time goes (cProfile,
-                                            # D <= 64: token ids, else dense input)
+                                            # D <= 64: token ids, else dense input), and two of its
+                                            # short passes alone in a loop
     python bench/engine_micro.py overhead   # the fixed cost of a call: loss_and_grad of one step, one unit
     python bench/engine_micro.py copy       # a weight given as its transpose made contiguous: numpy, blocks,
                                             # the engine's transpose, torch
@@ -208,8 +209,21 @@ def bench_phases():
     stats = pstats.Stats(prof).stats
     rows = sorted(((tt / 20 * 1e3, f"{fn[0].split('fastbptt/')[-1]}:{fn[2]}") for fn, (_, _, tt, _, _) in
                    stats.items() if "fastbptt" in fn[0]), reverse=True)
-    for ms, name in rows[:10]:
+    for ms, name in rows[:12]:
         print(f"  {ms:7.3f} ms  {name}")
+    # two of the call's short passes alone in a loop, in the same process (their buffers
+    # stay in cache): beside their rows above, what a pass costs inside the call
+    from fastbptt._cpu import projections, team
+    n = team.max_threads()
+    G = p["W_hh"].shape[1] // H
+    S = np.random.default_rng(1).standard_normal(((T + 1) * B, H)).astype(np.float32)
+    ST = np.empty((H, (T + 1) * B), np.float32)
+    print(f"  alone: transpose_cpu {best_ms(lambda: products.transpose_cpu(ST, S, n), reps=50):.3f} ms", end="")
+    if X.ndim == 2:
+        pre = np.empty((T, B, G * H), np.float32)
+        embed = lambda: projections.embed_tokens_cpu(pre, X, p["W_xh"], p["b_h"], n)   # noqa: E731
+        print(f"   embed_tokens_cpu {best_ms(embed, reps=50):.3f} ms", end="")
+    print()
 
 
 def bench_overhead():
