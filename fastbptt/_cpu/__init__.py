@@ -53,13 +53,14 @@ class _Scratch(threading.local):
             while len(sets) > 2:
                 del sets[next(iter(sets))]
         bufs = sets[call]
+        shapes = list(shapes)
         kept = bufs.get(name)                  # (the list of shapes asked for, the buffers)
         if kept is not None and kept[0] == shapes:
             return kept[1]
         got = tuple(products.empty(shape, dtype) for shape in shapes)
         held = sum(b.nbytes for _, group in bufs.values() for b in group)
         if held + sum(b.nbytes for b in got) <= config.CPU_SCRATCH_BYTES:
-            bufs[name] = (list(shapes), got)
+            bufs[name] = (shapes, got)
         return got
 
     def nbytes(self):
