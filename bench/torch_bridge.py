@@ -2,11 +2,15 @@
 
     python bench/torch_bridge.py [--rounds 10] [--warmup 8] [--only d2l-gru,d2l-lstm,deepbench-lstm]
     python bench/torch_bridge.py --kernels [--only ...]   # where fastbptt.torch's step goes
+    python bench/torch_bridge.py --before PATH [...]      # also an earlier checkout's, same rounds
 
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
     (no one-hot: its extension beyond torch.nn);
 (b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32.
+
+With ``--before PATH`` (an earlier checkout, e.g. ``git worktree add /tmp/before REV``) its
+package, copied as ``fastbptt_before``, runs as one more system ("before") beside the others.
 
 Per round and model each system runs once (zero_grad, forward, loss, backward), the order
 alternating between rounds; the same weights on both sides (load_state_dict); torch on as many
@@ -14,8 +18,13 @@ threads as numba.  Printed: each system's median seconds per forward+backward an
 median over fastbptt.torch's (> 1: fastbptt.torch is faster).
 """
 import argparse
+import importlib
+import shutil
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numba
 import torch
@@ -23,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbptt.torch as ft
+
+BEFORE = None          # --before: the earlier checkout's fastbptt.torch
 
 
 class RNNModel(nn.Module):
@@ -47,6 +58,10 @@ def d2l_case(kind):
     theirs.load_state_dict(ours.state_dict())
     models = {"torch.nn": RNNModel(theirs, V), "fastbptt.torch": RNNModel(ours, V),
               "fastbptt.torch ids": RNNModel(ours, V, ids=True)}
+    if BEFORE:
+        before = getattr(BEFORE, kind)(V, H)
+        before.load_state_dict(ours.state_dict())
+        models["before"] = RNNModel(before, V)
     for m in models.values():
         m.linear.load_state_dict(models["torch.nn"].linear.state_dict())
     X = torch.randint(0, V, (B, T))
@@ -64,13 +79,17 @@ def deepbench_case():
     torch.manual_seed(0)
     ours, theirs = ft.LSTM(D, H), nn.LSTM(D, H)
     theirs.load_state_dict(ours.state_dict())
+    models = {"torch.nn": theirs, "fastbptt.torch": ours}
+    if BEFORE:
+        models["before"] = BEFORE.LSTM(D, H)
+        models["before"].load_state_dict(ours.state_dict())
     X = torch.randn(T, B, D)
 
     def step(m):
         m.zero_grad()
         out, _ = m(X)
         out.sum().backward()
-    return {"torch.nn": theirs, "fastbptt.torch": ours}, step
+    return models, step
 
 
 def kernels(name, models, step, rounds):
@@ -102,7 +121,7 @@ def kernels(name, models, step, rounds):
     wrapped += [timed(products, "pack_columns_cpu", "pack_columns_cpu")]
     wrapped += [timed(c, f, f"{c.__name__.split('.')[-1]}.{f}") for c in (elman, gru, lstm)
                 for f in ("forward_cpu", "backward_cpu")]
-    wrapped += [timed(api, f, f"api.{f}") for f in ("rnn_forward", "rnn_backward")]
+    wrapped += [timed(api, f, f"api.{f}") for f in ("rnn_forward", "kept_backward")]
     m = models["fastbptt.torch"]
     for _ in range(8):
         step(m)
@@ -126,7 +145,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--only", default="d2l-gru,d2l-lstm,deepbench-lstm")
     ap.add_argument("--kernels", action="store_true", help="time the engine's kernels in fastbptt.torch's step")
+    ap.add_argument("--before", metavar="PATH", help="an earlier checkout whose fastbptt.torch runs too")
     a = ap.parse_args()
+    if a.before:
+        global BEFORE
+        folder = Path(tempfile.mkdtemp())
+        shutil.copytree(Path(a.before) / "fastbptt", folder / "fastbptt_before")
+        sys.path.insert(0, str(folder))
+        BEFORE = importlib.import_module("fastbptt_before.torch")
     torch.set_num_threads(numba.get_num_threads())
     cases = {"d2l-gru": lambda: d2l_case("GRU"), "d2l-lstm": lambda: d2l_case("LSTM"),
              "deepbench-lstm": deepbench_case}

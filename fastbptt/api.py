@@ -23,21 +23,34 @@ RNN_KEYS = ("W_xh", "W_hh", "b_h")
 HEAD_KEYS = ("W_hq", "b_q")
 #: gates per hidden unit: the width of a cell's pre-activations is G·H
 CELLS = {"rnn": 1, "gru": 3, "lstm": 4}
+INITS = ("normal", "uniform")            # init_params' init
 _FLOATS = (np.float32, np.float64)
 CUDA_MISSING = "device='cuda' needs numba-cuda and a CUDA GPU: pip install fastbptt[cuda]"
 
 
 # ----------------------------------------------------------------------------- public
 def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=None, *,
-                cell="rnn", num_layers=1):
+                cell="rnn", num_layers=1, init=None):
     """Parameters of a recurrent network of ``num_layers`` layers of ``cell`` with a linear head,
-    at the book's scale.
+    drawn as *Dive into Deep Learning* draws them.
 
-    Weights ~ N(0, 0.01²) and zero biases, as *Dive into Deep Learning* §8.5 and §9.1–9.3
-    (``get_params``): with std 0.01 the recurrence starts close to linear and far from
-    saturation, which is what the book's learning rate (1) and clipping (θ=1) are tuned for.
-    ``seed`` is anything :func:`numpy.random.default_rng` takes.  A one-layer "rnn" draws
-    exactly as it always has.
+    ``init``:
+
+    - ``"normal"``: weights ~ N(0, 0.01²) and zero biases, the book's from-scratch
+      ``get_params`` (§8.5, §9.1–9.3): with std 0.01 the recurrence starts close to linear and
+      far from saturation, which is what the book's learning rate (1) and clipping (θ=1) are
+      tuned for.
+    - ``"uniform"``: every weight and bias ~ U(−1/√H, 1/√H), as PyTorch's ``nn.RNN``, ``nn.GRU``,
+      ``nn.LSTM`` and ``nn.Linear(H, Q)`` draw theirs (the book's concise models, §8.6, §9.1–9.2,
+      and ``fastbptt.torch``'s): ``b_h`` is torch's ``bias_ih + bias_hh``, so drawn as that sum
+      (the GRU's n block from ``bias_ih`` alone, and ``b_hn`` from ``bias_hh``).
+    - None (the default): ``"normal"`` for ``"rnn"`` (drawn exactly as it always has been),
+      ``"uniform"`` for ``"gru"`` and ``"lstm"``: from it the book's chapter-9 recipe ends at
+      the book's concise perplexity (1.0) for every seed tried, where from ``"normal"`` it is
+      still descending at epoch 500 and lands anywhere in 1.09–1.33 (docs/performance.md,
+      "Gated cells: the book's chapter 9").
+
+    ``seed`` is anything :func:`numpy.random.default_rng` takes.
 
     Returns, for layer l (keys suffixed ``_l{l}`` for l >= 1; D_0 = input_size, D_l = H),
     with G = 1 ("rnn"), 3 ("gru": column blocks [r | z | n]) or 4 ("lstm": [i | f | g | o]):
@@ -50,16 +63,31 @@ def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=Non
     dt = _dtype("dtype", dtype)
     G = _cell_gates(cell)
     L = _size("num_layers", num_layers)
+    init = _init_kind(init, cell)
     rng = np.random.default_rng(seed)
+    if init == "normal":
+        def weight(shape):
+            return 0.01 * rng.standard_normal(shape)
+
+        def bias(n):
+            return np.zeros(n)
+    else:
+        def weight(shape):
+            return rng.uniform(-1 / np.sqrt(H), 1 / np.sqrt(H), shape)
+        bias = weight
     params = {}
     for l in range(L):
-        params[_model.key("W_xh", l)] = (0.01 * rng.standard_normal((D if l == 0 else H, G * H))).astype(dt)
-        params[_model.key("W_hh", l)] = (0.01 * rng.standard_normal((H, G * H))).astype(dt)
-        params[_model.key("b_h", l)] = np.zeros(G * H, dt)
-        if cell == "gru":
-            params[_model.key("b_hn", l)] = np.zeros(H, dt)
-    params["W_hq"] = (0.01 * rng.standard_normal((H, Q))).astype(dt)
-    params["b_q"] = np.zeros(Q, dt)
+        params[_model.key("W_xh", l)] = weight((D if l == 0 else H, G * H)).astype(dt)
+        params[_model.key("W_hh", l)] = weight((H, G * H)).astype(dt)
+        b_h = bias(G * H)                                  # torch's bias_ih, then bias_hh's share
+        if cell == "gru":                                  # the n gate's b_hh is b_hn, inside the reset
+            b_h[:2 * H] += bias(2 * H)
+            params[_model.key("b_hn", l)] = bias(H).astype(dt)
+        else:
+            b_h += bias(G * H)
+        params[_model.key("b_h", l)] = b_h.astype(dt)
+    params["W_hq"] = weight((H, Q)).astype(dt)
+    params["b_q"] = bias(Q).astype(dt)
     return {k: params[k] for k in sorted(params, key=_key_order)}
 
 
@@ -165,16 +193,17 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=Non
     S, last, lays = _model.rnn_forward(be, m.module, m.P, m.X, m.state0, _activation(activation, m.cell),
                                        m.L, keep=keep)
     if keep:
-        return S[1:], m.state(last), _Kept(m, lays)
+        return S[1:], m.state(last), _Kept(be, m, lays)
     return (S[1:], m.state(last)) if return_state else S[1:]
 
 
 class _Kept:
     """what rnn_forward(keep=True) keeps for rnn_backward: the layers' records and the call's
-    shape, to check that the backward is given the same model and inputs"""
+    shape, to check that the backward is given the same model and inputs (and those inputs
+    as validated, for :func:`kept_backward`)"""
 
-    def __init__(self, m, lays):
-        self.lays, self.stamp = lays, _stamp(m)
+    def __init__(self, be, m, lays):
+        self.be, self.m, self.lays, self.stamp = be, m, lays, _stamp(m)
 
 
 def _stamp(m):
@@ -212,6 +241,24 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
                              "params, X and h0")
         lays = forward.lays
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
+    return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T)
+
+
+def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None):
+    """:func:`rnn_backward` (arguments and results as there) from ``forward``, what
+    ``rnn_forward(..., keep=True)`` kept, for a caller that owns that forward's params, X and
+    h0 and has not changed them since: a framework's autograd function (the PyTorch bridge:
+    the params are its own copies, X and h0 tensors torch saved and guards against in-place
+    changes).  Those inputs are taken as the forward validated them, not checked again."""
+    if not isinstance(forward, _Kept):
+        raise ValueError("forward: expected what rnn_forward(..., keep=True) returned")
+    be, m = forward.be, forward.m
+    _, dZ = _states_and_adjoints(be, None, dHs, m, stack=False, check_hs=False)
+    return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T)
+
+
+def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T):
+    """rnn_backward's gradients from its validated inputs"""
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
     act = _activation(activation, m.cell)
@@ -305,15 +352,16 @@ def _scale(reduction, Xc):
     return 1.0 / (Xc.shape[0] * Xc.shape[1]) if reduction == "mean" else 1.0
 
 
-def _states_and_adjoints(be, Hs, dHs, m, stack=True):
+def _states_and_adjoints(be, Hs, dHs, m, stack=True, check_hs=True):
     """Hx = h_0..h_T (T+1,B,H) of the top layer as the forward keeps them, and a writeable
     copy of dHs.  Without ``stack`` (the states come from the forward's record, or are
-    recomputed) Hs is not read: None, its dtype and shape checked, not its values."""
+    recomputed) Hs is not read: None, its dtype and shape checked (unless not ``check_hs``),
+    not its values."""
     shape = tuple(m.X.shape[:2]) + (m.H,)
     Hx = None
     if stack:
         Hx = be.stack_states(m.state0[-1][0], _floats(be, "Hs", Hs, shape, m.dtype))
-    else:
+    elif check_hs:
         _float_shape(be, "Hs", Hs, shape)
     dZ = be.work_copy("dHs", _floats(be, "dHs", dHs, shape, m.dtype))     # the kernels overwrite it
     return Hx, dZ
@@ -357,6 +405,15 @@ def _cell_gates(cell):
     if not isinstance(cell, str) or cell not in CELLS:
         raise ValueError(f"cell: expected one of {', '.join(map(repr, CELLS))}, got {cell!r}")
     return CELLS[cell]
+
+
+def _init_kind(init, cell):
+    """init_params' ``init``, None resolved for the cell"""
+    if init is None:
+        return "normal" if cell == "rnn" else "uniform"
+    if not isinstance(init, str) or init not in INITS:
+        raise ValueError(f"init: expected one of {', '.join(map(repr, INITS))} or None, got {init!r}")
+    return init
 
 
 def _schema(cell, L, D, H, Q):

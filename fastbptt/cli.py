@@ -66,6 +66,10 @@ def _train_parser(sub):
     g = p.add_argument_group("model and optimization")
     g.add_argument("--cell", metavar="rnn|gru|lstm", help="the recurrent cell (default: rnn)")
     g.add_argument("--num-layers", type=int, metavar="N", help="stacked layers of the cell (default: 1)")
+    g.add_argument("--init", choices=["normal", "uniform"],
+                   help="initial weights: normal: N(0, 0.01²), zero biases (the book's from scratch); "
+                        "uniform: U(±1/√H) (PyTorch's; the book's concise) (default: normal for rnn, "
+                        "uniform for gru and lstm)")
     g.add_argument("--hidden", type=int, help="hidden size H (default: 512)")
     g.add_argument("--num-steps", type=int, help="time steps T per minibatch (default: 35)")
     g.add_argument("--batch-size", type=int, help="sequences B per minibatch (default: 32)")
@@ -229,7 +233,7 @@ def _run_diagnose(args):
         tokens = data.tokenize(data.load_text(text), tokenize)
         vocab = data.Vocab(tokens)
         params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed, cell=args.cell,
-                                 num_layers=args.num_layers)
+                                 num_layers=args.num_layers, init="normal")     # --scale: its std
         params = {k: v * np.float32(args.scale / 0.01) for k, v in params.items()}
     if args.max_chars is not None:
         tokens = tokens[:args.max_chars]

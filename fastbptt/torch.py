@@ -118,12 +118,11 @@ def _one_hot_ids(X):
     """the token ids (T,B) of a one-hot X (T,B,D) (each row a single 1, the rest 0), else None:
     x_t W_xh is then the row W_xh[id], and ∂W_xh a scatter-add of the rows of dZ (the
     book's concise models feed one_hot(X).float())"""
-    if X.ndim != 3 or X.shape[2] < 2 or X.size == 0 or np.count_nonzero(X[0, 0]) != 1:
-        return None                                     # (a dense input fails at its first row)
-    if np.count_nonzero(X) != X.shape[0] * X.shape[1]:
+    if X.ndim != 3 or X.shape[2] < 2 or X.size == 0 or not X.flags.c_contiguous:
         return None
-    ids = X.argmax(-1)
-    return ids if (np.take_along_axis(X, ids[..., None], -1) == 1).all() else None
+    from ._cpu import arrays
+    ids = np.empty(X.shape[:2], np.int64)
+    return ids if arrays.one_hot_ids_cpu(ids.reshape(-1), X.reshape(-1, X.shape[2])) else None
 
 
 def _nonzero(g):
@@ -150,20 +149,20 @@ class _Function(torch.autograd.Function):
         # numpy reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
         outs = (torch.from_numpy(Hs),) + tuple(torch.from_numpy(np.ascontiguousarray(s.reshape(cfg.L, B, cfg.H)))
                                                for s in last)
-        ctx.cfg, ctx.kept, ctx.P, ctx.Xn = cfg, kept, P, Xn
-        ctx.save_for_backward(X, h0, c0, outs[0], *weights)
+        ctx.cfg, ctx.kept = cfg, kept                # P and X as the forward validated them
+        ctx.save_for_backward(X, h0, c0, *weights)   # torch refuses the backward if one changed since
         return outs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_hn, d_cn=None):
         cfg = ctx.cfg
-        X, h0, c0, Hs, *weights = ctx.saved_tensors
+        X, h0, c0, *weights = ctx.saved_tensors
         needs = ctx.needs_input_grad                         # (cfg, X, h0, c0, *weights)
         T, B = X.shape[:2]
         L, H = cfg.L, cfg.H
         want_dx = bool(needs[1]) and X.is_floating_point()
-        dtype = _np(Hs).dtype
+        dtype = ctx.kept.m.dtype
         # the direct terms: d output[t]; d h_n (and d c_n) of every layer join them at t = T
         dHs = np.zeros((T, B, H), dtype) if d_out is None else _np(d_out)      # fastbptt copies it
         ends = (d_hn, d_cn) if cfg.cell == "lstm" else (d_hn,)
@@ -171,9 +170,8 @@ class _Function(torch.autograd.Function):
         if any(_nonzero(d) for d in ends):
             dh_T = tuple(np.zeros((L, B, H), dtype) if d is None else _np(d) for d in ends)
             dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
-        g = api.rnn_backward(ctx.P, ctx.Xn, _np(Hs), dHs, _state(cfg, h0, c0), activation=cfg.act,
-                             truncation=cfg.truncation, cell=cfg.cell, input_grad=want_dx, forward=ctx.kept,
-                             dh_T=dh_T)
+        g = api.kept_backward(ctx.kept, dHs, activation=cfg.act, truncation=cfg.truncation, input_grad=want_dx,
+                              dh_T=dh_T)
 
         t = torch.from_numpy
         dX = t(g["X"]) if want_dx else None

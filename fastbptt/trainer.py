@@ -47,7 +47,9 @@ class TrainConfig:
     Defaults are the book's (d2l 0.17 §8.5): H=512, 35 steps, batch 32, SGD lr 1, 500
     epochs, clipping at θ=1, sequential sampling, full BPTT, tanh; one layer of the
     Elman cell ("rnn").  ``activation`` is the rnn cell's: a gated cell takes only "tanh".
-    A checkpoint written before ``cell`` and ``num_layers`` existed reads as rnn, 1 layer.
+    ``init`` is :func:`fastbptt.init_params`'; None: the cell's default ("normal", the book's
+    N(0, 0.01²), for rnn; "uniform", PyTorch's, for gru and lstm).  A checkpoint written
+    before ``cell`` and ``num_layers`` existed reads as rnn, 1 layer.
     """
 
     text: str | None = None           # a UTF-8 file; None: the embedded The Time Machine
@@ -56,6 +58,7 @@ class TrainConfig:
     val_fraction: float | None = None  # None: 0 with max_chars (the book), else 0.1
     cell: str = "rnn"                 # rnn | gru | lstm
     num_layers: int = 1
+    init: str | None = None           # None: the cell's (init_params: normal for rnn, uniform gated)
     hidden: int = 512
     num_steps: int = 35
     batch_size: int = 32
@@ -102,6 +105,7 @@ class TrainConfig:
         if c.cell != "rnn" and c.activation != "tanh":
             raise ValueError(f"activation: applies to the rnn cell only, got {c.activation!r} with "
                              f"cell {c.cell!r} (its nonlinearities are fixed)")
+        c.init = api._init_kind(c.init, c.cell)
         parse_truncation(c.truncation)
         c.stored_states = parse_stored_states(c.stored_states)
         return c
@@ -559,7 +563,7 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             raise ValueError("resume: the text differs from the one the checkpoint was trained on")
         try:
             params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
-                                     cell=cfg.cell, num_layers=cfg.num_layers)
+                                     cell=cfg.cell, num_layers=cfg.num_layers, init=cfg.init)
             opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
         except MemoryError as e:
             raise ValueError(f"hidden: not enough memory for the model ({cfg.cell}, hidden={cfg.hidden}, "

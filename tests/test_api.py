@@ -366,6 +366,36 @@ def test_init_params_shapes_scale_and_seed():
     assert fastbptt.init_params(2, 3, 4, dtype=np.float64)["W_xh"].dtype == np.float64
 
 
+def test_init_params_uniform_is_pytorchs_and_the_gated_cells_default():
+    H = 400
+    s = 1 / np.sqrt(H)
+    for cell in ("rnn", "gru", "lstm"):
+        p = fastbptt.init_params(28, H, 30, seed=1, cell=cell, num_layers=2, init="uniform")
+        for k, v in p.items():
+            if not k.startswith("b_h") or k.startswith("b_hn"):     # one U(-s, s) each
+                assert np.abs(v).max() <= s, k
+                if v.size >= 400:
+                    assert np.abs(v).max() > 0.95 * s and abs(v.std() - s / np.sqrt(3)) < 0.15 * s / np.sqrt(3), k
+        for l in ("", "_l1"):
+            b = p[f"b_h{l}"].astype(np.float64)
+            two = b if cell != "gru" else b[:2 * H]             # bias_ih + bias_hh: the sum of two
+            assert np.abs(two).max() <= 2 * s and np.abs(two).max() > s
+            assert abs(two.std() - s * np.sqrt(2 / 3)) < 0.15 * s * np.sqrt(2 / 3)
+            if cell == "gru":                                   # the n block: bias_ih alone
+                assert np.abs(b[2 * H:]).max() <= s
+    for cell in ("gru", "lstm"):                                # the gated cells' default
+        d = fastbptt.init_params(5, 6, 7, seed=2, cell=cell)
+        u = fastbptt.init_params(5, 6, 7, seed=2, cell=cell, init="uniform")
+        assert all(np.array_equal(d[k], u[k]) for k in d)
+        n = fastbptt.init_params(5, 6, 7, seed=2, cell=cell, init="normal")
+        assert not n["b_h"].any() and 0.005 < n["W_hh"].std() < 0.015
+    r = fastbptt.init_params(5, 6, 7, seed=2)                  # rnn: normal, as it always was
+    assert all(np.array_equal(r[k], v) for k, v in fastbptt.init_params(5, 6, 7, seed=2, init="normal").items())
+    for bad in ("torch", "", 1):
+        with pytest.raises(ValueError, match="init: expected one of 'normal', 'uniform'"):
+            fastbptt.init_params(5, 6, 7, init=bad)
+
+
 def test_rnn_adjoints_are_the_full_sweeps_adjoints(rng):
     params, X, _, h0 = make_case(rng, T=5, B=2, D=4, H=3, Q=2)
     Hs = fastbptt.rnn_forward(params, X, h0)

@@ -89,6 +89,28 @@ def test_id_range_is_numpys():
     assert arrays.id_range(ids.astype(np.int32)) == _host.id_range(ids.astype(np.int32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_hot_ids_are_numpys_and_any_other_row_is_refused(dtype):
+    rng = np.random.default_rng(1)
+    R, D = 50, 6
+    want = rng.integers(0, D, R)
+    X = np.eye(D, dtype=dtype)[want]
+    ids = np.full(R, -1)
+    assert arrays.one_hot_ids_cpu(ids, X) and np.array_equal(ids, want)
+    X[7, 3] = -0.0                                          # a negative zero is a zero
+    assert arrays.one_hot_ids_cpu(ids, X) and np.array_equal(ids, want)
+    for r in (0, 7, R - 1):                                 # the first, a middle and the last row
+        for v in (0.5, -1.0, 2.0, np.nan, np.inf, 1.0):     # 1.0: a second 1 in the row
+            Y = X.copy()
+            Y[r, (want[r] + 1) % D] = v
+            assert not arrays.one_hot_ids_cpu(ids, Y), (r, v)
+        Y = X.copy()
+        Y[r] = 0                                            # a row of zeros
+        assert not arrays.one_hot_ids_cpu(ids, Y)
+        Y[r, want[r]] = np.nan                              # its one nonzero not a 1
+        assert not arrays.one_hot_ids_cpu(ids, Y)
+
+
 def test_softmax_head_is_stable_for_huge_logits():
     Hs = np.array([[1000.0, -1000.0], [0.0, 0.0]], np.float32)
     W_hq = np.eye(2, dtype=np.float32)

@@ -190,6 +190,19 @@ def test_a_checkpoint_without_cell_and_depth_reads_as_one_rnn_layer(tmp_path):
     assert [r["train_ppl"] for r in resumed.history] == [r["train_ppl"] for r in straight.history]
 
 
+def test_init_is_the_cells_default_or_given_and_checkpointed(tmp_path):
+    assert trainer.TrainConfig().resolved().init == "normal"
+    assert trainer.TrainConfig(cell="lstm").resolved().init == "uniform"
+    assert trainer.TrainConfig(cell="gru", init="normal").resolved().init == "normal"
+    with pytest.raises(ValueError, match="^init: expected one of 'normal', 'uniform' or None, got 'he'$"):
+        trainer.TrainConfig(init="he").resolved()
+    ck = tmp_path / "ck.npz"
+    r = fastbptt.train(**TINY, cell="gru", init="normal", epochs=1, checkpoint=ck)
+    assert trainer.load_checkpoint(ck)[2]["config"].init == "normal" and r.config.init == "normal"
+    u = fastbptt.train(**TINY, cell="gru", epochs=1)
+    assert u.config.init == "uniform" and u.history[0]["train_ppl"] != r.history[0]["train_ppl"]
+
+
 def test_a_checkpoint_whose_params_are_not_its_cell_is_corrupt(tmp_path):
     ck = tmp_path / "ck.npz"
     vocab = Vocab(idx_to_token=["<unk>", "a", "b"])

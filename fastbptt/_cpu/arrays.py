@@ -2,6 +2,9 @@
 :mod:`fastbptt._cuda.arrays`, :mod:`fastbptt._host`'s two scans as kernels (the rest of
 ``_host`` serves as it is).
 
+Also the PyTorch bridge's test of a float input for being a one-hot (whose ids then run
+in its place), in one pass that stops at the first row that is not.
+
 ``fastbptt.api`` decides what to check; :mod:`fastbptt._host` says how, and describes a bad
 value.  The non-finite count and the id range run here as one pass each with no temporary
 array (numpy's ``isfinite(a).all()`` writes a boolean array and reads it again, and ``min``
@@ -43,6 +46,24 @@ def id_range_cpu(ids):
         lo = min(lo, v[i])
         hi = max(hi, v[i])
     return lo, hi
+
+
+@njit(cache=True, error_model="numpy")
+def one_hot_ids_cpu(ids, X):
+    """True, with ids[r] = the column of row r's one 1, if every row of X (R,D) is one-hot
+    (a single 1, every other value 0); False at the first row that is not"""
+    for r in range(X.shape[0]):
+        at = -1
+        for j in range(X.shape[1]):
+            v = X[r, j]
+            if v != 0:
+                if v != 1 or at >= 0:
+                    return False
+                at = j
+        if at < 0:
+            return False
+        ids[r] = at
+    return True
 
 
 def first_nonfinite(a):
