@@ -10,8 +10,9 @@ fastbptt's kernels.
 Each class *is* its ``torch.nn`` class (a subclass: the same constructor, parameter names,
 shapes and initialization, ``load_state_dict`` both ways, ``isinstance(m, torch.nn.LSTM)``)
 with ``forward`` replaced by one ``torch.autograd.Function``: one ``fastbptt.rnn_forward``
-call forward (keeping the gates) and one ``fastbptt.rnn_backward`` call backward (no per-step Python), giving the
-gradients of the input, of ``hx`` and of every parameter.
+call forward (keeping the gates) and one backward from what it kept (``api.kept_backward``:
+``rnn_backward``'s, no per-step Python), giving the gradients of the input, of ``hx`` and
+of every parameter.
 
 ``truncation=`` (forward's only extra argument): None (exact BPTT), ``fastbptt.Truncated(k)``
 or ``fastbptt.Randomized(p, seed)``.  The loss terms it counts steps from are what flows into
