@@ -266,6 +266,15 @@ def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
         fastbptt.rnn_backward(params, X, Hs.astype(int), dHs, given, forward=kept)
     with pytest.raises(ValueError, match="Hs: non-finite"):                 # read without forward=
         fastbptt.rnn_backward(params, X, unread, dHs, given)
+    # kept_backward (the PyTorch bridge's): the same, from the forward's validated inputs
+    got = fastbptt.api.kept_backward(kept, dHs, input_grad=True)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="dHs: expected shape"):
+        fastbptt.api.kept_backward(kept, dHs[:, :1])
+    with pytest.raises(ValueError, match="forward: expected what rnn_forward"):
+        fastbptt.api.kept_backward(None, dHs)
 
 
 def test_kept_records_are_taken_again_once_released(rng):
