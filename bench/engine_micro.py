@@ -12,6 +12,8 @@
                                             # D <= 64: token ids, else dense input), and two of its
                                             # short passes alone in a loop
     python bench/engine_micro.py overhead   # the fixed cost of a call: loss_and_grad of one step, one unit
+    python bench/engine_micro.py redraw     # d2l-concise's best call, again after each of six fresh draws of
+                                            # its kept buffers (the old ones held), and the team's times
     python bench/engine_micro.py copy       # a weight given as its transpose made contiguous: numpy, blocks,
                                             # the engine's transpose, torch
     python bench/engine_micro.py blas CELL T B D H  # rnn_forward + rnn_backward with the weight gradients
@@ -236,6 +238,29 @@ def bench_overhead():
         for _ in range(200):                      # past the team's first choice of threads
             call()
         print(f"T={T} B={B} V={V} H={H}: {best_ms(call, reps=400) * 1e3:.1f} µs per call (best)")
+
+
+def bench_redraw():
+    """d2l-concise's best call; then six times: its kept buffers dropped (and held, so that
+    fresh pages back the new ones) and the best call again; the team's last times per thread
+    count.  A slow call that stays slow on fresh buffers is the host's, not the buffers'."""
+    import fastbptt
+    import fastbptt._cpu as cpu
+    from fastbptt import bench
+    from fastbptt._cpu import team
+    p, X, Y, h0 = bench.workload(*bench.CONFIGS["d2l-concise"])
+    call = lambda: fastbptt.loss_and_grad(p, X, Y, h0)                   # noqa: E731
+    for _ in range(100):                          # past the team's first choice of threads
+        call()
+    held, out = [], [best_ms(call, reps=20, rounds=3)]
+    for _ in range(6):
+        held.append(dict(cpu._scratch.sets))
+        cpu._scratch.sets.clear()
+        out.append(best_ms(call, reps=20, rounds=3))
+    times = {n: round(1e3 * min(arm.times), 2) for c in team.team.stats.values() for n, arm in c.arms.items()
+             if arm.times}
+    print("best call (ms), then after each draw: " + " ".join(f"{t:.2f}" for t in out) +
+          f"; team's best by thread count (ms): {times}")
 
 
 def bench_copy():
@@ -520,7 +545,7 @@ def bench_firstcall():
 
 if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
-     "phases": bench_phases, "overhead": bench_overhead, "copy": bench_copy, "blas": bench_blas,
+     "phases": bench_phases, "overhead": bench_overhead, "redraw": bench_redraw, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
