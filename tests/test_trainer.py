@@ -201,6 +201,15 @@ def test_init_is_the_cells_default_or_given_and_checkpointed(tmp_path):
     assert trainer.load_checkpoint(ck)[2]["config"].init == "normal" and r.config.init == "normal"
     u = fastbptt.train(**TINY, cell="gru", epochs=1)
     assert u.config.init == "uniform" and u.history[0]["train_ppl"] != r.history[0]["train_ppl"]
+    with np.load(ck) as z:                       # a checkpoint from before init: it resumes
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    assert meta["config"].pop("init") == "normal"
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(ck, **arrays)
+    assert trainer.load_checkpoint(ck)[2]["config"].init is None
+    resumed = fastbptt.train(**TINY, epochs=2, checkpoint=ck, resume=True)
+    assert resumed.config.cell == "gru" and len(resumed.history) == 2
 
 
 def test_a_checkpoint_whose_params_are_not_its_cell_is_corrupt(tmp_path):
