@@ -11,10 +11,13 @@ the state carried and detached, reset at each epoch start; fastbptt's initial we
 bias_hh = 0 but the GRU's n block b_hn; the bias_hh blocks fastbptt lacks get no gradient, so
 both train the same parameters); one-hot input, nn.Linear head, mean cross-entropy; global-norm
 clipping at θ=1 over all parameters and plain SGD (p -= lr·g), float32, torch on as many threads
-as numba.  fastbptt runs through ``fastbptt.train``.  Per system: the final epoch's training
-perplexity and tokens/s as the trainer counts it (an epoch's tokens over the wall time of its
-training steps), the median over the epochs (robust to compilation and warm-up in the first
-ones); then fastbptt's tokens/s over torch's.  The first minibatch's loss of both, from the same weights, checks the
+as numba.  fastbptt runs ``fastbptt.train``'s epochs (``trainer.train_epoch``, from the same
+weights and rng as ``fastbptt train``: the same run).  The two alternate an epoch at a time
+(each going first every other epoch), so that both meet the same spells of a shared host.
+Per system: the final epoch's training perplexity and tokens/s as the trainer counts it (an
+epoch's tokens over the wall time of its training steps), the median over the epochs
+(robust to compilation and warm-up in the first ones); then fastbptt's tokens/s over
+torch's.  The first minibatch's loss of both, from the same weights, checks the
 mapping.
 """
 import argparse
@@ -94,27 +97,35 @@ def torch_epoch(rng, log):
     return total, n
 
 
-history, losses, rng = [], [], np.random.default_rng(cfg.seed)   # the trainer's rng and draws
-for epoch in range(cfg.epochs):
-    t0 = time.perf_counter()
-    total, n = torch_epoch(rng, losses)
-    dt = time.perf_counter() - t0
-    history.append({"epoch": epoch + 1, "train_ppl": math.exp(total / n), "tokens_per_s": n / dt, "tokens": n})
-torch_ppl, torch_tps = summary(history)
-torch_ppl1 = history[0]["train_ppl"]
-
-# ---------------------------------------------------------------------- fastbptt
+# ------------------------------------------------------ both, an epoch of each in turn
+fast_params = {k: v.copy() for k, v in params.items()}
+opt = trainer.OPTIMIZERS[cfg.optimizer](fast_params, cfg.lr)
+trunc = trainer.parse_truncation(cfg.truncation)
+rngs = {name: np.random.default_rng(cfg.seed) for name in ("torch", "fastbptt")}   # the trainer's rng, each
 X0, Y0 = next(data.sequential_batches(corpus.train, cfg.batch_size, cfg.num_steps, np.random.default_rng(cfg.seed)))
 fast_loss0 = fastbptt.loss(params, X0, Y0)[0]
-res = fastbptt.train(**{k: getattr(cfg, k) for k in ("cell", "num_layers", "hidden", "max_chars", "epochs",
-                                                      "lr", "seed")}, quiet=True, sample_prefixes=())
-fast_ppl, fast_tps = summary(res.history)
+losses = []
+epochs = {
+    "torch": lambda: torch_epoch(rngs["torch"], losses),
+    # fastbptt.train's epoch: the same call, state, clipping and update (trainer.train_epoch)
+    "fastbptt": lambda: trainer.train_epoch(fast_params, opt, corpus.train, cfg, rngs["fastbptt"], trunc)[:2],
+}
+histories = {name: [] for name in epochs}
+for epoch in range(cfg.epochs):
+    for name in (("torch", "fastbptt") if epoch % 2 == 0 else ("fastbptt", "torch")):
+        t0 = time.perf_counter()
+        total, n = epochs[name]()
+        dt = time.perf_counter() - t0
+        histories[name].append({"epoch": epoch + 1, "train_ppl": math.exp(total / n), "tokens_per_s": n / dt,
+                                "tokens": n})
+torch_ppl, torch_tps = summary(histories["torch"])
+fast_ppl, fast_tps = summary(histories["fastbptt"])
 
 out = {"config": {"cell": cfg.cell, "num_layers": L, "hidden": H, "max_chars": cfg.max_chars,
                   "epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed, "vocab": V,
                   "threads": numba.get_num_threads(), "torch": torch.__version__},
        "first_loss": {"fastbptt": fast_loss0, "torch": losses[0]},
-       "epoch1_ppl": {"fastbptt": res.history[0]["train_ppl"], "torch": torch_ppl1},
+       "epoch1_ppl": {name: h[0]["train_ppl"] for name, h in histories.items()},
        "fastbptt": {"ppl": fast_ppl, "tokens_per_s": fast_tps},
        "torch": {"ppl": torch_ppl, "tokens_per_s": torch_tps}, "ratio": fast_tps / torch_tps}
 print(f"{cfg.cell} x{L} H={H} V={V} {cfg.epochs} epochs lr {cfg.lr} threads {numba.get_num_threads()}: "
