@@ -45,9 +45,9 @@ def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=Non
       and ``fastbptt.torch``'s): ``b_h`` is torch's ``bias_ih + bias_hh``, so drawn as that sum
       (the GRU's n block from ``bias_ih`` alone, and ``b_hn`` from ``bias_hh``).
     - None (the default): ``"normal"`` for ``"rnn"`` (drawn exactly as it always has been),
-      ``"uniform"`` for ``"gru"`` and ``"lstm"``: from it the book's chapter-9 recipe ends at
-      the book's concise perplexity (1.0) for every seed tried, where from ``"normal"`` it is
-      still descending at epoch 500 and lands anywhere in 1.09–1.33 (docs/performance.md,
+      ``"uniform"`` for ``"gru"`` and ``"lstm"``: from it the book's chapter-9 recipe reaches
+      the book's concise perplexity by epoch 500 for every seed tried, where from ``"normal"``
+      it is still descending there and where it ends depends on the seed (docs/performance.md,
       "Gated cells: the book's chapter 9").
 
     ``seed`` is anything :func:`numpy.random.default_rng` takes.
