@@ -12,8 +12,9 @@ bias_hh = 0 but the GRU's n block b_hn; the bias_hh blocks fastbptt lacks get no
 both train the same parameters); one-hot input, nn.Linear head, mean cross-entropy; global-norm
 clipping at θ=1 over all parameters and plain SGD (p -= lr·g), float32, torch on as many threads
 as numba.  fastbptt runs ``fastbptt.train``'s epochs (``trainer.train_epoch``, from the same
-weights and rng as ``fastbptt train``: the same run).  The two alternate an epoch at a time
-(each going first every other epoch), so that both meet the same spells of a shared host.
+weights and rng as ``fastbptt train``: the same run).  The two alternate in blocks of ten
+epochs (each going first every other block, after ``fastbptt.bench.PAUSE`` so that the other's
+threads are idle), so that both meet the same spells of a shared host.
 Per system: the final epoch's training perplexity and tokens/s as the trainer counts it (an
 epoch's tokens over the wall time of its training steps), the median over the epochs
 (robust to compilation and warm-up in the first ones); then fastbptt's tokens/s over
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fastbptt
-from fastbptt import data, trainer
+from fastbptt import bench, data, trainer
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--cell", choices=("rnn", "gru", "lstm"), required=True)
@@ -97,7 +98,7 @@ def torch_epoch(rng, log):
     return total, n
 
 
-# ------------------------------------------------------ both, an epoch of each in turn
+# ----------------------------------------------- both, blocks of epochs in turn
 fast_params = {k: v.copy() for k, v in params.items()}
 opt = trainer.OPTIMIZERS[cfg.optimizer](fast_params, cfg.lr)
 trunc = trainer.parse_truncation(cfg.truncation)
@@ -111,13 +112,16 @@ epochs = {
     "fastbptt": lambda: trainer.train_epoch(fast_params, opt, corpus.train, cfg, rngs["fastbptt"], trunc)[:2],
 }
 histories = {name: [] for name in epochs}
-for epoch in range(cfg.epochs):
-    for name in (("torch", "fastbptt") if epoch % 2 == 0 else ("fastbptt", "torch")):
-        t0 = time.perf_counter()
-        total, n = epochs[name]()
-        dt = time.perf_counter() - t0
-        histories[name].append({"epoch": epoch + 1, "train_ppl": math.exp(total / n), "tokens_per_s": n / dt,
-                                "tokens": n})
+BLOCK = 10             # epochs of one system in a row: about a second, far shorter than the host's spells
+for first in range(0, cfg.epochs, BLOCK):
+    for name in (("torch", "fastbptt") if first // BLOCK % 2 == 0 else ("fastbptt", "torch")):
+        time.sleep(bench.PAUSE)          # the other system's threads idle first (fastbptt bench's rule)
+        for epoch in range(first, min(first + BLOCK, cfg.epochs)):
+            t0 = time.perf_counter()
+            total, n = epochs[name]()
+            dt = time.perf_counter() - t0
+            histories[name].append({"epoch": epoch + 1, "train_ppl": math.exp(total / n), "tokens_per_s": n / dt,
+                                    "tokens": n})
 torch_ppl, torch_tps = summary(histories["torch"])
 fast_ppl, fast_tps = summary(histories["fastbptt"])
 
