@@ -1,7 +1,7 @@
 """The book's chapter-9 training run, by fastbptt and by torch's nn.RNN/nn.GRU/nn.LSTM, in one process.
 
     python bench/train_peer.py --cell gru|lstm|rnn [--num-layers N] [--hidden 256] [--max-chars 10000]
-                               [--epochs 500] [--lr 1] [--seed 0] [--json PATH]
+                               [--epochs 500] [--lr 1] [--seed 0] [--init normal|uniform] [--json PATH]
 
 The same model, data and optimization on both sides (d2l 0.17 §8.5 / §9.1-9.3): the trainer's
 own corpus (``trainer.load_corpus``) and minibatches (``data.sequential_batches``, one rng
@@ -42,14 +42,15 @@ ap.add_argument("--max-chars", type=int, default=10000)
 ap.add_argument("--epochs", type=int, default=500)
 ap.add_argument("--lr", type=float, default=1.0)
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--init", choices=("normal", "uniform"), help="initial weights (default: the cell's, as train's)")
 ap.add_argument("--json", help="write the results here as JSON")
 a = ap.parse_args()
-cfg = trainer.TrainConfig(cell=a.cell, num_layers=a.num_layers, hidden=a.hidden, max_chars=a.max_chars,
+cfg = trainer.TrainConfig(cell=a.cell, num_layers=a.num_layers, init=a.init, hidden=a.hidden, max_chars=a.max_chars,
                           epochs=a.epochs, lr=a.lr, seed=a.seed).resolved()
 torch.set_num_threads(numba.get_num_threads())
 corpus = trainer.load_corpus(cfg)
 V, H, L, G = len(corpus.vocab), cfg.hidden, cfg.num_layers, fastbptt.api.CELLS[cfg.cell]
-params = fastbptt.init_params(V, H, V, seed=cfg.seed, cell=cfg.cell, num_layers=L)   # what train() starts from
+params = fastbptt.init_params(V, H, V, seed=cfg.seed, cell=cfg.cell, num_layers=L, init=cfg.init)   # train()'s start
 
 
 def summary(history):
