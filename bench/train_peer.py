@@ -42,7 +42,7 @@ ap.add_argument("--max-chars", type=int, default=10000)
 ap.add_argument("--epochs", type=int, default=500)
 ap.add_argument("--lr", type=float, default=1.0)
 ap.add_argument("--seed", type=int, default=0)
-ap.add_argument("--init", choices=("normal", "uniform"), help="initial weights (default: the cell's, as train's)")
+ap.add_argument("--init", choices=fastbptt.api.INITS, help="initial weights (default: the cell's, as train's)")
 ap.add_argument("--json", help="write the results here as JSON")
 a = ap.parse_args()
 cfg = trainer.TrainConfig(cell=a.cell, num_layers=a.num_layers, init=a.init, hidden=a.hidden, max_chars=a.max_chars,
