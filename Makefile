@@ -19,7 +19,7 @@ test: install
 
 # the CUDA kernels on the numba-cuda simulator (no GPU needed): tiny shapes, single block
 test-cuda-sim: install
-	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/test_cuda.py
+	NUMBA_ENABLE_CUDASIM=1 $(BIN)/python -m pytest tests/test_cuda.py tests/test_torch_cuda.py
 
 # the book's run (d2l 0.17 §8.5: first 10,000 tokens, H=512, 500 epochs), bounded to ~2 minutes
 demo: install

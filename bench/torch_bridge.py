@@ -3,6 +3,7 @@
     python bench/torch_bridge.py [--rounds 10] [--warmup 8] [--only d2l-gru,d2l-lstm,deepbench-lstm]
     python bench/torch_bridge.py --kernels [--only ...]   # where fastbptt.torch's step goes
     python bench/torch_bridge.py --before PATH [...]      # also an earlier checkout's, same rounds
+    python bench/torch_bridge.py --device cuda [...]      # CUDA tensors (fastbptt's CUDA backend; a GPU)
 
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
@@ -50,7 +51,7 @@ class RNNModel(nn.Module):
         return self.linear(Y.reshape((-1, Y.shape[-1]))), state
 
 
-def d2l_case(kind):
+def d2l_case(kind, device):
     T, B, V, H = 35, 32, 28, 256
     torch.manual_seed(0)
     ours = getattr(ft, kind)(V, H)
@@ -64,8 +65,9 @@ def d2l_case(kind):
         models["before"] = RNNModel(before, V)
     for m in models.values():
         m.linear.load_state_dict(models["torch.nn"].linear.state_dict())
-    X = torch.randint(0, V, (B, T))
-    Y = torch.randint(0, V, (B, T))
+        m.to(device)
+    X = torch.randint(0, V, (B, T), device=device)
+    Y = torch.randint(0, V, (B, T), device=device)
 
     def step(m):
         m.zero_grad()
@@ -74,7 +76,7 @@ def d2l_case(kind):
     return models, step
 
 
-def deepbench_case():
+def deepbench_case(device):
     T, B, D, H = 25, 64, 512, 512
     torch.manual_seed(0)
     ours, theirs = ft.LSTM(D, H), nn.LSTM(D, H)
@@ -83,7 +85,9 @@ def deepbench_case():
     if BEFORE:
         models["before"] = BEFORE.LSTM(D, H)
         models["before"].load_state_dict(ours.state_dict())
-    X = torch.randn(T, B, D)
+    for m in models.values():
+        m.to(device)
+    X = torch.randn(T, B, D, device=device)
 
     def step(m):
         m.zero_grad()
@@ -146,7 +150,12 @@ def main():
     ap.add_argument("--only", default="d2l-gru,d2l-lstm,deepbench-lstm")
     ap.add_argument("--kernels", action="store_true", help="time the engine's kernels in fastbptt.torch's step")
     ap.add_argument("--before", metavar="PATH", help="an earlier checkout whose fastbptt.torch runs too")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the models and tensors live (cuda: fastbptt's CUDA backend)")
     a = ap.parse_args()
+    if a.device == "cuda" and (a.kernels or not torch.cuda.is_available()):
+        ap.error("--device cuda needs torch with a CUDA GPU, and takes no --kernels (the CPU engine's)")
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     if a.before:
         global BEFORE
         folder = Path(tempfile.mkdtemp())
@@ -154,10 +163,10 @@ def main():
         sys.path.insert(0, str(folder))
         BEFORE = importlib.import_module("fastbptt_before.torch")
     torch.set_num_threads(numba.get_num_threads())
-    cases = {"d2l-gru": lambda: d2l_case("GRU"), "d2l-lstm": lambda: d2l_case("LSTM"),
-             "deepbench-lstm": deepbench_case}
+    cases = {"d2l-gru": lambda: d2l_case("GRU", a.device), "d2l-lstm": lambda: d2l_case("LSTM", a.device),
+             "deepbench-lstm": lambda: deepbench_case(a.device)}
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
-          f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward")
+          f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}")
     for name in a.only.split(","):
         models, step = cases[name]()
         if a.kernels:
@@ -167,8 +176,10 @@ def main():
         times = {n: [] for n in names}
         for r in range(a.warmup + a.rounds):
             for n in names if r % 2 == 0 else reversed(names):
+                sync()
                 t0 = time.perf_counter()
                 step(models[n])
+                sync()
                 dt = time.perf_counter() - t0
                 if r >= a.warmup:
                     times[n].append(dt)

@@ -14,6 +14,10 @@ call forward (keeping the gates) and one backward from what it kept (``api.kept_
 ``rnn_backward``'s, no per-step Python), giving the gradients of the input, of ``hx`` and
 of every parameter.
 
+Where it runs follows the tensors, as in torch.nn: CPU tensors on fastbptt's CPU engine
+(shared with numpy, not copied), CUDA tensors on its CUDA backend (``device="cuda"``:
+numba-cuda, ``pip install fastbptt[cuda]``), shared through the CUDA array interface.
+
 ``truncation=`` (forward's only extra argument): None (exact BPTT), ``fastbptt.Truncated(k)``
 or ``fastbptt.Randomized(p, seed)``.  The loss terms it counts steps from are what flows into
 ``output[t]``, and into ``h_n`` (and ``c_n``) of every layer at the last step.
@@ -21,15 +25,17 @@ or ``fastbptt.Randomized(p, seed)``.  The loss terms it counts steps from are wh
 Also beyond ``torch.nn``: integer token ids (T,B) (or (B,T) with ``batch_first``; (T,) unbatched)
 as the input, with ``input_size`` the vocabulary: the same as ``one_hot(X, V).float()``
 without building the one-hot.  A one-hot float input that needs no gradient (the book's
-concise models) is found as such and runs as its ids: a row gather instead of the input
-product, a scatter-add instead of ∂W_xh's product.
+concise models) is found as such on the CPU and runs as its ids: a row gather instead of the
+input product, a scatter-add instead of ∂W_xh's product.
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
 ``bidirectional=True``, the LSTM's ``proj_size > 0``, inter-layer ``dropout > 0`` in training
 mode (eval mode is fine: torch applies no dropout there either), ``PackedSequence`` input,
-tensors not on the CPU, and double backward.  Parameters must be float32 or float64 (the compute dtype).
+tensors neither on the CPU nor on a CUDA GPU, and double backward.  Parameters must be float32 or float64 (the compute dtype).
 """
 from __future__ import annotations
+
+import contextlib
 
 try:
     import torch
@@ -54,8 +60,9 @@ _FLOATS = (torch.float32, torch.float64)
 class _Config:
     """what the Function needs besides tensors"""
 
-    def __init__(self, cell, act, L, H, bias, truncation):
+    def __init__(self, cell, act, L, H, bias, truncation, place):
         self.cell, self.act, self.L, self.H, self.bias, self.truncation = cell, act, L, H, bias, truncation
+        self.place = place
         self.per_layer = 4 if bias else 2
 
 
@@ -74,37 +81,110 @@ def _transposed(w):
     return _cpu.transposed(w, out=_cpu._records.lend(w.shape[::-1], w.dtype))
 
 
-def _grad_tensor(g):
-    """torch's gradient of a weight from fastbptt's g = ∂L/∂Wᵀ: gᵀ, C-contiguous (torch keeps
-    a gradient only in its parameter's layout), in a lent array"""
-    return torch.from_numpy(_transposed(g))
+class _Host:
+    """CPU tensors and fastbptt's CPU engine: tensors as numpy arrays sharing their memory"""
+    backend = "cpu"
+
+    def running(self):
+        return contextlib.nullcontext()
+
+    def array(self, t):
+        return _np(t)
+
+    def tensor(self, a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def weight(self, w):
+        """fastbptt's W = wᵀ of torch's weight w, in a lent array (see _transposed)"""
+        a = _np(w)
+        return _transposed(a) if a.flags.c_contiguous else a.T    # (the API copies a strided one)
+
+    def weight_grad(self, g):
+        """torch's gradient of a weight from fastbptt's g = ∂L/∂Wᵀ: gᵀ, C-contiguous (torch keeps
+        a gradient only in its parameter's layout), in a lent array"""
+        return torch.from_numpy(_transposed(g))
+
+
+class _Cuda:
+    """CUDA tensors and fastbptt's CUDA backend (``device="cuda"``), zero-copy both ways
+    through the CUDA array interface: the params are made on the device by torch ops, so the
+    results stay there as numba device arrays that torch wraps.  Every kernel runs on the
+    legacy default stream, as torch's and CuPy's do unless told otherwise: work queued on
+    another torch stream is waited for first, and the call's work before torch goes on."""
+    backend = "cuda"
+
+    def __init__(self, device, name):
+        try:
+            from numba import cuda
+        except ImportError:
+            raise RuntimeError(f"fastbptt.torch.{name}: CUDA tensors need numba-cuda: "
+                               f"pip install fastbptt[cuda]") from None
+        self.cuda, self.device = cuda, device
+
+    @contextlib.contextmanager
+    def running(self):
+        stream = torch.cuda.current_stream(self.device)
+        other = stream.cuda_stream != 0
+        if other:
+            stream.synchronize()
+        with self.cuda.gpus[self.device.index or 0]:
+            yield
+            if other:
+                self.cuda.synchronize()
+
+    def array(self, t):
+        return self.cuda.as_cuda_array(t.detach().contiguous())
+
+    def tensor(self, a):
+        return torch.as_tensor(a, device=self.device)
+
+    def weight(self, w):
+        return self.array(w.detach().t().contiguous())
+
+    def weight_grad(self, g):
+        return self.tensor(g).t().contiguous()
+
+
+_HOST = _Host()
+
+
+def _place(tensors, name):
+    """where a call runs: _HOST for CPU tensors, a _Cuda for tensors on one CUDA device"""
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise RuntimeError(f"fastbptt.torch.{name}: input, hx and parameters must be on one device, got "
+                           f"{', '.join(sorted(map(str, devices)))}")
+    device, = devices
+    if device.type == "cpu":
+        return _HOST
+    if device.type == "cuda":
+        return _Cuda(device, name)
+    raise NotImplementedError(f"fastbptt.torch.{name}: only CPU and CUDA tensors are supported, got one on "
+                              f"{device}; use torch.nn.{name} there")
 
 
 def _params(cfg, weights):
-    """fastbptt's params (numpy) from torch's weights, made once per forward and kept for
-    its backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ (in lent arrays, back to the bridge once
-    the step's graph is gone), b_h = bias_ih + bias_hh (the GRU: + [bias_hh_r, bias_hh_z, 0]
-    and b_hn = bias_hh_n)"""
-    H, G = cfg.H, api.CELLS[cfg.cell]
+    """fastbptt's params from torch's weights, made once per forward and kept for its
+    backward: W_xh = weight_ihᵀ, W_hh = weight_hhᵀ, b_h = bias_ih + bias_hh (the GRU: +
+    [bias_hh_r, bias_hh_z, 0] and b_hn = bias_hh_n), as the place's arrays"""
+    H, G, place = cfg.H, api.CELLS[cfg.cell], cfg.place
     P = {}
     for l in range(cfg.L):
         w = weights[l * cfg.per_layer:(l + 1) * cfg.per_layer]
-        for name, wl in (("W_xh", w[0]), ("W_hh", w[1])):
-            a = _np(wl)
-            P[_key(name, l)] = _transposed(a) if a.flags.c_contiguous else a.T    # (the API copies a strided one)
+        P[_key("W_xh", l)], P[_key("W_hh", l)] = place.weight(w[0]), place.weight(w[1])
         if cfg.bias:
             b_ih, b_hh = w[2].detach(), w[3].detach()
             if cfg.cell == "gru":
                 b = b_ih.clone()
                 b[:2 * H] += b_hh[:2 * H]
-                P[_key("b_h", l)] = b.numpy()
-                P[_key("b_hn", l)] = _np(b_hh[2 * H:])
+                P[_key("b_h", l)] = place.array(b)
+                P[_key("b_hn", l)] = place.array(b_hh[2 * H:])
             else:
-                P[_key("b_h", l)] = (b_ih + b_hh).numpy()
+                P[_key("b_h", l)] = place.array(b_ih + b_hh)
         else:
-            P[_key("b_h", l)] = np.zeros(G * H, _np(w[1]).dtype)
+            P[_key("b_h", l)] = place.array(w[1].new_zeros(G * H))
             if cfg.cell == "gru":
-                P[_key("b_hn", l)] = np.zeros(H, _np(w[1]).dtype)
+                P[_key("b_hn", l)] = place.array(w[1].new_zeros(H))
     return P
 
 
@@ -112,7 +192,8 @@ def _state(cfg, h0, c0):
     """the state as fastbptt takes it: None (zeros) or (L,B,H) arrays"""
     if h0 is None:
         return None
-    return (_np(h0), _np(c0)) if cfg.cell == "lstm" else _np(h0)
+    a = cfg.place.array
+    return (a(h0), a(c0)) if cfg.cell == "lstm" else a(h0)
 
 
 def _one_hot_ids(X):
@@ -138,18 +219,19 @@ class _Function(torch.autograd.Function):
     def forward(ctx, cfg, X, h0, c0, *weights):
         ctx.set_materialize_grads(False)
         X = X.contiguous()
-        P = _params(cfg, weights)
-        Xn = _np(X)
-        if X.is_floating_point() and not ctx.needs_input_grad[1]:      # no ∂L/∂X asked for
-            ids = _one_hot_ids(Xn)
-            Xn = Xn if ids is None else ids
-        Hs, last, kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
-                                         keep=True)
-        T, B = X.shape[:2]
-        last = last if cfg.cell == "lstm" else (last,)
-        # numpy reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
-        outs = (torch.from_numpy(Hs),) + tuple(torch.from_numpy(np.ascontiguousarray(s.reshape(cfg.L, B, cfg.H)))
-                                               for s in last)
+        place = cfg.place
+        with place.running():
+            P = _params(cfg, weights)
+            Xn = place.array(X)
+            if place is _HOST and X.is_floating_point() and not ctx.needs_input_grad[1]:   # no ∂L/∂X asked for
+                ids = _one_hot_ids(Xn)
+                Xn = Xn if ids is None else ids
+            Hs, last, kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
+                                             device=place.backend, keep=True)
+            B = X.shape[1]
+            last = last if cfg.cell == "lstm" else (last,)
+            # the arrays' reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
+            outs = (place.tensor(Hs),) + tuple(place.tensor(s.reshape(cfg.L, B, cfg.H)) for s in last)
         ctx.cfg, ctx.kept = cfg, kept                # P and X as the forward validated them
         ctx.save_for_backward(X, h0, c0, *weights)   # torch refuses the backward if one changed since
         return outs
@@ -163,32 +245,34 @@ class _Function(torch.autograd.Function):
         T, B = X.shape[:2]
         L, H = cfg.L, cfg.H
         want_dx = bool(needs[1]) and X.is_floating_point()
-        dtype = ctx.kept.m.dtype
-        # the direct terms: d output[t]; d h_n (and d c_n) of every layer join them at t = T
-        dHs = np.zeros((T, B, H), dtype) if d_out is None else _np(d_out)      # fastbptt copies it
-        ends = (d_hn, d_cn) if cfg.cell == "lstm" else (d_hn,)
-        dh_T = None
-        if any(_nonzero(d) for d in ends):
-            dh_T = tuple(np.zeros((L, B, H), dtype) if d is None else _np(d) for d in ends)
-            dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
-        g = api.kept_backward(ctx.kept, dHs, activation=cfg.act, truncation=cfg.truncation, input_grad=want_dx,
-                              dh_T=dh_T)
+        place = cfg.place
+        with place.running():
+            zeros = lambda shape: place.array(weights[0].new_zeros(shape))          # noqa: E731
+            # the direct terms: d output[t]; d h_n (and d c_n) of every layer join them at t = T
+            dHs = zeros((T, B, H)) if d_out is None else place.array(d_out)      # fastbptt copies it
+            ends = (d_hn, d_cn) if cfg.cell == "lstm" else (d_hn,)
+            dh_T = None
+            if any(_nonzero(d) for d in ends):
+                dh_T = tuple(zeros((L, B, H)) if d is None else place.array(d) for d in ends)
+                dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
+            g = api.kept_backward(ctx.kept, dHs, activation=cfg.act, truncation=cfg.truncation,
+                                  input_grad=want_dx, dh_T=dh_T)
 
-        t = torch.from_numpy
-        dX = t(g["X"]) if want_dx else None
-        dh0 = t(g["h0"]) if h0 is not None and needs[2] else None
-        dc0 = t(g["c0"]) if c0 is not None and needs[3] else None
-        grads = []
-        for l in range(L):
-            db = t(g[_key("b_h", l)])
-            layer = [_grad_tensor(g[_key("W_xh", l)]), _grad_tensor(g[_key("W_hh", l)])]
-            if cfg.bias:
-                if cfg.cell == "gru":
-                    dbhh = torch.cat([db[:2 * H], t(g[_key("b_hn", l)])])
-                else:
-                    dbhh = db.clone()                       # its own tensor: .grad never aliases
-                layer += [db, dbhh]
-            grads += layer
+            t = place.tensor
+            dX = t(g["X"]) if want_dx else None
+            dh0 = t(g["h0"]) if h0 is not None and needs[2] else None
+            dc0 = t(g["c0"]) if c0 is not None and needs[3] else None
+            grads = []
+            for l in range(L):
+                db = t(g[_key("b_h", l)])
+                layer = [place.weight_grad(g[_key("W_xh", l)]), place.weight_grad(g[_key("W_hh", l)])]
+                if cfg.bias:
+                    if cfg.cell == "gru":
+                        dbhh = torch.cat([db[:2 * H], t(g[_key("b_hn", l)])])
+                    else:
+                        dbhh = db.clone()                       # its own tensor: .grad never aliases
+                    layer += [db, dbhh]
+                grads += layer
         grads = [gr if need else None for gr, need in zip(grads, needs[4:])]
         return (None, dX, dh0, dc0, *grads)
 
@@ -235,12 +319,7 @@ class _Bridge:
             raise NotImplementedError(f"fastbptt.torch.{name}: dropout={self.dropout} between layers in training "
                                       f"mode is not supported yet; use dropout=0 (or eval mode)")
         weights = self._fastbptt_weights()
-        tensors = [input, *weights] + ([] if hx is None else list(hx) if lstm else [hx])
-        for a in tensors:
-            if isinstance(a, torch.Tensor) and a.device.type != "cpu":
-                raise NotImplementedError(f"fastbptt.torch.{name}: only CPU tensors are supported yet, got one on "
-                                          f"{a.device}; use torch.nn.{name} there (or fastbptt's own API with "
-                                          f"device='cuda')")
+        place = _place([input, *weights] + ([] if hx is None else list(hx) if lstm else [hx]), name)
         wdt = weights[0].dtype
         if wdt not in _FLOATS:
             raise TypeError(f"fastbptt.torch.{name}: parameters must be float32 or float64, got {wdt}")
@@ -284,7 +363,7 @@ class _Bridge:
             if s is not None and s.dtype != wdt:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")
         X = input.transpose(0, 1) if self.batch_first else input
-        cfg = _Config(cell, act, self.num_layers, self.hidden_size, self.bias, truncation)
+        cfg = _Config(cell, act, self.num_layers, self.hidden_size, self.bias, truncation, place)
         out = _Function.apply(cfg, X, h0, c0, *weights)
         output, h_n = out[0], out[1:]
         if self.batch_first:

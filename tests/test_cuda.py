@@ -174,6 +174,26 @@ def test_params_on_the_device_and_device_inputs_stay_on_the_device(rng):
 
 
 @sim_only
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_kept_forward_on_the_device_is_not_the_callers_output(rng, cell):
+    """rnn_forward(keep=True) with params on the device: the Hs and h_T it returns are arrays of
+    their own, so a caller that overwrites them (a framework's in-place op) leaves the kept
+    forward, and the backward from it, as they were"""
+    params = fastbptt.init_params(5, 4, 5, np.float64, seed=3, cell=cell, num_layers=2)
+    X = rng.integers(0, 5, (3, 2))
+    D = fastbptt.to_device(params)
+    dHs = rng.normal(size=(3, 2, 4))
+    Hs0, _, kept0 = fastbptt.rnn_forward(params, X, cell=cell, keep=True)
+    want = fastbptt.rnn_backward(params, X, Hs0, dHs, cell=cell, forward=kept0)
+    Hs, h_T, kept = fastbptt.rnn_forward(D, X, device="cuda", cell=cell, keep=True)
+    for a in (Hs, *(h_T if cell == "lstm" else (h_T,))):
+        a.copy_to_device(np.full(a.shape, 7.0))
+    got = fastbptt.api.kept_backward(kept, cuda.to_device(dHs))
+    for k in want:
+        assert rel_err(got[k].copy_to_host(), want[k]) <= 1e-9, k
+
+
+@sim_only
 def test_device_inputs_are_validated_on_the_device(rng):
     params, X, Y, h0 = make_case(rng, T=3, B=2, D=5, H=4, Q=5)
     bad = X.copy()

@@ -106,9 +106,14 @@ class Run(LayerParams):
         return device(a)
 
     def output(self, a):
-        """a device array as the API returns it: itself when the params are on the device,
-        else a host copy"""
-        return a if self.keep else a.copy_to_host()
+        """a device array as the API returns it: a copy on the device when the params are on
+        the device, else on the host; never the call's own array, which may be a kept
+        forward's record that the caller must not be able to change"""
+        if not self.keep:
+            return a.copy_to_host()
+        out = cuda.device_array(a.shape, a.dtype)
+        out.copy_to_device(a)
+        return out
 
     def fresh(self, shape):
         """a new zero device array of the call's dtype that outlives the call"""
