@@ -31,7 +31,8 @@ input product, a scatter-add instead of ∂W_xh's product.
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
 ``bidirectional=True``, the LSTM's ``proj_size > 0``, inter-layer ``dropout > 0`` in training
 mode (eval mode is fine: torch applies no dropout there either), ``PackedSequence`` input,
-tensors neither on the CPU nor on a CUDA GPU, and double backward.  Parameters must be float32 or float64 (the compute dtype).
+tensors neither on the CPU nor on a CUDA GPU, and double backward.  Parameters must be float32
+or float64 (the compute dtype).
 """
 from __future__ import annotations
 
