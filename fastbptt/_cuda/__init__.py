@@ -105,10 +105,14 @@ class Run(LayerParams):
         """an array the caller passed (states or direct terms), on the device"""
         return device(a)
 
+    def _leave(self, a):
+        """a new device array as the API returns it: itself when the params are on the device,
+        else a host copy"""
+        return a if self.keep else a.copy_to_host()
+
     def output(self, a):
-        """a device array as the API returns it: a copy on the device when the params are on
-        the device, else on the host; never the call's own array, which may be a kept
-        forward's record that the caller must not be able to change"""
+        """one of the call's own arrays (a kept forward's record, which the caller must not be
+        able to change) as the API returns it: a copy, on the device when the params are"""
         if not self.keep:
             return a.copy_to_host()
         out = cuda.device_array(a.shape, a.dtype)
@@ -127,7 +131,7 @@ class Run(LayerParams):
 
     def results(self, arrays):
         """as device arrays when the params are on the device, else copied back"""
-        return {name: self.output(a) for name, a in arrays.items()}
+        return {name: self._leave(a) for name, a in arrays.items()}
 
     def _stacked(self, arrays):
         """(L,B,H) on the device from L arrays (B,H)"""
@@ -138,12 +142,12 @@ class Run(LayerParams):
 
     def last_states(self, cell, lays):
         """one array (L,B,H) per state of the cell (h, and c for the LSTM)"""
-        return tuple(self.output(self._stacked([getattr(lay, name)[self.T] for lay in lays]))
+        return tuple(self._leave(self._stacked([getattr(lay, name)[self.T] for lay in lays]))
                      for name in cell.STATES)
 
     def state_grads(self, d0):
         """one array (L,B,H) per state of the cell, from one tuple per layer"""
-        return tuple(self.output(self._stacked(g)) for g in zip(*d0))
+        return tuple(self._leave(self._stacked(g)) for g in zip(*d0))
 
     def add(self, dst, src):
         """dst += src (same shapes, contiguous)"""
