@@ -16,7 +16,9 @@ of every parameter.
 
 Where it runs follows the tensors, as in torch.nn: CPU tensors on fastbptt's CPU engine
 (shared with numpy, not copied), CUDA tensors on its CUDA backend (``device="cuda"``:
-numba-cuda, ``pip install fastbptt[cuda]``), shared through the CUDA array interface.
+numba-cuda, ``pip install fastbptt[cuda]``), shared through the CUDA array interface.  Under
+``torch.compile`` the modules' forward runs eagerly (a graph break) and the rest of the model
+compiles.
 
 ``truncation=`` (forward's only extra argument): None (exact BPTT), ``fastbptt.Truncated(k)``
 or ``fastbptt.Randomized(p, seed)``.  The loss terms it counts steps from are what flows into
@@ -52,6 +54,10 @@ from ._model import key as _key
 from .truncation import Randomized, Truncated
 
 __all__ = ["RNN", "GRU", "LSTM"]
+
+#: run eagerly under torch.compile: its graph stops before the bridge's forward and goes on after
+#: it (TorchDynamo cannot trace into numba's dispatcher)
+_eager = getattr(torch.compiler, "disable", None) or torch._dynamo.disable
 
 _MODES = {"RNN_TANH": ("rnn", "tanh"), "RNN_RELU": ("rnn", "relu"), "GRU": ("gru", "tanh"),
           "LSTM": ("lstm", "tanh")}
@@ -308,6 +314,7 @@ class _Bridge:
                 names += [f"bias_ih_l{l}", f"bias_hh_l{l}"]
         return [getattr(self, n) for n in names]
 
+    @_eager
     def forward(self, input, hx=None, *, truncation=None):
         name = type(self).__name__
         cell, act = _MODES[self.mode]

@@ -272,6 +272,26 @@ def test_one_hot_input_runs_as_token_ids(kind, monkeypatch):
             torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_under_torch_compile(kind):
+    """a model holding the bridge compiles (the bridge's forward runs eagerly, the rest is
+    traced) and gives torch.nn's outputs and gradients"""
+    m, r = pair(kind, 2)
+    head = torch.nn.Linear(H, 3, dtype=torch.float64)
+    X, hx, Wo, Wh = inputs(2, False, torch.float64, m, True)
+
+    def loss(rnn, X, hx):
+        out, _ = rnn(X, hx)
+        return torch.tanh(head(out)).sum()
+    compiled = torch.compile(loss, backend="eager")
+    for rnn, fn in ((m, compiled), (r, loss)):
+        rnn.zero_grad(set_to_none=True)
+        fn(rnn, X, hx).backward()
+    torch.testing.assert_close(compiled(m, X, hx), loss(r, X, hx), **TOL[torch.float64])
+    for a, b in zip(m.parameters(), r.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
