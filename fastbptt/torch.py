@@ -33,8 +33,9 @@ input product, a scatter-add instead of ∂W_xh's product.
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
 ``bidirectional=True``, the LSTM's ``proj_size > 0``, inter-layer ``dropout > 0`` in training
 mode (eval mode is fine: torch applies no dropout there either), ``PackedSequence`` input,
-tensors neither on the CPU nor on a CUDA GPU, and double backward.  Parameters must be float32
-or float64 (the compute dtype).
+tensors neither on the CPU nor on a CUDA GPU.  Parameters must be float32 or float64 (the compute
+dtype).  The gradients are not differentiable again (a second backward raises ``RuntimeError``);
+``torch.func.grad`` works, ``torch.func.vmap`` does not.
 """
 from __future__ import annotations
 
@@ -46,7 +47,6 @@ except ImportError as e:                                   # pragma: no cover - 
     raise ImportError(f"fastbptt.torch needs PyTorch: pip install fastbptt[torch] ({e})") from e
 
 import numpy as np
-from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
 from . import api
@@ -67,10 +67,11 @@ _FLOATS = (torch.float32, torch.float64)
 class _Config:
     """what the Function needs besides tensors"""
 
-    def __init__(self, cell, act, L, H, bias, truncation, place):
+    def __init__(self, cell, act, L, H, bias, truncation, place, input_grad):
         self.cell, self.act, self.L, self.H, self.bias, self.truncation = cell, act, L, H, bias, truncation
-        self.place = place
+        self.place, self.input_grad = place, input_grad      # input_grad: ∂L/∂X may be asked for
         self.per_layer = 4 if bias else 2
+        self.kept = None                                     # the forward's, for setup_context
 
 
 def _np(t):
@@ -220,17 +221,17 @@ def _nonzero(g):
 
 class _Function(torch.autograd.Function):
     """(output (T,B,H), h_n (L,B,H)[, c_n]) = the stack on X (T,B,D) dense or (T,B) ids from
-    (h0, c0) (None: zeros), one fastbptt call each way"""
+    (h0, c0) (None: zeros), one fastbptt call each way.  The forward and its context apart
+    (``setup_context``), as torch.func's transforms (``torch.func.grad``) need."""
 
     @staticmethod
-    def forward(ctx, cfg, X, h0, c0, *weights):
-        ctx.set_materialize_grads(False)
+    def forward(cfg, X, h0, c0, *weights):
         X = X.contiguous()
         place = cfg.place
         with place.running():
             P = _params(cfg, weights)
             Xn = place.array(X)
-            if place is _HOST and X.is_floating_point() and not ctx.needs_input_grad[1]:   # no ∂L/∂X asked for
+            if place is _HOST and X.is_floating_point() and not cfg.input_grad:   # no ∂L/∂X asked for
                 ids = _one_hot_ids(Xn)
                 Xn = Xn if ids is None else ids
             Hs, last, kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
@@ -239,22 +240,37 @@ class _Function(torch.autograd.Function):
             last = last if cfg.cell == "lstm" else (last,)
             # the arrays' reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
             outs = (place.tensor(Hs),) + tuple(place.tensor(s.reshape(cfg.L, B, cfg.H)) for s in last)
-        ctx.cfg, ctx.kept = cfg, kept                # P and X as the forward validated them
-        ctx.save_for_backward(X, h0, c0, *weights)   # torch refuses the backward if one changed since
+        cfg.kept = kept                              # P and X as the forward validated them
         return outs
 
     @staticmethod
-    @once_differentiable
+    def setup_context(ctx, inputs, output):
+        cfg, X, h0, c0, *weights = inputs
+        ctx.set_materialize_grads(False)
+        ctx.cfg, ctx.kept = cfg, cfg.kept             # (torch.func may set up more than one context)
+        ctx.save_for_backward(X, h0, c0, *weights)   # torch refuses the backward if one changed since
+
+    @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
-        cfg = ctx.cfg
         X, h0, c0, *weights = ctx.saved_tensors
-        needs = ctx.needs_input_grad                         # (cfg, X, h0, c0, *weights)
+        return (None,) + _Gradients.apply(ctx.cfg, ctx.kept, ctx.needs_input_grad, X, h0, c0, weights[0],
+                                          d_out, d_hn, d_cn)
+
+
+class _Gradients(torch.autograd.Function):
+    """_Function's backward: (dX, dh0, dc0, *weight gradients) from the gradients of its outputs,
+    one fastbptt backward from what the forward kept.  A Function of its own, so that torch.func's
+    transforms (``torch.func.grad``) hand its numpy and numba calls plain tensors; it has no
+    backward of its own (no double backward)."""
+
+    @staticmethod
+    def forward(cfg, kept, needs, X, h0, c0, like, d_out, d_hn, d_cn):
         T, B = X.shape[:2]
         L, H = cfg.L, cfg.H
         want_dx = bool(needs[1]) and X.is_floating_point()
         place = cfg.place
         with place.running():
-            zeros = lambda shape: place.array(weights[0].new_zeros(shape))          # noqa: E731
+            zeros = lambda shape: place.array(like.new_zeros(shape))          # noqa: E731
             # the direct terms: d output[t]; d h_n (and d c_n) of every layer join them at t = T
             dHs = zeros((T, B, H)) if d_out is None else place.array(d_out)      # fastbptt copies it
             ends = (d_hn, d_cn) if cfg.cell == "lstm" else (d_hn,)
@@ -262,7 +278,7 @@ class _Function(torch.autograd.Function):
             if any(_nonzero(d) for d in ends):
                 dh_T = tuple(zeros((L, B, H)) if d is None else place.array(d) for d in ends)
                 dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
-            g = api.kept_backward(ctx.kept, dHs, activation=cfg.act, truncation=cfg.truncation,
+            g = api.kept_backward(kept, dHs, activation=cfg.act, truncation=cfg.truncation,
                                   input_grad=want_dx, dh_T=dh_T)
 
             t = place.tensor
@@ -281,7 +297,16 @@ class _Function(torch.autograd.Function):
                     layer += [db, dbhh]
                 grads += layer
         grads = [gr if need else None for gr, need in zip(grads, needs[4:])]
-        return (None, dX, dh0, dc0, *grads)
+        return (dX, dh0, dc0, *grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fastbptt.torch: its gradients are not differentiable again (no double backward, "
+                           "no create_graph=True through it)")
 
 
 def _check_truncation(truncation):
@@ -371,7 +396,8 @@ class _Bridge:
             if s is not None and s.dtype != wdt:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")
         X = input.transpose(0, 1) if self.batch_first else input
-        cfg = _Config(cell, act, self.num_layers, self.hidden_size, self.bias, truncation, place)
+        cfg = _Config(cell, act, self.num_layers, self.hidden_size, self.bias, truncation, place,
+                      input.requires_grad and torch.is_grad_enabled())
         out = _Function.apply(cfg, X, h0, c0, *weights)
         output, h_n = out[0], out[1:]
         if self.batch_first:

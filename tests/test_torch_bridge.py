@@ -292,6 +292,26 @@ def test_under_torch_compile(kind):
         torch.testing.assert_close(a.grad, b.grad, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_under_torch_func_grad(kind):
+    """torch.func.grad of a loss through functional_call: every parameter's and the input's
+    gradient equal torch.nn's; a second backward (create_graph) says it is not supported"""
+    from torch.func import functional_call, grad
+    m, r = pair(kind, 2)
+    X = inputs(2, False, torch.float64, m, False)[0]
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss(mod):
+        return lambda p, x: torch.tanh(functional_call(mod, p, (x,))[0]).sum()
+    for argnums in (0, 1):
+        got, want = grad(loss(m), argnums)(params, X), grad(loss(r), argnums)(params, X)
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    X = X.clone().requires_grad_()
+    gx, = torch.autograd.grad(torch.tanh(m(X)[0]).sum(), X, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
