@@ -35,7 +35,9 @@ Not supported (each raises ``NotImplementedError`` naming it, never a wrong answ
 mode (eval mode is fine: torch applies no dropout there either), ``PackedSequence`` input,
 tensors neither on the CPU nor on a CUDA GPU.  Parameters must be float32 or float64 (the compute
 dtype).  The gradients are not differentiable again (a second backward raises ``RuntimeError``);
-``torch.func.grad`` works, ``torch.func.vmap`` does not.
+``torch.func.grad`` works, ``torch.func.vmap`` does not.  ``torch.export`` and TorchScript
+(``torch.jit.script``/``trace``, ONNX) raise ``NotImplementedError``: export the ``torch.nn``
+module with the same state_dict instead.
 """
 from __future__ import annotations
 
@@ -318,6 +320,17 @@ def _check_truncation(truncation):
                     f"got {truncation!r}")
 
 
+def _no_torchscript(name):
+    return (f"fastbptt.torch.{name}: torch.export and TorchScript (torch.jit.script, torch.jit.trace, the ONNX "
+            f"export) cannot hold fastbptt's kernels; load this module's state_dict into torch.nn.{name} to export it")
+
+
+def _exporting():
+    """whether torch.export is tracing the model (torch >= 2.3 says so)"""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 class _Bridge:
     """forward of torch.nn.RNN/GRU/LSTM by fastbptt; mixed in before the torch.nn class"""
 
@@ -330,6 +343,9 @@ class _Bridge:
         if getattr(self, "proj_size", 0):
             raise NotImplementedError(f"fastbptt.torch.{name}: proj_size={self.proj_size} is not supported yet; "
                                       f"use torch.nn.{name}")
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(_no_torchscript(type(self).__name__))
 
     def _fastbptt_weights(self):
         names = []
@@ -344,6 +360,8 @@ class _Bridge:
         name = type(self).__name__
         cell, act = _MODES[self.mode]
         lstm = cell == "lstm"
+        if torch.jit.is_tracing() or _exporting():
+            raise NotImplementedError(_no_torchscript(name))
         if isinstance(input, PackedSequence):
             raise NotImplementedError(f"fastbptt.torch.{name}: PackedSequence input is not supported yet; pad it "
                                       f"(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.{name}")

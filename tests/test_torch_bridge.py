@@ -517,6 +517,13 @@ def test_not_implemented():
         ft.RNN(D, H, device="meta")(torch.randn(T, B, D, device="meta"))
     with pytest.raises(TypeError, match="truncation"):
         m(X, truncation=5)
+    with pytest.raises(NotImplementedError, match="TorchScript"):
+        torch.jit.script(m)
+    with pytest.raises(NotImplementedError, match="TorchScript"):
+        torch.jit.trace(m, (X,))
+    if hasattr(torch.compiler, "is_exporting"):
+        with pytest.raises(NotImplementedError, match="torch.export"):
+            torch.export.export(m, (X,))
 
 
 def test_torch_nn_errors_kept():
