@@ -30,14 +30,17 @@ without building the one-hot.  A one-hot float input that needs no gradient (the
 concise models) is found as such on the CPU and runs as its ids: a row gather instead of the
 input product, a scatter-add instead of ∂W_xh's product.
 
-Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
-``bidirectional=True``, the LSTM's ``proj_size > 0``, inter-layer ``dropout > 0`` in training
-mode (eval mode is fine: torch applies no dropout there either), ``PackedSequence`` input,
-tensors neither on the CPU nor on a CUDA GPU.  Parameters must be float32 or float64 (the compute
-dtype).  The gradients are not differentiable again (a second backward raises ``RuntimeError``);
-``torch.func.grad`` works, ``torch.func.vmap`` does not.  ``torch.export`` and TorchScript
-(``torch.jit.script``/``trace``, ONNX) raise ``NotImplementedError``: export the ``torch.nn``
-module with the same state_dict instead.
+``bidirectional=True`` and ``dropout`` between layers in training mode run the stack a layer and
+a direction at a time, joined by torch as torch.nn joins them (``_Bridge._by_layer``); the
+dropout masks are torch's own draws, so from the same seed the results are torch.nn's.
+
+Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): the LSTM's
+``proj_size > 0``, ``PackedSequence`` input, tensors neither on the CPU nor on a CUDA GPU.
+Parameters must be float32 or float64 (the compute dtype).  The gradients are not
+differentiable again (a second backward raises ``RuntimeError``); ``torch.func.grad`` works,
+``torch.func.vmap`` does not.  ``torch.export`` and TorchScript (``torch.jit.script``/``trace``,
+ONNX) raise ``NotImplementedError``: export the ``torch.nn`` module with the same state_dict
+instead.
 """
 from __future__ import annotations
 
@@ -337,9 +340,6 @@ class _Bridge:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         name = type(self).__name__
-        if self.bidirectional:
-            raise NotImplementedError(f"fastbptt.torch.{name}: bidirectional=True is not supported yet; "
-                                      f"use torch.nn.{name}")
         if getattr(self, "proj_size", 0):
             raise NotImplementedError(f"fastbptt.torch.{name}: proj_size={self.proj_size} is not supported yet; "
                                       f"use torch.nn.{name}")
@@ -347,13 +347,39 @@ class _Bridge:
     def __prepare_scriptable__(self):
         raise NotImplementedError(_no_torchscript(type(self).__name__))
 
-    def _fastbptt_weights(self):
-        names = []
-        for l in range(self.num_layers):
-            names += [f"weight_ih_l{l}", f"weight_hh_l{l}"]
-            if self.bias:
-                names += [f"bias_ih_l{l}", f"bias_hh_l{l}"]
+    def _layer_weights(self, l, d=0):
+        """layer l's parameters of direction d (1: the reverse one), in _Function's order"""
+        sfx = "_reverse" if d else ""
+        names = [f"weight_ih_l{l}{sfx}", f"weight_hh_l{l}{sfx}"]
+        if self.bias:
+            names += [f"bias_ih_l{l}{sfx}", f"bias_hh_l{l}{sfx}"]
         return [getattr(self, n) for n in names]
+
+    def _fastbptt_weights(self):
+        return [w for l in range(self.num_layers) for d in range(1 + self.bidirectional)
+                for w in self._layer_weights(l, d)]
+
+    def _by_layer(self, X, h0, c0, config):
+        """(output, h_n[, c_n]) of the stack a layer and a direction at a time, torch joining
+        them as torch.nn does: the reverse direction runs on its input reversed in time, a layer
+        reads the directions of the one below concatenated, with dropout between layers in
+        training mode.  config(x): the _Config of one layer and direction on input x."""
+        D = 1 + self.bidirectional
+        states = []                              # per layer and direction: (h_n,) or (h_n, c_n), (1,B,H)
+        x = X
+        for l in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                i = l * D + d
+                xd = x.flip(0) if d else x
+                s0 = [None if s is None else s[i:i + 1] for s in (h0, c0)]
+                out = _Function.apply(config(xd), xd, *s0, *self._layer_weights(l, d))
+                outs.append(out[0].flip(0) if d else out[0])
+                states.append(out[1:])
+            x = torch.cat(outs, 2) if D > 1 else outs[0]
+            if self.training and self.dropout > 0 and l < self.num_layers - 1:
+                x = torch.nn.functional.dropout(x, self.dropout, training=True)
+        return (x,) + tuple(torch.cat(s, 0) for s in zip(*states))
 
     @_eager
     def forward(self, input, hx=None, *, truncation=None):
@@ -366,9 +392,6 @@ class _Bridge:
             raise NotImplementedError(f"fastbptt.torch.{name}: PackedSequence input is not supported yet; pad it "
                                       f"(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.{name}")
         truncation = _check_truncation(truncation)
-        if self.dropout > 0 and self.num_layers > 1 and self.training:
-            raise NotImplementedError(f"fastbptt.torch.{name}: dropout={self.dropout} between layers in training "
-                                      f"mode is not supported yet; use dropout=0 (or eval mode)")
         weights = self._fastbptt_weights()
         place = _place([input, *weights] + ([] if hx is None else list(hx) if lstm else [hx]), name)
         wdt = weights[0].dtype
@@ -386,7 +409,7 @@ class _Bridge:
         if not batched:
             input = input.unsqueeze(batch_dim)
         B = input.shape[batch_dim]
-        expected = (self.num_layers, B, self.hidden_size)
+        expected = (self.num_layers * (1 + self.bidirectional), B, self.hidden_size)
         h0 = c0 = None
         if hx is not None:
             if lstm:
@@ -414,9 +437,14 @@ class _Bridge:
             if s is not None and s.dtype != wdt:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")
         X = input.transpose(0, 1) if self.batch_first else input
-        cfg = _Config(cell, act, self.num_layers, self.hidden_size, self.bias, truncation, place,
-                      input.requires_grad and torch.is_grad_enabled())
-        out = _Function.apply(cfg, X, h0, c0, *weights)
+
+        def config(x, L=1):
+            return _Config(cell, act, L, self.hidden_size, self.bias, truncation, place,
+                           x.requires_grad and torch.is_grad_enabled())
+        if self.bidirectional or (self.training and self.dropout > 0 and self.num_layers > 1):
+            out = self._by_layer(X, h0, c0, config)
+        else:                                    # the whole stack in one call each way
+            out = _Function.apply(config(X, self.num_layers), X, h0, c0, *weights)
         output, h_n = out[0], out[1:]
         if self.batch_first:
             output = output.transpose(0, 1).contiguous()

@@ -312,6 +312,70 @@ def test_under_torch_func_grad(kind):
         gx.sum().backward()
 
 
+def both_ways(kind, L, dtype=torch.float64, batch_first=False, bias=True, with_hx=True, seed=2):
+    """(bridge, torch.nn) bidirectional, X, hx (2L layers of state) and the loss's weights"""
+    m, r = pair(kind, L, dtype, batch_first=batch_first, bias=bias, bidirectional=True)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn((B, T, D) if batch_first else (T, B, D), dtype=dtype, generator=g)
+    hx = None
+    if with_hx:
+        hs = [torch.randn(2 * L, B, H, dtype=dtype, generator=g) * 0.5 for _ in range(1 + is_lstm(m))]
+        hx = tuple(hs) if is_lstm(m) else hs[0]
+    Wo = torch.randn(X.shape[:2] + (2 * H,), dtype=dtype, generator=g)
+    Wh = torch.randn(2 * L, B, H, dtype=dtype, generator=g)
+    return m, r, X, hx, Wo, Wh
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_bidirectional_same_as_torch_nn(kind, L, dtype):
+    """bidirectional=True: outputs (T,B,2H), states (2L,B,H) and every gradient equal torch.nn's,
+    for batch_first, bias and hx each on and off; the loss reads output and h_n"""
+    for batch_first, bias, with_hx in itertools.product((False, True), repeat=3):
+        m, r, X, hx, Wo, Wh = both_ways(kind, L, dtype, batch_first, bias, with_hx)
+        assert_same(run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh), dtype)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_bidirectional_ids_unbatched_and_truncation(kind):
+    """bidirectional with token ids (equal to their one-hot), unbatched input and state, and
+    Truncated(T) equal to full BPTT while Truncated(1) is not"""
+    m, r, X, hx, Wo, Wh = both_ways(kind, 2)
+    ids = torch.randint(0, D, (T, B), generator=torch.Generator().manual_seed(4))
+    one_hot = torch.nn.functional.one_hot(ids, D).to(torch.float64)
+    out, hn, grads = run(r, one_hot, hx, Wo, Wh)
+    assert_same(run(m, ids, hx, Wo, Wh), (out, hn, grads[1:]), torch.float64)     # (no ids gradient)
+    single = (lambda s: s[:, 0]) if kind != "lstm" else (lambda s: tuple(x[:, 0] for x in s))
+    got, want = m(X[:, 0], single(hx)), r(X[:, 0], single(hx))
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float64])
+    full = run(m, X, hx, Wo, Wh)
+    assert_same(run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(T)), full, torch.float64)
+    one = run(m, X, hx, Wo, Wh, truncation=fastbptt.Truncated(1))
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(one[2], full[2]))
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_dropout_between_layers_in_training(kind, bidirectional):
+    """dropout between layers in training mode draws torch.nn's masks from the same seed, so the
+    outputs and every gradient equal torch.nn's; no dropout after the last layer"""
+    m, r = pair(kind, 3, dropout=0.4, bidirectional=bidirectional)
+    X = torch.randn(T, B, D, dtype=torch.float64)
+    results = []
+    for mod in (m, r):
+        torch.manual_seed(11)
+        out, _ = mod(X)
+        grads = torch.autograd.grad(torch.tanh(out).sum(), list(mod.parameters()))
+        results.append((out, grads))
+    (o1, g1), (o2, g2) = results
+    torch.testing.assert_close(o1, o2, **TOL[torch.float64])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    torch.manual_seed(12)
+    assert not torch.allclose(m(X)[0], o1)                          # another seed, other masks
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
@@ -501,16 +565,10 @@ def test_bias_false_has_no_biases():
 
 # ------------------------------------------------------------------ not supported
 def test_not_implemented():
-    with pytest.raises(NotImplementedError, match="bidirectional"):
-        ft.GRU(D, H, bidirectional=True)
     with pytest.raises(NotImplementedError, match="proj_size"):
         ft.LSTM(D, H, proj_size=2)
-    m = ft.GRU(D, H, 2, dropout=0.3)
+    m = ft.GRU(D, H, 2, dropout=0.3).eval()
     X = torch.randn(T, B, D)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        m(X)
-    m.eval()
-    m(X)                                                           # eval: no dropout, fine
     with pytest.raises(NotImplementedError, match="PackedSequence"):
         m(torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2]))
     with pytest.raises(NotImplementedError, match="CPU"):

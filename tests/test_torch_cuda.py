@@ -93,6 +93,24 @@ def test_cuda_path_same_as_cpu_path(kind, monkeypatch):
         assert_same(got, cpu, torch.float32)
 
 
+@sim_only
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_cuda_path_bidirectional_with_dropout(kind, monkeypatch):
+    """bidirectional, two layers, dropout between them in training mode (the same seed): the
+    same as the bridge's CPU path"""
+    m, _ = pair(kind, 2, bidirectional=True, dropout=0.3)
+    X = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Wo = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.manual_seed(5)
+    cpu = run(m, X, None, Wo, None)
+    with monkeypatch.context() as mp:
+        places = use_sim(mp)
+        torch.manual_seed(5)
+        got = run(m, X, None, Wo, None)
+    assert places, "the CUDA path did not run"
+    assert_same(got, cpu, torch.float64)
+
+
 # ----------------------------------------------------------------- a real GPU
 @pytest.fixture
 def no_tf32(monkeypatch):
