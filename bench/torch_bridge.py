@@ -8,7 +8,10 @@
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
     (no one-hot: its extension beyond torch.nn);
-(b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32.
+(b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32;
+(c) with ``--only bidir-gru,bidir-lstm,dropout-lstm``: two layers of T=35, B=32, D=H=256, dense
+    input, bidirectional or with dropout 0.3 between the layers in training mode (the bridge's
+    layer-and-direction-at-a-time path), loss = output.sum().
 
 With ``--before PATH`` (an earlier checkout, e.g. ``git worktree add /tmp/before REV``) its
 package, copied as ``fastbptt_before``, runs as one more system ("before") beside the others.
@@ -96,6 +99,26 @@ def deepbench_case(device):
     return models, step
 
 
+def stack_case(kind, device, **kw):
+    T, B, D, H = 35, 32, 256, 256
+    torch.manual_seed(0)
+    ours, theirs = getattr(ft, kind)(D, H, 2, **kw), getattr(nn, kind)(D, H, 2, **kw)
+    theirs.load_state_dict(ours.state_dict())
+    models = {"torch.nn": theirs, "fastbptt.torch": ours}
+    if BEFORE:
+        models["before"] = getattr(BEFORE, kind)(D, H, 2, **kw)
+        models["before"].load_state_dict(ours.state_dict())
+    for m in models.values():
+        m.to(device)
+    X = torch.randn(T, B, D, device=device)
+
+    def step(m):
+        m.zero_grad()
+        out, _ = m(X)
+        out.sum().backward()
+    return models, step
+
+
 def kernels(name, models, step, rounds):
     """fastbptt.torch's step alone: ms per step in each engine kernel, the API calls, and the
     page faults per step (resource's ru_minflt)"""
@@ -164,7 +187,10 @@ def main():
         BEFORE = importlib.import_module("fastbptt_before.torch")
     torch.set_num_threads(numba.get_num_threads())
     cases = {"d2l-gru": lambda: d2l_case("GRU", a.device), "d2l-lstm": lambda: d2l_case("LSTM", a.device),
-             "deepbench-lstm": lambda: deepbench_case(a.device)}
+             "deepbench-lstm": lambda: deepbench_case(a.device),
+             "bidir-gru": lambda: stack_case("GRU", a.device, bidirectional=True),
+             "bidir-lstm": lambda: stack_case("LSTM", a.device, bidirectional=True),
+             "dropout-lstm": lambda: stack_case("LSTM", a.device, dropout=0.3)}
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}")
     for name in a.only.split(","):
