@@ -45,6 +45,7 @@ instead.
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 try:
     import torch
@@ -442,6 +443,10 @@ class _Bridge:
             return _Config(cell, act, L, self.hidden_size, self.bias, truncation, place,
                            x.requires_grad and torch.is_grad_enabled())
         if self.bidirectional or (self.training and self.dropout > 0 and self.num_layers > 1):
+            if isinstance(truncation, Randomized) and not isinstance(truncation.seed, numbers.Integral):
+                # one draw for the call: every layer's ξ_t the same, as the stack in one call has it
+                seed = int(np.random.default_rng(truncation.seed).integers(1 << 62))
+                truncation = Randomized(truncation.p, seed)
             out = self._by_layer(X, h0, c0, config)
         else:                                    # the whole stack in one call each way
             out = _Function.apply(config(X, self.num_layers), X, h0, c0, *weights)

@@ -376,6 +376,23 @@ def test_dropout_between_layers_in_training(kind, bidirectional):
     assert not torch.allclose(m(X)[0], o1)                          # another seed, other masks
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_layer_by_layer_randomized_is_the_stacks(kind):
+    """Randomized on the layer-by-layer path (dropout between layers, of a vanishing p here)
+    scales every layer's crossing at step t by the same ξ_t, as the stack in one call does"""
+    m, r = pair(kind, 3, dropout=1e-12)
+    X, hx, Wo, Wh = inputs(3, False, torch.float64, m, True)
+    tr = fastbptt.Randomized(0.5, seed=3)
+    by_layer = run(m, X, hx, Wo, Wh, truncation=tr)
+    # a Generator (or None) is drawn from once per call, not once per layer
+    drawn = int(np.random.default_rng(np.random.default_rng(8)).integers(1 << 62))
+    by_layer_gen = run(m, X, hx, Wo, Wh, truncation=fastbptt.Randomized(0.5, seed=np.random.default_rng(8)))
+    m.eval()                                                      # eval: the stack in one call
+    assert_same(by_layer, run(m, X, hx, Wo, Wh, truncation=tr), torch.float64)
+    assert_same(by_layer_gen, run(m, X, hx, Wo, Wh, truncation=fastbptt.Randomized(0.5, seed=drawn)),
+                torch.float64)
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
