@@ -30,12 +30,15 @@ without building the one-hot.  A one-hot float input that needs no gradient (the
 concise models) is found as such on the CPU and runs as its ids: a row gather instead of the
 input product, a scatter-add instead of ∂W_xh's product.
 
-``bidirectional=True`` and ``dropout`` between layers in training mode run the stack a layer and
-a direction at a time, joined by torch as torch.nn joins them (``_Bridge._by_layer``); the
-dropout masks are torch's own draws, so from the same seed the results are torch.nn's.
+``bidirectional=True``, ``dropout`` between layers in training mode and ``PackedSequence`` input run
+the stack a layer and a direction at a time, joined by torch as torch.nn joins them
+(``_Bridge._by_layer``); the dropout masks are torch's own draws, so from the same seed the results
+are torch.nn's.  A PackedSequence runs a call per run of steps in which no sequence ends
+(``_by_lengths``), each sequence from its own first step to its own last.
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): the LSTM's
-``proj_size > 0``, ``PackedSequence`` input, tensors neither on the CPU nor on a CUDA GPU.
+``proj_size > 0``, ``truncation=`` with PackedSequence input, tensors neither on the CPU nor on
+a CUDA GPU.
 Parameters must be float32 or float64 (the compute dtype).  The gradients are not
 differentiable again (a second backward raises ``RuntimeError``); ``torch.func.grad`` works,
 ``torch.func.vmap`` does not.  ``torch.export`` and TorchScript (``torch.jit.script``/``trace``,
@@ -53,7 +56,7 @@ except ImportError as e:                                   # pragma: no cover - 
     raise ImportError(f"fastbptt.torch needs PyTorch: pip install fastbptt[torch] ({e})") from e
 
 import numpy as np
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import api
 from ._model import key as _key
@@ -335,6 +338,38 @@ def _exporting():
     return bool(is_exporting and is_exporting())
 
 
+def _gather_steps(x, index):
+    """x (T,B,...) with step index[t, b] of sequence b at step t"""
+    index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape)
+    return x.gather(0, index)
+
+
+def _by_lengths(x, s0, weights, config, lengths):
+    """(output (T,B,H), h_n (1,B,H)[, c_n]) of one layer and direction on sequences of the
+    given lengths (descending; x past each length is not read): a _Function call per run of
+    steps in which no sequence ends, on the sequences still running, from the states the last
+    run left them in; each sequence's last state is its state at its own last step, and its
+    output past its length is zero"""
+    T, B = x.shape[:2]
+    state, outs, ends = list(s0), [], []
+    t0, active = 0, B
+    while active:
+        t1 = lengths[active - 1]                       # the shortest running sequence ends here
+        xs = x[t0:t1, :active]
+        out = _Function.apply(config(xs), xs, *[None if s is None else s[:, :active] for s in state], *weights)
+        o = out[0]
+        if active < B:
+            o = torch.cat([o, o.new_zeros((t1 - t0, B - active) + o.shape[2:])], 1)
+        outs.append(o)
+        running = active
+        while running and lengths[running - 1] == t1:
+            running -= 1
+        ends.append(tuple(s[:, running:active] for s in out[1:]))
+        state = [s[:, :running] for s in out[1:]] + [None] * (2 - len(out[1:]))
+        t0, active = t1, running
+    return (torch.cat(outs, 0),) + tuple(torch.cat(s[::-1], 1) for s in zip(*ends))
+
+
 class _Bridge:
     """forward of torch.nn.RNN/GRU/LSTM by fastbptt; mixed in before the torch.nn class"""
 
@@ -360,26 +395,44 @@ class _Bridge:
         return [w for l in range(self.num_layers) for d in range(1 + self.bidirectional)
                 for w in self._layer_weights(l, d)]
 
-    def _by_layer(self, X, h0, c0, config):
+    def _by_layer(self, X, h0, c0, config, lengths=None):
         """(output, h_n[, c_n]) of the stack a layer and a direction at a time, torch joining
         them as torch.nn does: the reverse direction runs on its input reversed in time, a layer
         reads the directions of the one below concatenated, with dropout between layers in
-        training mode.  config(x): the _Config of one layer and direction on input x."""
+        training mode.  config(x): the _Config of one layer and direction on input x.  With
+        ``lengths`` (sorted descending: a PackedSequence's), each sequence runs its own steps
+        (_by_lengths), reversed within them for the reverse direction."""
         D = 1 + self.bidirectional
         states = []                              # per layer and direction: (h_n,) or (h_n, c_n), (1,B,H)
+        if lengths is not None and D > 1:
+            T, B = X.shape[:2]
+            t = torch.arange(T).unsqueeze(1)
+            rev = torch.where(t < lengths, lengths - 1 - t, t).to(X.device)   # (T,B): its own steps reversed
         x = X
         for l in range(self.num_layers):
             outs = []
             for d in range(D):
                 i = l * D + d
-                xd = x.flip(0) if d else x
+                if d:
+                    xd = x.flip(0) if lengths is None else _gather_steps(x, rev)
+                else:
+                    xd = x
                 s0 = [None if s is None else s[i:i + 1] for s in (h0, c0)]
-                out = _Function.apply(config(xd), xd, *s0, *self._layer_weights(l, d))
-                outs.append(out[0].flip(0) if d else out[0])
+                w = self._layer_weights(l, d)
+                out = (_Function.apply(config(xd), xd, *s0, *w) if lengths is None else
+                       _by_lengths(xd, s0, w, config, lengths.tolist()))
+                if d:
+                    out = (out[0].flip(0) if lengths is None else _gather_steps(out[0], rev),) + tuple(out[1:])
+                outs.append(out[0])
                 states.append(out[1:])
             x = torch.cat(outs, 2) if D > 1 else outs[0]
             if self.training and self.dropout > 0 and l < self.num_layers - 1:
-                x = torch.nn.functional.dropout(x, self.dropout, training=True)
+                if lengths is None:
+                    x = torch.nn.functional.dropout(x, self.dropout, training=True)
+                else:                            # on the packed steps alone, as torch.nn draws them
+                    p = pack_padded_sequence(x, lengths)
+                    data = torch.nn.functional.dropout(p.data, self.dropout, training=True)
+                    x = pad_packed_sequence(PackedSequence(data, p.batch_sizes), total_length=x.shape[0])[0]
         return (x,) + tuple(torch.cat(s, 0) for s in zip(*states))
 
     @_eager
@@ -389,10 +442,18 @@ class _Bridge:
         lstm = cell == "lstm"
         if torch.jit.is_tracing() or _exporting():
             raise NotImplementedError(_no_torchscript(name))
-        if isinstance(input, PackedSequence):
-            raise NotImplementedError(f"fastbptt.torch.{name}: PackedSequence input is not supported yet; pad it "
-                                      f"(torch.nn.utils.rnn.pad_packed_sequence) or use torch.nn.{name}")
         truncation = _check_truncation(truncation)
+        packed, lengths = None, None
+        if isinstance(input, PackedSequence):
+            if truncation is not None:
+                raise NotImplementedError(f"fastbptt.torch.{name}: truncation= with PackedSequence input is not "
+                                          f"supported; pad the sequences and pass the padded input")
+            packed = input
+            input, lengths = pad_packed_sequence(packed)               # (T,B,...) sorted as the caller's
+            if packed.sorted_indices is not None:                      # ... and by length, as torch.nn runs them
+                input = input.index_select(1, packed.sorted_indices)
+                lengths = lengths[packed.sorted_indices.cpu()]
+        batch_first = self.batch_first and packed is None
         weights = self._fastbptt_weights()
         place = _place([input, *weights] + ([] if hx is None else list(hx) if lstm else [hx]), name)
         wdt = weights[0].dtype
@@ -406,7 +467,7 @@ class _Bridge:
         if input.dim() not in ((1, 2) if ids else (2, 3)):
             what = "token ids to be 1-D or 2-D" if ids else "input to be 2-D or 3-D"
             raise ValueError(f"{name}: Expected {what}, got {input.dim()}-D instead")
-        batch_dim = 0 if self.batch_first else 1
+        batch_dim = 0 if batch_first else 1
         if not batched:
             input = input.unsqueeze(batch_dim)
         B = input.shape[batch_dim]
@@ -427,7 +488,15 @@ class _Bridge:
             if not batched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if lstm else None
-        if ids:
+            if packed is not None and packed.sorted_indices is not None:
+                h0, c0 = (None if s is None else s.index_select(1, packed.sorted_indices) for s in (h0, c0))
+        if packed is not None:
+            if not ids:
+                self.check_input(packed.data, packed.batch_sizes)
+            for s in (h0, c0) if lstm else (h0,):
+                if s is not None:
+                    self.check_hidden_size(s, expected)
+        elif ids:
             for s in (h0, c0) if lstm else (h0,):
                 if s is not None:
                     self.check_hidden_size(s, expected)
@@ -437,12 +506,14 @@ class _Bridge:
         for s in (h0, c0):
             if s is not None and s.dtype != wdt:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")
-        X = input.transpose(0, 1) if self.batch_first else input
+        X = input.transpose(0, 1) if batch_first else input
 
         def config(x, L=1):
             return _Config(cell, act, L, self.hidden_size, self.bias, truncation, place,
                            x.requires_grad and torch.is_grad_enabled())
-        if self.bidirectional or (self.training and self.dropout > 0 and self.num_layers > 1):
+        if packed is not None:
+            out = self._by_layer(X, h0, c0, config, lengths)
+        elif self.bidirectional or (self.training and self.dropout > 0 and self.num_layers > 1):
             if isinstance(truncation, Randomized) and not isinstance(truncation.seed, numbers.Integral):
                 # one draw for the call: every layer's ξ_t the same, as the stack in one call has it
                 seed = int(np.random.default_rng(truncation.seed).integers(1 << 62))
@@ -451,7 +522,12 @@ class _Bridge:
         else:                                    # the whole stack in one call each way
             out = _Function.apply(config(X, self.num_layers), X, h0, c0, *weights)
         output, h_n = out[0], out[1:]
-        if self.batch_first:
+        if packed is not None:                   # the caller's packing, h_n in the caller's batch order
+            output = PackedSequence(pack_padded_sequence(output, lengths).data, packed.batch_sizes,
+                                    packed.sorted_indices, packed.unsorted_indices)
+            if packed.unsorted_indices is not None:
+                h_n = tuple(s.index_select(1, packed.unsorted_indices) for s in h_n)
+        elif batch_first:
             output = output.transpose(0, 1).contiguous()
         if not batched:
             output = output.squeeze(batch_dim)

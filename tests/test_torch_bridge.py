@@ -393,6 +393,77 @@ def test_layer_by_layer_randomized_is_the_stacks(kind):
                 torch.float64)
 
 
+def packed_run(m, X, lengths, hx, batch_first, enforce_sorted):
+    """(padded output, h_n, c_n or None, every gradient, the output PackedSequence) of a loss on
+    the packed output (position-weighted) and on h_n and c_n"""
+    X = X.detach().clone().requires_grad_(X.is_floating_point())
+    if hx is not None:
+        hx = tuple(s.detach().clone().requires_grad_() for s in hx) if is_lstm(m) else \
+            hx.detach().clone().requires_grad_()
+    p = torch.nn.utils.rnn.pack_padded_sequence(X, lengths, batch_first=batch_first, enforce_sorted=enforce_sorted)
+    out, hn = m(p, hx)
+    o, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first)
+    h_n, c_n = hn if is_lstm(m) else (hn, None)
+    w = torch.arange(o.numel(), dtype=o.dtype).reshape(o.shape) / o.numel()
+    loss = (torch.tanh(o) * w).sum() + (h_n * 1.7).sum() + (0 if c_n is None else (c_n * 0.3).sum())
+    leaves = [t for t in leaves_of(m, X, hx) if t.requires_grad]
+    return o, h_n, c_n, torch.autograd.grad(loss, leaves), out
+
+
+def leaves_of(m, X, hx):
+    return [X] + ([] if hx is None else list(hx) if is_lstm(m) else [hx]) + list(m.parameters())
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("L", [1, 2])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_sequence_same_as_torch_nn(kind, L, bidirectional):
+    """PackedSequence input, sorted or not, batch_first or not, with and without hx: the packed
+    output (its batch_sizes and indices), h_n (c_n) at each sequence's own last step, and
+    every gradient equal torch.nn's"""
+    m, r = pair(kind, L, bidirectional=bidirectional)
+    n = L * (1 + bidirectional)
+    for batch_first, with_hx, enforce_sorted in itertools.product((False, True), repeat=3):
+        lengths = [5, 5, 3, 2] if enforce_sorted else [3, 5, 2, 5]
+        g = torch.Generator().manual_seed(7)
+        X = torch.randn((4, 5, D) if batch_first else (5, 4, D), dtype=torch.float64, generator=g)
+        hx = None
+        if with_hx:
+            hs = [torch.randn(n, 4, H, dtype=torch.float64, generator=g) for _ in range(1 + is_lstm(m))]
+            hx = tuple(hs) if is_lstm(m) else hs[0]
+        got, want = (packed_run(mod, X, lengths, hx, batch_first, enforce_sorted) for mod in (m, r))
+        for a, b in zip(got[:3], want[:3]):
+            if b is not None:
+                torch.testing.assert_close(a, b, **TOL[torch.float64])
+        assert len(got[3]) == len(want[3])
+        for a, b in zip(got[3], want[3]):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+        po, pw = got[4], want[4]
+        assert torch.equal(po.batch_sizes, pw.batch_sizes)
+        for a, b in ((po.sorted_indices, pw.sorted_indices), (po.unsorted_indices, pw.unsorted_indices)):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_packed_sequence_ids_and_dropout(kind):
+    """packed token ids equal their packed one-hot; dropout between layers in training mode on
+    packed input draws torch.nn's masks from the same seed"""
+    m, r = pair(kind, 1, input_size=5)
+    ids = torch.randint(0, 5, (5, 3), generator=torch.Generator().manual_seed(1))
+    lengths = [5, 2, 4]
+    pack = torch.nn.utils.rnn.pack_padded_sequence
+    got = m(pack(ids, lengths, enforce_sorted=False))
+    want = r(pack(torch.nn.functional.one_hot(ids, 5).to(torch.float64), lengths, enforce_sorted=False))
+    torch.testing.assert_close(got[0].data, want[0].data, **TOL[torch.float64])
+    m, r = pair(kind, 3, dropout=0.4, bidirectional=True)
+    X = torch.randn(5, 3, D, dtype=torch.float64)
+    outs = []
+    for mod in (m, r):
+        torch.manual_seed(3)
+        outs.append(mod(pack(X, lengths, enforce_sorted=False))[0].data)
+    torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float64])
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
@@ -587,7 +658,7 @@ def test_not_implemented():
     m = ft.GRU(D, H, 2, dropout=0.3).eval()
     X = torch.randn(T, B, D)
     with pytest.raises(NotImplementedError, match="PackedSequence"):
-        m(torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2]))
+        m(torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2]), truncation=fastbptt.Truncated(2))
     with pytest.raises(NotImplementedError, match="CPU"):
         ft.RNN(D, H, device="meta")(torch.randn(T, B, D, device="meta"))
     with pytest.raises(TypeError, match="truncation"):

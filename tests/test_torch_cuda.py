@@ -111,6 +111,25 @@ def test_cuda_path_bidirectional_with_dropout(kind, monkeypatch):
     assert_same(got, cpu, torch.float64)
 
 
+@sim_only
+def test_cuda_path_packed_sequence(monkeypatch):
+    """a bidirectional LSTM on a PackedSequence (unsorted lengths): the same as the CPU path"""
+    m, _ = pair("lstm", 1, bidirectional=True)
+    X = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = torch.nn.utils.rnn.pack_padded_sequence(X, [2, 4, 3], enforce_sorted=False)
+
+    def go():
+        out, (h_n, c_n) = m(p)
+        grads = torch.autograd.grad(torch.tanh(out.data).sum() + h_n.sum() + c_n.sum(), list(m.parameters()))
+        return out.data, (h_n, c_n), list(grads)
+    cpu = go()
+    with monkeypatch.context() as mp:
+        places = use_sim(mp)
+        got = go()
+    assert places, "the CUDA path did not run"
+    assert_same(got, cpu, torch.float64)
+
+
 # ----------------------------------------------------------------- a real GPU
 @pytest.fixture
 def no_tf32(monkeypatch):
