@@ -9,9 +9,10 @@
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
     (no one-hot: its extension beyond torch.nn);
 (b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32;
-(c) with ``--only bidir-gru,bidir-lstm,dropout-lstm``: two layers of T=35, B=32, D=H=256, dense
-    input, bidirectional or with dropout 0.3 between the layers in training mode (the bridge's
-    layer-and-direction-at-a-time path), loss = output.sum().
+(c) with ``--only bidir-gru,bidir-lstm,dropout-lstm,packed-gru,packed-lstm``: two layers of T=35, B=32,
+    D=H=256, dense input, bidirectional, or with dropout 0.3 between the layers in training mode,
+    or one layer on a PackedSequence of 32 lengths drawn from 10..35 (the bridge's layer-and-
+    direction-at-a-time path), loss = the output's sum.
 
 With ``--before PATH`` (an earlier checkout, e.g. ``git worktree add /tmp/before REV``) its
 package, copied as ``fastbptt_before``, runs as one more system ("before") beside the others.
@@ -119,6 +120,24 @@ def stack_case(kind, device, **kw):
     return models, step
 
 
+def packed_case(kind, device):
+    T, B, D, H = 35, 32, 256, 256
+    torch.manual_seed(0)
+    ours, theirs = getattr(ft, kind)(D, H), getattr(nn, kind)(D, H)
+    theirs.load_state_dict(ours.state_dict())
+    models = {"torch.nn": theirs, "fastbptt.torch": ours}
+    for m in models.values():
+        m.to(device)
+    lengths = torch.randint(10, T + 1, (B,), generator=torch.Generator().manual_seed(1))
+    X = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, D, device=device), lengths, enforce_sorted=False)
+
+    def step(m):
+        m.zero_grad()
+        out, _ = m(X)
+        out.data.sum().backward()
+    return models, step
+
+
 def kernels(name, models, step, rounds):
     """fastbptt.torch's step alone: ms per step in each engine kernel, the API calls, and the
     page faults per step (resource's ru_minflt)"""
@@ -190,7 +209,9 @@ def main():
              "deepbench-lstm": lambda: deepbench_case(a.device),
              "bidir-gru": lambda: stack_case("GRU", a.device, bidirectional=True),
              "bidir-lstm": lambda: stack_case("LSTM", a.device, bidirectional=True),
-             "dropout-lstm": lambda: stack_case("LSTM", a.device, dropout=0.3)}
+             "dropout-lstm": lambda: stack_case("LSTM", a.device, dropout=0.3),
+             "packed-gru": lambda: packed_case("GRU", a.device),
+             "packed-lstm": lambda: packed_case("LSTM", a.device)}
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}")
     for name in a.only.split(","):

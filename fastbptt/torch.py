@@ -33,8 +33,9 @@ input product, a scatter-add instead of ∂W_xh's product.
 ``bidirectional=True``, ``dropout`` between layers in training mode and ``PackedSequence`` input run
 the stack a layer and a direction at a time, joined by torch as torch.nn joins them
 (``_Bridge._by_layer``); the dropout masks are torch's own draws, so from the same seed the results
-are torch.nn's.  A PackedSequence runs a call per run of steps in which no sequence ends
-(``_by_lengths``), each sequence from its own first step to its own last.
+are torch.nn's.  A PackedSequence gives each sequence the outputs and last state of its own steps:
+the RNN's and GRU's from one call over all steps, the LSTM's from a call per run of steps in which
+no sequence ends (``_by_lengths``).
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): the LSTM's
 ``proj_size > 0``, ``truncation=`` with PackedSequence input, tensors neither on the CPU nor on
@@ -339,8 +340,8 @@ def _exporting():
 
 
 def _gather_steps(x, index):
-    """x (T,B,...) with step index[t, b] of sequence b at step t"""
-    index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape)
+    """(N,B,...): step index[n, b] of x (T,B,...)'s sequence b at row n"""
+    index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(index.shape + x.shape[2:])
     return x.gather(0, index)
 
 
@@ -400,8 +401,11 @@ class _Bridge:
         them as torch.nn does: the reverse direction runs on its input reversed in time, a layer
         reads the directions of the one below concatenated, with dropout between layers in
         training mode.  config(x): the _Config of one layer and direction on input x.  With
-        ``lengths`` (sorted descending: a PackedSequence's), each sequence runs its own steps
-        (_by_lengths), reversed within them for the reverse direction."""
+        ``lengths`` (sorted descending: a PackedSequence's), each sequence's output and last state
+        are those of its own steps, reversed within them for the reverse direction: the RNN's and
+        GRU's from one call over all T steps (a step past a sequence's end changes none of its
+        earlier outputs, and none of those past it is read), the LSTM's by _by_lengths (its c_n
+        at each sequence's own end is no output of a call over all steps)."""
         D = 1 + self.bidirectional
         states = []                              # per layer and direction: (h_n,) or (h_n, c_n), (1,B,H)
         if lengths is not None and D > 1:
@@ -419,8 +423,13 @@ class _Bridge:
                     xd = x
                 s0 = [None if s is None else s[i:i + 1] for s in (h0, c0)]
                 w = self._layer_weights(l, d)
-                out = (_Function.apply(config(xd), xd, *s0, *w) if lengths is None else
-                       _by_lengths(xd, s0, w, config, lengths.tolist()))
+                if lengths is None:
+                    out = _Function.apply(config(xd), xd, *s0, *w)
+                elif self.mode == "LSTM":                  # c_n at each one's end: not among the outputs
+                    out = _by_lengths(xd, s0, w, config, lengths.tolist())
+                else:                                      # all T steps, h_n read off the output
+                    out = _Function.apply(config(xd), xd, *s0, *w)
+                    out = (out[0], _gather_steps(out[0], (lengths - 1).to(xd.device)[None]))
                 if d:
                     out = (out[0].flip(0) if lengths is None else _gather_steps(out[0], rev),) + tuple(out[1:])
                 outs.append(out[0])
