@@ -351,7 +351,7 @@ def _by_lengths(x, s0, weights, config, lengths):
     steps in which no sequence ends, on the sequences still running, from the states the last
     run left them in; each sequence's last state is its state at its own last step, and its
     output past its length is zero"""
-    T, B = x.shape[:2]
+    B = x.shape[1]
     state, outs, ends = list(s0), [], []
     t0, active = 0, B
     while active:
