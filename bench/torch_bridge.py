@@ -80,62 +80,31 @@ def d2l_case(kind, device):
     return models, step
 
 
-def deepbench_case(device):
-    T, B, D, H = 25, 64, 512, 512
+def dense_case(kind, device, T, B, D, H, num_layers=1, lengths=None, **kw):
+    """torch.nn's and fastbptt.torch's ``kind`` (and --before's) with the same weights on dense
+    input (T,B,D), packed with ``lengths`` when given; loss = the output's sum"""
     torch.manual_seed(0)
-    ours, theirs = ft.LSTM(D, H), nn.LSTM(D, H)
-    theirs.load_state_dict(ours.state_dict())
-    models = {"torch.nn": theirs, "fastbptt.torch": ours}
+    ours = getattr(ft, kind)(D, H, num_layers, **kw)
+    models = {"torch.nn": getattr(nn, kind)(D, H, num_layers, **kw), "fastbptt.torch": ours}
     if BEFORE:
-        models["before"] = BEFORE.LSTM(D, H)
-        models["before"].load_state_dict(ours.state_dict())
+        models["before"] = getattr(BEFORE, kind)(D, H, num_layers, **kw)
     for m in models.values():
+        m.load_state_dict(ours.state_dict())
         m.to(device)
     X = torch.randn(T, B, D, device=device)
+    if lengths is not None:
+        X = torch.nn.utils.rnn.pack_padded_sequence(X, lengths, enforce_sorted=False)
 
     def step(m):
         m.zero_grad()
         out, _ = m(X)
-        out.sum().backward()
+        (out if lengths is None else out.data).sum().backward()
     return models, step
 
 
-def stack_case(kind, device, **kw):
-    T, B, D, H = 35, 32, 256, 256
-    torch.manual_seed(0)
-    ours, theirs = getattr(ft, kind)(D, H, 2, **kw), getattr(nn, kind)(D, H, 2, **kw)
-    theirs.load_state_dict(ours.state_dict())
-    models = {"torch.nn": theirs, "fastbptt.torch": ours}
-    if BEFORE:
-        models["before"] = getattr(BEFORE, kind)(D, H, 2, **kw)
-        models["before"].load_state_dict(ours.state_dict())
-    for m in models.values():
-        m.to(device)
-    X = torch.randn(T, B, D, device=device)
-
-    def step(m):
-        m.zero_grad()
-        out, _ = m(X)
-        out.sum().backward()
-    return models, step
-
-
-def packed_case(kind, device):
-    T, B, D, H = 35, 32, 256, 256
-    torch.manual_seed(0)
-    ours, theirs = getattr(ft, kind)(D, H), getattr(nn, kind)(D, H)
-    theirs.load_state_dict(ours.state_dict())
-    models = {"torch.nn": theirs, "fastbptt.torch": ours}
-    for m in models.values():
-        m.to(device)
-    lengths = torch.randint(10, T + 1, (B,), generator=torch.Generator().manual_seed(1))
-    X = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(T, B, D, device=device), lengths, enforce_sorted=False)
-
-    def step(m):
-        m.zero_grad()
-        out, _ = m(X)
-        out.data.sum().backward()
-    return models, step
+def packed_lengths():
+    """32 lengths drawn from 10..35"""
+    return torch.randint(10, 36, (32,), generator=torch.Generator().manual_seed(1))
 
 
 def kernels(name, models, step, rounds):
@@ -206,12 +175,12 @@ def main():
         BEFORE = importlib.import_module("fastbptt_before.torch")
     torch.set_num_threads(numba.get_num_threads())
     cases = {"d2l-gru": lambda: d2l_case("GRU", a.device), "d2l-lstm": lambda: d2l_case("LSTM", a.device),
-             "deepbench-lstm": lambda: deepbench_case(a.device),
-             "bidir-gru": lambda: stack_case("GRU", a.device, bidirectional=True),
-             "bidir-lstm": lambda: stack_case("LSTM", a.device, bidirectional=True),
-             "dropout-lstm": lambda: stack_case("LSTM", a.device, dropout=0.3),
-             "packed-gru": lambda: packed_case("GRU", a.device),
-             "packed-lstm": lambda: packed_case("LSTM", a.device)}
+             "deepbench-lstm": lambda: dense_case("LSTM", a.device, 25, 64, 512, 512),
+             "bidir-gru": lambda: dense_case("GRU", a.device, 35, 32, 256, 256, 2, bidirectional=True),
+             "bidir-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, bidirectional=True),
+             "dropout-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, dropout=0.3),
+             "packed-gru": lambda: dense_case("GRU", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
+             "packed-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, lengths=packed_lengths())}
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}")
     for name in a.only.split(","):
