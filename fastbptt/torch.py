@@ -499,13 +499,9 @@ class _Bridge:
                 c0 = c0.unsqueeze(1) if lstm else None
             if packed is not None and packed.sorted_indices is not None:
                 h0, c0 = (None if s is None else s.index_select(1, packed.sorted_indices) for s in (h0, c0))
-        if packed is not None:
-            if not ids:
+        if packed is not None or ids:            # torch.nn's checks of a (T,B,D) input do not apply
+            if packed is not None and not ids:
                 self.check_input(packed.data, packed.batch_sizes)
-            for s in (h0, c0) if lstm else (h0,):
-                if s is not None:
-                    self.check_hidden_size(s, expected)
-        elif ids:
             for s in (h0, c0) if lstm else (h0,):
                 if s is not None:
                     self.check_hidden_size(s, expected)
