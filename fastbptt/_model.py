@@ -51,23 +51,25 @@ def forward(cell, run, X, state0, act):
     return lays
 
 
-def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None):
+def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None, dC=None):
     """(the parameter gradients of every layer, one tuple of state gradients per layer, ∂L/∂X
     or None) given the top layer's direct terms dH (T,B,H), overwritten.  k: Truncated(k)
     with k < T, or None for the sweeps with crossing factors xi (T,).  ``end``: one tuple
     per layer, the adjoints of the state at T from the steps after T (a range of a longer
-    sweep), or None."""
+    sweep), or None.  ``dC``: the direct terms of the top layer's c_t (T,B,H) (the LSTM's),
+    or None."""
     if k is not None:
-        return truncated(cell, run, X, lays, dH, act, k, want_dx, end)
+        return truncated(cell, run, X, lays, dH, act, k, want_dx, end, dC)
     grads, d0 = {}, [None] * run.L
     for l in reversed(range(run.L)):
+        top = {} if dC is None or l < run.L - 1 else {"dC": dC}
         g, d0[l], dH = cell.backward(run, l, _input(X, lays, l), lays[l], dH, act, xi,
-                                     l > 0 or want_dx, None if end is None else end[l])
+                                     l > 0 or want_dx, None if end is None else end[l], **top)
         grads.update(run.layer_keys(g, l))
     return grads, d0, dH
 
 
-def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None):
+def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None, dC=None):
     """Truncated(k), per loss term, through every layer.  The chains of all loss terms advance
     together one depth d = 0..k-1 at a time: at depth d the chain of term t sits at step
     s = t - d of every layer (rows s = 0..T-d-1).  Top layer first, each layer's chains get
@@ -75,10 +77,13 @@ def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None):
     of the layer below at the same step, and cross one step back: A[s-1] = dR[s] W_hhᵀ (with
     the cell's carry), the crossings from step 1 summing into the state's gradients.  Moving
     down a layer is not a time step.  ``end``: the adjoints of every layer's state at T join
-    the chains of step T (the last loss term's)."""
+    the chains of step T (the last loss term's); ``dC``, the top layer's direct terms of c,
+    start in the carry of the chains of their own steps."""
     T, L = run.T, run.L
     ch = [cell.chains(run, l, lays[l]) for l in range(L)]
     ch[-1].A[:] = dH
+    if dC is not None:
+        run.add(ch[-1].C, dC)
     for l in range(L if end is not None else 0):
         for chain, g in zip((ch[l].A, ch[l].C), end[l]):      # h, and the LSTM's c
             run.add(chain[T - 1], g)
@@ -145,10 +150,10 @@ def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
         return run.output(lays[-1].S), run.last_states(cell, lays), kept
 
 
-def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None):
+def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None, dC=None):
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
-    top layer's states S (T+1,B,H) and direct terms dH (overwritten), and ``end`` (one tuple
-    per layer: the adjoints of the last states, or None).  ``lays``: the records of
+    top layer's states S (T+1,B,H) and direct terms dH (overwritten), ``end`` (one tuple
+    per layer: the adjoints of the last states, or None) and the LSTM's dC (backward).  ``lays``: the records of
     rnn_forward(keep=True), which hold the states (S is then None); else one Elman layer uses
     S as it is, and other cells and stacks recompute their forward from X and state0."""
     with be.begin(P, X, "backward", cell, L) as run:
@@ -156,7 +161,8 @@ def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=Non
         if lays is None:
             S = run.given(S)
             lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
-        grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx, _given_end(run, end))
+        grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx, _given_end(run, end),
+                                 None if dC is None else run.given(dC))
         if dX is not None:
             grads["X"] = dX
         return run.results(grads), run.state_grads(d0)

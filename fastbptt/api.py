@@ -206,12 +206,25 @@ class _Kept:
         self.be, self.m, self.lays, self.stamp = be, m, lays, _stamp(m)
 
 
+def kept_cell_states(forward):
+    """c_1..c_T (T,B,H) of the top layer of an LSTM, from what ``rnn_forward(..., keep=True)``
+    kept: a new array, where rnn_forward's Hs is.  With :func:`kept_backward`'s ``dCs`` (their
+    gradients) the cell states are outputs a framework can differentiate: the PyTorch
+    bridge reads each sequence's c_n at its own last step of a PackedSequence this way."""
+    if not isinstance(forward, _Kept):
+        raise ValueError("forward: expected what rnn_forward(..., keep=True) returned")
+    if forward.m.cell != "lstm":
+        raise ValueError(f"forward: cell states are the LSTM's; this forward's cell is {forward.m.cell!r}")
+    return forward.be.copied(forward.lays[-1].C[1:], forward.m.P)
+
+
 def _stamp(m):
     return (m.cell, m.L, m.X.shape, m.H, m.dtype)
 
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
-                 device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None):
+                 device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None,
+                 dCs=None):
     """BPTT through the recurrent layers alone, for any head on top.
 
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
@@ -223,7 +236,9 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     ``forward`` or ``stored_states`` Hs is not read (its dtype and shape are checked).
     ``dh_T``: ∂L/∂ of the last state, in h_T's form ((B,H) or (num_layers,B,H); (dh_T, dc_T)
     for the LSTM), None for zeros: what flows in through the last states (an encoder's h_n
-    of every layer; with ``Truncated``, it joins step T's term).
+    of every layer; with ``Truncated``, it joins step T's term).  ``dCs`` (T,B,H), the LSTM's:
+    ∂L/∂c_t of the top layer's cell state at every step, beside dHs (each step's term of
+    c_t joins that step's loss term), None for zeros; not with ``stored_states``.
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
@@ -241,10 +256,10 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
                              "params, X and h0")
         lays = forward.lays
     Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
-    return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T)
+    return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs)
 
 
-def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None):
+def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None, dCs=None):
     """:func:`rnn_backward` (arguments and results as there) from ``forward``, what
     ``rnn_forward(..., keep=True)`` kept, for a caller that owns that forward's params, X and
     h0 and has not changed them since: a framework's autograd function (the PyTorch bridge:
@@ -254,18 +269,25 @@ def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_gra
         raise ValueError("forward: expected what rnn_forward(..., keep=True) returned")
     be, m = forward.be, forward.m
     _, dZ = _states_and_adjoints(be, None, dHs, m, stack=False, check_hs=False)
-    return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T)
+    return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T, dCs)
 
 
-def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T):
-    """rnn_backward's gradients from its validated inputs"""
+def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs):
+    """rnn_backward's gradients from its validated inputs (dCs not yet validated)"""
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
     act = _activation(activation, m.cell)
     end = None if dh_T is None else _states(be, dh_T, m.cell, m.L, m.B, m.H, m.dtype, ("dh_T", "dc_T"))[0]
+    if dCs is not None:
+        if m.cell != "lstm":
+            raise ValueError(f"dCs: the cell state's terms are the LSTM's; this model's cell is {m.cell!r}")
+        if stored is not None:
+            raise ValueError("dCs: not with stored_states (give the cell states' terms to a backward that "
+                             "keeps every state)")
+        dCs = _floats(be, "dCs", dCs, tuple(m.X.shape[:2]) + (m.H,), m.dtype)
     if stored is None:
         grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0, act, k, xi, m.L, want_dx,
-                                        lays, end)
+                                        lays, end, dCs)
     else:
         grads, d0 = _model.bounded_rnn_backward(be, m.module, m.P, m.X, dZ, m.state0, act, k, xi, m.L,
                                                 want_dx, stored, end)

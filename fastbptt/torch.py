@@ -33,13 +33,14 @@ input product, a scatter-add instead of ∂W_xh's product.
 ``bidirectional=True``, ``dropout`` between layers in training mode and ``PackedSequence`` input run
 the stack a layer and a direction at a time, joined by torch as torch.nn joins them
 (``_Bridge._by_layer``); the dropout masks are torch's own draws, so from the same seed the results
-are torch.nn's.  A PackedSequence gives each sequence the outputs and last state of its own steps:
-the RNN's and GRU's from one call over all steps, the LSTM's from a call per run of steps in which
-no sequence ends (``_by_lengths``).
+are torch.nn's.  A PackedSequence gives each sequence the outputs and last state of its own steps,
+from one call over all steps each way: h_n is read off the output at each sequence's last step,
+and the LSTM's c_n off its cell states there (``api.kept_cell_states``, whose gradient enters
+the backward at that step: ``kept_backward(dCs=)``).  With ``truncation=``, each sequence's
+terms are counted within its own steps, h_n's and c_n's joining its last step's term.
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): the LSTM's
-``proj_size > 0``, ``truncation=`` with PackedSequence input, tensors neither on the CPU nor on
-a CUDA GPU.
+``proj_size > 0``, tensors neither on the CPU nor on a CUDA GPU.
 Parameters must be float32 or float64 (the compute dtype).  The gradients are not
 differentiable again (a second backward raises ``RuntimeError``); ``torch.func.grad`` works,
 ``torch.func.vmap`` does not.  ``torch.export`` and TorchScript (``torch.jit.script``/``trace``,
@@ -77,9 +78,10 @@ _FLOATS = (torch.float32, torch.float64)
 class _Config:
     """what the Function needs besides tensors"""
 
-    def __init__(self, cell, act, L, H, bias, truncation, place, input_grad):
+    def __init__(self, cell, act, L, H, bias, truncation, place, input_grad, cell_states=False):
         self.cell, self.act, self.L, self.H, self.bias, self.truncation = cell, act, L, H, bias, truncation
         self.place, self.input_grad = place, input_grad      # input_grad: ∂L/∂X may be asked for
+        self.cell_states = cell_states                       # the LSTM's c_1..c_T an output too
         self.per_layer = 4 if bias else 2
         self.kept = None                                     # the forward's, for setup_context
 
@@ -230,8 +232,9 @@ def _nonzero(g):
 
 
 class _Function(torch.autograd.Function):
-    """(output (T,B,H), h_n (L,B,H)[, c_n]) = the stack on X (T,B,D) dense or (T,B) ids from
-    (h0, c0) (None: zeros), one fastbptt call each way.  The forward and its context apart
+    """(output (T,B,H), h_n (L,B,H)[, c_n][, the top layer's c_1..c_T (T,B,H) with
+    ``cfg.cell_states``]) = the stack on X (T,B,D) dense or (T,B) ids from (h0, c0) (None:
+    zeros), one fastbptt call each way.  The forward and its context apart
     (``setup_context``), as torch.func's transforms (``torch.func.grad``) need."""
 
     @staticmethod
@@ -250,6 +253,8 @@ class _Function(torch.autograd.Function):
             last = last if cfg.cell == "lstm" else (last,)
             # the arrays' reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
             outs = (place.tensor(Hs),) + tuple(place.tensor(s.reshape(cfg.L, B, cfg.H)) for s in last)
+            if cfg.cell_states:
+                outs += (place.tensor(api.kept_cell_states(kept)),)
         cfg.kept = kept                              # P and X as the forward validated them
         return outs
 
@@ -261,10 +266,10 @@ class _Function(torch.autograd.Function):
         ctx.save_for_backward(X, h0, c0, *weights)   # torch refuses the backward if one changed since
 
     @staticmethod
-    def backward(ctx, d_out, d_hn, d_cn=None):
+    def backward(ctx, d_out, d_hn, d_cn=None, d_cs=None):
         X, h0, c0, *weights = ctx.saved_tensors
         return (None,) + _Gradients.apply(ctx.cfg, ctx.kept, ctx.needs_input_grad, X, h0, c0, weights[0],
-                                          d_out, d_hn, d_cn)
+                                          d_out, d_hn, d_cn, d_cs)
 
 
 class _Gradients(torch.autograd.Function):
@@ -274,7 +279,7 @@ class _Gradients(torch.autograd.Function):
     backward of its own (no double backward)."""
 
     @staticmethod
-    def forward(cfg, kept, needs, X, h0, c0, like, d_out, d_hn, d_cn):
+    def forward(cfg, kept, needs, X, h0, c0, like, d_out, d_hn, d_cn, d_cs):
         T, B = X.shape[:2]
         L, H = cfg.L, cfg.H
         want_dx = bool(needs[1]) and X.is_floating_point()
@@ -288,8 +293,9 @@ class _Gradients(torch.autograd.Function):
             if any(_nonzero(d) for d in ends):
                 dh_T = tuple(zeros((L, B, H)) if d is None else place.array(d) for d in ends)
                 dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
+            dCs = None if d_cs is None else place.array(d_cs)
             g = api.kept_backward(kept, dHs, activation=cfg.act, truncation=cfg.truncation,
-                                  input_grad=want_dx, dh_T=dh_T)
+                                  input_grad=want_dx, dh_T=dh_T, dCs=dCs)
 
             t = place.tensor
             dX = t(g["X"]) if want_dx else None
@@ -345,32 +351,6 @@ def _gather_steps(x, index):
     return x.gather(0, index)
 
 
-def _by_lengths(x, s0, weights, config, lengths):
-    """(output (T,B,H), h_n (1,B,H)[, c_n]) of one layer and direction on sequences of the
-    given lengths (descending; x past each length is not read): a _Function call per run of
-    steps in which no sequence ends, on the sequences still running, from the states the last
-    run left them in; each sequence's last state is its state at its own last step, and its
-    output past its length is zero"""
-    B = x.shape[1]
-    state, outs, ends = list(s0), [], []
-    t0, active = 0, B
-    while active:
-        t1 = lengths[active - 1]                       # the shortest running sequence ends here
-        xs = x[t0:t1, :active]
-        out = _Function.apply(config(xs), xs, *[None if s is None else s[:, :active] for s in state], *weights)
-        o = out[0]
-        if active < B:
-            o = torch.cat([o, o.new_zeros((t1 - t0, B - active) + o.shape[2:])], 1)
-        outs.append(o)
-        running = active
-        while running and lengths[running - 1] == t1:
-            running -= 1
-        ends.append(tuple(s[:, running:active] for s in out[1:]))
-        state = [s[:, :running] for s in out[1:]] + [None] * (2 - len(out[1:]))
-        t0, active = t1, running
-    return (torch.cat(outs, 0),) + tuple(torch.cat(s[::-1], 1) for s in zip(*ends))
-
-
 class _Bridge:
     """forward of torch.nn.RNN/GRU/LSTM by fastbptt; mixed in before the torch.nn class"""
 
@@ -400,12 +380,12 @@ class _Bridge:
         """(output, h_n[, c_n]) of the stack a layer and a direction at a time, torch joining
         them as torch.nn does: the reverse direction runs on its input reversed in time, a layer
         reads the directions of the one below concatenated, with dropout between layers in
-        training mode.  config(x): the _Config of one layer and direction on input x.  With
-        ``lengths`` (sorted descending: a PackedSequence's), each sequence's output and last state
-        are those of its own steps, reversed within them for the reverse direction: the RNN's and
-        GRU's from one call over all T steps (a step past a sequence's end changes none of its
-        earlier outputs, and none of those past it is read), the LSTM's by _by_lengths (its c_n
-        at each sequence's own end is no output of a call over all steps)."""
+        training mode.  config(x, cell_states=False): the _Config of one layer and direction on
+        input x.  With ``lengths`` (sorted descending: a PackedSequence's), each sequence's output
+        and last state are those of its own steps, reversed within them for the reverse direction:
+        one call over all T steps each (a step past a sequence's end changes none of its earlier
+        outputs, and none of those past it is read, nor gets a gradient), h_n read off the output
+        at each sequence's last step, and the LSTM's c_n off its cell states there."""
         D = 1 + self.bidirectional
         states = []                              # per layer and direction: (h_n,) or (h_n, c_n), (1,B,H)
         if lengths is not None and D > 1:
@@ -423,13 +403,11 @@ class _Bridge:
                     xd = x
                 s0 = [None if s is None else s[i:i + 1] for s in (h0, c0)]
                 w = self._layer_weights(l, d)
-                if lengths is None:
-                    out = _Function.apply(config(xd), xd, *s0, *w)
-                elif self.mode == "LSTM":                  # c_n at each one's end: not among the outputs
-                    out = _by_lengths(xd, s0, w, config, lengths.tolist())
-                else:                                      # all T steps, h_n read off the output
-                    out = _Function.apply(config(xd), xd, *s0, *w)
-                    out = (out[0], _gather_steps(out[0], (lengths - 1).to(xd.device)[None]))
+                lstm = self.mode == "LSTM"
+                out = _Function.apply(config(xd, cell_states=lstm and lengths is not None), xd, *s0, *w)
+                if lengths is not None:                    # the states at each one's own last step
+                    last = (lengths - 1).to(xd.device)[None]
+                    out = (out[0], _gather_steps(out[0], last)) + ((_gather_steps(out[3], last),) if lstm else ())
                 if d:
                     out = (out[0].flip(0) if lengths is None else _gather_steps(out[0], rev),) + tuple(out[1:])
                 outs.append(out[0])
@@ -454,9 +432,6 @@ class _Bridge:
         truncation = _check_truncation(truncation)
         packed, lengths = None, None
         if isinstance(input, PackedSequence):
-            if truncation is not None:
-                raise NotImplementedError(f"fastbptt.torch.{name}: truncation= with PackedSequence input is not "
-                                          f"supported; pad the sequences and pass the padded input")
             packed = input
             input, lengths = pad_packed_sequence(packed)               # (T,B,...) sorted as the caller's
             if packed.sorted_indices is not None:                      # ... and by length, as torch.nn runs them
@@ -513,18 +488,19 @@ class _Bridge:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")
         X = input.transpose(0, 1) if batch_first else input
 
-        def config(x, L=1):
+        # a layer and a direction at a time, or the whole stack in one call each way
+        by_layer = packed is not None or self.bidirectional or (self.training and self.dropout > 0
+                                                                 and self.num_layers > 1)
+        if by_layer and isinstance(truncation, Randomized) and not isinstance(truncation.seed, numbers.Integral):
+            # one draw for the call: every layer's ξ_t the same, as the stack in one call has it
+            truncation = Randomized(truncation.p, int(np.random.default_rng(truncation.seed).integers(1 << 62)))
+
+        def config(x, L=1, cell_states=False):
             return _Config(cell, act, L, self.hidden_size, self.bias, truncation, place,
-                           x.requires_grad and torch.is_grad_enabled())
-        if packed is not None:
+                           x.requires_grad and torch.is_grad_enabled(), cell_states)
+        if by_layer:
             out = self._by_layer(X, h0, c0, config, lengths)
-        elif self.bidirectional or (self.training and self.dropout > 0 and self.num_layers > 1):
-            if isinstance(truncation, Randomized) and not isinstance(truncation.seed, numbers.Integral):
-                # one draw for the call: every layer's ξ_t the same, as the stack in one call has it
-                seed = int(np.random.default_rng(truncation.seed).integers(1 << 62))
-                truncation = Randomized(truncation.p, seed)
-            out = self._by_layer(X, h0, c0, config)
-        else:                                    # the whole stack in one call each way
+        else:
             out = _Function.apply(config(X, self.num_layers), X, h0, c0, *weights)
         output, h_n = out[0], out[1:]
         if packed is not None:                   # the caller's packing, h_n in the caller's batch order

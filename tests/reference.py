@@ -334,8 +334,9 @@ def stack_step_backward(cell, w, caches_t, d_top, dh, dc, grads, act):
     return down, dh_prev, dc_prev
 
 
-def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None):
-    """Layer grads (list of dicts), dh0, dc0 (L,B,H), dX (T,B,D_0) for direct terms dHs (T,B,H)."""
+def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None, dCs=None):
+    """Layer grads (list of dicts), dh0, dc0 (L,B,H), dX (T,B,D_0) for direct terms dHs (T,B,H)
+    on the top layer's h_t and dCs (T,B,H) on its c_t (the LSTM's; None: zeros)."""
     L = count_layers(p)
     T, B = x.shape[:2]
     H = p["W_hh"].shape[0]
@@ -348,6 +349,8 @@ def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None):
         xi = np.ones(T) if xi is None else np.asarray(xi, np.float64)
         dh, dc = zero.copy(), zero.copy()
         for t in range(T - 1, -1, -1):
+            if dCs is not None:
+                dc[-1] += dCs[t]
             dX[t], dh_prev, dc_prev = stack_step_backward(cell, w, caches[t], dHs[t], dh, dc, grads, act)
             dh, dc = xi[t] * dh_prev, xi[t] * dc_prev
         return grads, dh, dc, dX
@@ -355,6 +358,8 @@ def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None):
     dh0, dc0 = zero.copy(), zero.copy()
     for t in range(T):
         dh, dc = zero.copy(), zero.copy()
+        if dCs is not None:
+            dc[-1] += dCs[t]                           # the term's own step
         for s in range(t, max(t - k, -1), -1):
             d_top = dHs[t] if s == t else 0.0
             dx, dh, dc = stack_step_backward(cell, w, caches[s], d_top, dh, dc, grads, act)
@@ -409,11 +414,13 @@ def stack_loss_only(params, cell, X, Y, h0=None, c0=None, act="tanh", reduction=
     return loss, Hs[-1], Cs[-1] if cell == "lstm" else None
 
 
-def stack_backward(params, cell, X, dHs, h0=None, c0=None, act="tanh", k=None, xi=None):
-    """BPTT of the stack alone for direct terms dHs (T,B,H) on the top layer's h_t."""
+def stack_backward(params, cell, X, dHs, h0=None, c0=None, act="tanh", k=None, xi=None, dCs=None):
+    """BPTT of the stack alone for direct terms dHs (T,B,H) on the top layer's h_t (and dCs on
+    its c_t, the LSTM's)."""
     p = as64(params)
     x, caches, _, _, _, _ = stack_forward(p, cell, X, h0, c0, act)
-    layer_grads, dh0, dc0, dX = stack_bptt(p, cell, x, caches, np.asarray(dHs, np.float64), act, k, xi)
+    dCs = None if dCs is None else np.asarray(dCs, np.float64)
+    layer_grads, dh0, dc0, dX = stack_bptt(p, cell, x, caches, np.asarray(dHs, np.float64), act, k, xi, dCs)
     grads = flat_grads(cell, layer_grads)
     grads["h0"] = dh0
     if cell == "lstm":

@@ -307,6 +307,30 @@ def test_gated_rnn_forward_backward_and_loss(cell, L, rng):
 
 
 @sim_only
+@pytest.mark.parametrize("L", [1, 2])
+def test_lstm_cell_state_terms(L, rng):
+    """the LSTM's cell states from a kept forward and their terms dCs in the backward (full,
+    Truncated(2), Randomized) on CUDA against the reference, with params on the host and on
+    the device (where the cell states stay)"""
+    params, X, _, h0, c0 = stack_case(rng, "lstm", L, True, T=4, H=3)
+    rnn = {k: v for k, v in params.items() if k not in ("W_hq", "b_q")}
+    state = api_state("lstm", L, h0, c0)
+    dHs, dCs = rng.normal(size=(2, 4, 2, 3))
+    _, _, _, Cs, _, _ = reference.stack_forward(params, "lstm", X, h0, c0)
+    for P in (rnn, fastbptt.to_device(rnn)):
+        Hs, _, kept = fastbptt.rnn_forward(P, X, state, device="cuda", keep=True)
+        got_cs = fastbptt.api.kept_cell_states(kept)
+        assert cuda.devicearray.is_cuda_ndarray(got_cs) == (P is not rnn)
+        assert_close(np.asarray(got_cs if P is rnn else got_cs.copy_to_host()), Cs[:, -1], np.float64, "Cs")
+        for tr in TRUNCATIONS.values():
+            want = reference.stack_backward(params, "lstm", X, dHs, h0, c0, dCs=dCs, **reference_kw(tr))
+            got = fastbptt.api.kept_backward(kept, dHs, truncation=tr, dCs=dCs, input_grad=True)
+            for k in want:
+                g = got[k] if P is rnn else got[k].copy_to_host()
+                assert_close(g, np.reshape(want[k], g.shape), np.float64, k)
+
+
+@sim_only
 def test_gated_params_on_the_device_keep_results_there(rng):
     """an LSTM stack with its params on the device: grads and (h_T, c_T) stay on the device"""
     params, X, Y, h0, c0 = stack_case(rng, "lstm", 2, False, T=3, H=3)

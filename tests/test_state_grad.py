@@ -89,3 +89,110 @@ def test_bad_last_state_gradient_names_it(rng):
         fastbptt.rnn_backward(P, X, Hs, dHs, h0, dh_T=(dh_T[0], dh_T[1][:, :1]))
     with pytest.raises(TypeError, match="dh_T"):
         fastbptt.rnn_backward(P, X, Hs, dHs, h0, dh_T=dh_T[0])
+
+
+# ------------------------------------------------------------ dCs: the LSTM's c_t at every step
+def cell_case(rng, L, T=5, B=3, D=4, H=18, dense=True, dtype=np.float64):
+    import reference
+    P = {k: v.astype(dtype) for k, v in reference.init_stack(rng, "lstm", L, D, H, 6).items()}
+    X = rng.normal(0, 1, (T, B, D)).astype(dtype) if dense else rng.integers(0, D, (T, B))
+    h0 = (rng.normal(0, 0.5, (L, B, H)), rng.normal(0, 0.5, (L, B, H)))
+    return P, X, h0, rng.normal(0, 1, (T, B, H)), rng.normal(0, 1, (T, B, H))
+
+
+@pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(1), fastbptt.Truncated(2),
+                                        fastbptt.Randomized(0.5, seed=3)], ids=str)
+@pytest.mark.parametrize("dense", [False, True], ids=["ids", "dense"])
+@pytest.mark.parametrize("L", [1, 2, 3])
+def test_cell_state_terms_match_the_reference(L, dense, truncation, rng):
+    """dCs (∂L/∂c_t of the top layer at every step) beside dHs, from rnn_backward and from a
+    kept forward, against the reference's plain per-step sweep (dCs_t joins step t's term)"""
+    import reference
+    from helpers import assert_close
+    P, X, h0, dHs, dCs = cell_case(rng, L, dense=dense)
+    k = truncation.k if isinstance(truncation, fastbptt.Truncated) else None
+    xi = truncation.draw(5, np.float64) if isinstance(truncation, fastbptt.Randomized) else None
+    want = reference.stack_backward(P, "lstm", X, dHs, *h0, k=k, xi=xi, dCs=dCs)
+    Hs, _, kept = fastbptt.rnn_forward(P, X, tuple(h0), keep=True)
+    _, _, _, Cs, _, _ = reference.stack_forward(P, "lstm", X, *h0)
+    assert_close(fastbptt.api.kept_cell_states(kept), Cs[:, -1], np.float64, "Cs")
+    for got in (fastbptt.rnn_backward(P, X, Hs, dHs, tuple(h0), truncation=truncation, dCs=dCs, input_grad=True),
+                fastbptt.api.kept_backward(kept, dHs, truncation=truncation, dCs=dCs, input_grad=True)):
+        assert set(got) == set(want)
+        for key in want:
+            assert_close(got[key], want[key], np.float64, key)
+    without = fastbptt.rnn_backward(P, X, Hs, dHs, tuple(h0), truncation=truncation)
+    assert np.abs(without["W_hh"] - want["W_hh"]).max() > 1e-3          # the terms count
+
+
+def test_cell_state_terms_against_finite_differences(rng):
+    """the gradient of Σ dHs ⊙ Hs + Σ dCs ⊙ Cs (the reference's forward), float64"""
+    import reference
+    P, X, h0, dHs, dCs = cell_case(rng, 2, T=4, B=2, H=3)
+
+    def objective(Pm, Xm):
+        _, _, Hr, Cr, _, _ = reference.stack_forward(Pm, "lstm", Xm, *h0)
+        return float((Hr[:, -1] * dHs).sum() + (Cr[:, -1] * dCs).sum())
+    g = fastbptt.rnn_backward(P, X, fastbptt.rnn_forward(P, X, tuple(h0)), dHs, tuple(h0), dCs=dCs, input_grad=True)
+    eps = 1e-6
+    for key in ["W_hh", "b_h", "W_hh_l1", "b_h_l1", "X"]:
+        base = X if key == "X" else P[key]
+        num = np.zeros_like(base)
+        for i in np.ndindex(base.shape):
+            vals = []
+            for s in (eps, -eps):
+                moved = base.copy()
+                moved[i] += s
+                vals.append(objective(P, moved) if key == "X" else objective({**P, key: moved}, X))
+            num[i] = (vals[0] - vals[1]) / (2 * eps)
+        assert np.abs(g[key] - num).max() <= 1e-6 * max(1.0, np.abs(num).max()), key
+
+
+@pytest.mark.parametrize("lanes", [2, 3, -2, -3])
+def test_cell_state_terms_on_any_lanes(lanes, rng, monkeypatch):
+    """the sweep's lanes split the units (2, 3: one of H = 40's lanes empty) or the rows (-2, -3):
+    each lane reads its own part of dCs"""
+    import reference
+    from helpers import assert_close
+    from fastbptt._cpu import plan
+    blk = np.array([64, 64], np.int64)
+    monkeypatch.setattr(plan.Plan, "sweep", lambda self, cell, dtype, B, H: (lanes, blk))
+    P, X, h0, dHs, dCs = cell_case(rng, 2, B=13, H=40)
+    want = reference.stack_backward(P, "lstm", X, dHs, *h0, dCs=dCs)
+    got = fastbptt.rnn_backward(P, X, fastbptt.rnn_forward(P, X, tuple(h0)), dHs, tuple(h0), dCs=dCs)
+    for key in got:
+        assert_close(got[key], want[key], np.float64, key)
+
+
+def test_cell_state_terms_float32(rng):
+    import reference
+    from helpers import assert_close
+    P, X, h0, dHs, dCs = cell_case(rng, 2, dtype=np.float32)
+    want = reference.stack_backward(P, "lstm", X, dHs, *h0, dCs=dCs)
+    h0f = tuple(s.astype(np.float32) for s in h0)
+    got = fastbptt.rnn_backward(P, X, fastbptt.rnn_forward(P, X, h0f), dHs, h0f, dCs=dCs)
+    for key in got:
+        assert got[key].dtype == np.float32
+        assert_close(got[key], want[key], np.float32, key)
+
+
+def test_bad_cell_state_terms_name_them(rng):
+    P, X, h0, dHs, dCs = cell_case(rng, 2)
+    Hs, _, kept = fastbptt.rnn_forward(P, X, tuple(h0), keep=True)
+    before = dCs.copy()
+    fastbptt.rnn_backward(P, X, Hs, dHs, tuple(h0), dCs=dCs)
+    np.testing.assert_array_equal(dCs, before)                        # read, never written
+    with pytest.raises(ValueError, match="dCs: expected shape"):
+        fastbptt.rnn_backward(P, X, Hs, dHs, tuple(h0), dCs=dCs[:, :1])
+    with pytest.raises(ValueError, match="dCs: non-finite"):
+        fastbptt.api.kept_backward(kept, dHs, dCs=np.full_like(dCs, np.nan))
+    with pytest.raises(ValueError, match="dCs: not with stored_states"):
+        fastbptt.rnn_backward(P, X, Hs, dHs, tuple(h0), dCs=dCs, stored_states=2)
+    G, Xg, h0g, dHg, _ = case(rng, "gru", 1)
+    with pytest.raises(ValueError, match="dCs: the cell state's terms are the LSTM's"):
+        fastbptt.rnn_backward(G, Xg, fastbptt.rnn_forward(G, Xg, h0g), dHg, h0g, dCs=dHg)
+    _, _, kept_gru = fastbptt.rnn_forward(G, Xg, h0g, keep=True)
+    with pytest.raises(ValueError, match="forward: cell states are the LSTM's"):
+        fastbptt.api.kept_cell_states(kept_gru)
+    with pytest.raises(ValueError, match="forward: expected"):
+        fastbptt.api.kept_cell_states(None)

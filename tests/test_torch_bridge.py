@@ -444,6 +444,57 @@ def test_packed_sequence_same_as_torch_nn(kind, L, bidirectional):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+def per_sequence_sum(m, X, lengths, truncation):
+    """(outputs, h_n, c_n or None, every gradient) of Σ_b loss_b over the packed batch, and the
+    same from each sequence run alone (T = its length, B = 1): a loss on the output
+    (position-weighted), h_n and c_n"""
+    w = torch.arange(X.shape[0] * X.shape[1], dtype=X.dtype).reshape(X.shape[:2]).unsqueeze(-1) / 10
+
+    def loss(o, hn, wo):
+        h_n, c_n = hn if is_lstm(m) else (hn, None)
+        return (torch.tanh(o) * wo).sum() + (h_n * 1.7).sum() + (0 if c_n is None else (c_n * 0.3).sum())
+
+    def grads(total, Xs):
+        return torch.autograd.grad(total, [*Xs, *m.parameters()])
+
+    Xp = X.detach().clone().requires_grad_()
+    out, hn = m(torch.nn.utils.rnn.pack_padded_sequence(Xp, lengths, enforce_sorted=False), truncation=truncation)
+    o, _ = torch.nn.utils.rnn.pad_packed_sequence(out)
+    packed = (o.detach(), *(s.detach() for s in (hn if is_lstm(m) else (hn,))))
+    packed_grads = grads(loss(o, hn, w[:o.shape[0]]), [Xp])
+    Xs = [X[:n, b:b + 1].detach().clone().requires_grad_() for b, n in enumerate(lengths)]
+    alone = [m(x, truncation=truncation) for x in Xs]
+    total = sum(loss(a[0], a[1], w[:n, b:b + 1]) for b, (a, n) in enumerate(zip(alone, lengths)))
+    g = grads(total, Xs)
+    dX = torch.zeros_like(X)
+    for b, n in enumerate(lengths):
+        dX[:n, b:b + 1] = g[b]
+    one = torch.zeros_like(o)
+    for b, (a, n) in enumerate(zip(alone, lengths)):
+        one[:n, b:b + 1] = a[0].detach()
+    states = [torch.cat([(a[1] if not is_lstm(m) else a[1][i]).detach() for a in alone], 1)
+              for i in range(1 + is_lstm(m))]
+    return packed + tuple(packed_grads), (one, *states, dX, *g[len(lengths):])
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("truncation", [fastbptt.Truncated(1), fastbptt.Truncated(2), fastbptt.Randomized(0.5, 5)],
+                         ids=str)
+def test_packed_sequence_truncation_counts_each_sequence_alone(kind, bidirectional, truncation):
+    """truncation= on a PackedSequence: each sequence's outputs, last states and gradients are
+    those of the sequence run alone with the same truncation, its terms counted within its own
+    steps (h_n's and c_n's joining its last step's term)"""
+    m, _ = pair(kind, 1, bidirectional=bidirectional)
+    X = torch.randn(5, 4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got, want = per_sequence_sum(m, X, [3, 5, 2, 5], truncation)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    full, _ = per_sequence_sum(m, X, [3, 5, 2, 5], None)
+    assert not torch.allclose(got[-1], full[-1]) or isinstance(truncation, fastbptt.Randomized)
+
+
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_packed_sequence_ids_and_dropout(kind):
     """packed token ids equal their packed one-hot; dropout between layers in training mode on
@@ -657,8 +708,6 @@ def test_not_implemented():
         ft.LSTM(D, H, proj_size=2)
     m = ft.GRU(D, H, 2, dropout=0.3).eval()
     X = torch.randn(T, B, D)
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        m(torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2]), truncation=fastbptt.Truncated(2))
     with pytest.raises(NotImplementedError, match="CPU"):
         ft.RNN(D, H, device="meta")(torch.randn(T, B, D, device="meta"))
     with pytest.raises(TypeError, match="truncation"):

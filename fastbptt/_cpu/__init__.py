@@ -81,6 +81,12 @@ def work_copy(name, a):
     return out
 
 
+def copied(a, P):
+    """a copy of ``a`` as a call's results leave (for the CUDA backend's params P, which may
+    be on the device)"""
+    return a.copy()
+
+
 def transposed(a, out):
     """out = aᵀ (a C-contiguous 2-D float array; out C-contiguous, of aᵀ's shape and a's
     dtype), by the engine's vector transpose"""

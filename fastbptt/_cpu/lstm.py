@@ -4,8 +4,8 @@ and an (h, c) state.
     forward   [i, f, g, o]_t = [σ, σ, tanh, σ](x_t W_xh + b_h + h_{t-1} W_hh)
               c_t = f ⊙ c_{t-1} + i ⊙ g,   h_t = o ⊙ tanh(c_t)
     backward  a_t = dHs_t + ξ_{t+1} dZ_{t+1} W_hhᵀ                  (the adjoint of h_t)
-              e_t = ξ_{t+1} e'_{t+1} + a_t ⊙ o ⊙ (1 − tanh²c_t)     (the adjoint of c_t;
-                                                 e'_{t+1} = e_{t+1} ⊙ f_{t+1} is the carry)
+              e_t = ξ_{t+1} e'_{t+1} + dCs_t + a_t ⊙ o ⊙ (1 − tanh²c_t)   (the adjoint of c_t;
+                           e'_{t+1} = e_{t+1} ⊙ f_{t+1} is the carry, dCs_t c_t's direct term)
               dZ_t = [e g i(1−i), e c_{t-1} f(1−f), e i (1−g²), a tanh(c_t) o(1−o)]
 
 Shapes: x_t (B,D), h_t, c_t (B,H); W_xh (D,4H), W_hh (H,4H), b_h (4H,) with the column blocks
@@ -58,12 +58,13 @@ def forward_point(Z, cp, c, h, u0, u1):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def backward_point(A, carry, xi, Z, cp, c, dZ, u0, u1):
-    """a lane's units [u0, u1) of one step, every row:  A the adjoint of h;  e = ξ carry +
+def backward_point(A, carry, xi, D, Z, cp, c, dZ, u0, u1):
+    """a lane's units [u0, u1) of one step, every row:  A the adjoint of h;  e = ξ carry + d +
     a o (1 − tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what crosses to c_{t-1})
 
-    A, carry, cp, c (rows,H) · Z [i, f, g, o], dZ (rows,4H) interleaved, the lane's gates in
-    columns [4·u0, 4·u1) · xi a scalar"""
+    A, carry, cp, c (rows,H) · D (rows,H) c's direct terms d, or (1,H): the same for every row
+    (zeros: none) · Z [i, f, g, o], dZ (rows,4H) interleaved, the lane's gates in columns
+    [4·u0, 4·u1) · xi a scalar"""
     one = c.dtype.type(1)
     k, m = G * u0, u1 - u0
     if m > 0:
@@ -73,12 +74,12 @@ def backward_point(A, carry, xi, Z, cp, c, dZ, u0, u1):
             di, df = dZ[b, k:k + m], dZ[b, k + m:k + 2 * m]
             dg, do = dZ[b, k + 2 * m:k + 3 * m], dZ[b, k + 3 * m:k + 4 * m]
             ab, cab = A[b, u0:u1], carry[b, u0:u1]
-            cpb, cb = cp[b, u0:u1], c[b, u0:u1]
+            cpb, cb, db = cp[b, u0:u1], c[b, u0:u1], D[min(b, D.shape[0] - 1), u0:u1]
             for j in range(m):
                 i, f, g, o = zi[j], zf[j], zg[j], zo[j]
                 a = ab[j]
                 tc = tanh(cb[j])
-                e = xi * cab[j] + a * o * (one - tc * tc)
+                e = xi * cab[j] + db[j] + a * o * (one - tc * tc)
                 di[j] = e * g * i * (one - i)
                 df[j] = e * cpb[j] * f * (one - f)
                 dg[j] = e * i * (one - g * g)
@@ -88,8 +89,7 @@ def backward_point(A, carry, xi, Z, cp, c, dZ, u0, u1):
 
 # ---------------------------------------------------------------------------- steps
 Forward = namedtuple("LSTMForward", "S C Z Wp blk")
-Backward = namedtuple("LSTMBackward", "A carry xi C Z dZ WTp blk")
-
+Backward = namedtuple("LSTMBackward", "A carry xi dC C Z dZ WTp blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -107,7 +107,7 @@ def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """step t = T-1-s (0-based) on rows [r0, r1) and units [j0, j1): adds
     ξ dZ_{t+1}[:, units k0:k1] W_hhᵀ to A_t; with last, then the pointwise part.  ξ = 0
     skips the product.  At t = T-1 the carry is ∂L/∂c_T from beyond the sweep, taken as it
-    is (ξ = 1)."""
+    is (ξ = 1).  dC: c's direct terms (T,B,H), or (1,1,H) zeros for none."""
     T = ctx.A.shape[0]
     t = T - 1 - s
     x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(1)
@@ -115,7 +115,9 @@ def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     if t + 1 < T and x != 0:
         matmul_k(A, ctx.dZ[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
     if last:
-        backward_point(A, ctx.carry[r0:r1], x, ctx.Z[t][r0:r1], ctx.C[t][r0:r1], ctx.C[t + 1][r0:r1],
+        D = ctx.dC[min(t, ctx.dC.shape[0] - 1)]
+        D = D[r0:r1] if D.shape[0] > 1 else D                 # (1,H): every row's
+        backward_point(A, ctx.carry[r0:r1], x, D, ctx.Z[t][r0:r1], ctx.C[t][r0:r1], ctx.C[t + 1][r0:r1],
                        ctx.dZ[t][r0:r1], j0, j1)
 
 
@@ -134,28 +136,30 @@ def forward_cpu(S, C, Z, W_hhp, blk, n, threads):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def backward_cpu(A, carry, C, Z, dZ, W_hhTp, xi, blk, n, threads):
+def backward_cpu(A, carry, dC, C, Z, dZ, W_hhTp, xi, blk, n, threads):
     """the steps t = T..1 of the module notes' backward
 
     A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) in: ∂L/∂c_T from
-    beyond the sweep (zero: none); out: e_1 ⊙ f_1 ·
-    C, Z: the forward's · dZ (T,B,4H) out · W_hhTp: W_hhᵀ (4H,H), rows interleaved, packed ·
-    xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
-    run_lanes(Backward(A, carry, xi, C, Z, dZ, W_hhTp, blk), A.shape[0], A.shape[1], A.shape[2], n, threads)
+    beyond the sweep (zero: none); out: e_1 ⊙ f_1 · dC (T,B,H) the direct terms dCs, or
+    (1,1,H) zeros for none · C, Z: the forward's · dZ (T,B,4H) out · W_hhTp: W_hhᵀ (4H,H),
+    rows interleaved, packed · xi (T,) ξ_1..ξ_T · blk · n lanes · threads"""
+    run_lanes(Backward(A, carry, xi, dC, C, Z, dZ, W_hhTp, blk), A.shape[0], A.shape[1], A.shape[2], n,
+              threads)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def chain_cpu(A, carry, Z, cp, c, dZ, lanes, n):
-    """every row of a block of steps at once (truncation's chains): backward_point with ξ = 1,
-    each lane's units in turn
+def chain_cpu(A, carry, Z, cp, c, dZ, none, lanes, n):
+    """every row of a block of steps at once (truncation's chains, whose direct terms of c
+    start in their carry): backward_point with ξ = 1, each lane's units in turn
 
-    A, carry, cp, c (rows,H) · Z, dZ (rows,4H) · the lanes of the column order · n row chunks"""
+    A, carry, cp, c (rows,H) · Z, dZ (rows,4H) · none (1,H) zeros · the lanes of the column
+    order · n row chunks"""
     rows, H = A.shape
     for k in prange(n):
         r0, r1 = rows * k // n, rows * (k + 1) // n
         for o in range(lanes):
             u0, u1 = chunk(H, o, lanes)
-            backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), Z[r0:r1], cp[r0:r1], c[r0:r1],
+            backward_point(A[r0:r1], carry[r0:r1], A.dtype.type(1), none, Z[r0:r1], cp[r0:r1], c[r0:r1],
                            dZ[r0:r1], u0, u1)
 
 
@@ -180,10 +184,11 @@ def forward(run, l, X, state0, act):
     return SimpleNamespace(S=S, C=C, Z=Z)
 
 
-def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
+def backward(run, l, X, lay, A, act, xi, want_dx, end=None, dC=None):
     """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
-    (overwritten with the adjoints a_t) and ``end`` = (∂L/∂h_T, ∂L/∂c_T) from the steps after
-    T, or None.  Returns (its parameter gradients, (∂L/∂h_0, ∂L/∂c_0), ∂L/∂X or None)"""
+    (overwritten with the adjoints a_t), ``end`` = (∂L/∂h_T, ∂L/∂c_T) from the steps after
+    T, or None, and c's direct terms dC (T,B,H), or None.  Returns (its parameter gradients,
+    (∂L/∂h_0, ∂L/∂c_0), ∂L/∂X or None)"""
     T, B, H = A.shape
     dZ, carry = run.scratch(f"lstm{l}d", [(T, B, G * H), (B, H)])
     carry[:] = 0
@@ -192,7 +197,8 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
         run.add(carry, end[1])
     lanes, blk = run.sweep(B, H)
     W_hhTp = run.packed(run.key("W_hh", l), transposed=True, cols=run.columns(G))
-    backward_cpu(A, carry, lay.C, lay.Z, dZ, W_hhTp, xi, blk, lanes, run.n)
+    dC = run.zeros("lstm none", (1, 1, H)) if dC is None else dC        # units in their own order
+    backward_cpu(A, carry, dC, lay.C, lay.Z, dZ, W_hhTp, xi, blk, lanes, run.n)
     dc0 = xi[0] * carry
     return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hhTp, xi[0]), dc0),
             run.input_adjoint(l, dZ, G) if want_dx else None)
@@ -245,7 +251,7 @@ def chain_point(run, l, lay, c, n, act):
     rows = n * B
     chain_cpu(c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), lay.Z[:n].reshape(rows, G * H),
               lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H),
-              c.dP[:n].reshape(rows, G * H), run.lanes, run.n)
+              c.dP[:n].reshape(rows, G * H), run.zeros("lstm none", (1, 1, H))[0], run.lanes, run.n)
 
 
 def initial_grads(dh0, carry):

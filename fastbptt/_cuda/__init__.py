@@ -48,6 +48,20 @@ def to_device(P):
     return {k: device(v) for k, v in P.items()}
 
 
+def copied(a, P):
+    """a copy of the device array ``a`` where a call's results go for params P: on the device
+    when P is there (fastbptt.to_device), else on the host"""
+    return _copied(a, on_device(P["W_hh"]))
+
+
+def _copied(a, stay):
+    if not stay:
+        return a.copy_to_host()
+    out = cuda.device_array(a.shape, a.dtype)
+    out.copy_to_device(a)
+    return out
+
+
 class Run(LayerParams):
     """One call: its params on the device, its buffers, how its results leave, and the
     products over all rows that the graph and the cells ask for."""
@@ -113,11 +127,7 @@ class Run(LayerParams):
     def output(self, a):
         """one of the call's own arrays (a kept forward's record, which the caller must not be
         able to change) as the API returns it: a copy, on the device when the params are"""
-        if not self.keep:
-            return a.copy_to_host()
-        out = cuda.device_array(a.shape, a.dtype)
-        out.copy_to_device(a)
-        return out
+        return _copied(a, self.keep)
 
     def fresh(self, shape):
         """a new zero device array of the call's dtype that outlives the call"""

@@ -4,8 +4,8 @@ and an (h, c) state.
     forward   [i, f, g, o]_t = [σ, σ, tanh, σ](x_t W_xh + b_h + h_{t-1} W_hh)
               c_t = f ⊙ c_{t-1} + i ⊙ g,   h_t = o ⊙ tanh(c_t)
     backward  a_t = dHs_t + ξ_{t+1} dZ_{t+1} W_hhᵀ                  (the adjoint of h_t)
-              e_t = ξ_{t+1} e'_{t+1} + a_t ⊙ o ⊙ (1 − tanh²c_t)     (the adjoint of c_t;
-                                                 e'_{t+1} = e_{t+1} ⊙ f_{t+1} is the carry)
+              e_t = ξ_{t+1} e'_{t+1} + dCs_t + a_t ⊙ o ⊙ (1 − tanh²c_t)   (the adjoint of c_t;
+                           e'_{t+1} = e_{t+1} ⊙ f_{t+1} is the carry, dCs_t c_t's direct term)
               dZ_t = [e g i(1−i), e c_{t-1} f(1−f), e i (1−g²), a tanh(c_t) o(1−o)]
 
 Shapes: x_t (B,D), h_t, c_t (B,H); W_xh (D,4H), W_hh (H,4H), b_h (4H,) with the column blocks
@@ -61,12 +61,13 @@ def forward_point(Z, cp, c, h):
 
 
 @cuda.jit
-def backward_point(A, carry, xi, Z, cp, c, dZ):
+def backward_point(A, carry, xi, D, Z, cp, c, dZ):
     """one step (or a block of chains), every (row, unit):  A the adjoint of h;
-    e = ξ carry + a o (1 − tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what crosses
-    to c_{t-1})
+    e = ξ carry + d + a o (1 − tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what
+    crosses to c_{t-1})
 
-    A, carry, cp, c (rows,H) · Z [i, f, g, o], dZ (rows,4H) · xi a scalar"""
+    A, carry, cp, c (rows,H) · D (rows,H) c's direct terms d, or (1,H): the same for every row
+    (zeros: none) · Z [i, f, g, o], dZ (rows,4H) · xi a scalar"""
     rows, H = c.shape
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for idx in range(start, rows * H, stride):
@@ -74,7 +75,7 @@ def backward_point(A, carry, xi, Z, cp, c, dZ):
         i, f, g, o = Z[b, j], Z[b, H + j], Z[b, 2 * H + j], Z[b, 3 * H + j]
         a = A[b, j]
         tc = math.tanh(c[b, j])
-        e = xi * carry[b, j] + a * o * (1 - tc * tc)
+        e = xi * carry[b, j] + D[min(b, D.shape[0] - 1), j] + a * o * (1 - tc * tc)
         dZ[b, j] = e * g * i * (1 - i)
         dZ[b, H + j] = e * cp[b, j] * f * (1 - f)
         dZ[b, 2 * H + j] = e * i * (1 - g * g)
@@ -95,18 +96,19 @@ def forward_cuda(S, C, Z, W_hh):
         forward_point[g](Z[t], C[t], C[t + 1], S[t + 1])
 
 
-def backward_cuda(A, carry, C, Z, dZ, W_hh, xi):
+def backward_cuda(A, carry, dC, C, Z, dZ, W_hh, xi):
     """the steps t = T..1 of the module notes' backward
 
     A (T,B,H) in: the direct terms dHs; out: the adjoints a_t · carry (B,H) in: ∂L/∂c_T from
-    beyond the sweep (zero: none), out:
-    e_1 ⊙ f_1 · C, Z: the forward's · dZ (T,B,4H) out · W_hh (H,4H) · xi (T,) host array of
-    ξ_1..ξ_T (a zero skips that crossing's product)"""
+    beyond the sweep (zero: none), out: e_1 ⊙ f_1 · dC (T,B,H) the direct terms dCs, or
+    (1,1,H) zeros for none · C, Z: the forward's · dZ (T,B,4H) out · W_hh (H,4H) · xi (T,)
+    host array of ξ_1..ξ_T (a zero skips that crossing's product)"""
     T, B, H = A.shape
     g = launch(B * H)
     for t in range(T - 1, -1, -1):
         x = float(xi[t + 1]) if t + 1 < T else 1.0        # at T: the carry from beyond, as it is
-        backward_point[g](A[t], carry, x, Z[t], C[t], C[t + 1], dZ[t])
+        D = dC[min(t, dC.shape[0] - 1)]
+        backward_point[g](A[t], carry, x, D, Z[t], C[t], C[t + 1], dZ[t])
         if t > 0 and xi[t] != 0:
             gemm(A[t - 1], dZ[t], W_hh, tb=True, alpha=float(xi[t]), beta=1.0)
 
@@ -132,10 +134,11 @@ def given(run, l, X, S, state0, act):
     return forward(run, l, X, state0, act)
 
 
-def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
+def backward(run, l, X, lay, A, act, xi, want_dx, end=None, dC=None):
     """the full (or randomized) reverse sweep of the layer, given the direct terms A (T,B,H)
-    (overwritten with the adjoints a_t) and ``end`` = (∂L/∂h_T, ∂L/∂c_T) from the steps after
-    T, or None.  Returns (its parameter gradients, (∂L/∂h_0, ∂L/∂c_0), ∂L/∂X or None)"""
+    (overwritten with the adjoints a_t), ``end`` = (∂L/∂h_T, ∂L/∂c_T) from the steps after
+    T, or None, and c's direct terms dC (T,B,H), or None.  Returns (its parameter gradients,
+    (∂L/∂h_0, ∂L/∂c_0), ∂L/∂X or None)"""
     T, B, H = A.shape
     dZ, = run.scratch(f"lstm{l}d", [(T, B, G * H)])
     carry = run.zeros(f"lstm{l}carry", (B, H))
@@ -143,7 +146,8 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
         run.add(A[-1], end[0])
         run.add(carry, end[1])
     W_hh = run.param("W_hh", l)
-    backward_cuda(A, carry, lay.C, lay.Z, dZ, W_hh, xi)
+    dC = run.zeros("lstm none", (1, 1, H)) if dC is None else dC
+    backward_cuda(A, carry, dC, lay.C, lay.Z, dZ, W_hh, xi)
     dc0 = scaled(float(xi[0]), carry)
     return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hh, xi[0]), dc0),
             run.input_adjoint(l, dZ, G) if want_dx else None)
@@ -166,12 +170,14 @@ def chains(run, l, lay):
 
 
 def chain_point(run, l, lay, c, n, act):
-    """the pointwise backward of the n live chains (steps 0..n-1) of a depth (ξ = 1)"""
+    """the pointwise backward of the n live chains (steps 0..n-1) of a depth (ξ = 1; their
+    direct terms of c start in their carry)"""
     B, H = run.B, run.H
     rows = n * B
     backward_point[launch(rows * H)](
-        c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), 1.0, lay.Z[:n].reshape(rows, G * H),
-        lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H), c.dP[:n].reshape(rows, G * H))
+        c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), 1.0, run.zeros("lstm none", (1, H)),
+        lay.Z[:n].reshape(rows, G * H), lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H),
+        c.dP[:n].reshape(rows, G * H))
 
 
 def initial_grads(dh0, carry):
