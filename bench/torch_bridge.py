@@ -9,10 +9,11 @@
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
     (no one-hot: its extension beyond torch.nn);
 (b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32;
-(c) with ``--only bidir-gru,bidir-lstm,dropout-lstm,packed-gru,packed-lstm``: two layers of T=35, B=32,
-    D=H=256, dense input, bidirectional, or with dropout 0.3 between the layers in training mode,
-    or one layer on a PackedSequence of 32 lengths drawn from 10..35 (the bridge's layer-and-
-    direction-at-a-time path), loss = the output's sum.
+(c) with ``--only bidir-gru,bidir-lstm,dropout-lstm,packed-gru,packed-lstm,proj-lstm``: two layers of
+    T=35, B=32, D=H=256, dense input, bidirectional, or with dropout 0.3 between the layers in
+    training mode, or one layer on a PackedSequence of 32 lengths drawn from 10..35, or one LSTM
+    layer with proj_size=128 (the bridge's layer-and-direction-at-a-time path), loss = the
+    output's sum.
 
 With ``--before PATH`` (an earlier checkout, e.g. ``git worktree add /tmp/before REV``) its
 package, copied as ``fastbptt_before``, runs as one more system ("before") beside the others.
@@ -180,7 +181,8 @@ def main():
              "bidir-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, bidirectional=True),
              "dropout-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, dropout=0.3),
              "packed-gru": lambda: dense_case("GRU", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
-             "packed-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, lengths=packed_lengths())}
+             "packed-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
+             "proj-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, proj_size=128)}
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}")
     for name in a.only.split(","):

@@ -354,13 +354,6 @@ def _gather_steps(x, index):
 class _Bridge:
     """forward of torch.nn.RNN/GRU/LSTM by fastbptt; mixed in before the torch.nn class"""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        name = type(self).__name__
-        if getattr(self, "proj_size", 0):
-            raise NotImplementedError(f"fastbptt.torch.{name}: proj_size={self.proj_size} is not supported yet; "
-                                      f"use torch.nn.{name}")
-
     def __prepare_scriptable__(self):
         raise NotImplementedError(_no_torchscript(type(self).__name__))
 
@@ -375,6 +368,38 @@ class _Bridge:
     def _fastbptt_weights(self):
         return [w for l in range(self.num_layers) for d in range(1 + self.bidirectional)
                 for w in self._layer_weights(l, d)]
+
+    def _layer(self, x, s0, l, d, config, lengths):
+        """(output, h_n[, c_n]) of layer l's direction d on its input x (T,B,·) from s0 = [h0, c0]
+        (each (1,B,·) or None); with ``lengths``, the states at each sequence's own last step.
+
+        With the LSTM's proj_size P (h_t = W_hr m_t, m_t = o ⊙ tanh(c_t)) the call runs the plain
+        LSTM on m: its recurrent weight W_hh W_hr (4H,H) gives the gates m_{t-1} W_hrᵀ W_hhᵀ =
+        h_{t-1} W_hhᵀ, torch projects its output, and a given h_0 (whose m_0 there is none of)
+        joins step 1's input side as P more input columns with weight_hh as their weight (the
+        kernel's own m_0 is zero).  Exact for the full gradient; truncation is refused with it
+        (forward): W_hr inside the recurrent weight would count the projection of the state a
+        window starts from, which lies outside the window."""
+        w = self._layer_weights(l, d)
+        lstm = self.mode == "LSTM"
+        proj = lstm and self.proj_size > 0
+        if proj:
+            w_hr = getattr(self, f"weight_hr_l{l}{'_reverse' if d else ''}")
+            h0 = s0[0]
+            if h0 is not None:
+                if not x.is_floating_point():
+                    x = torch.nn.functional.one_hot(x, self.input_size).to(h0.dtype)
+                x = torch.cat([x, torch.cat([h0, h0.new_zeros((x.shape[0] - 1,) + h0.shape[1:])], 0)], 2)
+                w = [torch.cat([w[0], w[1]], 1)] + w[1:]
+            w = [w[0], w[1] @ w_hr] + w[2:]
+            s0 = [None, None] if s0[1] is None else [s0[1].new_zeros(s0[1].shape), s0[1]]
+        out = _Function.apply(config(x, cell_states=lstm and lengths is not None), x, *s0, *w)
+        if proj:
+            out = (out[0] @ w_hr.t(), out[1] @ w_hr.t()) + out[2:]
+        if lengths is not None:                        # the states at each one's own last step
+            last = (lengths - 1).to(x.device)[None]
+            out = (out[0], _gather_steps(out[0], last)) + ((_gather_steps(out[3], last),) if lstm else ())
+        return out
 
     def _by_layer(self, X, h0, c0, config, lengths=None):
         """(output, h_n[, c_n]) of the stack a layer and a direction at a time, torch joining
@@ -402,12 +427,7 @@ class _Bridge:
                 else:
                     xd = x
                 s0 = [None if s is None else s[i:i + 1] for s in (h0, c0)]
-                w = self._layer_weights(l, d)
-                lstm = self.mode == "LSTM"
-                out = _Function.apply(config(xd, cell_states=lstm and lengths is not None), xd, *s0, *w)
-                if lengths is not None:                    # the states at each one's own last step
-                    last = (lengths - 1).to(xd.device)[None]
-                    out = (out[0], _gather_steps(out[0], last)) + ((_gather_steps(out[3], last),) if lstm else ())
+                out = self._layer(xd, s0, l, d, config, lengths)
                 if d:
                     out = (out[0].flip(0) if lengths is None else _gather_steps(out[0], rev),) + tuple(out[1:])
                 outs.append(out[0])
@@ -430,6 +450,11 @@ class _Bridge:
         if torch.jit.is_tracing() or _exporting():
             raise NotImplementedError(_no_torchscript(name))
         truncation = _check_truncation(truncation)
+        proj = getattr(self, "proj_size", 0) > 0
+        if proj and truncation is not None:
+            raise NotImplementedError(f"fastbptt.torch.{name}: truncation= with proj_size > 0 is not supported (the "
+                                      f"projection of the state a window starts from is weight_hr's too); "
+                                      f"pass truncation=None")
         packed, lengths = None, None
         if isinstance(input, PackedSequence):
             packed = input
@@ -439,7 +464,7 @@ class _Bridge:
                 lengths = lengths[packed.sorted_indices.cpu()]
         batch_first = self.batch_first and packed is None
         weights = self._fastbptt_weights()
-        place = _place([input, *weights] + ([] if hx is None else list(hx) if lstm else [hx]), name)
+        place = _place([input, *self.parameters()] + ([] if hx is None else list(hx) if lstm else [hx]), name)
         wdt = weights[0].dtype
         if wdt not in _FLOATS:
             raise TypeError(f"fastbptt.torch.{name}: parameters must be float32 or float64, got {wdt}")
@@ -477,9 +502,9 @@ class _Bridge:
         if packed is not None or ids:            # torch.nn's checks of a (T,B,D) input do not apply
             if packed is not None and not ids:
                 self.check_input(packed.data, packed.batch_sizes)
-            for s in (h0, c0) if lstm else (h0,):
+            for s, size in ((h0, getattr(self, "proj_size", 0) or self.hidden_size), (c0, self.hidden_size)):
                 if s is not None:
-                    self.check_hidden_size(s, expected)
+                    self.check_hidden_size(s, expected[:2] + (size,))
         else:
             self.check_forward_args(input, (h0, c0) if lstm else h0, None) if hx is not None else \
                 self.check_input(input, None)
@@ -489,8 +514,8 @@ class _Bridge:
         X = input.transpose(0, 1) if batch_first else input
 
         # a layer and a direction at a time, or the whole stack in one call each way
-        by_layer = packed is not None or self.bidirectional or (self.training and self.dropout > 0
-                                                                 and self.num_layers > 1)
+        by_layer = packed is not None or self.bidirectional or proj or (self.training and self.dropout > 0
+                                                                         and self.num_layers > 1)
         if by_layer and isinstance(truncation, Randomized) and not isinstance(truncation.seed, numbers.Integral):
             # one draw for the call: every layer's ξ_t the same, as the stack in one call has it
             truncation = Randomized(truncation.p, int(np.random.default_rng(truncation.seed).integers(1 << 62)))

@@ -640,6 +640,81 @@ def test_truncation(kind, L):
             torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+# ------------------------------------------------------------------- proj_size
+P = 4                                                             # the LSTM's proj_size (< H)
+
+
+def projected(L, dtype=torch.float64, bidirectional=False, batch_first=False, bias=True, with_hx=True, seed=2):
+    """(bridge, torch.nn) LSTMs with proj_size P and the same weights, X, hx ((h0 (n,B,P), c0
+    (n,B,H)) or None) and the loss weights Wo, Wh of run()"""
+    m, r = pair("lstm", L, dtype, proj_size=P, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    n = L * (1 + bidirectional)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn((B, T, D) if batch_first else (T, B, D), dtype=dtype, generator=g)
+    hx = (torch.randn(n, B, P, dtype=dtype, generator=g), torch.randn(n, B, H, dtype=dtype, generator=g)) \
+        if with_hx else None
+    Wo = torch.randn(X.shape[:2] + (P * (1 + bidirectional),), dtype=dtype, generator=g)
+    return m, r, X, hx, Wo, torch.randn(n, B, P, dtype=dtype, generator=g)
+
+
+def proj_run(m, X, hx, Wo, Wh, truncation=None):
+    """run(), the loss reading c_n of every layer too (a weight of its own: c_n is (n,B,H))"""
+    out = run(m, X, hx, Wo, Wh, truncation)
+    X = X.detach().clone()
+    hx = None if hx is None else tuple(s.detach().clone().requires_grad_() for s in hx)
+    m.zero_grad(set_to_none=True)
+    kw = {} if truncation is None else {"truncation": truncation}
+    _, (_, c_n) = m(X, hx, **kw)
+    (c_n * torch.linspace(-1, 1, c_n.numel(), dtype=c_n.dtype).reshape(c_n.shape)).sum().backward()
+    return out + (c_n.detach(), [p.grad.clone() for p in m.parameters()])
+
+
+@pytest.mark.parametrize("L", [1, 2, 3])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_proj_size_same_as_torch_nn(L, bidirectional, dtype):
+    """LSTM(proj_size=P): outputs (T,B,P), h_n (n,B,P), c_n (n,B,H) and every gradient
+    (input, hx, every parameter, weight_hr included) equal torch.nn's, for batch_first, bias
+    and hx each on and off"""
+    for batch_first, bias, with_hx in itertools.product((False, True), repeat=3):
+        m, r, X, hx, Wo, Wh = projected(L, dtype, bidirectional, batch_first, bias, with_hx)
+        got, want = proj_run(m, X, hx, Wo, Wh), proj_run(r, X, hx, Wo, Wh)
+        assert got[0].shape[-1] == P * (1 + bidirectional)
+        assert_same(got[:3], want[:3], dtype)
+        for a, b in zip(got[3:], want[3:]):
+            for x, y in zip(*((a, b) if isinstance(a, list) else ([a], [b]))):
+                torch.testing.assert_close(x, y, **TOL[dtype])
+
+
+def test_proj_size_packed_and_token_ids():
+    """proj_size with PackedSequence input (both directions, two layers, with hx) and with
+    token ids equal torch.nn's"""
+    m, r = pair("lstm", 2, proj_size=P, bidirectional=True)
+    X = torch.randn(5, 4, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    hx = (torch.randn(4, 4, P, dtype=torch.float64), torch.randn(4, 4, H, dtype=torch.float64))
+    got, want = (packed_run(mod, X, [3, 5, 2, 5], hx, False, False) for mod in (m, r))
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    for a, b in zip(got[3], want[3]):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+    m, r = pair("lstm", 1, proj_size=P, input_size=5)
+    ids = torch.randint(0, 5, (T, B), generator=torch.Generator().manual_seed(1))
+    hx = (torch.randn(1, B, P, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64))
+    for state in (None, hx):
+        got, want = m(ids, state), r(torch.nn.functional.one_hot(ids, 5).double(), state)
+        torch.testing.assert_close(got[0], want[0], **TOL[torch.float64])
+        torch.testing.assert_close(got[1][0], want[1][0], **TOL[torch.float64])
+
+
+def test_proj_size_with_truncation_is_refused():
+    """truncation= with proj_size raises NotImplementedError naming both (weight_hr's share of
+    the crossing into a truncation window's first step would be counted)"""
+    m, _, X, hx, _, _ = projected(1)
+    for tr in (fastbptt.Truncated(2), fastbptt.Randomized(0.5, seed=3)):
+        with pytest.raises(NotImplementedError, match="truncation= with proj_size"):
+            m(X, hx, truncation=tr)
+
+
 # ---------------------------------------------------------------------- training
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_training_matches_torch_nn(kind):
@@ -704,8 +779,6 @@ def test_bias_false_has_no_biases():
 
 # ------------------------------------------------------------------ not supported
 def test_not_implemented():
-    with pytest.raises(NotImplementedError, match="proj_size"):
-        ft.LSTM(D, H, proj_size=2)
     m = ft.GRU(D, H, 2, dropout=0.3).eval()
     X = torch.randn(T, B, D)
     with pytest.raises(NotImplementedError, match="CPU"):

@@ -112,9 +112,11 @@ def test_cuda_path_bidirectional_with_dropout(kind, monkeypatch):
 
 
 @sim_only
-def test_cuda_path_packed_sequence(monkeypatch):
-    """a bidirectional LSTM on a PackedSequence (unsorted lengths): the same as the CPU path"""
-    m, _ = pair("lstm", 1, bidirectional=True)
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_cuda_path_packed_sequence(proj_size, monkeypatch):
+    """a bidirectional LSTM on a PackedSequence (unsorted lengths; c_n read off the cell states),
+    and with proj_size: the same as the CPU path"""
+    m, _ = pair("lstm", 1, bidirectional=True, proj_size=proj_size)
     X = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     p = torch.nn.utils.rnn.pack_padded_sequence(X, [2, 4, 3], enforce_sorted=False)
 
