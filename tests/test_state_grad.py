@@ -32,8 +32,13 @@ def objective(P, X, h0, dHs, dh_T, cell):
 def test_last_state_gradient_against_finite_differences(cell, L, rng):
     P, X, h0, dHs, dh_T = case(rng, cell, L)
     g = fastbptt.rnn_backward(P, X, fastbptt.rnn_forward(P, X, h0), dHs, h0, dh_T=dh_T, input_grad=True)
-    eps = 1e-6
-    for key in [k for k in P if k.startswith(("W_hh", "b_h"))] + ["X"]:
+    assert_finite_differences(g, P, X, [k for k in P if k.startswith(("W_hh", "b_h"))] + ["X"],
+                              lambda Pm, Xm: objective(Pm, Xm, h0, dHs, dh_T, cell))
+
+
+def assert_finite_differences(g, P, X, keys, f, eps=1e-6):
+    """g[key] equals the central differences of f(P, X) in P[key] (or in X for "X")"""
+    for key in keys:
         base = X if key == "X" else P[key]
         num = np.zeros_like(base)
         for i in np.ndindex(base.shape):
@@ -41,8 +46,7 @@ def test_last_state_gradient_against_finite_differences(cell, L, rng):
             for s in (eps, -eps):
                 moved = base.copy()
                 moved[i] += s
-                Pm, Xm = (P, moved) if key == "X" else ({**P, key: moved}, X)
-                vals.append(objective(Pm, Xm, h0, dHs, dh_T, cell))
+                vals.append(f(P, moved) if key == "X" else f({**P, key: moved}, X))
             num[i] = (vals[0] - vals[1]) / (2 * eps)
         assert np.abs(g[key] - num).max() <= 1e-6 * max(1.0, np.abs(num).max()), key
 
@@ -134,18 +138,7 @@ def test_cell_state_terms_against_finite_differences(rng):
         _, _, Hr, Cr, _, _ = reference.stack_forward(Pm, "lstm", Xm, *h0)
         return float((Hr[:, -1] * dHs).sum() + (Cr[:, -1] * dCs).sum())
     g = fastbptt.rnn_backward(P, X, fastbptt.rnn_forward(P, X, tuple(h0)), dHs, tuple(h0), dCs=dCs, input_grad=True)
-    eps = 1e-6
-    for key in ["W_hh", "b_h", "W_hh_l1", "b_h_l1", "X"]:
-        base = X if key == "X" else P[key]
-        num = np.zeros_like(base)
-        for i in np.ndindex(base.shape):
-            vals = []
-            for s in (eps, -eps):
-                moved = base.copy()
-                moved[i] += s
-                vals.append(objective(P, moved) if key == "X" else objective({**P, key: moved}, X))
-            num[i] = (vals[0] - vals[1]) / (2 * eps)
-        assert np.abs(g[key] - num).max() <= 1e-6 * max(1.0, np.abs(num).max()), key
+    assert_finite_differences(g, P, X, ["W_hh", "b_h", "W_hh_l1", "b_h_l1", "X"], objective)
 
 
 @pytest.mark.parametrize("lanes", [2, 3, -2, -3])
