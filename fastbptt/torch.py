@@ -43,7 +43,8 @@ terms are counted within its own steps, h_n's and c_n's joining its last step's 
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): ``truncation=``
 with ``proj_size > 0``, tensors neither on the CPU nor on a CUDA GPU.
-Parameters must be float32 or float64 (the compute dtype).  The gradients are not
+Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a lower-precision
+input runs in it too, and the outputs are of it (autocast's later ops cast them as they need).  The gradients are not
 differentiable again (a second backward raises ``RuntimeError``); ``torch.func.grad`` works,
 ``torch.func.vmap`` does not.  ``torch.export`` and TorchScript (``torch.jit.script``/``trace``,
 ONNX) raise ``NotImplementedError``: export the ``torch.nn`` module with the same state_dict
@@ -510,6 +511,11 @@ class _Bridge:
         else:
             self.check_forward_args(input, (h0, c0) if lstm else h0, None) if hx is not None else \
                 self.check_input(input, None)
+        if torch._C._is_any_autocast_enabled():
+            # torch.autocast (whose checks above let a lower-precision input through): computed in the
+            # parameters' dtype, the outputs in it too, as an op on autocast's float32 list
+            input = input.to(wdt) if input.is_floating_point() else input
+            h0, c0 = (None if s is None else s.to(wdt) for s in (h0, c0))
         for s in (h0, c0):
             if s is not None and s.dtype != wdt:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")

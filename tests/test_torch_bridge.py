@@ -640,6 +640,34 @@ def test_truncation(kind, L):
             torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_under_autocast(kind):
+    """under torch.autocast (CPU, bfloat16) a bfloat16 input runs in the parameters' dtype: float32
+    outputs equal to torch.nn's on the same values, and the input's gradient (bfloat16) equal
+    to torch.nn's; packed input too.  Outside autocast the dtypes must match, as in torch.nn"""
+    m, r = pair(kind, 2, torch.float32)
+    X = torch.randn(T, B, D, generator=torch.Generator().manual_seed(4)).bfloat16()
+    grads = []
+    for mod, auto in ((m, True), (r, False)):
+        Xi = X.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
+            out, _ = mod(Xi if auto else Xi.float())
+        assert out.dtype == torch.float32
+        (torch.tanh(out) * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), Xi.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], **TOL[torch.float32])
+    assert grads[0][1].dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    packed = torch.nn.utils.rnn.pack_padded_sequence(X, [T, T - 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(packed)[0].data
+    want = r(torch.nn.utils.rnn.pack_padded_sequence(X.float(), [T, T - 1, 2]))[0].data
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    for mod in (m, r):
+        with pytest.raises(ValueError, match="dtype"):
+            mod(X)
+
+
 # ------------------------------------------------------------------- proj_size
 P = 4                                                             # the LSTM's proj_size (< H)
 
