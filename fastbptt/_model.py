@@ -153,9 +153,10 @@ def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
 def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None, dC=None):
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
     top layer's states S (T+1,B,H) and direct terms dH (overwritten), ``end`` (one tuple
-    per layer: the adjoints of the last states, or None) and the LSTM's dC (backward).  ``lays``: the records of
-    rnn_forward(keep=True), which hold the states (S is then None); else one Elman layer uses
-    S as it is, and other cells and stacks recompute their forward from X and state0."""
+    per layer: the adjoints of the last states, or None) and the LSTM's dC (see backward).
+    ``lays``: the records of rnn_forward(keep=True), which hold the states (S is then None);
+    else one Elman layer uses S as it is, and other cells and stacks recompute their forward
+    from X and state0."""
     with be.begin(P, X, "backward", cell, L) as run:
         dH = run.given(dH)
         if lays is None:

@@ -30,25 +30,26 @@ without building the one-hot.  A one-hot float input that needs no gradient (the
 concise models) is found as such on the CPU and runs as its ids: a row gather instead of the
 input product, a scatter-add instead of ∂W_xh's product.
 
-``bidirectional=True``, ``dropout`` between layers in training mode, ``PackedSequence`` input and the
-LSTM's ``proj_size`` run the stack a layer and a direction at a time, joined by torch as torch.nn
-joins them (``_Bridge._by_layer``); the dropout masks are torch's own draws, so from the same seed
-the results are torch.nn's.  With ``proj_size`` (h_t = W_hr (o ⊙ tanh c_t)) each call is the plain
-LSTM on o ⊙ tanh(c_t) with weight_hh·weight_hr its recurrent weight, torch projecting its output
-(``_Bridge._layer``).  A PackedSequence gives each sequence the outputs and last state of its own steps,
-from one call over all steps each way: h_n is read off the output at each sequence's last step,
-and the LSTM's c_n off its cell states there (``api.kept_cell_states``, whose gradient enters
-the backward at that step: ``kept_backward(dCs=)``).  With ``truncation=``, each sequence's
-terms are counted within its own steps, h_n's and c_n's joining its last step's term.
+``bidirectional=True``, ``dropout`` between layers in training mode, ``PackedSequence`` input
+and the LSTM's ``proj_size`` run the stack a layer and a direction at a time, joined by torch as
+torch.nn joins them (``_Bridge._by_layer``); the dropout masks are torch's own draws, so from
+the same seed the results are torch.nn's.  With ``proj_size`` (h_t = W_hr (o ⊙ tanh c_t)) each
+call is the plain LSTM on o ⊙ tanh(c_t) with weight_hh·weight_hr its recurrent weight, torch
+projecting its output (``_Bridge._layer``).  A PackedSequence gives each sequence the outputs
+and last state of its own steps, from one call over all steps each way: h_n is read off the
+output at each sequence's last step, and the LSTM's c_n off its cell states there
+(``api.kept_cell_states``, whose gradient enters the backward at that step:
+``kept_backward(dCs=)``).  With ``truncation=``, each sequence's terms are counted within its
+own steps, h_n's and c_n's joining its last step's term.
 
-Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): ``truncation=``
-with ``proj_size > 0``, tensors neither on the CPU nor on a CUDA GPU.
-Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a lower-precision
-input runs in it too, and the outputs are of it (autocast's later ops cast them as they need).  The gradients are not
-differentiable again (a second backward raises ``RuntimeError``); ``torch.func.grad`` works,
-``torch.func.vmap`` does not.  ``torch.export`` and TorchScript (``torch.jit.script``/``trace``,
-ONNX) raise ``NotImplementedError``: export the ``torch.nn`` module with the same state_dict
-instead.
+Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
+``truncation=`` with ``proj_size > 0``, tensors neither on the CPU nor on a CUDA GPU.
+Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a
+lower-precision input runs in it too, and the outputs are of it (autocast's later ops cast them
+as they need).  The gradients are not differentiable again (a second backward raises
+``RuntimeError``); ``torch.func.grad`` works, ``torch.func.vmap`` does not.  ``torch.export``
+and TorchScript (``torch.jit.script``/``trace``, ONNX) raise ``NotImplementedError``: export
+the ``torch.nn`` module with the same state_dict instead.
 """
 from __future__ import annotations
 
@@ -378,7 +379,7 @@ class _Bridge:
 
         With the LSTM's proj_size P (h_t = W_hr m_t, m_t = o ⊙ tanh(c_t)) the call runs the plain
         LSTM on m: its recurrent weight W_hh W_hr (4H,H) gives the gates m_{t-1} W_hrᵀ W_hhᵀ =
-        h_{t-1} W_hhᵀ, torch projects its output, and a given h_0 (whose m_0 there is none of)
+        h_{t-1} W_hhᵀ, torch projects its output, and a given h_0 (which no m_0 need give)
         joins step 1's input side as P more input columns with weight_hh as their weight (the
         kernel's own m_0 is zero).  Exact for the full gradient; truncation is refused with it
         (forward): W_hr inside the recurrent weight would count the projection of the state a
