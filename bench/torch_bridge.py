@@ -21,7 +21,10 @@ package, copied as ``fastbptt_before``, runs as one more system ("before") besid
 Per round and model each system runs once (zero_grad, forward, loss, backward), the order
 alternating between rounds; the same weights on both sides (load_state_dict); torch on as many
 threads as numba.  Printed: each system's median seconds per forward+backward and torch.nn's
-median over fastbptt.torch's (> 1: fastbptt.torch is faster).
+median over fastbptt.torch's (> 1: fastbptt.torch is faster); for (a) and (b) also each system's
+GFLOP/s and its share of the same-run float32 GEMM rate (numpy 2048³, measured before the
+rounds), the FLOPs counted as ``fastbptt bench`` counts them (``fastbptt.bench.flops``: the
+one-hot input a gather; the DeepBench LSTM's input product and ∂W_xh, no ∂X).
 """
 import argparse
 import importlib
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastbptt.torch as ft
+from fastbptt import bench
 
 BEFORE = None          # --before: the earlier checkout's fastbptt.torch
 
@@ -168,6 +172,9 @@ def main():
     if a.device == "cuda" and (a.kernels or not torch.cuda.is_available()):
         ap.error("--device cuda needs torch with a CUDA GPU, and takes no --kernels (the CPU engine's)")
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    G = {"GRU": 3, "LSTM": 4}
+    flops = {f"d2l-{k.lower()}": bench.flops(35, 32, 28, 256, 28, G[k]) for k in G}
+    flops["deepbench-lstm"] = bench.flops(25, 64, 512, 512, 0, 4, dense=True)
     if a.before:
         global BEFORE
         folder = Path(tempfile.mkdtemp())
@@ -183,8 +190,10 @@ def main():
              "packed-gru": lambda: dense_case("GRU", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
              "packed-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
              "proj-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, proj_size=128)}
+    gemm = bench.gemm_rate()
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
-          f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}")
+          f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}; "
+          f"same-run float32 GEMM (numpy 2048³) {gemm:.1f} GFLOP/s")
     for name in a.only.split(","):
         models, step = cases[name]()
         if a.kernels:
@@ -205,6 +214,9 @@ def main():
         base = med["torch.nn"]
         print(f"{name}: " + ", ".join(f"{n} {med[n]:.4f} s" for n in names) + "; torch.nn / " +
               ", torch.nn / ".join(f"{n} = {base / med[n]:.2f}x" for n in names[1:]))
+        if name in flops:
+            rate = {n: flops[name] / med[n] / 1e9 for n in names}
+            print("  " + ", ".join(f"{n} {rate[n]:.1f} GFLOP/s ({100 * rate[n] / gemm:.1f} % GEMM)" for n in names))
 
 
 if __name__ == "__main__":
