@@ -13,7 +13,9 @@
     T=35, B=32, D=H=256, dense input, bidirectional, or with dropout 0.3 between the layers in
     training mode, or one layer on a PackedSequence of 32 lengths drawn from 10..35, or one LSTM
     layer with proj_size=128 (the bridge's layer-and-direction-at-a-time path), loss = the
-    output's sum.
+    output's sum;
+(d) with ``--only step-gru,step-lstm``: one step of one sequence (T=B=1, D=28, H=256), a
+    generation loop's shape, where the fixed cost of a call is most of it.
 
 With ``--before PATH`` (an earlier checkout, e.g. ``git worktree add /tmp/before REV``) its
 package, copied as ``fastbptt_before``, runs as one more system ("before") beside the others.
@@ -189,7 +191,9 @@ def main():
              "dropout-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, dropout=0.3),
              "packed-gru": lambda: dense_case("GRU", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
              "packed-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
-             "proj-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, proj_size=128)}
+             "proj-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, proj_size=128),
+             "step-gru": lambda: dense_case("GRU", a.device, 1, 1, 28, 256),
+             "step-lstm": lambda: dense_case("LSTM", a.device, 1, 1, 28, 256)}
     gemm = bench.gemm_rate()
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}; "
