@@ -237,12 +237,13 @@ def weight_grads(run, l, X, lay, dP, dR):
 
 def chains(run, l, lay):
     """truncation's per-layer buffers: A the chains' adjoints, C their carry, dP = dR a depth's
-    outputs, gP = gR their sums (A, C and the sums zero)"""
+    outputs, gP = gR their sums (A, C and the sums zero), none a (1,H) row of zeros (the
+    pointwise part's direct terms of c: the chains' start in their carry)"""
     T, B, H = run.T, run.B, run.H
     A, C, dZ, gZ = run.scratch(f"lstm{l}c", [(T, B, H)] * 2 + [(T, B, G * H)] * 2)
     for a in (A, C, gZ):
         a[:] = 0
-    return SimpleNamespace(A=A, C=C, dP=dZ, dR=dZ, gP=gZ, gR=gZ)
+    return SimpleNamespace(A=A, C=C, dP=dZ, dR=dZ, gP=gZ, gR=gZ, none=run.zeros(f"lstm{l}none", (1, H)))
 
 
 def chain_point(run, l, lay, c, n, act):
@@ -251,7 +252,7 @@ def chain_point(run, l, lay, c, n, act):
     rows = n * B
     chain_cpu(c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), lay.Z[:n].reshape(rows, G * H),
               lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H),
-              c.dP[:n].reshape(rows, G * H), run.zeros("lstm none", (1, 1, H))[0], run.lanes, run.n)
+              c.dP[:n].reshape(rows, G * H), c.none, run.lanes, run.n)
 
 
 def initial_grads(dh0, carry):

@@ -161,12 +161,13 @@ def weight_grads(run, l, X, lay, dP, dR):
 
 def chains(run, l, lay):
     """truncation's per-layer buffers: A the chains' adjoints, C their carry, dP = dR a depth's
-    outputs, gP = gR their sums (A, C and the sums zero)"""
+    outputs, gP = gR their sums (A, C and the sums zero), none a (1,H) row of zeros (the
+    pointwise part's direct terms of c: the chains' start in their carry)"""
     T, B, H = run.T, run.B, run.H
     A, C = run.zeros(f"lstm{l}A", (T, B, H)), run.zeros(f"lstm{l}C", (T, B, H))
     gZ = run.zeros(f"lstm{l}g", (T, B, G * H))
     dZ, = run.scratch(f"lstm{l}c", [(T, B, G * H)])
-    return SimpleNamespace(A=A, C=C, dP=dZ, dR=dZ, gP=gZ, gR=gZ)
+    return SimpleNamespace(A=A, C=C, dP=dZ, dR=dZ, gP=gZ, gR=gZ, none=run.zeros(f"lstm{l}none", (1, H)))
 
 
 def chain_point(run, l, lay, c, n, act):
@@ -175,7 +176,7 @@ def chain_point(run, l, lay, c, n, act):
     B, H = run.B, run.H
     rows = n * B
     backward_point[launch(rows * H)](
-        c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), 1.0, run.zeros("lstm none", (1, H)),
+        c.A[:n].reshape(rows, H), c.C[:n].reshape(rows, H), 1.0, c.none,
         lay.Z[:n].reshape(rows, G * H), lay.C[:n].reshape(rows, H), lay.C[1:n + 1].reshape(rows, H),
         c.dP[:n].reshape(rows, G * H))
 
