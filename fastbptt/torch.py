@@ -454,7 +454,8 @@ class _Bridge:
         if torch.jit.is_tracing() or _exporting():
             raise NotImplementedError(_no_torchscript(name))
         truncation = _check_truncation(truncation)
-        proj = getattr(self, "proj_size", 0) > 0
+        proj_size = getattr(self, "proj_size", 0)   # the LSTM's h size when > 0 (RNN and GRU have none)
+        proj = proj_size > 0
         if proj and truncation is not None:
             raise NotImplementedError(f"fastbptt.torch.{name}: truncation= with proj_size > 0 is not supported (the "
                                       f"projection of the state a window starts from is weight_hr's too); "
@@ -506,7 +507,7 @@ class _Bridge:
         if packed is not None or ids:            # torch.nn's checks of a (T,B,D) input do not apply
             if packed is not None and not ids:
                 self.check_input(packed.data, packed.batch_sizes)
-            for s, size in ((h0, getattr(self, "proj_size", 0) or self.hidden_size), (c0, self.hidden_size)):
+            for s, size in ((h0, proj_size or self.hidden_size), (c0, self.hidden_size)):
                 if s is not None:
                     self.check_hidden_size(s, expected[:2] + (size,))
         else:
