@@ -1,12 +1,13 @@
 """fastbptt against the plain numpy BPTT on a grid of (B, H), T = 32, V = 64, float32.
 
-    python bench/grid.py                 # H = 64 .. 2048, B = 1 .. 256
-    python bench/grid.py 2048 256        # some points again: H list, then B list (comma-separated)
+    python bench/grid.py                      # H = 64 .. 2048, B = 1 .. 256, the Elman cell
+    python bench/grid.py 2048 256             # some points again: H list, then B list (comma-separated)
+    python bench/grid.py --cell lstm          # a gated cell (gru, lstm) against numpy's of the same cell
 
 Per point: median ms of each system over four rounds of 0.25 s, the order alternating
 between rounds, and numpy's time over fastbptt's.
 """
-import sys
+import argparse
 import time
 
 import numpy as np
@@ -14,10 +15,21 @@ import numpy as np
 from fastbptt import bench, peers
 
 T, V = 32, 64
+
+
+def ints(s):
+    return [int(v) for v in s.split(",")]
+
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("H", nargs="?", type=ints, default=[64, 128, 256, 512, 1024, 2048], help="hidden sizes")
+ap.add_argument("B", nargs="?", type=ints, default=[1, 4, 16, 64, 256], help="batch sizes")
+ap.add_argument("--cell", choices=("rnn", "gru", "lstm"), default="rnn")
+a = ap.parse_args()
 res = []
-for H in ([int(h) for h in sys.argv[1].split(",")] if len(sys.argv) > 1 else (64, 128, 256, 512, 1024, 2048)):
-    for B in ([int(b) for b in sys.argv[2].split(",")] if len(sys.argv) > 2 else (1, 4, 16, 64, 256)):
-        p, X, Y, h0 = bench.workload(T, B, V, H)
+for H in a.H:
+    for B in a.B:
+        p, X, Y, h0 = bench.workload(T, B, V, H, cell=a.cell)
         f, g = bench.make_fastbptt(p, X, Y, h0), peers.make_numpy(p, X, Y, h0)
         f()
         g()

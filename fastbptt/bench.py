@@ -421,13 +421,11 @@ def _run_cli(args):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
     known = configs_of(args.cell)
-    args.configs = args.configs or list(known)
+    chosen, args.configs = args.configs, args.configs or list(known)
     wrong = [c for c in args.configs if c not in known]
     if wrong:
         raise ValueError(f"--configs: {', '.join(wrong)} not of --cell {args.cell} "
                          f"(its configs: {', '.join(known)})")
-    if args.load and args.cell != "rnn":
-        raise ValueError("--load: times the rnn cell only")
     systems = ("fastbptt",) + peer_names(args.peers, args.cell)
     rows, info = run(args.configs, systems, args.quick, args.threads, args.device, cell=args.cell)
     print(table(rows, info))
@@ -441,8 +439,9 @@ def _run_cli(args):
             plot_sweep(rows_h, rows_b, f"{root}-sweep{ext or '.png'}")
     if args.load:
         from . import loadbench
-        rows_load = loadbench.run(configs=[c for c in args.configs if c != "wide"] or ["d2l-concise"],
-                                  rounds=1 if args.quick else 3, budget=0.3 if args.quick else 0.8)
+        under_load = loadbench.configs_of(args.cell)
+        rows_load = loadbench.run(configs=[c for c in chosen or () if c in under_load] or None,
+                                  rounds=1 if args.quick else 3, budget=0.3 if args.quick else 0.8, cell=args.cell)
         print(loadbench.markdown(rows_load))
         result["load"] = [dict(zip(("condition", "config", "fastbptt_ms", "numpy_ms", "numpy_1thread_ms",
                                     "speedup"), r)) for r in rows_load]

@@ -1,7 +1,7 @@
 """``fastbptt bench --load``: is fastbptt still faster than numpy when the machine is not quiet?
 
-Times one loss_and_grad (float32, the bench's configs) against the plain numpy BPTT of
-``fastbptt.peers`` under the conditions a user's machine sees, each system in fresh
+Times one loss_and_grad (float32; the configs of ``configs_of(cell)``, any cell) against the
+plain numpy BPTT of the same cell (``fastbptt.peers``) under the conditions a user's machine sees, each system in fresh
 processes under the same condition, and reports fastbptt's speed over the *faster* of
 numpy with its BLAS's own threads and numpy with one BLAS thread (which never spins).
 Above 1: fastbptt is faster there.
@@ -30,16 +30,31 @@ CONDITIONS = ("quiet", "busy-neighbour", "two-processes", "oversubscribed", "one
 SYSTEMS = ("fastbptt", "numpy", "numpy-1thread")
 #: children get this long to finish one measurement
 TIMEOUT_S = 600
+#: a gated cell's batch-of-one case (T, B, D, H, Q, dense), beside its bench configs: one long
+#: sequence, sequential-bound, where waiting threads cost the most
+GATED_LATENCY = (256, 1, 64, 256, 64, False)
 
 
-def child(system, configs, budget, pin):
+def configs_of(cell):
+    """name: shape of the configs timed under load: the bench's, less the GEMM-bound ``wide``
+    (minutes per condition), and for a gated cell a batch-of-one ``latency`` case"""
+    from . import bench
+    out = {k: v for k, v in bench.configs_of(cell).items() if k != "wide"}
+    if cell != "rnn":
+        out["latency"] = GATED_LATENCY
+    return out
+
+
+def child(system, configs, budget, pin, cell="rnn"):
     """median ms per config for one system, printed as JSON (runs in a child process)"""
     if pin:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from . import bench, peers
+    shapes = configs_of(cell)
     out = {}
     for name in configs:
-        params, X, Y, h0 = bench.workload(*bench.CONFIGS[name])
+        T, B, V, H, Q, dense = bench._shape(shapes[name])
+        params, X, Y, h0 = bench.workload(T, B, V, H, cell=cell, Q=Q, dense=dense)
         fn = bench.make_fastbptt(params, X, Y, h0) if system == "fastbptt" else peers.make_numpy(params, X, Y, h0)
         fn()
         fn()
@@ -52,7 +67,7 @@ def child(system, configs, budget, pin):
     print(json.dumps(out))
 
 
-def measure(system, condition, configs, budget):
+def measure(system, condition, configs, budget, cell="rnn"):
     """median ms per config of one system under one condition (fresh processes)"""
     env = dict(os.environ)
     cores = os.cpu_count() or 1
@@ -63,7 +78,7 @@ def measure(system, condition, configs, budget):
         if system == "numpy":
             env.update(OPENBLAS_NUM_THREADS=str(4 * cores), OMP_NUM_THREADS=str(4 * cores))
     cmd = [sys.executable, "-m", "fastbptt.loadbench", "--child", system, "--configs", ",".join(configs),
-           "--budget", str(budget)] + (["--pin"] if condition == "one-core" else [])
+           "--budget", str(budget), "--cell", cell] + (["--pin"] if condition == "one-core" else [])
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2 if condition == "two-processes" else 1)]
     results = []
@@ -75,13 +90,20 @@ def measure(system, condition, configs, budget):
     return {c: sum(r[c] for r in results) / len(results) for c in configs}
 
 
-def run(conditions=CONDITIONS, configs=("d2l-scratch", "d2l-concise", "latency"), rounds=3, budget=0.8,
-        progress=True):
+def run(conditions=CONDITIONS, configs=None, rounds=3, budget=0.8, progress=True, cell="rnn"):
     """rows of (condition, config, fastbptt ms, numpy ms, numpy 1-thread ms, × best numpy):
-    medians over ``rounds`` rounds, the systems interleaved within each"""
+    medians over ``rounds`` rounds, the systems interleaved within each; ``configs`` some of
+    ``configs_of(cell)`` (all if None)"""
     from tqdm.auto import tqdm
     from . import bench
-    bench.make_fastbptt(*bench.workload(*bench.CONFIGS[configs[0]]))()   # warm the cache and plan
+    known = configs_of(cell)
+    configs = list(known) if configs is None else list(configs)
+    for c in configs:
+        if c not in known:
+            raise ValueError(f"configs: {c!r} is not timed under load for the {cell} cell "
+                             f"(expected some of {', '.join(known)})")
+    T, B, V, H, Q, dense = bench._shape(known[configs[0]])
+    bench.make_fastbptt(*bench.workload(T, B, V, H, cell=cell, Q=Q, dense=dense))()   # warm the cache and plan
     rows = []
     bar = tqdm(total=len(conditions) * rounds * len(SYSTEMS), disable=not progress, leave=False)
     for condition in conditions:
@@ -92,7 +114,7 @@ def run(conditions=CONDITIONS, configs=("d2l-scratch", "d2l-concise", "latency")
             for _ in range(rounds):
                 for s in SYSTEMS:
                     bar.set_description(f"{condition} {s}")
-                    runs[s].append(measure(s, condition, configs, budget))
+                    runs[s].append(measure(s, condition, configs, budget, cell))
                     bar.update(1)
         finally:
             if hog is not None:
@@ -122,8 +144,9 @@ def _main():
     ap.add_argument("--configs", required=True)
     ap.add_argument("--budget", type=float, required=True)
     ap.add_argument("--pin", action="store_true")
+    ap.add_argument("--cell", default="rnn", choices=("rnn", "gru", "lstm"))
     a = ap.parse_args()
-    child(a.child, a.configs.split(","), a.budget, a.pin)
+    child(a.child, a.configs.split(","), a.budget, a.pin, a.cell)
 
 
 if __name__ == "__main__":
