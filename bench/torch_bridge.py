@@ -4,6 +4,7 @@
     python bench/torch_bridge.py --kernels [--only ...]   # where fastbptt.torch's step goes
     python bench/torch_bridge.py --before PATH [...]      # also an earlier checkout's, same rounds
     python bench/torch_bridge.py --device cuda [...]      # CUDA tensors (fastbptt's CUDA backend; a GPU)
+    python bench/torch_bridge.py --inference [...]        # the forward alone, under torch.no_grad()
 
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
@@ -46,6 +47,7 @@ import fastbptt.torch as ft
 from fastbptt import bench
 
 BEFORE = None          # --before: the earlier checkout's fastbptt.torch
+INFERENCE = False      # --inference: each step the forward alone, under torch.no_grad()
 
 
 class RNNModel(nn.Module):
@@ -81,6 +83,9 @@ def d2l_case(kind, device):
     Y = torch.randint(0, V, (B, T), device=device)
 
     def step(m):
+        if INFERENCE:
+            with torch.no_grad():
+                return m(X, None)
         m.zero_grad()
         y_hat, _ = m(X, None)
         F.cross_entropy(y_hat, Y.T.reshape(-1)).backward()
@@ -103,6 +108,9 @@ def dense_case(kind, device, T, B, D, H, num_layers=1, lengths=None, **kw):
         X = torch.nn.utils.rnn.pack_padded_sequence(X, lengths, enforce_sorted=False)
 
     def step(m):
+        if INFERENCE:
+            with torch.no_grad():
+                return m(X)
         m.zero_grad()
         out, _ = m(X)
         (out if lengths is None else out.data).sum().backward()
@@ -168,6 +176,7 @@ def main():
     ap.add_argument("--only", default="d2l-gru,d2l-lstm,deepbench-lstm")
     ap.add_argument("--kernels", action="store_true", help="time the engine's kernels in fastbptt.torch's step")
     ap.add_argument("--before", metavar="PATH", help="an earlier checkout whose fastbptt.torch runs too")
+    ap.add_argument("--inference", action="store_true", help="time the forward alone, under torch.no_grad()")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the models and tensors live (cuda: fastbptt's CUDA backend)")
     a = ap.parse_args()
@@ -177,8 +186,9 @@ def main():
     G = {"GRU": 3, "LSTM": 4}
     flops = {f"d2l-{k.lower()}": bench.flops(35, 32, 28, 256, 28, G[k]) for k in G}
     flops["deepbench-lstm"] = bench.flops(25, 64, 512, 512, 0, 4, dense=True)
+    global BEFORE, INFERENCE
+    INFERENCE = a.inference
     if a.before:
-        global BEFORE
         folder = Path(tempfile.mkdtemp())
         shutil.copytree(Path(a.before) / "fastbptt", folder / "fastbptt_before")
         sys.path.insert(0, str(folder))
@@ -196,7 +206,8 @@ def main():
              "step-lstm": lambda: dense_case("LSTM", a.device, 1, 1, 28, 256)}
     gemm = bench.gemm_rate()
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
-          f"rounds {a.rounds} (+{a.warmup} warm-up), median s per forward+backward on {a.device}; "
+          f"rounds {a.rounds} (+{a.warmup} warm-up), median ms per "
+          f"{'forward under torch.no_grad()' if a.inference else 'forward+backward'} on {a.device}; "
           f"same-run float32 GEMM (numpy 2048³) {gemm:.1f} GFLOP/s")
     for name in a.only.split(","):
         models, step = cases[name]()
@@ -216,9 +227,9 @@ def main():
                     times[n].append(dt)
         med = {n: statistics.median(v) for n, v in times.items()}
         base = med["torch.nn"]
-        print(f"{name}: " + ", ".join(f"{n} {med[n]:.4f} s" for n in names) + "; torch.nn / " +
+        print(f"{name}: " + ", ".join(f"{n} {med[n] * 1e3:.3f} ms" for n in names) + "; torch.nn / " +
               ", torch.nn / ".join(f"{n} = {base / med[n]:.2f}x" for n in names[1:]))
-        if name in flops:
+        if name in flops and not a.inference:
             rate = {n: flops[name] / med[n] / 1e9 for n in names}
             print("  " + ", ".join(f"{n} {rate[n]:.1f} GFLOP/s ({100 * rate[n] / gemm:.1f} % GEMM)" for n in names))
 

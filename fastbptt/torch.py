@@ -88,6 +88,7 @@ class _Config:
         self.cell_states = cell_states                       # the LSTM's c_1..c_T an output too
         self.per_layer = 4 if bias else 2
         self.kept = None                                     # the forward's, for setup_context
+        self.grad = True                                     # a backward may follow (see _run)
 
 
 def _np(t):
@@ -251,8 +252,10 @@ class _Function(torch.autograd.Function):
             if place is _HOST and X.is_floating_point() and not cfg.input_grad:   # no ∂L/∂X asked for
                 ids = _one_hot_ids(Xn)
                 Xn = Xn if ids is None else ids
-            Hs, last, kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
-                                             device=place.backend, keep=True)
+            keep = cfg.grad or cfg.cell_states
+            Hs, last, *kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
+                                              device=place.backend, keep=keep, return_state=True)
+            kept = kept[0] if keep else None
             B = X.shape[1]
             last = last if cfg.cell == "lstm" else (last,)
             # the arrays' reshapes: torch sees fresh tensors, not views (d2l's state.detach_() needs that)
@@ -274,6 +277,16 @@ class _Function(torch.autograd.Function):
         X, h0, c0, *weights = ctx.saved_tensors
         return (None,) + _Gradients.apply(ctx.cfg, ctx.kept, ctx.needs_input_grad, X, h0, c0, weights[0],
                                           d_out, d_hn, d_cn, d_cs)
+
+
+def _run(cfg, X, h0, c0, *weights):
+    """_Function.apply, or where no gradient can be asked for (torch.no_grad(), or no tensor
+    requiring one: inference, a generation loop) its forward alone, which keeps nothing for a
+    backward and records no graph"""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (X, h0, c0, *weights)):
+        return _Function.apply(cfg, X, h0, c0, *weights)
+    cfg.grad = False
+    return _Function.forward(cfg, X, h0, c0, *weights)
 
 
 class _Gradients(torch.autograd.Function):
@@ -397,7 +410,7 @@ class _Bridge:
                 w = [torch.cat([w[0], w[1]], 1)] + w[1:]
             w = [w[0], w[1] @ w_hr] + w[2:]
             s0 = [None, None] if s0[1] is None else [s0[1].new_zeros(s0[1].shape), s0[1]]
-        out = _Function.apply(config(x, cell_states=lstm and lengths is not None), x, *s0, *w)
+        out = _run(config(x, cell_states=lstm and lengths is not None), x, *s0, *w)
         if proj:
             out = (out[0] @ w_hr.t(), out[1] @ w_hr.t()) + out[2:]
         if lengths is not None:                        # the states at each one's own last step
@@ -536,7 +549,7 @@ class _Bridge:
         if by_layer:
             out = self._by_layer(X, h0, c0, config, lengths)
         else:
-            out = _Function.apply(config(X, self.num_layers), X, h0, c0, *weights)
+            out = _run(config(X, self.num_layers), X, h0, c0, *weights)
         output, h_n = out[0], out[1:]
         if packed is not None:                   # the caller's packing, h_n in the caller's batch order
             output = PackedSequence(pack_padded_sequence(output, lengths).data, packed.batch_sizes,

@@ -526,6 +526,37 @@ def test_no_grad_and_eval_dropout():
         torch.testing.assert_close(x, y, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("layout", ["stack", "bidirectional", "packed"])
+def test_inference_keeps_nothing_for_a_backward(kind, how, layout, monkeypatch):
+    # where no gradient can be asked for, the forward keeps no gates (keep=False) and records no
+    # graph; its outputs are torch.nn's, hx given or not
+    kept = []
+    forward = fastbptt.api.rnn_forward
+    monkeypatch.setattr(fastbptt.api, "rnn_forward", lambda *a, **k: kept.append(k["keep"]) or forward(*a, **k))
+    m, r = pair(kind, 2, bidirectional=layout == "bidirectional")
+    lengths = torch.tensor([T, 2, 3])
+    X = torch.randn(T, B, D, dtype=torch.float64)
+    Xp = torch.nn.utils.rnn.pack_padded_sequence(X, lengths, enforce_sorted=False) if layout == "packed" else X
+    for hx in (None, state(r, 2 * (1 + (layout == "bidirectional")))):
+        kept.clear()
+        if how == "frozen":
+            m.requires_grad_(False)
+            got = m(Xp, hx)
+        else:
+            with getattr(torch, how)():
+                got = m(Xp, hx)
+        want = r(Xp, hx)
+        flat = lambda o: [o[0].data if layout == "packed" else o[0]] + list(    # noqa: E731
+            o[1] if is_lstm(m) else (o[1],))
+        for x, y in zip(flat(got), flat(want)):
+            assert x.grad_fn is None and not x.requires_grad
+            torch.testing.assert_close(x, y.detach(), **TOL[torch.float64])
+        # only the packed LSTM keeps its forward: its cell states, for each sequence's c_n
+        assert kept and all(k == (layout == "packed" and is_lstm(m)) for k in kept)
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_c_n_gradients(L):
     """a loss reading c_n of every layer (with and without output and h_n): every gradient
