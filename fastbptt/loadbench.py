@@ -30,6 +30,10 @@ CONDITIONS = ("quiet", "busy-neighbour", "two-processes", "oversubscribed", "one
 SYSTEMS = ("fastbptt", "numpy", "numpy-1thread")
 #: children get this long to finish one measurement
 TIMEOUT_S = 600
+#: a one-core child: pinned before anything is imported, so that every thread it starts (numpy's
+#: BLAS threads start at import) shares that core
+PINNED = ("import os, runpy; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+          "runpy.run_module('fastbptt.loadbench', run_name='__main__', alter_sys=True)")
 #: a gated cell's batch-of-one case (T, B, D, H, Q, dense), beside its bench configs: one long
 #: sequence, sequential-bound, where waiting threads cost the most
 GATED_LATENCY = (256, 1, 64, 256, 64, False)
@@ -45,10 +49,8 @@ def configs_of(cell):
     return out
 
 
-def child(system, configs, budget, pin, cell="rnn"):
+def child(system, configs, budget, cell="rnn"):
     """median ms per config for one system, printed as JSON (runs in a child process)"""
-    if pin:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from . import bench, peers
     shapes = configs_of(cell)
     out = {}
@@ -64,7 +66,20 @@ def child(system, configs, budget, pin, cell="rnn"):
             fn()
             times.append(time.perf_counter() - t)
         out[name] = float(np.median(times)) * 1e3
-    print(json.dumps(out))
+    print(json.dumps({"ms": out, "cores": cores_used()}))
+
+
+def cores_used():
+    """how many cores this process's threads (numba's, the BLAS's) may run on, together"""
+    tasks = f"/proc/{os.getpid()}/task"
+    tids = [int(t) for t in os.listdir(tasks)] if os.path.isdir(tasks) else [0]
+    cores = set()
+    for tid in tids:
+        try:
+            cores |= os.sched_getaffinity(tid)
+        except OSError:                    # a thread that ended meanwhile
+            pass
+    return len(cores)
 
 
 def measure(system, condition, configs, budget, cell="rnn"):
@@ -77,8 +92,8 @@ def measure(system, condition, configs, budget, cell="rnn"):
         env["NUMBA_NUM_THREADS"] = str(4 * cores)
         if system == "numpy":
             env.update(OPENBLAS_NUM_THREADS=str(4 * cores), OMP_NUM_THREADS=str(4 * cores))
-    cmd = [sys.executable, "-m", "fastbptt.loadbench", "--child", system, "--configs", ",".join(configs),
-           "--budget", str(budget), "--cell", cell] + (["--pin"] if condition == "one-core" else [])
+    cmd = [sys.executable] + (["-c", PINNED] if condition == "one-core" else ["-m", "fastbptt.loadbench"]) + \
+        ["--child", system, "--configs", ",".join(configs), "--budget", str(budget), "--cell", cell]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2 if condition == "two-processes" else 1)]
     results = []
@@ -86,7 +101,10 @@ def measure(system, condition, configs, budget, cell="rnn"):
         out, err = p.communicate(timeout=TIMEOUT_S)
         if p.returncode != 0:
             raise RuntimeError(f"{system} under {condition} failed (exit {p.returncode}): {err[-500:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        result = json.loads(out.strip().splitlines()[-1])
+        if condition == "one-core" and result["cores"] != 1:
+            raise RuntimeError(f"{system} under one-core: its threads ran on {result['cores']} cores")
+        results.append(result["ms"])
     return {c: sum(r[c] for r in results) / len(results) for c in configs}
 
 
@@ -143,10 +161,9 @@ def _main():
     ap.add_argument("--child", required=True, choices=SYSTEMS)
     ap.add_argument("--configs", required=True)
     ap.add_argument("--budget", type=float, required=True)
-    ap.add_argument("--pin", action="store_true")
     ap.add_argument("--cell", default="rnn", choices=("rnn", "gru", "lstm"))
     a = ap.parse_args()
-    child(a.child, a.configs.split(","), a.budget, a.pin, a.cell)
+    child(a.child, a.configs.split(","), a.budget, a.cell)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 processes and their measurements. How fast the engine is under load is measured by it and by
 ../shared/tools/load_probe.py, not asserted here."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -27,14 +30,29 @@ def test_a_config_not_timed_under_load_is_refused():
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_a_child_times_the_gated_cell_on_its_shape(cell, capsys):
-    loadbench.child("fastbptt", ["latency"], 0.0, False, cell)
-    ms = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loadbench.child("fastbptt", ["latency"], 0.0, cell)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["ms"]) == {"latency"} and out["ms"]["latency"] > 0 and out["cores"] >= 1
+
+
+def test_measure_runs_fresh_processes_of_the_cell():
+    ms = loadbench.measure("numpy-1thread", "quiet", ["latency"], 0.0, "lstm")
     assert set(ms) == {"latency"} and ms["latency"] > 0
 
 
-def test_measure_runs_fresh_pinned_processes_of_the_cell():
-    ms = loadbench.measure("numpy-1thread", "one-core", ["latency"], 0.0, "lstm")
-    assert set(ms) == {"latency"} and ms["latency"] > 0
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CPU affinity mask of two cores or more")
+def test_one_core_holds_every_thread_numpy_starts():
+    # numpy's BLAS threads start at its import, so the child is pinned before anything is
+    # imported; measure refuses a one-core figure from a child whose threads escaped the core
+    ms = loadbench.measure("numpy", "one-core", ["latency"], 0.0, "gru")
+    assert ms["latency"] > 0
+    threads, cores = subprocess.run(
+        [sys.executable, "-c", "import numpy, fastbptt.loadbench as lb, os; os.sched_setaffinity(0, {0}); "
+         "print(len(os.listdir('/proc/self/task')), lb.cores_used())"],
+        capture_output=True, text=True, check=True).stdout.split()
+    if int(threads) > 1:             # pinned after numpy's import, its BLAS threads are not
+        assert int(cores) > 1
 
 
 def test_bench_load_is_offered_for_every_cell(monkeypatch, capsys):
