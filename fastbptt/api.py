@@ -8,6 +8,8 @@ cast to it, and every returned array is in it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import numbers
@@ -178,7 +180,7 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
 
 
 def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=None,
-                return_state=False, keep=False):
+                return_state=False, keep=False, check_finite=True):
     """The top layer's hidden states h_1..h_T, shape (T,B,H): one "rnn" layer
     h_t = φ(x_t W_xh + h_{t-1} W_hh + b_h), or any cell and depth.
 
@@ -187,9 +189,12 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=Non
     ``(Hs, h_T)``, h_T in the form of :func:`loss_and_grad`'s (for generation, say).  With
     ``keep``, ``(Hs, h_T, forward)``: ``forward`` holds what the backward needs (the gates of
     every layer), for :func:`rnn_backward`'s ``forward=`` (a framework's autograd function).
+    ``check_finite=False``: a NaN or inf in params, X or h0 is not an error but flows through,
+    as in a framework's own layers (the bridges' choice).
     """
     be = _backend(device)
-    m = _model_inputs(be, params, X, h0, cell, head=False)
+    with _finite_checked(check_finite):
+        m = _model_inputs(be, params, X, h0, cell, head=False)
     S, last, lays = _model.rnn_forward(be, m.module, m.P, m.X, m.state0, _activation(activation, m.cell),
                                        m.L, keep=keep)
     if keep:
@@ -224,7 +229,7 @@ def _stamp(m):
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
                  device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None,
-                 dCs=None):
+                 dCs=None, check_finite=True):
     """BPTT through the recurrent layers alone, for any head on top.
 
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
@@ -239,11 +244,18 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     of every layer; with ``Truncated``, it joins step T's term).  ``dCs`` (T,B,H), the LSTM's:
     ∂L/∂c_t of the top layer's cell state at every step, beside dHs (each step's term of
     c_t joins that step's loss term), None for zeros; not with ``stored_states``.
+    ``check_finite`` as in :func:`rnn_forward`, for every array given here.
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
     """
-    be = _backend(device)
+    with _finite_checked(check_finite):
+        return _rnn_backward(_backend(device), params, X, Hs, dHs, h0, activation, truncation, cell, input_grad,
+                             forward, stored_states, dh_T, dCs)
+
+
+def _rnn_backward(be, params, X, Hs, dHs, h0, activation, truncation, cell, input_grad, forward, stored_states,
+                  dh_T, dCs):
     m = _model_inputs(be, params, X, h0, cell, head=False)
     stored = _stored_states(stored_states, m.X.shape[0])
     lays = None
@@ -259,7 +271,8 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs)
 
 
-def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None, dCs=None):
+def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None, dCs=None,
+                  check_finite=True):
     """:func:`rnn_backward` (arguments and results as there) from ``forward``, what
     ``rnn_forward(..., keep=True)`` kept, for a caller that owns that forward's params, X and
     h0 and has not changed them since: a framework's autograd function (the PyTorch bridge:
@@ -268,8 +281,9 @@ def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_gra
     if not isinstance(forward, _Kept):
         raise ValueError("forward: expected what rnn_forward(..., keep=True) returned")
     be, m = forward.be, forward.m
-    _, dZ = _states_and_adjoints(be, None, dHs, m, stack=False, check_hs=False)
-    return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T, dCs)
+    with _finite_checked(check_finite):
+        _, dZ = _states_and_adjoints(be, None, dHs, m, stack=False, check_hs=False)
+        return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T, dCs)
 
 
 def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs):
@@ -407,8 +421,24 @@ def _dtype(name, dtype):
     return dt
 
 
+#: whether _finite looks (False within a call given check_finite=False)
+_CHECK_FINITE = contextvars.ContextVar("fastbptt_check_finite", default=True)
+
+
+@contextlib.contextmanager
+def _finite_checked(check):
+    token = _CHECK_FINITE.set(bool(check))
+    try:
+        yield
+    finally:
+        _CHECK_FINITE.reset(token)
+
+
 def _finite(be, name, a):
-    """``a`` (normalized) if every value is finite, else a ValueError saying where."""
+    """``a`` (normalized) if every value is finite (or no check is asked for), else a
+    ValueError saying where."""
+    if not _CHECK_FINITE.get():
+        return a
     bad = be.first_nonfinite(a)
     if bad is not None:
         raise ValueError(f"{name}: non-finite value {bad}")

@@ -196,7 +196,7 @@ def _state_arg(cell, s):
 def _forward_np(keys, cell, act, P, X, s0, dt):
     params = dict(zip(keys, P))
     Hs, last = api.rnn_forward(params, X, _state_arg(cell, s0), activation=act, cell=cell,
-                               return_state=True)
+                               return_state=True, check_finite=False)     # NaN and inf flow, as in JAX
     last = last if cell == "lstm" else (last,)
     return (np.asarray(Hs, dt),) + tuple(np.asarray(s, dt) for s in last)
 
@@ -208,7 +208,7 @@ def _backward_np(keys, cell, L, act, truncation, dt, P, X, s0, Hs, dHs, dlast):
     g = api.rnn_backward(params, X, np.asarray(Hs), np.asarray(dHs, dt),
                          _state_arg(cell, tuple(np.asarray(s) for s in s0)),
                          activation=act, truncation=truncation, cell=cell, input_grad=True,
-                         dh_T=_state_arg(cell, dlast))
+                         dh_T=_state_arg(cell, dlast), check_finite=False)
     return _results(keys, g, X.ndim == 3, cell, dt)
 
 

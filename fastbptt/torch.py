@@ -254,7 +254,8 @@ class _Function(torch.autograd.Function):
                 Xn = Xn if ids is None else ids
             keep = cfg.grad or cfg.cell_states
             Hs, last, *kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
-                                              device=place.backend, keep=keep, return_state=True)
+                                              device=place.backend, keep=keep, return_state=True,
+                                              check_finite=False)      # NaN and inf flow, as in torch.nn
             kept = kept[0] if keep else None
             B = X.shape[1]
             last = last if cfg.cell == "lstm" else (last,)
@@ -312,7 +313,7 @@ class _Gradients(torch.autograd.Function):
                 dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
             dCs = None if d_cs is None else place.array(d_cs)
             g = api.kept_backward(kept, dHs, activation=cfg.act, truncation=cfg.truncation,
-                                  input_grad=want_dx, dh_T=dh_T, dCs=dCs)
+                                  input_grad=want_dx, dh_T=dh_T, dCs=dCs, check_finite=False)
 
             t = place.tensor
             dX = t(g["X"]) if want_dx else None

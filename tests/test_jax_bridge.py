@@ -238,3 +238,18 @@ def test_jax_stays_optional():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pip install fastbptt[jax]" in out.stdout
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_nan_flows_as_in_the_scan(cell, rng):
+    # a NaN in the input is not an error under jax.grad: it reaches what it reaches in the scan
+    p, X, s0, w = make(cell, 2, rng)
+    X = X.at[2, 1, 0].set(jnp.nan)
+    ours, ref = losses(cell, 2, w, True)
+    got = jax.grad(ours, argnums=(0, 1, 2))(p, X, s0)
+    want = jax.grad(ref, argnums=(0, 1, 2))(p, X, s0)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
+        np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], rtol=1e-9, atol=1e-10)
+    assert not all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(got))

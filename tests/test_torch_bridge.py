@@ -557,6 +557,42 @@ def test_inference_keeps_nothing_for_a_backward(kind, how, layout, monkeypatch):
         assert kept and all(k == (layout == "packed" and is_lstm(m)) for k in kept)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("where", ["input-nan", "input-inf", "grad-nan", "grad-inf", "weight-nan"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "zeros"])
+def test_nan_and_inf_flow_as_in_torch_nn(kind, where, dtype, with_hx):
+    # torch.nn passes them on (AMP's GradScaler finds an overflowed step by the infs in its
+    # gradients): with hx, every output and gradient is non-finite exactly where torch.nn's is,
+    # the rest equal.  From zeros, the engine skips the products with h_0 = 0 that give torch.nn
+    # 0 · NaN = NaN: a non-finite value only where torch.nn has one, and somewhere whenever it has.
+    m, r = pair(kind, 2, dtype)
+    X = torch.randn(T, B, D, dtype=dtype)
+    hx = state(r, 2, dtype=dtype) if with_hx else None
+    if where.startswith("input"):
+        X[2, 1, 3] = float(where[6:])
+    got = []
+    for mod in (m, r):
+        if where == "weight-nan":
+            with torch.no_grad():
+                mod.weight_hh_l0[3, 2] = float("nan")
+        x = X.clone().requires_grad_()
+        out, _ = mod(x, hx)
+        g = torch.ones_like(out)
+        if where.startswith("grad"):
+            g[3, 2, 1] = float(where[5:])
+        out.backward(g)
+        got.append([out, x.grad] + [p.grad for p in mod.parameters()])
+    assert all(torch.isfinite(a).all() for a in got[0]) == all(torch.isfinite(b).all() for b in got[1])
+    for a, b in zip(*got):
+        ok, mine = torch.isfinite(b), torch.isfinite(a)
+        if with_hx:
+            assert torch.equal(mine, ok)
+            torch.testing.assert_close(a[ok], b[ok], **TOL[dtype])
+        else:
+            assert (mine | ~ok).all()
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_c_n_gradients(L):
     """a loss reading c_n of every layer (with and without output and h_n): every gradient

@@ -231,3 +231,31 @@ def test_transposed_weights_of_calls_in_turn_are_each_their_own(rng):
     for given, X, Y, want in cases + cases[::-1]:
         got = fastbptt.loss_and_grad(given, X, Y)
         assert got[0] == want[0] and all(np.array_equal(got[1][k], want[1][k]) for k in want[1])
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_check_finite_false_lets_nan_and_inf_flow(cell, rng):
+    # a framework's layers pass NaN and inf on (the bridges ask for that); by default each is an error
+    p = fastbptt.init_params(5, 6, 3, cell=cell, dtype=np.float64, seed=1)
+    X = rng.normal(0, 1, (4, 3, 5))
+    X[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match=r"X: non-finite value nan at index \(1, 2, 0\)"):
+        fastbptt.rnn_forward(p, X, cell=cell)
+    Hs, last, kept = fastbptt.rnn_forward(p, X, cell=cell, keep=True, check_finite=False)
+    bad = ~np.isfinite(Hs)
+    assert not bad[0].any() and bad[1:, 2].all() and not bad[:, :2].any()     # sequence 2 from step 2 on
+    dHs = np.ones_like(Hs)
+    dHs[0, 0, 1] = np.inf
+    with pytest.raises(ValueError, match="dHs: non-finite value inf"):
+        fastbptt.api.kept_backward(kept, dHs)
+    g = fastbptt.api.kept_backward(kept, dHs, check_finite=False)
+    assert not np.isfinite(g["W_hh"]).all() and not np.isfinite(g["h0"][0]).all()
+    assert np.isfinite(g["h0"][1]).all()                                       # sequence 1 apart from both
+    g2 = fastbptt.rnn_backward(p, X, Hs, dHs, cell=cell, check_finite=False)
+    for k in g:
+        np.testing.assert_array_equal(np.isfinite(g[k]), np.isfinite(g2[k]), err_msg=k)
+    # the check is per call: the next one looks again, also after a call that failed without it
+    with pytest.raises(ValueError, match="dHs: expected shape"):
+        fastbptt.rnn_backward(p, X, Hs, dHs[:2], cell=cell, check_finite=False)
+    with pytest.raises(ValueError, match="X: non-finite"):
+        fastbptt.rnn_backward(p, X, Hs, np.ones_like(Hs), cell=cell)

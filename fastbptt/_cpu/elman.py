@@ -39,9 +39,9 @@ def activate(h, j0, j1, act):
         if act == TANH:
             for j in range(z.shape[0]):
                 z[j] = tanh(z[j])
-        elif act == RELU:
+        elif act == RELU:                   # NaN stays NaN, as in torch.relu
             for j in range(z.shape[0]):
-                z[j] = z[j] if z[j] > zero else zero
+                z[j] = zero if z[j] < zero else z[j]
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -55,9 +55,9 @@ def dphi(dz, h, j0, j1, act):
         if act == TANH:
             for j in range(d.shape[0]):
                 d[j] *= one - y[j] * y[j]
-        elif act == RELU:
+        elif act == RELU:                   # 1 where h is NaN, as torch's threshold_backward
             for j in range(d.shape[0]):
-                d[j] = d[j] if y[j] > zero else zero
+                d[j] = zero if y[j] <= zero else d[j]
 
 
 # The tile's epilogues: φ after the forward product, ⊙ φ'(h) after the backward one.

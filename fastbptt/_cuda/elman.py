@@ -41,8 +41,8 @@ _SHARED_BYTES = 48 * 1024
 def _phi(z, act):
     if act == TANH:
         return math.tanh(z)
-    if act == RELU:
-        return z if z > 0 else z * 0
+    if act == RELU:                         # NaN stays NaN, as in torch.relu
+        return z * 0 if z < 0 else z
     return z
 
 
@@ -50,8 +50,8 @@ def _phi(z, act):
 def _dphi(h, act):
     if act == TANH:
         return 1 - h * h
-    if act == RELU:
-        return 1 if h > 0 else 0
+    if act == RELU:                         # 1 where h is NaN, as torch's threshold_backward
+        return 0 if h <= 0 else 1
     return 1
 
 
