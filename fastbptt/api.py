@@ -249,26 +249,21 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
     """
+    be = _backend(device)
     with _finite_checked(check_finite):
-        return _rnn_backward(_backend(device), params, X, Hs, dHs, h0, activation, truncation, cell, input_grad,
-                             forward, stored_states, dh_T, dCs)
-
-
-def _rnn_backward(be, params, X, Hs, dHs, h0, activation, truncation, cell, input_grad, forward, stored_states,
-                  dh_T, dCs):
-    m = _model_inputs(be, params, X, h0, cell, head=False)
-    stored = _stored_states(stored_states, m.X.shape[0])
-    lays = None
-    if forward is not None and stored is not None:
-        raise ValueError("stored_states: recomputes the forward within bounded memory; it takes no "
-                         "forward= (what rnn_forward kept), give one of them")
-    if forward is not None:
-        if not isinstance(forward, _Kept) or forward.stamp != _stamp(m):
-            raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
-                             "params, X and h0")
-        lays = forward.lays
-    Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
-    return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs)
+        m = _model_inputs(be, params, X, h0, cell, head=False)
+        stored = _stored_states(stored_states, m.X.shape[0])
+        lays = None
+        if forward is not None and stored is not None:
+            raise ValueError("stored_states: recomputes the forward within bounded memory; it takes no "
+                             "forward= (what rnn_forward kept), give one of them")
+        if forward is not None:
+            if not isinstance(forward, _Kept) or forward.stamp != _stamp(m):
+                raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
+                                 "params, X and h0")
+            lays = forward.lays
+        Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
+        return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs)
 
 
 def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None, dCs=None,

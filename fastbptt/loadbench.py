@@ -1,10 +1,10 @@
 """``fastbptt bench --load``: is fastbptt still faster than numpy when the machine is not quiet?
 
 Times one loss_and_grad (float32; the configs of ``configs_of(cell)``, any cell) against the
-plain numpy BPTT of the same cell (``fastbptt.peers``) under the conditions a user's machine sees, each system in fresh
-processes under the same condition, and reports fastbptt's speed over the *faster* of
-numpy with its BLAS's own threads and numpy with one BLAS thread (which never spins).
-Above 1: fastbptt is faster there.
+plain numpy BPTT of the same cell (``fastbptt.peers``) under the conditions a user's machine
+sees, each system in fresh processes under the same condition, and reports fastbptt's speed
+over the *faster* of numpy with its BLAS's own threads and numpy with one BLAS thread (which
+never spins).  Above 1: fastbptt is faster there.
 
     quiet            nothing else runs
     busy-neighbour   one busy-looping process beside it
