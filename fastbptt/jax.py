@@ -13,6 +13,11 @@ imports it.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
@@ -20,6 +25,7 @@ import numpy as np
 try:
     import jax
     import jax.numpy as jnp
+    from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 except ImportError as e:           # pragma: no cover - exercised by a test with jax hidden
     raise ImportError(f"fastbptt.jax needs jax: pip install fastbptt[jax] ({e})") from e
 
@@ -159,32 +165,40 @@ def _core(keys, cell, L, act, truncation, tokens, dt, shape):
     n_state = 2 if cell == "lstm" else 1
     out_shapes = (jax.ShapeDtypeStruct((T, B, H), dt),) + (jax.ShapeDtypeStruct((L, B, H), dt),) * n_state
 
-    def forward(P, X, state0):
+    def forward(P, X, state0, keep):
         res = jax.pure_callback(
-            lambda P, X, s0: _forward_np(keys, cell, act, P, X, s0, dt),
-            out_shapes, P, X, state0, vmap_method="sequential")
-        return res[0], tuple(res[1:])
+            lambda P, X, s0: _on_worker(_forward_np, keys, cell, act, P, X, s0, dt, keep),
+            out_shapes + (jax.ShapeDtypeStruct((), jnp.int32),), P, X, state0, vmap_method="sequential")
+        return res[0], tuple(res[1:-1]), res[-1]
 
     @jax.custom_vjp
     def f(P, X, state0):
-        return forward(P, X, state0)
+        return forward(P, X, state0, False)[:2]
 
     def fwd(P, X, state0):
-        Hs, last = forward(P, X, state0)
-        return (Hs, last), (P, X, state0, Hs)
+        # symbolic zeros: ∂L/∂X only where X is differentiated (its residual marker () rather than
+        # None), the last states' cotangents only where they are not zero
+        want_dx = () if X.perturbed and not tokens else None
+        P, X, state0 = jax.tree.map(lambda p: p.value, (P, X, state0),
+                                    is_leaf=lambda p: isinstance(p, CustomVJPPrimal))
+        Hs, last, handle = forward(P, X, state0, True)
+        return (Hs, last), (P, X, state0, Hs, handle, want_dx)
 
     def bwd(res, cot):
-        P, X, state0, Hs = res
+        P, X, state0, Hs, handle, want_dx = res
         dHs, dlast = cot
+        dHs = jnp.zeros(Hs.shape, dt) if isinstance(dHs, SymbolicZero) else dHs
+        dlast = None if all(isinstance(d, SymbolicZero) for d in dlast) else \
+            tuple(jnp.zeros(s.shape, dt) if isinstance(d, SymbolicZero) else d for d, s in zip(dlast, state0))
         grad_shapes = (tuple(jax.ShapeDtypeStruct(p.shape, dt) for p in P),
-                       None if tokens else jax.ShapeDtypeStruct(X.shape, dt),
+                       None if want_dx is None else jax.ShapeDtypeStruct(X.shape, dt),
                        tuple(jax.ShapeDtypeStruct(s.shape, dt) for s in state0))
         gP, gX, gs = jax.pure_callback(
-            lambda *a: _backward_np(keys, cell, L, act, truncation, dt, *a),
-            grad_shapes, P, X, state0, Hs, dHs, tuple(dlast), vmap_method="sequential")
+            lambda *a: _on_worker(_backward_np, keys, cell, L, act, truncation, dt, want_dx is not None, *a),
+            grad_shapes, P, X, state0, Hs, handle, dHs, dlast, vmap_method="sequential")
         return gP, gX, gs
 
-    f.defvjp(fwd, bwd)
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f
 
 
@@ -193,27 +207,79 @@ def _state_arg(cell, s):
     return (s[0], s[1]) if cell == "lstm" else s[0]
 
 
-def _forward_np(keys, cell, act, P, X, s0, dt):
+_worker, _worker_lock = {}, threading.Lock()       # {pid: this process's one-thread executor}
+
+
+def _on_worker(fn, *args):
+    """fn(*args) on this process's one fastbptt thread: XLA runs callbacks on several of its
+    threads, and the kernels' OpenMP runtime keeps a team of threads per calling thread, whose
+    idle teams would spin against the working one (docs/performance.md, "The JAX bridge").  A
+    forked child makes its own (its parent's thread is not in it)."""
+    pid = os.getpid()
+    with _worker_lock:
+        if pid not in _worker:
+            _worker.clear()
+            _worker[pid] = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastbptt-jax")
+        worker = _worker[pid]
+    return worker.submit(fn, *args).result()
+
+
+class _Kept:
+    """The forwards that differentiation ran (``rnn_forward(keep=True)``: the gates every layer's
+    backward needs), each under the handle its callback returned among the VJP's residuals, until
+    its backward takes it.  At most MAX: a forward whose backward never runs is dropped oldest
+    first, and a backward that finds no forward under its handle recomputes it (rnn_backward from
+    the residuals), which gives the same gradients."""
+    MAX = 8
+
+    def __init__(self):
+        self.forwards, self.lock, self.handles = OrderedDict(), threading.Lock(), itertools.count(1)
+
+    def put(self, forward):
+        with self.lock:
+            handle = next(self.handles) % (1 << 31)
+            self.forwards[handle] = forward
+            while len(self.forwards) > self.MAX:
+                self.forwards.popitem(last=False)
+        return handle
+
+    def take(self, handle):
+        with self.lock:
+            return self.forwards.pop(handle, None)
+
+
+_kept = _Kept()
+
+
+def _forward_np(keys, cell, act, P, X, s0, dt, keep):
+    """(Hs, the last states..., the kept forward's handle: 0 if none kept)"""
     params = dict(zip(keys, P))
-    Hs, last = api.rnn_forward(params, X, _state_arg(cell, s0), activation=act, cell=cell,
-                               return_state=True, check_finite=False)     # NaN and inf flow, as in JAX
+    Hs, last, *kept = api.rnn_forward(params, X, _state_arg(cell, s0), activation=act, cell=cell,
+                                      return_state=True, keep=keep, check_finite=False)  # NaN, inf flow as in JAX
     last = last if cell == "lstm" else (last,)
-    return (np.asarray(Hs, dt),) + tuple(np.asarray(s, dt) for s in last)
+    handle = _kept.put(kept[0]) if keep else 0
+    return (np.asarray(Hs, dt),) + tuple(np.asarray(s, dt) for s in last) + (np.int32(handle),)
 
 
-def _backward_np(keys, cell, L, act, truncation, dt, P, X, s0, Hs, dHs, dlast):
-    params = dict(zip(keys, (np.asarray(p) for p in P)))
-    X = np.asarray(X)
-    dlast = tuple(np.asarray(d, dt) for d in dlast)            # every layer's h_T (and c_T) cotangent
-    g = api.rnn_backward(params, X, np.asarray(Hs), np.asarray(dHs, dt),
-                         _state_arg(cell, tuple(np.asarray(s) for s in s0)),
-                         activation=act, truncation=truncation, cell=cell, input_grad=True,
-                         dh_T=_state_arg(cell, dlast), check_finite=False)
-    return _results(keys, g, X.ndim == 3, cell, dt)
+def _backward_np(keys, cell, L, act, truncation, dt, want_dx, P, X, s0, Hs, handle, dHs, dlast):
+    """the gradients (params, X or None, state) from the forward kept under ``handle`` or, if
+    it is gone, recomputed; dlast: every layer's h_T (and c_T) cotangent, None for zeros"""
+    dh_T = None if dlast is None else _state_arg(cell, tuple(np.asarray(d, dt) for d in dlast))
+    kept = _kept.take(int(handle))
+    if kept is not None:
+        g = api.kept_backward(kept, np.asarray(dHs, dt), activation=act, truncation=truncation,
+                              input_grad=want_dx, dh_T=dh_T, check_finite=False)
+    else:
+        params = dict(zip(keys, (np.asarray(p) for p in P)))
+        g = api.rnn_backward(params, np.asarray(X), np.asarray(Hs), np.asarray(dHs, dt),
+                             _state_arg(cell, tuple(np.asarray(s) for s in s0)),
+                             activation=act, truncation=truncation, cell=cell, input_grad=want_dx,
+                             dh_T=dh_T, check_finite=False)
+    return _results(keys, g, want_dx, cell, dt)
 
 
-def _results(keys, g, dense, cell, dt):
+def _results(keys, g, want_dx, cell, dt):
     gP = tuple(np.asarray(g[k], dt) for k in keys)
-    gX = np.asarray(g["X"], dt) if dense else None
+    gX = np.asarray(g["X"], dt) if want_dx else None
     gs = tuple(np.asarray(g[n], dt) for n in (("h0", "c0") if cell == "lstm" else ("h0",)))
     return gP, gX, gs

@@ -253,3 +253,75 @@ def test_nan_flows_as_in_the_scan(cell, rng):
         np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
         np.testing.assert_allclose(a[np.isfinite(b)], b[np.isfinite(b)], rtol=1e-9, atol=1e-10)
     assert not all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(got))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_backward_uses_the_kept_forward_or_recomputes_it(cell, rng, monkeypatch):
+    # differentiation keeps the forward for its backward (no second forward); a backward that
+    # finds it gone (more forwards than _Kept.MAX before it) recomputes it: the same gradients
+    p, X, s0, w = make(cell, 2, rng)
+    ours, ref = losses(cell, 2, w, True)
+    want = jax.grad(ref, argnums=(0, 1, 2))(p, X, s0)
+    calls = []
+    for fn in ("rnn_backward", "kept_backward"):
+        real = getattr(fastbptt.api, fn)
+        monkeypatch.setattr(fastbptt.api, fn, lambda *a, _f=real, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    close(jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(p, X, s0), want)
+    assert calls == ["kept_backward"] and not fj._kept.forwards
+    calls.clear()
+    monkeypatch.setattr(fj._kept, "MAX", 0)
+    close(jax.grad(ours, argnums=(0, 1, 2))(p, X, s0), want)
+    assert calls == ["rnn_backward"]
+
+
+def test_vmapped_forwards_each_keep_their_own(rng):
+    p, X, s0, w = make("lstm", 1, rng)
+    Xs = jnp.stack([X, 0.5 * X, -X])
+
+    def loss(p, X):
+        out, (h, c) = fj.rnn(p, X)
+        return jnp.sum(out * w["o"]) + jnp.sum(c * w["s"][1])
+
+    def ref_loss(p, X):
+        out, (h, c) = ref_rnn(p, X, tuple(jnp.zeros_like(s) for s in s0), "lstm", 1)
+        return jnp.sum(out * w["o"]) + jnp.sum(c * w["s"][1])
+    got = jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(None, 0))(p, Xs)
+    want = jax.vmap(jax.grad(ref_loss, argnums=(0, 1)), in_axes=(None, 0))(p, Xs)
+    close(got, want)
+
+
+@pytest.mark.parametrize("argnums", [(0,), (0, 1)])
+def test_input_gradient_only_where_asked_for(argnums, rng, monkeypatch):
+    # JAX's symbolic zeros: ∂L/∂X is computed only when X is differentiated, and the last
+    # states' cotangents are passed only when the loss reads them
+    p, X, s0, w = make("gru", 1, rng)
+    seen = []
+    real = fastbptt.api.kept_backward
+    monkeypatch.setattr(fastbptt.api, "kept_backward",
+                        lambda *a, **k: seen.append((k["input_grad"], k["dh_T"] is None)) or real(*a, **k))
+    ours, ref = losses("gru", 1, w, True, state_terms=False)
+    close(jax.grad(ours, argnums=argnums)(p, X, s0), jax.grad(ref, argnums=argnums)(p, X, s0))
+    assert seen == [(1 in argnums, True)]
+
+
+def test_every_engine_call_runs_on_one_thread(rng, monkeypatch):
+    # XLA runs callbacks on several threads; the bridge's engine calls all run on its one worker
+    import threading
+    p, X, s0, w = make("gru", 1, rng)
+    ours, ref = losses("gru", 1, w, True)
+    threads = set()
+    for fn in ("rnn_forward", "kept_backward"):
+        real = getattr(fastbptt.api, fn)
+        monkeypatch.setattr(fastbptt.api, fn,
+                            lambda *a, _f=real, **k: threads.add(threading.current_thread().name) or _f(*a, **k))
+    g = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))
+    for _ in range(4):
+        close(g(p, X, s0), jax.grad(ref, argnums=(0, 1, 2))(p, X, s0))
+    assert len(threads) == 1 and threads.pop().startswith("fastbptt-jax")
+
+
+def test_an_error_in_the_engine_reaches_the_caller(rng):
+    p, _, s0, w = make("lstm", 1, rng)
+    ids = jnp.asarray(rng.integers(0, D, (T, B))).at[1, 1].set(D + 3)      # a token id out of range
+    with pytest.raises(Exception, match=r"X: token id 7 out of range"):
+        jax.block_until_ready(fj.rnn(p, ids)[0])
