@@ -94,6 +94,34 @@ def test_cuda_path_same_as_cpu_path(kind, monkeypatch):
 
 
 @sim_only
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_path_lets_nan_and_inf_flow_as_the_cpu_path(kind, monkeypatch):
+    """a NaN in the input and an inf in the output's gradient reach the same outputs and
+    gradients as on the CPU path (which is torch.nn's: test_torch_bridge), the rest equal"""
+    m, r = pair(kind, 2)
+    X, hx, Wo, _ = inputs(2, False, torch.float64, r, True)
+    X = X.clone()
+    X[2, 1, 3] = float("nan")
+    Wo = Wo.clone()
+    Wo[3, 2, 1] = float("inf")
+    cpu = run(m, X, hx, Wo, None)
+    with monkeypatch.context() as mp:
+        places = use_sim(mp)
+        got = run(m, X, hx, Wo, None)
+    assert places, "the CUDA path did not run"
+
+    def flat(r):
+        out, hn, grads = r
+        return [out, *(hn if isinstance(hn, tuple) else (hn,)), *grads]
+    got, cpu = flat(got), flat(cpu)
+    assert len(got) == len(cpu) and not all(torch.isfinite(t).all() for t in cpu)
+    for a, b in zip(got, cpu):
+        ok = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), ok)
+        torch.testing.assert_close(a[ok], b[ok], atol=1e-9, rtol=1e-9)
+
+
+@sim_only
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
 def test_cuda_path_bidirectional_with_dropout(kind, monkeypatch):
     """bidirectional, two layers, dropout between them in training mode (the same seed): the

@@ -47,12 +47,14 @@ def _phi(z, act):
 
 
 @cuda.jit(device=True)
-def _dphi(h, act):
+def _times_dphi(a, h, act):
+    """a ⊙ φ'(z) written with h = φ(z); relu's a select, as torch's threshold_backward: 0 where
+    h ≤ 0 (h · 0: a zero of h's type) even for an infinite a, a where h is NaN"""
     if act == TANH:
-        return 1 - h * h
-    if act == RELU:                         # 1 where h is NaN, as torch's threshold_backward
-        return 0 if h <= 0 else 1
-    return 1
+        return a * (1 - h * h)
+    if act == RELU:
+        return h * 0 if h <= 0 else a
+    return a
 
 
 # ---------------------------------------------------------------------- step path
@@ -79,7 +81,7 @@ def _dz_step_cuda(dZ, s, carry, xi, Hx, act):
         a = dZ[s, b, j]
         if xi != 0:
             a += xi * carry[b, j]
-        dZ[s, b, j] = a * _dphi(Hx[s + 1, b, j], act)
+        dZ[s, b, j] = _times_dphi(a, Hx[s + 1, b, j], act)
 
 
 @cuda.jit
@@ -165,7 +167,7 @@ def _persistent_kernels(dtype):
                     a = dZ[s, b, j]
                     if x != 0:
                         a += x * carry[b, j]
-                    dZ[s, b, j] = a * _dphi(Hx[s + 1, b, j], act)
+                    dZ[s, b, j] = _times_dphi(a, Hx[s + 1, b, j], act)
             grid.sync()
             for idx in range(tid, B * C, nt):            # carry = dz_s W_hhᵀ
                 b, jl = idx // C, idx % C
@@ -245,7 +247,7 @@ def chain_cuda(A, h, dZ, act):
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for idx in range(start, rows * H, stride):
         r, j = idx // H, idx % H
-        dZ[r, j] = A[r, j] * _dphi(h[r, j], act)
+        dZ[r, j] = _times_dphi(A[r, j], h[r, j], act)
 
 
 # --------------------------------------------------------------- the graph's calls
