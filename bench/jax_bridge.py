@@ -36,7 +36,7 @@ import numpy as np
 
 import fastbptt.jax as fj
 from fastbptt import bench, peers
-from fastbptt.jax import _Kept
+from fastbptt.jax import _KeptForwards
 
 
 def make_fastbptt_jax(params, X, Y, h0, kept=True, module=fj):
@@ -56,13 +56,13 @@ def make_fastbptt_jax(params, X, Y, h0, kept=True, module=fj):
 
     def call():
         if module is fj:
-            fj._kept.MAX = _Kept.MAX if kept else 0
+            fj._kept.MAX = _KeptForwards.MAX if kept else 0
         try:
             loss, grads = f(*args)
             jax.block_until_ready(grads)
         finally:
             if module is fj:
-                fj._kept.MAX = _Kept.MAX
+                fj._kept.MAX = _KeptForwards.MAX
         return float(loss)
     return call
 

@@ -224,7 +224,7 @@ def _on_worker(fn, *args):
     return worker.submit(fn, *args).result()
 
 
-class _Kept:
+class _KeptForwards:
     """The forwards that differentiation ran (``rnn_forward(keep=True)``: the gates every layer's
     backward needs), each under the handle its callback returned among the VJP's residuals, until
     its backward takes it.  At most MAX: a forward whose backward never runs is dropped oldest
@@ -248,7 +248,7 @@ class _Kept:
             return self.forwards.pop(handle, None)
 
 
-_kept = _Kept()
+_kept = _KeptForwards()
 
 
 def _forward_np(keys, cell, act, P, X, s0, dt, keep):
