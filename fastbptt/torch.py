@@ -375,13 +375,19 @@ class _Bridge:
     def __prepare_scriptable__(self):
         raise NotImplementedError(_no_torchscript(type(self).__name__))
 
+    def _weight(self, name):
+        """the weight ``name`` as this forward reads it: from torch.nn's own list of them, which
+        forward refreshes as torch.nn's does (so a parametrized weight, spectral_norm's say, is
+        computed as often as in torch.nn, and torch.func.functional_call's are seen)"""
+        return self._flat_weights[self._flat_weights_names.index(name)]
+
     def _layer_weights(self, l, d=0):
         """layer l's parameters of direction d (1: the reverse one), in _Function's order"""
         sfx = "_reverse" if d else ""
         names = [f"weight_ih_l{l}{sfx}", f"weight_hh_l{l}{sfx}"]
         if self.bias:
             names += [f"bias_ih_l{l}{sfx}", f"bias_hh_l{l}{sfx}"]
-        return [getattr(self, n) for n in names]
+        return [self._weight(n) for n in names]
 
     def _fastbptt_weights(self):
         return [w for l in range(self.num_layers) for d in range(1 + self.bidirectional)
@@ -402,7 +408,7 @@ class _Bridge:
         lstm = self.mode == "LSTM"
         proj = lstm and self.proj_size > 0
         if proj:
-            w_hr = getattr(self, f"weight_hr_l{l}{'_reverse' if d else ''}")
+            w_hr = self._weight(f"weight_hr_l{l}{'_reverse' if d else ''}")
             h0 = s0[0]
             if h0 is not None:
                 if not x.is_floating_point():
@@ -482,6 +488,7 @@ class _Bridge:
                 input = input.index_select(1, packed.sorted_indices)
                 lengths = lengths[packed.sorted_indices.cpu()]
         batch_first = self.batch_first and packed is None
+        self._update_flat_weights()                  # as torch.nn's forward does first (see _weight)
         weights = self._fastbptt_weights()
         place = _place([input, *self.parameters()] + ([] if hx is None else list(hx) if lstm else [hx]), name)
         wdt = weights[0].dtype

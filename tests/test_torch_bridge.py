@@ -593,6 +593,23 @@ def test_nan_and_inf_flow_as_in_torch_nn(kind, where, dtype, with_hx):
             assert (mine | ~ok).all()
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("how", ["spectral_norm", "weight_norm"])
+def test_parametrized_weights_as_in_torch_nn(kind, how):
+    # a parametrization (spectral_norm advances its power iteration each time the weight is read,
+    # in training mode) is read as often as torch.nn reads it: outputs and gradients equal, step
+    # after step
+    from torch.nn.utils import parametrizations
+    m, r = pair(kind, 2)
+    for mod in (m, r):
+        getattr(parametrizations, how)(mod, "weight_hh_l0")
+    m.load_state_dict(r.state_dict())
+    X, hx, Wo, Wh = inputs(2, False, torch.float64, r, True)
+    for _ in range(3):
+        got, want = run(m, X, hx, Wo, Wh), run(r, X, hx, Wo, Wh)
+        assert_same(got, want, torch.float64)
+
+
 @pytest.mark.parametrize("L", [1, 3])
 def test_c_n_gradients(L):
     """a loss reading c_n of every layer (with and without output and h_n): every gradient
