@@ -9,7 +9,9 @@
 (a) the book's concise models (d2l §9.1: one-hot -> nn.GRU / nn.LSTM(28, 256) -> Linear -> mean CE),
     T=35, B=32, V=28, H=256, float32; fastbptt.torch also with the token ids as its input
     (no one-hot: its extension beyond torch.nn);
-(b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32;
+(b) a DeepBench-like LSTM: T=25, B=64, D=H=512, dense input, loss = output.sum(), float32; with
+    ``--only deepbench-gru,wide-gru,wide-lstm`` the rest of ``fastbptt bench --cell gru|lstm``'s
+    shapes the same way (DeepBench's GRU; T=32, B=32, D=H=1024);
 (c) with ``--only bidir-gru,bidir-lstm,dropout-lstm,packed-gru,packed-lstm,proj-lstm``: two layers of
     T=35, B=32, D=H=256, dense input, bidirectional, or with dropout 0.3 between the layers in
     training mode, or one layer on a PackedSequence of 32 lengths drawn from 10..35, or one LSTM
@@ -185,7 +187,9 @@ def main():
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
     G = {"GRU": 3, "LSTM": 4}
     flops = {f"d2l-{k.lower()}": bench.flops(35, 32, 28, 256, 28, G[k]) for k in G}
-    flops["deepbench-lstm"] = bench.flops(25, 64, 512, 512, 0, 4, dense=True)
+    for k in G:
+        flops[f"deepbench-{k.lower()}"] = bench.flops(25, 64, 512, 512, 0, G[k], dense=True)
+        flops[f"wide-{k.lower()}"] = bench.flops(32, 32, 1024, 1024, 0, G[k], dense=True)
     global BEFORE, INFERENCE
     INFERENCE = a.inference
     if a.before:
@@ -196,6 +200,9 @@ def main():
     torch.set_num_threads(numba.get_num_threads())
     cases = {"d2l-gru": lambda: d2l_case("GRU", a.device), "d2l-lstm": lambda: d2l_case("LSTM", a.device),
              "deepbench-lstm": lambda: dense_case("LSTM", a.device, 25, 64, 512, 512),
+             "deepbench-gru": lambda: dense_case("GRU", a.device, 25, 64, 512, 512),
+             "wide-gru": lambda: dense_case("GRU", a.device, 32, 32, 1024, 1024),
+             "wide-lstm": lambda: dense_case("LSTM", a.device, 32, 32, 1024, 1024),
              "bidir-gru": lambda: dense_case("GRU", a.device, 35, 32, 256, 256, 2, bidirectional=True),
              "bidir-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, bidirectional=True),
              "dropout-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, 2, dropout=0.3),
