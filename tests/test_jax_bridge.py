@@ -325,3 +325,18 @@ def test_an_error_in_the_engine_reaches_the_caller(rng):
     ids = jnp.asarray(rng.integers(0, D, (T, B))).at[1, 1].set(D + 3)      # a token id out of range
     with pytest.raises(Exception, match=r"X: token id 7 out of range"):
         jax.block_until_ready(fj.rnn(p, ids)[0])
+
+
+def test_forwards_whose_backward_never_runs_are_bounded(rng):
+    # jax.vjp runs the differentiating forward; a vjp function never called leaves its forward in
+    # the table, which keeps at most MAX of them (the oldest dropped first)
+    p, X, s0, w = make("lstm", 1, rng)
+    fj._kept.forwards.clear()
+    for _ in range(3 * fj._kept.MAX):
+        out, vjp = jax.vjp(lambda p: fj.rnn(p, X)[0], p)
+        jax.block_until_ready(out)
+    assert len(fj._kept.forwards) == fj._kept.MAX
+    got = vjp(jnp.ones_like(out))                          # the last one's is still there
+    want = jax.vjp(lambda p: ref_rnn(p, X, tuple(jnp.zeros_like(s) for s in s0), "lstm", 1)[0], p)[1](
+        jnp.ones_like(out))
+    close(got, want)
