@@ -150,14 +150,17 @@ def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
         return run.output(lays[-1].S), run.last_states(cell, lays), kept
 
 
-def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None, dC=None):
+def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None, dC=None,
+                 want_d0=True):
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
     top layer's states S (T+1,B,H) and direct terms dH (overwritten), ``end`` (one tuple
     per layer: the adjoints of the last states, or None) and the LSTM's dC (see backward).
     ``lays``: the records of rnn_forward(keep=True), which hold the states (S is then None);
     else one Elman layer uses S as it is, and other cells and stacks recompute their forward
-    from X and state0."""
+    from X and state0.  ``want_d0=False``: the state gradients are not wanted (they are then
+    zeros or partial where that saves work: Run.cross)."""
     with be.begin(P, X, "backward", cell, L) as run:
+        run.want_d0 = want_d0
         dH = run.given(dH)
         if lays is None:
             S = run.given(S)

@@ -229,7 +229,7 @@ def _stamp(m):
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
                  device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None,
-                 dCs=None, check_finite=True):
+                 dCs=None, state_grads=True, check_finite=True):
     """BPTT through the recurrent layers alone, for any head on top.
 
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
@@ -247,7 +247,8 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     ``check_finite`` as in :func:`rnn_forward`, for every array given here.
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
-    dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).
+    dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).  ``state_grads=False``:
+    no "h0" nor "c0", and the product that only they need is skipped.
     """
     be = _backend(device)
     with _finite_checked(check_finite):
@@ -263,11 +264,11 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
                                  "params, X and h0")
             lays = forward.lays
         Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
-        return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs)
+        return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs, state_grads)
 
 
 def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_grad=False, dh_T=None, dCs=None,
-                  check_finite=True):
+                  state_grads=True, check_finite=True):
     """:func:`rnn_backward` (arguments and results as there) from ``forward``, what
     ``rnn_forward(..., keep=True)`` kept, for a caller that owns that forward's params, X and
     h0 and has not changed them since: a framework's autograd function (the PyTorch bridge:
@@ -278,10 +279,11 @@ def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_gra
     be, m = forward.be, forward.m
     with _finite_checked(check_finite):
         _, dZ = _states_and_adjoints(be, None, dHs, m, stack=False, check_hs=False)
-        return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T, dCs)
+        return _backward(be, m, None, dZ, forward.lays, None, activation, truncation, input_grad, dh_T, dCs,
+                         state_grads)
 
 
-def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs):
+def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs, state_grads=True):
     """rnn_backward's gradients from its validated inputs (dCs not yet validated)"""
     k, xi = _truncation(truncation, m.X.shape[0], m.dtype)
     want_dx = bool(input_grad) and m.X.ndim == 3
@@ -296,11 +298,12 @@ def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, d
         dCs = _floats(be, "dCs", dCs, tuple(m.X.shape[:2]) + (m.H,), m.dtype)
     if stored is None:
         grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0, act, k, xi, m.L, want_dx,
-                                        lays, end, dCs)
+                                        lays, end, dCs, want_d0=bool(state_grads))
     else:
         grads, d0 = _model.bounded_rnn_backward(be, m.module, m.P, m.X, dZ, m.state0, act, k, xi, m.L,
                                                 want_dx, stored, end)
-    grads.update(zip(("h0", "c0"), m.shaped(d0)))
+    if state_grads:
+        grads.update(zip(("h0", "c0"), m.shaped(d0)))
     return grads
 
 

@@ -312,8 +312,10 @@ class _Gradients(torch.autograd.Function):
                 dh_T = tuple(zeros((L, B, H)) if d is None else place.array(d) for d in ends)
                 dh_T = dh_T if cfg.cell == "lstm" else dh_T[0]
             dCs = None if d_cs is None else place.array(d_cs)
+            want_d0 = (h0 is not None and bool(needs[2])) or (c0 is not None and bool(needs[3]))
             g = api.kept_backward(kept, dHs, activation=cfg.act, truncation=cfg.truncation,
-                                  input_grad=want_dx, dh_T=dh_T, dCs=dCs, check_finite=False)
+                                  input_grad=want_dx, dh_T=dh_T, dCs=dCs, state_grads=want_d0,
+                                  check_finite=False)
 
             t = place.tensor
             dX = t(g["X"]) if want_dx else None

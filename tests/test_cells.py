@@ -277,6 +277,20 @@ def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
         fastbptt.api.kept_backward(None, dHs)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_without_state_gradients(cell, rng):
+    """state_grads=False: the same parameter gradients (and ∂X), no "h0" nor "c0" """
+    params, X, _, given, _, _ = case(rng, cell, 2, dense=True)
+    Hs, _, kept = fastbptt.rnn_forward(params, X, given, keep=True)
+    dHs = rng.normal(0, 1, Hs.shape)
+    want = fastbptt.api.kept_backward(kept, dHs, input_grad=True)
+    for got in (fastbptt.api.kept_backward(kept, dHs, input_grad=True, state_grads=False),
+                fastbptt.rnn_backward(params, X, Hs, dHs, given, input_grad=True, state_grads=False)):
+        assert set(got) == set(want) - {"h0", "c0"}
+        for key in got:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
 def test_kept_records_are_taken_again_once_released(rng):
     """a framework's loop keeps one forward at a time: the buffers of a released one serve the
     next (no fresh pages every step), never those of one still held"""

@@ -86,8 +86,6 @@ def test_cli_generate_unknown_prefix_warns_with_the_flag(checkpoint):
     assert out.stdout.startswith("az")
 
 
-
-
 @pytest.mark.parametrize("cell, layers", [("rnn", 1), ("rnn", 2), ("gru", 1), ("gru", 2), ("lstm", 1), ("lstm", 3)])
 def test_generate_carries_the_state_of_every_cell_and_layer(cell, layers, rng):
     """Generation, the state carried step by step, equals rerunning the whole sequence at each

@@ -169,7 +169,6 @@ def test_cuda_array_on_the_cpu_path_is_a_type_error(case):
         call(params, DeviceArray(), Y)
 
 
-
 STRIDED = {"transposed": lambda W: np.ascontiguousarray(W.T).T,
            "every-other-row": lambda W: np.repeat(W, 2, axis=0)[::2],
            "column-slice": lambda W: np.hstack([np.ones((W.shape[0], 1)), W])[:, 1:]}

@@ -158,6 +158,7 @@ class Run(LayerParams):
     def __init__(self, P, X, kind, cell, L, keep=False):
         self.P, self.X, self.kind, self.cell, self.L = P, X, kind, cell, L
         self.keep = keep                  # the records outlive the call (Run.record)
+        self.want_d0 = True               # the state gradients are asked for (Run.cross)
         self._taken = []
         self.T, self.B = X.shape[:2]
         self.H = P["W_hh"].shape[0]
@@ -404,10 +405,11 @@ class Run(LayerParams):
                  self.n)
 
     def cross(self, dR0, WTp, x):
-        """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0"""
+        """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0 (zeros when the caller asked
+        for no state gradients, want_d0)"""
         dh0 = products.empty((self.B, self.H), dR0.dtype)
         dh0[:] = 0
-        if x != 0:
+        if x != 0 and self.want_d0:
             gemm_cpu(dh0, dR0, WTp, x, self.blk("rows"), self.n)
         return dh0
 

@@ -65,7 +65,6 @@ Activate = namedtuple("ElmanActivate", "act")
 Derivative = namedtuple("ElmanDerivative", "h act")
 
 
-
 @overload(epilogue, jit_options={"cache": True})
 def _epilogue(post, C, m0, m1, j0, j1):
     if of_type(post, Activate):

@@ -107,7 +107,6 @@ Forward = namedtuple("GRUForward", "S Z N Wp blk")
 Backward = namedtuple("GRUBackward", "A carry xi S Z N dP dR WTp blk")
 
 
-
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """step s (h_{s+1} from h_s = S[s]) on rows [r0, r1) and units [j0, j1): adds

@@ -276,7 +276,6 @@ def _best_times(fns, rounds):
     return best
 
 
-
 def measure_sweep(cell, dtype, B, H, threads, seen=None):
     """(lanes, kc, mc): the fastest forward sweeps of ``cell`` (its module's
     ``sweep_probe``) on B x H steps (SWEEP_PROBE_MACS in all, best of 7) on one lane,

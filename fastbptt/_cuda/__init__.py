@@ -75,6 +75,7 @@ class Run(LayerParams):
         self.H = P["W_hh"].shape[0]
         self.dtype = P["W_hh"].dtype
         self._X = None
+        self.want_d0 = True                   # the state gradients are asked for (Run.cross)
 
     def __enter__(self):
         return self
@@ -235,9 +236,10 @@ class Run(LayerParams):
              W, tb=True, beta=1.0)
 
     def cross(self, dR0, W_hh, x):
-        """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0"""
+        """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0 (zeros when the caller asked
+        for no state gradients, want_d0)"""
         dh0 = zeros((self.B, self.H), dR0.dtype)
-        if x != 0:
+        if x != 0 and self.want_d0:
             gemm(dh0, dR0, W_hh, tb=True, alpha=float(x))
         return dh0
 
