@@ -309,6 +309,7 @@ def row_chunk(M, c, n):
 
 
 # ------------------------------------------------------------ a gated cell's columns
+@functools.lru_cache(maxsize=64)
 def interleaved(H, G, lanes):
     """The order in which the engine keeps the G·H columns of a gated cell's products
     (column i here is column cols[i] of the natural [gate 0 | gate 1 | ...] layout): for each
@@ -322,7 +323,9 @@ def interleaved(H, G, lanes):
         u0, u1 = chunk.py_func(H, c, lanes)
         for g in range(G):
             cols.extend(range(g * H + u0, g * H + u1))
-    return np.array(cols, np.int64)
+    cols = np.array(cols, np.int64)
+    cols.flags.writeable = False            # one array per (H, G, lanes), shared by every call
+    return cols
 
 
 # ---------------------------------------------------------------------------- packing
