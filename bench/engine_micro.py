@@ -11,6 +11,8 @@
     python bench/engine_micro.py phases CELL T B D H  # where a loss_and_grad's time goes (cProfile,
                                             # D <= 64: token ids, else dense input), and two of its
                                             # short passes alone in a loop
+    python bench/engine_micro.py spells CELL T B D H  # loss_and_grad and numpy's GEMM in turn for 30 s:
+                                            # each block's call, the GEMM rate beside it, the share
     python bench/engine_micro.py overhead   # the fixed cost of a call: loss_and_grad of one step, one unit
     python bench/engine_micro.py redraw     # d2l-concise's best call, again after each of six fresh draws of
                                             # its kept buffers (the old ones held), and the team's times
@@ -226,6 +228,27 @@ def bench_phases():
         embed = lambda: projections.embed_tokens_cpu(pre, X, p["W_xh"], p["b_h"], n)   # noqa: E731
         print(f"   embed_tokens_cpu {best_ms(embed, reps=50):.3f} ms", end="")
     print()
+
+
+def bench_spells():
+    """a float32 loss_and_grad and numpy's 2048³ GEMM in turn for about 30 s: each block's
+    median call, the GEMM rate beside it and the call's share of that rate, so that a slow
+    spell of the host shows in both (every thread, as fastbptt bench runs them)"""
+    import fastbptt
+    from fastbptt import bench
+    cell, T, B, D, H, p, X, Y = _argv_workload()
+    G = p["W_hh"].shape[1] // H
+    flops = bench.flops(T, B, D, H, 28, G, dense=X.ndim == 3)
+    call = lambda: fastbptt.loss_and_grad(p, X, Y)                      # noqa: E731
+    best_ms(call)
+    start = time.perf_counter()
+    while time.perf_counter() - start < 30:
+        ms = float(np.median([best_ms(call, reps=1, rounds=1) for _ in range(20)]))
+        time.sleep(bench.PAUSE)                   # numba's threads idle before numpy's BLAS runs
+        gemm = bench.gemm_rate(runs=3)
+        time.sleep(bench.PAUSE)                   # and OpenBLAS's before the next block
+        print(f"{time.perf_counter() - start:5.1f} s  {cell} T={T} B={B} D={D} H={H}: {ms:.2f} ms, GEMM "
+              f"{gemm:.0f} GFLOP/s, {100 * flops / ms / 1e6 / gemm:.1f} % of it", flush=True)
 
 
 def bench_overhead():
@@ -549,5 +572,5 @@ if __name__ == "__main__":
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
-     "coldcall": bench_coldcall, "compile": bench_compile,
+     "coldcall": bench_coldcall, "compile": bench_compile, "spells": bench_spells,
      "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
