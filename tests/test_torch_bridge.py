@@ -215,6 +215,28 @@ def test_two_models_forward_then_backward_in_turn(kind):
             torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float64], msg=name)
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("which", ["none", "h", "c"])
+def test_state_gradients_only_where_asked(kind, which):
+    """a given hx that needs no gradient (d2l's detached state) gets none, and skipping it
+    changes no other gradient; one of the LSTM's pair asked for still gets it"""
+    ours, theirs = pair(kind, 2)
+    X, hx, Wo, _ = inputs(2, False, torch.float64, ours, True)
+    got = {}
+    for name, m in (("ours", ours), ("theirs", theirs)):
+        m.zero_grad(set_to_none=True)
+        h = tuple(s.clone() for s in hx) if is_lstm(m) else (hx.clone(),)
+        if which != "none" and (which == "h" or is_lstm(m)):
+            h[0 if which == "h" else 1].requires_grad_()
+        out, _ = m(X, h if is_lstm(m) else h[0])
+        (out * Wo).sum().backward()
+        got[name] = [s.grad for s in h] + [p.grad for p in m.parameters()]
+    for a, b in zip(got["ours"], got["theirs"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
 def test_lent_arrays_come_back_only_when_dropped_and_within_the_cap(monkeypatch):
     import gc
     from fastbptt import config
