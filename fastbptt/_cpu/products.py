@@ -317,15 +317,19 @@ def interleaved(H, G, lanes):
     lane then owns the contiguous columns [G·u0, G·u1) with every gate of its units, so a
     step's pointwise part needs no other lane's columns, and each gate of its units is one
     run of u1 − u0 columns: the pointwise loops run over whole runs, not groups of a vector
-    (docs/performance.md, "gate columns").  One lane: the natural order."""
+    (docs/performance.md, "gate columns").  One lane: the natural order.  A new array, copied
+    from one made once per (H, G, lanes)."""
+    return _interleaved(H, G, lanes).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _interleaved(H, G, lanes):
     cols = []
     for c in range(lanes):
         u0, u1 = chunk.py_func(H, c, lanes)
         for g in range(G):
             cols.extend(range(g * H + u0, g * H + u1))
-    cols = np.array(cols, np.int64)
-    cols.flags.writeable = False            # one array per (H, G, lanes), shared by every call
-    return cols
+    return np.array(cols, np.int64)
 
 
 # ---------------------------------------------------------------------------- packing
