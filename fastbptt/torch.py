@@ -35,15 +35,17 @@ and the LSTM's ``proj_size`` run the stack a layer and a direction at a time, jo
 torch.nn joins them (``_Bridge._by_layer``); the dropout masks are torch's own draws, so from
 the same seed the results are torch.nn's.  With ``proj_size`` (h_t = W_hr (o ⊙ tanh c_t)) each
 call is the plain LSTM on o ⊙ tanh(c_t) with weight_hh·weight_hr its recurrent weight, torch
-projecting its output (``_Bridge._layer``).  A PackedSequence gives each sequence the outputs
+projecting its output (``_projected``; under truncation weight_hr's recurrent gradient comes
+from a second call, so that a window never credits it with the state it starts from).  A
+PackedSequence gives each sequence the outputs
 and last state of its own steps, from one call over all steps each way: h_n is read off the
 output at each sequence's last step, and the LSTM's c_n off its cell states there
 (``api.kept_cell_states``, whose gradient enters the backward at that step:
 ``kept_backward(dCs=)``).  With ``truncation=``, each sequence's terms are counted within its
 own steps, h_n's and c_n's joining its last step's term.
 
-Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer):
-``truncation=`` with ``proj_size > 0``, tensors neither on the CPU nor on a CUDA GPU.
+Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): tensors
+neither on the CPU nor on a CUDA GPU.
 Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a
 lower-precision input runs in it too, and the outputs are of it (autocast's later ops cast them
 as they need).  The gradients are not differentiable again (a second backward raises
@@ -54,6 +56,7 @@ the ``torch.nn`` module with the same state_dict instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 
 try:
@@ -371,6 +374,61 @@ def _gather_steps(x, index):
     return x.gather(0, index)
 
 
+def _projected(cfg, x, s0, w, w_hr):
+    """(output, h_n, c_n[, c_1..c_T]) of one LSTM layer with proj_size P, h_t = W_hr m_t,
+    m_t = o ⊙ tanh(c_t): the plain LSTM on m, its recurrent weight W_hh W_hr (4H,H), so that its
+    gates get m_{t-1} W_hrᵀ W_hhᵀ = h_{t-1} W_hhᵀ, torch projecting its output.  A given h_0
+    (which no m_0 need give) joins step 1's input side as P more input columns, weight_hh
+    their weight (the kernel's own m_0 is zero); under Randomized its gradient is scaled by
+    ξ_1 there, as the state's crossing into step 1 is.
+
+    Under truncation W_hr is used at step t to make h_t, which step t+1 reads: a loss term's
+    window credits W_hr with the steps before the window's first, never with the state that
+    window starts from.  Inside the fused weight it would be (that state's projection is the
+    first step's input), so W_hr's recurrent gradient comes from a second call on the same
+    values, whose other inputs are constants: Truncated(k) → Truncated(k-1) on the weight
+    W_hh W_hr (the terms one step short of the window's start); Randomized → each step's
+    crossing ξ_t applied to m_{t-1}, given as extra input columns whose weight is W_hh W_hr
+    (valued zero, so the gates are the same).  Its outputs join the first call's at zero value
+    (b − b.detach()), so that the output's gradient reaches both."""
+    tr = cfg.truncation
+    h0, c0 = s0
+    if h0 is not None:
+        if not x.is_floating_point():
+            x = torch.nn.functional.one_hot(x, w[0].shape[1]).to(h0.dtype)
+        if isinstance(tr, Randomized):
+            xi_1 = float(tr.draw(x.shape[0], np.float64)[0])
+            h0 = h0.detach() + xi_1 * (h0 - h0.detach())
+        x = torch.cat([x, torch.cat([h0, h0.new_zeros((x.shape[0] - 1,) + h0.shape[1:])], 0)], 2)
+        w = [torch.cat([w[0], w[1]], 1)] + w[1:]
+    s0 = [None, None] if c0 is None else [c0.new_zeros(c0.shape), c0]
+    k = tr.k if isinstance(tr, Truncated) and tr.k < x.shape[0] else None
+    full = tr is None or (k is None and not isinstance(tr, Randomized))
+    if full or not (torch.is_grad_enabled() and w_hr.requires_grad):      # (no gradient of W_hr)
+        out = _run(cfg, x, *s0, w[0], w[1] @ w_hr, *w[2:])
+    else:
+        out = _run(cfg, x, *s0, w[0], w[1] @ w_hr.detach(), *w[2:])
+        if k != 1:
+            b_cfg = copy.copy(cfg)
+            b_cfg.input_grad, b_cfg.kept, b_cfg.grad = False, None, True
+            const = [None if t is None else t.detach() for t in (x, *s0, *w)]
+            xb, h0b, c0b, w_ih, w_hh, *bias = const
+            if k is not None:
+                b_cfg.truncation = Truncated(k - 1)
+                out_b = _run(b_cfg, xb, h0b, c0b, w_ih, w_hh @ w_hr, *bias)
+            else:
+                xi = torch.as_tensor(tr.draw(x.shape[0], np.float64), dtype=out[0].dtype, device=x.device)
+                m = out[0].detach()
+                m_prev = torch.cat([m.new_zeros((1,) + m.shape[1:]), m[:-1]], 0) * xi[:, None, None]
+                if not xb.is_floating_point():
+                    xb = torch.nn.functional.one_hot(xb, w_ih.shape[1]).to(m.dtype)
+                rec = w_hh @ w_hr
+                out_b = _run(b_cfg, torch.cat([xb, m_prev], 2), h0b, c0b, torch.cat([w_ih, rec - rec.detach()], 1),
+                             rec.detach(), *bias)
+            out = tuple(a + (b - b.detach()) for a, b in zip(out, out_b))
+    return (out[0] @ w_hr.t(), out[1] @ w_hr.t()) + out[2:]
+
+
 class _Bridge:
     """forward of torch.nn.RNN/GRU/LSTM by fastbptt; mixed in before the torch.nn class"""
 
@@ -397,32 +455,15 @@ class _Bridge:
 
     def _layer(self, x, s0, l, d, config, lengths):
         """(output, h_n[, c_n]) of layer l's direction d on its input x (T,B,·) from s0 = [h0, c0]
-        (each (1,B,·) or None); with ``lengths``, the states at each sequence's own last step.
-
-        With the LSTM's proj_size P (h_t = W_hr m_t, m_t = o ⊙ tanh(c_t)) the call runs the plain
-        LSTM on m: its recurrent weight W_hh W_hr (4H,H) gives the gates m_{t-1} W_hrᵀ W_hhᵀ =
-        h_{t-1} W_hhᵀ, torch projects its output, and a given h_0 (which no m_0 need give)
-        joins step 1's input side as P more input columns with weight_hh as their weight (the
-        kernel's own m_0 is zero).  Exact for the full gradient; truncation is refused with it
-        (forward): W_hr inside the recurrent weight would count the projection of the state a
-        window starts from, which lies outside the window."""
+        (each (1,B,·) or None); with ``lengths``, the states at each sequence's own last step."""
         w = self._layer_weights(l, d)
         lstm = self.mode == "LSTM"
-        proj = lstm and self.proj_size > 0
-        if proj:
-            w_hr = self._weight(f"weight_hr_l{l}{'_reverse' if d else ''}")
-            h0 = s0[0]
-            if h0 is not None:
-                if not x.is_floating_point():
-                    x = torch.nn.functional.one_hot(x, self.input_size).to(h0.dtype)
-                x = torch.cat([x, torch.cat([h0, h0.new_zeros((x.shape[0] - 1,) + h0.shape[1:])], 0)], 2)
-                w = [torch.cat([w[0], w[1]], 1)] + w[1:]
-            w = [w[0], w[1] @ w_hr] + w[2:]
-            s0 = [None, None] if s0[1] is None else [s0[1].new_zeros(s0[1].shape), s0[1]]
-        out = _run(config(x, cell_states=lstm and lengths is not None), x, *s0, *w)
-        if proj:
-            out = (out[0] @ w_hr.t(), out[1] @ w_hr.t()) + out[2:]
-        if lengths is not None:                        # the states at each one's own last step
+        cfg = config(x, cell_states=lstm and lengths is not None)
+        if lstm and self.proj_size > 0:
+            out = _projected(cfg, x, s0, w, self._weight(f"weight_hr_l{l}{'_reverse' if d else ''}"))
+        else:
+            out = _run(cfg, x, *s0, *w)
+        if lengths is not None:                        # the states at each sequence's own last step
             last = (lengths - 1).to(x.device)[None]
             out = (out[0], _gather_steps(out[0], last)) + ((_gather_steps(out[3], last),) if lstm else ())
         return out
@@ -478,10 +519,6 @@ class _Bridge:
         truncation = _check_truncation(truncation)
         proj_size = getattr(self, "proj_size", 0)   # the LSTM's h size when > 0 (RNN and GRU have none)
         proj = proj_size > 0
-        if proj and truncation is not None:
-            raise NotImplementedError(f"fastbptt.torch.{name}: truncation= with proj_size > 0 is not supported (the "
-                                      f"projection of the state a window starts from is weight_hr's too); "
-                                      f"pass truncation=None")
         packed, lengths = None, None
         if isinstance(input, PackedSequence):
             packed = input

@@ -840,13 +840,51 @@ def test_proj_size_packed_and_token_ids():
         torch.testing.assert_close(got[1][0], want[1][0], **TOL[torch.float64])
 
 
-def test_proj_size_with_truncation_is_refused():
-    """truncation= with proj_size raises NotImplementedError naming both (weight_hr's share of
-    the crossing into a truncation window's first step would be counted)"""
-    m, _, X, hx, _, _ = projected(1)
-    for tr in (fastbptt.Truncated(2), fastbptt.Randomized(0.5, seed=3)):
-        with pytest.raises(NotImplementedError, match="truncation= with proj_size"):
-            m(X, hx, truncation=tr)
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "zeros"])
+@pytest.mark.parametrize("c_grad", [False, True], ids=["h", "h+c"])
+def test_proj_size_with_truncation(with_hx, c_grad):
+    """LSTM(proj_size=P) with Truncated(k) and Randomized(p): every gradient, weight_hr's
+    included, equal to the step-by-step torch.nn references (a window's first step reads
+    the projection of a state held constant); Truncated(T) is the full gradient"""
+    m, r, X, hx, Wo, Wh = projected(1, with_hx=True)
+    Wh = Wh[..., :1] if c_grad else Wh            # (1,B,1): weighs h_n (1,B,P) and c_n (1,B,H) alike
+    given = hx if with_hx else None
+    zeros = tuple(torch.zeros_like(s) for s in hx)            # the references' state for None
+    n_state = 2 if with_hx else 0
+
+    def same(got, want):
+        assert len(got) == len(want) - (0 if with_hx else 2)
+        for a, b in zip(got, want[:1] + want[1 + 2 - n_state:]):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+    for k in (1, 2, 3):
+        got = run(m, X, given, Wo, Wh, truncation=fastbptt.Truncated(k), c_grad=c_grad)[2]
+        same(got, truncated_reference(r, X, given or zeros, Wo, Wh, k, c_grad))
+    tr = fastbptt.Randomized(0.5, seed=3)
+    xi = torch.from_numpy(tr.draw(T, np.float64))
+    assert 0 < (xi == 0).sum() < T and xi[0] != 0
+    got = run(m, X, given, Wo, Wh, truncation=tr, c_grad=c_grad)[2]
+    same(got, randomized_reference(r, X, given or zeros, Wo, Wh, xi, c_grad))
+    full = run(m, X, given, Wo, Wh, c_grad=c_grad)
+    assert_same(run(m, X, given, Wo, Wh, truncation=fastbptt.Truncated(T), c_grad=c_grad), full, torch.float64)
+
+
+def test_proj_size_truncation_in_a_stack_and_under_no_grad():
+    """two layers, both directions, token ids: Truncated(T) and Randomized(1) are the full
+    gradient; under no_grad the output is the full forward's"""
+    m, r = pair("lstm", 2, proj_size=P, bidirectional=True, input_size=5)
+    X = torch.randint(0, 5, (T, B))
+    Wo = torch.randn(T, B, 2 * P, dtype=torch.float64)
+    grads = []
+    for tr in (None, fastbptt.Truncated(T), fastbptt.Randomized(1.0, seed=4)):
+        m.zero_grad(set_to_none=True)
+        (m(X, truncation=tr)[0] * Wo).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for g in grads[1:]:
+        for a, b in zip(g, grads[0]):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    with torch.no_grad():
+        torch.testing.assert_close(m(X, truncation=fastbptt.Truncated(2))[0], m(X)[0])
 
 
 # ---------------------------------------------------------------------- training

@@ -24,7 +24,7 @@ if not (SIM or GPU):
 import fastbptt  # noqa: E402
 import fastbptt.torch as ft  # noqa: E402
 from fastbptt import config  # noqa: E402
-from test_torch_bridge import KINDS, assert_same, inputs, pair, run  # noqa: E402
+from test_torch_bridge import H, KINDS, assert_same, inputs, pair, run  # noqa: E402
 
 sim_only = pytest.mark.skipif(not SIM, reason="simulator-sized case")
 gpu = pytest.mark.skipif(not GPU, reason="needs a real CUDA GPU and torch built with CUDA")
@@ -156,6 +156,25 @@ def test_cuda_path_packed_sequence(proj_size, monkeypatch):
     with monkeypatch.context() as mp:
         places = use_sim(mp)
         got = go()
+    assert places, "the CUDA path did not run"
+    assert_same(got, cpu, torch.float64)
+
+
+@sim_only
+@pytest.mark.parametrize("truncation", [fastbptt.Truncated(2), fastbptt.Randomized(0.5, seed=3)],
+                         ids=["truncated", "randomized"])
+def test_cuda_path_proj_size_with_truncation(truncation, monkeypatch):
+    """LSTM(proj_size) with hx under truncation (weight_hr's recurrent gradient from a second
+    call): the same as the CPU path"""
+    m, _ = pair("lstm", 1, proj_size=2)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
+    hx = tuple(torch.randn(1, 3, n, generator=g, dtype=torch.float64) for n in (2, H))
+    Wo = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    cpu = run(m, X, hx, Wo, None, truncation=truncation)
+    with monkeypatch.context() as mp:
+        places = use_sim(mp)
+        got = run(m, X, hx, Wo, None, truncation=truncation)
     assert places, "the CUDA path did not run"
     assert_same(got, cpu, torch.float64)
 
