@@ -18,10 +18,14 @@
     layer with proj_size=128 (the bridge's layer-and-direction-at-a-time path), loss = the
     output's sum;
 (d) with ``--only step-gru,step-lstm``: one step of one sequence (T=B=1, D=28, H=256), a
-    generation loop's shape, where the fixed cost of a call is most of it.
+    generation loop's shape, where the fixed cost of a call is most of it;
+(e) with ``--only generate-gru,generate-lstm``: the d2l model (a) predicting 50 characters one at
+    a time under torch.no_grad(), each fed back (one "step" is the 50 calls in a row).
 
 With ``--before PATH`` (an earlier checkout, e.g. ``git worktree add /tmp/before REV``) its
 package, copied as ``fastbptt_before``, runs as one more system ("before") beside the others.
+With ``--blocks`` each system runs all its rounds in a row instead of in turn (a loop of calls
+with no other system's threads between them).
 
 Per round and model each system runs once (zero_grad, forward, loss, backward), the order
 alternating between rounds; the same weights on both sides (load_state_dict); torch on as many
@@ -91,6 +95,20 @@ def d2l_case(kind, device):
         m.zero_grad()
         y_hat, _ = m(X, None)
         F.cross_entropy(y_hat, Y.T.reshape(-1)).backward()
+    return models, step
+
+
+def generate_case(kind, device, chars=50):
+    """the d2l model's prediction loop (§8.5's predict_ch8): ``chars`` characters one at a time,
+    each fed back as the next step's input, its state carried, under torch.no_grad()"""
+    models, _ = d2l_case(kind, device)
+
+    def step(m):
+        with torch.no_grad():
+            x, state = torch.zeros((1, 1), dtype=torch.long, device=device), None
+            for _ in range(chars):
+                y, state = m(x, state)
+                x = y.argmax(1).reshape(1, 1)
     return models, step
 
 
@@ -179,6 +197,8 @@ def main():
     ap.add_argument("--kernels", action="store_true", help="time the engine's kernels in fastbptt.torch's step")
     ap.add_argument("--before", metavar="PATH", help="an earlier checkout whose fastbptt.torch runs too")
     ap.add_argument("--inference", action="store_true", help="time the forward alone, under torch.no_grad()")
+    ap.add_argument("--blocks", action="store_true",
+                    help="each system's rounds in a row, not alternating (no other pool's threads between)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the models and tensors live (cuda: fastbptt's CUDA backend)")
     a = ap.parse_args()
@@ -210,7 +230,9 @@ def main():
              "packed-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, lengths=packed_lengths()),
              "proj-lstm": lambda: dense_case("LSTM", a.device, 35, 32, 256, 256, proj_size=128),
              "step-gru": lambda: dense_case("GRU", a.device, 1, 1, 28, 256),
-             "step-lstm": lambda: dense_case("LSTM", a.device, 1, 1, 28, 256)}
+             "step-lstm": lambda: dense_case("LSTM", a.device, 1, 1, 28, 256),
+             "generate-gru": lambda: generate_case("GRU", a.device),
+             "generate-lstm": lambda: generate_case("LSTM", a.device)}
     gemm = bench.gemm_rate()
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median ms per "
@@ -223,15 +245,16 @@ def main():
             continue
         names = list(models)
         times = {n: [] for n in names}
-        for r in range(a.warmup + a.rounds):
-            for n in names if r % 2 == 0 else reversed(names):
-                sync()
-                t0 = time.perf_counter()
-                step(models[n])
-                sync()
-                dt = time.perf_counter() - t0
-                if r >= a.warmup:
-                    times[n].append(dt)
+        order = ([(r, n) for n in names for r in range(a.warmup + a.rounds)] if a.blocks else
+                 [(r, n) for r in range(a.warmup + a.rounds) for n in (names if r % 2 == 0 else names[::-1])])
+        for r, n in order:
+            sync()
+            t0 = time.perf_counter()
+            step(models[n])
+            sync()
+            dt = time.perf_counter() - t0
+            if r >= a.warmup:
+                times[n].append(dt)
         med = {n: statistics.median(v) for n, v in times.items()}
         base = med["torch.nn"]
         print(f"{name}: " + ", ".join(f"{n} {med[n] * 1e3:.3f} ms" for n in names) + "; torch.nn / " +

@@ -324,6 +324,37 @@ def test_team_uses_the_faster_thread_count_and_follows_the_load(monkeypatch):
     assert t.choose("other", 1) == 1                 # one core: nothing to choose
 
 
+def test_a_transpose_between_calls_runs_on_the_last_calls_thread_count(monkeypatch, rng):
+    """a framework's weights made contiguous between calls (cpu.transposed) run on as many
+    threads as this thread's last call, all of them before its first, and the transpose is
+    the same whatever the count"""
+    import numba
+
+    import fastbptt._cpu as cpu
+    t = team.Team()
+    monkeypatch.setattr(team, "team", t)
+    most = team.max_threads()
+    seen = []
+    real = cpu.transpose_cpu
+
+    def spy(out, a, n):
+        seen.append((n, numba.get_num_threads()))
+        real(out, a, n)
+    monkeypatch.setattr(cpu, "transpose_cpu", spy)
+    a = rng.normal(size=(37, 70)).astype(np.float32)
+    out = np.empty((70, 37), np.float32)
+    assert t.recent() == most
+    cpu.transposed(a, out)
+    monkeypatch.setattr(t, "choose", lambda key, m: 1)          # a call the team runs on one thread
+    monkeypatch.setattr(t, "record", lambda *args: None)
+    with t.call(("k",)) as n:
+        assert n == 1
+    cpu.transposed(a, out)
+    np.testing.assert_array_equal(out, a.T)
+    assert seen == [(most, most), (1, 1)]
+    assert numba.get_num_threads() == most
+
+
 def test_max_threads_is_capped_by_the_affinity_mask():
     if not hasattr(os, "sched_getaffinity"):
         pytest.skip("no affinity masks on this OS")

@@ -32,6 +32,7 @@ from .. import _host  # noqa: E402
 from .._host import as_array, stack_states  # noqa: E402,F401
 from .arrays import first_nonfinite, id_range  # noqa: E402,F401
 from . import elman, gru, head, lstm, plan, products, projections, team  # noqa: E402
+from .plan import numba_threads  # noqa: E402
 from .products import gemm_cpu, packed_shape, pack_cpu, transpose_cpu  # noqa: E402
 
 CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
@@ -89,8 +90,10 @@ def copied(a, P):
 
 def transposed(a, out):
     """out = aᵀ (a C-contiguous 2-D float array; out C-contiguous, of aᵀ's shape and a's
-    dtype), by the engine's vector transpose"""
-    transpose_cpu(out, a, team.max_threads())
+    dtype), by the engine's vector transpose, on as many threads as this thread's last call
+    (team.recent)"""
+    with numba_threads(team.team.recent()) as n:
+        transpose_cpu(out, a, n)
     return out
 
 
@@ -106,8 +109,7 @@ def normalized(name, a, dtype, copy=False):
     if (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
             and a.T.flags.c_contiguous and not flags.c_contiguous):
         out, = _transposes.get(("transposes", a.dtype.str), name, [a.shape], a.dtype)
-        transpose_cpu(out, a.T, team.max_threads())
-        return out
+        return transposed(a.T, out)
     return _host.normalized(name, a, dtype, copy)
 
 

@@ -382,6 +382,7 @@ class numba_threads:
         self.prev = numba.get_num_threads()
         if self.prev != self.n:
             numba.set_num_threads(self.n)
+        return self.n
 
     def __exit__(self, *exc):
         if self.prev != self.n:

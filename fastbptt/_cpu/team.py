@@ -78,6 +78,13 @@ class Team:
     def __init__(self):
         self.stats = {}
         self._lock = threading.Lock()
+        self._last = threading.local()         # .n: the count of this thread's last call
+
+    def recent(self):
+        """the thread count of this Python thread's last call (all of them before its first):
+        for a short pass between calls, such as a framework's weights made contiguous for the
+        next call, which then wakes no thread that the calls themselves leave idle"""
+        return min(getattr(self._last, "n", most := max_threads()), most)
 
     def choose(self, key, most):
         if most == 1 or not CPU_TEAM_ADAPT:
@@ -134,6 +141,7 @@ class _Call:
     def __enter__(self):
         self.most = max_threads()
         self.n = self.team.choose(self.key, self.most)
+        self.team._last.n = self.n
         self.threads = numba_threads(self.n)
         self.threads.__enter__()
         self.t0 = time.perf_counter()
