@@ -84,7 +84,8 @@ class Team:
         """the thread count of this Python thread's last call (all of them before its first):
         for a short pass between calls, such as a framework's weights made contiguous for the
         next call, which then wakes no thread that the calls themselves leave idle"""
-        return min(getattr(self._last, "n", most := max_threads()), most)
+        most = max_threads()
+        return min(getattr(self._last, "n", most), most)
 
     def choose(self, key, most):
         if most == 1 or not CPU_TEAM_ADAPT:
