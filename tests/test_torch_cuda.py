@@ -9,6 +9,7 @@ backward, the gradients' layout) is the path a GPU runs.  Tests marked ``gpu`` n
 and run on real CUDA tensors.
 """
 import contextlib
+import functools
 import os
 
 import pytest
@@ -59,6 +60,15 @@ def use_sim(mp):
     return places
 
 
+def on_sim(monkeypatch, go):
+    """go()'s result through the bridge's CUDA path on the simulator (which must have run)"""
+    with monkeypatch.context() as mp:
+        places = use_sim(mp)
+        got = go()
+    assert places, "the CUDA path did not run"
+    return got
+
+
 @sim_only
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("L", [1, 2])
@@ -68,10 +78,7 @@ def test_cuda_path_same_as_torch_nn(kind, L, monkeypatch):
     for batch_first, bias, with_hx in ((False, True, True), (True, False, False)):
         m, r = pair(kind, L, batch_first=batch_first, bias=bias)
         X, hx, Wo, Wh = inputs(L, batch_first, torch.float64, m, with_hx)
-        with monkeypatch.context() as mp:
-            places = use_sim(mp)
-            got = run(m, X, hx, Wo, Wh)
-        assert places, "the CUDA path did not run"
+        got = on_sim(monkeypatch, lambda: run(m, X, hx, Wo, Wh))
         assert_same(got, run(r, X, hx, Wo, Wh), torch.float64)
 
 
@@ -85,12 +92,8 @@ def test_cuda_path_same_as_cpu_path(kind, monkeypatch):
     hx = None
     Wo = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(1))
     for truncation in (None, fastbptt.Truncated(1), fastbptt.Randomized(0.5, seed=2)):
-        cpu = run(m, ids, hx, Wo, None, truncation=truncation)
-        with monkeypatch.context() as mp:
-            places = use_sim(mp)
-            got = run(m, ids, hx, Wo, None, truncation=truncation)
-        assert places, "the CUDA path did not run"
-        assert_same(got, cpu, torch.float32)
+        go = functools.partial(run, m, ids, hx, Wo, None, truncation=truncation)
+        assert_same(on_sim(monkeypatch, go), go(), torch.float32)
 
 
 @sim_only
@@ -105,10 +108,7 @@ def test_cuda_path_lets_nan_and_inf_flow_as_the_cpu_path(kind, monkeypatch):
     Wo = Wo.clone()
     Wo[3, 2, 1] = float("inf")
     cpu = run(m, X, hx, Wo, None)
-    with monkeypatch.context() as mp:
-        places = use_sim(mp)
-        got = run(m, X, hx, Wo, None)
-    assert places, "the CUDA path did not run"
+    got = on_sim(monkeypatch, lambda: run(m, X, hx, Wo, None))
 
     def flat(r):
         out, hn, grads = r
@@ -129,14 +129,11 @@ def test_cuda_path_bidirectional_with_dropout(kind, monkeypatch):
     m, _ = pair(kind, 2, bidirectional=True, dropout=0.3)
     X = torch.randn(4, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     Wo = torch.randn(4, 3, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    torch.manual_seed(5)
-    cpu = run(m, X, None, Wo, None)
-    with monkeypatch.context() as mp:
-        places = use_sim(mp)
-        torch.manual_seed(5)
-        got = run(m, X, None, Wo, None)
-    assert places, "the CUDA path did not run"
-    assert_same(got, cpu, torch.float64)
+
+    def go():
+        torch.manual_seed(5)                          # the same dropout masks on both paths
+        return run(m, X, None, Wo, None)
+    assert_same(on_sim(monkeypatch, go), go(), torch.float64)
 
 
 @sim_only
@@ -152,12 +149,7 @@ def test_cuda_path_packed_sequence(proj_size, monkeypatch):
         out, (h_n, c_n) = m(p)
         grads = torch.autograd.grad(torch.tanh(out.data).sum() + h_n.sum() + c_n.sum(), list(m.parameters()))
         return out.data, (h_n, c_n), list(grads)
-    cpu = go()
-    with monkeypatch.context() as mp:
-        places = use_sim(mp)
-        got = go()
-    assert places, "the CUDA path did not run"
-    assert_same(got, cpu, torch.float64)
+    assert_same(on_sim(monkeypatch, go), go(), torch.float64)
 
 
 @sim_only
@@ -171,12 +163,8 @@ def test_cuda_path_proj_size_with_truncation(truncation, monkeypatch):
     X = torch.randn(4, 3, 4, generator=g, dtype=torch.float64)
     hx = tuple(torch.randn(1, 3, n, generator=g, dtype=torch.float64) for n in (2, H))
     Wo = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
-    cpu = run(m, X, hx, Wo, None, truncation=truncation)
-    with monkeypatch.context() as mp:
-        places = use_sim(mp)
-        got = run(m, X, hx, Wo, None, truncation=truncation)
-    assert places, "the CUDA path did not run"
-    assert_same(got, cpu, torch.float64)
+    go = functools.partial(run, m, X, hx, Wo, None, truncation=truncation)
+    assert_same(on_sim(monkeypatch, go), go(), torch.float64)
 
 
 # ----------------------------------------------------------------- a real GPU
