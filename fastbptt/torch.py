@@ -392,40 +392,41 @@ def _projected(cfg, x, s0, w, w_hr):
     (valued zero, so the gates are the same).  Its outputs join the first call's at zero value
     (b − b.detach()), so that the output's gradient reaches both."""
     tr = cfg.truncation
+    T = x.shape[0]
+    xi = torch.as_tensor(tr.draw(T, np.float64)) if isinstance(tr, Randomized) else None    # ξ_1..ξ_T
     h0, c0 = s0
+    if h0 is not None or xi is not None:             # the input takes more columns: dense
+        x = x if x.is_floating_point() else torch.nn.functional.one_hot(x, w[0].shape[1]).to(w[0].dtype)
     if h0 is not None:
-        if not x.is_floating_point():
-            x = torch.nn.functional.one_hot(x, w[0].shape[1]).to(h0.dtype)
-        if isinstance(tr, Randomized):
-            xi_1 = float(tr.draw(x.shape[0], np.float64)[0])
-            h0 = h0.detach() + xi_1 * (h0 - h0.detach())
-        x = torch.cat([x, torch.cat([h0, h0.new_zeros((x.shape[0] - 1,) + h0.shape[1:])], 0)], 2)
+        if xi is not None:
+            h0 = h0.detach() + float(xi[0]) * (h0 - h0.detach())
+        x = torch.cat([x, torch.cat([h0, h0.new_zeros((T - 1,) + h0.shape[1:])], 0)], 2)
         w = [torch.cat([w[0], w[1]], 1)] + w[1:]
     s0 = [None, None] if c0 is None else [c0.new_zeros(c0.shape), c0]
-    k = tr.k if isinstance(tr, Truncated) and tr.k < x.shape[0] else None
-    full = tr is None or (k is None and not isinstance(tr, Randomized))
-    if full or not (torch.is_grad_enabled() and w_hr.requires_grad):      # (no gradient of W_hr)
-        out = _run(cfg, x, *s0, w[0], w[1] @ w_hr, *w[2:])
+    k = tr.k if isinstance(tr, Truncated) and tr.k < T else None
+    if (k is None and xi is None) or not (torch.is_grad_enabled() and w_hr.requires_grad):
+        return _projection(_run(cfg, x, *s0, w[0], w[1] @ w_hr, *w[2:]), w_hr)      # W_hr's gradient whole
+    out = _run(cfg, x, *s0, w[0], w[1] @ w_hr.detach(), *w[2:])
+    if k == 1:                                       # no window reaches a step before its own
+        return _projection(out, w_hr)
+    b_cfg = copy.copy(cfg)
+    b_cfg.input_grad = False
+    b_cfg.grad = True                                # a backward follows (the first call may have kept none)
+    xb, h0b, c0b, w_ih, w_hh, *bias = (None if t is None else t.detach() for t in (x, *s0, *w))
+    if k is not None:
+        b_cfg.truncation = Truncated(k - 1)
+        out_b = _run(b_cfg, xb, h0b, c0b, w_ih, w_hh @ w_hr, *bias)
     else:
-        out = _run(cfg, x, *s0, w[0], w[1] @ w_hr.detach(), *w[2:])
-        if k != 1:
-            b_cfg = copy.copy(cfg)
-            b_cfg.input_grad, b_cfg.kept, b_cfg.grad = False, None, True
-            const = [None if t is None else t.detach() for t in (x, *s0, *w)]
-            xb, h0b, c0b, w_ih, w_hh, *bias = const
-            if k is not None:
-                b_cfg.truncation = Truncated(k - 1)
-                out_b = _run(b_cfg, xb, h0b, c0b, w_ih, w_hh @ w_hr, *bias)
-            else:
-                xi = torch.as_tensor(tr.draw(x.shape[0], np.float64), dtype=out[0].dtype, device=x.device)
-                m = out[0].detach()
-                m_prev = torch.cat([m.new_zeros((1,) + m.shape[1:]), m[:-1]], 0) * xi[:, None, None]
-                if not xb.is_floating_point():
-                    xb = torch.nn.functional.one_hot(xb, w_ih.shape[1]).to(m.dtype)
-                rec = w_hh @ w_hr
-                out_b = _run(b_cfg, torch.cat([xb, m_prev], 2), h0b, c0b, torch.cat([w_ih, rec - rec.detach()], 1),
-                             rec.detach(), *bias)
-            out = tuple(a + (b - b.detach()) for a, b in zip(out, out_b))
+        m = out[0].detach()
+        m_prev = torch.cat([m.new_zeros((1,) + m.shape[1:]), m[:-1]], 0) * xi.to(m)[:, None, None]
+        rec = w_hh @ w_hr
+        out_b = _run(b_cfg, torch.cat([xb, m_prev], 2), h0b, c0b, torch.cat([w_ih, rec - rec.detach()], 1),
+                     rec.detach(), *bias)
+    return _projection(tuple(a + (b - b.detach()) for a, b in zip(out, out_b)), w_hr)
+
+
+def _projection(out, w_hr):
+    """the layer's (output, h_n, ...) of m (T,B,H), m_T: projected by W_hr, h = m W_hrᵀ"""
     return (out[0] @ w_hr.t(), out[1] @ w_hr.t()) + out[2:]
 
 
