@@ -64,6 +64,12 @@ def _shape(shape):
     return tuple(shape)
 
 
+def config_workload(shape, cell="rnn"):
+    """:func:`workload` of a config's shape (see _shape) for ``cell``"""
+    T, B, V, H, Q, dense = _shape(shape)
+    return workload(T, B, V, H, cell=cell, Q=Q, dense=dense)
+
+
 def flops(T, B, V, H, Q=None, G=1, dense=False):
     """forward + backward recurrent products and ∂W_hh (6·T·B·G·H²), the head (6·T·B·H·Q) and,
     for dense input (width V), the input projection and ∂W_xh (4·T·B·V·G·H); Q = V if None"""
@@ -207,7 +213,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     bar = tqdm(total=len(shapes) * rounds, disable=not progress, unit="round", leave=False)
     for name, shape in shapes.items():
         T, B, V, H, Q, dense = _shape(shape)
-        params, X, Y, h0 = workload(T, B, V, H, cell=cell, Q=Q, dense=dense)
+        params, X, Y, h0 = config_workload(shape, cell)
         ref, want = "fastbptt", make_fastbptt(params, X, Y, h0, device)()
         fns, times = {}, {}
         for system in systems:

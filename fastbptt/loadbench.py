@@ -55,8 +55,7 @@ def child(system, configs, budget, cell="rnn"):
     shapes = configs_of(cell)
     out = {}
     for name in configs:
-        T, B, V, H, Q, dense = bench._shape(shapes[name])
-        params, X, Y, h0 = bench.workload(T, B, V, H, cell=cell, Q=Q, dense=dense)
+        params, X, Y, h0 = bench.config_workload(shapes[name], cell)
         fn = bench.make_fastbptt(params, X, Y, h0) if system == "fastbptt" else peers.make_numpy(params, X, Y, h0)
         fn()
         fn()
@@ -120,8 +119,7 @@ def run(conditions=CONDITIONS, configs=None, rounds=3, budget=0.8, progress=True
         if c not in known:
             raise ValueError(f"configs: {c!r} is not timed under load for the {cell} cell "
                              f"(expected some of {', '.join(known)})")
-    T, B, V, H, Q, dense = bench._shape(known[configs[0]])
-    bench.make_fastbptt(*bench.workload(T, B, V, H, cell=cell, Q=Q, dense=dense))()   # warm the cache and plan
+    bench.make_fastbptt(*bench.config_workload(known[configs[0]], cell))()   # warm the cache and plan
     rows = []
     bar = tqdm(total=len(conditions) * rounds * len(SYSTEMS), disable=not progress, leave=False)
     for condition in conditions:
