@@ -9,22 +9,16 @@ following each other one in turn, and the speedups.  ``sweep``: the bench's H an
 ``gru``, ``lstm``: that cell's configs (``fastbptt bench --cell``).
 """
 import json
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-folder = Path(tempfile.mkdtemp())
-shutil.copytree(Path(sys.argv[1]) / "fastbptt", folder / "fastbptt_before")
-api = folder / "fastbptt_before" / "api.py"
-api.write_text(api.read_text().replace('"fastbptt._cuda"', '"fastbptt_before._cuda"'))
-sys.path.insert(0, str(folder))
-import fastbptt  # noqa: E402
-import fastbptt_before  # noqa: E402
-from fastbptt import bench, peers  # noqa: E402
+import fastbptt
+from before import load_before
+from fastbptt import bench, peers
+
+fastbptt_before = load_before(sys.argv[1])
 
 mode = sys.argv[2] if len(sys.argv) > 2 else "rnn"
 cell = mode if mode in ("gru", "lstm") else "rnn"

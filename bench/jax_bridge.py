@@ -22,13 +22,8 @@ no forward for its backward (``fastbptt.jax._kept.MAX = 0``), which then recompu
 package, copied as ``fastbptt_before``, in the same rounds.
 """
 import argparse
-import importlib
-import shutil
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +32,7 @@ import numpy as np
 import fastbptt.jax as fj
 from fastbptt import bench, peers
 from fastbptt.jax import _KeptForwards
+from before import load_before
 
 
 def make_fastbptt_jax(params, X, Y, h0, kept=True, module=fj):
@@ -84,10 +80,7 @@ def main():
     a = ap.parse_args()
     before = None
     if a.before:
-        folder = Path(tempfile.mkdtemp())
-        shutil.copytree(Path(a.before) / "fastbptt", folder / "fastbptt_before")
-        sys.path.insert(0, str(folder))
-        before = importlib.import_module("fastbptt_before.jax")
+        before = load_before(a.before, "jax")
     gemm = bench.gemm_rate()
     print(f"jax {jax.__version__} on {jax.devices()[0]}; rounds {a.rounds} (+{a.warmup} warm-up), median ms per "
           f"jitted value_and_grad; same-run float32 GEMM (numpy 2048³) {gemm:.1f} GFLOP/s")

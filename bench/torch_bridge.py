@@ -36,13 +36,8 @@ rounds), the FLOPs counted as ``fastbptt bench`` counts them (``fastbptt.bench.f
 one-hot input a gather; the DeepBench LSTM's input product and ∂W_xh, no ∂X).
 """
 import argparse
-import importlib
-import shutil
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numba
 import torch
@@ -51,6 +46,7 @@ from torch import nn
 
 import fastbptt.torch as ft
 from fastbptt import bench
+from before import load_before
 
 BEFORE = None          # --before: the earlier checkout's fastbptt.torch
 INFERENCE = False      # --inference: each step the forward alone, under torch.no_grad()
@@ -213,10 +209,7 @@ def main():
     global BEFORE, INFERENCE
     INFERENCE = a.inference
     if a.before:
-        folder = Path(tempfile.mkdtemp())
-        shutil.copytree(Path(a.before) / "fastbptt", folder / "fastbptt_before")
-        sys.path.insert(0, str(folder))
-        BEFORE = importlib.import_module("fastbptt_before.torch")
+        BEFORE = load_before(a.before, "torch")
     torch.set_num_threads(numba.get_num_threads())
     cases = {"d2l-gru": lambda: d2l_case("GRU", a.device), "d2l-lstm": lambda: d2l_case("LSTM", a.device),
              "deepbench-lstm": lambda: dense_case("LSTM", a.device, 25, 64, 512, 512),

@@ -1,0 +1,18 @@
+"""An earlier checkout of fastbptt beside this one, in one process: its package copied as
+``fastbptt_before`` into a temporary folder (its CUDA backend imported as its own), for the
+scripts' ``--before PATH`` (e.g. ``git worktree add /tmp/before REV``)."""
+import importlib
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def load_before(path, module=""):
+    """``fastbptt_before`` (or its submodule ``module``, e.g. "torch") from the checkout at ``path``"""
+    folder = Path(tempfile.mkdtemp())
+    shutil.copytree(Path(path) / "fastbptt", folder / "fastbptt_before")
+    api = folder / "fastbptt_before" / "api.py"
+    api.write_text(api.read_text().replace('"fastbptt._cuda"', '"fastbptt_before._cuda"'))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("fastbptt_before" + (f".{module}" if module else ""))
