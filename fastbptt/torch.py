@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import numbers
 
 try:
@@ -346,6 +347,12 @@ class _Gradients(torch.autograd.Function):
     def backward(ctx, *grads):
         raise RuntimeError("fastbptt.torch: its gradients are not differentiable again (no double backward, "
                            "no create_graph=True through it)")
+
+
+# Function.apply binds its arguments to forward's signature on every call (it has a setup_context):
+# each forward carries its signature, made once, instead of inspect building it again per call
+for _f in (_Function, _Gradients):
+    _f.forward.__signature__ = inspect.signature(_f.forward)
 
 
 def _check_truncation(truncation):
