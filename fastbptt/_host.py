@@ -23,9 +23,9 @@ def as_array(name, a):
 COPY_BLOCK = 64
 
 
-def normalized(name, a, dtype, copy=False):
+def normalized(name, a, dtype, copy=False, weight=False):
     """C-contiguous, writeable, of ``dtype``: ``a`` itself only if it already is all that and no
-    copy is asked for."""
+    copy is asked for (``weight``: a parameter matrix; the same here)."""
     if a.ndim == 2 and not a.flags.c_contiguous and a.size > COPY_BLOCK * COPY_BLOCK:
         out = np.empty(a.shape, dtype)
         for i in range(0, a.shape[0], COPY_BLOCK):

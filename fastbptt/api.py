@@ -535,7 +535,7 @@ def _params(be, params, cell, head):
             raise ValueError(f"params[{key!r}]: expected shape {shape} for {found!r} with H={H}"
                              f"{f', Q={Q}' if Q else ''} (from W_hh {W_hh.shape}, W_xh {W_xh.shape}"
                              f"{', W_hq' if key == 'b_q' else ''}), got {a.shape}")
-    P = {key: _finite(be, f"params[{key!r}]", be.normalized(f"params[{key!r}]", a, dt))
+    P = {key: _finite(be, f"params[{key!r}]", be.normalized(f"params[{key!r}]", a, dt, weight=True))
          for key, a in arrays.items()}
     return P, dt, found, L
 

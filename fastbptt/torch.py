@@ -102,10 +102,9 @@ def _np(t):
 
 def _transposed(w):
     """wᵀ (w C-contiguous 2-D) by the engine's vector transpose, into an array lent by the
-    engine (``_Records.lend``): the weights a forward keeps for its backward (held by the
-    step's graph) and the weight gradients handed to torch (``zero_grad()`` drops them each
-    step) come back once collected, so a training loop writes the same pages every step
-    (docs/performance.md, "fresh pages")"""
+    engine (``_Records.lend``): the weight gradients handed to torch (``zero_grad()`` drops
+    them each step) come back once collected, so a training loop writes the same pages every
+    step (docs/performance.md, "fresh pages")"""
     from . import _cpu
     return _cpu.transposed(w, out=_cpu._records.lend(w.shape[::-1], w.dtype))
 
@@ -124,9 +123,9 @@ class _Host:
         return torch.from_numpy(np.ascontiguousarray(a))
 
     def weight(self, w):
-        """fastbptt's W = wᵀ of torch's weight w, in a lent array (see _transposed)"""
-        a = _np(w)
-        return _transposed(a) if a.flags.c_contiguous else a.T    # (the API copies a strided one)
+        """fastbptt's W = wᵀ of torch's weight w: a view, which the engine packs from as it is
+        (no copy in torch's layout or in fastbptt's; the API copies a strided one)"""
+        return _np(w).T
 
     def weight_grad(self, g):
         """torch's gradient of a weight from fastbptt's g = ∂L/∂Wᵀ: gᵀ, C-contiguous (torch keeps

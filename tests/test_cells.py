@@ -99,6 +99,31 @@ def test_sweeps_are_exact_on_any_lanes(cell, lanes, rng, monkeypatch):
         check(*fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation), want, cell, np.float64)
 
 
+@pytest.mark.parametrize("lanes", [1, 2, -2])
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_weights_given_as_their_transposes(cell, dense, lanes, rng, monkeypatch):
+    # every weight matrix given as Wᵀ's transpose (torch's layout, as fastbptt.torch gives them):
+    # packed from it as it is, and the same results to the bit as from W itself, in float32
+    # on lanes that interleave the gates' columns, one lane and rows split
+    blk = np.array([64, 64], np.int64)
+    monkeypatch.setattr(plan.Plan, "sweep", lambda self, cell, dtype, B, H: (lanes, blk))
+    params, X, Y, given, _, _ = case(rng, cell, 2, T=5, B=3, H=40, D=21, dense=dense, dtype=np.float32)
+    views = {k: np.ascontiguousarray(v.T).T if v.ndim == 2 else v for k, v in params.items()}
+    assert not views["W_hh"].flags.c_contiguous
+    for truncation in (None, fastbptt.Truncated(2)):
+        loss, grads, last = fastbptt.loss_and_grad(params, X, Y, given, truncation=truncation)
+        loss2, grads2, last2 = fastbptt.loss_and_grad(views, X, Y, given, truncation=truncation)
+        assert loss2 == loss
+        assert all(np.array_equal(grads2[k], grads[k]) for k in grads)
+        assert all(np.array_equal(a, b) for a, b in zip(np.atleast_1d(last2), np.atleast_1d(last)))
+    if dense:
+        Hs = fastbptt.rnn_forward(params, X, given)
+        g = fastbptt.rnn_backward(params, X, Hs, np.ones_like(Hs), given, input_grad=True)
+        g2 = fastbptt.rnn_backward(views, X, Hs, np.ones_like(Hs), given, input_grad=True)
+        assert all(np.array_equal(g2[k], g[k]) for k in g)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 def test_row_split_sweeps_sum_each_row_as_one_lane(cell, rng, monkeypatch):
     # the rows split in chunks (a plan's lanes = -r): every row summed as on one lane, for any

@@ -75,6 +75,24 @@ def test_a_transposed_weight_packs_in_blocks_and_element_by_element(rows, H, G, 
             np.testing.assert_array_equal(Bp, packed(want, 1))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows,H,G,lanes", [(16, 16, 3, 1), (37, 64, 4, 2), (48, 40, 3, 3), (33, 18, 4, 2),
+                                            (5, 1, 1, 1)])
+@pytest.mark.parametrize("order", ["interleaved", "permuted"])
+def test_a_weight_given_as_its_transpose_packs_as_the_weight(rows, H, G, lanes, order, dtype, rng):
+    # W given as Wt = Wᵀ (torch's layout) packs to the same panels as W itself, both ways: its
+    # whole panels over runs of columns through blocks transposed in registers, the rest
+    # (a partial panel, a run broken by the order, the last rows) element by element
+    W = rng.normal(size=(rows, G * H)).astype(dtype)
+    cols = products.interleaved(H, G, lanes) if order == "interleaved" else rng.permutation(G * H)
+    Wt = np.ascontiguousarray(W.T)
+    for transposed, want in ((False, W[:, cols]), (True, W[:, cols].T)):
+        for n in (1, 2):
+            Bp = np.full(packed_shape(*want.shape), np.nan, dtype)
+            products.pack_rows_cpu(Bp, Wt, cols, transposed, n)
+            np.testing.assert_array_equal(Bp, packed(np.ascontiguousarray(want), 1))
+
+
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 15), (5, 16), (7, 17), (40, 64), (9, 100), (70, 120)])
 @pytest.mark.parametrize("order", ["natural", "interleaved", "permuted"])
 @pytest.mark.parametrize("scatter", [False, True])

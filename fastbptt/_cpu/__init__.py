@@ -97,15 +97,20 @@ def transposed(a, out):
     return out
 
 
-def normalized(name, a, dtype, copy=False):
+def normalized(name, a, dtype, copy=False, weight=False):
     """as fastbptt._host.normalized, but a transposed 2-D float array of ``dtype`` (a weight
     given as Wᵀ, as torch holds it) is made C-contiguous by the engine's vector transpose,
     several times faster than a blocked copy, into a buffer kept for this thread's next call
     (per ``name``): the API reads its inputs only while the call runs, and a fresh buffer
-    would fault its pages in (docs/performance.md, "strided arrays")"""
+    would fault its pages in (docs/performance.md, "strided arrays").  A ``weight`` (a
+    parameter matrix, which the engine reads only to pack it, Run.packed) stays as it is
+    when it is such a transpose: it is packed from it, with no copy of its own."""
     flags = a.flags
     if not copy and a.dtype == dtype and flags.c_contiguous and flags.writeable:
         return a                                        # as it is (most calls' every array)
+    if (weight and not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
+            and a.T.flags.c_contiguous and flags.writeable):
+        return a
     if (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
             and a.T.flags.c_contiguous and not flags.c_contiguous):
         out, = _transposes.get(("transposes", a.dtype.str), name, [a.shape], a.dtype)
@@ -197,7 +202,10 @@ class Run(LayerParams):
             W = self.P[key]
             K, N = W.shape[::-1] if transposed else W.shape
             Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(K, N)])
-            if cols is None and not transposed:
+            if not W.flags.c_contiguous:              # given as its transpose (normalized's weights)
+                order = np.arange(W.shape[1]) if cols is None else cols
+                products.pack_rows_cpu(Wp, W.T, order, transposed, self.n)
+            elif cols is None and not transposed:
                 pack_cpu(Wp, W, self.n)
             else:                                     # a transpose packs in blocks turned in registers
                 cols = np.arange(W.shape[1]) if cols is None else cols
@@ -311,7 +319,11 @@ class Run(LayerParams):
         product for dense X (T,B,D); W = P[key] and b with their columns in the order cols"""
         bias = bias if cols is None else bias[cols]
         if X.ndim == 2:
-            W = self.P[key] if cols is None else np.ascontiguousarray(self.P[key][:, cols])
+            W = self.P[key]
+            if cols is not None:
+                W = np.ascontiguousarray(W[:, cols])
+            elif not W.flags.c_contiguous:          # a weight given as its transpose: its rows gathered
+                W = transposed(W.T, products.empty(W.shape, W.dtype))
             projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.n)
         else:
             X2 = X.reshape(self.T * self.B, -1)

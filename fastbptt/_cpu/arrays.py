@@ -69,7 +69,8 @@ def one_hot_ids_cpu(ids, X):
 def first_nonfinite(a):
     """None if every value is finite, else a description of the first one that is not
     (fastbptt._host's)"""
-    if a.size and a.flags.c_contiguous and a.dtype in (np.float32, np.float64) and count_nonfinite_cpu(a) == 0:
+    c = a.T if a.ndim == 2 and not a.flags.c_contiguous else a    # a weight given as its transpose
+    if c.size and c.flags.c_contiguous and c.dtype in (np.float32, np.float64) and count_nonfinite_cpu(c) == 0:
         return None
     return _host.first_nonfinite(a)
 

@@ -441,6 +441,45 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
                 _pack_runs(Bp, W, runs, k0, min(k0 + PACK_ROWS, K), j0, j1)
 
 
+@njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
+def pack_rows_cpu(Bp, Wt, cols, transposed, n):
+    """Bp ← B packed (see packed_shape) for a weight W given as its transpose Wt = Wᵀ (torch's
+    layout), without making W: B = W[:, cols] = Wt[cols]ᵀ (K = Wt's columns, N = len(cols))
+    or, with ``transposed``, B = W[:, cols]ᵀ = Wt[cols] (K = len(cols), N = Wt's columns) ·
+    n chunks of panels.  The same Bp as pack_columns_cpu on W."""
+    P, K, _ = Bp.shape
+    N = Wt.shape[1] if transposed else cols.shape[0]
+    for c in prange(n):
+        p0, p1 = P * c // n, P * (c + 1) // n
+        for p in range(p0, p1):
+            Bp[p, :, min(PANEL, N - p * PANEL):] = 0
+        if transposed:                              # B[k, j] = Wt[cols[k], j]: rows of Wt
+            for p in range(p0, p1):
+                j0 = p * PANEL
+                w = min(PANEL, N - j0)
+                dst = Bp[p]
+                for k in range(K):
+                    a, d = Wt[cols[k], j0:j0 + w], dst[k, :w]
+                    for l in range(w):
+                        d[l] = a[l]
+        else:                                       # B[k, j] = Wt[cols[j], k]: 16 rows of Wt a panel
+            L = vector_lanes(Wt)
+            rows = Wt.strides[1] == Wt.itemsize               # Wt's rows hold whole vectors
+            for p in range(p0, p1):
+                j0 = p * PANEL
+                w = min(PANEL, N - j0)
+                dst = Bp[p]
+                k = 0
+                if rows and w == PANEL and _is_run(cols, j0, PANEL):
+                    while k + L <= K:                           # L x L blocks, transposed in registers
+                        for q in range(0, PANEL, L):
+                            _transpose_tile(dst, Wt, cols[j0] + q, k, q, k)
+                        k += L
+                for kk in range(k, K):                          # the rest element by element
+                    for l in range(w):
+                        dst[kk, l] = Wt[cols[j0 + l], kk]
+
+
 @njit(cache=True, error_model="numpy")
 def runs_of(cols):
     """the column order ``cols`` (column j of B is column cols[j] of its source) as runs of

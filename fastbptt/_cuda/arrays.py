@@ -62,9 +62,9 @@ def as_array(name, a):
     return _host.as_array(name, a)
 
 
-def normalized(name, a, dtype, copy=False):
-    """Host arrays as in fastbptt._host; a device array must be C-contiguous, and is cast (or
-    copied when asked) on the device."""
+def normalized(name, a, dtype, copy=False, weight=False):
+    """Host arrays as in fastbptt._host (``weight`` as there); a device array must be
+    C-contiguous, and is cast (or copied when asked) on the device."""
     if not on_device(a):
         return _host.normalized(name, a, dtype, copy)
     if not a.is_c_contiguous():
