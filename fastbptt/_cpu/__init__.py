@@ -322,8 +322,8 @@ class Run(LayerParams):
             W = self.P[key]
             if cols is not None:
                 W = np.ascontiguousarray(W[:, cols])
-            elif not W.flags.c_contiguous:          # a weight given as its transpose: its rows gathered
-                W = transposed(W.T, products.empty(W.shape, W.dtype))
+            elif not W.flags.c_contiguous:          # a weight given as its transpose: rows for the gather
+                W = transposed(W.T, self.scratch(f"{key} rows", [W.shape])[0])
             projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.n)
         else:
             X2 = X.reshape(self.T * self.B, -1)
