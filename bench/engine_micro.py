@@ -32,6 +32,8 @@
     python bench/engine_micro.py packrows   # packing B (every thread) in blocks of 16, 32, 64 rows, from memory
                                             # (caches flushed first) and from cache
     python bench/engine_micro.py packs      # each of the engine's packings (every thread, from cache)
+    python bench/engine_micro.py sums       # dZ's packing with its sums and token scatter-add, and the GRU's
+                                            # token scatter-add (every thread, from cache)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -560,6 +562,27 @@ def bench_packs():
         print(f"({K},{N}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
 
 
+def bench_sums():
+    """ms of the passes that add rows into a few (every thread, in cache, best of several):
+    pack_sums_cpu of dZ with the token ids' scatter-add of ∂W_xh (the Elman and LSTM d2l
+    models) and without, and embed_tokens_backward_cpu (the GRU's ∂W_xh of token ids), at the
+    d2l shapes (T·B = 1120, V = 28).  Run it in an earlier checkout too (PYTHONPATH) to compare."""
+    from fastbptt._cpu import projections
+    n = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    for N in (256, 512, 768, 1024):
+        D = rng.standard_normal((1120, N), dtype=np.float32)
+        Dp = products.empty(products.packed_shape(1120, N), np.float32)
+        sums, runs = np.empty(N, np.float32), products.runs_of(np.arange(N))
+        ids = rng.integers(0, 28, 1120)
+        E, none, no_ids = np.empty((28, N), np.float32), np.empty((0, N), np.float32), np.empty(0, np.int64)
+        ms = {"pack_sums with the scatter-add": best_ms(lambda: products.pack_sums_cpu(Dp, sums, D, runs, E, ids, n)),
+              "without": best_ms(lambda: products.pack_sums_cpu(Dp, sums, D, runs, none, no_ids, n)),
+              "embed_tokens_backward": best_ms(lambda: projections.embed_tokens_backward_cpu(
+                  E, sums, D.reshape(35, 32, N), ids.reshape(35, 32), n))}
+        print(f"(1120,{N}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -571,6 +594,7 @@ if __name__ == "__main__":
      "phases": bench_phases, "overhead": bench_overhead, "redraw": bench_redraw, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
+     "sums": bench_sums,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
      "coldcall": bench_coldcall, "compile": bench_compile, "spells": bench_spells,
      "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

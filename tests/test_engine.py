@@ -117,6 +117,26 @@ def test_a_gradients_packing_sums_its_columns(K, N, order, scatter, rng):
         np.testing.assert_array_equal(E, want_E)
 
 
+@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (3, 2, 17), (5, 4, 64), (7, 3, 130)])
+def test_token_ids_scatter_add_and_sums_in_order(T, B, H, rng):
+    # ∂W_xh of token ids (a scatter-add of dZ's rows) and ∂b (their sums), a block of columns at
+    # a time: each element exactly numpy's sum over (t, b) in order, for any chunking of the
+    # columns, and rows of ids that never occur left zero
+    from fastbptt._cpu import projections
+    dZ = rng.normal(size=(T, B, H))
+    X = rng.integers(0, 6, (T, B))
+    want, want_s = np.zeros((7, H)), np.zeros(H)
+    for t in range(T):
+        for b in range(B):
+            want[X[t, b]] += dZ[t, b]
+            want_s += dZ[t, b]
+    for n in (1, 2, 3):
+        dW, s = np.full((7, H), np.nan), np.full(H, np.nan)
+        projections.embed_tokens_backward_cpu(dW, s, dZ, X, n)
+        np.testing.assert_array_equal(dW, want)
+        np.testing.assert_array_equal(s, want_s)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_products_do_not_depend_on_the_leading_dimension(dtype, rng):
     # the same columns of B, from matrices of different widths: the same result, exactly

@@ -526,6 +526,20 @@ def _pack_runs(Bp, D, runs, k0, k1, j0, j1):
             lo, a = lo + w, a + w
 
 
+#: columns summed at a time by the passes that add rows into a few (a bias gradient's sums, the
+#: scatter-add of token ids' ∂W_xh): four AVX-512 vectors, so that the block's sums and the
+#: rows of ∂W_xh it adds into stay in L1 while the rows stream past, and each add is its own
+#: loop over the block, which vectorizes (docs/performance.md, "sums in blocks of columns")
+SUM_COLS = 64
+
+
+@njit(inline="always")
+def add_to(dst, src, w):
+    """dst[:w] += src[:w] (1-D)"""
+    for j in range(w):
+        dst[j] += src[j]
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def pack_sums_cpu(Bp, sums, D, runs, E, ids, n):
     """Bp ← B packed (see packed_shape), sums = Σ_k B[k] and, when E has rows, the scatter-add
@@ -545,17 +559,17 @@ def pack_sums_cpu(Bp, sums, D, runs, E, ids, n):
         for k0 in range(0, K, PACK_ROWS):
             k1 = min(k0 + PACK_ROWS, K)
             _pack_runs(Bp, D, runs, k0, k1, j0, j1)
-            for k in range(k0, k1):
-                for i in range(runs.shape[0]):
-                    lo, hi, a = _clip(runs, i, j0, j1)
-                    if lo < hi:
-                        src, s = D[k, a:a + hi - lo], sums[lo:hi]
-                        for l in range(hi - lo):
-                            s[l] += src[l]
-                        if E.shape[0] > 0:
-                            e = E[ids[k], lo:hi]
-                            for l in range(hi - lo):
-                                e[l] += src[l]
+            for i in range(runs.shape[0]):
+                lo, hi, a = _clip(runs, i, j0, j1)
+                for q in range(lo, hi, SUM_COLS):       # the rows' sums, a block of columns at a time
+                    w = min(SUM_COLS, hi - q)
+                    aq = a + q - lo
+                    s = sums[q:q + w]
+                    for k in range(k0, k1):
+                        add_to(s, D[k, aq:aq + w], w)
+                    if E.shape[0] > 0:
+                        for k in range(k0, k1):
+                            add_to(E[ids[k], q:q + w], D[k, aq:aq + w], w)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -599,9 +613,7 @@ def column_sums(out, A, j0, j1):
     o = out[j0:j1]
     o[:] = 0
     for r in range(A.shape[0]):
-        a = A[r, j0:j1]
-        for j in range(o.shape[0]):
-            o[j] += a[j]
+        add_to(o, A[r, j0:j1], o.shape[0])
 
 
 # -------------------------------------------------------------------------- transposes

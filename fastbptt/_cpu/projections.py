@@ -10,7 +10,7 @@ G·H is the width of a cell's pre-activations (G = 1 for the Elman cell).
 from numba import njit, prange
 
 from ..config import FASTMATH
-from .products import NO_POST, _0, chunk, matmul, matmul_k, row_chunk
+from .products import NO_POST, SUM_COLS, _0, add_to, chunk, matmul, matmul_k, row_chunk
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -58,13 +58,14 @@ def embed_tokens_backward_cpu(dW_xh, sums, dZ, X, n):
         j0, j1 = chunk(H, c, n)
         dW_xh[:, j0:j1] = 0
         sums[j0:j1] = 0
-        for t in range(T):
-            for b in range(B):
-                dst, s = dW_xh[X[t, b], j0:j1], sums[j0:j1]
-                src = dZ[t, b, j0:j1]
-                for j in range(dst.shape[0]):
-                    dst[j] += src[j]
-                    s[j] += src[j]
+        for q in range(j0, j1, SUM_COLS):             # a block of columns at a time (SUM_COLS)
+            w = min(SUM_COLS, j1 - q)
+            s = sums[q:q + w]
+            for t in range(T):
+                for b in range(B):
+                    src = dZ[t, b, q:q + w]
+                    add_to(s, src, w)
+                    add_to(dW_xh[X[t, b], q:q + w], src, w)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
