@@ -34,6 +34,7 @@
     python bench/engine_micro.py packs      # each of the engine's packings (every thread, from cache)
     python bench/engine_micro.py sums       # dZ's packing with its sums and token scatter-add, and the GRU's
                                             # token scatter-add (every thread, from cache)
+    python bench/engine_micro.py split      # the GRU's split of its input projection (every thread, from cache)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -583,6 +584,19 @@ def bench_sums():
         print(f"(1120,{N}): " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items()))
 
 
+def bench_split():
+    """ms of the GRU's split of its input projection (gru.split_cpu: the n columns out, b_hn
+    in) at the d2l, deepbench and wide shapes (every thread, in cache, best of several).  Run
+    it in an earlier checkout too (PYTHONPATH) to compare."""
+    from fastbptt._cpu import gru
+    n = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    for rows, H in ((1120, 256), (1600, 512), (1024, 1024)):
+        Z = rng.standard_normal((rows, 3 * H), dtype=np.float32)
+        N, b_hn = np.empty((rows, H), np.float32), rng.standard_normal(H, dtype=np.float32)
+        print(f"({rows},{3 * H}): split_cpu {best_ms(lambda: gru.split_cpu(Z, N, b_hn, 2, n)):.3f} ms")
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -594,7 +608,7 @@ if __name__ == "__main__":
      "phases": bench_phases, "overhead": bench_overhead, "redraw": bench_redraw, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
-     "sums": bench_sums,
+     "sums": bench_sums, "split": bench_split,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
      "coldcall": bench_coldcall, "compile": bench_compile, "spells": bench_spells,
      "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -97,9 +97,11 @@ def split_cpu(Z, N, b_hn, lanes, n):
             for o in range(lanes):
                 u0, u1 = chunk(H, o, lanes)
                 k, m = G * u0, u1 - u0
+                nb, zb, bb = N[b, u0:u1], Z[b, k + 2 * m:k + 3 * m], b_hn[u0:u1]
+                for j in range(m):                  # loops over 1-D slices, which vectorize
+                    nb[j] = zb[j]
                 for j in range(m):
-                    N[b, u0 + j] = Z[b, k + 2 * m + j]
-                    Z[b, k + 2 * m + j] = b_hn[u0 + j]
+                    zb[j] = bb[j]
 
 
 # ---------------------------------------------------------------------------- steps
