@@ -228,7 +228,8 @@ def bench_phases():
     print(f"  alone: transpose_cpu {best_ms(lambda: products.transpose_cpu(ST, S, n), reps=50):.3f} ms", end="")
     if X.ndim == 2:
         pre = np.empty((T, B, G * H), np.float32)
-        embed = lambda: projections.embed_tokens_cpu(pre, X, p["W_xh"], p["b_h"], n)   # noqa: E731
+        one = products.runs_of(np.arange(G * H))
+        embed = lambda: projections.embed_tokens_cpu(pre, X, p["W_xh"], p["b_h"], one, n)   # noqa: E731
         print(f"   embed_tokens_cpu {best_ms(embed, reps=50):.3f} ms", end="")
     print()
 

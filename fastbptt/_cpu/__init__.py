@@ -260,6 +260,12 @@ class Run(LayerParams):
             self._buffers[("columns", G)] = products.interleaved(self.H, G, self.lanes)
         return self._buffers[("columns", G)]
 
+    def runs(self, cols, N):
+        """``products.runs_of`` the column order cols (None: the N columns in order), once per call"""
+        if ("runs", N) not in self._buffers:
+            self._buffers[("runs", N)] = products.runs_of(np.arange(N) if cols is None else cols)
+        return self._buffers[("runs", N)]
+
     def natural(self, a, cols):
         """a (..., G·H) from the engine's column order back to the natural one"""
         if cols is None:
@@ -317,15 +323,14 @@ class Run(LayerParams):
     def project(self, X, out, key, bias, cols=None):
         """out (T·B,G·H) = X W + b over all rows: a row gather for token ids X (T,B), one
         product for dense X (T,B,D); W = P[key] and b with their columns in the order cols"""
-        bias = bias if cols is None else bias[cols]
         if X.ndim == 2:
             W = self.P[key]
-            if cols is not None:
-                W = np.ascontiguousarray(W[:, cols])
-            elif not W.flags.c_contiguous:          # a weight given as its transpose: rows for the gather
+            if not W.flags.c_contiguous:            # a weight given as its transpose: rows for the gather
                 W = transposed(W.T, self.scratch(f"{key} rows", [W.shape])[0])
-            projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.n)
+            projections.embed_tokens_cpu(out.reshape(self.T, self.B, -1), X, W, bias, self.runs(cols, W.shape[1]),
+                                         self.n)
         else:
+            bias = bias if cols is None else bias[cols]
             X2 = X.reshape(self.T * self.B, -1)
             projections.embed_dense_cpu(out, X2, self.packed(key, cols=cols), bias,
                                         self.blk("rows", *X2.shape, out.shape[1], split="rows"), self.n)

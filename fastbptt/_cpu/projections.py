@@ -14,19 +14,23 @@ from .products import NO_POST, SUM_COLS, _0, add_to, chunk, matmul, matmul_k, ro
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def embed_tokens_cpu(pre, X, W_xh, b_h, n):
-    """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h
+def embed_tokens_cpu(pre, X, W_xh, b_h, runs, n):
+    """pre_t = x_t W_xh + b_h for one-hot x_t: a row gather, pre[t,b] = W_xh[X[t,b]] + b_h, its
+    columns in the order given by ``runs`` (``products.runs_of``: a gated cell's column order,
+    or one run), read from W_xh's and b_h's natural order with no permuted copy
 
-    pre (T,B,H) out · X (T,B) int64 token ids · W_xh (D,H) · b_h (H,) · n row chunks
+    pre (T,B,G·H) out · X (T,B) int64 token ids · W_xh (D,G·H) · b_h (G·H,) · runs · n row chunks
     """
-    T, B, H = pre.shape
-    rows, ids = pre.reshape(T * B, H), X.reshape(T * B)
+    T, B, N = pre.shape
+    rows, ids = pre.reshape(T * B, N), X.reshape(T * B)
     for c in prange(n):
         for r in range(T * B * c // n, T * B * (c + 1) // n):
-            src = W_xh[ids[r]]
-            dst = rows[r]
-            for j in range(H):
-                dst[j] = src[j] + b_h[j]
+            src, dst = W_xh[ids[r]], rows[r]
+            for i in range(runs.shape[0]):
+                j0, a, w = runs[i, 0], runs[i, 1], runs[i, 2]
+                d, s, b = dst[j0:j0 + w], src[a:a + w], b_h[a:a + w]
+                for j in range(w):
+                    d[j] = s[j] + b[j]
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
