@@ -35,6 +35,7 @@
     python bench/engine_micro.py sums       # dZ's packing with its sums and token scatter-add, and the GRU's
                                             # token scatter-add (every thread, from cache)
     python bench/engine_micro.py split      # the GRU's split of its input projection (every thread, from cache)
+    python bench/engine_micro.py embed      # a gated cell's token projection over its column order's runs
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -598,6 +599,25 @@ def bench_split():
         print(f"({rows},{3 * H}): split_cpu {best_ms(lambda: gru.split_cpu(Z, N, b_hn, 2, n)):.3f} ms")
 
 
+def bench_embed():
+    """ms of a gated cell's token projection at the d2l shape (T·B = 1120, V = 28, H = 256, two
+    lanes' column order), every thread, best of several: embed_tokens_cpu over the runs of the
+    column order from W_xh as it is, and the way before it, W_xh's and b_h's columns gathered
+    into the engine's order by numpy first, then one run"""
+    from fastbptt._cpu import projections
+    n = numba.get_num_threads()
+    rng = np.random.default_rng(0)
+    for G in (3, 4):
+        W, b = rng.standard_normal((28, G * 256), dtype=np.float32), rng.standard_normal(G * 256, dtype=np.float32)
+        X, pre = rng.integers(0, 28, (35, 32)), np.empty((35, 32, G * 256), np.float32)
+        cols = products.interleaved(256, G, 2)
+        runs, one = products.runs_of(cols), products.runs_of(np.arange(G * 256))
+        now = best_ms(lambda: projections.embed_tokens_cpu(pre, X, W, b, runs, n))
+        gathered = best_ms(lambda: projections.embed_tokens_cpu(pre, X, np.ascontiguousarray(W[:, cols]), b[cols],
+                                                                one, n))
+        print(f"G={G}: over the runs {now:.3f} ms, gathered first {gathered:.3f} ms")
+
+
 def bench_firstcall():
     subprocess.run([sys.executable, "-c", _FIRST], check=True)          # warms the cache if cold
     for _ in range(3):
@@ -609,7 +629,7 @@ if __name__ == "__main__":
      "phases": bench_phases, "overhead": bench_overhead, "redraw": bench_redraw, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
-     "sums": bench_sums, "split": bench_split,
+     "sums": bench_sums, "split": bench_split, "embed": bench_embed,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
      "coldcall": bench_coldcall, "compile": bench_compile, "spells": bench_spells,
      "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
