@@ -382,18 +382,33 @@ def _copy_rows(dst, src, k0, k1, s0, w, d0=0):
             d[l] = a[l]
 
 
+@njit(inline="always")
+def _panels(Bp, N, c, n):
+    """panels [p0, p1) of chunk c of n of Bp (packed, N columns), their columns past N zeroed"""
+    P = Bp.shape[0]
+    p0, p1 = P * c // n, P * (c + 1) // n
+    for p in range(p0, p1):
+        Bp[p, :, min(PANEL, N - p * PANEL):] = 0
+    return p0, p1
+
+
+@njit(inline="always")
+def _panel(Bp, p, N):
+    """(first column, width, rows) of panel p of Bp (packed, N columns)"""
+    j0 = p * PANEL
+    return j0, min(PANEL, N - j0), Bp[p]
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _pack(Bp, B, p0, p1):
     """panels [p0, p1) of Bp ← B: Bp[p, k, l] = B[k, p·PANEL + l], 0 past B's N columns"""
     K, N = B.shape
     for p in range(p0, p1):
-        w = min(PANEL, N - p * PANEL)
-        Bp[p, :, w:] = 0
+        Bp[p, :, min(PANEL, N - p * PANEL):] = 0
     for k0 in range(0, K, PACK_ROWS):
         for p in range(p0, p1):
-            j0 = p * PANEL
-            w = min(PANEL, N - j0)
-            _copy_rows(Bp[p], B, k0, min(k0 + PACK_ROWS, K), j0, w)
+            j0, w, dst = _panel(Bp, p, N)
+            _copy_rows(dst, B, k0, min(k0 + PACK_ROWS, K), j0, w)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -410,20 +425,16 @@ def pack_columns_cpu(Bp, W, cols, transposed, n):
     """Bp ← B packed (see packed_shape), B = W[:, cols] (K = W's rows, N = len(cols)) or,
     with ``transposed``, its transpose (K = len(cols), N = W's rows): a gated cell's weight in
     the engine's column order (``interleaved``) without a permuted copy · n chunks of panels"""
-    P, K, _ = Bp.shape
+    K = Bp.shape[1]
     N = W.shape[0] if transposed else cols.shape[0]
     runs = runs_of(cols[:0] if transposed else cols)      # the runs serve the plain branch only
     for c in prange(n):
-        p0, p1 = P * c // n, P * (c + 1) // n
-        for p in range(p0, p1):
-            Bp[p, :, min(PANEL, N - p * PANEL):] = 0
+        p0, p1 = _panels(Bp, N, c, n)
         if transposed:                              # B[k, j] = W[j, cols[k]]: 16 rows of W a panel
             L = vector_lanes(W)
             rows = W.strides[1] == W.itemsize                # W's rows hold whole vectors
             for p in range(p0, p1):
-                j0 = p * PANEL
-                w = min(PANEL, N - j0)
-                dst = Bp[p]
+                j0, w, dst = _panel(Bp, p, N)
                 k = 0
                 while k < K:
                     if rows and w == PANEL and k + L <= K and _is_run(cols, k, L):
@@ -447,17 +458,13 @@ def pack_rows_cpu(Bp, Wt, cols, transposed, n):
     layout), without making W: B = W[:, cols] = Wt[cols]ᵀ (K = Wt's columns, N = len(cols))
     or, with ``transposed``, B = W[:, cols]ᵀ = Wt[cols] (K = len(cols), N = Wt's columns) ·
     n chunks of panels.  The same Bp as pack_columns_cpu on W."""
-    P, K, _ = Bp.shape
+    K = Bp.shape[1]
     N = Wt.shape[1] if transposed else cols.shape[0]
     for c in prange(n):
-        p0, p1 = P * c // n, P * (c + 1) // n
-        for p in range(p0, p1):
-            Bp[p, :, min(PANEL, N - p * PANEL):] = 0
+        p0, p1 = _panels(Bp, N, c, n)
         if transposed:                              # B[k, j] = Wt[cols[k], j]: rows of Wt
             for p in range(p0, p1):
-                j0 = p * PANEL
-                w = min(PANEL, N - j0)
-                dst = Bp[p]
+                j0, w, dst = _panel(Bp, p, N)
                 for k in range(K):
                     a, d = Wt[cols[k], j0:j0 + w], dst[k, :w]
                     for l in range(w):
@@ -466,9 +473,7 @@ def pack_rows_cpu(Bp, Wt, cols, transposed, n):
             L = vector_lanes(Wt)
             rows = Wt.strides[1] == Wt.itemsize               # Wt's rows hold whole vectors
             for p in range(p0, p1):
-                j0 = p * PANEL
-                w = min(PANEL, N - j0)
-                dst = Bp[p]
+                j0, w, dst = _panel(Bp, p, N)
                 k = 0
                 if rows and w == PANEL and _is_run(cols, j0, PANEL):
                     while k + L <= K:                           # L x L blocks, transposed in registers
@@ -547,13 +552,11 @@ def pack_sums_cpu(Bp, sums, D, runs, E, ids, n):
     (``runs_of``; K = D's rows): a weight gradient's right factor, its bias gradient and, for
     token ids, ∂W_xh from one read of D · n chunks of panels.  Each element of sums and E
     sums over k in order, whatever n.  A block of rows is packed, then summed while in cache."""
-    P, K, _ = Bp.shape
+    K = Bp.shape[1]
     N = sums.shape[0]
     for c in prange(n):
-        p0, p1 = P * c // n, P * (c + 1) // n
+        p0, p1 = _panels(Bp, N, c, n)
         j0, j1 = min(p0 * PANEL, N), min(p1 * PANEL, N)
-        for p in range(p0, p1):
-            Bp[p, :, min(PANEL, N - p * PANEL):] = 0
         sums[j0:j1] = 0
         E[:, j0:j1] = 0
         for k0 in range(0, K, PACK_ROWS):
