@@ -73,7 +73,7 @@ def bench_products():
         rate = {}
         for kc in (128, 256, 512):
             blk = np.array([kc, 64])
-            ms = best_ms(lambda: products.matmul(C, A, Bp, np.float32(1), 0, N, 0, products.NO_POST, blk))
+            ms = best_ms(lambda: products.matmul(C, A, Bp, np.float32(1), 0, N, 0, products.NO_POST, blk, products.ADD))
             rate[f"tile kc={kc}"] = 2 * M * K * N / ms / 1e6
         try:
             from threadpoolctl import threadpool_limits
@@ -364,7 +364,7 @@ def bench_blocking():
             if split == "rows":
                 ms = best_ms(lambda: projections.embed_dense_cpu(C, A, Bp, b, blk, threads), reps=3)
             else:
-                ms = best_ms(lambda: products.gemm_cpu(C, A, Bp, np.float32(1), blk, threads), reps=3)
+                ms = best_ms(lambda: products.gemm_cpu(C, A, Bp, np.float32(1), blk, threads, products.OVERWRITE), reps=3)
             return 2 * M * K * N / ms / 1e6
         grid = {(kc, mc): rate((kc, mc)) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
         own = tuple(int(x) for x in p.blk(kind, np.float32, M, K, N, split))

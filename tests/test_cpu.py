@@ -147,9 +147,30 @@ def test_products_match_numpy_in_float64(M, K, N, dtype, rng):
     want = C0.astype(np.float64)
     want[:, j0:j1] += 0.75 * A[:, ka:ka + K].astype(np.float64) @ B[:, j0:j1].astype(np.float64)
     C = C0.copy()
-    products.matmul(C, A, packed(B, 2), alpha, j0, j1, ka, NO_POST, BLK)
+    products.matmul(C, A, packed(B, 2), alpha, j0, j1, ka, NO_POST, BLK, products.ADD)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(C, want, rtol=tol, atol=tol * np.sqrt(K) * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("M,K,N", PRODUCT_SHAPES + [(5, 0, 9)])
+def test_an_overwriting_product_never_reads_c(M, K, N, dtype, rng):
+    # OVERWRITE: C's old values (NaN here) are never read, and the result is the same bits as
+    # the product added onto zeros, over one K slice or several (K > KC), and 0 for K = 0
+    A = rng.normal(size=(M, K)).astype(dtype)
+    Bp = packed(rng.normal(size=(K, N)).astype(dtype), 2)
+    j0, j1 = 16 * (N > 20), N - (N > 5)
+    want = np.zeros((M, N), dtype)
+    products.matmul(want, A, Bp, dtype(0.75), j0, j1, 0, NO_POST, BLK, products.ADD)
+    C = np.full((M, N), np.nan, dtype)
+    products.matmul(C, A, Bp, dtype(0.75), j0, j1, 0, NO_POST, BLK, products.OVERWRITE)
+    assert np.array_equal(C[:, j0:j1], want[:, j0:j1])
+    assert np.isnan(C[:, :j0]).all() and np.isnan(C[:, j1:]).all()     # outside the range: untouched
+    G = np.full((M, N), np.nan, dtype)
+    products.gemm_cpu(G, A, Bp, dtype(0.75), BLK, 2, products.OVERWRITE)
+    want = np.zeros((M, N), dtype)
+    products.gemm_cpu(want, A, Bp, dtype(0.75), BLK, 2, products.ADD)
+    assert np.array_equal(G, want)
 
 
 @pytest.mark.parametrize("act", [elman.TANH, elman.RELU, elman.IDENTITY])
@@ -164,11 +185,12 @@ def test_product_then_the_cells_epilogue(M, K, N, act, rng):
     j0, j1 = 16 * (N > 20), N - 1
     z = C0[:, j0:j1] + 0.5 * A @ B[:, j0:j1]
     C = C0.copy()
-    products.matmul(C, A, packed(B, 1), 0.5, j0, j1, 0, elman.Activate(act), BLK)
+    products.matmul(C, A, packed(B, 1), 0.5, j0, j1, 0, elman.Activate(act), BLK, products.ADD)
     np.testing.assert_allclose(C[:, j0:j1], phi(z), rtol=1e-12, atol=1e-12)
     assert np.array_equal(C[:, :j0], C0[:, :j0]) and np.array_equal(C[:, j1:], C0[:, j1:])
     C = C0.copy()
-    products.matmul(C, A, packed(B, 1), 0.5, j0, j1, 0, elman.Derivative(Y, act), BLK)
+    products.matmul(C, A, packed(B, 1), 0.5, j0, j1, 0, elman.Derivative(Y, act), BLK,
+                    products.ADD)
     np.testing.assert_allclose(C[:, j0:j1], z * dphi(Y[:, j0:j1]), rtol=1e-12, atol=1e-12)
 
 
@@ -180,7 +202,8 @@ for dt in (np.float32, np.float64):
     for M, K, N in [(7, 70, 45), (70, 600, 19), (1, 9, 3)]:
         A, B, C = (rng.normal(size=s).astype(dt) for s in ((M, K), (K, N), (M, N)))
         want = C + A.astype(float) @ B.astype(float)
-        products.matmul(C, A, products.packed(B, 1), dt(1), 0, N, 0, products.NO_POST, np.array([128, 64]))
+        products.matmul(C, A, products.packed(B, 1), dt(1), 0, N, 0, products.NO_POST, np.array([128, 64]),
+                        products.ADD)
         np.testing.assert_allclose(C, want, rtol=2e-5, atol=2e-5 * np.sqrt(K) * abs(want).max())
         T = np.empty((K, M), dt)
         products.transpose_cpu(T, A, 2)
@@ -216,7 +239,7 @@ def test_kernels_are_exact_for_other_vector_widths(cpu, features, shape, tmp_pat
 def test_parallel_product_and_transpose_split_any_way(n, rng):
     A, B = rng.normal(size=(13, 70)), rng.normal(size=(70, 22))
     C = np.ones((13, 22))
-    products.gemm_cpu(C, A, packed(B, n), 1.0, BLK, n)
+    products.gemm_cpu(C, A, packed(B, n), 1.0, BLK, n, products.ADD)
     np.testing.assert_allclose(C, 1.0 + A @ B, rtol=1e-12, atol=1e-12)
     T_ = np.empty((70, 13))
     products.transpose_cpu(T_, A, n)

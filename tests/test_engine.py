@@ -145,8 +145,8 @@ def test_products_do_not_depend_on_the_leading_dimension(dtype, rng):
     wide = np.zeros((50, 1024), dtype)
     wide[:, 512:560] = B
     C1, C2 = np.zeros((9, 48), dtype), np.zeros((9, 1024), dtype)
-    products.matmul(C1, A, packed(B, 1), dtype(1), 0, 48, 0, products.NO_POST, BLK)
-    products.matmul(C2, A, packed(wide, 2), dtype(1), 512, 560, 0, products.NO_POST, BLK)
+    products.matmul(C1, A, packed(B, 1), dtype(1), 0, 48, 0, products.NO_POST, BLK, products.ADD)
+    products.matmul(C2, A, packed(wide, 2), dtype(1), 512, 560, 0, products.NO_POST, BLK, products.ADD)
     assert np.array_equal(C1, C2[:, 512:560])
     np.testing.assert_allclose(C1, A.astype(float) @ B, rtol=2e-5 if dtype == np.float32 else 1e-12,
                                atol=1e-4 if dtype == np.float32 else 1e-12)

@@ -409,11 +409,12 @@ class Run(LayerParams):
     def input_adjoint(self, l, dP, G, out=None):
         """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""
         W = self.key("W_xh", l)
-        if out is None:
-            out = np.zeros(dP.shape[:-1] + (self.P[W].shape[0],), dP.dtype)
+        fresh = out is None
+        if fresh:
+            out = products.empty(dP.shape[:-1] + (self.P[W].shape[0],), dP.dtype)
         WTp = self.packed(W, transposed=True, cols=self.columns(G) if G > 1 else None)
         out2, dP2 = out.reshape(-1, out.shape[-1]), dP.reshape(-1, dP.shape[-1])
-        gemm_cpu(out2, dP2, WTp, dP.dtype.type(1), self.blk("rows", *dP2.shape, out2.shape[1]), self.n)
+        gemm_cpu(out2, dP2, WTp, dP.dtype.type(1), self.blk("rows", *dP2.shape, out2.shape[1]), self.n, fresh)
         return out
 
     def recurrent_adjoint(self, l, dR, G, out):
@@ -421,15 +422,16 @@ class Run(LayerParams):
         WTp = self.packed(self.key("W_hh", l), transposed=True, cols=self.columns(G) if G > 1 else None)
         dR2 = dR.reshape(-1, dR.shape[-1])
         gemm_cpu(out.reshape(-1, self.H), dR2, WTp, dR.dtype.type(1), self.blk("rows", *dR2.shape, self.H),
-                 self.n)
+                 self.n, products.ADD)
 
     def cross(self, dR0, WTp, x):
         """ξ_1 · dR_1 W_hhᵀ (B,H): the product's share of ∂L/∂h_0 (zeros when the caller asked
         for no state gradients, want_d0)"""
         dh0 = products.empty((self.B, self.H), dR0.dtype)
-        dh0[:] = 0
         if x != 0 and self.want_d0:
-            gemm_cpu(dh0, dR0, WTp, x, self.blk("rows"), self.n)
+            gemm_cpu(dh0, dR0, WTp, x, self.blk("rows"), self.n, products.OVERWRITE)
+        else:
+            dh0[:] = 0
         return dh0
 
 

@@ -23,7 +23,7 @@ from .fastmath import tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
 from . import products
-from .products import NO_POST, of_type, _0, epilogue, gemm_cpu, matmul_k
+from .products import ADD, NO_POST, OVERWRITE, of_type, _0, epilogue, gemm_cpu, matmul_k
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -87,9 +87,9 @@ def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     one = S.dtype.type(1)
     C, A = S[t][r0:r1], S[t - 1][r0:r1]
     if last:
-        matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, Activate(ctx.act), ctx.blk)
+        matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, Activate(ctx.act), ctx.blk, ADD)
     else:
-        matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
+        matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, NO_POST, ctx.blk, ADD)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -106,9 +106,9 @@ def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
         if last:
             dphi(C, h, j0, j1, ctx.act)
     elif last:
-        matmul_k(C, S[t + 1][r0:r1], ctx.Wp, x, j0, j1, _0, k0, k1, Derivative(h, ctx.act), ctx.blk)
+        matmul_k(C, S[t + 1][r0:r1], ctx.Wp, x, j0, j1, _0, k0, k1, Derivative(h, ctx.act), ctx.blk, ADD)
     else:
-        matmul_k(C, S[t + 1][r0:r1], ctx.Wp, x, j0, j1, _0, k0, k1, NO_POST, ctx.blk)
+        matmul_k(C, S[t + 1][r0:r1], ctx.Wp, x, j0, j1, _0, k0, k1, NO_POST, ctx.blk, ADD)
 
 
 cell_steps(Forward, _forward_step, Backward, _backward_step)
@@ -137,9 +137,10 @@ def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n, threads):
     randomized truncation) · act · blk (kc, mc) · n lanes · threads (as forward_cpu).
     """
     run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[1], dZ.shape[2], n, threads)
-    dh0[:] = 0
     if xi[0] != 0:
-        gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, threads)
+        gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, threads, OVERWRITE)
+    else:
+        dh0[:] = 0
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")

@@ -30,7 +30,7 @@ from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
-from .products import NO_POST, _0, chunk, matmul_k
+from .products import ADD, NO_POST, _0, chunk, matmul_k
 
 G = 3
 STATES = ("S",)            # the record's state arrays: h_0..h_T
@@ -114,7 +114,7 @@ def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """step s (h_{s+1} from h_s = S[s]) on rows [r0, r1) and units [j0, j1): adds
     h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns; with last, then the pointwise part"""
     Z, h = ctx.Z[s][r0:r1], ctx.S[s][r0:r1]
-    matmul_k(Z, h, ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk)
+    matmul_k(Z, h, ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk, ADD)
     if last:
         forward_point(Z, ctx.N[s][r0:r1], h, ctx.S[s + 1][r0:r1], j0, j1)
 
@@ -129,7 +129,7 @@ def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(0)
     A = ctx.A[t][r0:r1]
     if x != 0:
-        matmul_k(A, ctx.dR[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
+        matmul_k(A, ctx.dR[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk, ADD)
     if last:
         backward_point(A, ctx.carry[r0:r1], x, ctx.Z[t][r0:r1], ctx.N[t][r0:r1], ctx.S[t][r0:r1],
                        ctx.dP[t][r0:r1], ctx.dR[t][r0:r1], j0, j1)

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from ..config import FASTMATH
 from .fastmath import exp
-from .products import NO_POST, PANEL, _0, chunk, column_sums, matmul, row_chunk
+from .products import NO_POST, OVERWRITE, PANEL, _0, chunk, column_sums, matmul, row_chunk
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -41,8 +41,7 @@ def _softmax_row(o, b_q):
 def _head_rows(row_loss, logits, Hs, Y, W_hqp, b_q, scale, grad, blk):
     """logits ← o = Hs W_hq for a chunk of rows, row_loss ← logsumexp(o_n) - o_n[y_n]; with
     grad, logits ← scale · (softmax(o) - onehot(y))"""
-    logits[:] = 0
-    matmul(logits, Hs, W_hqp, logits.dtype.type(1), _0, logits.shape[1], _0, NO_POST, blk)
+    matmul(logits, Hs, W_hqp, logits.dtype.type(1), _0, logits.shape[1], _0, NO_POST, blk, OVERWRITE)
     for r in range(logits.shape[0]):
         o = logits[r]
         y = Y[r]
@@ -85,13 +84,11 @@ def head_forward_backward_cpu(dHs, dW_hq, db_q, logits, dop, row_loss, Hs, HsT, 
     for c in prange(n):
         r0, r1 = row_chunk(N, c, n)
         _head_rows(row_loss[r0:r1], logits[r0:r1], Hs[r0:r1], Y[r0:r1], W_hqp, b_q, scale, True, blk)
-        dHs[r0:r1] = 0
-        matmul(dHs[r0:r1], logits[r0:r1], W_hqTp, one, _0, H, _0, NO_POST, blk)      # do W_hqᵀ
+        matmul(dHs[r0:r1], logits[r0:r1], W_hqTp, one, _0, H, _0, NO_POST, blk, OVERWRITE)      # do W_hqᵀ
         _pack_rows(dop, logits, r0, r1)
     for c in prange(n):                                               # rows of ∂W_hq
         j0, j1 = chunk(H, c, n)
-        dW_hq[j0:j1] = 0
-        matmul(dW_hq[j0:j1], HsT[j0:j1], dop, one, _0, Q, off, NO_POST, blk)
+        matmul(dW_hq[j0:j1], HsT[j0:j1], dop, one, _0, Q, off, NO_POST, blk, OVERWRITE)
         if c == 0:
             column_sums(db_q, logits, 0, Q)
 

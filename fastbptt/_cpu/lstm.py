@@ -27,7 +27,7 @@ from ..config import FASTMATH
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
-from .products import NO_POST, _0, chunk, matmul_k
+from .products import ADD, NO_POST, _0, chunk, matmul_k
 
 G = 4
 STATES = ("S", "C")        # the record's state arrays: h_0..h_T, c_0..c_T
@@ -97,7 +97,8 @@ def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """step s ((h, c)_{s+1} from (h, c)_s) on rows [r0, r1) and units [j0, j1): adds
     h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns; with last, then the pointwise part"""
     Z = ctx.Z[s][r0:r1]
-    matmul_k(Z, ctx.S[s][r0:r1], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk)
+    matmul_k(Z, ctx.S[s][r0:r1], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk,
+             ADD)
     if last:
         forward_point(Z, ctx.C[s][r0:r1], ctx.C[s + 1][r0:r1], ctx.S[s + 1][r0:r1], j0, j1)
 
@@ -113,7 +114,7 @@ def _backward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     x = ctx.xi[t + 1] if t + 1 < T else ctx.A.dtype.type(1)
     A = ctx.A[t][r0:r1]
     if t + 1 < T and x != 0:
-        matmul_k(A, ctx.dZ[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk)
+        matmul_k(A, ctx.dZ[t + 1][r0:r1], ctx.WTp, x, j0, j1, _0, G * k0, G * k1, NO_POST, ctx.blk, ADD)
     if last:
         D = ctx.dC[min(t, ctx.dC.shape[0] - 1)]
         D = D[r0:r1] if D.shape[0] > 1 else D                 # (1,H): every row's

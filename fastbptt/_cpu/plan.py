@@ -346,7 +346,7 @@ def measure_product(split, dtype, M, K, N, threads, incumbent):
     ``threads`` threads by ``split`` ("rows" as the input projection splits, "cols" as the
     weight gradients and the adjoints' products do) if it beats ``incumbent`` (the kind's
     blocking) by PRODUCT_MARGIN, else the incumbent"""
-    from .products import empty, gemm_cpu, packed
+    from .products import OVERWRITE, empty, gemm_cpu, packed
     from .projections import embed_dense_cpu
     dt = np.dtype(dtype)
     rng = np.random.default_rng(0)
@@ -365,7 +365,7 @@ def measure_product(split, dtype, M, K, N, threads, incumbent):
                 if split == "rows":
                     embed_dense_cpu(C, A, Bp, b, blk, threads)
                 else:
-                    gemm_cpu(C, A, Bp, dt.type(1), blk, threads)
+                    gemm_cpu(C, A, Bp, dt.type(1), blk, threads, OVERWRITE)
         return fn
     best = _best_times([run(*g) for g in grid], rounds=5)
     fastest = int(np.argmin(best))
@@ -390,12 +390,12 @@ class numba_threads:
 
 
 def _product_time(M, K, N, kc, mc, dt):
-    from .products import NO_POST, matmul, packed
+    from .products import ADD, NO_POST, matmul, packed
     rng = np.random.default_rng(0)
     A = rng.standard_normal((M, K)).astype(dt)
     Bp = packed(rng.standard_normal((K, N)).astype(dt), 1)
     C = np.zeros((M, N), dt)
-    return _best(lambda: matmul(C, A, Bp, dt.type(1), 0, N, np.int64(0), NO_POST, np.array([kc, mc])), reps=3)
+    return _best(lambda: matmul(C, A, Bp, dt.type(1), 0, N, np.int64(0), NO_POST, np.array([kc, mc]), ADD), reps=3)
 
 
 #: the shapes each kind's blocking is measured at: (M, K, N), one thread

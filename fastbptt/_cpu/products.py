@@ -111,8 +111,10 @@ def _splat(builder, x, n):
 
 # ------------------------------------------------------------------------------ the tile
 @intrinsic
-def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV):
-    """C[r0:r0+R, j0:j0+w] += α · A[r0:r0+R, ka:ka+K] B[kb:kb+K, j0:j0+w]
+def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, fresh, R, NV):
+    """C[r0:r0+R, j0:j0+w] += α · A[r0:r0+R, ka:ka+K] B[kb:kb+K, j0:j0+w]; with ``fresh``,
+    C's tile = α · A B, its old values never read (a product that overwrites C needs no
+    zeroing pass first: α·acc + 0 is the same sum, to the bit)
 
     Bp: B packed (:func:`pack_cpu`), Bp[j // PANEL, k, j % PANEL] = B[k, j], zero past N.
     R (rows) and NV (vectors per row) literal ints, (NV-1)·L < w <= NV·L with L the lanes
@@ -135,6 +137,7 @@ def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV):
         alpha = context.cast(builder, args[3], sig.args[3], cty.dtype)
         r0, j0, w, ka, kb, K = (context.cast(builder, args[i], sig.args[i], types.intp)
                                 for i in range(4, 10))
+        fresh = context.cast(builder, args[10], sig.args[10], types.boolean)
         fma = _vector_intrinsic(builder, "fma", vty, [vty] * 3)
         zero = ir.Constant(vty, None)
         rest = builder.trunc(builder.sub(w, w.type((nvec - 1) * L)), i32)
@@ -189,36 +192,43 @@ def _outer_tile(typingctx, C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV):
             phi.add_incoming(zero, entry)
             phi.add_incoming(x, body)
         builder.branch(head)
-        # C += α · acc
+        # C = α · acc + (C, or 0 when fresh)
         builder.position_at_end(done)
         alpha = _splat(builder, alpha, L)
-        for r in range(nrow):
-            for v in range(nvec):
-                p = cvector(rows[r], v)
-                x = builder.call(fma, [alpha, acc[r * nvec + v], cload(p, v)])
-                if v < nvec - 1:
-                    builder.store(x, p, align=size)
-                else:
-                    builder.call(mstore, [x, p, i32(size), mask])
+
+        def store_all(old):
+            for r in range(nrow):
+                for v in range(nvec):
+                    p = cvector(rows[r], v)
+                    x = builder.call(fma, [alpha, acc[r * nvec + v], old(p, v)])
+                    if v < nvec - 1:
+                        builder.store(x, p, align=size)
+                    else:
+                        builder.call(mstore, [x, p, i32(size), mask])
+        with builder.if_else(fresh) as (overwrite, accumulate):
+            with overwrite:
+                store_all(lambda p, v: zero)
+            with accumulate:
+                store_all(cload)
         return context.get_dummy_value()
 
-    return types.void(C, A, Bp, alpha, r0, j0, w, ka, kb, K, R, NV), codegen
+    return types.void(C, A, Bp, alpha, r0, j0, w, ka, kb, K, fresh, R, NV), codegen
 
 
 @njit(inline="always")
-def _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka, kb, K, NV):
+def _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka, kb, K, fresh, NV):
     """rows [m0, m1) of C's tile column [j, j+w): 8 rows at a time (with 32 registers),
     then 4, then one by one.  Every row's sums are the same in a tile of any height."""
     r = m0
     if _tall_tiles():
         while r + 8 <= m1:
-            _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, 8, NV)
+            _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, fresh, 8, NV)
             r += 8
     while r + 4 <= m1:
-        _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, 4, NV)
+        _outer_tile(C, A, Bp, alpha, r, j, w, ka, kb, K, fresh, 4, NV)
         r += 4
     for i in range(r, m1):
-        _outer_tile(C, A, Bp, alpha, i, j, w, ka, kb, K, 1, NV)
+        _outer_tile(C, A, Bp, alpha, i, j, w, ka, kb, K, fresh, 1, NV)
 
 
 # -------------------------------------------------------------------------- epilogues
@@ -245,26 +255,31 @@ def _no_post(post, C, m0, m1, j0, j1):
 
 
 # --------------------------------------------------------------------------- the product
+#: a product's last argument: add to C, or overwrite it (C's old values never read, so C
+#: needs no zeroing pass first; the sums are the same bits as onto zeros)
+ADD, OVERWRITE = False, True
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def matmul(C, A, Bp, alpha, j0, j1, ka, post, blk):
-    """C[:, j0:j1] += α · A[:, ka:ka+K] B[:, j0:j1], then epilogue(post) on each tile column
+def matmul(C, A, Bp, alpha, j0, j1, ka, post, blk, fresh):
+    """C[:, j0:j1] (+)= α · A[:, ka:ka+K] B[:, j0:j1], then epilogue(post) on each tile column
 
     C (M,N) · A (M, >= ka+K) · Bp: B (K,N) packed · j0 a multiple of PANEL · blk = (kc,
-    mc) int64 array (see matmul_k).
+    mc) int64 array · fresh: ADD or OVERWRITE (see matmul_k).
     """
-    matmul_k(C, A, Bp, alpha, j0, j1, ka, 0, Bp.shape[1], post, blk)
+    matmul_k(C, A, Bp, alpha, j0, j1, ka, 0, Bp.shape[1], post, blk, fresh)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def matmul_k(C, A, Bp, alpha, j0, j1, ka, k0, k1, post, blk):
-    """C[:, j0:j1] += α · A[:, ka+k0:ka+k1] B[k0:k1, j0:j1], then epilogue(post) on each tile
-    column: the product over rows [k0, k1) of B only (a sweep's step adds its K ranges one
-    after another, the epilogue with the last)
+def matmul_k(C, A, Bp, alpha, j0, j1, ka, k0, k1, post, blk, fresh):
+    """C[:, j0:j1] += α · A[:, ka+k0:ka+k1] B[k0:k1, j0:j1] (fresh = ADD) or = it (OVERWRITE),
+    then epilogue(post) on each tile column: the product over rows [k0, k1) of B only (a
+    sweep's step adds its K ranges one after another, the epilogue with the last)
 
     blk = (kc, mc) int64 array: [k0, k1) in equal slices of at most kc, rows in panels of
     mc, so that a panel of A and the slice of B under a tile column stay in cache.  Tiles of
     8 (or 4) rows x the tile's vectors (_tile_rows, _outer_tile), the columns left over in a
-    tile of fewer vectors.
+    tile of fewer vectors.  OVERWRITE applies to the first K slice; the others add.
     """
     M, K = C.shape[0], k1 - k0
     kc, mc = blk[0], blk[1]
@@ -272,20 +287,23 @@ def matmul_k(C, A, Bp, alpha, j0, j1, ka, k0, k1, post, blk):
     W = _tile_vectors() * L                         # columns of a full tile
     nk = (K + kc - 1) // kc
     if nk == 0 and j1 > j0:                         # an empty K range: the epilogue alone
+        if fresh:
+            C[:, j0:j1] = 0
         epilogue(post, C, 0, M, j0, j1)
     for s in range(nk):
         ks, ke = k0 + K * s // nk, k0 + K * (s + 1) // nk
+        first = fresh and s == 0
         for m0 in range(0, M, mc):
             m1 = min(m0 + mc, M)
             for j in range(j0, j1, W):
                 w = min(W, j1 - j)
                 nv = (w + L - 1) // L                   # vectors in this tile column
                 if nv == 3:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 3)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, first, 3)
                 elif nv == 2:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 2)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, first, 2)
                 else:
-                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, 1)
+                    _tile_rows(C, A, Bp, alpha, m0, m1, j, w, ka + ks, ks, ke - ks, first, 1)
                 if s == nk - 1:
                     epilogue(post, C, m0, m1, j, j + w)
 
@@ -603,11 +621,12 @@ def packed(B, n):
 
 # --------------------------------------------------------------------- whole products
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def gemm_cpu(C, A, Bp, alpha, blk, n):
-    """C += α · A B · C (M,N) · A (M,K) · Bp: B (K,N) packed · blk (kc, mc) · n column chunks"""
+def gemm_cpu(C, A, Bp, alpha, blk, n, fresh):
+    """C (+)= α · A B · C (M,N) · A (M,K) · Bp: B (K,N) packed · blk (kc, mc) · n column
+    chunks · fresh: ADD or OVERWRITE"""
     for c in prange(n):
         j0, j1 = chunk(C.shape[1], c, n)
-        matmul(C, A, Bp, alpha, j0, j1, _0, NO_POST, blk)
+        matmul(C, A, Bp, alpha, j0, j1, _0, NO_POST, blk, fresh)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")

@@ -10,7 +10,7 @@ G·H is the width of a cell's pre-activations (G = 1 for the Elman cell).
 from numba import njit, prange
 
 from ..config import FASTMATH
-from .products import NO_POST, SUM_COLS, _0, add_to, chunk, matmul, matmul_k, row_chunk
+from .products import ADD, NO_POST, OVERWRITE, SUM_COLS, _0, add_to, chunk, matmul, matmul_k, row_chunk
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -45,7 +45,7 @@ def embed_dense_cpu(pre, X, W_xhp, b_h, blk, n):
         r0, r1 = row_chunk(N, c, n)
         for r in range(r0, r1):
             pre[r] = b_h
-        matmul(pre[r0:r1], X[r0:r1], W_xhp, one, _0, H, _0, NO_POST, blk)
+        matmul(pre[r0:r1], X[r0:r1], W_xhp, one, _0, H, _0, NO_POST, blk, ADD)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -80,8 +80,7 @@ def embed_dense_backward_cpu(dW_xh, XT, dZp, blk, n):
     """
     for c in prange(n):
         j0, j1 = chunk(dW_xh.shape[1], c, n)
-        dW_xh[:, j0:j1] = 0
-        matmul(dW_xh, XT, dZp, XT.dtype.type(1), j0, j1, _0, NO_POST, blk)
+        matmul(dW_xh, XT, dZp, XT.dtype.type(1), j0, j1, _0, NO_POST, blk, OVERWRITE)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -95,8 +94,7 @@ def recurrent_grads_cpu(dW_hh, dZp, HxT, t0B, blk, n):
     """
     for c in prange(n):
         j0, j1 = chunk(dW_hh.shape[1], c, n)
-        dW_hh[:, j0:j1] = 0
-        matmul_k(dW_hh, HxT, dZp, dW_hh.dtype.type(1), j0, j1, _0, t0B, dZp.shape[1], NO_POST, blk)
+        matmul_k(dW_hh, HxT, dZp, dW_hh.dtype.type(1), j0, j1, _0, t0B, dZp.shape[1], NO_POST, blk, OVERWRITE)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
