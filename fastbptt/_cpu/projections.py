@@ -7,10 +7,13 @@ never a loop over time steps.
 
 G·H is the width of a cell's pre-activations (G = 1 for the Elman cell).
 """
+from collections import namedtuple
+
 from numba import njit, prange
+from numba.extending import overload
 
 from ..config import FASTMATH
-from .products import ADD, NO_POST, OVERWRITE, SUM_COLS, _0, add_to, chunk, matmul, matmul_k, row_chunk
+from .products import NO_POST, OVERWRITE, SUM_COLS, _0, add_to, chunk, epilogue, matmul, matmul_k, of_type, row_chunk
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -33,9 +36,24 @@ def embed_tokens_cpu(pre, X, W_xh, b_h, runs, n):
                     d[j] = s[j] + b[j]
 
 
+#: the epilogue that adds a row b to every row of a tile column (the input projection's bias,
+#: added while the tile is in L1 instead of a pass that fills the output with it first)
+AddRow = namedtuple("AddRow", "b")
+
+
+@overload(epilogue, jit_options={"cache": True})
+def _add_row(post, C, m0, m1, j0, j1):
+    if of_type(post, AddRow):
+        def add_row(post, C, m0, m1, j0, j1):
+            b = post.b[j0:j1]
+            for r in range(m0, m1):
+                add_to(C[r, j0:j1], b, j1 - j0)
+        return add_row
+
+
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def embed_dense_cpu(pre, X, W_xhp, b_h, blk, n):
-    """pre = X W_xh + b_h over all T·B rows at once (one product)
+    """pre = X W_xh + b_h over all T·B rows at once (one product, b_h added in its epilogue)
 
     pre (T·B,H) out · X (T·B,D) · W_xhp: W_xh (D,H) packed · b_h (H,) · blk (kc, mc) · n row chunks
     """
@@ -43,9 +61,7 @@ def embed_dense_cpu(pre, X, W_xhp, b_h, blk, n):
     one = pre.dtype.type(1)
     for c in prange(n):
         r0, r1 = row_chunk(N, c, n)
-        for r in range(r0, r1):
-            pre[r] = b_h
-        matmul(pre[r0:r1], X[r0:r1], W_xhp, one, _0, H, _0, NO_POST, blk, ADD)
+        matmul(pre[r0:r1], X[r0:r1], W_xhp, one, _0, H, _0, AddRow(b_h), blk, OVERWRITE)
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
