@@ -70,6 +70,18 @@ def test_nonfinite_count_is_numpys(dtype, n):
             assert arrays.first_nonfinite(shaped) == _host.first_nonfinite(shaped)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_nonfinite_count_split_between_threads_is_numpys(n):
+    rng = np.random.default_rng(n)
+    for dtype in (np.float32, np.float64):
+        a = rng.standard_normal(arrays.PARALLEL_SCAN + 37).astype(dtype)
+        assert arrays.count_nonfinite_par(a, n) == 0
+        a[rng.integers(0, a.size, 5)] = [np.nan, np.inf, -np.inf, np.nan, np.inf]
+        a[-1] = np.nan                                           # in the last chunk
+        assert arrays.count_nonfinite_par(a, n) == np.count_nonzero(~np.isfinite(a))
+        assert arrays.first_nonfinite(a.reshape(-1, 1)) == _host.first_nonfinite(a.reshape(-1, 1))
+
+
 def test_first_nonfinite_of_any_array_is_hosts():
     a = np.arange(12.0).reshape(3, 4)
     a[2, 1] = np.inf

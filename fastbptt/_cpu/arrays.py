@@ -12,9 +12,11 @@ and ``max`` read the ids twice): every call checks every parameter, so these sca
 part of every call's fixed cost (docs/performance.md, "the validation's scans").
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .. import _host
+from .plan import numba_threads
+from .team import team
 
 
 @njit(cache=True, error_model="numpy")
@@ -35,6 +37,29 @@ def count_nonfinite_cpu(a):
     if a.itemsize == 4:
         return _count_masked(v.view(np.uint32), np.uint32(0x7F800000))
     return _count_masked(v.view(np.uint64), np.uint64(0x7FF0000000000000))
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def count_nonfinite_par(a, n):
+    """count_nonfinite_cpu(a) in n chunks, one per thread (a count: the same whatever n)"""
+    v = a.reshape(-1)
+    N = v.shape[0]
+    counts = np.zeros(n, np.int64)
+    for c in prange(n):
+        counts[c] = count_nonfinite_cpu(v[N * c // n:N * (c + 1) // n])
+    return counts.sum()
+
+
+#: arrays of at least this many elements are scanned on the threads of this thread's last
+#: call (team.recent): a parallel region's few µs of launch are then under a tenth of the scan
+PARALLEL_SCAN = 1 << 18
+
+
+def _count_nonfinite(c):
+    if c.size < PARALLEL_SCAN:
+        return count_nonfinite_cpu(c)
+    with numba_threads(team.recent()) as n:
+        return count_nonfinite_par(c, n)
 
 
 @njit(cache=True, error_model="numpy")
@@ -70,7 +95,7 @@ def first_nonfinite(a):
     """None if every value is finite, else a description of the first one that is not
     (fastbptt._host's)"""
     c = a.T if a.ndim == 2 and not a.flags.c_contiguous else a    # a weight given as its transpose
-    if c.size and c.flags.c_contiguous and c.dtype in (np.float32, np.float64) and count_nonfinite_cpu(c) == 0:
+    if c.size and c.flags.c_contiguous and c.dtype in (np.float32, np.float64) and _count_nonfinite(c) == 0:
         return None
     return _host.first_nonfinite(a)
 
