@@ -364,7 +364,8 @@ def bench_blocking():
             if split == "rows":
                 ms = best_ms(lambda: projections.embed_dense_cpu(C, A, Bp, b, blk, threads), reps=3)
             else:
-                ms = best_ms(lambda: products.gemm_cpu(C, A, Bp, np.float32(1), blk, threads, products.OVERWRITE), reps=3)
+                ms = best_ms(lambda: products.gemm_cpu(C, A, Bp, np.float32(1), blk, threads, products.OVERWRITE),
+                             reps=3)
             return 2 * M * K * N / ms / 1e6
         grid = {(kc, mc): rate((kc, mc)) for kc in plan.KC_CANDIDATES for mc in plan.MC_CANDIDATES}
         own = tuple(int(x) for x in p.blk(kind, np.float32, M, K, N, split))
