@@ -36,6 +36,9 @@
                                             # token scatter-add (every thread, from cache)
     python bench/engine_micro.py split      # the GRU's split of its input projection (every thread, from cache)
     python bench/engine_micro.py embed      # a gated cell's token projection over its column order's runs
+    python bench/engine_micro.py passes PATH  # the dense input projection, ∂W_hh, the head and the scan of a
+                                            # weight for non-finite values, against an earlier checkout's
+                                            # (PATH) in the same process, alternating (medians)
 
 Each prints one line per case; every figure is the best of several timed runs.
 """
@@ -625,12 +628,67 @@ def bench_firstcall():
         subprocess.run([sys.executable, "-c", _FIRST], check=True)
 
 
+def bench_passes():
+    """median ms of four kernels with the same inputs, this checkout's against an earlier one's
+    (sys.argv[2], loaded as ``fastbptt_before``), alternating in one process: the dense input
+    projection (pre = X W_xh + b_h), ∂W_hh over all rows, the softmax-CE head, and the scan of
+    W_hh for non-finite values"""
+    import importlib
+    import statistics
+
+    from before import load_before
+    from fastbptt._cpu import arrays, head, plan, projections, team
+    load_before(sys.argv[2])
+    old = {m: importlib.import_module(f"fastbptt_before._cpu.{m}") for m in ("arrays", "head", "projections")}
+    n = team.max_threads()
+    pl = plan.current(n)
+    rng = np.random.default_rng(0)
+
+    def median_ms(now, before, rounds=30):
+        times = {"now": [], "before": []}
+        for r in range(rounds):
+            for k in (("now", "before") if r % 2 else ("before", "now")):
+                t = time.perf_counter()
+                (now if k == "now" else before)()
+                times[k].append(time.perf_counter() - t)
+        return [statistics.median(times[k]) * 1e3 for k in ("now", "before")]
+
+    f = np.float32
+    for M, D, N in ((4096, 256, 1024), (1024, 1024, 3072), (1600, 512, 2048), (1120, 28, 256)):
+        X = rng.standard_normal((M, D)).astype(f)
+        Wp, b = products.packed(rng.standard_normal((D, N)).astype(f), n), rng.standard_normal(N).astype(f)
+        pre, blk = products.empty((M, N), f), np.array(pl.blk("rows", f, M, D, N, "rows"), np.int64)
+        now, before = median_ms(lambda: projections.embed_dense_cpu(pre, X, Wp, b, blk, n),
+                                lambda: old["projections"].embed_dense_cpu(pre, X, Wp, b, blk, n))
+        print(f"X W_xh + b_h ({M},{D})·({D},{N}): {now:.3f} ms, before {before:.3f} ms (x{before / now:.2f})")
+    for T, B, H, G, Q in ((35, 32, 256, 1, 28), (35, 32, 512, 1, 28), (35, 32, 256, 4, 28), (25, 64, 512, 4, 28),
+                          (32, 32, 1024, 4, 28)):
+        R, GH = T * B, G * H
+        HxT = rng.standard_normal((H, R + B)).astype(f)
+        dZp = products.packed(rng.standard_normal((R, GH)).astype(f), n)
+        dW, blk = products.empty((H, GH), f), np.array(pl.blk("grad", f, H, R, GH), np.int64)
+        grads = median_ms(lambda: projections.recurrent_grads_cpu(dW, dZp, HxT, 0, blk, n),
+                          lambda: old["projections"].recurrent_grads_cpu(dW, dZp, HxT, 0, blk, n))
+        W = (rng.standard_normal((H, Q)) / np.sqrt(H)).astype(f)
+        Wp, WTp = products.packed(W, n), products.packed(np.ascontiguousarray(W.T), n)
+        out = [products.empty(s, f) for s in ((R, H), (H, Q), (Q,), (R, Q), products.packed_shape(R, Q))]
+        Hs, Y, row_loss = rng.standard_normal((R, H)).astype(f), rng.integers(0, Q, R), np.empty(R)
+        args = (Hs, HxT, B, Y, Wp, WTp, np.zeros(Q, f), 1 / R, np.array(pl.blk("rows"), np.int64), n)
+        heads = median_ms(lambda: head.head_forward_backward_cpu(*out, row_loss, *args),
+                          lambda: old["head"].head_forward_backward_cpu(*out, row_loss, *args))
+        W_hh = rng.standard_normal((H, GH)).astype(f)
+        scans = median_ms(lambda: arrays.first_nonfinite(W_hh), lambda: old["arrays"].first_nonfinite(W_hh))
+        print(f"T={T} B={B} H={H} G={G}: ∂W_hh {grads[0]:.3f} ms, before {grads[1]:.3f} (x{grads[1] / grads[0]:.2f}); "
+              f"head {heads[0]:.3f}, before {heads[1]:.3f} (x{heads[1] / heads[0]:.2f}); W_hh's scan "
+              f"{scans[0]:.3f}, before {scans[1]:.3f} (x{scans[1] / scans[0]:.2f})")
+
+
 if __name__ == "__main__":
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "redraw": bench_redraw, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),
      "blocking": bench_blocking, "tiles": bench_tiles, "packrows": bench_packrows, "packs": bench_packs,
-     "sums": bench_sums, "split": bench_split, "embed": bench_embed,
+     "sums": bench_sums, "split": bench_split, "embed": bench_embed, "passes": bench_passes,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
      "coldcall": bench_coldcall, "compile": bench_compile, "spells": bench_spells,
      "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -1,4 +1,5 @@
-"""Products of the CPU engine: C (M,N) += α · A (M,K) B (K,N), from one register tile.
+"""Products of the CPU engine: C (M,N) += α · A (M,K) B (K,N), or C = α · A B (OVERWRITE: C's old
+values never read, so an output needs no zeroing pass first), from one register tile.
 
 Every product of a call runs here, on numba's threads: callers split the output columns
 (or rows) into one chunk per thread.  The right factor B always arrives *packed*
