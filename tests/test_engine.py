@@ -415,6 +415,21 @@ def test_a_lane_whose_thread_never_starts_is_taken_over(rng):
     np.testing.assert_allclose(S, reference.sweep_forward(W, pre), rtol=1e-12, atol=1e-12)
 
 
+def test_rows_whose_thread_never_starts_are_run_by_another(rng):
+    # a rows split on one running thread: its own chunk, then every step the others left
+    import numba
+    W = rng.normal(size=(96, 96)) / 10
+    pre = rng.normal(size=(12, 7, 96))
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        S = pre.copy()
+        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, -3, 2)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(S, reference.sweep_forward(W, pre), rtol=1e-12, atol=1e-12)
+
+
 _BUSY = """
 import sys, time
 import numpy as np
