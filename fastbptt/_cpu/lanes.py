@@ -2,8 +2,8 @@
 
 A sweep splits its work between threads one of two ways, as the plan measured faster for
 its shape: by rows (the batch's sequences are independent, so each thread runs its own
-rows' steps from the first to the last with no waits at all, then takes the steps that
-another thread has left unclaimed; see :func:`run_lanes`), or by columns, as follows.
+rows' steps from the first to the last with no waits at all; see :func:`run_lanes`), or
+by columns, as follows.
 
 Each thread owns a chunk of the output columns (a *lane*), so its slice of the packed
 W_hh stays in its own cache for all T steps.  Step s + 1 of a lane needs every lane's
@@ -155,31 +155,6 @@ def _row_chunk(ctx, steps, B, H, c, r):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _help_rows(ctx, flags, q, steps, B, H, r, own):
-    """the steps of row chunk q, one at a time, until all are done: step s is claimed once
-    step s - 1 is done, at once in the thread's ``own`` chunk, in another's only once it has
-    stayed unclaimed for CPU_STEAL_SPINS polls (that chunk's thread lost its core between
-    steps) or that thread has not started; while a step is held, this thread polls, yielding
-    its core between polls"""
-    f = q * _LINE
-    r0, r1 = row_chunk(B, q, r)
-    spins = 0
-    while True:
-        s = _load_acquire(flags, f + _DONE)
-        if s >= steps:
-            return
-        free = _load_acquire(flags, f + _CLAIMED) == s
-        spins = spins + 1 if free else 0
-        mine = own or spins > CPU_STEAL_SPINS or _load_acquire(flags, f + _STARTED) == 0
-        if free and mine and _cas(flags, f + _CLAIMED, s, s + 1):
-            cell_step(ctx, s, r0, r1, 0, H, 0, H, True)
-            _store_release(flags, f + _DONE, s + 1)
-            spins = 0
-        elif not free:
-            _yield_thread()
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _ready(flags, s, n):
     """every lane has done step s - 1"""
     for q in range(n):
@@ -232,10 +207,8 @@ def run_lanes(ctx, steps, B, H, n, threads):
 
     n = -r < 0: the rows split instead, in r chunks (``row_chunk``), each a one-lane sweep
     of its own rows from the first step to the last, with no waits at all: the rows are
-    independent sequences.  A thread that has done its own chunk takes the next steps of the
-    others as their threads leave them unclaimed (a thread that lost its core, or shares it
-    with other work), each step claimed once.  Each row is summed as in a one-lane sweep,
-    whatever r and the thread count.
+    independent sequences.  Each row is summed as in a one-lane sweep, whatever r and the
+    thread count.
 
     A thread that has waited CPU_SOLO_WAIT times its own last step (and at least
     _SOLO_MIN_CYCLES) for a step another thread holds runs every remaining step of every
@@ -246,13 +219,8 @@ def run_lanes(ctx, steps, B, H, n, threads):
             _row_chunk(ctx, steps, B, H, c, -n)
         return
     if n < 0:
-        r = -n
-        flags = np.zeros(r * _LINE, np.int64)
-        for ci in prange(r):
-            c = np.int64(ci)
-            _store_release(flags, c * _LINE + _STARTED, 1)
-            for i in range(r):                   # its own rows first, then the steps others leave
-                _help_rows(ctx, flags, (c + i) % r, steps, B, H, r, i == 0)
+        for c in prange(-n):
+            _row_chunk(ctx, steps, B, H, np.int64(c), -n)
         return
     if n == 1 or threads == 1:
         for s in range(steps):
