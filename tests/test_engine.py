@@ -400,31 +400,17 @@ def test_max_threads_is_capped_by_the_affinity_mask():
 
 
 # ------------------------------------------------------------ waits under load
-def test_a_lane_whose_thread_never_starts_is_taken_over(rng):
-    # more lanes than threads: the missing lanes' steps are computed by the running thread
+@pytest.mark.parametrize("lanes,B", [(5, 3), (-3, 7)])
+def test_a_lane_whose_thread_never_starts_is_taken_over(lanes, B, rng):
+    # more column lanes (or row chunks) than threads: the running thread computes every step
     import numba
     W = rng.normal(size=(96, 96)) / 10
-    pre = rng.normal(size=(12, 3, 96))
+    pre = rng.normal(size=(12, B, 96))
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
         S = pre.copy()
-        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, 5, 2)
-    finally:
-        numba.set_num_threads(before)
-    np.testing.assert_allclose(S, reference.sweep_forward(W, pre), rtol=1e-12, atol=1e-12)
-
-
-def test_rows_whose_thread_never_starts_are_run_by_another(rng):
-    # a rows split on one running thread: its own chunk, then every step the others left
-    import numba
-    W = rng.normal(size=(96, 96)) / 10
-    pre = rng.normal(size=(12, 7, 96))
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        S = pre.copy()
-        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, -3, 2)
+        elman.forward_cpu(S, packed(W, 1), elman.TANH, BLK, lanes, 2)
     finally:
         numba.set_num_threads(before)
     np.testing.assert_allclose(S, reference.sweep_forward(W, pre), rtol=1e-12, atol=1e-12)
