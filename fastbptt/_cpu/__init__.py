@@ -108,11 +108,11 @@ def normalized(name, a, dtype, copy=False, weight=False):
     flags = a.flags
     if not copy and a.dtype == dtype and flags.c_contiguous and flags.writeable:
         return a                                        # as it is (most calls' every array)
-    if (weight and not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
-            and a.T.flags.c_contiguous and flags.writeable):
+    transpose = (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
+                 and a.T.flags.c_contiguous)                    # a float matrix given as its transpose
+    if transpose and weight and flags.writeable:
         return a
-    if (not copy and a.ndim == 2 and a.dtype == dtype and a.dtype in (np.float32, np.float64)
-            and a.T.flags.c_contiguous and not flags.c_contiguous):
+    if transpose and not flags.c_contiguous:
         out, = _transposes.get(("transposes", a.dtype.str), name, [a.shape], a.dtype)
         return transposed(a.T, out)
     return _host.normalized(name, a, dtype, copy)
@@ -202,14 +202,14 @@ class Run(LayerParams):
             W = self.P[key]
             K, N = W.shape[::-1] if transposed else W.shape
             Wp, = self.scratch(f"{key}{'T' if transposed else ''} packed", [packed_shape(K, N)])
-            if not W.flags.c_contiguous:              # given as its transpose (normalized's weights)
-                order = np.arange(W.shape[1]) if cols is None else cols
-                products.pack_rows_cpu(Wp, W.T, order, transposed, self.n)
-            elif cols is None and not transposed:
+            if cols is None and not transposed and W.flags.c_contiguous:
                 pack_cpu(Wp, W, self.n)
-            else:                                     # a transpose packs in blocks turned in registers
-                cols = np.arange(W.shape[1]) if cols is None else cols
-                products.pack_columns_cpu(Wp, W, cols, transposed, self.n)
+            else:
+                order = np.arange(W.shape[1]) if cols is None else cols
+                if W.flags.c_contiguous:              # a transpose packs in blocks turned in registers
+                    products.pack_columns_cpu(Wp, W, order, transposed, self.n)
+                else:                                 # given as its transpose (normalized's weights)
+                    products.pack_rows_cpu(Wp, W.T, order, transposed, self.n)
             self._packed[name] = Wp
         return self._packed[name]
 
