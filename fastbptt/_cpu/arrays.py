@@ -50,8 +50,10 @@ def count_nonfinite_par(a, n):
     return counts.sum()
 
 
-#: arrays of at least this many elements are scanned on the threads of this thread's last
-#: call (team.recent): a parallel region's few µs of launch are then under a tenth of the scan
+#: arrays of at least this many elements (1 MiB of float32) are scanned on the threads of this
+#: thread's last call (team.recent); a smaller one stays on one thread, where a parallel
+#: region's launch would weigh on the scan (docs/performance.md, "Products that overwrite
+#: their output")
 PARALLEL_SCAN = 1 << 18
 
 
