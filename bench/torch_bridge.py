@@ -226,11 +226,10 @@ def main():
              "step-lstm": lambda: dense_case("LSTM", a.device, 1, 1, 28, 256),
              "generate-gru": lambda: generate_case("GRU", a.device),
              "generate-lstm": lambda: generate_case("LSTM", a.device)}
-    gemm = bench.gemm_rate()
     print(f"threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
           f"rounds {a.rounds} (+{a.warmup} warm-up), median ms per "
           f"{'forward under torch.no_grad()' if a.inference else 'forward+backward'} on {a.device}; "
-          f"same-run float32 GEMM (numpy 2048³) {gemm:.1f} GFLOP/s")
+          f"% GEMM against numpy's float32 GEMM (2048³) timed once in every round, after the systems")
     for name in a.only.split(","):
         models, step = cases[name]()
         if a.kernels:
@@ -238,9 +237,10 @@ def main():
             continue
         names = list(models)
         times = {n: [] for n in names}
+        gemm = bench.Gemm()
         order = ([(r, n) for n in names for r in range(a.warmup + a.rounds)] if a.blocks else
                  [(r, n) for r in range(a.warmup + a.rounds) for n in (names if r % 2 == 0 else names[::-1])])
-        for r, n in order:
+        for i, (r, n) in enumerate(order):
             sync()
             t0 = time.perf_counter()
             step(models[n])
@@ -248,13 +248,19 @@ def main():
             dt = time.perf_counter() - t0
             if r >= a.warmup:
                 times[n].append(dt)
+            if not a.blocks and r >= a.warmup and (i + 1 == len(order) or order[i + 1][0] != r):
+                gemm.time(1)                     # numpy's GEMM ends the round, then its threads idle
+                time.sleep(bench.PAUSE)
+        if a.blocks:
+            gemm.time(a.rounds)                  # a block of its own, as each system's
         med = {n: statistics.median(v) for n, v in times.items()}
         base = med["torch.nn"]
         print(f"{name}: " + ", ".join(f"{n} {med[n] * 1e3:.3f} ms" for n in names) + "; torch.nn / " +
               ", torch.nn / ".join(f"{n} = {base / med[n]:.2f}x" for n in names[1:]))
         if name in flops and not a.inference:
             rate = {n: flops[name] / med[n] / 1e9 for n in names}
-            print("  " + ", ".join(f"{n} {rate[n]:.1f} GFLOP/s ({100 * rate[n] / gemm:.1f} % GEMM)" for n in names))
+            print("  " + ", ".join(f"{n} {rate[n]:.1f} GFLOP/s ({100 * rate[n] / gemm.median():.1f} % GEMM)"
+                                   for n in names) + f"; GEMM {gemm.median():.1f} GFLOP/s (median)")
 
 
 if __name__ == "__main__":

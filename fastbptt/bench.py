@@ -157,12 +157,49 @@ def time_call(fn, min_runs, min_seconds):
 
 
 def gemm_rate(n=2048, runs=5):
-    """The same-run float32 GEMM rate of numpy, GFLOP/s (best of ``runs``)."""
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    out = np.empty_like(a)
-    np.matmul(a, a, out=out)
-    best = min(time_call(lambda: np.matmul(a, a, out=out), runs, 0.0))
-    return 2 * n ** 3 / best / 1e9
+    """The float32 GEMM rate of numpy, GFLOP/s (best of ``runs``), timed now."""
+    return Gemm(n).time(runs).best()
+
+
+#: numpy GEMM calls timed in each round beside the systems (``Gemm``)
+GEMM_RUNS = 3
+
+
+class Gemm:
+    """numpy's float32 GEMM (n³), timed in the same rounds as the systems: the rate a
+    system's % GEMM is taken against.  A rate timed once before the rounds stands for one
+    moment of a shared host, which may be quieter or busier than the rounds; timed in
+    every round, it meets the same load as the calls (docs/performance.md, "Benchmark method")."""
+
+    def __init__(self, n=2048):
+        self.n = n
+        self.a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+        self.out = np.empty_like(self.a)
+        self.call()                              # numpy's threads started, pages touched
+        self.times = []
+
+    def call(self):
+        np.matmul(self.a, self.a, out=self.out)
+
+    def time(self, runs):
+        self.times.extend(time_call(self.call, runs, 0.0))
+        return self
+
+    def _rate(self, seconds):
+        return 2 * self.n ** 3 / seconds / 1e9
+
+    def median(self, since=0):
+        """GFLOP/s at the median of the calls timed so far (from call ``since`` on); with none,
+        one is timed now"""
+        if len(self.times) <= since:
+            self.time(1)
+        return self._rate(float(np.median(self.times[since:])))
+
+    def best(self):
+        """GFLOP/s at the fastest call timed so far (with none, one is timed now)"""
+        if not self.times:
+            self.time(1)
+        return self._rate(min(self.times))
 
 
 @dataclass
@@ -178,7 +215,8 @@ class Row:
     iqr_ms: float = float("nan")
     tokens_per_s: float = float("nan")
     gflops: float = float("nan")
-    pct_gemm: float = float("nan")
+    pct_gemm: float = float("nan")   # of gemm_gflops
+    gemm_gflops: float = float("nan")  # numpy's GEMM, median of its calls in this config's rounds
     speedup: float = float("nan")  # fastbptt over this system (time_system / time_fastbptt)
     cell: str = "rnn"
     Q: int = 0                     # head size (0: = V)
@@ -195,7 +233,8 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     Per config, every system is checked and warmed up first (``warmup_calls``), then timed in ROUNDS
     interleaved rounds (each system a slice of the time in every round, after a PAUSE), so
     that a slow spell of a shared host falls on all of them alike; the median is over all
-    calls of all rounds."""
+    calls of all rounds.  numpy's GEMM (``Gemm``) takes a slice of every round too: each
+    config's % GEMM is against the median of its GEMM calls."""
     from tqdm.auto import tqdm
     _set_threads(threads)
     known = configs_of(cell)
@@ -208,7 +247,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     rounds = 2 if quick else ROUNDS
     min_runs, min_s = (3, 0.2) if quick else (10, 1.0)
     pause = 0.0 if quick else PAUSE
-    gemm = gemm_rate(runs=3 if quick else 5)
+    gemm = Gemm()
     rows = []
     bar = tqdm(total=len(shapes) * rounds, disable=not progress, unit="round", leave=False)
     for name, shape in shapes.items():
@@ -216,6 +255,7 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
         params, X, Y, h0 = config_workload(shape, cell)
         ref, want = "fastbptt", make_fastbptt(params, X, Y, h0, device)()
         fns, times = {}, {}
+        first_gemm = len(gemm.times)
         for system in systems:
             row = Row(name, system, T, B, V, H, "ok", cell=cell, Q=Q, dense=dense)
             rows.append(row)
@@ -236,11 +276,13 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
             for system, fn in fns.items():
                 time.sleep(pause)
                 times[system].extend(time_call(fn, -(-min_runs // rounds), min_s / rounds))
+            time.sleep(pause)
+            gemm.time(1 if quick else GEMM_RUNS)
             bar.update(1)
         base = np.median(times["fastbptt"]) if "fastbptt" in times else None
         for row in rows:
             if row.config == name and row.system in times:
-                _fill(row, np.array(times[row.system]), gemm, base)
+                _fill(row, np.array(times[row.system]), gemm.median(first_gemm), base)
     bar.close()
     return rows, machine_info(gemm, threads, device) | {"cell": cell}
 
@@ -251,6 +293,7 @@ def _fill(row, t, gemm, base):
     row.iqr_ms = float(np.subtract(*np.percentile(t, [75, 25]))) * 1e3
     row.tokens_per_s = row.T * row.B / med
     row.gflops = flops(row.T, row.B, row.V, row.H, row.Q or row.V, GATES[row.cell], row.dense) / med / 1e9
+    row.gemm_gflops = gemm
     row.pct_gemm = 100 * row.gflops / gemm
     if base is not None:
         row.speedup = med / base
@@ -274,6 +317,7 @@ def _set_threads(threads):
 
 
 def machine_info(gemm, threads, device):
+    """the run's facts; ``gemm`` a ``Gemm`` with every GEMM call of the run timed"""
     import numba
     try:
         layer = numba.threading_layer()          # known once a parallel kernel has run
@@ -282,7 +326,8 @@ def machine_info(gemm, threads, device):
     return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "threads": threads or os.cpu_count(), "device": device,
             "numpy": np.__version__, "numba": numba.__version__, "threading_layer": layer,
-            "gemm_gflops": gemm, "plan": plan_line() if device == "cpu" else "",
+            "gemm_gflops": gemm.median(), "gemm_best_gflops": gemm.best(),
+            "plan": plan_line() if device == "cpu" else "",
             "note": "compile time excluded (warm-up calls before timing)"}
 
 
@@ -293,6 +338,9 @@ def plan_line():
 
 
 # ------------------------------------------------------------------------------ reports
+#: how the reports name the GEMM rate: the median of the GEMM calls of all the rounds (each
+#: config's % GEMM is against its own rounds' median)
+GEMM_LINE = "same-run float32 GEMM (numpy 2048³, timed in every round beside the systems), median:"
 HEADER = ("config", "system", "median ms", "IQR ms", "tokens/s", "GFLOP/s", "% GEMM", "fastbptt ×")
 
 
@@ -311,8 +359,9 @@ def table(rows, info):
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in cells]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"same-run float32 GEMM (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s · "
-                 f"{info['threads']} threads · numba threading layer {info['threading_layer']} · "
+    lines.append(f"{GEMM_LINE} {info['gemm_gflops']:.1f} GFLOP/s (fastest call "
+                 f"{info['gemm_best_gflops']:.1f}) · {info['threads']} threads · "
+                 f"numba threading layer {info['threading_layer']} · "
                  f"{info['note']}")
     if info.get("plan"):
         lines.append(info["plan"])
@@ -323,7 +372,8 @@ def markdown(rows, info):
     out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     out += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     out.append("")
-    out.append(f"Same-run float32 GEMM rate (numpy 2048³): {info['gemm_gflops']:.1f} GFLOP/s; "
+    out.append(f"{GEMM_LINE[0].upper()}{GEMM_LINE[1:]} {info['gemm_gflops']:.1f} GFLOP/s "
+               f"(fastest call {info['gemm_best_gflops']:.1f}); "
                f"{info['threads']} threads on {info['cpus']} CPUs ({info['processor']}); numpy "
                f"{info['numpy']}, numba {info['numba']} (threading layer "
                f"{info['threading_layer']}); {info['note']}.")

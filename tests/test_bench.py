@@ -22,16 +22,40 @@ def test_numpy_peer_matches_fastbptt_gradients():
 
 
 def test_every_timed_slice_starts_after_the_pause(monkeypatch):
-    # the previous system's thread pool goes idle before the next system is timed
+    # the previous system's thread pool (or numpy's, after its GEMM) goes idle before the
+    # next one is timed; numpy's GEMM takes a slice of every round
     events = []
     monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("pause", s)))
     monkeypatch.setattr(bench, "time_call", lambda fn, n, s: events.append(("slice", fn)) or np.array([1e-3]))
-    monkeypatch.setattr(bench, "gemm_rate", lambda runs: 100.0)
     rows, _ = bench.run(configs=["latency"], systems=("fastbptt", "numpy"), progress=False)
     assert [r.status for r in rows] == ["ok", "ok"]
-    assert len(events) == 2 * 2 * bench.ROUNDS
-    assert events[0::2] == [("pause", bench.PAUSE)] * (2 * bench.ROUNDS)
-    assert all(kind == "slice" for kind, _ in events[1::2])
+    assert len(events) == 2 * 3 * bench.ROUNDS
+    assert events[0::2] == [("pause", bench.PAUSE)] * (3 * bench.ROUNDS)
+    slices = [fn for _, fn in events[1::2]]
+    gemm = [fn for fn in slices if getattr(fn, "__func__", None) is bench.Gemm.call]
+    assert len(gemm) == bench.ROUNDS and slices[2::3] == gemm
+
+
+def test_each_config_takes_its_percent_of_the_gemm_timed_in_its_own_rounds(monkeypatch):
+    # a slow spell during one config's rounds lowers the GEMM rate it is measured against
+    configs, spell = ["latency", "d2l-concise"], [4e-3, 1e-3]
+    gemm_slices = []
+    real_time_call = bench.time_call
+
+    def time_call(fn, n, s):
+        if getattr(fn, "__func__", None) is bench.Gemm.call:
+            gemm_slices.append(fn)
+            return np.array([spell[(len(gemm_slices) - 1) // 2]] * n)     # quick: 2 rounds a config
+        return real_time_call(fn, 1, 0.0)
+    monkeypatch.setattr(bench, "time_call", time_call)
+    rows, info = bench.run(configs=configs, systems=("fastbptt",), quick=True, progress=False)
+    assert len(gemm_slices) == 4
+    rate = {name: 2 * 2048 ** 3 / t / 1e9 for name, t in zip(configs, spell)}
+    for r in rows:
+        assert r.gemm_gflops == pytest.approx(rate[r.config])
+        assert r.pct_gemm == pytest.approx(100 * r.gflops / rate[r.config])
+    assert info["gemm_best_gflops"] == pytest.approx(rate["d2l-concise"])
+    assert rate["latency"] < info["gemm_gflops"] < rate["d2l-concise"]
 
 
 def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
