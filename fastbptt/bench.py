@@ -234,7 +234,8 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     interleaved rounds (each system a slice of the time in every round, after a PAUSE), so
     that a slow spell of a shared host falls on all of them alike; the median is over all
     calls of all rounds.  numpy's GEMM (``Gemm``) takes a slice of every round too: each
-    config's % GEMM is against the median of its GEMM calls."""
+    config's % GEMM is against the median of its GEMM calls.  ``quick``: two rounds of fewer
+    calls, with the same warm-up and pauses (its figures mean what a full run's do)."""
     from tqdm.auto import tqdm
     _set_threads(threads)
     known = configs_of(cell)
@@ -246,7 +247,6 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
     shapes = shapes or {c: known[c] for c in configs}
     rounds = 2 if quick else ROUNDS
     min_runs, min_s = (3, 0.2) if quick else (10, 1.0)
-    pause = 0.0 if quick else PAUSE
     gemm = Gemm()
     rows = []
     bar = tqdm(total=len(shapes) * rounds, disable=not progress, unit="round", leave=False)
@@ -268,15 +268,15 @@ def run(configs=None, systems=None, quick=False, threads=None, device="cpu",
             if not abs(got - want) <= 1e-4 * max(1.0, abs(want)):
                 row.status = f"mismatch: loss {got:.6f} != {ref} {want:.6f}"
                 continue
-            for _ in range(1 if quick else warmup_calls()):
+            for _ in range(warmup_calls()):              # quick too: its rounds time the steady state
                 fn()
             fns[system], times[system] = fn, []
         for _ in range(rounds):
             bar.set_description(name)
             for system, fn in fns.items():
-                time.sleep(pause)
+                time.sleep(PAUSE)                        # quick too: no slice beside spinning threads
                 times[system].extend(time_call(fn, -(-min_runs // rounds), min_s / rounds))
-            time.sleep(pause)
+            time.sleep(PAUSE)
             gemm.time(1 if quick else GEMM_RUNS)
             bar.update(1)
         base = np.median(times["fastbptt"]) if "fastbptt" in times else None

@@ -21,19 +21,40 @@ def test_numpy_peer_matches_fastbptt_gradients():
         np.testing.assert_allclose(grads[k], want[k], rtol=2e-3, atol=2e-6, err_msg=k)
 
 
-def test_every_timed_slice_starts_after_the_pause(monkeypatch):
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_timed_slice_starts_after_the_pause_and_the_warm_up(monkeypatch, quick):
     # the previous system's thread pool (or numpy's, after its GEMM) goes idle before the
-    # next one is timed; numpy's GEMM takes a slice of every round
-    events = []
+    # next one is timed, and each system's untimed calls come first (a quick run's too:
+    # fewer rounds, the same figures); numpy's GEMM takes a slice of every round
+    events, calls = [], {}
+
+    def maker(system):
+        def make(*args):
+            def fn():
+                calls[system] = calls.get(system, 0) + 1
+                return 1.0
+            fn.system = system
+            return fn
+        return make
+    monkeypatch.setattr(bench, "MAKERS", {s: maker(s) for s in ("fastbptt", "numpy")})
+    monkeypatch.setattr(bench, "make_fastbptt", maker("fastbptt"))            # the reference loss
     monkeypatch.setattr(bench.time, "sleep", lambda s: events.append(("pause", s)))
-    monkeypatch.setattr(bench, "time_call", lambda fn, n, s: events.append(("slice", fn)) or np.array([1e-3]))
-    rows, _ = bench.run(configs=["latency"], systems=("fastbptt", "numpy"), progress=False)
+
+    def time_call(fn, n, s):
+        events.append(("slice", fn, dict(calls)))
+        return np.array([1e-3])
+    monkeypatch.setattr(bench, "time_call", time_call)
+    rows, _ = bench.run(configs=["latency"], systems=("fastbptt", "numpy"), quick=quick, progress=False)
+    rounds = 2 if quick else bench.ROUNDS
     assert [r.status for r in rows] == ["ok", "ok"]
-    assert len(events) == 2 * 3 * bench.ROUNDS
-    assert events[0::2] == [("pause", bench.PAUSE)] * (3 * bench.ROUNDS)
-    slices = [fn for _, fn in events[1::2]]
+    assert len(events) == 2 * 3 * rounds
+    assert events[0::2] == [("pause", bench.PAUSE)] * (3 * rounds)
+    slices = [e[1] for e in events[1::2]]
     gemm = [fn for fn in slices if getattr(fn, "__func__", None) is bench.Gemm.call]
-    assert len(gemm) == bench.ROUNDS and slices[2::3] == gemm
+    assert len(gemm) == rounds and slices[2::3] == gemm
+    first = events[1][2]                          # the calls made before the first slice
+    # the reference call, each system's check call and its warm-up
+    assert first == {"fastbptt": 2 + bench.warmup_calls(), "numpy": 1 + bench.warmup_calls()}
 
 
 def test_each_config_takes_its_percent_of_the_gemm_timed_in_its_own_rounds(monkeypatch):
