@@ -5,7 +5,8 @@
     python bench/grid.py --cell lstm          # a gated cell (gru, lstm) against numpy's of the same cell
 
 Per point: median ms of each system over four rounds of 0.25 s, the order alternating
-between rounds, and numpy's time over fastbptt's.
+between rounds, each slice after ``fastbptt bench``'s pause and warm-up (``bench.PAUSE``,
+``bench.warmup_calls``), and numpy's time over fastbptt's.
 """
 import argparse
 import time
@@ -31,11 +32,13 @@ for H in a.H:
     for B in a.B:
         p, X, Y, h0 = bench.workload(T, B, V, H, cell=a.cell)
         f, g = bench.make_fastbptt(p, X, Y, h0), peers.make_numpy(p, X, Y, h0)
-        f()
-        g()
+        for _ in range(bench.warmup_calls()):      # compiles, and the engine's first choice of threads
+            f()
+            g()
         tf, tg = [], []
         for rnd in range(4):
             for fn, ts in (((f, tf), (g, tg)) if rnd % 2 else ((g, tg), (f, tf))):
+                time.sleep(bench.PAUSE)                # the other system's threads idle first
                 end = time.perf_counter() + 0.25
                 while True:
                     t0 = time.perf_counter()
