@@ -5,7 +5,8 @@
 PATH is an earlier checkout of fastbptt (e.g. ``git worktree add /tmp/before 41148b1``);
 its package is copied as ``fastbptt_before`` into a temporary folder and imported beside
 this one.  Per config: median ms of each system over six interleaved rounds, each system
-following each other one in turn, and the speedups.  ``sweep``: the bench's H and B sweep;
+following each other one in turn (after ``fastbptt bench``'s warm-up calls, each slice after
+its pause), and the speedups.  ``sweep``: the bench's H and B sweep;
 ``gru``, ``lstm``: that cell's configs (``fastbptt bench --cell``).
 """
 import json
@@ -37,13 +38,15 @@ for name, (T, B, V, H, Q, dense) in shapes.items():
     ref = fns["after"]()
     for k, f in fns.items():
         assert abs(f() - ref) < 1e-4 * max(1, abs(ref)), k
-        f()
+        for _ in range(bench.warmup_calls()):          # the engines' first choice of threads untimed
+            f()
     times = {k: [] for k in fns}
     order = list(fns)
     for rnd in range(6):
         order = order[1:] + order[:1]                   # each system follows each other one in turn
         for k in order:
             f = fns[k]
+            time.sleep(bench.PAUSE)                     # the other systems' threads idle first
             end = time.perf_counter() + 0.3
             while True:
                 t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
