@@ -22,8 +22,7 @@ from ..config import ACTIVATIONS, FASTMATH
 from .fastmath import tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
-from . import products
-from .products import ADD, NO_POST, OVERWRITE, of_type, _0, epilogue, gemm_cpu, matmul_k
+from .products import ADD, NO_POST, of_type, _0, epilogue, matmul_k
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 
@@ -128,19 +127,15 @@ def forward_cpu(Hx, W_hhp, act, blk, n, threads):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def backward_cpu(dZ, dh0, Hx, W_hhTp, xi, act, blk, n, threads):
-    """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t);
-    then ∂L/∂h_0 = ξ_1 · dz_1 W_hhᵀ.
+def backward_cpu(dZ, Hx, W_hhTp, xi, act, blk, n, threads):
+    """Reverse sweep, t = T..1:  a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ,  dz_t = a_t ⊙ φ'(h_t)
+    (the crossing into h_0, ξ_1 · dz_1 W_hhᵀ, is the caller's: Run.cross).
 
-    dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · dh0 (B,H) out · Hx (T+1,B,H)
-    h_0..h_T · W_hhTp: W_hhᵀ packed · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}:
-    randomized truncation) · act · blk (kc, mc) · n lanes · threads (as forward_cpu).
+    dZ (T,B,H) in: dHs (the head's ∂L/∂h_t), out: dz_t · Hx (T+1,B,H) h_0..h_T · W_hhTp:
+    W_hhᵀ packed · xi (T,) ξ_1..ξ_T (all ones: full gradient; {0, 1/p}: randomized
+    truncation) · act · blk (kc, mc) · n lanes · threads (as forward_cpu).
     """
     run_lanes(Backward(dZ, Hx, W_hhTp, xi, act, blk), dZ.shape[0], dZ.shape[1], dZ.shape[2], n, threads)
-    if xi[0] != 0:
-        gemm_cpu(dh0, dZ[0], W_hhTp, xi[0], blk, threads, OVERWRITE)
-    else:
-        dh0[:] = 0
 
 
 @njit(cache=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
@@ -201,11 +196,10 @@ def backward(run, l, X, lay, dZ, act, xi, want_dx, end=None):
     parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
     if end is not None:
         run.add(dZ[-1], end[0])
-    dh0 = products.empty(dZ.shape[1:], dZ.dtype)
     W_hhTp = run.packed(run.key("W_hh", l), transposed=True)
     lanes, blk = run.sweep(dZ.shape[1], dZ.shape[2])
-    backward_cpu(dZ, dh0, lay.S, W_hhTp, xi, act, blk, lanes, run.n)
-    return (weight_grads(run, l, X, lay, dZ, dZ), (dh0,),
+    backward_cpu(dZ, lay.S, W_hhTp, xi, act, blk, lanes, run.n)
+    return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hhTp, xi[0]),),
             run.input_adjoint(l, dZ, G) if want_dx else None)
 
 
@@ -220,9 +214,8 @@ def adjoints(run, l, X, lay, dZ, act):
     T, B, H = dZ.shape
     A = np.zeros((T + 1, B, H), dZ.dtype)
     A[1:] = dZ
-    dh0 = products.empty((B, H), dZ.dtype)
     lanes, blk = run.sweep(B, H)
-    backward_cpu(dZ, dh0, lay.S, run.packed(run.key("W_hh", l), transposed=True),
+    backward_cpu(dZ, lay.S, run.packed(run.key("W_hh", l), transposed=True),
                  np.ones(T, dZ.dtype), act, blk, lanes, run.n)
     run.recurrent_adjoint(l, dZ, G, out=A[:T])
     return A

@@ -30,7 +30,7 @@ from numba import cuda
 
 from .. import config
 from ..config import ACTIVATIONS
-from .products import launch, scaled, zeros
+from .products import launch
 
 TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity"))
 _SHARED_BYTES = 48 * 1024
@@ -150,7 +150,7 @@ def _persistent_kernels(dtype):
     def backward(dZ, carry, Hx, W_hh, xi, act):
         """All T steps of the reverse sweep in one launch; block c owns rows c·C … of W_hh
         (in shared memory) and the same slice of dz_t; grid syncs between the dz and the
-        carry = dz_t W_hhᵀ phases of each step.  On exit carry holds dz_1 W_hhᵀ."""
+        carry = dz_t W_hhᵀ phases of each step (t > 1: the crossing into h_0 is Run.cross)."""
         T, B, H = dZ.shape
         C = config.CUDA_PERSIST_COLS
         j0 = cuda.blockIdx.x * C
@@ -169,6 +169,8 @@ def _persistent_kernels(dtype):
                         a += x * carry[b, j]
                     dZ[s, b, j] = _times_dphi(a, Hx[s + 1, b, j], act)
             grid.sync()
+            if s == 0:
+                break
             for idx in range(tid, B * C, nt):            # carry = dz_s W_hhᵀ
                 b, jl = idx // C, idx % C
                 j = j0 + jl
@@ -215,8 +217,8 @@ def forward_cuda(Hx, W_hh, act):
 
 
 def backward_cuda(dZ, Hx, W_hh, xi, act):
-    """Reverse sweep: a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ, dz_t = a_t ⊙ φ'(h_t); returns
-    ∂h_0 = ξ_1 dz_1 W_hhᵀ (B,H), a new device array
+    """Reverse sweep: a_t = dHs_t + ξ_{t+1} dz_{t+1} W_hhᵀ, dz_t = a_t ⊙ φ'(h_t) (the crossing
+    into h_0, ξ_1 · dz_1 W_hhᵀ, is the caller's: Run.cross)
 
     dZ (T,B,H) device, in: dHs, out: dz · Hx (T+1,B,H) · W_hh (H,H) ·
     xi (T,) host array of ξ_1..ξ_T (a zero skips that step's product)
@@ -231,11 +233,8 @@ def backward_cuda(dZ, Hx, W_hh, xi, act):
         for s in range(T - 1, -1, -1):
             x = float(xi[s + 1]) if s + 1 < T else 0.0
             _dz_step_cuda[g](dZ, s, carry, x, Hx, act)
-            if xi[s] != 0:
+            if s > 0 and xi[s] != 0:
                 _carry_cuda[g](carry, dZ, s, W_hh)
-    if xi[0] != 0:                    # as on the CPU: the carry of step 1 exists only when ξ_1 != 0
-        return scaled(float(xi[0]), carry)
-    return zeros((B, H), dZ.dtype)
 
 
 @cuda.jit
@@ -279,8 +278,9 @@ def backward(run, l, X, lay, dZ, act, xi, want_dx, end=None):
     parameter gradients, (∂L/∂h_0,), ∂L/∂X or None)"""
     if end is not None:
         run.add(dZ[-1], end[0])
-    dh0 = backward_cuda(dZ, lay.S, run.param("W_hh", l), xi, act)
-    return (weight_grads(run, l, X, lay, dZ, dZ), (dh0,),
+    W_hh = run.param("W_hh", l)
+    backward_cuda(dZ, lay.S, W_hh, xi, act)
+    return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hh, xi[0]),),
             run.input_adjoint(l, dZ, G) if want_dx else None)
 
 
