@@ -45,7 +45,10 @@ output at each sequence's last step, and the LSTM's c_n off its cell states ther
 own steps, h_n's and c_n's joining its last step's term.
 
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): tensors
-neither on the CPU nor on a CUDA GPU.
+neither on the CPU nor on a CUDA GPU; ``truncation=Truncated(k)`` with 1 < k < T where a
+gradient is asked of a stack (num_layers > 1) that runs a layer at a time (bidirectional,
+dropout in training mode, proj_size, PackedSequence): each layer's call would count the
+terms handed down to it afresh.
 Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a
 lower-precision input runs in it too, and the outputs are of it (autocast's later ops cast them
 as they need).  The gradients are not differentiable again (a second backward raises
@@ -516,6 +519,16 @@ class _Bridge:
                     x = pad_packed_sequence(PackedSequence(data, p.batch_sizes), total_length=x.shape[0])[0]
         return (x,) + tuple(torch.cat(s, 0) for s in zip(*states))
 
+    def _empty_batch(self, X, h0, c0, dtype):
+        """(output, h_n[, c_n]) of a batch of no sequences, as torch.nn gives them: empty, their
+        gradients zeros for every parameter (and empty for the input and hx)"""
+        given = [t for t in (X, h0, c0, *self.parameters()) if t is not None and t.is_floating_point()]
+        zero = sum(t.sum() for t in given) * 0
+        L, H = self.num_layers * (1 + self.bidirectional), self.hidden_size
+        Hout = getattr(self, "proj_size", 0) or H
+        shapes = [(X.shape[0], 0, (1 + self.bidirectional) * Hout), (L, 0, Hout)] + [(L, 0, H)] * (self.mode == "LSTM")
+        return tuple(X.new_zeros(shape, dtype=dtype) + zero for shape in shapes)
+
     @_eager
     def forward(self, input, hx=None, *, truncation=None):
         name = type(self).__name__
@@ -593,6 +606,19 @@ class _Bridge:
         # a layer and a direction at a time, or the whole stack in one call each way
         by_layer = packed is not None or self.bidirectional or proj or (self.training and self.dropout > 0
                                                                          and self.num_layers > 1)
+        if (by_layer and self.num_layers > 1 and isinstance(truncation, Truncated) and 1 < truncation.k < X.shape[0]
+                and torch.is_grad_enabled()
+                and any(t is not None and t.requires_grad for t in (input, h0, c0, *self.parameters()))):
+            # a layer's call sees the gradient handed down from the one above as terms of its own,
+            # whose windows would start again: the stack's own call counts each term's steps once
+            why = [what for what, on in (("bidirectional=True", self.bidirectional), ("proj_size", proj),
+                                         ("dropout in training mode", self.training and self.dropout > 0),
+                                         ("PackedSequence input", packed is not None)) if on]
+            raise NotImplementedError(
+                f"fastbptt.torch.{name}: truncation=Truncated({truncation.k}) with 1 < k < T on num_layers="
+                f"{self.num_layers} with {' and '.join(why)}: the stack then runs a layer at a time, and a loss "
+                f"term's window cannot be carried from one layer's call to the next (without those, the stack "
+                f"is one call and takes any k; Randomized(p) takes any of them)")
         if by_layer and isinstance(truncation, Randomized) and not isinstance(truncation.seed, numbers.Integral):
             # one draw for the call: every layer's ξ_t the same, as the stack in one call has it
             truncation = Randomized(truncation.p, int(np.random.default_rng(truncation.seed).integers(1 << 62)))
@@ -600,7 +626,9 @@ class _Bridge:
         def config(x, L=1, cell_states=False):
             return _Config(cell, act, L, self.hidden_size, self.bias, truncation, place,
                            x.requires_grad and torch.is_grad_enabled(), cell_states)
-        if by_layer:
+        if B == 0 and X.shape[0] > 0:           # torch.nn refuses T = 0 (and so does fastbptt.api)
+            out = self._empty_batch(X, h0, c0, wdt)
+        elif by_layer:
             out = self._by_layer(X, h0, c0, config, lengths)
         else:
             out = _run(config(X, self.num_layers), X, h0, c0, *weights)

@@ -537,6 +537,47 @@ def test_packed_sequence_ids_and_dropout(kind):
     torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("layout", ["dropout", "bidirectional", "packed", "proj_size"])
+def test_truncation_in_a_stack_run_a_layer_at_a_time_is_refused(layout):
+    """Truncated(k), 1 < k < T, where a gradient is asked of a stack that runs a layer at a time:
+    NotImplementedError naming the cause (each layer's call would count the terms handed down to
+    it afresh, a wrong gradient); the forward alone, k = 1, k >= T, Randomized, one layer and the
+    same stack without the cause all run"""
+    kw = {"dropout": {"dropout": 0.5}, "bidirectional": {"bidirectional": True},
+          "proj_size": {"proj_size": P}}.get(layout, {})
+    m, _ = pair("lstm", 2, **kw)
+    X = torch.randn(T, B, D, dtype=torch.float64)
+    Xp = torch.nn.utils.rnn.pack_padded_sequence(X, [T, 2, 3], enforce_sorted=False) if layout == "packed" else X
+    cause = {"dropout": "dropout", "bidirectional": "bidirectional", "packed": "PackedSequence",
+             "proj_size": "proj_size"}[layout]
+    with pytest.raises(NotImplementedError, match=f"Truncated\\(2\\).*{cause}"):
+        m(Xp, truncation=fastbptt.Truncated(2))
+    with torch.no_grad():
+        m(Xp, truncation=fastbptt.Truncated(2))
+    for tr in (fastbptt.Truncated(1), fastbptt.Truncated(T), fastbptt.Randomized(0.5, 1)):
+        m(Xp, truncation=tr)
+    one, _ = pair("lstm", 1, **{k: v for k, v in kw.items() if k != "dropout"})
+    one(Xp, truncation=fastbptt.Truncated(2))
+    if layout == "dropout":
+        m.eval()
+        m(Xp, truncation=fastbptt.Truncated(2))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("L,kw", [(1, {}), (2, {"bidirectional": True}), (1, {"batch_first": True})], ids=str)
+def test_an_empty_batch_is_torch_nns(kind, L, kw):
+    """B = 0: outputs and states shaped as torch.nn's, empty; zero gradients for every parameter"""
+    m, r = pair(kind, L, **kw)
+    X = torch.randn((0, T, D) if kw.get("batch_first") else (T, 0, D), dtype=torch.float64, requires_grad=True)
+    got, want = m(X), r(X)
+    flat = [torch.utils._pytree.tree_flatten(x)[0] for x in (got, want)]
+    assert [t.shape for t in flat[0]] == [t.shape for t in flat[1]]
+    sum(t.sum() for t in flat[0]).backward()
+    assert X.grad.shape == X.shape
+    for p in m.parameters():
+        assert p.grad is not None and not p.grad.any()
+
+
 def test_no_grad_and_eval_dropout():
     m, r = pair("lstm", 2, dropout=0.5)
     m.eval(), r.eval()
