@@ -66,7 +66,7 @@ def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=Non
     G = _cell_gates(cell)
     L = _size("num_layers", num_layers)
     init = _init_kind(init, cell)
-    rng = np.random.default_rng(seed)
+    rng = random_generator("seed", seed)
     if init == "normal":
         def weight(shape):
             return 0.01 * rng.standard_normal(shape)
@@ -77,6 +77,25 @@ def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=Non
         def weight(shape):
             return rng.uniform(-1 / np.sqrt(H), 1 / np.sqrt(H), shape)
         bias = weight
+    try:
+        params = _drawn(weight, bias, cell, D, H, Q, G, L, dt)
+    except (MemoryError, ValueError) as e:        # numpy's "array is too big" is a ValueError
+        n = (D + H + (L - 1) * 2 * H + L) * G * H + L * H * (cell == "gru") + (H + 1) * Q
+        raise ValueError(f"hidden_size: {H} (input_size {D}, output_size {Q}, num_layers {L}): "
+                         f"{n:,} parameters cannot be allocated here ({type(e).__name__}: {e})") from None
+    return {k: params[k] for k in sorted(params, key=_key_order)}
+
+
+def random_generator(name, seed):
+    """numpy.random.default_rng(seed), its error naming the argument ``name``"""
+    try:
+        return np.random.default_rng(seed)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e} (got {seed!r})") from None
+
+
+def _drawn(weight, bias, cell, D, H, Q, G, L, dt):
+    """init_params' arrays, unordered"""
     params = {}
     for l in range(L):
         params[_model.key("W_xh", l)] = weight((D if l == 0 else H, G * H)).astype(dt)
@@ -90,7 +109,7 @@ def init_params(input_size, hidden_size, output_size, dtype=np.float32, seed=Non
         params[_model.key("b_h", l)] = b_h.astype(dt)
     params["W_hq"] = weight((H, Q)).astype(dt)
     params["b_q"] = bias(Q).astype(dt)
-    return {k: params[k] for k in sorted(params, key=_key_order)}
+    return params
 
 
 def cell_of(params):
@@ -227,6 +246,20 @@ def _stamp(m):
     return (m.cell, m.L, m.X.shape, m.H, m.dtype)
 
 
+def _first_different(kept, m):
+    """the name of the first of m's validated params, X and state whose values are not those
+    ``kept`` was computed from, or None (one array given to both calls is not compared)"""
+    names = ("h0", "c0")
+    pairs = [(f"params[{k!r}]", kept.P[k], m.P[k]) for k in m.P if k in kept.P] + [("X", kept.X, m.X)]
+    pairs += [(names[i], a, b) for was, now in zip(kept.state0, m.state0)
+              for i, (a, b) in enumerate(zip(was, now))]
+    for name, a, b in pairs:
+        if a is not b and not np.array_equal(*(x.copy_to_host() if hasattr(x, "copy_to_host") else x
+                                               for x in (a, b))):
+            return name
+    return None
+
+
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
                  device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None,
                  dCs=None, state_grads=True, check_finite=True):
@@ -235,8 +268,10 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
     ∂L/∂h_t of the top layer from the head (the direct term of each step's loss, which is
     what :class:`Truncated` counts steps from).  ``forward``: what ``rnn_forward(...,
-    keep=True)`` kept for the same params, X and h0; without it one "rnn" layer uses Hs as
-    it is, and other cells and stacks recompute their gates from X and h0.  ``stored_states``
+    keep=True)`` kept for the same params, X and h0 (a forward of other values is refused; a
+    change made in place to an array that both calls read as it is cannot be seen); without
+    it one "rnn" layer uses Hs as it is, and other cells and stacks recompute their gates
+    from X and h0.  ``stored_states``
     as in :func:`loss_and_grad`: the forward is recomputed within that memory.  With
     ``forward`` or ``stored_states`` Hs is not read (its dtype and shape are checked).
     ``dh_T``: ∂L/∂ of the last state, in h_T's form ((B,H) or (num_layers,B,H); (dh_T, dc_T)
@@ -261,7 +296,11 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
         if forward is not None:
             if not isinstance(forward, _Kept) or forward.stamp != _stamp(m):
                 raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
-                                 "params, X and h0")
+                                 "cell, depth, shapes and dtype")
+            other = _first_different(forward.m, m)
+            if other:
+                raise ValueError(f"forward: kept by rnn_forward(..., keep=True) for other values of {other} "
+                                 f"than this call's")
             lays = forward.lays
         Hx, dZ = _states_and_adjoints(be, Hs, dHs, m, stack=stored is None and lays is None)   # kept: in lays
         return _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, dh_T, dCs, state_grads)
@@ -568,10 +607,11 @@ def _token_ids(be, name, ids, shape, n, what):
         raise TypeError(f"{name}: expected integer ids, got dtype {ids.dtype}")
     if tuple(ids.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} (T,B), got {tuple(ids.shape)}")
+    unsigned = ids.dtype.kind == "u"
     ids = be.normalized(name, ids, np.int64)
     lo, hi = be.id_range(ids)
     if lo < 0 or hi >= n:
-        bad = lo if lo < 0 else hi
+        bad = "2**63 or more" if unsigned and lo < 0 else lo if lo < 0 else hi   # a uint64 past int64's range
         raise ValueError(f"{name}: token id {bad} out of range [0, {n}); {what}")
     return ids
 

@@ -215,6 +215,8 @@ def _run_diagnose(args):
     for name in ("num_layers", "hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
     if not args.scale > 0:
         raise ValueError(f"--scale: expected a positive number, got {args.scale}")
     if args.init and args.cell != "rnn" and args.activation != "tanh":

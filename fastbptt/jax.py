@@ -66,6 +66,11 @@ def rnn(params, X, h0=None, *, cell=None, activation="tanh", truncation=None):
     if tokens:
         if X.ndim != 2:
             raise ValueError(f"X: integer token ids must have shape (T,B), got {X.shape}")
+        if not isinstance(X, jax.core.Tracer) and X.size:          # known now: checked before any work
+            lo, hi = int(X.min()), int(X.max())
+            if lo < 0 or hi >= D:
+                raise ValueError(f"X: token id {lo if lo < 0 else hi} out of range [0, {D}); "
+                                 f"X holds ids of the W_xh rows")
     elif jnp.issubdtype(X.dtype, jnp.floating):
         if X.ndim != 3:
             raise ValueError(f"X: dense input must have shape (T,B,D), got {X.shape}")
@@ -122,7 +127,7 @@ def _check_params(params, cell):
         dtype = np.dtype(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)
         if dtype.type not in (np.float32, np.float64):
             raise TypeError(f"params[{key!r}]: expected float32 or float64, got {dtype}")
-        dtypes.append(dtype)
+        dtypes.append(jax.dtypes.canonicalize_dtype(dtype))     # float64 is float32 without jax_enable_x64
     return tuple(shapes), found, L, np.result_type(*dtypes), D, H
 
 

@@ -246,6 +246,11 @@ class SGD:
     def state(self):
         return {}
 
+    @staticmethod
+    def state_shapes(shapes):
+        """the shapes of state()'s arrays for params of these shapes"""
+        return {}
+
     def load(self, state):
         pass
 
@@ -284,6 +289,13 @@ class Adam:
         out = {f"m/{k}": v for k, v in self.m.items()}
         out.update({f"v/{k}": v for k, v in self.v.items()})
         out["t"] = np.array(self.t)
+        return out
+
+    @staticmethod
+    def state_shapes(shapes):
+        """the shapes of state()'s arrays for params of these shapes"""
+        out = {f"{moment}/{k}": shape for moment in "mv" for k, shape in shapes.items()}
+        out["t"] = ()
         return out
 
     def load(self, state):
@@ -450,8 +462,18 @@ def load_checkpoint(path):
         shapes = param_shapes(cfg.cell, cfg.num_layers, len(meta["vocab"]), cfg.hidden)
         if {k: tuple(v.shape) for k, v in params.items()} != shapes:
             raise ValueError("parameter shapes do not match its vocabulary, hidden, cell and num_layers")
+        if {k: tuple(v.shape) for k, v in opt.items()} != OPTIMIZERS[cfg.optimizer].state_shapes(shapes):
+            raise ValueError(f"its optimizer state is not that of {cfg.optimizer} for its parameters")
+        np.random.default_rng().bit_generator.state = meta["rng"]      # a generator's state, or an error
+        epoch, history = meta["epoch"], meta["history"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch {epoch!r} is not a count of epochs")
+        if not isinstance(history, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("epoch"), int) and isinstance(r.get("elapsed_s"), (int, float))
+                for r in history):
+            raise ValueError("its history is not a list of epoch rows")
         meta["config"] = cfg
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"path: {path} is truncated or corrupt ({e})") from None
     return params, opt, meta
 
@@ -565,7 +587,9 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             params = api.init_params(len(corpus.vocab), cfg.hidden, len(corpus.vocab), seed=cfg.seed,
                                      cell=cfg.cell, num_layers=cfg.num_layers, init=cfg.init)
             opt = OPTIMIZERS[cfg.optimizer](params, cfg.lr)
-        except MemoryError as e:
+        except (MemoryError, ValueError) as e:     # init_params says "hidden_size: ..." for its MemoryError
+            if isinstance(e, ValueError) and not str(e).startswith("hidden_size: "):
+                raise
             raise ValueError(f"hidden: not enough memory for the model ({cfg.cell}, hidden={cfg.hidden}, "
                              f"num_layers={cfg.num_layers}): {_first_line(e)}") from None
         return corpus, params, opt

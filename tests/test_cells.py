@@ -280,6 +280,17 @@ def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     with pytest.raises(ValueError, match="forward: expected what rnn_forward"):
         fastbptt.rnn_backward(params, X[:2], Hs[:2], dHs[:2], given, forward=kept)
+    # ... and of the same values: other params, X or h0 of the same shapes are refused
+    for other, name in (({**params, "W_hh": params["W_hh"] * 0.5}, "params\\['W_hh'\\]"), (X + 1, "X"),
+                        (tuple(s + 1 for s in given) if cell == "lstm" else given + 1, "h0")):
+        args = [params, X, given]
+        args[{"X": 1, "h0": 2}.get(name, 0)] = other
+        with pytest.raises(ValueError, match=f"forward: kept .* for other values of {name}"):
+            fastbptt.rnn_backward(args[0], args[1], Hs, dHs, args[2], forward=kept)
+    copies = ({k: v.copy() for k, v in params.items()}, X.copy())    # equal values: accepted
+    got = fastbptt.rnn_backward(*copies, Hs, dHs, given, input_grad=True, forward=kept)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     # with forward=, Hs is not read: only its dtype and shape are checked
     unread = np.full_like(Hs, np.nan)
     got = fastbptt.rnn_backward(params, X, unread, dHs, given, input_grad=True, forward=kept)

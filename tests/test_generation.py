@@ -44,6 +44,22 @@ def test_generate_errors_name_the_parameter(model, args, kwargs, message):
     assert str(e.value) == message
 
 
+def test_generate_checks_the_vocab_and_the_head(model):
+    params, vocab = model
+    for bad in (None, TOKENS):
+        with pytest.raises(TypeError, match="vocab: expected a fastbptt Vocab"):
+            fastbptt.generate(params, bad, "ab", 2)
+    wider = api.init_params(len(TOKENS) + 4, 8, len(TOKENS) + 4, seed=0)          # another vocabulary's
+    with pytest.raises(ValueError, match=r"params\['W_hq'\].*expected shapes \(8, 5\)"):
+        fastbptt.generate(wider, vocab, "ab", 2)
+    with pytest.raises(ValueError, match="params: missing the head's 'W_hq'"):
+        fastbptt.generate({k: v for k, v in params.items() if k != "W_hq"}, vocab, "ab", 2)
+    with pytest.raises(ValueError, match="non-finite"):
+        fastbptt.generate(dict(params, W_hq=np.full_like(params["W_hq"], np.nan)), vocab, "ab", 2)
+    # any real temperature, numpy's too
+    assert fastbptt.generate(params, vocab, "ab", 3, temperature=np.float32(0.5), seed=0).startswith("ab")
+
+
 def test_generate_unknown_prefix_warning_names_the_parameter(model):
     params, vocab = model
     with pytest.warns(UserWarning) as w:
@@ -62,6 +78,7 @@ def run_cli(*argv):
     (["--prefix", ""], "--prefix: expected a non-empty string, got ''"),
     (["--length", "-1"], "--length: expected a non-negative integer, got -1"),
     (["--temperature", "-0.5"], "--temperature: expected a number >= 0, got -0.5"),
+    (["--seed", "-1"], "--seed: expected non-negative integer (got -1)"),
 ])
 def test_cli_generate_errors_name_the_flag_and_exit_2(checkpoint, capsys, argv, line):
     assert run_cli("generate", "--checkpoint", checkpoint, *argv) == 2

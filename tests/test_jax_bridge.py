@@ -323,8 +323,27 @@ def test_every_engine_call_runs_on_one_thread(rng, monkeypatch):
 def test_an_error_in_the_engine_reaches_the_caller(rng):
     p, _, s0, w = make("lstm", 1, rng)
     ids = jnp.asarray(rng.integers(0, D, (T, B))).at[1, 1].set(D + 3)      # a token id out of range
-    with pytest.raises(Exception, match=r"X: token id 7 out of range"):
-        jax.block_until_ready(fj.rnn(p, ids)[0])
+    with pytest.raises(ValueError, match=r"X: token id 7 out of range"):   # eager: checked up front
+        fj.rnn(p, ids)
+    with pytest.raises(Exception, match=r"X: token id 7 out of range"):    # traced: from the engine
+        jax.block_until_ready(jax.jit(lambda i: fj.rnn(p, i)[0])(ids))
+
+
+def test_float64_numpy_params_without_x64():
+    """jax's default (no jax_enable_x64): float64 numpy params compute in float32, as jnp does"""
+    p64 = fastbptt.init_params(D, H, 2, cell="gru", dtype=np.float64, seed=0)
+    p32 = {k: v.astype(np.float32) for k, v in p64.items()}
+    ids = np.arange(T * B).reshape(T, B) % D
+    jax.config.update("jax_enable_x64", False)
+    try:
+        outs = [fj.rnn(p, ids)[0] for p in (p64, p32)]
+        grads = [jax.grad(lambda q: fj.rnn(q, ids)[0].sum())(p) for p in (p64, p32)]
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert outs[0].dtype == jnp.float32
+    np.testing.assert_array_equal(outs[0], outs[1])
+    for k in p64:
+        np.testing.assert_array_equal(grads[0][k], grads[1][k])
 
 
 def test_forwards_whose_backward_never_runs_are_bounded(rng):

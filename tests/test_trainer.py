@@ -224,6 +224,30 @@ def test_a_checkpoint_whose_params_are_not_its_cell_is_corrupt(tmp_path):
             trainer.load_checkpoint(ck)
 
 
+def test_a_checkpoint_whose_optimizer_state_or_meta_is_broken_is_corrupt(tmp_path):
+    # each is found by load_checkpoint, before any work, not in the middle of the resume
+    ck = tmp_path / "ck.npz"
+    vocab = Vocab(idx_to_token=["<unk>", "a", "b"])
+    params = api.init_params(3, 8, 3, seed=0)
+    cfg = trainer.TrainConfig(hidden=8, optimizer="adam")
+    adam = trainer.Adam(params, 0.1).state()
+    state = np.random.default_rng(0).bit_generator.state
+    trainer.save_checkpoint(ck, params, adam, vocab, cfg, state, 1, [{"epoch": 1, "elapsed_s": 0.5}], "0" * 64)
+    assert set(trainer.load_checkpoint(ck)[1]) == set(adam)
+    broken = [dict(opt={k: v for k, v in adam.items() if k != "m/W_xh"}),
+              dict(opt={}),
+              dict(cfg=trainer.TrainConfig(hidden=8)),           # an sgd checkpoint holding adam's state
+              dict(rng={"bit_generator": "MT19937"}),
+              dict(epoch="1"),
+              dict(history=["row"])]
+    for change in broken:
+        args = {**dict(opt=adam, cfg=cfg, rng=state, epoch=1, history=[{"epoch": 1, "elapsed_s": 0.5}]), **change}
+        trainer.save_checkpoint(ck, params, args["opt"], vocab, args["cfg"], args["rng"], args["epoch"],
+                                args["history"], "0" * 64)
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            trainer.load_checkpoint(ck)
+
+
 @pytest.mark.parametrize("cell, layers", [("rnn", 1)] + MODELS)
 def test_param_shapes_are_those_of_init_params(cell, layers):
     params = api.init_params(5, 3, 5, cell=cell, num_layers=layers)
@@ -551,6 +575,13 @@ def test_a_model_larger_than_memory_exits_2_before_training(capsys, no_training,
     assert run_cli(*TINY_ARGV) == 2
     assert one_line(capsys) == ("error: --hidden: not enough memory for the model (rnn, hidden=8, num_layers=1): "
                                 "Unable to allocate 7.28 TiB for an array")
+
+    def too_big(*a, **k):                                         # init_params' own word for it
+        raise ValueError("hidden_size: 8 (...): 100 parameters cannot be allocated here (MemoryError: ...)")
+    monkeypatch.setattr(api, "init_params", too_big)
+    assert run_cli(*TINY_ARGV) == 2
+    assert one_line(capsys).startswith("error: --hidden: not enough memory for the model (rnn, hidden=8, "
+                                       "num_layers=1): hidden_size: 8")
 
 
 def test_out_of_memory_while_training_exits_2(capsys, monkeypatch):

@@ -24,6 +24,10 @@ def test_token_out_of_range_message(case):
     X[1, 2] = -1
     with pytest.raises(ValueError, match=r"X: token id -1 out of range"):
         call(params, X, Y)
+    X = X.astype(np.uint64) * 0
+    X[1, 2] = 2**63 + 5                                 # past int64: not read as a negative id
+    with pytest.raises(ValueError, match=r"X: token id 2\*\*63 or more out of range"):
+        call(params, X, Y)
 
 
 def test_target_out_of_range(case):
@@ -152,6 +156,17 @@ def test_rnn_backward_bad_shapes(case):
 def test_bad_init_sizes(args, exc):
     with pytest.raises(exc, match="size"):
         fastbptt.init_params(*args)
+
+
+def test_init_params_bad_seed_and_sizes_too_large_to_allocate():
+    with pytest.raises(ValueError, match=r"^seed: .*\(got -1\)"):
+        fastbptt.init_params(2, 3, 4, seed=-1)
+    with pytest.raises(TypeError, match=r"^seed: .*\(got 'x'\)"):
+        fastbptt.init_params(2, 3, 4, seed="x")
+    # past any address space (MemoryError, whatever the overcommit), and numpy's "array is too big"
+    for sizes in ((3, 10**14, 5), (2**62, 2**62, 5)):
+        with pytest.raises(ValueError, match=r"^hidden_size: .* parameters cannot be allocated here"):
+            fastbptt.init_params(*sizes)
 
 
 def test_bad_init_dtype():
