@@ -39,16 +39,35 @@ class LayerParams:
 
 
 def _input(X, lays, l):
-    """layer l's input: X, or layer l-1's h_1..h_T (T,B,H)"""
-    return X if l == 0 else lays[l - 1].S[1:]
+    """layer l's input: X, or what it read of layer l-1's h_1..h_T (T,B,H) (its record's x)"""
+    return X if l == 0 else lays[l].x
 
 
-def forward(cell, run, X, state0, act):
-    """every layer's forward; returns what the backward needs, one record per layer"""
+def forward(cell, run, X, state0, act, masks=None):
+    """every layer's forward; returns what the backward needs, one record per layer.
+    ``masks``: None, or the L-1 input masks (T,B,H) of layers 1..L-1 (inter-layer dropout):
+    layer l reads m_l ⊙ h^{(l-1)}_t, and its record keeps that input (x) and its mask."""
     lays = []
     for l in range(run.L):
-        lays.append(cell.forward(run, l, _input(X, lays, l), state0[l], act))
+        x, m = X, None
+        if l > 0:
+            x = lays[l - 1].S[1:]
+            if masks is not None:
+                m = run.given(masks[l - 1])
+                x_m, = run.record(f"in{l}", [x.shape])
+                run.times(x_m, x, m)
+                x = x_m
+        lay = cell.forward(run, l, x, state0[l], act)
+        lay.x, lay.mask = x, m
+        lays.append(lay)
     return lays
+
+
+def _masked_down(run, lay, dX):
+    """the layer below's share of ∂L/∂(this layer's input) dX: dX itself, or m ⊙ dX (in place)"""
+    if lay.mask is not None:
+        run.times(dX, dX, lay.mask[:dX.shape[0]])
+    return dX
 
 
 def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None, dC=None):
@@ -65,6 +84,8 @@ def backward(cell, run, X, lays, dH, act, k, xi, want_dx=False, end=None, dC=Non
         top = {} if dC is None or l < run.L - 1 else {"dC": dC}
         g, d0[l], dH = cell.backward(run, l, _input(X, lays, l), lays[l], dH, act, xi,
                                      l > 0 or want_dx, None if end is None else end[l], **top)
+        if l > 0:
+            dH = _masked_down(run, lays[l], dH)
         grads.update(run.layer_keys(g, l))
     return grads, d0, dH
 
@@ -96,8 +117,10 @@ def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None, dC=None):
             run.add(c.gP[:n], c.dP[:n])
             if c.gR is not c.gP:
                 run.add(c.gR[:n], c.dR[:n])
-            if l > 0:
+            if l > 0 and lays[l].mask is None:
                 run.input_adjoint(l, c.dP[:n], cell.G, out=ch[l - 1].A[:n])
+            elif l > 0:
+                run.add(ch[l - 1].A[:n], _masked_down(run, lays[l], run.input_adjoint(l, c.dP[:n], cell.G)))
             run.recurrent_adjoint(l, c.dR[:1], cell.G, out=first[l][0])
             if c.C is not None:
                 run.add(first[l][1:], c.C[:1])
@@ -138,11 +161,11 @@ class Records(list):
     backend's again once this is gone (Run.keep_until)"""
 
 
-def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
+def rnn_forward(be, cell, P, X, state0, act, L, keep=False, masks=None):
     """(the top layer's h_0..h_T (T+1,B,H), a new array; the last states; with ``keep``, the
     layers' records for rnn_backward, in buffers of their own (Records), else None)"""
     with be.begin(P, X, "forward", cell, L, keep=keep) as run:
-        lays = forward(cell, run, X, state0, act)
+        lays = forward(cell, run, X, state0, act, masks)
         kept = None
         if keep:
             kept = Records(lays)
@@ -151,7 +174,7 @@ def rnn_forward(be, cell, P, X, state0, act, L, keep=False):
 
 
 def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=None, end=None, dC=None,
-                 want_d0=True):
+                 want_d0=True, masks=None):
     """the layers' parameter gradients, their state gradients and ∂L/∂X (or None), given the
     top layer's states S (T+1,B,H) and direct terms dH (overwritten), ``end`` (one tuple
     per layer: the adjoints of the last states, or None) and the LSTM's dC (see backward).
@@ -164,7 +187,8 @@ def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=Non
         dH = run.given(dH)
         if lays is None:
             S = run.given(S)
-            lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act)
+            lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act,
+                                                                                     masks)
         grads, d0, dX = backward(cell, run, X, lays, dH, act, k, xi, want_dx, _given_end(run, end),
                                  None if dC is None else run.given(dC))
         if dX is not None:

@@ -199,7 +199,7 @@ def loss(params, X, Y, h0=None, *, activation="tanh", reduction="mean", device="
 
 
 def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=None,
-                return_state=False, keep=False, check_finite=True):
+                return_state=False, keep=False, check_finite=True, input_masks=None):
     """The top layer's hidden states h_1..h_T, shape (T,B,H): one "rnn" layer
     h_t = φ(x_t W_xh + h_{t-1} W_hh + b_h), or any cell and depth.
 
@@ -209,13 +209,17 @@ def rnn_forward(params, X, h0=None, *, activation="tanh", device="cpu", cell=Non
     ``keep``, ``(Hs, h_T, forward)``: ``forward`` holds what the backward needs (the gates of
     every layer), for :func:`rnn_backward`'s ``forward=`` (a framework's autograd function).
     ``check_finite=False``: a NaN or inf in params, X or h0 is not an error but flows through,
-    as in a framework's own layers (the bridges' choice).
+    as in a framework's own layers (the bridges' choice).  ``input_masks``: None, or for a
+    stack a list of num_layers - 1 arrays (T,B,H), the masks of layers 1.. L-1's inputs
+    (inter-layer dropout, drawn by the caller: 0 or 1/(1-p)): layer l reads
+    input_masks[l-1] ⊙ h^{(l-1)}_t, and the backward carries the same masks down (truncation's
+    chains too).
     """
     be = _backend(device)
     with _finite_checked(check_finite):
-        m = _model_inputs(be, params, X, h0, cell, head=False)
+        m = _model_inputs(be, params, X, h0, cell, head=False, input_masks=input_masks)
     S, last, lays = _model.rnn_forward(be, m.module, m.P, m.X, m.state0, _activation(activation, m.cell),
-                                       m.L, keep=keep)
+                                       m.L, keep=keep, masks=m.masks)
     if keep:
         return S[1:], m.state(last), _Kept(be, m, lays)
     return (S[1:], m.state(last)) if return_state else S[1:]
@@ -253,6 +257,10 @@ def _first_different(kept, m):
     pairs = [(f"params[{k!r}]", kept.P[k], m.P[k]) for k in m.P if k in kept.P] + [("X", kept.X, m.X)]
     pairs += [(names[i], a, b) for was, now in zip(kept.state0, m.state0)
               for i, (a, b) in enumerate(zip(was, now))]
+    if m.masks is not None:                    # (None: the kept forward's own)
+        if kept.masks is None:
+            return "input_masks"
+        pairs += [(f"input_masks[{i}]", a, b) for i, (a, b) in enumerate(zip(kept.masks, m.masks))]
     for name, a, b in pairs:
         if a is not b and not np.array_equal(*(x.copy_to_host() if hasattr(x, "copy_to_host") else x
                                                for x in (a, b))):
@@ -262,7 +270,7 @@ def _first_different(kept, m):
 
 def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=None,
                  device="cpu", cell=None, input_grad=False, forward=None, stored_states=None, dh_T=None,
-                 dCs=None, state_grads=True, check_finite=True):
+                 dCs=None, state_grads=True, check_finite=True, input_masks=None):
     """BPTT through the recurrent layers alone, for any head on top.
 
     Hs (T,B,H): the output of :func:`rnn_forward` for the same params, X, h0; dHs (T,B,H):
@@ -279,7 +287,8 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     of every layer; with ``Truncated``, it joins step T's term).  ``dCs`` (T,B,H), the LSTM's:
     ∂L/∂c_t of the top layer's cell state at every step, beside dHs (each step's term of
     c_t joins that step's loss term), None for zeros; not with ``stored_states``.
-    ``check_finite`` as in :func:`rnn_forward`, for every array given here.
+    ``check_finite`` and ``input_masks`` as in :func:`rnn_forward`, for every array given here
+    (the forward's masks; with ``forward=``, those it kept); not with ``stored_states``.
 
     Returns the layers' parameter gradients and "h0" ("c0" too for the LSTM), in the params'
     dtype; with ``input_grad`` and dense X, also "X": ∂L/∂X (T,B,D).  ``state_grads=False``:
@@ -287,8 +296,11 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     """
     be = _backend(device)
     with _finite_checked(check_finite):
-        m = _model_inputs(be, params, X, h0, cell, head=False)
+        m = _model_inputs(be, params, X, h0, cell, head=False, input_masks=input_masks)
         stored = _stored_states(stored_states, m.X.shape[0])
+        if m.masks is not None and stored is not None:
+            raise ValueError("input_masks: not with stored_states (give them to a backward that keeps "
+                             "every state)")
         lays = None
         if forward is not None and stored is not None:
             raise ValueError("stored_states: recomputes the forward within bounded memory; it takes no "
@@ -337,7 +349,7 @@ def _backward(be, m, Hx, dZ, lays, stored, activation, truncation, input_grad, d
         dCs = _floats(be, "dCs", dCs, tuple(m.X.shape[:2]) + (m.H,), m.dtype)
     if stored is None:
         grads, d0 = _model.rnn_backward(be, m.module, m.P, m.X, Hx, dZ, m.state0, act, k, xi, m.L, want_dx,
-                                        lays, end, dCs, want_d0=bool(state_grads))
+                                        lays, end, dCs, want_d0=bool(state_grads), masks=m.masks)
     else:
         grads, d0 = _model.bounded_rnn_backward(be, m.module, m.P, m.X, dZ, m.state0, act, k, xi, m.L,
                                                 want_dx, stored, end)
@@ -393,12 +405,13 @@ class _Inputs:
     """A call's validated model inputs: P, X, the cell (name, backend module, depth), state0
     (one tuple per layer) and the form the caller gave the state in, to answer in."""
 
-    def __init__(self, be, params, X, h0, cell, head):
+    def __init__(self, be, params, X, h0, cell, head, input_masks=None):
         self.P, self.dtype, self.cell, self.L = _params(be, params, cell, head)
         self.module = be.CELLS[self.cell]
         self.X = _inputs(be, "X", X, self.P["W_xh"].shape[0], self.dtype)
         self.B, self.H = self.X.shape[1], self.P["W_hh"].shape[0]
         self.state0, self.stacked = _states(be, h0, self.cell, self.L, self.B, self.H, self.dtype)
+        self.masks = _input_masks(be, input_masks, self)
 
     def shaped(self, arrays):
         """(L,B,H) arrays in the caller's form: (B,H) when h0 was (B,H) or None for one layer"""
@@ -410,8 +423,20 @@ class _Inputs:
         return arrays if self.cell == "lstm" else arrays[0]
 
 
-def _model_inputs(be, params, X, h0, cell, head):
-    return _Inputs(be, params, X, h0, cell, head)
+def _model_inputs(be, params, X, h0, cell, head, input_masks=None):
+    return _Inputs(be, params, X, h0, cell, head, input_masks)
+
+
+def _input_masks(be, masks, m):
+    """None, or the L-1 masks (T,B,H) of layers 1..L-1's inputs, validated"""
+    if masks is None:
+        return None
+    if not isinstance(masks, (list, tuple)) or len(masks) != m.L - 1:
+        got = f"{len(masks)} arrays" if isinstance(masks, (list, tuple)) else type(masks).__name__
+        raise (ValueError if isinstance(masks, (list, tuple)) else TypeError)(
+            f"input_masks: expected None or a list of num_layers - 1 = {m.L - 1} arrays (T,B,H), got {got}")
+    shape = tuple(m.X.shape[:2]) + (m.H,)
+    return [_floats(be, f"input_masks[{i}]", a, shape, m.dtype) for i, a in enumerate(masks)] or None
 
 
 def _targets(be, Y, Xc, P):

@@ -294,8 +294,9 @@ def stack_inputs(p, X, h0, c0):
     return x, state(h0), state(c0)
 
 
-def stack_forward(params, cell, X, h0=None, c0=None, act="tanh"):
-    """Returns x, caches[t][l], Hs (T,L,B,H), Cs (T,L,B,H), h0, c0 (as (L,B,H))."""
+def stack_forward(params, cell, X, h0=None, c0=None, act="tanh", masks=None):
+    """Returns x, caches[t][l], Hs (T,L,B,H), Cs (T,L,B,H), h0, c0 (as (L,B,H)).  masks: None or
+    L-1 arrays (T,B,H): layer l's input at step t is masks[l-1][t] * h^{(l-1)}_t."""
     p = as64(params)
     L = count_layers(p)
     x, h0, c0 = stack_inputs(p, X, h0, c0)
@@ -309,19 +310,20 @@ def stack_forward(params, cell, X, h0=None, c0=None, act="tanh"):
         for l in range(L):
             h[l], c[l], cache = step_forward(cell, w[l], inp, h[l], c[l], act)
             step.append(cache)
-            inp = h[l]
+            inp = h[l] if masks is None or l == L - 1 else h[l] * masks[l][t]
         caches.append(step)
         Hs.append(np.array(h))
         Cs.append(np.array(c))
     return x, caches, np.array(Hs), np.array(Cs), h0, c0
 
 
-def stack_step_backward(cell, w, caches_t, d_top, dh, dc, grads, act):
+def stack_step_backward(cell, w, caches_t, d_top, dh, dc, grads, act, masks_t=None):
     """One step of the stack backward, layers top to bottom.
 
     d_top: the direct term on the top layer's h_t (or 0); dh[l], dc[l]: what arrived from step
-    t+1 in layer l.  Accumulates into grads[l]; returns the bottom layer's dx_t and the
-    uncarried crossings dh_{t-1}, dc_{t-1} (L,B,H) of every layer.
+    t+1 in layer l; masks_t: None or the L-1 input masks (B,H) of this step.  Accumulates into
+    grads[l]; returns the bottom layer's dx_t and the uncarried crossings dh_{t-1}, dc_{t-1}
+    (L,B,H) of every layer.
     """
     L = len(w)
     dh_prev, dc_prev = np.zeros_like(dh), np.zeros_like(dc)
@@ -330,13 +332,18 @@ def stack_step_backward(cell, w, caches_t, d_top, dh, dc, grads, act):
         dx, dh_prev[l], dc_prev[l], g = step_backward(cell, w[l], caches_t[l], dh[l] + down, dc[l], act)
         for name, v in g.items():
             grads[l][name] += v
-        down = dx                                      # to layer l-1's h_t, same step
+        down = dx if masks_t is None or l == 0 else dx * masks_t[l - 1]   # to layer l-1's h_t, same step
     return down, dh_prev, dc_prev
 
 
-def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None, dCs=None):
+def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None, dCs=None, masks=None):
     """Layer grads (list of dicts), dh0, dc0 (L,B,H), dX (T,B,D_0) for direct terms dHs (T,B,H)
-    on the top layer's h_t and dCs (T,B,H) on its c_t (the LSTM's; None: zeros)."""
+    on the top layer's h_t and dCs (T,B,H) on its c_t (the LSTM's; None: zeros); masks as in
+    stack_forward."""
+
+    def at(t):
+        return None if masks is None else [m[t] for m in masks]
+
     L = count_layers(p)
     T, B = x.shape[:2]
     H = p["W_hh"].shape[0]
@@ -351,7 +358,7 @@ def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None, dCs=None):
         for t in range(T - 1, -1, -1):
             if dCs is not None:
                 dc[-1] += dCs[t]
-            dX[t], dh_prev, dc_prev = stack_step_backward(cell, w, caches[t], dHs[t], dh, dc, grads, act)
+            dX[t], dh_prev, dc_prev = stack_step_backward(cell, w, caches[t], dHs[t], dh, dc, grads, act, at(t))
             dh, dc = xi[t] * dh_prev, xi[t] * dc_prev
         return grads, dh, dc, dX
     # Truncated(k): each loss term l_t walks back through steps t, t-1, ..., t-k+1 on its own
@@ -362,7 +369,7 @@ def stack_bptt(p, cell, x, caches, dHs, act, k=None, xi=None, dCs=None):
             dc[-1] += dCs[t]                           # the term's own step
         for s in range(t, max(t - k, -1), -1):
             d_top = dHs[t] if s == t else 0.0
-            dx, dh, dc = stack_step_backward(cell, w, caches[s], d_top, dh, dc, grads, act)
+            dx, dh, dc = stack_step_backward(cell, w, caches[s], d_top, dh, dc, grads, act, at(s))
             dX[s] += dx
             if s == 0:                                 # l_t reaches the initial state (t < k)
                 dh0 += dh
@@ -414,13 +421,15 @@ def stack_loss_only(params, cell, X, Y, h0=None, c0=None, act="tanh", reduction=
     return loss, Hs[-1], Cs[-1] if cell == "lstm" else None
 
 
-def stack_backward(params, cell, X, dHs, h0=None, c0=None, act="tanh", k=None, xi=None, dCs=None):
+def stack_backward(params, cell, X, dHs, h0=None, c0=None, act="tanh", k=None, xi=None, dCs=None, masks=None):
     """BPTT of the stack alone for direct terms dHs (T,B,H) on the top layer's h_t (and dCs on
-    its c_t, the LSTM's)."""
+    its c_t, the LSTM's); masks as in stack_forward."""
     p = as64(params)
-    x, caches, _, _, _, _ = stack_forward(p, cell, X, h0, c0, act)
+    masks = None if masks is None else [np.asarray(m, np.float64) for m in masks]
+    x, caches, _, _, _, _ = stack_forward(p, cell, X, h0, c0, act, masks)
     dCs = None if dCs is None else np.asarray(dCs, np.float64)
-    layer_grads, dh0, dc0, dX = stack_bptt(p, cell, x, caches, np.asarray(dHs, np.float64), act, k, xi, dCs)
+    layer_grads, dh0, dc0, dX = stack_bptt(p, cell, x, caches, np.asarray(dHs, np.float64), act, k, xi, dCs,
+                                           masks)
     grads = flat_grads(cell, layer_grads)
     grads["h0"] = dh0
     if cell == "lstm":

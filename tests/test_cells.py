@@ -207,6 +207,55 @@ def test_rnn_forward_backward_and_adjoints_for_gated_cells(cell, rng):
     assert_close(A[-1], dHs[-1], np.float64, "A[T]")
 
 
+@pytest.mark.parametrize("truncation", TRUNCATIONS, ids=str)
+@pytest.mark.parametrize("dense", [False, True], ids=["ids", "dense"])
+@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("cell", CELLS)
+def test_input_masks_match_the_reference(cell, L, dense, truncation, rng):
+    # inter-layer dropout: layer l reads input_masks[l-1] ⊙ h^{(l-1)}_t, forward and backward,
+    # every truncation's chains through the masks; kept (kept_backward) or recomputed alike
+    params, X, _, given, h0, c0 = case(rng, cell, L, dense=dense)
+    T, B, H = X.shape[0], X.shape[1], 18
+    masks = [rng.choice([0.0, 1 / 0.6], size=(T, B, H), p=[0.4, 0.6]) for _ in range(L - 1)]
+    k = truncation.k if isinstance(truncation, fastbptt.Truncated) else None
+    xi = truncation.draw(T, np.float64) if isinstance(truncation, fastbptt.Randomized) else None
+    Hs, _, kept = fastbptt.rnn_forward(params, X, given, keep=True, input_masks=masks)
+    want_Hs = reference.stack_forward(params, cell, X, h0, c0, masks=masks)[2][:, -1]
+    assert_close(Hs, want_Hs, np.float64, "Hs")
+    dHs = rng.normal(0, 1, Hs.shape)
+    want = reference.stack_backward(params, cell, X, dHs, h0, c0, k=k, xi=xi, masks=masks)
+    for got in (fastbptt.rnn_backward(params, X, Hs, dHs, given, truncation=truncation, input_grad=True,
+                                      input_masks=masks),
+                fastbptt.api.kept_backward(kept, dHs, truncation=truncation, input_grad=True)):
+        assert set(got) == set(want) - ({"X"} if not dense else set())
+        for key in got:
+            assert_close(got[key], want[key], np.float64, key)
+
+
+def test_input_masks_errors(rng):
+    params, X, _, given, _, _ = case(rng, "gru", 2)
+    T, B = X.shape
+    ones = np.ones((T, B, 18))
+    with pytest.raises(ValueError, match=r"input_masks: expected None or a list of num_layers - 1 = 1 arrays"):
+        fastbptt.rnn_forward(params, X, given, input_masks=[ones, ones])
+    with pytest.raises(TypeError, match="input_masks: expected None or a list"):
+        fastbptt.rnn_forward(params, X, given, input_masks=ones)
+    with pytest.raises(ValueError, match=r"input_masks\[0\]: expected shape"):
+        fastbptt.rnn_forward(params, X, given, input_masks=[ones[:, :1]])
+    with pytest.raises(ValueError, match=r"input_masks\[0\]: non-finite"):
+        fastbptt.rnn_forward(params, X, given, input_masks=[ones * np.nan])
+    with pytest.raises(ValueError, match="input_masks: not with stored_states"):
+        fastbptt.rnn_backward(params, X, np.zeros((T, B, 18)), np.ones((T, B, 18)), given, input_masks=[ones],
+                              stored_states=2)
+    Hs, _, kept = fastbptt.rnn_forward(params, X, given, keep=True, input_masks=[ones * 2])
+    with pytest.raises(ValueError, match=r"for other values of input_masks\[0\]"):
+        fastbptt.rnn_backward(params, X, Hs, Hs, given, forward=kept, input_masks=[ones])
+    _, _, plain = fastbptt.rnn_forward(params, X, given, keep=True)
+    with pytest.raises(ValueError, match="for other values of input_masks"):
+        fastbptt.rnn_backward(params, X, Hs, Hs, given, forward=plain, input_masks=[ones])
+    assert np.array_equal(ones, np.ones((T, B, 18)))                 # never modified
+
+
 def test_init_params_for_every_cell_and_depth():
     for cell, G in (("rnn", 1), ("gru", 3), ("lstm", 4)):
         p = fastbptt.init_params(7, 5, 3, cell=cell, num_layers=3, seed=0)

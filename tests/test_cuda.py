@@ -195,6 +195,24 @@ def test_kept_forward_on_the_device_is_not_the_callers_output(rng, cell):
 
 
 @sim_only
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+@pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(2)], ids=str)
+def test_input_masks_equal_the_cpu(rng, cell, truncation):
+    """inter-layer dropout masks (input_masks): the stack's forward and backward equal the CPU's"""
+    params = fastbptt.init_params(5, 4, 5, np.float64, seed=3, cell=cell, num_layers=3)
+    X = rng.integers(0, 5, (4, 2))
+    masks = [rng.choice([0.0, 2.0], size=(4, 2, 4)) for _ in range(2)]
+    dHs = rng.normal(size=(4, 2, 4))
+    want_Hs = fastbptt.rnn_forward(params, X, cell=cell, input_masks=masks)
+    want = fastbptt.rnn_backward(params, X, want_Hs, dHs, cell=cell, truncation=truncation, input_masks=masks)
+    Hs, _, kept = fastbptt.rnn_forward(params, X, device="cuda", cell=cell, keep=True, input_masks=masks)
+    assert rel_err(Hs, want_Hs) <= 1e-9
+    got = fastbptt.api.kept_backward(kept, dHs, truncation=truncation)
+    for k in want:
+        assert rel_err(got[k], want[k]) <= 1e-9, k
+
+
+@sim_only
 def test_device_inputs_are_validated_on_the_device(rng):
     params, X, Y, h0 = make_case(rng, T=3, B=2, D=5, H=4, Q=5)
     bad = X.copy()

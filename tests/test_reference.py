@@ -262,3 +262,25 @@ def test_stack_randomized_zero_cuts_into_segments(cell, rng):
         else:
             want[name] = (first[name] + second[name]) / 12
     assert_grads_equal(got.grads, want, atol=1e-13)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_reference_with_input_masks_matches_finite_differences(cell, rng):
+    # inter-layer dropout: layer l reads masks[l-1] ⊙ h^{(l-1)}_t, the backward carries the same masks
+    params, X, _, h0, c0 = stack_case(rng, cell, 3, True)
+    T, B = X.shape[:2]
+    H = params["W_hh"].shape[0]
+    masks = [rng.choice([0.0, 2.0], size=(T, B, H)) for _ in range(2)]
+    dHs = rng.normal(0, 1, (T, B, H))
+    got = reference.stack_backward(params, cell, X, dHs, h0, c0, masks=masks)
+    arrays = {name: params[name] for name in got if name in params}
+    arrays.update(X=X, h0=h0, **({"c0": c0} if cell == "lstm" else {}))
+    assert set(got) == set(arrays)
+    f = lambda: float((reference.stack_forward(params, cell, X, h0, c0, masks=masks)[2][:, -1] * dHs).sum())  # noqa
+    for name, arr in arrays.items():
+        for _ in range(3):
+            idx = tuple(rng.integers(0, n) for n in arr.shape)
+            num = numeric_grad(f, arr, idx)
+            assert abs(got[name][idx] - num) <= 1e-8 + 1e-6 * abs(num), (name, idx)
+    # the masks matter: without them, other gradients
+    assert not np.allclose(reference.stack_backward(params, cell, X, dHs, h0, c0)["W_xh"], got["W_xh"])

@@ -305,6 +305,10 @@ class Run(LayerParams):
     def add(self, dst, src):
         projections.add_cpu(dst.reshape(-1), src.reshape(-1), self.n)
 
+    def times(self, out, a, m):
+        """out = a ⊙ m (same shapes; out may be a): a layer's input mask, once per call and layer"""
+        np.multiply(a, m, out=out)
+
     def shift(self, C, n):
         """C[:n-1] = C[1:n] (a chain's carry, one step back)"""
         C[:n - 1] = C[1:n].copy()

@@ -26,7 +26,7 @@ from numba import cuda
 from .._model import LayerParams
 from . import elman, gru, head, lstm, projections
 from .arrays import as_array, device, first_nonfinite, id_range, normalized, on_device, stack_states  # noqa: F401
-from .products import SIMULATOR, axpy, column_sums_cuda, gemm, launch, shift, zero_cuda, zeros  # noqa: F401
+from .products import SIMULATOR, axpy, column_sums_cuda, gemm, launch, shift, times, zero_cuda, zeros  # noqa: F401
 
 CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}
 
@@ -163,6 +163,10 @@ class Run(LayerParams):
     def add(self, dst, src):
         """dst += src (same shapes, contiguous)"""
         axpy(dst, 1.0, src)
+
+    def times(self, out, a, m):
+        """out = a ⊙ m (same shapes; out may be a): a layer's input mask, once per call and layer"""
+        times(out, a, m)
 
     def shift(self, C, n):
         """C[:n-1] = C[1:n] (a chain's carry, one step back)"""

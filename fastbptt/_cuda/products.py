@@ -116,6 +116,14 @@ def _scale_cuda(out, a, x):
 
 
 @cuda.jit
+def _times_cuda(out, a, m):
+    """out = a ⊙ m (1-D)"""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, out.shape[0], stride):
+        out[i] = a[i] * m[i]
+
+
+@cuda.jit
 def _shift_cuda(C, n):
     """C[:n-1] = C[1:n], one thread per (row, unit), serial over the steps (in place, no race)
     · C (T,B,H)"""
@@ -164,6 +172,12 @@ def scaled(a, x):
     if out.size:
         _scale_cuda[launch(out.size)](flat(out), a, flat(x))
     return out
+
+
+def times(out, a, m):
+    """out = a ⊙ m on the device (same shapes, contiguous)"""
+    if out.size:
+        _times_cuda[launch(out.size)](flat(out), flat(a), flat(m))
 
 
 def shift(C, n):
