@@ -30,10 +30,11 @@ without building the one-hot.  A one-hot float input that needs no gradient (the
 concise models) is found as such on the CPU and runs as its ids: a row gather instead of the
 input product, a scatter-add instead of ∂W_xh's product.
 
-``bidirectional=True``, ``dropout`` between layers in training mode, ``PackedSequence`` input
-and the LSTM's ``proj_size`` run the stack a layer and a direction at a time, joined by torch as
-torch.nn joins them (``_Bridge._by_layer``); the dropout masks are torch's own draws, so from
-the same seed the results are torch.nn's.  With ``proj_size`` (h_t = W_hr (o ⊙ tanh c_t)) each
+``dropout`` between layers in training mode runs in the stack's one call (``input_masks``), its
+masks torch's own draws, so that from the same seed the results are torch.nn's.
+``bidirectional=True``, ``PackedSequence`` input and the LSTM's ``proj_size`` run the stack a
+layer and a direction at a time, joined by torch as torch.nn joins them, with dropout between
+the layers (``_Bridge._by_layer``).  With ``proj_size`` (h_t = W_hr (o ⊙ tanh c_t)) each
 call is the plain LSTM on o ⊙ tanh(c_t) with weight_hh·weight_hr its recurrent weight, torch
 projecting its output (``_projected``; under truncation weight_hr's recurrent gradient comes
 from a second call, so that a window never credits it with the state it starts from).  A
@@ -47,8 +48,8 @@ own steps, h_n's and c_n's joining its last step's term.
 Not supported (each raises ``NotImplementedError`` naming it, never a wrong answer): tensors
 neither on the CPU nor on a CUDA GPU; ``truncation=Truncated(k)`` with 1 < k < T where a
 gradient is asked of a stack (num_layers > 1) that runs a layer at a time (bidirectional,
-dropout in training mode, proj_size, PackedSequence): each layer's call would count the
-terms handed down to it afresh.
+proj_size, PackedSequence): each layer's call would count the terms handed down to it
+afresh.
 Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a
 lower-precision input runs in it too, and the outputs are of it (autocast's later ops cast them
 as they need).  The gradients are not differentiable again (a second backward raises
@@ -89,10 +90,11 @@ _FLOATS = (torch.float32, torch.float64)
 class _Config:
     """what the Function needs besides tensors"""
 
-    def __init__(self, cell, act, L, H, bias, truncation, place, input_grad, cell_states=False):
+    def __init__(self, cell, act, L, H, bias, truncation, place, input_grad, cell_states=False, masks=None):
         self.cell, self.act, self.L, self.H, self.bias, self.truncation = cell, act, L, H, bias, truncation
         self.place, self.input_grad = place, input_grad      # input_grad: ∂L/∂X may be asked for
         self.cell_states = cell_states                       # the LSTM's c_1..c_T an output too
+        self.masks = masks                                   # the layers' dropout masks, or None
         self.per_layer = 4 if bias else 2
         self.kept = None                                     # the forward's, for setup_context
         self.grad = True                                     # a backward may follow (see _run)
@@ -259,9 +261,11 @@ class _Function(torch.autograd.Function):
                 ids = _one_hot_ids(Xn)
                 Xn = Xn if ids is None else ids
             keep = cfg.grad or cfg.cell_states
+            masks = None if cfg.masks is None else [place.array(m) for m in cfg.masks]
             Hs, last, *kept = api.rnn_forward(P, Xn, _state(cfg, h0, c0), activation=cfg.act, cell=cfg.cell,
                                               device=place.backend, keep=keep, return_state=True,
-                                              check_finite=False)      # NaN and inf flow, as in torch.nn
+                                              check_finite=False,      # NaN and inf flow, as in torch.nn
+                                              input_masks=masks)
             kept = kept[0] if keep else None
             B = X.shape[1]
             last = last if cfg.cell == "lstm" else (last,)
@@ -603,16 +607,20 @@ class _Bridge:
                 raise ValueError(f"{name}: hx dtype ({s.dtype}) does not match weight dtype ({wdt})")
         X = input.transpose(0, 1) if batch_first else input
 
-        # a layer and a direction at a time, or the whole stack in one call each way
-        by_layer = packed is not None or self.bidirectional or proj or (self.training and self.dropout > 0
-                                                                         and self.num_layers > 1)
+        # a layer and a direction at a time, or the whole stack in one call each way (with dropout
+        # between layers in training mode, its masks drawn by torch as torch.nn draws them)
+        by_layer = packed is not None or self.bidirectional or proj
+        masks = None
+        if self.training and self.dropout > 0 and self.num_layers > 1 and not by_layer:
+            ones = torch.ones((X.shape[0], B, self.hidden_size), dtype=wdt, device=X.device)
+            masks = [torch.nn.functional.dropout(ones, self.dropout, training=True)
+                     for _ in range(self.num_layers - 1)]
         if (by_layer and self.num_layers > 1 and isinstance(truncation, Truncated) and 1 < truncation.k < X.shape[0]
                 and torch.is_grad_enabled()
                 and any(t is not None and t.requires_grad for t in (input, h0, c0, *self.parameters()))):
             # a layer's call sees the gradient handed down from the one above as terms of its own,
             # whose windows would start again: the stack's own call counts each term's steps once
             why = [what for what, on in (("bidirectional=True", self.bidirectional), ("proj_size", proj),
-                                         ("dropout in training mode", self.training and self.dropout > 0),
                                          ("PackedSequence input", packed is not None)) if on]
             raise NotImplementedError(
                 f"fastbptt.torch.{name}: truncation=Truncated({truncation.k}) with 1 < k < T on num_layers="
@@ -625,7 +633,7 @@ class _Bridge:
 
         def config(x, L=1, cell_states=False):
             return _Config(cell, act, L, self.hidden_size, self.bias, truncation, place,
-                           x.requires_grad and torch.is_grad_enabled(), cell_states)
+                           x.requires_grad and torch.is_grad_enabled(), cell_states, masks)
         if B == 0 and X.shape[0] > 0:           # torch.nn refuses T = 0 (and so does fastbptt.api)
             out = self._empty_batch(X, h0, c0, wdt)
         elif by_layer:

@@ -400,19 +400,84 @@ def test_dropout_between_layers_in_training(kind, bidirectional):
 
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_layer_by_layer_randomized_is_the_stacks(kind):
-    """Randomized on the layer-by-layer path (dropout between layers, of a vanishing p here)
-    scales every layer's crossing at step t by the same ξ_t, as the stack in one call does"""
-    m, r = pair(kind, 3, dropout=1e-12)
-    X, hx, Wo, Wh = inputs(3, False, torch.float64, m, True)
+    """Randomized on the layer-by-layer path (a PackedSequence of equal lengths here) scales
+    every layer's crossing at step t by the same ξ_t, as the stack in one call does"""
+    m, _ = pair(kind, 3)
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(T, B, D, dtype=torch.float64, generator=g)
+    Wo = torch.randn(T, B, H, dtype=torch.float64, generator=g)
+
+    def grads(packed, truncation):
+        m.zero_grad(set_to_none=True)
+        x = torch.nn.utils.rnn.pack_padded_sequence(X, [T] * B) if packed else X
+        out, _ = m(x, truncation=truncation)
+        out = torch.nn.utils.rnn.pad_packed_sequence(out)[0] if packed else out
+        (out * Wo).sum().backward()
+        return [p.grad.clone() for p in m.parameters()]
+
     tr = fastbptt.Randomized(0.5, seed=3)
-    by_layer = run(m, X, hx, Wo, Wh, truncation=tr)
     # a Generator (or None) is drawn from once per call, not once per layer
     drawn = int(np.random.default_rng(np.random.default_rng(8)).integers(1 << 62))
-    by_layer_gen = run(m, X, hx, Wo, Wh, truncation=fastbptt.Randomized(0.5, seed=np.random.default_rng(8)))
-    m.eval()                                                      # eval: the stack in one call
-    assert_same(by_layer, run(m, X, hx, Wo, Wh, truncation=tr), torch.float64)
-    assert_same(by_layer_gen, run(m, X, hx, Wo, Wh, truncation=fastbptt.Randomized(0.5, seed=drawn)),
-                torch.float64)
+    pairs = [(grads(True, tr), grads(False, tr)),
+             (grads(True, fastbptt.Randomized(0.5, seed=np.random.default_rng(8))),
+              grads(False, fastbptt.Randomized(0.5, seed=drawn)))]
+    for by_layer, one_call in pairs:
+        for a, b in zip(by_layer, one_call):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert any(not torch.allclose(a, b) for a, b in zip(pairs[0][1], grads(False, None)))
+
+
+def masked_truncated_reference(m, X, Wo, k, masks):
+    """Truncated(k) by definition for the stack m whose layer l > 0 reads masks[l-1] ⊙ h^{(l-1)}:
+    torch.nn one-layer modules on m's own parameters (torch.func.functional_call), loss term t
+    (output[t] ⊙ Wo[t]) from every layer's state at step t-k held constant; its gradients
+    accumulate in m's parameters"""
+    lstm, L = is_lstm(m), m.num_layers
+    nn_class = next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn"))
+    single = [nn_class(D if l == 0 else H, H, dtype=torch.float64) for l in range(L)]
+
+    def stack(x, start, t0):
+        """the top layer's outputs and every layer's last state over x from ``start`` at step t0"""
+        last = []
+        for l in range(L):
+            p = {f"{n}_l0": getattr(m, f"{n}_l{l}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+            x, s = torch.func.functional_call(single[l], p, (x, start[l]))
+            last.append(s)
+            if l < L - 1:
+                x = x * masks[l][t0:t0 + x.shape[0]]
+        return x, last
+
+    zero = torch.zeros(1, B, H, dtype=torch.float64)
+    states = [[(zero, zero) if lstm else zero] * L]              # every layer's state at steps 0..T
+    with torch.no_grad():
+        for t in range(T):
+            states.append(stack(X[t:t + 1], states[t], t)[1])
+    m.zero_grad(set_to_none=True)
+    for t in range(1, T + 1):
+        s0 = max(0, t - k)
+        out, _ = stack(X[s0:t], states[s0], s0)
+        (out[-1] * Wo[t - 1]).sum().backward()
+    return [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
+def test_dropout_in_training_with_truncation(kind):
+    """dropout between layers in training mode runs in the stack's one call with torch's masks:
+    Truncated(k) counts each loss term's steps through every layer and the masks, equal to the
+    definition on torch.nn layers with the same masks (drawn from the same seed)"""
+    m, _ = pair(kind, 3, dropout=0.4)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(T, B, D, dtype=torch.float64, generator=g)
+    Wo = torch.randn(T, B, H, dtype=torch.float64, generator=g)
+    for k in (2, 3):
+        torch.manual_seed(9)
+        got = run(m, X, None, Wo, None, truncation=fastbptt.Truncated(k))[2][1:]     # the parameters'
+        torch.manual_seed(9)                                      # the masks, as torch.nn draws them
+        masks = [torch.nn.functional.dropout(torch.ones(T, B, H, dtype=torch.float64), 0.4, training=True)
+                 for _ in range(2)]
+        want = masked_truncated_reference(m, X, Wo, k, masks)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
 def packed_run(m, X, lengths, hx, batch_first, enforce_sorted):
@@ -537,30 +602,25 @@ def test_packed_sequence_ids_and_dropout(kind):
     torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("layout", ["dropout", "bidirectional", "packed", "proj_size"])
+@pytest.mark.parametrize("layout", ["bidirectional", "packed", "proj_size"])
 def test_truncation_in_a_stack_run_a_layer_at_a_time_is_refused(layout):
     """Truncated(k), 1 < k < T, where a gradient is asked of a stack that runs a layer at a time:
     NotImplementedError naming the cause (each layer's call would count the terms handed down to
-    it afresh, a wrong gradient); the forward alone, k = 1, k >= T, Randomized, one layer and the
-    same stack without the cause all run"""
-    kw = {"dropout": {"dropout": 0.5}, "bidirectional": {"bidirectional": True},
-          "proj_size": {"proj_size": P}}.get(layout, {})
+    it afresh, a wrong gradient); the forward alone, k = 1, k >= T, Randomized and one layer
+    all run"""
+    kw = {"bidirectional": {"bidirectional": True}, "proj_size": {"proj_size": P}}.get(layout, {})
     m, _ = pair("lstm", 2, **kw)
     X = torch.randn(T, B, D, dtype=torch.float64)
     Xp = torch.nn.utils.rnn.pack_padded_sequence(X, [T, 2, 3], enforce_sorted=False) if layout == "packed" else X
-    cause = {"dropout": "dropout", "bidirectional": "bidirectional", "packed": "PackedSequence",
-             "proj_size": "proj_size"}[layout]
+    cause = {"bidirectional": "bidirectional", "packed": "PackedSequence", "proj_size": "proj_size"}[layout]
     with pytest.raises(NotImplementedError, match=f"Truncated\\(2\\).*{cause}"):
         m(Xp, truncation=fastbptt.Truncated(2))
     with torch.no_grad():
         m(Xp, truncation=fastbptt.Truncated(2))
     for tr in (fastbptt.Truncated(1), fastbptt.Truncated(T), fastbptt.Randomized(0.5, 1)):
         m(Xp, truncation=tr)
-    one, _ = pair("lstm", 1, **{k: v for k, v in kw.items() if k != "dropout"})
+    one, _ = pair("lstm", 1, **kw)
     one(Xp, truncation=fastbptt.Truncated(2))
-    if layout == "dropout":
-        m.eval()
-        m(Xp, truncation=fastbptt.Truncated(2))
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
