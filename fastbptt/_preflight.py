@@ -91,6 +91,7 @@ def _existing_ancestor(p):
 
 def check_folder(what, folder):
     """ValueError unless ``folder`` is, or can be made, a writable folder."""
+    _named_path(what, folder)
     folder = Path(folder)
     base = _existing_ancestor(folder)
     if not base.is_dir():
@@ -102,6 +103,7 @@ def check_output(what, path, *, replaced=False):
     """ValueError unless a file can be written at ``path``: its folder exists, is a folder and
     is writable, and ``path`` is not a folder.  ``replaced``: the file is written beside and
     renamed over ``path`` (so only the folder must be writable), else opened for writing."""
+    _named_path(what, path)
     p = Path(path)
     folder = p.parent                  # Path(".") for a bare name
     if p.is_dir():
@@ -118,3 +120,19 @@ def check_output(what, path, *, replaced=False):
             raise ValueError(f"{what}: cannot write {path} (read-only or no permission)")
     else:
         _probe(what, folder)
+
+
+def _named_path(what, path):
+    if not str(path).strip():
+        raise ValueError(f"{what}: expected a path, got {str(path)!r}")
+
+
+def check_figure(what, path):
+    """ValueError unless a file can be written at ``path`` in a format matplotlib (imported:
+    require_matplotlib first) writes: its suffix's (none: png, which it appends)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    check_output(what, path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix[1:].lower()
+    if suffix and suffix not in formats:
+        raise ValueError(f"{what}: matplotlib writes no .{suffix} files (it writes {', '.join(sorted(formats))})")

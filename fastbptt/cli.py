@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import warnings
 
 import numpy as np
 
 from . import __version__
-from ._preflight import MissingExtra, check_folder, check_output, require_cuda, require_matplotlib, require_modules
+from ._preflight import (MissingExtra, check_figure, check_folder, check_output, require_cuda, require_matplotlib,
+                         require_modules)
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -297,19 +299,20 @@ def _bench_needs(args):
         require_modules("peers", [m for p in args.peers for m in PEER_MODULES.get(p, ())])
     if args.device == "cuda":
         require_cuda("device")
-    for name in ("json", "markdown", "plot"):
-        if getattr(args, name):
+    for name in ("json", "markdown"):
+        if getattr(args, name) is not None:
             check_output(name, getattr(args, name))
-    if args.plot:
+    if args.plot is not None:
         require_matplotlib("plot")
+        check_figure("plot", args.plot)
 
 
 def _diagnose_needs(args):
     """``fastbptt diagnose``: the report's figures need matplotlib; outputs must be writable."""
-    if args.report:
+    if args.report is not None:
         check_folder("report", args.report)
         require_matplotlib("report")
-    if args.json:
+    if args.json is not None:
         check_output("json", args.json)
 
 
@@ -317,8 +320,19 @@ def _diagnose_needs(args):
 PREFLIGHT = {"bench": _bench_needs, "diagnose": _diagnose_needs}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a bad choice or number, a missing value) are one line
+    naming the flag, as the commands' own are, not the usage text first"""
+
+    def error(self, message):
+        flag = re.match(r"argument (\S+?): ", message)           # "argument -c/--cell: invalid choice: ..."
+        if flag:
+            message = f"{flag.group(1).split('/')[-1]}: {message[flag.end():]}"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="fastbptt", description="Fast, exact BPTT for recurrent networks.")
+    parser = _Parser(prog="fastbptt", description="Fast, exact BPTT for recurrent networks.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import api, data, distributed
 from ._plot import pyplot, save
-from ._preflight import check_output, require_cuda, require_matplotlib
+from ._preflight import check_figure, check_output, require_cuda, require_matplotlib
 from .corpus import split, token_ids
 from .truncation import Randomized, Truncated
 
@@ -748,16 +748,16 @@ def _reason(e):
 def _check_outputs(checkpoint, json_log, plot, resume, overwrite):
     """ValueError unless every output can be written, and a checkpoint that exists is resumed
     or to be overwritten; MissingExtra for a plot without matplotlib."""
-    if checkpoint:
+    if checkpoint is not None:
         check_output("checkpoint", checkpoint, replaced=True)
         if not resume and not overwrite and Path(checkpoint).exists():
             raise ValueError(f"checkpoint: {checkpoint} exists: continue it with --resume, or start "
                              "over with --overwrite")
-    if json_log:
+    if json_log is not None:
         check_output("json_log", json_log)
-    if plot:
-        check_output("plot", plot)
+    if plot is not None:
         require_matplotlib("plot")
+        check_figure("plot", plot)
 
 
 def _physical_memory():

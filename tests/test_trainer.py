@@ -490,6 +490,37 @@ def test_outputs_that_cannot_be_written_exit_2_before_training(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("flag", ["--checkpoint", "--json-log", "--plot"])
+def test_an_empty_output_path_exits_2_before_training(capsys, no_training, flag):
+    assert run_cli(*TINY_ARGV, flag, "") == 2
+    assert one_line(capsys) == f"error: {flag}: expected a path, got ''"
+
+
+def test_a_figure_format_matplotlib_does_not_write_exits_2_before_any_work(tmp_path, capsys, no_training,
+                                                                            monkeypatch):
+    from fastbptt import bench
+
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("work started"))
+    for command in (TINY_ARGV, ("bench", "--quick")):
+        assert run_cli(*command, "--plot", tmp_path / "p.xyz") == 2
+        err = one_line(capsys, command[0])
+        assert err.startswith("error: --plot: matplotlib writes no .xyz files (it writes ") and "png" in err
+    assert run_cli("bench", "--quick", "--json", "") == 2
+    assert one_line(capsys, "bench") == "error: --json: expected a path, got ''"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (("bench", "--peers", "numpyy"), "error: --peers: invalid choice: 'numpyy'"),
+    (("bench", "--threads", "abc"), "error: --threads: invalid int value: 'abc'"),
+    (("tune", "--batch"), "error: --batch: expected at least one argument"),
+    (("train", "--hidden", "x"), "error: --hidden: invalid int value: 'x'"),
+])
+def test_argument_errors_are_one_line_naming_the_flag(capsys, argv, line):
+    assert run_cli(*argv) == 2
+    err = one_line(capsys, argv[0])
+    assert err.startswith(line) and err.endswith(f"(see fastbptt {argv[0]} --help)"), err
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--json-log", "--plot"])
 def test_a_read_only_folder_exits_2_before_training(tmp_path, capsys, no_training, monkeypatch, flag):
     from fastbptt import _preflight
 
