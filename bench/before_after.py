@@ -1,6 +1,6 @@
 """fastbptt against an earlier checkout of itself and numpy, in one process.
 
-    python bench/before_after.py PATH [sweep | gru | lstm]
+    python bench/before_after.py PATH [sweep | gru | lstm] [--only NAME,...] [--rounds N]
 
 PATH is an earlier checkout of fastbptt (e.g. ``git worktree add /tmp/before 41148b1``);
 its package is copied as ``fastbptt_before`` into a temporary folder and imported beside
@@ -8,10 +8,11 @@ this one.  Per config: median ms of each system over six interleaved rounds, eac
 following each other one in turn (after ``fastbptt bench``'s warm-up calls, each slice after
 its pause), and the speedups; % GEMM against the median of numpy's GEMM calls timed in the
 same rounds (``bench.Gemm``).  ``sweep``: the bench's H and B sweep;
-``gru``, ``lstm``: that cell's configs (``fastbptt bench --cell``).
+``gru``, ``lstm``: that cell's configs (``fastbptt bench --cell``).  ``--only``: those configs
+alone; ``--rounds``: more rounds than six, for a difference smaller than the host's drift.
 """
+import argparse
 import json
-import sys
 import time
 
 import numpy as np
@@ -20,15 +21,23 @@ import fastbptt
 from before import load_before
 from fastbptt import bench, peers
 
-fastbptt_before = load_before(sys.argv[1])
+ap = argparse.ArgumentParser()
+ap.add_argument("path")
+ap.add_argument("mode", nargs="?", default="rnn", choices=("rnn", "sweep", "gru", "lstm"))
+ap.add_argument("--only", help="comma-separated config names")
+ap.add_argument("--rounds", type=int, default=6)
+args = ap.parse_args()
+fastbptt_before = load_before(args.path)
 
-mode = sys.argv[2] if len(sys.argv) > 2 else "rnn"
+mode = args.mode
 cell = mode if mode in ("gru", "lstm") else "rnn"
 shapes = {k: v[:4] + (v[4], v[5]) for k, v in bench.GATED_CONFIGS.items()} if cell != "rnn" else \
     {k: v + (v[2], False) for k, v in bench.CONFIGS.items()}
 if mode == "sweep":
     shapes = {f"H={h}": (64, 32, 64, h, 64, False) for h in bench.SWEEP_H}
     shapes.update({f"B={b}": (64, b, 64, 256, 64, False) for b in bench.SWEEP_B})
+if args.only:
+    shapes = {k: v for k, v in shapes.items() if k in args.only.split(",")}
 gemm = bench.Gemm()                                     # timed in every round, as fastbptt bench does
 out = []
 for name, (T, B, V, H, Q, dense) in shapes.items():
@@ -44,7 +53,7 @@ for name, (T, B, V, H, Q, dense) in shapes.items():
     times = {k: [] for k in fns}
     first_gemm = len(gemm.times)
     order = list(fns)
-    for rnd in range(6):
+    for rnd in range(args.rounds):
         order = order[1:] + order[:1]                   # each system follows each other one in turn
         for k in order:
             f = fns[k]
