@@ -279,9 +279,9 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
     keep=True)`` kept for the same params, X and h0 (a forward of other values is refused; a
     change made in place to an array that both calls read as it is cannot be seen); without
     it one "rnn" layer uses Hs as it is, and other cells and stacks recompute their gates
-    from X and h0.  ``stored_states``
-    as in :func:`loss_and_grad`: the forward is recomputed within that memory.  With
-    ``forward`` or ``stored_states`` Hs is not read (its dtype and shape are checked).
+    from X and h0.  ``stored_states`` as in :func:`loss_and_grad`: the forward is recomputed
+    within that memory.  With ``forward`` or ``stored_states`` Hs is not read (its dtype and
+    shape are checked).
     ``dh_T``: ∂L/∂ of the last state, in h_T's form ((B,H) or (num_layers,B,H); (dh_T, dc_T)
     for the LSTM), None for zeros: what flows in through the last states (an encoder's h_n
     of every layer; with ``Truncated``, it joins step T's term).  ``dCs`` (T,B,H), the LSTM's:
