@@ -123,6 +123,8 @@ def check_output(what, path, *, replaced=False):
 
 
 def _named_path(what, path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: expected a path, got {type(path).__name__}")
     if not str(path).strip():
         raise ValueError(f"{what}: expected a path, got {str(path)!r}")
 

@@ -322,9 +322,10 @@ def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_gra
                   state_grads=True, check_finite=True):
     """:func:`rnn_backward` (arguments and results as there) from ``forward``, what
     ``rnn_forward(..., keep=True)`` kept, for a caller that owns that forward's params, X,
-    h0 and input_masks and has not changed them since (they are kept as given, not copied): a framework's autograd function (the PyTorch bridge:
-    the params are its own copies, X and h0 tensors torch saved and guards against in-place
-    changes).  Those inputs are taken as the forward validated them, not checked again."""
+    h0 and input_masks and has not changed them since (they are kept as given, not copied):
+    a framework's autograd function (the PyTorch bridge: the params are its own copies, X and
+    h0 tensors torch saved and guards against in-place changes, the masks its own draws).
+    Those inputs are taken as the forward validated them, not checked again."""
     if not isinstance(forward, _Kept):
         raise ValueError("forward: expected what rnn_forward(..., keep=True) returned")
     be, m = forward.be, forward.m

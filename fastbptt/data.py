@@ -88,10 +88,27 @@ def check_length(n_tokens, num_steps, batch_size, what="text"):
                          f"num_steps/batch_size")
 
 
+def _check_batches(corpus, batch_size, num_steps, least):
+    """the corpus as a 1-D integer array, or ValueError/TypeError naming the argument; ``least``:
+    the tokens it needs for the sizes (None: any non-empty corpus)"""
+    for name, v in (("batch_size", batch_size), ("num_steps", num_steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    ids = np.asarray(corpus)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TypeError(f"corpus: expected a 1-D array of integer token ids, got {ids.ndim}-D of {ids.dtype}")
+    need = 2 if least is None else least
+    if ids.size < need:
+        raise ValueError(f"corpus: {ids.size} tokens, fewer than the {need} that batch_size={batch_size} "
+                         f"and num_steps={num_steps} need")
+    return ids
+
+
 def sequential_batches(corpus, batch_size, num_steps, rng):
     """The book's ``seq_data_iter_sequential``: a random offset in [0, num_steps], then
     ``batch_size`` rows that continue from one minibatch to the next (so the hidden state
     can be carried).  Yields (X, Y), each (num_steps, batch_size)."""
+    corpus = _check_batches(corpus, batch_size, num_steps, num_steps * batch_size + 1)
     n = len(corpus)
     offset = int(rng.integers(0, min(num_steps, n - num_steps * batch_size - 1) + 1))
     num_tokens = ((n - offset - 1) // batch_size) * batch_size
@@ -105,6 +122,7 @@ def random_batches(corpus, batch_size, num_steps, rng):
     """The book's ``seq_data_iter_random``: a random offset in [0, num_steps), the rest cut
     into non-overlapping windows of num_steps, shuffled; each minibatch takes batch_size of
     them.  Yields (X, Y), each (num_steps, batch_size)."""
+    corpus = _check_batches(corpus, batch_size, num_steps, num_steps * batch_size + 1)
     n = len(corpus)
     offset = int(rng.integers(0, min(num_steps - 1, n - num_steps * batch_size - 1) + 1))
     count = (n - offset - 1) // num_steps                # int32 where it fits: a big text's starts are many
@@ -123,6 +141,7 @@ def eval_batches(corpus, batch_size, num_steps):
     """The whole of ``corpus`` as ``batch_size`` parallel streams cut into windows of
     num_steps (the last may be shorter), for forward-only evaluation with the state
     carried across windows.  Yields (X, Y), each (≤ num_steps, B)."""
+    corpus = _check_batches(corpus, batch_size, num_steps, None)
     B = max(1, min(batch_size, len(corpus) - 1))
     L = (len(corpus) - 1) // B
     Xs = corpus[:B * L].reshape(B, L)

@@ -35,6 +35,9 @@ from . import api, data
 from ._plot import pyplot, save
 from .truncation import Randomized, Truncated
 
+#: the validation share of the texts part 4 (the book figure) trains on
+BOOK_VAL_FRACTION = 0.1
+
 RADII = (0.5, 1.0, 2.0)
 GAPS = (0.5, 0.1, 0.01)
 
@@ -271,7 +274,7 @@ def book_figure(text=None, tokenize="book", max_chars=None, hidden=64, num_steps
             "full": dict(truncation="full", num_steps=num_steps)}
     out = {}
     for name, opts in tqdm(runs.items(), disable=not progress, desc="book figure", leave=False):
-        res = train(text=text, tokenize=tokenize, max_chars=max_chars, val_fraction=0.1, cell=cell,
+        res = train(text=text, tokenize=tokenize, max_chars=max_chars, val_fraction=BOOK_VAL_FRACTION, cell=cell,
                     num_layers=num_layers, hidden=hidden,
                     batch_size=batch_size, epochs=epochs, seed=seed, activation=activation,
                     quiet=True, sample_prefixes=(), **opts)
@@ -407,6 +410,9 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     ``params`` of any cell and depth (the models of part 4 are of the same)."""
     from tqdm.auto import tqdm
     cell, num_layers = api.cell_of(params)
+    n_train = len(ids) - int(len(ids) * BOOK_VAL_FRACTION)     # part 4's training split: checked up front
+    data.check_length(n_train, num_steps, batch_size,
+                      f"training split of part 4 (the text less its last {BOOK_VAL_FRACTION:.0%}, held out)")
     X, Y = probe_batch(ids, num_steps, batch_size, seed)
     steps = tqdm(total=5, disable=not progress, desc="diagnose", unit="part")
     lags = {"model": lag_norms(params, X, Y, activation=activation)}

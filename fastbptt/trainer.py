@@ -79,6 +79,16 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the data-dependent defaults filled in, after checking every value."""
         c = dataclasses.replace(self)
+        for f in dataclasses.fields(c):                 # numpy scalars as Python's (a checkpoint's JSON)
+            if isinstance(getattr(c, f.name), np.generic):
+                setattr(c, f.name, getattr(c, f.name).item())
+        if c.text is not None:                          # absolute: a resume from another folder finds it
+            if not isinstance(c.text, (str, os.PathLike)):
+                raise TypeError(f"text: expected a path or None, got {type(c.text).__name__}")
+            c.text = str(Path(c.text).resolve())
+        if c.val_fraction is not None and (isinstance(c.val_fraction, bool)
+                                           or not isinstance(c.val_fraction, (int, float))):
+            raise ValueError(f"val_fraction: expected a number in [0, 1), got {c.val_fraction!r}")
         if c.val_fraction is None:
             c.val_fraction = 0.0 if c.max_chars is not None else 0.1
         if c.lr is None:
@@ -481,8 +491,12 @@ def load_checkpoint(path):
 def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
     """The saved configuration, with the options that may change taken from ``given``;
     any other given option that differs from the saved one is an error."""
+    def same(k, v, was):
+        if k == "text" and v is not None and was is not None and isinstance(v, (str, os.PathLike)):
+            return Path(v).resolve() == Path(was).resolve()     # as given, or as the run stored it
+        return v == was
     conflicts = [f"{k}={v!r} (checkpoint: {getattr(saved, k)!r})" for k, v in given.items()
-                 if k not in TrainConfig.RESUMABLE and v != getattr(saved, k)]
+                 if k not in TrainConfig.RESUMABLE and not same(k, v, getattr(saved, k))]
     if conflicts:
         raise ValueError("resume: options conflict with the checkpoint's configuration: "
                          + "; ".join(conflicts))
@@ -522,10 +536,27 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     write fails mid-run and :class:`TrainingInterrupted` on Ctrl-C; the checkpoint last
     written is kept in each case.
     """
+    sample_prefixes = _prefixes(sample_prefixes)
     comm = distributed.communicator(comm)
     with distributed.guard(comm, "fastbptt train"), distributed.rank_threads(comm):
         return _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes,
                       quiet, sample_prefixes, options)
+
+
+def _prefixes(sample_prefixes):
+    """the prefixes to sample from after training: a tuple of non-empty strings (None: none;
+    one string: that one)"""
+    if sample_prefixes is None:
+        return ()
+    if isinstance(sample_prefixes, str):
+        sample_prefixes = (sample_prefixes,)
+    try:
+        prefixes = tuple(sample_prefixes)
+    except TypeError:
+        raise TypeError(f"sample_prefixes: expected strings, got {type(sample_prefixes).__name__}") from None
+    if not all(isinstance(p, str) and p for p in prefixes):
+        raise ValueError(f"sample_prefixes: expected non-empty strings, got {prefixes!r}")
+    return prefixes
 
 
 def _check_options(options, checkpoint, checkpoint_every, resume, overwrite, max_minutes):

@@ -94,6 +94,18 @@ def test_validation_tokens_unseen_in_training_are_unk(tmp_path):
     np.testing.assert_array_equal(val, [2, 0, 0, 0])
 
 
+def test_split_names_bad_arguments(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("ab" * 50)
+    t = cached(f, "chars", tmp_path / "c")
+    for max_chars in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="^max_chars: expected None or a positive integer"):
+            corpus.split(t, max_chars, 0.0)
+    for val_fraction in (-0.5, 1.0, 2.0, None, "0.1"):
+        with pytest.raises(ValueError, match=r"^val_fraction: expected a number in \[0, 1\)"):
+            corpus.split(t, None, val_fraction)
+
+
 def test_compact_dtypes():
     assert corpus.compact_dtype(256) == np.uint8
     assert corpus.compact_dtype(257) == np.uint16

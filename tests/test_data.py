@@ -104,3 +104,24 @@ def test_eval_batches_cover_the_split_once():
     corpus = np.arange(103)
     seen = np.concatenate([X.ravel() for X, _ in data.eval_batches(corpus, 4, 10)])
     assert sorted(seen) == list(range(100))
+
+
+@pytest.mark.parametrize("batches", [data.sequential_batches, data.random_batches])
+def test_samplers_name_bad_sizes_and_too_short_a_corpus(batches):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match=r"^corpus: 10 tokens, fewer than the 21 that batch_size=4 and num_steps=5"):
+        next(batches(np.arange(10), 4, 5, rng))
+    for bad, name in (((0, 5), "batch_size"), ((4, 0), "num_steps"), ((4, True), "num_steps")):
+        with pytest.raises(ValueError, match=f"^{name}: expected a positive integer"):
+            next(batches(np.arange(100), *bad, rng))
+    with pytest.raises(TypeError, match="^corpus: expected a 1-D array of integer token ids"):
+        next(batches(np.ones((10, 10)), 2, 2, rng))
+    X, Y = next(batches(list(range(100)), 4, 5, rng))              # a list of ids is an array of them
+    assert X.shape == Y.shape == (5, 4) and np.array_equal(X + 1, Y)
+
+
+def test_eval_batches_name_bad_sizes():
+    with pytest.raises(ValueError, match="^num_steps: expected a positive integer, got 0"):
+        next(data.eval_batches(np.arange(100), 4, 0))
+    with pytest.raises(ValueError, match="^corpus: 1 tokens"):
+        next(data.eval_batches(np.arange(1), 4, 5))

@@ -293,3 +293,13 @@ def test_diagnose_cli_on_a_fresh_two_layer_lstm(tmp_path, monkeypatch):
 def test_diagnose_cli_bad_cell_or_depth_exits_2_with_one_line(argv, line, capsys):
     assert diagnose("--init", *argv, "--quiet") == 2
     assert capsys.readouterr().err == f"fastbptt diagnose: error: {line}\n"
+
+
+def test_diagnose_checks_part_4s_training_split_before_any_work(capsys, monkeypatch):
+    from fastbptt import diagnostics
+    monkeypatch.setattr(diagnostics, "lag_norms", lambda *a, **k: pytest.fail("work started"))
+    assert diagnose("--init", "--max-chars", 34, "--hidden", 8, "--num-steps", 8, "--batch-size", 4,
+                    "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastbptt diagnose: error: --text: the training split of part 4 (the text less its "
+                          "last 10%, held out) has 31 tokens, fewer than one minibatch") and err.count("\n") == 1

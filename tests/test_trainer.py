@@ -248,6 +248,36 @@ def test_a_checkpoint_whose_optimizer_state_or_meta_is_broken_is_corrupt(tmp_pat
             trainer.load_checkpoint(ck)
 
 
+def test_numpy_scalars_prefixes_and_paths_of_any_folder(tmp_path, monkeypatch):
+    # numpy scalars are options like Python's (the checkpoint's JSON takes them); no prefixes,
+    # or one string; a relative --text is stored absolute, so a resume from elsewhere finds it
+    text = tmp_path / "one.txt"
+    text.write_text("the time machine by h g wells " * 40)
+    monkeypatch.chdir(tmp_path)
+    ck = tmp_path / "ck.npz"
+    r = fastbptt.train(**dict(TINY, sample_prefixes=None, hidden=np.int32(8)), text="one.txt", epochs=1,
+                       checkpoint=ck, seed=np.int64(3), lr=np.float32(0.5), val_fraction=np.float32(0.1))
+    assert r.generated == {} and type(r.config.seed) is int and type(r.config.hidden) is int
+    assert r.config.text == str(text)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = fastbptt.train(**TINY, epochs=2, checkpoint=ck, resume=True)
+    assert len(resumed.history) == 2
+    resumed = fastbptt.train(**TINY, text=text, epochs=3, checkpoint=ck, resume=True)   # the same file, as given
+    assert len(resumed.history) == 3
+    assert set(fastbptt.train(**dict(TINY, sample_prefixes="th"), text=text, epochs=1).generated) == {"th"}
+    for bad, exc, message in ((dict(text=123), TypeError, "text: expected a path or None, got int"),
+                              (dict(checkpoint=123), TypeError, "checkpoint: expected a path, got int"),
+                              (dict(json_log=b"x"), TypeError, "json_log: expected a path, got bytes"),
+                              (dict(val_fraction="0.1"), ValueError, "val_fraction: expected a number in [0, 1), "
+                                                                     "got '0.1'"),
+                              (dict(sample_prefixes=[1]), ValueError, "sample_prefixes: expected non-empty strings")):
+        with pytest.raises(exc) as e:
+            fastbptt.train(**dict(TINY, **bad), epochs=1)
+        assert str(e.value).startswith(message)
+
+
 @pytest.mark.parametrize("cell, layers", [("rnn", 1)] + MODELS)
 def test_param_shapes_are_those_of_init_params(cell, layers):
     params = api.init_params(5, 3, 5, cell=cell, num_layers=layers)
