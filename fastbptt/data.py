@@ -94,7 +94,7 @@ def _check_batches(corpus, batch_size, num_steps, least):
     for name, v in (("batch_size", batch_size), ("num_steps", num_steps)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-    ids = np.asarray(corpus)
+    ids = corpus if isinstance(corpus, np.ndarray) else np.asarray(corpus)   # a memmap stays one (its pages)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise TypeError(f"corpus: expected a 1-D array of integer token ids, got {ids.ndim}-D of {ids.dtype}")
     need = 2 if least is None else least
