@@ -684,6 +684,9 @@ def bench_passes():
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
     {"products": bench_products, "sweeps": bench_sweeps, "align": bench_align,
      "phases": bench_phases, "overhead": bench_overhead, "redraw": bench_redraw, "copy": bench_copy, "blas": bench_blas,
      "blas-child": lambda: _blas_child(sys.argv[2], *(int(x) for x in sys.argv[3:7]), sys.argv[7]),

@@ -611,7 +611,7 @@ def _inputs(be, name, X, D, dt):
         if X.ndim != 2:
             raise ValueError(f"{name}: integer token ids must have shape (T,B), got {X.shape}")
         _nonempty(name, X.shape, "(T,B)")
-        return _token_ids(be, name, X, X.shape, D, "input; X holds ids of the W_xh rows")
+        return _token_ids(be, name, X, X.shape, D, "X holds ids of the W_xh rows")
     if X.dtype.kind == "f":
         if X.ndim != 3:
             raise ValueError(f"{name}: dense input must have shape (T,B,D), got {X.shape}")
