@@ -117,10 +117,11 @@ def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None, dC=None):
             run.add(c.gP[:n], c.dP[:n])
             if c.gR is not c.gP:
                 run.add(c.gR[:n], c.dR[:n])
-            if l > 0 and lays[l].mask is None:
-                run.input_adjoint(l, c.dP[:n], cell.G, out=ch[l - 1].A[:n])
-            elif l > 0:
-                run.add(ch[l - 1].A[:n], _masked_down(run, lays[l], run.input_adjoint(l, c.dP[:n], cell.G)))
+            if l > 0:                       # down to the layer below's chains at the same steps
+                if lays[l].mask is None:
+                    run.input_adjoint(l, c.dP[:n], cell.G, out=ch[l - 1].A[:n])
+                else:
+                    run.add(ch[l - 1].A[:n], _masked_down(run, lays[l], run.input_adjoint(l, c.dP[:n], cell.G)))
             run.recurrent_adjoint(l, c.dR[:1], cell.G, out=first[l][0])
             if c.C is not None:
                 run.add(first[l][1:], c.C[:1])

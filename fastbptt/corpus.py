@@ -430,9 +430,8 @@ def split(t: TokenIds, max_chars=None, val_fraction=0.0):
     the whole text's (the usual case for a long text), train and val are slices of ``t.ids``
     (views of the map); otherwise the first ``max_chars`` ids are remapped once (cached).
     """
-    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, (int, np.integer))
-                                  or max_chars < 1):
-        raise ValueError(f"max_chars: expected None or a positive integer, got {max_chars!r}")
+    if max_chars is not None:
+        data.positive_int("max_chars", max_chars)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating, np.integer)) \
             or not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")

@@ -88,12 +88,17 @@ def check_length(n_tokens, num_steps, batch_size, what="text"):
                          f"num_steps/batch_size")
 
 
+def positive_int(name, v):
+    """ValueError naming ``name`` unless v is a positive integer (Python's or numpy's)"""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+
+
 def _check_batches(corpus, batch_size, num_steps, least):
     """the corpus as a 1-D integer array, or ValueError/TypeError naming the argument; ``least``:
     the tokens it needs for the sizes (None: any non-empty corpus)"""
-    for name, v in (("batch_size", batch_size), ("num_steps", num_steps)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+    positive_int("batch_size", batch_size)
+    positive_int("num_steps", num_steps)
     ids = corpus if isinstance(corpus, np.ndarray) else np.asarray(corpus)   # a memmap stays one (its pages)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise TypeError(f"corpus: expected a 1-D array of integer token ids, got {ids.ndim}-D of {ids.dtype}")

@@ -94,9 +94,9 @@ class TrainConfig:
         if c.lr is None:
             c.lr = 1.0 if c.optimizer == "sgd" else 0.002
         for name in ("num_layers", "hidden", "num_steps", "batch_size", "epochs"):
-            _positive_int(name, getattr(c, name))
+            data.positive_int(name, getattr(c, name))
         if c.max_chars is not None:
-            _positive_int("max_chars", c.max_chars)
+            data.positive_int("max_chars", c.max_chars)
         if isinstance(c.seed, bool) or not isinstance(c.seed, (int, np.integer)) or c.seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {c.seed!r}")
         for name in ("lr", "clip"):
@@ -164,11 +164,6 @@ def _named(param, option):
         if not msg.startswith(f"{param}: "):
             raise
         raise ValueError(f"{option}: {msg[len(param) + 2:]}") from None
-
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
 
 def parse_truncation(spec):
@@ -564,7 +559,7 @@ def _check_options(options, checkpoint, checkpoint_every, resume, overwrite, max
     unknown = set(options) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"train: unknown option(s) {', '.join(sorted(unknown))}")
-    _positive_int("checkpoint_every", checkpoint_every)
+    data.positive_int("checkpoint_every", checkpoint_every)
     if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and max_minutes > 0):
         raise ValueError(f"max_minutes: expected a positive number, got {max_minutes!r}")
     if resume and overwrite:

@@ -99,7 +99,7 @@ def test_split_names_bad_arguments(tmp_path):
     f.write_text("ab" * 50)
     t = cached(f, "chars", tmp_path / "c")
     for max_chars in (-5, 0, 2.5, True):
-        with pytest.raises(ValueError, match="^max_chars: expected None or a positive integer"):
+        with pytest.raises(ValueError, match="^max_chars: expected a positive integer"):
             corpus.split(t, max_chars, 0.0)
     for val_fraction in (-0.5, 1.0, 2.0, None, "0.1"):
         with pytest.raises(ValueError, match=r"^val_fraction: expected a number in \[0, 1\)"):
