@@ -46,6 +46,11 @@ def first_nonfinite(a):
     return f"{a[bad]} at index {bad}"
 
 
+def equal(a, b):
+    """whether a and b (same shape) hold the same values (NaN equal to no value)"""
+    return bool(np.array_equal(a, b))
+
+
 def id_range(ids):
     return int(ids.min()), int(ids.max())
 

@@ -109,6 +109,8 @@ def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None, dC=None):
         for chain, g in zip((ch[l].A, ch[l].C), end[l]):      # h, and the LSTM's c
             run.add(chain[T - 1], g)
     first = [run.zeros(f"d0{l}", (2,) + dH.shape[1:]) for l in range(L)]   # Σ crossings from step 1
+    # a masked layer's dP W_xhᵀ before its mask, in one buffer of the call's for every depth
+    down = [run.scratch(f"down{l}", [dH.shape])[0] if l and lays[l].mask is not None else None for l in range(L)]
     for d in range(min(k, T)):
         n = T - d
         for l in reversed(range(L)):
@@ -121,7 +123,9 @@ def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None, dC=None):
                 if lays[l].mask is None:
                     run.input_adjoint(l, c.dP[:n], cell.G, out=ch[l - 1].A[:n])
                 else:
-                    run.add(ch[l - 1].A[:n], _masked_down(run, lays[l], run.input_adjoint(l, c.dP[:n], cell.G)))
+                    down[l][:n] = 0
+                    run.input_adjoint(l, c.dP[:n], cell.G, out=down[l][:n])
+                    run.add(ch[l - 1].A[:n], _masked_down(run, lays[l], down[l][:n]))
             run.recurrent_adjoint(l, c.dR[:1], cell.G, out=first[l][0])
             if c.C is not None:
                 run.add(first[l][1:], c.C[:1])

@@ -250,9 +250,10 @@ def _stamp(m):
     return (m.cell, m.L, m.X.shape, m.H, m.dtype)
 
 
-def _first_different(kept, m):
+def _first_different(be, kept, m):
     """the name of the first of m's validated params, X and state whose values are not those
-    ``kept`` was computed from, or None (one array given to both calls is not compared)"""
+    ``kept`` was computed from, or None (one array given to both calls is not compared;
+    device arrays are compared on the device)"""
     names = ("h0", "c0")
     pairs = [(f"params[{k!r}]", kept.P[k], m.P[k]) for k in m.P if k in kept.P] + [("X", kept.X, m.X)]
     pairs += [(names[i], a, b) for was, now in zip(kept.state0, m.state0)
@@ -262,8 +263,7 @@ def _first_different(kept, m):
             return "input_masks"
         pairs += [(f"input_masks[{i}]", a, b) for i, (a, b) in enumerate(zip(kept.masks, m.masks))]
     for name, a, b in pairs:
-        if a is not b and not np.array_equal(*(x.copy_to_host() if hasattr(x, "copy_to_host") else x
-                                               for x in (a, b))):
+        if a is not b and not be.equal(a, b):
             return name
     return None
 
@@ -309,7 +309,10 @@ def rnn_backward(params, X, Hs, dHs, h0=None, *, activation="tanh", truncation=N
             if not isinstance(forward, _Kept) or forward.stamp != _stamp(m):
                 raise ValueError("forward: expected what rnn_forward(..., keep=True) returned for the same "
                                  "cell, depth, shapes and dtype")
-            other = _first_different(forward.m, m)
+            if forward.be is not be:
+                raise ValueError(f"forward: kept by rnn_forward(...) on the other device; this call's "
+                                 f"device is {device!r}")
+            other = _first_different(be, forward.m, m)
             if other:
                 raise ValueError(f"forward: kept by rnn_forward(..., keep=True) for other values of {other} "
                                  f"than this call's")

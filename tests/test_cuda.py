@@ -195,6 +195,26 @@ def test_kept_forward_on_the_device_is_not_the_callers_output(rng, cell):
 
 
 @sim_only
+def test_a_kept_forward_is_compared_on_the_device(rng):
+    """rnn_backward(forward=) with device params: the same values pass (host or device copies),
+    a changed weight is named, and a forward kept on the device is refused on the CPU"""
+    params = fastbptt.init_params(5, 4, 5, np.float64, seed=3, cell="gru")
+    X = rng.integers(0, 5, (3, 2))
+    dHs = rng.normal(size=(3, 2, 4))
+    Hs, kept = fastbptt.rnn_forward(fastbptt.to_device(params), X, device="cuda", keep=True)[::2]
+    want = fastbptt.rnn_backward(params, X, Hs.copy_to_host(), dHs)
+    for P in (params, fastbptt.to_device(params)):
+        got = fastbptt.rnn_backward(P, X, Hs, dHs, device="cuda", forward=kept)
+        W_hh = got["W_hh"]             # on the host for host params, as their results
+        assert rel_err(W_hh if isinstance(W_hh, np.ndarray) else W_hh.copy_to_host(), want["W_hh"]) <= 1e-9
+    changed = dict(params, W_hh=params["W_hh"] + 1e-3)
+    with pytest.raises(ValueError, match=r"other values of params\['W_hh'\]"):
+        fastbptt.rnn_backward(fastbptt.to_device(changed), X, Hs, dHs, device="cuda", forward=kept)
+    with pytest.raises(ValueError, match="forward: kept .* on the other device"):
+        fastbptt.rnn_backward(params, X, Hs.copy_to_host(), dHs, forward=kept)
+
+
+@sim_only
 @pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(2)], ids=str)
 def test_input_masks_equal_the_cpu(rng, cell, truncation):

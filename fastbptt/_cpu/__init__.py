@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from .. import config  # noqa: E402
 from .._model import LayerParams  # noqa: E402
 from .. import _host  # noqa: E402
-from .._host import as_array, stack_states  # noqa: E402,F401
+from .._host import as_array, equal, stack_states  # noqa: E402,F401
 from .arrays import first_nonfinite, id_range  # noqa: E402,F401
 from . import elman, gru, head, lstm, plan, products, projections, team  # noqa: E402
 from .plan import numba_threads  # noqa: E402

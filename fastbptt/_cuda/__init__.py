@@ -25,7 +25,8 @@ from numba import cuda
 
 from .._model import LayerParams
 from . import elman, gru, head, lstm, projections
-from .arrays import as_array, device, first_nonfinite, id_range, normalized, on_device, stack_states  # noqa: F401
+from .arrays import (as_array, device, equal, first_nonfinite, id_range, normalized, on_device,  # noqa: F401
+                     stack_states)
 from .products import SIMULATOR, axpy, column_sums_cuda, gemm, launch, shift, times, zero_cuda, zeros  # noqa: F401
 
 CELLS = {"rnn": elman, "gru": gru, "lstm": lstm}

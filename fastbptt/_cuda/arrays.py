@@ -45,6 +45,15 @@ def _count_nonfinite_cuda(count, a):
 
 
 @cuda.jit
+def _count_different_cuda(count, a, b):
+    """count[0] += the number of i with a[i] != b[i] (1-D views; NaN differs from all)"""
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    for i in range(start, a.shape[0], stride):
+        if not a[i] == b[i]:
+            cuda.atomic.add(count, 0, 1)
+
+
+@cuda.jit
 def _id_range_cuda(lohi, ids):
     """lohi = (min, max) of ids (1-D view), by atomics"""
     start, stride = cuda.grid(1), cuda.gridsize(1)
@@ -84,6 +93,19 @@ def first_nonfinite(a):
     _count_nonfinite_cuda[launch(a.size)](count, a.reshape(a.size))
     n = int(count.copy_to_host()[0])
     return None if n == 0 else f"{n} NaN/inf values on the device"
+
+
+def equal(a, b):
+    """whether a and b (same shape) hold the same values, compared on the device when
+    either is there (only the count of differing values comes back)"""
+    if not (on_device(a) or on_device(b)):
+        return _host.equal(a, b)
+    a, b = device(a), device(b)
+    if a.size == 0:
+        return True
+    count = cuda.to_device(np.zeros(1, np.int64))
+    _count_different_cuda[launch(a.size)](count, a.reshape(a.size), b.reshape(b.size))
+    return int(count.copy_to_host()[0]) == 0
 
 
 def id_range(ids):
