@@ -392,6 +392,7 @@ def _backend(device):
     """The module that runs the kernels for ``device``; CUDA is imported only when asked for."""
     if device == "cpu":
         from . import _cpu
+        _cpu.team.check_usable()
         return _cpu
     if device == "cuda":
         try:

@@ -119,6 +119,8 @@ class _Host:
     backend = "cpu"
 
     def running(self):
+        from ._cpu import team
+        team.check_usable()              # before the bridge's own kernels (one-hot ids, transposes)
         return contextlib.nullcontext()
 
     def array(self, t):
@@ -286,8 +288,10 @@ class _Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None, d_cs=None):
         X, h0, c0, *weights = ctx.saved_tensors
-        return (None,) + _Gradients.apply(ctx.cfg, ctx.kept, ctx.needs_input_grad, X, h0, c0, weights[0],
-                                          d_out, d_hn, d_cn, d_cs)
+        # every weight goes in, so that autograd sees the gradients depend on each of them: a
+        # second backward through any of them reaches _Gradients.backward and raises
+        return (None,) + _Gradients.apply(ctx.cfg, ctx.kept, ctx.needs_input_grad, X, h0, c0,
+                                          d_out, d_hn, d_cn, d_cs, *weights)
 
 
 def _run(cfg, X, h0, c0, *weights):
@@ -307,7 +311,8 @@ class _Gradients(torch.autograd.Function):
     backward of its own (no double backward)."""
 
     @staticmethod
-    def forward(cfg, kept, needs, X, h0, c0, like, d_out, d_hn, d_cn, d_cs):
+    def forward(cfg, kept, needs, X, h0, c0, d_out, d_hn, d_cn, d_cs, *weights):
+        like = weights[0]
         T, B = X.shape[:2]
         L, H = cfg.L, cfg.H
         want_dx = bool(needs[1]) and X.is_floating_point()

@@ -568,3 +568,39 @@ def test_tune_command_measures_and_prints_the_plan(plan_dir, monkeypatch, capsys
     with pytest.raises(SystemExit) as done:
         cli.main(["tune", "--batch", "0", "--quiet"])
     assert done.value.code == 2 and "--batch" in capsys.readouterr().err
+
+
+_FORK_CHILD = """
+import multiprocessing as mp, numpy as np, fastbptt
+P = fastbptt.init_params(5, 8, 5, seed=0)
+X = np.arange(12).reshape(3, 4) % 5
+fastbptt.loss_and_grad(P, X, X)                 # the parent's kernels open parallel regions
+
+
+def child(q):
+    try:
+        q.put(("ok", fastbptt.loss_and_grad(P, X, X)[0]))
+    except RuntimeError as e:
+        q.put(("error", str(e)))
+
+
+q = mp.get_context("fork").Queue()
+p = mp.get_context("fork").Process(target=child, args=(q,))
+p.start()
+p.join(60)
+import numba
+print(numba.threading_layer(), p.exitcode, *q.get(timeout=1))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork and GNU OpenMP: Linux")
+def test_a_forked_child_gets_an_error_not_a_signal():
+    """a child forked after the parent's calls: on numba's OpenMP layer (not fork-safe) its call
+    raises RuntimeError naming the start methods that work, instead of the child being ended by
+    SIGTERM at its first parallel region; on a fork-safe layer it runs"""
+    out = subprocess.run([sys.executable, "-c", _FORK_CHILD], capture_output=True, text=True, timeout=120)
+    layer, code, kind, what = out.stdout.split(maxsplit=3)
+    if layer == "omp":
+        assert (code, kind) == ("0", "error") and "'spawn'" in what and "forked" in what
+    else:
+        assert (code, kind) == ("0", "ok")

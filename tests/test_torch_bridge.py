@@ -334,6 +334,22 @@ def test_under_torch_func_grad(kind):
         gx.sum().backward()
 
 
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("name", ["weight_hh_l1", "bias_ih_l0", "bias_hh_l1"])
+def test_a_second_backward_through_any_weight_raises(kind, name):
+    """a gradient penalty on any one weight (the input and the other weights frozen) raises, as
+    through the input: never a gradient whose own gradient is silently zero"""
+    m, _ = pair(kind, 2)
+    X = inputs(2, False, torch.float64, m, False)[0]
+    for p in m.parameters():
+        p.requires_grad_(False)
+    w = getattr(m, name).requires_grad_()
+    g, = torch.autograd.grad(m(X)[0].sum(), w, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.pow(2).sum().backward()
+
+
 def both_ways(kind, L, dtype=torch.float64, batch_first=False, bias=True, with_hx=True, seed=2):
     """(bridge, torch.nn) bidirectional, X, hx (2L layers of state) and the loss's weights"""
     m, r = pair(kind, L, dtype, batch_first=batch_first, bias=bias, bidirectional=True)

@@ -156,3 +156,28 @@ class _Call:
 
 
 team = Team()
+
+
+# A forked child cannot open the OpenMP parallel regions its parent opened: GNU OpenMP is
+# not fork-safe, and numba's OpenMP layer ends such a child (SIGTERM) at its first region.
+_forked = False
+FORKED = ("fastbptt: this process was forked from one that had run fastbptt's kernels on numba's "
+          "OpenMP threads, which cannot run in a forked child (GNU OpenMP is not fork-safe); start "
+          "the child with multiprocessing's 'spawn' or 'forkserver' method "
+          "(torch.multiprocessing.set_start_method('spawn'))")
+
+
+def _after_fork():
+    global _forked
+    from numba.np.ufunc import parallel
+    _forked = _forked or (parallel._is_initialized and numba.threading_layer() == "omp")
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def check_usable():
+    """raise RuntimeError (FORKED) in a forked child that cannot run the kernels, instead of
+    the child being ended at its first parallel region"""
+    if _forked:
+        raise RuntimeError(FORKED)
