@@ -562,6 +562,10 @@ class _Bridge:
         wdt = weights[0].dtype
         if wdt not in _FLOATS:
             raise TypeError(f"fastbptt.torch.{name}: parameters must be float32 or float64, got {wdt}")
+        other = next((w for w in weights if w.dtype != wdt), None)
+        if other is not None:                        # torch.nn's matmul refuses them too
+            raise TypeError(f"fastbptt.torch.{name}: parameters must all have one dtype, got {wdt} and "
+                            f"{other.dtype}")
         ids = not input.is_floating_point()
         if ids and (input.is_complex() or input.dtype == torch.bool):
             raise TypeError(f"fastbptt.torch.{name}: input must be floating (dense) or integer token ids, "

@@ -1074,6 +1074,10 @@ def test_not_implemented():
         ft.RNN(D, H, device="meta")(torch.randn(T, B, D, device="meta"))
     with pytest.raises(TypeError, match="truncation"):
         m(X, truncation=5)
+    mixed = ft.GRU(D, H, 2, dtype=torch.float64)
+    mixed.weight_hh_l1 = torch.nn.Parameter(mixed.weight_hh_l1.detach().float())
+    with pytest.raises(TypeError, match="one dtype, got torch.float64 and torch.float32"):
+        mixed(X.double())
     with pytest.raises(NotImplementedError, match="TorchScript"):
         torch.jit.script(m)
     with pytest.raises(NotImplementedError, match="TorchScript"):
