@@ -108,6 +108,8 @@ def check_output(what, path, *, replaced=False):
     folder = p.parent                  # Path(".") for a bare name
     if p.is_dir():
         raise ValueError(f"{what}: {path} is a folder, not a file")
+    if replaced and p.exists() and not p.is_file():      # a FIFO or a device: never renamed over
+        raise ValueError(f"{what}: {path} is not a regular file")
     if not folder.exists():
         base = _existing_ancestor(folder)
         if not base.is_dir():
@@ -120,6 +122,32 @@ def check_output(what, path, *, replaced=False):
             raise ValueError(f"{what}: cannot write {path} (read-only or no permission)")
     else:
         _probe(what, folder)
+
+
+def check_input(what, path):
+    """``path`` as a Path, or ValueError unless it names an existing regular file"""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what}: {path} is a folder, not a file")
+    if not p.exists():
+        raise ValueError(f"{what}: no such file: {path}")
+    if not p.is_file():
+        raise ValueError(f"{what}: {path} is not a regular file")
+    return p
+
+
+def check_distinct(outputs, inputs):
+    """ValueError if two of the ``outputs`` ({name: path or None}), or an output and one of the
+    ``inputs``, are one file: writing one would destroy the other"""
+    seen = {}
+    for name, path in list(inputs.items()) + list(outputs.items()):
+        if path is None:
+            continue
+        _named_path(name, path)
+        key = os.path.realpath(path)
+        if key in seen:
+            raise ValueError(f"{name}: {path} is the same file as {seen[key][0]} ({seen[key][1]})")
+        seen[key] = (name, path)
 
 
 def _named_path(what, path):

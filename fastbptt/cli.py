@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 import warnings
@@ -139,12 +140,21 @@ def _run_train(args):
     if not root:
         return 0
     last = result.history[-1] if result.history else None
-    if last is None:
-        print(f"nothing to do: the checkpoint is already at epoch {result.config.epochs}")
-    else:
+    if result.stopped == "nothing":
+        print(f"nothing to do: the checkpoint is already at epoch {result.checkpointed} "
+              f"(--epochs {result.config.epochs})")
+    elif last is not None:
         val = f", validation perplexity {last['val_ppl']:.2f}" if last["val_ppl"] is not None else ""
-        stop = (" (stopped: --max-minutes" + (", within the epoch" if last.get("partial") else "") + ")"
-                if result.stopped == "max-minutes" else "")
+        stop = ""
+        if result.stopped == "max-minutes":
+            within = ""
+            if last.get("partial"):               # an epoch stopped within is not checkpointed
+                within = ", within the epoch"
+                if args.checkpoint and result.checkpointed is None:
+                    within += f"; no epoch finished: {args.checkpoint} was not written"
+                elif args.checkpoint:
+                    within += f"; {args.checkpoint} holds epoch {result.checkpointed}"
+            stop = f" (stopped: --max-minutes{within})"
         ranks = f" ({comm.size} MPI ranks)" if comm.size > 1 else ""
         print(f"epoch {last['epoch']}: perplexity {last['train_ppl']:.2f}{val}, "
               f"{last['tokens_per_s']:,.1f} tokens/s on {result.config.device}{ranks}{stop}")
@@ -174,6 +184,18 @@ def _run_generate(args):
     return 0
 
 
+#: diagnose's options of the model it makes with --init: (default, argparse keywords); the
+#: parser's default is None, so that one given with --checkpoint is told from one left out
+INIT_MODEL = {
+    "cell": ("rnn", dict(metavar="rnn|gru|lstm", help="the cell, with --init")),
+    "num_layers": (1, dict(type=int, metavar="N", help="stacked layers, with --init; the per-lag norms and "
+                                                       "the spectrum are the top layer's")),
+    "hidden": (64, dict(type=int, help="H, with --init")),
+    "scale": (0.01, dict(type=float, help="std of the initial weights, with --init")),
+    "activation": ("tanh", dict(choices=["tanh", "relu", "identity"], help="of the rnn cell, with --init")),
+}
+
+
 def _diagnose_parser(sub):
     p = sub.add_parser("diagnose", help="how gradients flow back in time, and what truncation costs",
                        description="Per-lag gradient norms, the spectrum of W_hh and of the step "
@@ -182,15 +204,9 @@ def _diagnose_parser(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="PATH", help="a checkpoint of fastbptt train")
     src.add_argument("--init", action="store_true", help="freshly initialized parameters instead")
-    p.add_argument("--cell", metavar="rnn|gru|lstm", default="rnn", help="the cell, with --init (default: %(default)s)")
-    p.add_argument("--num-layers", type=int, default=1, metavar="N",
-                   help="stacked layers, with --init; the per-lag norms and the spectrum are the top "
-                        "layer's (default: %(default)s)")
-    p.add_argument("--hidden", type=int, default=64, help="H, with --init (default: %(default)s)")
-    p.add_argument("--scale", type=float, default=0.01,
-                   help="std of the initial weights, with --init (default: %(default)s)")
-    p.add_argument("--activation", choices=["tanh", "relu", "identity"], default="tanh",
-                   help="of the rnn cell, with --init (default: %(default)s)")
+    for name, (default, kw) in INIT_MODEL.items():
+        p.add_argument("--" + name.replace("_", "-"), default=None,
+                       **dict(kw, help=f"{kw['help']} (default: {default})"))
     p.add_argument("--text", metavar="PATH", help="UTF-8 text (default: the checkpoint's, or the embedded corpus)")
     p.add_argument("--tokenize", choices=["book", "chars"], default=None, help="(default: the checkpoint's, or book)")
     p.add_argument("--max-chars", type=int, metavar="N", help="keep the first N tokens")
@@ -212,6 +228,13 @@ def _diagnose_parser(sub):
 def _run_diagnose(args):
     from . import api, data, diagnostics
     from .trainer import CELLS
+    given = [name for name in INIT_MODEL if getattr(args, name) is not None]
+    if args.checkpoint and given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ValueError(f"{flag}: sets the model of --init; with --checkpoint the model is the checkpoint's")
+    for name, (default, _) in INIT_MODEL.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.cell not in CELLS:
         raise ValueError(f"--cell: expected one of {', '.join(CELLS)}, got {args.cell!r}")
     for name in ("num_layers", "hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
@@ -219,7 +242,7 @@ def _run_diagnose(args):
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
-    if not args.scale > 0:
+    if not 0 < args.scale < math.inf:
         raise ValueError(f"--scale: expected a positive number, got {args.scale}")
     if args.init and args.cell != "rnn" and args.activation != "tanh":
         raise ValueError(f"--activation: applies to --cell rnn only, got {args.activation!r} with --cell {args.cell}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
+from ._preflight import check_input
 
 FORMAT = "fastbptt-corpus/1"
 #: bytes read and tokenized at a time (the working memory is some tens of times this)
@@ -343,9 +344,7 @@ def token_ids(path=None, mode="book", *, cache=None, chunk_bytes=None, min_cache
     if path is None:                                # the embedded text, as load_text reads it
         raw = data.load_text(None).encode("utf-8")
         return _build(lambda: io.BytesIO(raw), "timemachine.txt", mode, chunk_bytes, len(raw))
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"path: no such file: {path}")
+    p = check_input("path", path)
     st = p.stat()
     limit = MIN_CACHED_BYTES if min_cached_bytes is None else min_cached_bytes
     if st.st_size < limit:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import collections
 import re
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
+
+from ._preflight import check_input
 
 UNK = "<unk>"
 TOKENIZERS = ("book", "chars")
@@ -25,9 +26,7 @@ def load_text(path=None) -> str:
     """The text of ``path`` (UTF-8), or the embedded *The Time Machine* when ``path`` is None."""
     if path is None:
         return resources.files("fastbptt").joinpath("data/timemachine.txt").read_text("utf-8")
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"path: no such file: {path}")
+    p = check_input("path", path)
     raw = p.read_bytes()
     if not raw.strip():
         raise ValueError(f"path: {path} is empty")

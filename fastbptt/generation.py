@@ -57,8 +57,8 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
         if temperature == 0:
             nxt = int(np.argmax(o))
         else:
-            z = o / temperature
-            p = np.exp(z - z.max())
+            with np.errstate(over="ignore"):       # a tiny temperature: -inf below the max, greedy
+                p = np.exp((o - o.max()) / temperature)
             nxt = int(rng.choice(len(p), p=p / p.sum()))
         out.append(nxt)
         Hs, state = api.rnn_forward(params, np.array([[nxt]]), state, activation=activation,

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import api, data, distributed
 from ._plot import pyplot, save
-from ._preflight import check_figure, check_output, require_cuda, require_matplotlib
+from ._preflight import check_distinct, check_figure, check_input, check_output, require_cuda, require_matplotlib
 from .corpus import split, token_ids
 from .truncation import Randomized, Truncated
 
@@ -127,7 +127,8 @@ class TrainResult:
     vocab: data.Vocab
     history: list
     config: TrainConfig
-    stopped: str = "done"             # done | max-minutes
+    stopped: str = "done"             # done | max-minutes | nothing (resumed at or past its epochs)
+    checkpointed: int | None = None   # the epoch of the checkpoint written or kept (None: none)
     generated: dict = field(default_factory=dict)
 
 
@@ -226,8 +227,13 @@ def load_corpus(cfg: TrainConfig, quiet=False) -> Corpus:
 # ---------------------------------------------------------------------- optimization
 def clip_gradients(grads, theta):
     """Global-norm clipping over the parameter gradients (not ∂h0, ∂c0), in place; returns the norm."""
-    norm = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for k, g in grads.items()
-                         if k not in STATE_GRADS))
+    gs = [g.ravel() for k, g in grads.items() if k not in STATE_GRADS]
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = math.sqrt(sum(float(np.dot(g, g)) for g in gs))
+        if math.isinf(norm):             # a float32 sum of squares past 3.4e38: summed scaled instead
+            top = max(float(np.abs(g).max(initial=0)) for g in gs)
+            if math.isfinite(top):
+                norm = top * math.sqrt(sum(float(np.dot(g / top, g / top)) for g in gs))
     if norm > theta:
         s = theta / norm
         for k, g in grads.items():
@@ -445,9 +451,10 @@ def param_shapes(cell, num_layers, V, H):
 
 def load_checkpoint(path):
     """(params, optimizer state, meta) of a checkpoint, or ValueError saying what is wrong."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"path: no such file: {path}")
+    p = check_input("path", path)
+    with open(p, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":      # not even the start of a zip (an .npz)
+            raise ValueError(f"path: {path} is not a fastbptt checkpoint (not an .npz archive)")
     try:
         with np.load(p, allow_pickle=False) as z:
             files = set(z.files)
@@ -499,8 +506,13 @@ def merge_resume_config(saved: TrainConfig, given: dict) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------- train
+#: the book's prefixes of the samples printed after training; for a text whose vocabulary
+#: lacks their characters, the samples start from that text's opening instead
+BOOK_PREFIXES = ("time traveller", "traveller")
+
+
 def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False, json_log=None, plot=None,
-          max_minutes=None, quiet=False, sample_prefixes=("time traveller", "traveller"), comm=None,
+          max_minutes=None, quiet=False, sample_prefixes=BOOK_PREFIXES, comm=None,
           **options) -> TrainResult:
     """Train the character-level language model; returns params, vocab and history.
 
@@ -533,8 +545,8 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     """
     sample_prefixes = _prefixes(sample_prefixes)
     comm = distributed.communicator(comm)
-    with distributed.guard(comm, "fastbptt train"), distributed.rank_threads(comm):
-        return _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes,
+    with distributed.guard(comm, "fastbptt train"), distributed.rank_threads(comm), contextlib.ExitStack() as held:
+        return _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes,
                       quiet, sample_prefixes, options)
 
 
@@ -575,7 +587,7 @@ def _check_ranks(cfg, comm):
                          f"give a multiple of {comm.size} (each rank computes batch_size/{comm.size} streams)")
 
 
-def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes, quiet,
+def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log, plot, max_minutes, quiet,
            sample_prefixes, options):
     root = comm.rank == 0
     distributed.agree(comm, lambda: _check_options(options, checkpoint, checkpoint_every, resume, overwrite,
@@ -595,7 +607,9 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             cfg = TrainConfig(**options).resolved()
         _check_ranks(cfg, comm)
         if root:
-            _check_outputs(checkpoint, json_log, plot, resume, overwrite)
+            _check_outputs(checkpoint, json_log, plot, resume, overwrite, cfg.text)
+            if checkpoint is not None:           # until train returns (``held``: an ExitStack)
+                held.enter_context(_checkpoint_lock(checkpoint))
         if cfg.device == "cuda":
             require_cuda("device")
         return cfg
@@ -636,7 +650,7 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
     deadline = None if max_minutes is None else t_start + 60 * max_minutes
     snapshot = None                  # the last epoch end not yet on disk (for Ctrl-C)
     saved_epoch = start if resume else None
-    stopped = "done"
+    stopped = "done" if start < cfg.epochs else "nothing"
     epoch = start                    # the epoch running, from 0
 
     def kept():
@@ -748,8 +762,11 @@ def _train(comm, checkpoint, checkpoint_every, resume, overwrite, json_log, plot
             except OSError as e:
                 raise OutputError(f"plot: could not write {plot} ({_reason(e)}){kept()}") from None
         distributed.agree_root(comm, draw)
-    result = TrainResult(params, corpus.vocab, history, cfg, stopped)
+    result = TrainResult(params, corpus.vocab, history, cfg, stopped, saved_epoch)
     from .generation import generate
+    if sample_prefixes == BOOK_PREFIXES:
+        sample_prefixes = ([p for p in sample_prefixes if not corpus.vocab.unknown(p)]
+                           or [corpus.vocab.decode(corpus.train[:10])])
     for prefix in sample_prefixes:
         result.generated[prefix] = generate(params, corpus.vocab, prefix, 50, activation=cfg.activation)
     return result
@@ -771,9 +788,12 @@ def _reason(e):
     return e.strerror or _first_line(e)
 
 
-def _check_outputs(checkpoint, json_log, plot, resume, overwrite):
-    """ValueError unless every output can be written, and a checkpoint that exists is resumed
-    or to be overwritten; MissingExtra for a plot without matplotlib."""
+def _check_outputs(checkpoint, json_log, plot, resume, overwrite, text):
+    """ValueError unless every output can be written, is a file of its own (not the text, not
+    another output), and a checkpoint that exists is resumed or to be overwritten; MissingExtra
+    for a plot without matplotlib."""
+    png = None if plot is None or Path(plot).suffix else f"{plot}.png"     # the file matplotlib writes
+    check_distinct({"checkpoint": checkpoint, "json_log": json_log, "plot": png or plot}, {"text": text})
     if checkpoint is not None:
         check_output("checkpoint", checkpoint, replaced=True)
         if not resume and not overwrite and Path(checkpoint).exists():
@@ -784,6 +804,48 @@ def _check_outputs(checkpoint, json_log, plot, resume, overwrite):
     if plot is not None:
         require_matplotlib("plot")
         check_figure("plot", plot)
+
+
+@contextlib.contextmanager
+def _checkpoint_lock(checkpoint):
+    """hold the lock file ``.NAME.lock`` beside the checkpoint while a trainer may write it: a
+    second trainer on the same checkpoint is refused (ValueError) instead of both writing it.
+    The file is removed by its holder; one removed between another's open and lock is opened
+    again.  Where there is no flock (Windows, some network file systems), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    p = Path(checkpoint)
+    path = p.parent / f".{p.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ValueError(f"checkpoint: {checkpoint} is in use by another fastbptt train (pid {pid})") from None
+        except OSError:                      # no locks here: run unguarded
+            os.close(fd)
+            yield
+            return
+        try:
+            current = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
 
 
 def _physical_memory():

@@ -289,10 +289,20 @@ def test_diagnose_cli_on_a_fresh_two_layer_lstm(tmp_path, monkeypatch):
     (["--num-layers", "0"], "--num-layers: expected a positive integer, got 0"),
     (["--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
     (["--cell", "gru", "--activation", "relu"], "--activation: applies to --cell rnn only, got 'relu' with --cell gru"),
+    (["--scale", "inf"], "--scale: expected a positive number, got inf"),
 ])
 def test_diagnose_cli_bad_cell_or_depth_exits_2_with_one_line(argv, line, capsys):
     assert diagnose("--init", *argv, "--quiet") == 2
     assert capsys.readouterr().err == f"fastbptt diagnose: error: {line}\n"
+
+
+@pytest.mark.parametrize("flag, value", [("--cell", "lstm"), ("--hidden", "999"), ("--num-layers", "3"),
+                                         ("--scale", "5"), ("--activation", "relu")])
+def test_diagnose_of_a_checkpoint_refuses_the_options_of_init(tmp_path, capsys, flag, value):
+    """the model of --checkpoint is the checkpoint's: an --init option given with it exits 2"""
+    assert diagnose("--checkpoint", tmp_path / "any.npz", flag, value, "--quiet") == 2
+    assert capsys.readouterr().err == (f"fastbptt diagnose: error: {flag}: sets the model of --init; with "
+                                       "--checkpoint the model is the checkpoint's\n")
 
 
 def test_diagnose_checks_part_4s_training_split_before_any_work(capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """generate(): errors name its parameters; ``fastbptt generate`` shows them as its flags."""
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -58,6 +59,11 @@ def test_generate_checks_the_vocab_and_the_head(model):
         fastbptt.generate(dict(params, W_hq=np.full_like(params["W_hq"], np.nan)), vocab, "ab", 2)
     # any real temperature, numpy's too
     assert fastbptt.generate(params, vocab, "ab", 3, temperature=np.float32(0.5), seed=0).startswith("ab")
+    # a temperature so small that o / temperature overflows samples the argmax, without warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fastbptt.generate(params, vocab, "ab", 6, temperature=5e-324, seed=0) == \
+            fastbptt.generate(params, vocab, "ab", 6)
 
 
 def test_generate_unknown_prefix_warning_names_the_parameter(model):

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -53,6 +54,13 @@ def test_clip_gradients_global_norm_excludes_h0():
     small = {"W_hh": np.full((2, 2), 0.1, np.float32)}
     assert trainer.clip_gradients(small, 1.0) == pytest.approx(0.2)
     assert np.all(small["W_hh"] == np.float32(0.1))
+    # finite gradients whose float32 sum of squares overflows: the true norm, clipped to theta
+    huge = {"W_hh": np.full((2, 2), 3e19, np.float32), "b_h": np.full(2, -4e19, np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.clip_gradients(huge, 1.0) == pytest.approx(math.sqrt(4 * 9e38 + 2 * 16e38), rel=1e-6)
+    assert math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in huge.values())) == \
+        pytest.approx(1.0, rel=1e-6)
 
 
 def state_arrays(state):
@@ -144,8 +152,10 @@ def test_resume_conflicts_and_bad_checkpoints(tmp_path):
         trainer.load_checkpoint(other)
     junk = tmp_path / "junk.npz"
     junk.write_text("hello")
-    with pytest.raises(ValueError, match="checkpoint"):
-        trainer.load_checkpoint(junk)
+    with pytest.raises(ValueError, match=r"is not a fastbptt checkpoint \(not an .npz archive\)$"):
+        trainer.load_checkpoint(junk)                    # (not numpy's advice on pickles)
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        trainer.load_checkpoint(tmp_path)
     assert ck.read_bytes() == good
 
 
@@ -776,3 +786,77 @@ def test_max_minutes_stops_within_a_long_epoch(tmp_path):
     assert 0 < row["tokens"] < 0.5 * len(trainer.load_corpus(r.config).train)
     assert not ck.exists()
     assert json.loads(log.read_text().splitlines()[-1])["partial"] is True
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--json-log", "{text}"), "--json-log: {text} is the same file as text ({text})"),
+    (("--checkpoint", "{text}", "--overwrite"), "--checkpoint: {text} is the same file as text ({text})"),
+    (("--checkpoint", "{d}/o.npz", "--json-log", "{d}/./o.npz"),
+     "--json-log: {d}/./o.npz is the same file as checkpoint ({d}/o.npz)"),
+    (("--json-log", "{d}/fig.png", "--plot", "{d}/fig"),
+     "--plot: {d}/fig.png is the same file as json_log ({d}/fig.png)")])
+def test_an_output_on_the_text_or_on_another_output_exits_2_before_training(tmp_path, capsys, no_training, flags,
+                                                                          message):
+    text = tmp_path / "corpus.txt"
+    text.write_text(fastbptt.data.load_text()[:3000])
+    before = text.read_bytes()
+    fill = dict(text=text, d=tmp_path)
+    assert run_cli(*TINY_ARGV, "--text", text, *(f.format(**fill) for f in flags)) == 2
+    assert one_line(capsys) == "error: " + message.format(**fill)
+    assert text.read_bytes() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_a_checkpoint_that_is_not_a_regular_file_is_never_renamed_over(tmp_path, capsys, no_training):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert run_cli(*TINY_ARGV, "--checkpoint", fifo, "--overwrite") == 2
+    assert one_line(capsys) == f"error: --checkpoint: {fifo} is not a regular file"
+    assert not fifo.is_file() and fifo.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fcntl") is None, reason="needs fcntl's flock")
+def test_a_checkpoint_in_use_by_another_trainer_exits_2(tmp_path, capsys, no_training):
+    """a second trainer on one checkpoint is refused while the first holds it, and runs after"""
+    ck = tmp_path / "ck.npz"
+    with trainer._checkpoint_lock(ck):
+        assert run_cli(*TINY_ARGV, "--checkpoint", ck) == 2
+        assert one_line(capsys) == f"error: --checkpoint: {ck} is in use by another fastbptt train (pid {os.getpid()})"
+    assert not (tmp_path / ".ck.npz.lock").exists()
+    with trainer._checkpoint_lock(ck):         # free again, and the next holder makes it anew
+        assert (tmp_path / ".ck.npz.lock").read_text() == str(os.getpid())
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tmp_path, capsys):
+    ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--epochs", 2, "--checkpoint", ck) == 0
+    capsys.readouterr()
+    before = ck.read_bytes()
+    for epochs in (1, 2):
+        assert run_cli("train", "--checkpoint", ck, "--resume", "--epochs", epochs, "--quiet") == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"nothing to do: the checkpoint is already at epoch 2 (--epochs {epochs})"
+    assert ck.read_bytes() == before
+
+
+def test_max_minutes_within_the_first_epoch_says_nothing_was_saved(tmp_path, capsys):
+    ck = tmp_path / "ck.npz"
+    assert run_cli("train", "--hidden", 8, "--num-steps", 8, "--batch-size", 4, "--quiet", "--epochs", 3,
+                   "--max-minutes", 0.002, "--checkpoint", ck) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.endswith(f"(stopped: --max-minutes, within the epoch; no epoch finished: {ck} was not written)")
+    assert not ck.exists()
+
+
+def test_the_books_sample_prefixes_give_way_to_the_texts_opening(tmp_path):
+    """the default samples start from "time traveller" where the text's vocabulary has its
+    characters, else from the text's first tokens (no warning about a prefix not given)"""
+    text = tmp_path / "abc.txt"
+    text.write_text("abcab cabba " * 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = fastbptt.train(**dict(TINY, sample_prefixes=fastbptt.trainer.BOOK_PREFIXES), text=str(text),
+                           tokenize="chars", epochs=1)
+    assert list(r.generated) == ["abcab cabb"]
+    r = fastbptt.train(**dict(TINY, sample_prefixes=fastbptt.trainer.BOOK_PREFIXES), epochs=1)
+    assert list(r.generated) == list(fastbptt.trainer.BOOK_PREFIXES)
