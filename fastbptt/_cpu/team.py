@@ -169,8 +169,10 @@ FORKED = ("fastbptt: this process was forked from one that had run fastbptt's ke
 
 def _after_fork():
     global _forked
-    from numba.np.ufunc import parallel
-    _forked = _forked or (parallel._is_initialized and numba.threading_layer() == "omp")
+    try:
+        _forked = _forked or numba.threading_layer() == "omp"
+    except ValueError:                  # no parallel region has run yet: nothing to inherit
+        pass
 
 
 os.register_at_fork(after_in_child=_after_fork)
