@@ -348,6 +348,9 @@ class _Parser(argparse.ArgumentParser):
     naming the flag, as the commands' own are, not the usage text first"""
 
     def error(self, message):
+        from .distributed import launched_rank
+        if launched_rank() != 0:              # under mpiexec every rank parses alike: rank 0 says it
+            self.exit(EXIT_USAGE)
         flag = re.match(r"argument (\S+?): ", message)           # "argument -c/--cell: invalid choice: ..."
         if flag:
             message = f"{flag.group(1).split('/')[-1]}: {message[flag.end():]}"

@@ -51,6 +51,21 @@ def launched():
     return 1
 
 
+#: ... and the rank of this process in it
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def launched_rank():
+    """This process's rank as the launcher announced it (0 for a plain process), read from
+    the environment only: for what must be said once before MPI starts (a usage error)."""
+    for name in RANK_VARIABLES:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
 class SelfComm:
     """One process: rank 0 of 1.  The reductions are identities, so the trainer's data-
     parallel path costs nothing without MPI."""
@@ -236,6 +251,21 @@ def agree_root(comm, fn):
     if got[0] == "error":
         raise got[1].rebuild(out[2] if out else None, comm.rank) from None
     return got[1]
+
+
+def check_same(comm, values):
+    """ValueError on every rank unless the dict ``values`` is the same on every rank (the
+    options each was given, the text it read): naming the first key where a rank differs
+    from rank 0, so that no rank trains another model or text, or waits for a rank that
+    stopped at another epoch.  One allgather."""
+    if comm.size == 1:
+        return
+    every = comm.allgather(values)
+    for rank, other in enumerate(every[1:], 1):
+        for key, value in every[0].items():
+            if other.get(key) != value:
+                raise collective(ValueError(f"{key}: rank {rank} has {other.get(key)!r}, rank 0 {value!r}: "
+                                            "every rank must train the same model on the same text"))
 
 
 #: seconds a rank other than 0 that was interrupted (Ctrl-C) waits for rank 0 to end the job

@@ -635,6 +635,8 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
         return corpus, params, opt
 
     corpus, params, opt = distributed.agree(comm, prepare)
+    # each rank's own command line and file: the same options (the text by its bytes, not its path)
+    distributed.check_same(comm, {**dataclasses.asdict(cfg), "text": f"a text of sha256 {corpus.sha256[:16]}"})
     rng = np.random.default_rng(cfg.seed)
     history, start = [], 0
     if resume:

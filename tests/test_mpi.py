@@ -228,6 +228,33 @@ def test_an_error_of_one_rank_is_raised_on_every_rank(monkeypatch, tmp_path):
     assert [str(e) for e in errors] == [f"json_log: no such folder: {tmp_path / 'no'}"] * 2
 
 
+def test_ranks_given_other_options_or_another_text_fail_on_every_rank(tmp_path):
+    """each rank's own command line and file (MPMD, or one path holding other files on other
+    nodes) must agree: the first option where a rank differs from rank 0 is named on every
+    rank before training (a rank with more epochs would wait for the others forever)"""
+    def other_epochs(comm):
+        return fastbptt.train(**TINY, epochs=2 + comm.rank, comm=comm)
+    _, errors = run_ranks(2, other_epochs)
+    assert [str(e) for e in errors] == ["epochs: rank 1 has 3, rank 0 2: every rank must train the same model "
+                                        "on the same text"] * 2
+    assert all(isinstance(e, ValueError) and distributed.is_collective(e) for e in errors)
+    texts = [tmp_path / f"node{r}.txt" for r in range(2)]
+    for r, t in enumerate(texts):
+        t.write_text(fastbptt.data.load_text()[r * 1000:r * 1000 + 3000])
+    _, errors = run_ranks(2, lambda comm: fastbptt.train(**TINY, text=texts[comm.rank], epochs=1, comm=comm))
+    assert all(str(e).startswith("text: rank 1 has 'a text of sha256 ") for e in errors), errors
+
+
+def test_a_usage_error_under_mpiexec_is_said_by_rank_0_alone(monkeypatch, capsys):
+    from fastbptt import cli
+    for rank, said in (("1", ""), ("0", "fastbptt: error: unrecognized arguments: --bogus (see fastbptt --help)\n")):
+        monkeypatch.setenv("PMI_RANK", rank)
+        assert distributed.launched_rank() == int(rank)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--bogus"])
+        assert e.value.code == 2 and capsys.readouterr().err == said
+
+
 def test_a_failed_write_of_rank0_ends_every_rank(monkeypatch, tmp_path):
     real = trainer.save_checkpoint
 
@@ -332,7 +359,8 @@ def test_mpiexec_a_rank_that_dies_ends_the_job(tmp_path, how):
         assert "fastbptt train: error: rank 1 of 2: RuntimeError: bad node; ending every rank" in p.stderr
     else:
         assert p.returncode != 0
-    assert [q.name for q in tmp_path.iterdir()] == ["ck.npz"]                 # no half-written .tmp file
+    # no half-written .tmp file (the checkpoint's lock file stays when its holder is ended: harmless)
+    assert {q.name for q in tmp_path.iterdir()} - {".ck.npz.lock"} == {"ck.npz"}
     assert trainer.load_checkpoint(tmp_path / "ck.npz")[2]["epoch"] == 1     # epoch 1's, whole
 
 
