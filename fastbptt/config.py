@@ -11,6 +11,13 @@ is not here but in the measured plan (``fastbptt._cpu.plan``, ``fastbptt tune``)
 #: ``ninf``, so that NaN/inf checks on results keep their meaning.
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
+#: ... and for the cells' pointwise parts (gates, φ, their derivatives, tanh / exp): the same
+#: but reassociation, which only reductions need to vectorize.  With it, LLVM regrouped a
+#: product of several factors one way where it compiled a kernel and another where a cached
+#: kernel was loaded, so the first process's gradients differed from later ones' in the last
+#: bits; without it every process sums and multiplies alike.
+FASTMATH_POINTWISE = FASTMATH - {"reassoc"}
+
 #: A thread of a recurrent sweep that has polled this many times for a step of a lane
 #: whose thread has not started yet computes that lane's steps itself (see
 #: ``fastbptt._cpu.lanes``; a threading layer may run a region's lanes one after another).

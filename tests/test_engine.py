@@ -607,3 +607,30 @@ def test_a_forked_child_gets_an_error_not_a_signal(when):
         assert (code, kind) == ("0", "error") and "'spawn'" in what and "forked" in what
     else:
         assert (code, kind) == ("0", "ok")
+
+
+_SAME_BITS = """
+import sys, numpy as np, fastbptt
+from fastbptt import bench, config
+from fastbptt._cpu import plan
+config.CPU_AUTOTUNE = False                       # the documented blocking, and rows-split sweeps:
+plan.measure_sweep = lambda cell, dtype, B, H, threads, seen=None: (-2, 128, 64)   # one fixed plan
+p, X, Y, h0 = bench.config_workload((25, 16, 64, 128, 28, True), "lstm")
+loss, g, _ = fastbptt.loss_and_grad(p, X, Y, h0)
+np.savez(sys.argv[1], **g)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_compiles_the_kernels_and_one_that_loads_them_agree_bit_for_bit(tmp_path):
+    """the same plan and threads give the same bits in the process that compiles the kernels
+    (an empty cache) and in one that loads them: LLVM regrouped the LSTM's pointwise products
+    differently in the two while the cells' parts were compiled with reassociation"""
+    env = dict(os.environ, FASTBPTT_CACHE_DIR=str(tmp_path / "cache"), NUMBA_NUM_THREADS="2")
+    for name in ("compiled", "loaded"):
+        subprocess.run([sys.executable, "-c", _SAME_BITS, str(tmp_path / f"{name}.npz")], env=env, check=True,
+                       timeout=600)
+    compiled, loaded = np.load(tmp_path / "compiled.npz"), np.load(tmp_path / "loaded.npz")
+    assert sorted(compiled.files) == sorted(loaded.files)
+    for k in compiled.files:
+        assert np.array_equal(compiled[k], loaded[k]), k

@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-from ..config import ACTIVATIONS, FASTMATH
+from ..config import ACTIVATIONS, FASTMATH, FASTMATH_POINTWISE
 from .fastmath import tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
@@ -28,7 +28,7 @@ TANH, RELU, IDENTITY = (ACTIVATIONS[name] for name in ("tanh", "relu", "identity
 
 
 # ------------------------------------------------------------------------ pointwise
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def activate(h, j0, j1, act):
     """h[:, j0:j1] ← φ(h[:, j0:j1]).  Loops run over a slice from 0 so that they vectorize
     (a loop from j0 keeps numba's negative-index check and does not)."""
@@ -43,7 +43,7 @@ def activate(h, j0, j1, act):
                 z[j] = zero if z[j] < zero else z[j]
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def dphi(dz, h, j0, j1, act):
     """dz[:, j0:j1] ⊙= φ'(z) written with h = φ(z):  tanh: 1 - h²,  relu: [h > 0],  identity: 1"""
     zero = h.dtype.type(0)

@@ -10,7 +10,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from ..config import FASTMATH
+from ..config import FASTMATH_POINTWISE
 
 # --------------------------------------------------------------------------- tanh
 # float32: Eigen's rational approximation (odd degree-13 polynomial over an even
@@ -32,7 +32,7 @@ def _fast_float32(numpy_fn, float32_fn):
     def fn(x):
         return numpy_fn(x)
 
-    @overload(fn, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+    @overload(fn, jit_options={"fastmath": FASTMATH_POINTWISE, "error_model": "numpy"})
     def _fn(x):
         return float32_fn if x == types.float32 else (lambda x: numpy_fn(x))
 
@@ -60,7 +60,7 @@ def _tanh_f32(x):
 tanh = _fast_float32(np.tanh, _tanh_f32)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def tanh_cpu(out, x):
     """out = tanh(x), elementwise (the kernels' tanh, exposed for tests) · out, x (N,)"""
     for i in range(x.shape[0]):
@@ -104,7 +104,7 @@ def _exp_f32(x):
 exp = _fast_float32(np.exp, _exp_f32)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def exp_cpu(out, x):
     """out = exp(x), elementwise (the kernels' exp, exposed for tests) · out, x (N,)"""
     for i in range(x.shape[0]):
@@ -121,7 +121,7 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@overload(sigmoid, jit_options={"fastmath": FASTMATH, "error_model": "numpy"})
+@overload(sigmoid, jit_options={"fastmath": FASTMATH_POINTWISE, "error_model": "numpy"})
 def _sigmoid(x):
     if x == types.float32:
         return lambda x: _HALF + _HALF * tanh(_HALF * x)

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import njit, prange
 
-from ..config import FASTMATH
+from ..config import FASTMATH, FASTMATH_POINTWISE
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
@@ -37,7 +37,7 @@ STATES = ("S",)            # the record's state arrays: h_0..h_T
 
 
 # ------------------------------------------------------------------------ pointwise
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def forward_point(Z, N, hp, h, u0, u1):
     """a lane's units [u0, u1) of one step, every row:  Z [xr + h W_hr, xz + h W_hz,
     h W_hn + b_hn] → [r, z, hn];  N xn → n;  h = (1 − z) n + z hp
@@ -57,7 +57,7 @@ def forward_point(Z, N, hp, h, u0, u1):
                 hb[j] = (one - z) * n + z * hpb[j]
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def backward_point(A, carry, xi, Z, N, hp, dP, dR, u0, u1):
     """a lane's units [u0, u1) of one step, every row:  a = A + ξ carry (the adjoint of h; A
     holds the direct term and the product's share, and gets a);  dP, dR as in the module

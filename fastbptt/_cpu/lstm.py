@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 from numba import njit, prange
 
-from ..config import FASTMATH
+from ..config import FASTMATH, FASTMATH_POINTWISE
 from .fastmath import sigmoid, tanh
 from .lanes import cell_steps, run_lanes
 from .plan import probe_inputs
@@ -34,7 +34,7 @@ STATES = ("S", "C")        # the record's state arrays: h_0..h_T, c_0..c_T
 
 
 # ------------------------------------------------------------------------ pointwise
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def forward_point(Z, cp, c, h, u0, u1):
     """a lane's units [u0, u1) of one step, every row:  Z pre-activations → [i, f, g, o];
     c = f cp + i g;  h = o tanh(c)
@@ -57,7 +57,7 @@ def forward_point(Z, cp, c, h, u0, u1):
                 hb[j] = o * tanh(cj)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH_POINTWISE, error_model="numpy")
 def backward_point(A, carry, xi, D, Z, cp, c, dZ, u0, u1):
     """a lane's units [u0, u1) of one step, every row:  A the adjoint of h;  e = ξ carry + d +
     a o (1 − tanh²c);  dZ as in the module notes;  carry ← e ⊙ f (what crosses to c_{t-1})
