@@ -263,7 +263,9 @@ def test_plan_key_names_the_machine_and_versions():
                                      '"grad": [128, 64]}, "sweeps": {"elman float32 B=8 H=8": [-1, 128, 64]}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
                                      '"grad": [128, 64]}, "sweeps": {}, '
-                                     '"products": {"grad by cols float32 M=1 K=1 N=1": [0, 64]}}'])
+                                     '"products": {"grad by cols float32 M=1 K=1 N=1": [0, 64]}}',
+                                     '{"format": FMT, "key": KEY, "blocking": {"rows": [9223372036854775808, 64], '
+                                     '"grad": [128, 64]}, "sweeps": {}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()
@@ -272,6 +274,35 @@ def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     with pytest.warns(RuntimeWarning, match="ignoring"):
         p = plan.current(2)
     assert p.blocking == plan.DEFAULT_BLOCKING and p.sweeps == {}
+
+
+def test_a_plan_that_cannot_be_saved_warns_once_and_leaves_no_temporary(plan_dir):
+    p = plan.current(2)
+    os.mkdir(p.path)                          # a folder where the plan's file would go
+    with pytest.warns(RuntimeWarning, match="cannot write the plan") as got:
+        p.save()
+        p.save()
+    assert len(got) == 1 and os.listdir(os.path.dirname(p.path)) == [os.path.basename(p.path)]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_passed_over_with_a_warning(tmp_path, monkeypatch):
+    from fastbptt._cpu import cache
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("FASTBPTT_CACHE_DIR", str(tmp_path / "afile"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cache.cache_dir.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=f"FASTBPTT_CACHE_DIR: cannot write into {tmp_path}/afile; "
+                                                f"fastbptt's kernels and plans go to {tmp_path}/xdg/fastbptt"):
+            assert cache.cache_dir() == tmp_path / "xdg" / "fastbptt"
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "afile"))    # neither: a folder of its own
+        cache.cache_dir.cache_clear()
+        with pytest.warns(RuntimeWarning, match="cannot write into"):
+            got = cache.cache_dir()
+        assert got.is_dir() and got.name.startswith("fastbptt-cache-")
+        got.rmdir()
+    finally:
+        cache.cache_dir.cache_clear()
 
 
 def test_plan_from_another_machine_is_not_used(plan_dir):

@@ -14,6 +14,8 @@ writable, else the user-wide cache); plans (:mod:`fastbptt._cpu.plan`) go beside
 import functools
 import hashlib
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 from numba.core import caching
@@ -37,10 +39,10 @@ def stamp():
     return h.hexdigest()
 
 
-def _user_dir():
-    override = os.environ.get("FASTBPTT_CACHE_DIR")
-    if override:
-        return Path(override)
+def _user_dir(override=True):
+    """FASTBPTT_CACHE_DIR (with ``override``), else $XDG_CACHE_HOME/fastbptt or ~/.cache/fastbptt"""
+    if override and os.environ.get("FASTBPTT_CACHE_DIR"):
+        return Path(os.environ["FASTBPTT_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fastbptt"
 
@@ -59,13 +61,23 @@ def _writable(path):
 @functools.cache
 def cache_dir():
     """the folder of the kernels and plans: FASTBPTT_CACHE_DIR, else _cpu/__pycache__ when
-    writable, else ~/.cache/fastbptt"""
-    if not os.environ.get("FASTBPTT_CACHE_DIR"):
-        here = _HERE / "__pycache__"
-        if _writable(here):
-            return here
-    path = _user_dir()
-    path.mkdir(parents=True, exist_ok=True)
+    writable, else ~/.cache/fastbptt.  One that cannot be written (a file, a read-only file
+    system) is passed over with a warning, for the next of those, or at last a temporary
+    folder that only this process uses (its kernels then compile again in the next one)."""
+    given = os.environ.get("FASTBPTT_CACHE_DIR")
+    tried = [Path(given)] if given else [_HERE / "__pycache__"]
+    tried.append(_user_dir(override=False))
+    for path in tried:
+        if _writable(path):
+            break
+    else:
+        path = Path(tempfile.mkdtemp(prefix="fastbptt-cache-"))
+    if given and path != tried[0]:
+        warnings.warn(f"FASTBPTT_CACHE_DIR: cannot write into {given}; fastbptt's kernels and plans go to "
+                      f"{path}", RuntimeWarning, stacklevel=2)
+    elif path not in tried:
+        warnings.warn(f"fastbptt: no writable cache folder ({', '.join(map(str, tried))}); the kernels compile "
+                      f"again in every process", RuntimeWarning, stacklevel=2)
     return path
 
 

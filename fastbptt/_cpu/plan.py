@@ -35,6 +35,7 @@ stays.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -131,6 +132,7 @@ class Plan:
         self.sweeps = {}
         self.products = {}
         self.tuned = False                    # blocking measured (by tune), not the default
+        self._unwritable = False              # a save failed (warned once)
         self._arrays = {}                     # a choice as the kernels take it, made once
         self._lock = threading.Lock()
 
@@ -158,7 +160,7 @@ class Plan:
             if set(blocking) != set(DEFAULT_BLOCKING) or any(
                     len(v) != 2 or min(v) < 1 for v in blocking.values()):
                 raise ValueError(f"blocking {data['blocking']!r}")
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as e:
             warnings.warn(f"fastbptt: ignoring the unreadable plan {self.path} ({e}); "
                           f"using the defaults", RuntimeWarning, stacklevel=2)
             return self
@@ -178,8 +180,12 @@ class Plan:
                 json.dump(data, f, indent=1)
             os.replace(tmp, self.path)
         except OSError as e:
-            warnings.warn(f"fastbptt: cannot write the plan {self.path} ({e})", RuntimeWarning,
-                          stacklevel=2)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if not self._unwritable:             # once: it is kept in memory for this process
+                self._unwritable = True
+                warnings.warn(f"fastbptt: cannot write the plan {self.path} ({e}); it is kept for this "
+                              "process only", RuntimeWarning, stacklevel=2)
 
     # ---------------------------------------------------------------------- choices
     def blk(self, kind, dtype=None, M=0, K=0, N=0, split="cols"):
@@ -237,7 +243,8 @@ def current(threads):
         key = machine_key(threads)
         name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         folder = cache_dir() / "plans"
-        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):   # else the plan is this process's alone (Plan.save warns)
+            folder.mkdir(parents=True, exist_ok=True)
         p = Plan(key, str(folder / f"plan-{name}.json")).load()
         if not p.tuned and config.CPU_AUTOTUNE:
             tune_products(p)
