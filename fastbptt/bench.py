@@ -474,8 +474,6 @@ def peer_names(names, cell):
 
 
 def _run_cli(args):
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
     known = configs_of(args.cell)
     chosen, args.configs = args.configs, args.configs or list(known)
     wrong = [c for c in args.configs if c not in known]

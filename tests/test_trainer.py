@@ -604,6 +604,14 @@ def test_other_commands_missing_extras_and_outputs_exit_2_before_any_work(tmp_pa
                                          "pip install fastbptt[fastbptt_no_such_module]")
     assert run_cli("bench", "--json", tmp_path / "no" / "b.json") == 2
     assert one_line(capsys, "bench") == f"error: --json: no such folder: {tmp_path / 'no'}"
+    assert run_cli("bench", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.json") == 2
+    assert one_line(capsys, "bench") == (f"error: --markdown: {tmp_path}/b.json is the same file as json "
+                                         f"({tmp_path}/b.json)")
+    import numba
+    for threads in (0, numba.config.NUMBA_NUM_THREADS + 1):
+        assert run_cli("bench", "--threads", threads) == 2
+        assert one_line(capsys, "bench") == (f"error: --threads: expected 1 to {numba.config.NUMBA_NUM_THREADS} "
+                                             f"(numba's thread pool, NUMBA_NUM_THREADS), got {threads}")
     assert run_cli("diagnose", "--init", "--json", tmp_path / "no" / "d.json") == 2
     assert one_line(capsys, "diagnose") == f"error: --json: no such folder: {tmp_path / 'no'}"
     monkeypatch.setitem(sys.modules, "matplotlib", None)
