@@ -28,6 +28,7 @@ import os
 import socket
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import numpy as np
 from . import data
 from ._preflight import check_input
 
-FORMAT = "fastbptt-corpus/1"
+FORMAT = "fastbptt-corpus/2"
 #: bytes read and tokenized at a time (the working memory is some tens of times this)
 CHUNK_BYTES = 1 << 20
 #: texts smaller than this are tokenized in memory on every run, not cached
@@ -288,20 +289,36 @@ def _tidy(folder, key):
             p.unlink(missing_ok=True)
 
 
+def _crc32(file, chunk=1 << 24):
+    """zlib's CRC-32 of a file's bytes, read a chunk at a time (not mapped: no resident pages)"""
+    crc = 0
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 def _load(folder, key):
+    """the entry ``key`` of ``folder``, or None when there is none, or one that is incomplete
+    or damaged (its ids' CRC-32 is not the one written with them: tokenized again, with a
+    warning) — a cache hit reads the ids once for that, at disk speed"""
     meta_file, ids_file = folder / f"{key}.json", folder / f"{key}.ids"
     try:
         meta = json.loads(meta_file.read_text())
-        if meta.get("format") != FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             return None
-        dtype = np.dtype(meta["dtype"])
-        if ids_file.stat().st_size != meta["n_tokens"] * dtype.itemsize:
+        dtype, n = np.dtype(meta["dtype"]), meta["n_tokens"]
+        vocab = data.Vocab(idx_to_token=[data.UNK] + list(meta["tokens"]))
+        counts, first = np.array([0] + meta["counts"], np.int64), np.array([-1] + meta["first"], np.int64)
+        if ids_file.stat().st_size != n * dtype.itemsize or not len(vocab) == len(counts) == len(first):
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+        if _crc32(ids_file) != meta["ids_crc32"]:
+            warnings.warn(f"cache: the cached token ids of {meta.get('path')} ({ids_file}) are damaged; "
+                          "tokenizing it again", stacklevel=3)
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    vocab = data.Vocab(idx_to_token=[data.UNK] + meta["tokens"])
-    return TokenIds(_map(ids_file, dtype, meta["n_tokens"]), vocab, np.array([0] + meta["counts"], np.int64),
-                    np.array([-1] + meta["first"], np.int64), meta["sha256"], meta["n_tokens"], str(ids_file), key)
+    return TokenIds(_map(ids_file, dtype, n), vocab, counts, first, meta["sha256"], n, str(ids_file), key)
 
 
 def _store(folder, key, build, path, st, mode):
@@ -314,7 +331,8 @@ def _store(folder, key, build, path, st, mode):
         with open(tmp_ids, "wb") as out:
             t = build(out)
         meta = {"format": FORMAT, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "mode": mode, "sha256": t.sha256, "n_tokens": t.n_tokens, "dtype": compact_dtype(len(t.vocab)).name,
+                "mode": mode, "sha256": t.sha256, "n_tokens": t.n_tokens, "ids_crc32": _crc32(tmp_ids),
+                "dtype": compact_dtype(len(t.vocab)).name,
                 "tokens": t.vocab.idx_to_token[1:], "counts": t.counts[1:].tolist(),
                 "first": t.first[1:].tolist(), "built_s": round(t.built_s, 3)}
         tmp_meta.write_text(json.dumps(meta))
@@ -412,6 +430,12 @@ def _remap(t, lut, n, dtype):
                 out.write(lut[np.asarray(t.ids[i:min(n, i + step)])].astype(dtype, copy=False).tobytes())
                 release(t.ids)
         os.replace(tmp, file)
+    except OSError as e:                            # a folder that became read-only, a full disk
+        warnings.warn(f"cache: could not write the split's ids to {folder} ({e.strerror or e}); "
+                      "remapping them in memory", stacklevel=3)
+        out = lut[np.asarray(t.ids[:n])].astype(dtype, copy=False)
+        release(t.ids)
+        return out
     finally:
         tmp.unlink(missing_ok=True)
     return _map(file, dtype, n)

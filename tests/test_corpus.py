@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,36 @@ def test_many_distinct_characters_take_uint16(tmp_path, rng):
 
 def entries(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "id past the vocabulary", "json a list", "json without tokens"])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
+    """ids changed on disk (their size unchanged) fail the CRC-32 and are tokenized again with a
+    warning; a JSON that is not an entry's is a miss: never wrong ids, never a traceback"""
+    f = tmp_path / "t.txt"
+    f.write_text("the time traveller said to the time machine\n" * 100)
+    folder = tmp_path / "c"
+    first = cached(f, "book", folder)
+    want = np.array(first.ids)
+    ids_file, meta_file = folder / f"{first.key}.ids", folder / f"{first.key}.json"
+    if damage == "zeroed":
+        ids_file.write_bytes(bytes(ids_file.stat().st_size))
+    elif damage == "id past the vocabulary":
+        raw = bytearray(ids_file.read_bytes())
+        raw[10] = 200
+        ids_file.write_bytes(bytes(raw))
+    else:
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text("[]" if damage == "json a list" else json.dumps({k: v for k, v in meta.items()
+                                                                              if k != "tokens"}))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        again = cached(f, "book", folder)
+    np.testing.assert_array_equal(again.ids, want)
+    assert again.vocab == first.vocab
+    damaged = [str(w.message) for w in got if "damaged" in str(w.message)]
+    assert len(damaged) == (1 if damage in ("zeroed", "id past the vocabulary") else 0), damaged
+    assert entries(folder) == [f"{first.key}.ids", f"{first.key}.json"]
 
 
 def test_cache_hit_maps_without_tokenizing(tmp_path, monkeypatch):
@@ -351,3 +382,24 @@ def test_error_messages_keep_trainer_names(tmp_path):
     f.write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=rf"^text: {re.escape(str(f))} is not UTF-8"):
         trainer.train(text=str(f), epochs=1, quiet=True)
+
+
+def test_a_split_that_cannot_write_its_remapped_ids_remaps_them_in_memory(tmp_path, monkeypatch):
+    """a split whose vocabulary ranks the tokens otherwise than the whole text writes its ids
+    into the cache; where that fails (a folder made read-only, a full disk) it warns and
+    remaps them in memory, the same ids"""
+    monkeypatch.setattr(corpus, "MIN_CACHED_BYTES", 0)
+    text = "a a a b\n" * 50 + "b b b b c\n" * 200           # the first part's ranking is a, b; the whole's b, a
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    t = cached(f, "chars", tmp_path / "c")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(corpus.os, "replace", full)
+    with pytest.warns(UserWarning, match="could not write the split's ids .* remapping them in memory"):
+        vocab, train, val = corpus.split(t, max_chars=300, val_fraction=0.1)
+    want_vocab, want_train, want_val = in_memory(text, "chars", 300, 0.1)
+    assert vocab == want_vocab
+    np.testing.assert_array_equal(train, want_train)
+    np.testing.assert_array_equal(val, want_val)
