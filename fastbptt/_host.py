@@ -47,7 +47,7 @@ def first_nonfinite(a):
 
 
 def equal(a, b):
-    """whether a and b (same shape) hold the same values (NaN equal to no value)"""
+    """whether a and b have one shape and hold the same values (NaN equal to no value)"""
     return bool(np.array_equal(a, b))
 
 

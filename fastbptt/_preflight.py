@@ -136,18 +136,25 @@ def check_input(what, path):
     return p
 
 
-def check_distinct(outputs, inputs):
-    """ValueError if two of the ``outputs`` ({name: path or None}), or an output and one of the
-    ``inputs``, are one file: writing one would destroy the other"""
-    seen = {}
-    for name, path in list(inputs.items()) + list(outputs.items()):
+def check_distinct(outputs, inputs=()):
+    """ValueError if two of the ``outputs`` (paths or None), or an output and one of the
+    ``inputs``, are one file: writing one would destroy the other.  ``outputs``: {name: path},
+    each named in its message; ``inputs``: paths."""
+    seen = {os.path.realpath(path): ("an input", path) for path in inputs if path is not None}
+    for name, path in outputs.items():
         if path is None:
             continue
         _named_path(name, path)
         key = os.path.realpath(path)
         if key in seen:
-            raise ValueError(f"{name}: {path} is the same file as {seen[key][0]} ({seen[key][1]})")
-        seen[key] = (name, path)
+            what, other = seen[key]
+            raise ValueError(f"{name}: {path} is the same file as {what} of this run ({other})")
+        seen[key] = ("another output", path)
+
+
+def figure_file(path):
+    """the file matplotlib writes for ``path``: itself, or with .png when it has no suffix"""
+    return None if path is None else path if Path(path).suffix else f"{path}.png"
 
 
 def _named_path(what, path):

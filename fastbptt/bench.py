@@ -299,11 +299,23 @@ def _fill(row, t, gemm, base):
         row.speedup = med / base
 
 
-def _set_threads(threads):
+def check_threads(threads):
+    """ValueError unless ``threads`` is None (all) or 1 to numba's pool: numba, BLAS and torch
+    then all run on that many"""
     if threads is None:
         return
     import numba
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    most = numba.config.NUMBA_NUM_THREADS        # numba's pool: NUMBA_NUM_THREADS, else the CPU count
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most:
+        raise ValueError(f"threads: expected 1 to {most} (numba's thread pool, NUMBA_NUM_THREADS), got {threads!r}")
+
+
+def _set_threads(threads):
+    check_threads(threads)
+    if threads is None:
+        return
+    import numba
+    numba.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(threads)

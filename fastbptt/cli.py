@@ -16,13 +16,12 @@ import math
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from ._preflight import (MissingExtra, check_distinct, check_figure, check_folder, check_output, require_cuda,
-                         require_matplotlib, require_modules)
+from ._preflight import (MissingExtra, check_distinct, check_figure, check_folder, check_output, figure_file,
+                         require_cuda, require_matplotlib, require_modules)
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -244,7 +243,7 @@ def _run_diagnose(args):
     if args.seed < 0:
         raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
     if not 0 < args.scale < math.inf:
-        raise ValueError(f"--scale: expected a positive number, got {args.scale}")
+        raise ValueError(f"--scale: expected a finite positive number, got {args.scale}")
     if args.init and args.cell != "rnn" and args.activation != "tanh":
         raise ValueError(f"--activation: applies to --cell rnn only, got {args.activation!r} with --cell {args.cell}")
     history, text, tokenize, activation = None, args.text, args.tokenize or "book", args.activation
@@ -321,12 +320,8 @@ def _bench_needs(args):
     when named with --peers; by default a missing one is reported as skipped."""
     if args.peers:
         require_modules("peers", [m for p in args.peers for m in PEER_MODULES.get(p, ())])
-    if args.threads is not None:
-        import numba
-        most = numba.config.NUMBA_NUM_THREADS        # numba's pool: NUMBA_NUM_THREADS, else the CPU count
-        if not 1 <= args.threads <= most:
-            raise ValueError(f"--threads: expected 1 to {most} (numba's thread pool, NUMBA_NUM_THREADS), "
-                             f"got {args.threads}")
+    from .bench import check_threads
+    check_threads(args.threads)
     if args.device == "cuda":
         require_cuda("device")
     for name in ("json", "markdown"):
@@ -335,8 +330,7 @@ def _bench_needs(args):
     if args.plot is not None:
         require_matplotlib("plot")
         check_figure("plot", args.plot)
-    png = None if args.plot is None or Path(args.plot).suffix else f"{args.plot}.png"   # what matplotlib writes
-    check_distinct({"json": args.json, "markdown": args.markdown, "plot": png or args.plot}, {})
+    check_distinct({"json": args.json, "markdown": args.markdown, "plot": figure_file(args.plot)})
 
 
 def _diagnose_needs(args):

@@ -411,12 +411,18 @@ def _bincount(ids, lo, hi, V, step=1 << 20):
     return c
 
 
+def _remapped(t, lut, n, dtype):
+    """lut[t.ids[:n]] in memory"""
+    out = lut[np.asarray(t.ids[:n])].astype(dtype, copy=False)
+    release(t.ids)
+    return out
+
+
 def _remap(t, lut, n, dtype):
-    """lut[t.ids[:n]]: in memory when small or not cached, else a cached file of its own."""
+    """lut[t.ids[:n]]: in memory when small or not cached (or when its file cannot be written:
+    with a warning), else a cached file of its own."""
     if t.file is None or n * dtype.itemsize < MIN_CACHED_BYTES:
-        out = lut[np.asarray(t.ids[:n])].astype(dtype, copy=False)
-        release(t.ids)
-        return out
+        return _remapped(t, lut, n, dtype)
     folder = Path(t.file).parent
     key = f"{t.key}.{n}.{hashlib.sha256(lut.tobytes()).hexdigest()[:16]}"
     file = folder / f"{key}.ids"
@@ -433,9 +439,7 @@ def _remap(t, lut, n, dtype):
     except OSError as e:                            # a folder that became read-only, a full disk
         warnings.warn(f"cache: could not write the split's ids to {folder} ({e.strerror or e}); "
                       "remapping them in memory", stacklevel=3)
-        out = lut[np.asarray(t.ids[:n])].astype(dtype, copy=False)
-        release(t.ids)
-        return out
+        return _remapped(t, lut, n, dtype)
     finally:
         tmp.unlink(missing_ok=True)
     return _map(file, dtype, n)

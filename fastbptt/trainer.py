@@ -26,7 +26,8 @@ import numpy as np
 
 from . import api, data, distributed
 from ._plot import pyplot, save
-from ._preflight import check_distinct, check_figure, check_input, check_output, require_cuda, require_matplotlib
+from ._preflight import (check_distinct, check_figure, check_input, check_output, figure_file, require_cuda,
+                         require_matplotlib)
 from .corpus import split, token_ids
 from .truncation import Randomized, Truncated
 
@@ -452,10 +453,10 @@ def param_shapes(cell, num_layers, V, H):
 def load_checkpoint(path):
     """(params, optimizer state, meta) of a checkpoint, or ValueError saying what is wrong."""
     p = check_input("path", path)
-    with open(p, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":      # not even the start of a zip (an .npz)
-            raise ValueError(f"path: {path} is not a fastbptt checkpoint (not an .npz archive)")
     try:
+        with open(p, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":      # not even the start of a zip (an .npz)
+                raise ValueError(f"path: {path} is not a fastbptt checkpoint (not an .npz archive)")
         with np.load(p, allow_pickle=False) as z:
             files = set(z.files)
             if "format" not in files or str(z["format"]) != CHECKPOINT_FORMAT:
@@ -522,7 +523,10 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     (options not given, ``cell`` and ``num_layers`` among them, are the checkpoint's; those
     given must agree with it, except ``epochs`` and ``device``), or ``overwrite=True``,
     which starts over.  ``json_log``: one JSON object per epoch with :data:`LOG_KEYS`.
-    ``plot``: a PNG of perplexity against epoch (needs matplotlib).  ``max_minutes``: stop
+    ``plot``: a PNG of perplexity against epoch (needs matplotlib).  ``sample_prefixes``: the
+    texts generated after training (50 tokens from each prefix; None or () for none); by
+    default :data:`BOOK_PREFIXES`, or the text's first ten tokens where its vocabulary lacks
+    their characters.  ``max_minutes``: stop
     at the first minibatch past that; an epoch stopped within is in the history (its row
     has ``"partial": True``, no validation) and in the params returned, not in a checkpoint.
 
@@ -592,11 +596,19 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
     root = comm.rank == 0
     distributed.agree(comm, lambda: _check_options(options, checkpoint, checkpoint_every, resume, overwrite,
                                                    max_minutes))
+    # every rank's own command line (the text by its bytes, below): the same, or a rank would
+    # wait in a collective call that another never makes (an epoch more, a checkpoint, a log)
+    distributed.check_same(comm, {**{k: v for k, v in options.items() if k != "text"}, "resume": resume,
+                                  "checkpoint": checkpoint is not None, "checkpoint_every": checkpoint_every,
+                                  "json_log": json_log is not None, "plot": plot is not None,
+                                  "max_minutes": max_minutes})
     saved = None
     if resume:                       # rank 0 reads it for all: the other ranks need no shared disk
 
         def read():
             with _named("path", "checkpoint"):
+                check_input("path", checkpoint)
+                held.enter_context(_checkpoint_lock(checkpoint))    # before reading: no other trainer's run
                 return load_checkpoint(checkpoint)
         saved = distributed.agree_root(comm, read)
 
@@ -608,7 +620,7 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
         _check_ranks(cfg, comm)
         if root:
             _check_outputs(checkpoint, json_log, plot, resume, overwrite, cfg.text)
-            if checkpoint is not None:           # until train returns (``held``: an ExitStack)
+            if checkpoint is not None and not resume:      # until train returns (``held``: an ExitStack)
                 held.enter_context(_checkpoint_lock(checkpoint))
         if cfg.device == "cuda":
             require_cuda("device")
@@ -635,8 +647,7 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
         return corpus, params, opt
 
     corpus, params, opt = distributed.agree(comm, prepare)
-    # each rank's own command line and file: the same options (the text by its bytes, not its path)
-    distributed.check_same(comm, {**dataclasses.asdict(cfg), "text": f"a text of sha256 {corpus.sha256[:16]}"})
+    distributed.check_same(comm, {"text": f"a text of sha256 {corpus.sha256[:16]}"})
     rng = np.random.default_rng(cfg.seed)
     history, start = [], 0
     if resume:
@@ -766,7 +777,7 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
         distributed.agree_root(comm, draw)
     result = TrainResult(params, corpus.vocab, history, cfg, stopped, saved_epoch)
     from .generation import generate
-    if sample_prefixes == BOOK_PREFIXES:
+    if sample_prefixes is BOOK_PREFIXES:
         sample_prefixes = ([p for p in sample_prefixes if not corpus.vocab.unknown(p)]
                            or [corpus.vocab.decode(corpus.train[:10])])
     for prefix in sample_prefixes:
@@ -794,8 +805,7 @@ def _check_outputs(checkpoint, json_log, plot, resume, overwrite, text):
     """ValueError unless every output can be written, is a file of its own (not the text, not
     another output), and a checkpoint that exists is resumed or to be overwritten; MissingExtra
     for a plot without matplotlib."""
-    png = None if plot is None or Path(plot).suffix else f"{plot}.png"     # the file matplotlib writes
-    check_distinct({"checkpoint": checkpoint, "json_log": json_log, "plot": png or plot}, {"text": text})
+    check_distinct({"checkpoint": checkpoint, "json_log": json_log, "plot": figure_file(plot)}, [text])
     if checkpoint is not None:
         check_output("checkpoint", checkpoint, replaced=True)
         if not resume and not overwrite and Path(checkpoint).exists():
@@ -822,7 +832,11 @@ def _checkpoint_lock(checkpoint):
     p = Path(checkpoint)
     path = p.parent / f".{p.name}.lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:                      # a folder it cannot write in (the outputs' checks say so)
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

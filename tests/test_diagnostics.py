@@ -289,7 +289,7 @@ def test_diagnose_cli_on_a_fresh_two_layer_lstm(tmp_path, monkeypatch):
     (["--num-layers", "0"], "--num-layers: expected a positive integer, got 0"),
     (["--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
     (["--cell", "gru", "--activation", "relu"], "--activation: applies to --cell rnn only, got 'relu' with --cell gru"),
-    (["--scale", "inf"], "--scale: expected a positive number, got inf"),
+    (["--scale", "inf"], "--scale: expected a finite positive number, got inf"),
 ])
 def test_diagnose_cli_bad_cell_or_depth_exits_2_with_one_line(argv, line, capsys):
     assert diagnose("--init", *argv, "--quiet") == 2

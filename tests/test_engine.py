@@ -256,7 +256,7 @@ def test_plan_key_names_the_machine_and_versions():
 
 @pytest.mark.parametrize("content", ["{not json", '{"format": FMT}', '{"format": 1, "key": KEY}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [0, 64], '
-                                     '"grad": [128, 64]}, "sweeps": {}}',
+                                     '"grad": [128, 64]}, "sweeps": {}, "products": {}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
                                      '"grad": [128, 64]}, "sweeps": {"elman float32 B=1 H=8": [2]}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [128, 64], '
@@ -265,7 +265,7 @@ def test_plan_key_names_the_machine_and_versions():
                                      '"grad": [128, 64]}, "sweeps": {}, '
                                      '"products": {"grad by cols float32 M=1 K=1 N=1": [0, 64]}}',
                                      '{"format": FMT, "key": KEY, "blocking": {"rows": [9223372036854775808, 64], '
-                                     '"grad": [128, 64]}, "sweeps": {}}'])
+                                     '"grad": [128, 64]}, "sweeps": {}, "products": {}}'])
 def test_unreadable_or_stale_plan_is_ignored_with_a_warning(plan_dir, content):
     path = plan.current(2).path
     plan.forget()
@@ -297,10 +297,9 @@ def test_a_cache_folder_that_cannot_be_written_is_passed_over_with_a_warning(tmp
             assert cache.cache_dir() == tmp_path / "xdg" / "fastbptt"
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "afile"))    # neither: a folder of its own
         cache.cache_dir.cache_clear()
-        with pytest.warns(RuntimeWarning, match="cannot write into"):
+        with pytest.warns(RuntimeWarning, match="no writable cache folder .* compile again in every process"):
             got = cache.cache_dir()
-        assert got.is_dir() and got.name.startswith("fastbptt-cache-")
-        got.rmdir()
+        assert got.is_dir() and got.name.startswith("fastbptt-cache-")      # removed at exit
     finally:
         cache.cache_dir.cache_clear()
 

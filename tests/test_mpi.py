@@ -238,6 +238,11 @@ def test_ranks_given_other_options_or_another_text_fail_on_every_rank(tmp_path):
     assert [str(e) for e in errors] == ["epochs: rank 1 has 3, rank 0 2: every rank must train the same model "
                                         "on the same text"] * 2
     assert all(isinstance(e, ValueError) and distributed.is_collective(e) for e in errors)
+    # train()'s own keywords too: a rank with a deadline (a broadcast every epoch) or a log
+    _, errors = run_ranks(2, lambda comm: fastbptt.train(**TINY, epochs=2, comm=comm,
+                                                         max_minutes=None if comm.rank else 5.0))
+    assert [str(e) for e in errors] == ["max_minutes: rank 1 has None, rank 0 5.0: every rank must train the "
+                                        "same model on the same text"] * 2
     texts = [tmp_path / f"node{r}.txt" for r in range(2)]
     for r, t in enumerate(texts):
         t.write_text(fastbptt.data.load_text()[r * 1000:r * 1000 + 3000])

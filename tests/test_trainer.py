@@ -605,8 +605,8 @@ def test_other_commands_missing_extras_and_outputs_exit_2_before_any_work(tmp_pa
     assert run_cli("bench", "--json", tmp_path / "no" / "b.json") == 2
     assert one_line(capsys, "bench") == f"error: --json: no such folder: {tmp_path / 'no'}"
     assert run_cli("bench", "--json", tmp_path / "b.json", "--markdown", tmp_path / "b.json") == 2
-    assert one_line(capsys, "bench") == (f"error: --markdown: {tmp_path}/b.json is the same file as json "
-                                         f"({tmp_path}/b.json)")
+    assert one_line(capsys, "bench") == (f"error: --markdown: {tmp_path}/b.json is the same file as another "
+                                         f"output of this run ({tmp_path}/b.json)")
     import numba
     for threads in (0, numba.config.NUMBA_NUM_THREADS + 1):
         assert run_cli("bench", "--threads", threads) == 2
@@ -797,12 +797,13 @@ def test_max_minutes_stops_within_a_long_epoch(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--json-log", "{text}"), "--json-log: {text} is the same file as text ({text})"),
-    (("--checkpoint", "{text}", "--overwrite"), "--checkpoint: {text} is the same file as text ({text})"),
+    (("--json-log", "{text}"), "--json-log: {text} is the same file as an input of this run ({text})"),
+    (("--checkpoint", "{text}", "--overwrite"),
+     "--checkpoint: {text} is the same file as an input of this run ({text})"),
     (("--checkpoint", "{d}/o.npz", "--json-log", "{d}/./o.npz"),
-     "--json-log: {d}/./o.npz is the same file as checkpoint ({d}/o.npz)"),
+     "--json-log: {d}/./o.npz is the same file as another output of this run ({d}/o.npz)"),
     (("--json-log", "{d}/fig.png", "--plot", "{d}/fig"),
-     "--plot: {d}/fig.png is the same file as json_log ({d}/fig.png)")])
+     "--plot: {d}/fig.png is the same file as another output of this run ({d}/fig.png)")])
 def test_an_output_on_the_text_or_on_another_output_exits_2_before_training(tmp_path, capsys, no_training, flags,
                                                                           message):
     text = tmp_path / "corpus.txt"
@@ -824,12 +825,16 @@ def test_a_checkpoint_that_is_not_a_regular_file_is_never_renamed_over(tmp_path,
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fcntl") is None, reason="needs fcntl's flock")
-def test_a_checkpoint_in_use_by_another_trainer_exits_2(tmp_path, capsys, no_training):
+def test_a_checkpoint_in_use_by_another_trainer_exits_2(tmp_path, capsys):
     """a second trainer on one checkpoint is refused while the first holds it, and runs after"""
     ck = tmp_path / "ck.npz"
+    assert run_cli(*TINY_ARGV, "--checkpoint", ck, "--epochs", 1) == 0
+    capsys.readouterr()
     with trainer._checkpoint_lock(ck):
-        assert run_cli(*TINY_ARGV, "--checkpoint", ck) == 2
-        assert one_line(capsys) == f"error: --checkpoint: {ck} is in use by another fastbptt train (pid {os.getpid()})"
+        for again in ("--overwrite", "--resume"):
+            assert run_cli(*TINY_ARGV, "--checkpoint", ck, "--epochs", 2, again) == 2
+            assert one_line(capsys) == (f"error: --checkpoint: {ck} is in use by another fastbptt train "
+                                        f"(pid {os.getpid()})")
     assert not (tmp_path / ".ck.npz.lock").exists()
     with trainer._checkpoint_lock(ck):         # free again, and the next holder makes it anew
         assert (tmp_path / ".ck.npz.lock").read_text() == str(os.getpid())

@@ -11,9 +11,11 @@ Kernels go where numba would put them (``__pycache__`` beside the sources when i
 writable, else the user-wide cache); plans (:mod:`fastbptt._cpu.plan`) go beside them.
 ``FASTBPTT_CACHE_DIR`` puts both elsewhere.
 """
+import atexit
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -72,12 +74,13 @@ def cache_dir():
             break
     else:
         path = Path(tempfile.mkdtemp(prefix="fastbptt-cache-"))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        warnings.warn(f"fastbptt: no writable cache folder ({', '.join(map(str, tried))}); the kernels "
+                      "compile again in every process", RuntimeWarning, stacklevel=2)
+        return path
     if given and path != tried[0]:
         warnings.warn(f"FASTBPTT_CACHE_DIR: cannot write into {given}; fastbptt's kernels and plans go to "
                       f"{path}", RuntimeWarning, stacklevel=2)
-    elif path not in tried:
-        warnings.warn(f"fastbptt: no writable cache folder ({', '.join(map(str, tried))}); the kernels compile "
-                      f"again in every process", RuntimeWarning, stacklevel=2)
     return path
 
 

@@ -150,17 +150,17 @@ class Plan:
                 warnings.warn(f"fastbptt: ignoring the plan {self.path}: it was made for "
                               f"{data.get('key')}, this is {self.key}", RuntimeWarning, stacklevel=2)
                 return self
-            blocking = {k: tuple(int(x) for x in v) for k, v in data["blocking"].items()}
-            sweeps = {str(k): tuple(int(x) for x in v) for k, v in data["sweeps"].items()}
+            blocking = {k: _ints(v) for k, v in data["blocking"].items()}
+            sweeps = {str(k): _ints(v) for k, v in data["sweeps"].items()}
             if any(len(v) != 3 or v[0] in (0, -1) or min(v[1:]) < 1 for v in sweeps.values()):
                 raise ValueError(f"sweeps {data['sweeps']!r}")
-            products = {str(k): tuple(int(x) for x in v) for k, v in data["products"].items()}
+            products = {str(k): _ints(v) for k, v in data["products"].items()}
             if any(len(v) != 2 or min(v) < 1 for v in products.values()):
                 raise ValueError(f"products {data['products']!r}")
             if set(blocking) != set(DEFAULT_BLOCKING) or any(
                     len(v) != 2 or min(v) < 1 for v in blocking.values()):
                 raise ValueError(f"blocking {data['blocking']!r}")
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             warnings.warn(f"fastbptt: ignoring the unreadable plan {self.path} ({e}); "
                           f"using the defaults", RuntimeWarning, stacklevel=2)
             return self
@@ -228,6 +228,14 @@ class Plan:
                     choice = self.sweeps[key] = measure_sweep(cell, dtype, B, H, self.key["threads"])
                     self.save()
         return choice[0], self._array(choice[1:])
+
+
+def _ints(values):
+    """a plan's choice as ints, each within what the kernels take (int64): ValueError if not"""
+    got = tuple(int(x) for x in values)
+    if any(abs(x) >= 1 << 62 for x in got):
+        raise ValueError(f"{list(values)!r} out of range")
+    return got
 
 
 @functools.cache

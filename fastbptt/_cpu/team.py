@@ -170,9 +170,12 @@ FORKED = ("fastbptt: this process was forked from one that had run fastbptt's ke
 def _after_fork():
     global _forked
     try:
-        _forked = _forked or numba.threading_layer() == "omp"
+        layer = numba.threading_layer()
     except ValueError:                  # no parallel region has run yet: nothing to inherit
-        pass
+        return
+    if layer == "omp":                  # Intel's OpenMP is fork-safe, GNU's is not
+        from numba.np.ufunc import omppool
+        _forked = _forked or getattr(omppool, "openmp_vendor", "GNU") == "GNU"
 
 
 os.register_at_fork(after_in_child=_after_fork)

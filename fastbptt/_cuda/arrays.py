@@ -96,10 +96,12 @@ def first_nonfinite(a):
 
 
 def equal(a, b):
-    """whether a and b (same shape) hold the same values, compared on the device when
+    """whether a and b have one shape and hold the same values, compared on the device when
     either is there (only the count of differing values comes back)"""
     if not (on_device(a) or on_device(b)):
         return _host.equal(a, b)
+    if tuple(a.shape) != tuple(b.shape):
+        return False
     a, b = device(a), device(b)
     if a.size == 0:
         return True
