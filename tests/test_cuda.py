@@ -210,6 +210,9 @@ def test_a_kept_forward_is_compared_on_the_device(rng):
     changed = dict(params, W_hh=params["W_hh"] + 1e-3)
     with pytest.raises(ValueError, match=r"other values of params\['W_hh'\]"):
         fastbptt.rnn_backward(fastbptt.to_device(changed), X, Hs, dHs, device="cuda", forward=kept)
+    wider = dict(params, W_xh=np.vstack([params["W_xh"], params["W_xh"][:1]]))    # one more token id
+    with pytest.raises(ValueError, match=r"other values of params\['W_xh'\]"):
+        fastbptt.rnn_backward(fastbptt.to_device(wider), X, Hs, dHs, device="cuda", forward=kept)
     with pytest.raises(ValueError, match="forward: kept .* on the other device"):
         fastbptt.rnn_backward(params, X, Hs.copy_to_host(), dHs, forward=kept)
 
