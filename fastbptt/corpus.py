@@ -420,21 +420,28 @@ def _remapped(t, lut, n, dtype):
 
 def _remap(t, lut, n, dtype):
     """lut[t.ids[:n]]: in memory when small or not cached (or when its file cannot be written:
-    with a warning), else a cached file of its own."""
+    with a warning), else a cached file of its own, ``<key>.<n>.<lut hash>.<CRC-32>.ids``,
+    checked as the entry's ids are (a damaged one is written again, with a warning)."""
     if t.file is None or n * dtype.itemsize < MIN_CACHED_BYTES:
         return _remapped(t, lut, n, dtype)
     folder = Path(t.file).parent
     key = f"{t.key}.{n}.{hashlib.sha256(lut.tobytes()).hexdigest()[:16]}"
-    file = folder / f"{key}.ids"
-    if file.is_file() and file.stat().st_size == n * dtype.itemsize:
-        return _map(file, dtype, n)
+    for file in folder.glob(f"{key}.*.ids"):
+        if file.stat().st_size == n * dtype.itemsize and f"{_crc32(file):08x}" == file.name.split(".")[-2]:
+            return _map(file, dtype, n)
+        warnings.warn(f"cache: the cached split ids {file} are damaged; remapping them again", stacklevel=3)
+        file.unlink(missing_ok=True)
     tmp = folder / f".{key}{_tmp_suffix()}"
     try:
+        crc = 0
         with open(tmp, "wb") as out:
             step = 1 << 20
             for i in range(0, n, step):
-                out.write(lut[np.asarray(t.ids[i:min(n, i + step)])].astype(dtype, copy=False).tobytes())
+                block = lut[np.asarray(t.ids[i:min(n, i + step)])].astype(dtype, copy=False).tobytes()
+                out.write(block)
+                crc = zlib.crc32(block, crc)
                 release(t.ids)
+        file = folder / f"{key}.{crc:08x}.ids"
         os.replace(tmp, file)
     except OSError as e:                            # a folder that became read-only, a full disk
         warnings.warn(f"cache: could not write the split's ids to {folder} ({e.strerror or e}); "

@@ -403,3 +403,23 @@ def test_a_split_that_cannot_write_its_remapped_ids_remaps_them_in_memory(tmp_pa
     assert vocab == want_vocab
     np.testing.assert_array_equal(train, want_train)
     np.testing.assert_array_equal(val, want_val)
+
+
+def test_a_splits_remapped_ids_carry_their_crc_and_a_damaged_file_is_remapped_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "MIN_CACHED_BYTES", 0)
+    text = "a a a b\n" * 50 + "b b b b c\n" * 200           # the first part's ranking is a, b; the whole's b, a
+    f = tmp_path / "t.txt"
+    f.write_text(text)
+    t = cached(f, "chars", tmp_path / "c")
+    want = in_memory(text, "chars", 300, 0.1)
+    _, train, _ = corpus.split(t, max_chars=300, val_fraction=0.1)
+    np.testing.assert_array_equal(train, want[1])
+    remapped, = (tmp_path / "c").glob(f"{t.key}.300.*.ids")
+    assert remapped.name.split(".")[-2] == f"{corpus._crc32(remapped):08x}"
+    raw = bytearray(remapped.read_bytes())
+    raw[3] ^= 1
+    remapped.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="are damaged; remapping them again"):
+        _, train, val = corpus.split(t, max_chars=300, val_fraction=0.1)
+    np.testing.assert_array_equal(train, want[1])
+    np.testing.assert_array_equal(val, want[2])
