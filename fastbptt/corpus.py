@@ -466,9 +466,7 @@ def split(t: TokenIds, max_chars=None, val_fraction=0.0):
     """
     if max_chars is not None:
         data.positive_int("max_chars", max_chars)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float, np.floating, np.integer)) \
-            or not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+    data.fraction("val_fraction", val_fraction)
     n = t.ids.size if max_chars is None else min(int(max_chars), t.ids.size)
     n_train = n - int(n * val_fraction)
     V = len(t.vocab)

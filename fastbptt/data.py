@@ -93,6 +93,12 @@ def positive_int(name, v):
         raise ValueError(f"{name}: expected a positive integer, got {v!r}")
 
 
+def fraction(name, v):
+    """ValueError naming ``name`` unless v is a real number in [0, 1) (Python's or numpy's)"""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not 0 <= v < 1:
+        raise ValueError(f"{name}: expected a number in [0, 1), got {v!r}")
+
+
 def _check_batches(corpus, batch_size, num_steps, least):
     """the corpus as a 1-D integer array, or ValueError/TypeError naming the argument; ``least``:
     the tokens it needs for the sizes (None: any non-empty corpus)"""

@@ -87,11 +87,9 @@ class TrainConfig:
             if not isinstance(c.text, (str, os.PathLike)):
                 raise TypeError(f"text: expected a path or None, got {type(c.text).__name__}")
             c.text = str(Path(c.text).resolve())
-        if c.val_fraction is not None and (isinstance(c.val_fraction, bool)
-                                           or not isinstance(c.val_fraction, (int, float))):
-            raise ValueError(f"val_fraction: expected a number in [0, 1), got {c.val_fraction!r}")
         if c.val_fraction is None:
             c.val_fraction = 0.0 if c.max_chars is not None else 0.1
+        data.fraction("val_fraction", c.val_fraction)
         if c.lr is None:
             c.lr = 1.0 if c.optimizer == "sgd" else 0.002
         for name in ("num_layers", "hidden", "num_steps", "batch_size", "epochs"):
@@ -106,8 +104,6 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive number, got {v!r}")
         if not math.isfinite(c.lr):
             raise ValueError(f"lr: expected a finite positive number, got {c.lr!r}")
-        if not 0.0 <= c.val_fraction < 1.0:
-            raise ValueError(f"val_fraction: expected a number in [0, 1), got {c.val_fraction!r}")
         for name, allowed in (("cell", CELLS), ("tokenize", data.TOKENIZERS), ("optimizer", ("sgd", "adam")),
                               ("sampling", tuple(data.SAMPLERS)), ("activation", ("tanh", "relu", "identity")),
                               ("device", ("cpu", "cuda"))):
