@@ -62,6 +62,13 @@ def _id_range_cuda(lohi, ids):
         cuda.atomic.max(lohi, 1, ids[i])
 
 
+def _count(kernel, *arrays):
+    """what a counting kernel (count[0] += ...) finds over arrays of one size, as 1-D views"""
+    count = cuda.to_device(np.zeros(1, np.int64))
+    kernel[launch(arrays[0].size)](count, *(x.reshape(x.size) for x in arrays))
+    return int(count.copy_to_host()[0])
+
+
 def as_array(name, a):
     """A numpy array, or a CUDA-array-interface object (numba, CuPy, torch) wrapped zero-copy."""
     if isinstance(a, np.ndarray) or cuda.devicearray.is_cuda_ndarray(a):
@@ -89,9 +96,7 @@ def normalized(name, a, dtype, copy=False, weight=False):
 def first_nonfinite(a):
     if not on_device(a):
         return _host.first_nonfinite(a)
-    count = cuda.to_device(np.zeros(1, np.int64))
-    _count_nonfinite_cuda[launch(a.size)](count, a.reshape(a.size))
-    n = int(count.copy_to_host()[0])
+    n = _count(_count_nonfinite_cuda, a)
     return None if n == 0 else f"{n} NaN/inf values on the device"
 
 
@@ -105,9 +110,7 @@ def equal(a, b):
     a, b = device(a), device(b)
     if a.size == 0:
         return True
-    count = cuda.to_device(np.zeros(1, np.int64))
-    _count_different_cuda[launch(a.size)](count, a.reshape(a.size), b.reshape(b.size))
-    return int(count.copy_to_host()[0]) == 0
+    return _count(_count_different_cuda, a, b) == 0
 
 
 def id_range(ids):
