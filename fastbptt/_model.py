@@ -123,8 +123,7 @@ def truncated(cell, run, X, lays, dH, act, k, want_dx, end=None, dC=None):
                 if lays[l].mask is None:
                     run.input_adjoint(l, c.dP[:n], cell.G, out=ch[l - 1].A[:n])
                 else:
-                    down[l][:n] = 0
-                    run.input_adjoint(l, c.dP[:n], cell.G, out=down[l][:n])
+                    run.input_adjoint(l, c.dP[:n], cell.G, out=down[l][:n], add=False)
                     run.add(ch[l - 1].A[:n], _masked_down(run, lays[l], down[l][:n]))
             run.recurrent_adjoint(l, c.dR[:1], cell.G, out=first[l][0])
             if c.C is not None:

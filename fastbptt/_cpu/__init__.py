@@ -410,15 +410,17 @@ class Run(LayerParams):
             projections.embed_dense_backward_cpu(dW_xh, XT, dPp, self.blk("grad", *XT.shape, GH), self.n)
         return dW_xh, dW_hh, dbP, dbR
 
-    def input_adjoint(self, l, dP, G, out=None):
-        """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""
+    def input_adjoint(self, l, dP, G, out=None, add=True):
+        """∂L/∂(layer l's input) (rows, D) = dP W_xhᵀ: a new array, or into out (added to it,
+        or overwriting it when not ``add``)"""
         W = self.key("W_xh", l)
-        fresh = out is None
-        if fresh:
+        overwrite = out is None or not add
+        if out is None:
             out = products.empty(dP.shape[:-1] + (self.P[W].shape[0],), dP.dtype)
         WTp = self.packed(W, transposed=True, cols=self.columns(G) if G > 1 else None)
         out2, dP2 = out.reshape(-1, out.shape[-1]), dP.reshape(-1, dP.shape[-1])
-        gemm_cpu(out2, dP2, WTp, dP.dtype.type(1), self.blk("rows", *dP2.shape, out2.shape[1]), self.n, fresh)
+        gemm_cpu(out2, dP2, WTp, dP.dtype.type(1), self.blk("rows", *dP2.shape, out2.shape[1]), self.n,
+                 products.OVERWRITE if overwrite else products.ADD)
         return out
 
     def recurrent_adjoint(self, l, dR, G, out):

@@ -225,13 +225,15 @@ class Run(LayerParams):
             projections.embed_dense_backward_cuda(dW_xh, dP.reshape(T * B, GH), Xd.reshape(T * B, X.shape[2]))
         return dW_xh, dW_hh, dbP, dbR
 
-    def input_adjoint(self, l, dP, G, out=None):
-        """∂L/∂(layer l's input) (rows, D) (+)= dP W_xhᵀ: out, or a new array"""
+    def input_adjoint(self, l, dP, G, out=None, add=True):
+        """∂L/∂(layer l's input) (rows, D) = dP W_xhᵀ: a new array, or into out (added to it,
+        or overwriting it when not ``add``)"""
         W = self.param("W_xh", l)
+        beta = 1.0 if out is not None and add else 0.0
         if out is None:
             out = zeros(tuple(dP.shape[:-1]) + (W.shape[0],), dP.dtype)
         gemm(out.reshape(out.size // W.shape[0], W.shape[0]), dP.reshape(dP.size // W.shape[1], W.shape[1]),
-             W, tb=True, beta=1.0)
+             W, tb=True, beta=beta)
         return out
 
     def recurrent_adjoint(self, l, dR, G, out):
