@@ -99,7 +99,7 @@ def _train_parser(sub):
     g.add_argument("--resume", action="store_true",
                    help="continue exactly from --checkpoint: model and data options not given (--cell, "
                         "--num-layers, --hidden, ...) are the checkpoint's; one given must match it, "
-                        "except --epochs and --device")
+                        "except --epochs, --device and --stored-states")
     g.add_argument("--overwrite", action="store_true",
                    help="start over when --checkpoint exists (without it or --resume, that is an error)")
     g.add_argument("--json-log", metavar="PATH", help="one JSON object per epoch")

@@ -434,16 +434,10 @@ def save_checkpoint(path, params, opt_state, vocab, cfg, rng_state, epoch, histo
 
 
 def param_shapes(cell, num_layers, V, H):
-    """The shapes of the params of a model on a vocabulary of V (fastbptt's schema: layer l's
-    keys carry the suffix ``_l{l}`` from l = 1, and read the layer below: D = H)."""
-    G = api.CELLS[cell]                   # gates: W_hh is (H, G·H)
-    shapes = {"W_hq": (H, V), "b_q": (V,)}
-    for layer in range(num_layers):
-        s = f"_l{layer}" if layer else ""
-        shapes.update({f"W_xh{s}": (H if layer else V, G * H), f"W_hh{s}": (H, G * H), f"b_h{s}": (G * H,)})
-        if cell == "gru":
-            shapes[f"b_hn{s}"] = (H,)
-    return shapes
+    """The shapes of the params of a model on a vocabulary of V: the API's schema of the cell
+    (layer l's keys carry the suffix ``_l{l}`` from l = 1, and read the layer below: D = H),
+    one-hot input (D = V) and a head onto the vocabulary (Q = V)."""
+    return api._schema(cell, num_layers, V, H, V)
 
 
 def load_checkpoint(path):
@@ -517,7 +511,7 @@ def train(*, checkpoint=None, checkpoint_every=1, resume=False, overwrite=False,
     ``checkpoint``: a ``.npz`` path written atomically every ``checkpoint_every`` epochs;
     one that exists is an error unless ``resume=True``, which continues from it exactly
     (options not given, ``cell`` and ``num_layers`` among them, are the checkpoint's; those
-    given must agree with it, except ``epochs`` and ``device``), or ``overwrite=True``,
+    given must agree with it, except ``epochs``, ``device`` and ``stored_states``), or ``overwrite=True``,
     which starts over.  ``json_log``: one JSON object per epoch with :data:`LOG_KEYS`.
     ``plot``: a PNG of perplexity against epoch (needs matplotlib).  ``sample_prefixes``: the
     texts generated after training (50 tokens from each prefix; None or () for none); by

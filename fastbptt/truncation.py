@@ -45,10 +45,9 @@ class Truncated:
 class Randomized:
     """Randomized truncation (unbiased): ξ_t ∈ {0, 1/p} scales the h_t → h_{t-1} crossing.
 
-    ``p`` in (0, 1]; ``p = 1`` is the exact gradient.  ``seed`` is anything
-    :func:`numpy.random.default_rng` takes: ``None`` (fresh entropy every call), an
-    int (the same gradient on every call), or a ``numpy.random.Generator`` (drawn
-    from on every call).
+    ``p`` in (0, 1]; ``p = 1`` is the exact gradient.  ``seed``: ``None`` (fresh entropy
+    every call), a non-negative int (the same gradient on every call), or a
+    ``numpy.random.Generator`` (drawn from on every call).
     """
 
     p: float
