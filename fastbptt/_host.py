@@ -47,8 +47,9 @@ def first_nonfinite(a):
 
 
 def equal(a, b):
-    """whether a and b have one shape and hold the same values (NaN equal to no value)"""
-    return bool(np.array_equal(a, b))
+    """whether a and b have one shape and hold the same values (a NaN equal to a NaN: values
+    that check_finite=False lets through compare as the same input)"""
+    return bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
 
 
 def id_range(ids):

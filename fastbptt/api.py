@@ -231,6 +231,10 @@ class _Kept:
     as validated, for :func:`kept_backward`)"""
 
     def __init__(self, be, m, lays):
+        # an input the validation made contiguous in a buffer the next call reuses is copied:
+        # the backward reads (and compares) the values this forward ran on
+        m.P = {k: be.owned(a) for k, a in m.P.items()}
+        m.state0 = [tuple(be.owned(a) for a in layer) for layer in m.state0]
         self.be, self.m, self.lays, self.stamp = be, m, lays, _stamp(m)
 
 
@@ -390,6 +394,8 @@ def to_device(params):
 # ------------------------------------------------------------------------- dispatch
 def _backend(device):
     """The module that runs the kernels for ``device``; CUDA is imported only when asked for."""
+    if not isinstance(device, str):
+        raise TypeError(f"device: expected 'cpu' or 'cuda', got {type(device).__name__}")
     if device == "cpu":
         from . import _cpu
         _cpu.team.check_usable()
@@ -450,7 +456,7 @@ def _targets(be, Y, Xc, P):
 
 
 def _scale(reduction, Xc):
-    if reduction not in config.REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in config.REDUCTIONS:
         raise ValueError(f"reduction: expected 'mean' or 'sum', got {reduction!r}")
     return 1.0 / (Xc.shape[0] * Xc.shape[1]) if reduction == "mean" else 1.0
 

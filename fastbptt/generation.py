@@ -30,17 +30,16 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if not isinstance(vocab, Vocab):
         raise TypeError(f"vocab: expected a fastbptt Vocab (the corpus's), got {type(vocab).__name__}")
-    cell, L = api.cell_of(params)
+    api.cell_of(params)
     for name in api.HEAD_KEYS:
         if name not in params:
             raise ValueError(f"params: missing the head's {name!r} (generation reads the output layer)")
-    W_hq, b_q = np.asarray(params["W_hq"], np.float64), np.asarray(params["b_q"], np.float64)
-    H = np.shape(params[key("W_hh", L - 1)])[0]
-    if W_hq.shape != (H, len(vocab)) or b_q.shape != (len(vocab),):
+    P, _, cell, L = api._params(api._backend("cpu"), params, None, head=True)     # as every call checks them
+    W_hq, b_q = P["W_hq"].astype(np.float64), P["b_q"].astype(np.float64)
+    H = P[key("W_hh", L - 1)].shape[0]
+    if W_hq.shape != (H, len(vocab)):
         raise ValueError(f"params['W_hq'], params['b_q']: expected shapes {(H, len(vocab))} and {(len(vocab),)} "
                          f"for a vocabulary of {len(vocab)} tokens, got {W_hq.shape} and {b_q.shape}")
-    if not (np.isfinite(W_hq).all() and np.isfinite(b_q).all()):
-        raise ValueError("params['W_hq'], params['b_q']: non-finite values")
     if cell != "rnn" and activation != "tanh":
         raise ValueError(f"activation: applies to the rnn cell only, got {activation!r} for a {cell}")
     unknown = vocab.unknown(prefix)
@@ -50,9 +49,9 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
     rng = api.random_generator("seed", seed)
     ids = vocab.encode(list(prefix))
     Hs, state = api.rnn_forward(params, ids[:, None], activation=activation, return_state=True)
-    h = Hs[-1]                                                              # the top layer's, (1, H)
+    h = _finite_state(Hs[-1], state, 0)                                     # the top layer's, (1, H)
     out = []
-    for _ in range(length):
+    for i in range(length):
         o = h[0].astype(np.float64) @ W_hq + b_q
         if temperature == 0:
             nxt = int(np.argmax(o))
@@ -63,5 +62,14 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
         out.append(nxt)
         Hs, state = api.rnn_forward(params, np.array([[nxt]]), state, activation=activation,
                                     return_state=True)
-        h = Hs[-1]
+        h = _finite_state(Hs[-1], state, i + 1)
     return prefix + vocab.decode(out)
+
+
+def _finite_state(h, state, n):
+    """h, if the state after the prefix and n generated tokens is finite, else a ValueError
+    (finite params whose state overflows, a relu cell's say, can make it inf)"""
+    if not all(np.isfinite(s).all() for s in (state if isinstance(state, tuple) else (state,))):
+        raise ValueError(f"params: the state overflowed to a non-finite value after the prefix and {n} "
+                         f"generated tokens (weights too large for this activation)")
+    return h

@@ -363,6 +363,44 @@ def test_a_kept_forward_gives_the_recomputed_gradients(cell, rng):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_a_kept_forward_owns_inputs_made_contiguous_in_reused_buffers(cell, rng):
+    # a (B,H) h0 in Fortran order and a read-only weight given as its transpose are made
+    # contiguous in buffers that the next call of the same shapes reuses: the kept forward
+    # holds copies, so another call between it and the backward changes nothing, and a
+    # backward given other values of them is refused
+    params, X, _, given, _, _ = case(rng, cell, 1, dense=True)
+    fortran = tuple(np.asfortranarray(s[0]) for s in given) if cell == "lstm" else np.asfortranarray(given[0])
+    other = tuple(np.asfortranarray(s[0] + 1) for s in given) if cell == "lstm" else np.asfortranarray(given[0] + 1)
+    W_hh = np.ascontiguousarray(params["W_hh"].T).T
+    W_hh.flags.writeable = False
+    ro = dict(params, W_hh=W_hh)
+    Hs, _, kept = fastbptt.rnn_forward(ro, X, fortran, keep=True)
+    W_other = np.ascontiguousarray(-3 * params["W_hh"].T).T
+    W_other.flags.writeable = False
+    fastbptt.rnn_forward(dict(params, W_hh=W_other), X, other)           # overwrites those buffers
+    dHs = rng.normal(0, 1, Hs.shape)
+    want = fastbptt.rnn_backward(params, X, Hs, dHs, fortran)
+    for got in (fastbptt.rnn_backward(ro, X, Hs, dHs, fortran, forward=kept), fastbptt.api.kept_backward(kept, dHs)):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="for other values of h0"):
+        fastbptt.rnn_backward(ro, X, Hs, dHs, other, forward=kept)
+    with pytest.raises(ValueError, match=r"for other values of params\['W_hh'\]"):
+        fastbptt.rnn_backward(dict(params, W_hh=W_other), X, Hs, dHs, fortran, forward=kept)
+
+
+def test_a_kept_forward_with_nan_that_check_finite_lets_through_is_the_same_input(rng):
+    params = fastbptt.init_params(3, 2, 3, dtype=np.float64, seed=0)
+    X, h0 = np.zeros((2, 1), int), np.array([[np.nan, 0.5]])
+    Hs, _, kept = fastbptt.rnn_forward(params, X, h0, keep=True, check_finite=False)
+    got = fastbptt.rnn_backward(params, X, Hs, np.ones_like(Hs), h0.copy(), forward=kept, check_finite=False)
+    assert np.isnan(got["W_hh"]).any()
+    with pytest.raises(ValueError, match="for other values of h0"):
+        fastbptt.rnn_backward(params, X, Hs, np.ones_like(Hs), np.array([[np.nan, 0.25]]), forward=kept,
+                              check_finite=False)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_backward_without_state_gradients(cell, rng):
     """state_grads=False: the same parameter gradients (and ∂X), no "h0" nor "c0" """
     params, X, _, given, _, _ = case(rng, cell, 2, dense=True)

@@ -195,6 +195,18 @@ def test_kept_forward_on_the_device_is_not_the_callers_output(rng, cell):
 
 
 @sim_only
+def test_device_arrays_compare_as_the_host_compares_them():
+    """_cuda.arrays.equal: NaN equal to NaN (what check_finite=False lets through), any other
+    difference or another shape not"""
+    a = np.array([1.0, np.nan, -2.0])
+    eq = _cuda.arrays.equal
+    assert eq(_cuda.arrays.device(a), a.copy()) and eq(a, _cuda.arrays.device(a.copy()))
+    assert not eq(_cuda.arrays.device(a), np.array([1.0, np.nan, -2.5]))
+    assert not eq(_cuda.arrays.device(a), np.array([1.0, 0.0, -2.0]))
+    assert not eq(_cuda.arrays.device(a), a[:2].copy())
+
+
+@sim_only
 def test_a_kept_forward_is_compared_on_the_device(rng):
     """rnn_backward(forward=) with device params: the same values pass (host or device copies),
     a changed weight is named, and a forward kept on the device is refused on the CPU"""

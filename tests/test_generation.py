@@ -57,6 +57,17 @@ def test_generate_checks_the_vocab_and_the_head(model):
         fastbptt.generate({k: v for k, v in params.items() if k != "W_hq"}, vocab, "ab", 2)
     with pytest.raises(ValueError, match="non-finite"):
         fastbptt.generate(dict(params, W_hq=np.full_like(params["W_hq"], np.nan)), vocab, "ab", 2)
+    # the head is checked as every call checks params: no complex, string or ragged head
+    for bad, error, match in ((dict(params, b_q=params["b_q"] + 1e9j), TypeError, r"params\['b_q'\]: expected float"),
+                              (dict(params, W_hq=params["W_hq"].astype(str)), TypeError, r"params\['W_hq'\]"),
+                              (dict(params, W_hq=[[1.0, 2.0], [3.0]]), TypeError, r"params\['W_hq'\]")):
+        with pytest.raises(error, match=match):
+            fastbptt.generate(bad, vocab, "ab", 2)
+    # finite params whose state overflows (a relu cell) say so, naming params
+    big = dict(params, W_hh=np.full_like(params["W_hh"], 1e3), W_xh=np.ones_like(params["W_xh"]))
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match="params: the state overflowed"):
+            fastbptt.generate(big, vocab, "ab", 30, activation="relu", temperature=temperature, seed=0)
     # any real temperature, numpy's too
     assert fastbptt.generate(params, vocab, "ab", 3, temperature=np.float32(0.5), seed=0).startswith("ab")
     # a temperature so small that o / temperature overflows samples the argmax, without warnings

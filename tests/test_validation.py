@@ -108,6 +108,8 @@ def test_bad_h0(case, h0, exc, pattern):
     (dict(activation=None), ValueError, "activation"),
     (dict(reduction="max"), ValueError, "reduction"),
     (dict(device="tpu"), ValueError, "device"),
+    (dict(reduction=np.array(["mean", "sum"])), ValueError, "reduction"),
+    (dict(device=np.array(["cpu", "cpu"])), TypeError, "device"),
     (dict(truncation="partial"), ValueError, "truncation"),
     (dict(truncation=3), TypeError, "truncation"),
 ])

@@ -97,6 +97,17 @@ def transposed(a, out):
     return out
 
 
+def owned(a):
+    """``a``, or a copy of it when it lies in one of this thread's buffers of normalized
+    transposes, which the next call of the same shapes overwrites (for what a call keeps
+    beyond itself: rnn_forward(keep=True)'s inputs)"""
+    for bufs in _transposes.sets.values():
+        for _, group in bufs.values():
+            if any(np.may_share_memory(a, b) for b in group):
+                return a.copy()
+    return a
+
+
 def normalized(name, a, dtype, copy=False, weight=False):
     """as fastbptt._host.normalized, but a transposed 2-D float array of ``dtype`` (a weight
     given as Wᵀ, as torch holds it) is made C-contiguous by the engine's vector transpose,

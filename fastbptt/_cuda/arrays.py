@@ -46,10 +46,11 @@ def _count_nonfinite_cuda(count, a):
 
 @cuda.jit
 def _count_different_cuda(count, a, b):
-    """count[0] += the number of i with a[i] != b[i] (1-D views; NaN differs from all)"""
+    """count[0] += the number of i with a[i] != b[i] (1-D views; a NaN equal to a NaN, as
+    fastbptt._host.equal)"""
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, a.shape[0], stride):
-        if not a[i] == b[i]:
+        if not (a[i] == b[i] or (a[i] != a[i] and b[i] != b[i])):
             cuda.atomic.add(count, 0, 1)
 
 
