@@ -71,8 +71,8 @@ def main(argv=None):
         ref = None
         for s in args.stored:
             stored = None if s == "none" else s if s == "sqrt" else int(s)
-            steps = (2.0 if stored == "sqrt" else 1.0 if stored is None
-                     else 1 + schedule.forward_steps(T, stored) / T)
+            steps = (1.0 if stored is None else 1 + schedule.advances(schedule.segments(T)) / T
+                     if stored == "sqrt" else 1 + schedule.forward_steps(T, stored) / T)
             if steps > args.max_steps:
                 print(f"{T:>7} {s:>7}   skipped: {steps:.1f} steps per step")
                 continue

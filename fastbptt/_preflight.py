@@ -126,6 +126,8 @@ def check_output(what, path, *, replaced=False):
 
 def check_input(what, path):
     """``path`` as a Path, or ValueError unless it names an existing regular file"""
+    if str(path) == "":
+        raise ValueError(f"{what}: an empty path names no file")
     p = Path(path)
     if p.is_dir():
         raise ValueError(f"{what}: {path} is a folder, not a file")

@@ -227,9 +227,9 @@ def _diagnose_parser(sub):
 
 def _run_diagnose(args):
     from . import api, data, diagnostics
-    from .trainer import CELLS
+    from .trainer import CELLS, TrainConfig, _check_memory
     given = [name for name in INIT_MODEL if getattr(args, name) is not None]
-    if args.checkpoint and given:
+    if args.checkpoint is not None and given:
         flag = "--" + given[0].replace("_", "-")
         raise ValueError(f"{flag}: sets the model of --init; with --checkpoint the model is the checkpoint's")
     for name, (default, _) in INIT_MODEL.items():
@@ -240,6 +240,8 @@ def _run_diagnose(args):
     for name in ("num_layers", "hidden", "num_steps", "batch_size", "seeds", "train_epochs"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.max_chars is not None and args.max_chars < 1:
+        raise ValueError(f"--max-chars: expected a positive integer, got {args.max_chars}")
     if args.seed < 0:
         raise ValueError(f"--seed: expected a non-negative integer, got {args.seed}")
     if not 0 < args.scale < math.inf:
@@ -247,7 +249,7 @@ def _run_diagnose(args):
     if args.init and args.cell != "rnn" and args.activation != "tanh":
         raise ValueError(f"--activation: applies to --cell rnn only, got {args.activation!r} with --cell {args.cell}")
     history, text, tokenize, activation = None, args.text, args.tokenize or "book", args.activation
-    if args.checkpoint:
+    if args.checkpoint is not None:
         params, _, meta = _load_checkpoint(args.checkpoint)
         params = {k: v.astype(np.float32) for k, v in params.items()}
         cfg = meta["config"]
@@ -259,6 +261,7 @@ def _run_diagnose(args):
     else:
         tokens = data.tokenize(data.load_text(text), tokenize)
         vocab = data.Vocab(tokens)
+        _check_memory(TrainConfig(cell=args.cell, num_layers=args.num_layers, hidden=args.hidden), len(vocab))
         params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed, cell=args.cell,
                                  num_layers=args.num_layers, init="normal")     # --scale: its std
         params = {k: v * np.float32(args.scale / 0.01) for k, v in params.items()}

@@ -410,9 +410,13 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     ``params`` of any cell and depth (the models of part 4 are of the same)."""
     from tqdm.auto import tqdm
     cell, num_layers = api.cell_of(params)
-    n_train = len(ids) - int(len(ids) * BOOK_VAL_FRACTION)     # part 4's training split: checked up front
-    data.check_length(n_train, num_steps, batch_size,
+    n_val = int(len(ids) * BOOK_VAL_FRACTION)                   # part 4's splits: checked up front
+    data.check_length(len(ids) - n_val, num_steps, batch_size,
                       f"training split of part 4 (the text less its last {BOOK_VAL_FRACTION:.0%}, held out)")
+    if n_val < 2:
+        raise ValueError(f"n_tokens: part 4 reports the validation perplexity of the text's last "
+                         f"{BOOK_VAL_FRACTION:.0%}, {n_val} of its {len(ids)} tokens; it needs at least 2 "
+                         f"(use a longer text)")
     X, Y = probe_batch(ids, num_steps, batch_size, seed)
     steps = tqdm(total=5, disable=not progress, desc="diagnose", unit="part")
     lags = {"model": lag_norms(params, X, Y, activation=activation)}

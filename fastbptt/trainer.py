@@ -86,6 +86,8 @@ class TrainConfig:
         if c.text is not None:                          # absolute: a resume from another folder finds it
             if not isinstance(c.text, (str, os.PathLike)):
                 raise TypeError(f"text: expected a path or None, got {type(c.text).__name__}")
+            if str(c.text) == "":
+                raise ValueError("text: an empty path names no file")
             c.text = str(Path(c.text).resolve())
         if c.val_fraction is None:
             c.val_fraction = 0.0 if c.max_chars is not None else 0.1

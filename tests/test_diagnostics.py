@@ -290,6 +290,8 @@ def test_diagnose_cli_on_a_fresh_two_layer_lstm(tmp_path, monkeypatch):
     (["--seed", "-1"], "--seed: expected a non-negative integer, got -1"),
     (["--cell", "gru", "--activation", "relu"], "--activation: applies to --cell rnn only, got 'relu' with --cell gru"),
     (["--scale", "inf"], "--scale: expected a finite positive number, got inf"),
+    (["--max-chars", "0"], "--max-chars: expected a positive integer, got 0"),
+    (["--text", ""], "--text: an empty path names no file"),
 ])
 def test_diagnose_cli_bad_cell_or_depth_exits_2_with_one_line(argv, line, capsys):
     assert diagnose("--init", *argv, "--quiet") == 2
@@ -313,3 +315,28 @@ def test_diagnose_checks_part_4s_training_split_before_any_work(capsys, monkeypa
     err = capsys.readouterr().err
     assert err.startswith("fastbptt diagnose: error: --text: the training split of part 4 (the text less its "
                           "last 10%, held out) has 31 tokens, fewer than one minibatch") and err.count("\n") == 1
+
+
+def test_diagnose_checks_part_4s_validation_split_before_any_work(capsys, monkeypatch):
+    from fastbptt import diagnostics
+    monkeypatch.setattr(diagnostics, "lag_norms", lambda *a, **k: pytest.fail("work started"))
+    assert diagnose("--init", "--max-chars", 9, "--hidden", 2, "--num-steps", 1, "--batch-size", 1,
+                    "--quiet") == 2
+    assert capsys.readouterr().err == ("fastbptt diagnose: error: --text: part 4 reports the validation perplexity "
+                                       "of the text's last 10%, 0 of its 9 tokens; it needs at least 2 (use a "
+                                       "longer text)\n")
+
+
+def test_diagnose_refuses_an_empty_checkpoint_path_and_a_model_larger_than_memory(capsys, monkeypatch):
+    """--checkpoint "" (an unset variable) is not --init; --hidden too large for this machine exits
+    2 before any parameter is drawn"""
+    from fastbptt import api
+    assert diagnose("--checkpoint", "", "--quiet") == 2
+    assert capsys.readouterr().err == "fastbptt diagnose: error: --checkpoint: an empty path names no file\n"
+    assert diagnose("--checkpoint", "", "--hidden", "8", "--quiet") == 2
+    assert "--hidden: sets the model of --init" in capsys.readouterr().err
+    monkeypatch.setattr(api, "init_params", lambda *a, **k: pytest.fail("parameters drawn"))
+    assert diagnose("--init", "--hidden", "100000000", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastbptt diagnose: error: --hidden: the rnn model of hidden=100000000") and \
+        "of memory" in err and err.count("\n") == 1

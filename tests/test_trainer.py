@@ -336,6 +336,7 @@ def test_cli_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys)
     (dict(max_minutes=0), "max_minutes: expected a positive number, got 0"),
     (dict(checkpoint_every=0), "checkpoint_every: expected a positive integer, got 0"),
     (dict(text="/no/such/file"), "text: no such file: /no/such/file"),
+    (dict(text=""), "text: an empty path names no file"),
     (dict(cell="cnn"), "cell: expected one of rnn, gru, lstm, got 'cnn'"),
     (dict(num_layers=0), "num_layers: expected a positive integer, got 0"),
     (dict(num_layers=1.5), "num_layers: expected a positive integer, got 1.5"),
