@@ -158,7 +158,7 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     stored_states : how many states (h, and c for the LSTM, of every layer at one step) the
         forward keeps for the backward; the others are recomputed from the nearest kept one,
         and the gradients are the same.  None: all T (the fastest); "sqrt": about √T, each
-        step computed twice; an int n >= 1: Griewank and Walther's binomial schedule for n
+        step but the last range's computed twice; an int n >= 1: Griewank and Walther's binomial schedule for n
         (:mod:`fastbptt.schedule`), the fewest recomputations that n allow (n >= T: as None).
         With ``Truncated(k)``, k < T, the loss terms go in windows of about √T ("sqrt") or
         ⌈T/n⌉ steps (at least k), each recomputed from a kept state at least k steps before
@@ -329,7 +329,8 @@ def kept_backward(forward, dHs, *, activation="tanh", truncation=None, input_gra
                   state_grads=True, check_finite=True):
     """:func:`rnn_backward` (arguments and results as there) from ``forward``, what
     ``rnn_forward(..., keep=True)`` kept, for a caller that owns that forward's params, X,
-    h0 and input_masks and has not changed them since (they are kept as given, not copied):
+    h0 and input_masks and has not changed them since (they are kept as given, not copied,
+    but for those the validation made contiguous in buffers a later call reuses, _Kept):
     a framework's autograd function (the PyTorch bridge: the params are its own copies, X and
     h0 tensors torch saved and guards against in-place changes, the masks its own draws).
     Those inputs are taken as the forward validated them, not checked again."""

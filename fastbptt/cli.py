@@ -261,6 +261,7 @@ def _run_diagnose(args):
     else:
         tokens = data.tokenize(data.load_text(text), tokenize)
         vocab = data.Vocab(tokens)
+        diagnostics.check_splits(len(tokens[:args.max_chars]), args.num_steps, args.batch_size)   # before init
         _check_memory(TrainConfig(cell=args.cell, num_layers=args.num_layers, hidden=args.hidden), len(vocab))
         params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed, cell=args.cell,
                                  num_layers=args.num_layers, init="normal")     # --scale: its std

@@ -403,6 +403,18 @@ def probe_batch(ids, num_steps, batch_size, seed=0):
     return next(data.sequential_batches(ids, batch_size, num_steps, np.random.default_rng(seed)))
 
 
+def check_splits(n_tokens, num_steps, batch_size):
+    """ValueError unless a text of n_tokens gives part 4 a training split of one minibatch and a
+    validation split of at least 2 tokens (its perplexity): checked before any work"""
+    n_val = int(n_tokens * BOOK_VAL_FRACTION)
+    data.check_length(n_tokens - n_val, num_steps, batch_size,
+                      f"training split of part 4 (the text less its last {BOOK_VAL_FRACTION:.0%}, held out)")
+    if n_val < 2:
+        raise ValueError(f"n_tokens: part 4 reports the validation perplexity of the text's last "
+                         f"{BOOK_VAL_FRACTION:.0%}, {n_val} of its {n_tokens} tokens; it needs at least 2 "
+                         f"(use a longer text)")
+
+
 def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activation="tanh",
         num_steps=32, batch_size=32, seeds=30, train_epochs=10, history=None, report=None,
         json_path=None, seed=0, progress=True):
@@ -410,13 +422,7 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     ``params`` of any cell and depth (the models of part 4 are of the same)."""
     from tqdm.auto import tqdm
     cell, num_layers = api.cell_of(params)
-    n_val = int(len(ids) * BOOK_VAL_FRACTION)                   # part 4's splits: checked up front
-    data.check_length(len(ids) - n_val, num_steps, batch_size,
-                      f"training split of part 4 (the text less its last {BOOK_VAL_FRACTION:.0%}, held out)")
-    if n_val < 2:
-        raise ValueError(f"n_tokens: part 4 reports the validation perplexity of the text's last "
-                         f"{BOOK_VAL_FRACTION:.0%}, {n_val} of its {len(ids)} tokens; it needs at least 2 "
-                         f"(use a longer text)")
+    check_splits(len(ids), num_steps, batch_size)
     X, Y = probe_batch(ids, num_steps, batch_size, seed)
     steps = tqdm(total=5, disable=not progress, desc="diagnose", unit="part")
     lags = {"model": lag_norms(params, X, Y, activation=activation)}

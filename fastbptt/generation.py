@@ -49,9 +49,10 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
     rng = api.random_generator("seed", seed)
     ids = vocab.encode(list(prefix))
     Hs, state = api.rnn_forward(params, ids[:, None], activation=activation, return_state=True)
-    h = _finite_state(Hs[-1], state, 0)                                     # the top layer's, (1, H)
+    h = Hs[-1]                                                              # the top layer's, (1, H)
     out = []
     for i in range(length):
+        _finite_state(state, i)                       # the state this token is read from
         o = h[0].astype(np.float64) @ W_hq + b_q
         if temperature == 0:
             nxt = int(np.argmax(o))
@@ -60,16 +61,16 @@ def generate(params, vocab, prefix, length, *, temperature=0.0, seed=None, activ
                 p = np.exp((o - o.max()) / temperature)
             nxt = int(rng.choice(len(p), p=p / p.sum()))
         out.append(nxt)
-        Hs, state = api.rnn_forward(params, np.array([[nxt]]), state, activation=activation,
-                                    return_state=True)
-        h = _finite_state(Hs[-1], state, i + 1)
+        if i + 1 < length:                            # the last token's state is not read
+            Hs, state = api.rnn_forward(params, np.array([[nxt]]), state, activation=activation,
+                                        return_state=True)
+            h = Hs[-1]
     return prefix + vocab.decode(out)
 
 
-def _finite_state(h, state, n):
-    """h, if the state after the prefix and n generated tokens is finite, else a ValueError
-    (finite params whose state overflows, a relu cell's say, can make it inf)"""
+def _finite_state(state, n):
+    """ValueError unless the state after the prefix and n generated tokens is finite (finite
+    params whose state overflows, a relu cell's say, can make it inf)"""
     if not all(np.isfinite(s).all() for s in (state if isinstance(state, tuple) else (state,))):
         raise ValueError(f"params: the state overflowed to a non-finite value after the prefix and {n} "
                          f"generated tokens (weights too large for this activation)")
-    return h

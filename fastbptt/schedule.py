@@ -10,7 +10,7 @@ LSTM, of every layer), carried out by ``fastbptt._model.bounded``:
                                and run their backward (the adjoint of x_b in, of x_a out)
 
 - :func:`segments` ("sqrt"): x_0, x_m, x_2m, ... kept in one forward pass, m = ⌈T/⌊√T⌋⌉ ≈ √T; each
-  segment reversed from its first state.  Every step is computed twice.
+  segment reversed from its first state.  Every step but the last segment's is computed twice.
 - :func:`revolve` (an int n): Griewank and Walther's binomial schedule (ACM TOMS 26(1), 2000),
   with n slots for kept states (x_0's among them).  Its forward steps (advances) number
   exactly :func:`forward_steps` (T, n) = r·T − β(n+1, r−1), the fewest any schedule with n

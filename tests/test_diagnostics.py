@@ -318,8 +318,8 @@ def test_diagnose_checks_part_4s_training_split_before_any_work(capsys, monkeypa
 
 
 def test_diagnose_checks_part_4s_validation_split_before_any_work(capsys, monkeypatch):
-    from fastbptt import diagnostics
-    monkeypatch.setattr(diagnostics, "lag_norms", lambda *a, **k: pytest.fail("work started"))
+    from fastbptt import api
+    monkeypatch.setattr(api, "init_params", lambda *a, **k: pytest.fail("parameters drawn"))
     assert diagnose("--init", "--max-chars", 9, "--hidden", 2, "--num-steps", 1, "--batch-size", 1,
                     "--quiet") == 2
     assert capsys.readouterr().err == ("fastbptt diagnose: error: --text: part 4 reports the validation perplexity "

@@ -68,6 +68,19 @@ def test_generate_checks_the_vocab_and_the_head(model):
     for temperature in (0.0, 1.0):
         with pytest.raises(ValueError, match="params: the state overflowed"):
             fastbptt.generate(big, vocab, "ab", 30, activation="relu", temperature=temperature, seed=0)
+    # ... but only a state a token is read from: the prefix alone (length 0), or the tokens before
+    # the state overflows, are generated
+    n = next(n for n in range(1, 30) if not _generates(big, vocab, n))
+    assert n > 1 and len(fastbptt.generate(big, vocab, "ab", n - 1, activation="relu")) == 2 + n - 1
+    assert fastbptt.generate(big, vocab, "ab" * (n + 1), 0, activation="relu") == "ab" * (n + 1)
+
+
+def _generates(params, vocab, n):
+    try:
+        fastbptt.generate(params, vocab, "ab", n, activation="relu")
+        return True
+    except ValueError:
+        return False
     # any real temperature, numpy's too
     assert fastbptt.generate(params, vocab, "ab", 3, temperature=np.float32(0.5), seed=0).startswith("ab")
     # a temperature so small that o / temperature overflows samples the argmax, without warnings

@@ -236,7 +236,7 @@ class Run(LayerParams):
         W = self.param("W_xh", l)
         beta = 1.0 if out is not None and add else 0.0
         if out is None:
-            out = zeros(tuple(dP.shape[:-1]) + (W.shape[0],), dP.dtype)
+            out = cuda.device_array(tuple(dP.shape[:-1]) + (W.shape[0],), dP.dtype)    # beta = 0 below
         gemm(out.reshape(out.size // W.shape[0], W.shape[0]), dP.reshape(dP.size // W.shape[1], W.shape[1]),
              W, tb=True, beta=beta)
         return out
