@@ -432,3 +432,21 @@ def test_kept_records_are_taken_again_once_released(rng):
     got = fastbptt.rnn_backward(params, X2, Hs, dHs, given, input_grad=True, forward=third)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+@pytest.mark.parametrize("cell", ("gru", "lstm"))
+def test_a_closed_gate_closes_in_float32_as_in_float64(cell):
+    """σ(-50) ≈ 2e-22: the GRU's z·h and the LSTM's f·c of a huge state vanish in float32 as in
+    float64 (the float32 sigmoid is accurate relative to itself, not only to 2.5e-7)"""
+    G = {"gru": 3, "lstm": 4}[cell]
+    W_xh = np.zeros((1, G))
+    W_xh[0, {"gru": 1, "lstm": 1}[cell]] = -50.0          # the GRU's z, the LSTM's f: closed
+    got = {}
+    for dt in (np.float32, np.float64):
+        p = {"W_xh": W_xh, "W_hh": np.zeros((1, G)), "b_h": np.zeros(G), "W_hq": [[1.0, -1.0]], "b_q": np.zeros(2)}
+        p = {k: np.asarray(v, dt) for k, v in (dict(p, b_hn=np.zeros(1)) if cell == "gru" else p).items()}
+        big = np.full((1, 1), 1e6, dt)
+        h0 = (big, big) if cell == "lstm" else big
+        _, _, last = fastbptt.loss_and_grad(p, np.zeros((1, 1), int), np.zeros((1, 1), int), h0)
+        got[dt] = np.abs(np.asarray(last[1] if cell == "lstm" else last, np.float64)).max()
+    assert got[np.float64] < 1e-10 and got[np.float32] < 1e-10

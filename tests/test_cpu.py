@@ -44,6 +44,22 @@ def test_float32_exp_is_accurate_everywhere():
     assert np.all(np.isnan(out[:17]))
 
 
+def test_float32_sigmoid_is_accurate_relative_to_itself_everywhere():
+    # relative to σ on both sides: a closed gate (σ of a large negative x) is near 0, so that
+    # z·h and f·c of a large state vanish as they should (½ + ½ tanh(x/2) stopped at 1.2e-7)
+    x = np.concatenate([np.linspace(-87, 88, 1750001), [0.0, -0.0, 1e-30, -1e-8, -100.0, 100.0]])
+    x = x.astype(np.float32)
+    out = np.empty_like(x)
+    fastmath.sigmoid_cpu(out, x)
+    want = 1 / (1 + np.exp(-x.astype(np.float64)))
+    inside = x >= -87                                       # beyond, e^x is clamped at 1.2e-38
+    assert np.max(np.abs(out - want)[inside] / want[inside]) < 1e-6
+    assert np.all((out >= 0) & (out <= 1))
+    assert out[-6] == out[-5] == np.float32(0.5) and out[-1] == 1.0 and 0 < out[-2] < 1.3e-38
+    fastmath.sigmoid_cpu(out[:17], np.full(17, np.nan, np.float32))   # NaN stays NaN (vector and tail)
+    assert np.all(np.isnan(out[:17]))
+
+
 def test_float64_exp_is_numpy():
     x = np.linspace(-700, 700, 1001)
     out = np.empty_like(x)
