@@ -158,8 +158,9 @@ def loss_and_grad(params, X, Y, h0=None, *, activation="tanh", truncation=None,
     stored_states : how many states (h, and c for the LSTM, of every layer at one step) the
         forward keeps for the backward; the others are recomputed from the nearest kept one,
         and the gradients are the same.  None: all T (the fastest); "sqrt": about √T, each
-        step but the last range's computed twice; an int n >= 1: Griewank and Walther's binomial schedule for n
-        (:mod:`fastbptt.schedule`), the fewest recomputations that n allow (n >= T: as None).
+        step but the last range's computed twice; an int n >= 1: Griewank and Walther's
+        binomial schedule for n (:mod:`fastbptt.schedule`), the fewest recomputations that n
+        allow (n >= T: as None).
         With ``Truncated(k)``, k < T, the loss terms go in windows of about √T ("sqrt") or
         ⌈T/n⌉ steps (at least k), each recomputed from a kept state at least k steps before
         it.  See docs/memory.md.
