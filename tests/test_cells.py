@@ -450,3 +450,22 @@ def test_a_closed_gate_closes_in_float32_as_in_float64(cell):
         _, _, last = fastbptt.loss_and_grad(p, np.zeros((1, 1), int), np.zeros((1, 1), int), h0)
         got[dt] = np.abs(np.asarray(last[1] if cell == "lstm" else last, np.float64)).max()
     assert got[np.float64] < 1e-10 and got[np.float32] < 1e-10
+
+
+@pytest.mark.parametrize("cell", ("rnn", "gru", "lstm"))
+def test_no_gradient_leaks_through_a_saturated_tanh_in_float32(cell):
+    """tanh(100) is 1 in float32 and 1 − tanh² is 0: no gradient reaches the weight that
+    saturates it (the fast tanh's clamp left 4.8e-7 · 100 of it)"""
+    G, j = {"rnn": 1, "gru": 3, "lstm": 4}[cell], {"rnn": 0, "gru": 2, "lstm": 2}[cell]
+    got = {}
+    for dt in (np.float32, np.float64):
+        W_xh = np.zeros((1, G), dt)
+        W_xh[0, j] = 1.0                                  # h, the GRU's n, the LSTM's g: tanh(100)
+        p = {"W_xh": W_xh, "W_hh": np.zeros((1, G), dt), "b_h": np.zeros(G, dt)}
+        if cell == "gru":
+            p["b_hn"] = np.zeros(1, dt)
+        X = np.full((1, 1, 1), 100.0, dt)
+        Hs = fastbptt.rnn_forward(p, X, cell=cell)
+        got[dt] = fastbptt.rnn_backward(p, X, Hs, np.ones_like(Hs), cell=cell)["W_xh"]
+    assert got[np.float32][0, j] == 0 and abs(got[np.float64][0, j]) < 1e-60
+    np.testing.assert_allclose(got[np.float32], got[np.float64], rtol=1e-6, atol=1e-30)   # the other gates

@@ -20,6 +20,13 @@ def test_float32_tanh_is_accurate_everywhere():
     assert err.max() < 1e-6
     assert np.all(np.abs(out) <= 1.0)
     assert np.all(np.sign(out) == np.sign(x))
+    # saturated: exactly ±1 (1 − tanh² = 0) from where tanh rounds to ±1 in float32 (9.010914)
+    x = np.array([9.010914, 9.5, 20.0, 1e30, np.inf, -9.010914, -np.inf], np.float32)
+    out = np.empty_like(x)
+    fastmath.tanh_cpu(out, x)
+    np.testing.assert_array_equal(out, np.sign(x))
+    fastmath.tanh_cpu(out[:1], np.array([np.nan], np.float32))
+    assert np.isnan(out[0])
 
 
 def test_float64_tanh_is_numpy():
@@ -55,7 +62,9 @@ def test_float32_sigmoid_is_accurate_relative_to_itself_everywhere():
     inside = x >= -87                                       # beyond, e^x is clamped at 1.2e-38
     assert np.max(np.abs(out - want)[inside] / want[inside]) < 1e-6
     assert np.all((out >= 0) & (out <= 1))
-    assert out[-6] == out[-5] == np.float32(0.5) and out[-1] == 1.0 and 0 < out[-2] < 1.3e-38
+    assert out[-6] == out[-5] == np.float32(0.5) and out[-1] == 1.0 and out[-2] == 0.0
+    fastmath.sigmoid_cpu(out[:3], np.array([-np.inf, np.inf, -87.5], np.float32))
+    np.testing.assert_array_equal(out[:3], [0.0, 1.0, 0.0])
     fastmath.sigmoid_cpu(out[:17], np.full(17, np.nan, np.float32))   # NaN stays NaN (vector and tail)
     assert np.all(np.isnan(out[:17]))
 

@@ -15,9 +15,12 @@ from ..config import FASTMATH_POINTWISE
 # --------------------------------------------------------------------------- tanh
 # float32: Eigen's rational approximation (odd degree-13 polynomial over an even
 # degree-6 one in x, input clamped to ±7.9053111), max abs error ≈ 2.5e-7, branch
-# free so the step loop vectorizes; numba's np.tanh is a scalar libm call.
+# free so the step loop vectorizes; numba's np.tanh is a scalar libm call.  From
+# |x| = 9.010914, where float32's tanh rounds to ±1, exactly ±1: a saturated unit's
+# 1 − tanh² is 0, as in float32 arithmetic, not the clamp's 4.8e-7.
 # float64: np.tanh (exact to 1 ulp; the float64 path is the accurate one).
 _CLAMP = np.float32(7.90531110763549805)
+_ONE_AT = np.float32(9.010914)
 _A1, _A3, _A5, _A7 = (np.float32(4.89352455891786e-03), np.float32(6.37261928875436e-04),
                       np.float32(1.48572235717979e-05), np.float32(5.12229709037114e-08))
 _A9, _A11, _A13 = (np.float32(-8.60467152213735e-11), np.float32(2.00018790482477e-13),
@@ -42,6 +45,8 @@ def _fast_float32(numpy_fn, float32_fn):
 
 
 def _tanh_f32(x):
+    one = np.float32(1) if x > 0 else np.float32(-1)
+    saturated = abs(x) >= _ONE_AT
     x = _CLAMP if x > _CLAMP else x
     x = -_CLAMP if x < -_CLAMP else x
     x2 = x * x
@@ -54,7 +59,7 @@ def _tanh_f32(x):
     q = x2 * _B6 + _B4
     q = q * x2 + _B2
     q = q * x2 + _B0
-    return x * p / q
+    return one if saturated else x * p / q
 
 
 tanh = _fast_float32(np.tanh, _tanh_f32)
@@ -118,14 +123,14 @@ def sigmoid(x):
     """σ(x) = 1 / (1 + e^-x), the gates of the GRU and the LSTM: for float32 from the fast exp
     above, e = e^-|x|, σ = 1 / (1 + e) for x >= 0 and e / (1 + e) below (branch free, so a
     gate loop vectorizes; accurate relative to σ on both sides, so a closed gate is near 0,
-    not the 1.2e-7 of ½ + ½ tanh(x/2)); for float64 numpy's exp."""
+    not the 1.2e-7 of ½ + ½ tanh(x/2), and 0 below −87.3); for float64 numpy's exp."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
 def _sigmoid_f32(x):
-    e = exp(-abs(x))
+    e = exp(-abs(x))                 # clamped at e^-87.3: σ below that is 0 (float32's e^x is)
     s = np.float32(1) / (np.float32(1) + e)
-    return s if x >= 0 else e * s
+    return s if x >= 0 else (np.float32(0) if x < _EXP_LO else e * s)       # NaN: e * s, NaN
 
 
 @overload(sigmoid, jit_options={"fastmath": FASTMATH_POINTWISE, "error_model": "numpy"})
