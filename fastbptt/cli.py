@@ -227,7 +227,7 @@ def _diagnose_parser(sub):
 
 def _run_diagnose(args):
     from . import api, data, diagnostics
-    from .trainer import CELLS, TrainConfig, _check_memory
+    from .trainer import CELLS, TrainConfig, check_memory
     given = [name for name in INIT_MODEL if getattr(args, name) is not None]
     if args.checkpoint is not None and given:
         flag = "--" + given[0].replace("_", "-")
@@ -262,7 +262,7 @@ def _run_diagnose(args):
         tokens = data.tokenize(data.load_text(text), tokenize)
         vocab = data.Vocab(tokens)
         diagnostics.check_splits(len(tokens[:args.max_chars]), args.num_steps, args.batch_size)   # before init
-        _check_memory(TrainConfig(cell=args.cell, num_layers=args.num_layers, hidden=args.hidden), len(vocab))
+        check_memory(TrainConfig(cell=args.cell, num_layers=args.num_layers, hidden=args.hidden), len(vocab))
         params = api.init_params(len(vocab), args.hidden, len(vocab), seed=args.seed, cell=args.cell,
                                  num_layers=args.num_layers, init="normal")     # --scale: its std
         params = {k: v * np.float32(args.scale / 0.01) for k, v in params.items()}

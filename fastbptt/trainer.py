@@ -624,7 +624,7 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
 
     def prepare():
         corpus = load_corpus(cfg, quiet=quiet or not root)
-        _check_memory(cfg, len(corpus.vocab))
+        check_memory(cfg, len(corpus.vocab))
         if resume and (saved[2]["text_sha256"] != corpus.sha256 or saved[2]["vocab"] != corpus.vocab.idx_to_token):
             raise ValueError("resume: the text differs from the one the checkpoint was trained on")
         try:
@@ -863,7 +863,7 @@ def _physical_memory():
         return None
 
 
-def _check_memory(cfg, V):
+def check_memory(cfg, V):
     """ValueError if the parameters, their gradients (and Adam's moments) alone exceed the
     machine's memory: fail now, not in an allocation minutes later or by the OOM killer."""
     n = sum(math.prod(s) for s in param_shapes(cfg.cell, cfg.num_layers, V, cfg.hidden).values())

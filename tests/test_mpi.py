@@ -211,14 +211,14 @@ def test_batch_that_does_not_divide_fails_on_every_rank():
 
 
 def test_an_error_of_one_rank_is_raised_on_every_rank(monkeypatch, tmp_path):
-    real = trainer._check_memory
+    real = trainer.check_memory
 
     def check(cfg, V):                                       # rank 1 alone finds no memory
         if threading.current_thread().name == "rank1":
             raise ValueError("hidden: not enough memory on this node")
         return real(cfg, V)
 
-    monkeypatch.setattr(trainer, "_check_memory", check)
+    monkeypatch.setattr(trainer, "check_memory", check)
     _, errors = run_ranks(2, lambda comm: fastbptt.train(**TINY, epochs=1, comm=comm))
     assert [(type(e), str(e), e.failed_rank) for e in errors] == \
         [(ValueError, "hidden: not enough memory on this node", 1)] * 2
