@@ -22,6 +22,8 @@
                                             # by the tile or by numpy's BLAS (each in a process of its own)
     python bench/engine_micro.py cellsweeps # each cell's forward sweep with the lanes and blocking chosen on
                                             # the Elman cell's and on its own
+    python bench/engine_micro.py waits      # the plan's sweep measurements quiet and beside 1 or 2 busy
+                                            # processes: how long this process's threads waited for a core
     python bench/engine_micro.py choices CELL T B D H  # whole loss_and_grad calls (2 threads) alternating
                                             # the plan's choices: a sweep on one lane, column lanes or rows
                                             # split, and the products' blocking per shape or their kind's
@@ -103,8 +105,8 @@ def bench_sweeps():
             for lanes in (1, 2):
                 numba.set_num_threads(lanes)
                 blk = np.array([kc, 64])
-                ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, lanes, lanes)),
-                             reps=5)
+                ms = best_ms(lambda: (S.__setitem__(slice(None), pre),
+                                      elman.forward_cpu(S, Wp, 0, blk, lanes, lanes, False)), reps=5)
                 out.append(f"{lanes} lane(s) {ms:.3f} ms ({2 * B * H * H * T / ms / 1e6:.0f} GFLOP/s)")
             print(f"forward sweep B={B} H={H} T={T} kc={kc}: " + ", ".join(out))
 
@@ -120,7 +122,7 @@ def bench_align():
     off[:] = aligned
     blk = np.array([512, 64])
     for name, Wp in (("64-byte aligned", aligned), ("16 bytes off", off)):
-        ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, 2, 2)), reps=10)
+        ms = best_ms(lambda: (S.__setitem__(slice(None), pre), elman.forward_cpu(S, Wp, 0, blk, 2, 2, False)), reps=10)
         print(f"forward sweep B={B} H={H} T={T}, 2 lanes, packed W_hh {name}: {ms:.3f} ms")
 
 
@@ -683,6 +685,23 @@ def bench_passes():
               f"{scans[0]:.3f}, before {scans[1]:.3f} (x{scans[1] / scans[0]:.2f})")
 
 
+def bench_waits():
+    """a sweep's plan measurement (plan.measure_sweep) with 0, 1 and 2 busy processes beside
+    it: the share of its time this process's threads waited for a core, and its choice"""
+    from fastbptt._cpu import lstm, plan
+    for busy in (0, 1, 2):
+        spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        time.sleep(0.5)
+        try:
+            for cell, B, H in ((elman, 1, 256), (elman, 32, 256), (lstm, 32, 256)):
+                got = [plan.measure_sweep(cell, np.float32, B, H, 2) for _ in range(4)]
+                print(f"{busy} busy  {plan.cell_name(cell)} B={B} H={H}: "
+                      + "  ".join(f"{c} waited {w:.3f}" for c, w in got), flush=True)
+        finally:
+            for p in spin:
+                p.kill()
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print(__doc__)
@@ -694,4 +713,4 @@ if __name__ == "__main__":
      "sums": bench_sums, "split": bench_split, "embed": bench_embed, "passes": bench_passes,
      "cellsweeps": bench_cellsweeps, "choices": bench_choices, "firstcall": bench_firstcall,
      "coldcall": bench_coldcall, "compile": bench_compile, "spells": bench_spells,
-     "interleave": bench_interleave}[sys.argv[1] if len(sys.argv) > 1 else "products"]()
+     "interleave": bench_interleave, "waits": bench_waits}[sys.argv[1] if len(sys.argv) > 1 else "products"]()

@@ -189,6 +189,8 @@ def rnn_backward(be, cell, P, X, S, dH, state0, act, k, xi, L, want_dx, lays=Non
     with be.begin(P, X, "backward", cell, L) as run:
         run.want_d0 = want_d0
         dH = run.given(dH)
+        if isinstance(lays, Records):
+            run.follow(lays)
         if lays is None:
             S = run.given(S)
             lays = [cell.given(run, 0, X, S, state0[0], act)] if L == 1 else forward(cell, run, X, state0, act,

@@ -12,11 +12,12 @@ is not here but in the measured plan (``fastbptt._cpu.plan``, ``fastbptt tune``)
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 #: ... and for the cells' pointwise parts (gates, φ, their derivatives, tanh / exp): the same
-#: but reassociation, which only reductions need to vectorize.  With it, LLVM regrouped a
-#: product of several factors one way where it compiled a kernel and another where a cached
-#: kernel was loaded, so the first process's gradients differed from later ones' in the last
-#: bits; without it every process sums and multiplies alike.
-FASTMATH_POINTWISE = FASTMATH - {"reassoc"}
+#: but reassociation, which only reductions need to vectorize, and contraction to FMA.  With
+#: them, LLVM regrouped a product of several factors (the LSTM's) and fused a·b + c (the
+#: GRU's) one way where it compiled a kernel and another where a cached kernel was loaded, so
+#: the first process's gradients differed from later ones' in the last bits; without them
+#: every process sums and multiplies alike (docs/performance.md, "the same bits").
+FASTMATH_POINTWISE = FASTMATH - {"reassoc", "contract"}
 
 #: A thread of a recurrent sweep that has polled this many times for a step of a lane
 #: whose thread has not started yet computes that lane's steps itself (see

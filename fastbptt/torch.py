@@ -259,7 +259,9 @@ class _Function(torch.autograd.Function):
         with place.running():
             P = _params(cfg, weights)
             Xn = place.array(X)
-            if place is _HOST and X.is_floating_point() and not cfg.input_grad:   # no ∂L/∂X asked for
+            # no ∂L/∂X can be asked for: neither of the layer's input nor of what X holds besides it
+            # (proj_size puts h_0 in X's columns, which stay one-hot when h_0 = 0)
+            if place is _HOST and X.is_floating_point() and not (cfg.input_grad or cfg.grad and X.requires_grad):
                 ids = _one_hot_ids(Xn)
                 Xn = Xn if ids is None else ids
             keep = cfg.grad or cfg.cell_states

@@ -57,6 +57,24 @@ def test_every_timed_slice_starts_after_the_pause_and_the_warm_up(monkeypatch, q
     assert first == {"fastbptt": 2 + bench.warmup_calls(), "numpy": 1 + bench.warmup_calls()}
 
 
+def test_each_config_measures_the_sweeps_measured_under_load_again_before_its_timing(monkeypatch):
+    # the config's first call may measure its sweeps while the machine is busy: those are
+    # measured again (replaced if the machine is quiet now) before any of its calls is timed
+    events = []
+
+    def make(*args):
+        return lambda: events.append("call") or 1.0
+    monkeypatch.setattr(bench, "MAKERS", {"fastbptt": make})
+    monkeypatch.setattr(bench, "make_fastbptt", make)
+    monkeypatch.setattr(bench, "remeasure_loaded", lambda: events.append("remeasure"))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    monkeypatch.setattr(bench, "time_call", lambda fn, n, s: events.append("slice") or np.array([1e-3]))
+    bench.run(configs=["latency", "d2l-concise"], systems=("fastbptt",), quick=True, progress=False)
+    for config in (events[:len(events) // 2], events[len(events) // 2:]):
+        assert config[:2] == ["call", "remeasure"] and config.count("remeasure") == 1
+        assert "slice" in config
+
+
 def test_each_config_takes_its_percent_of_the_gemm_timed_in_its_own_rounds(monkeypatch):
     # a slow spell during one config's rounds lowers the GEMM rate it is measured against
     configs, spell = ["latency", "d2l-concise"], [4e-3, 1e-3]

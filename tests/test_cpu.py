@@ -317,7 +317,7 @@ def test_sweeps_are_exact_however_the_lanes_are_run(threads, lanes, rng):
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         H = Hx.copy()
-        elman.forward_cpu(H, packed(W, 1), elman.TANH, BLK, lanes, 2)
+        elman.forward_cpu(H, packed(W, 1), elman.TANH, BLK, lanes, 2, False)
         D = dZ.copy()
         elman.backward_cpu(D, Hx, packed(WT, 1), xi, elman.TANH, BLK, lanes, 2)
     finally:

@@ -937,6 +937,29 @@ def test_proj_size_same_as_torch_nn(L, bidirectional, dtype):
                 torch.testing.assert_close(x, y, **TOL[dtype])
 
 
+@pytest.mark.parametrize("truncation", [None, fastbptt.Truncated(2), fastbptt.Randomized(0.5, seed=1)],
+                         ids=["full", "k2", "rand"])
+def test_proj_size_one_hot_input_and_a_zero_h0_that_needs_its_gradient(truncation):
+    """a one-hot X that needs no gradient, with h_0 = 0 that does: proj_size puts h_0 in the
+    input's columns, still one-hot, and ∂L/∂h_0 comes from the input's gradient (the call
+    runs dense, not as ids)"""
+    m, r = pair("lstm", 1, proj_size=P, input_size=5)
+    X = torch.nn.functional.one_hot(torch.randint(0, 5, (T, B), generator=torch.Generator().manual_seed(4)),
+                                    5).double()
+    got = []
+    for mod in (m, r):
+        hx = (torch.zeros(1, B, P, dtype=torch.float64, requires_grad=True),
+              torch.zeros(1, B, H, dtype=torch.float64, requires_grad=True))
+        kw = {} if mod is r or truncation is None else {"truncation": truncation}
+        out, _ = mod(X, hx, **kw)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        got.append((hx[0].grad, hx[1].grad))
+    if truncation is None:
+        for a, b in zip(*got):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+    assert all(g is not None and torch.isfinite(g).all() for g in got[0])
+
+
 def test_proj_size_packed_and_token_ids():
     """proj_size with PackedSequence input (both directions, two layers, with hx) and with
     token ids equal torch.nn's"""

@@ -182,6 +182,7 @@ class Run(LayerParams):
         self.H = P["W_hh"].shape[0]
         self.dtype = P["W_hh"].dtype
         self._packed = {}
+        self._sweeps = {}                 # (B, H): the sweeps' choices, one for the whole call
         self._buffers = {}
         self._scratch_key = None
 
@@ -202,8 +203,18 @@ class Run(LayerParams):
         return self.plan.blk(kind, self.dtype, M, K, N, split)
 
     def sweep(self, B, H):
-        """(lanes, blk) of a sweep of the call's cell on B x H steps"""
-        return self.plan.sweep(self.cell, self.dtype, B, H)
+        """(lanes, blk) of a sweep of the call's cell on B x H steps: the plan's when the call
+        first asks, the same for the rest of it"""
+        got = self._sweeps.get((B, H))
+        if got is None:
+            got = self._sweeps[B, H] = self.plan.sweep(self.cell, self.dtype, B, H)
+        return got
+
+    def follow(self, records):
+        """run the sweeps as the kept forward that made ``records`` did (its gates are in the
+        column order of its lanes), whatever this call's plan says: another thread count has
+        another plan, and a plan's choice may have been measured again since"""
+        self._sweeps.update(records.sweeps)
 
     def packed(self, key, transposed=False, cols=None):
         """the weight P[key] (its columns in the order cols, or all), or its transpose, packed
@@ -242,7 +253,9 @@ class Run(LayerParams):
         return bufs
 
     def keep_until(self, holder):
-        """the records this call took go back to _Records when ``holder`` is collected"""
+        """the records this call took go back to _Records when ``holder`` is collected; the
+        holder notes this call's sweeps (``follow``)"""
+        holder.sweeps = self._sweeps
         weakref.finalize(holder, _records.give, self._taken)
 
     def zeros(self, name, shape):
@@ -256,10 +269,6 @@ class Run(LayerParams):
         """the column lanes of the call's sweeps (the plan's for B x H; 1 when they split the
         rows instead): a gated cell's columns are grouped by them"""
         return max(1, self.sweep(self.B, self.H)[0])
-
-    def lane_units(self):
-        """each lane's units [u0, u1)"""
-        return [products.chunk.py_func(self.H, c, self.lanes) for c in range(self.lanes)]
 
     def columns(self, G):
         """a gated cell's column order inside the engine (products.interleaved); None for the

@@ -73,19 +73,24 @@ def _epilogue(post, C, m0, m1, j0, j1):
 
 
 # ---------------------------------------------------------------------------- steps
-# A sweep's context: the states, the packed recurrent weight, the tile's blocking.
-Forward = namedtuple("ElmanForward", "Hx Wp act blk")
+# A sweep's context: the states, the packed recurrent weight, the tile's blocking; zero0:
+# h_0 = 0, so the first step has no product.
+Forward = namedtuple("ElmanForward", "Hx Wp act blk zero0")
 Backward = namedtuple("ElmanBackward", "dZ Hx Wp xi act blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """h_t = φ(pre_t + h_{t-1} W_hh) on rows [r0, r1) and columns [j0, j1), t = s + 1 (Hx[t]
-    holds pre_t): adds h_{t-1}[:, k0:k1] W_hh[k0:k1]; with last, then φ"""
+    holds pre_t): adds h_{t-1}[:, k0:k1] W_hh[k0:k1]; with last, then φ (h_1 = φ(pre_1)
+    alone when h_0 = 0)"""
     S, t = ctx.Hx, s + 1
     one = S.dtype.type(1)
     C, A = S[t][r0:r1], S[t - 1][r0:r1]
-    if last:
+    if s == 0 and ctx.zero0:
+        if last:
+            activate(C, j0, j1, ctx.act)
+    elif last:
         matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, Activate(ctx.act), ctx.blk, ADD)
     else:
         matmul_k(C, A, ctx.Wp, one, j0, j1, _0, k0, k1, NO_POST, ctx.blk, ADD)
@@ -115,15 +120,18 @@ cell_steps(Forward, _forward_step, Backward, _backward_step)
 
 # ---------------------------------------------------------------------------- sweeps
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def forward_cpu(Hx, W_hhp, act, blk, n, threads):
+def forward_cpu(Hx, W_hhp, act, blk, n, threads, zero0):
     """h_t = φ(pre_t + h_{t-1} W_hh),  t = 1..T   (pre_t = x_t W_xh + b_h, precomputed)
 
     Hx (T+1,B,H) in: h_0, pre_1..pre_T; out: h_0..h_T · W_hhp: W_hh (H,H) packed ·
     act 0=tanh 1=relu 2=identity · blk (kc, mc) · n lanes · threads: 1 runs the lanes on
-    this thread (the same sums in the same order: the same results).  h_0 sits in front of h_1..h_T so that ∂W_hh is one
-    product over Hx[:T].
+    this thread (the same sums in the same order: the same results) · zero0: h_0 = 0, the
+    first step has no product.  h_0 sits in front of h_1..h_T so that ∂W_hh is one product
+    over Hx[:T].  (The first step is the sweep's own even then: a pointwise function called
+    on its own as well would be a second copy of it in another cached library, and which
+    copy runs would depend on which kernel a process loaded first.)
     """
-    run_lanes(Forward(Hx, W_hhp, act, blk), Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2], n, threads)
+    run_lanes(Forward(Hx, W_hhp, act, blk, zero0), Hx.shape[0] - 1, Hx.shape[1], Hx.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -166,11 +174,7 @@ def forward(run, l, X, state0, act):
     run.project(X, S[1:].reshape(T * B, H), run.key("W_xh", l), run.param("b_h", l))
     lanes, blk = run.sweep(B, H)
     W_hhp = run.packed(run.key("W_hh", l))
-    if not S[0].any():
-        activate(S[1], _0, H, act)
-        forward_cpu(S[1:], W_hhp, act, blk, lanes, run.n)
-    else:
-        forward_cpu(S, W_hhp, act, blk, lanes, run.n)
+    forward_cpu(S, W_hhp, act, blk, lanes, run.n, not S[0].any())
     return SimpleNamespace(S=S)
 
 
@@ -181,7 +185,7 @@ def sweep_probe(dt, B, H, T, rng):
 
     def fn(blk, lanes, threads):
         Hx[1:] = pre
-        forward_cpu(Hx, Wp, 0, blk, lanes, threads)
+        forward_cpu(Hx, Wp, 0, blk, lanes, threads, False)
     return fn
 
 

@@ -105,16 +105,18 @@ def split_cpu(Z, N, b_hn, lanes, n):
 
 
 # ---------------------------------------------------------------------------- steps
-Forward = namedtuple("GRUForward", "S Z N Wp blk")
+Forward = namedtuple("GRUForward", "S Z N Wp blk zero0")
 Backward = namedtuple("GRUBackward", "A carry xi S Z N dP dR WTp blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """step s (h_{s+1} from h_s = S[s]) on rows [r0, r1) and units [j0, j1): adds
-    h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns; with last, then the pointwise part"""
+    h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns (none at s = 0 when h_0 = 0); with
+    last, then the pointwise part"""
     Z, h = ctx.Z[s][r0:r1], ctx.S[s][r0:r1]
-    matmul_k(Z, h, ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk, ADD)
+    if s > 0 or not ctx.zero0:
+        matmul_k(Z, h, ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk, ADD)
     if last:
         forward_point(Z, ctx.N[s][r0:r1], h, ctx.S[s + 1][r0:r1], j0, j1)
 
@@ -140,13 +142,14 @@ cell_steps(Forward, _forward_step, Backward, _backward_step)
 
 # ---------------------------------------------------------------------------- sweeps
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def forward_cpu(S, Z, N, W_hhp, blk, n, threads):
+def forward_cpu(S, Z, N, W_hhp, blk, n, threads, zero0):
     """the steps t = 1..T of the module notes' forward
 
     S (T+1,B,H) in: h_0; out: h_0..h_T · Z (T,B,3H) in: [xr, xz, b_hn], out: [r, z, hn] ·
     N (T,B,H) in: xn, out: n · W_hhp: W_hh (H,3H) interleaved, packed · blk (kc, mc) ·
-    n lanes · threads (1: the lanes on this thread, the same sums in the same order)"""
-    run_lanes(Forward(S, Z, N, W_hhp, blk), Z.shape[0], N.shape[1], N.shape[2], n, threads)
+    n lanes · threads (1: the lanes on this thread, the same sums in the same order) ·
+    zero0: h_0 = 0, the first step has no product (see elman.forward_cpu)"""
+    run_lanes(Forward(S, Z, N, W_hhp, blk, zero0), Z.shape[0], N.shape[1], N.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -191,12 +194,7 @@ def forward(run, l, X, state0, act):
     split_cpu(Z.reshape(T * B, G * H), N.reshape(T * B, H), run.param("b_hn", l), run.lanes, run.n)
     lanes, blk = run.sweep(B, H)
     W_hhp = run.packed(run.key("W_hh", l), cols=cols)
-    t0 = 0
-    if not S[0].any():                      # h_0 = 0: the first step has no product
-        for u0, u1 in run.lane_units():
-            forward_point(Z[0], N[0], S[0], S[1], u0, u1)
-        t0 = 1
-    forward_cpu(S[t0:], Z[t0:], N[t0:], W_hhp, blk, lanes, run.n)
+    forward_cpu(S, Z, N, W_hhp, blk, lanes, run.n, not S[0].any())
     return SimpleNamespace(S=S, Z=Z, N=N)
 
 
@@ -224,7 +222,7 @@ def sweep_probe(dt, B, H, T, rng):
 
     def fn(blk, lanes, threads):
         Z[:] = pre
-        forward_cpu(S, Z, N, Wp, blk, lanes, threads)
+        forward_cpu(S, Z, N, Wp, blk, lanes, threads, False)
     return fn
 
 

@@ -88,17 +88,19 @@ def backward_point(A, carry, xi, D, Z, cp, c, dZ, u0, u1):
 
 
 # ---------------------------------------------------------------------------- steps
-Forward = namedtuple("LSTMForward", "S C Z Wp blk")
+Forward = namedtuple("LSTMForward", "S C Z Wp blk zero0")
 Backward = namedtuple("LSTMBackward", "A carry xi dC C Z dZ WTp blk")
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _forward_step(ctx, s, r0, r1, j0, j1, k0, k1, last):
     """step s ((h, c)_{s+1} from (h, c)_s) on rows [r0, r1) and units [j0, j1): adds
-    h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns; with last, then the pointwise part"""
+    h_s[:, k0:k1] W_hh[k0:k1] to the units' gate columns (none at s = 0 when h_0 = 0); with
+    last, then the pointwise part"""
     Z = ctx.Z[s][r0:r1]
-    matmul_k(Z, ctx.S[s][r0:r1], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk,
-             ADD)
+    if s > 0 or not ctx.zero0:
+        matmul_k(Z, ctx.S[s][r0:r1], ctx.Wp, ctx.S.dtype.type(1), G * j0, G * j1, _0, k0, k1, NO_POST, ctx.blk,
+                 ADD)
     if last:
         forward_point(Z, ctx.C[s][r0:r1], ctx.C[s + 1][r0:r1], ctx.S[s + 1][r0:r1], j0, j1)
 
@@ -127,13 +129,14 @@ cell_steps(Forward, _forward_step, Backward, _backward_step)
 
 # ---------------------------------------------------------------------------- sweeps
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def forward_cpu(S, C, Z, W_hhp, blk, n, threads):
+def forward_cpu(S, C, Z, W_hhp, blk, n, threads, zero0):
     """the steps t = 1..T of the module notes' forward
 
     S, C (T+1,B,H) in: h_0, c_0; out: h_0..h_T, c_0..c_T · Z (T,B,4H) in: x_t W_xh + b_h,
     out: the gates · W_hhp: W_hh (H,4H) interleaved, packed · blk (kc, mc) · n lanes ·
-    threads (1: the lanes on this thread, the same sums in the same order)"""
-    run_lanes(Forward(S, C, Z, W_hhp, blk), Z.shape[0], S.shape[1], S.shape[2], n, threads)
+    threads (1: the lanes on this thread, the same sums in the same order) · zero0: h_0 = 0,
+    the first step has no product (see elman.forward_cpu)"""
+    run_lanes(Forward(S, C, Z, W_hhp, blk, zero0), Z.shape[0], S.shape[1], S.shape[2], n, threads)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -176,12 +179,7 @@ def forward(run, l, X, state0, act):
     S[0], C[0] = state0
     run.project(X, Z.reshape(T * B, G * H), run.key("W_xh", l), run.param("b_h", l), cols)
     lanes, blk = run.sweep(B, H)
-    t0 = 0
-    if not S[0].any():                      # h_0 = 0: the first step has no product
-        for u0, u1 in run.lane_units():
-            forward_point(Z[0], C[0], C[1], S[1], u0, u1)
-        t0 = 1
-    forward_cpu(S[t0:], C[t0:], Z[t0:], run.packed(run.key("W_hh", l), cols=cols), blk, lanes, run.n)
+    forward_cpu(S, C, Z, run.packed(run.key("W_hh", l), cols=cols), blk, lanes, run.n, not S[0].any())
     return SimpleNamespace(S=S, C=C, Z=Z)
 
 
@@ -213,7 +211,7 @@ def sweep_probe(dt, B, H, T, rng):
 
     def fn(blk, lanes, threads):
         Z[:] = pre
-        forward_cpu(S, C, Z, Wp, blk, lanes, threads)
+        forward_cpu(S, C, Z, Wp, blk, lanes, threads, False)
     return fn
 
 

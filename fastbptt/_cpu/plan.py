@@ -26,12 +26,17 @@ the features numba compiles for, the numba and numpy versions, and the thread co
   times as wide, with its own pointwise part) the first time a sweep of that shape runs (a
   few steps of each candidate, well under a second), and added to the plan;
   ``fastbptt tune`` measures each shape in TUNE_PASSES passes apart.  A gated cell's
-  column lanes must win by GATED_LANES_MARGIN.
+  column lanes must win by GATED_LANES_MARGIN.  A sweep measured while other processes
+  held the cores (this process's threads waited for a core more than LOADED_WAIT of the
+  time) is marked as measured under load: one lane wins there, and loses on the quiet
+  machine.  ``fastbptt tune`` and ``fastbptt bench`` measure such sweeps again, and
+  replace the choice when the machine is quiet.
 
 A plan file that cannot be read, has another format, or was made on another machine
 (its key differs) is ignored with a warning.  Results are deterministic for a fixed plan
 and thread count: the plan is the only thing chosen by timing, and a choice once made
-stays.
+stays (a training run never changes one; only ``tune`` and ``bench`` replace a choice
+measured under load).
 """
 from __future__ import annotations
 
@@ -77,6 +82,10 @@ SPLIT_ALWAYS_MACS = 1 << 22
 #: steps, or a small step's lanes lose to one lane by noise (docs/performance.md, "lanes")
 SWEEP_PROBE_MACS = 1 << 23
 SWEEP_PROBE_STEPS = (4, 256)
+#: a sweep measured while this process's threads waited for a core (held by another process)
+#: for more than this share of the wall time is marked as measured under load
+#: (docs/performance.md, "a plan measured under load")
+LOADED_WAIT = 0.25
 #: ``fastbptt tune`` measures each sweep this many times, a pass over all of them apart, and
 #: keeps each candidate's best time
 TUNE_PASSES = 3
@@ -107,6 +116,14 @@ def _sweep_key(cell, dtype, B, H):
     return f"{cell_name(cell)} {np.dtype(dtype).name} B={B} H={H}"
 
 
+def _sweep_args(key):
+    """(cell module, dtype, B, H) of a sweep's key in a plan"""
+    import importlib
+    cell, dtype, B, H = key.split()
+    return (importlib.import_module(f"{__package__}.{cell}"), np.dtype(dtype),
+            int(B.removeprefix("B=")), int(H.removeprefix("H=")))
+
+
 def _class(n):
     """the largest power of two <= n"""
     return 1 << (int(n).bit_length() - 1)
@@ -131,6 +148,7 @@ class Plan:
         self.blocking = dict(DEFAULT_BLOCKING)
         self.sweeps = {}
         self.products = {}
+        self.loaded = set()                   # keys of the sweeps measured under load
         self.tuned = False                    # blocking measured (by tune), not the default
         self._unwritable = False              # a save failed (warned once)
         self._arrays = {}                     # a choice as the kernels take it, made once
@@ -154,6 +172,9 @@ class Plan:
             sweeps = {str(k): _ints(v) for k, v in data["sweeps"].items()}
             if any(len(v) != 3 or v[0] in (0, -1) or min(v[1:]) < 1 for v in sweeps.values()):
                 raise ValueError(f"sweeps {data['sweeps']!r}")
+            loaded = {str(k) for k in data.get("loaded", [])}
+            if not loaded <= set(sweeps):
+                raise ValueError(f"loaded {sorted(loaded - set(sweeps))!r} are not sweeps")
             products = {str(k): _ints(v) for k, v in data["products"].items()}
             if any(len(v) != 2 or min(v) < 1 for v in products.values()):
                 raise ValueError(f"products {data['products']!r}")
@@ -164,7 +185,7 @@ class Plan:
             warnings.warn(f"fastbptt: ignoring the unreadable plan {self.path} ({e}); "
                           f"using the defaults", RuntimeWarning, stacklevel=2)
             return self
-        self.blocking, self.sweeps, self.products = blocking, sweeps, products
+        self.blocking, self.sweeps, self.products, self.loaded = blocking, sweeps, products, loaded
         self.tuned = bool(data.get("tuned"))
         return self
 
@@ -173,6 +194,7 @@ class Plan:
         data = {"format": FORMAT, "key": self.key, "tuned": self.tuned,
                 "blocking": {k: list(v) for k, v in self.blocking.items()},
                 "sweeps": {k: list(v) for k, v in sorted(self.sweeps.items())},
+                "loaded": sorted(self.loaded),
                 "products": {k: list(v) for k, v in sorted(self.products.items())}}
         tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
@@ -225,9 +247,33 @@ class Plan:
             with self._lock:
                 choice = self.sweeps.get(key)
                 if choice is None:
-                    choice = self.sweeps[key] = measure_sweep(cell, dtype, B, H, self.key["threads"])
+                    choice, waited = measure_sweep(cell, dtype, B, H, self.key["threads"])
+                    self._set_sweep(key, choice, waited > LOADED_WAIT)
                     self.save()
         return choice[0], self._array(choice[1:])
+
+    def _set_sweep(self, key, choice, loaded):
+        self.sweeps[key] = choice
+        (self.loaded.add if loaded else self.loaded.discard)(key)
+
+    def remeasure_loaded(self, passes=TUNE_PASSES):
+        """measure the sweeps that were measured under load again (``passes`` passes over
+        them), and replace each choice where a pass found the machine quiet; returns how
+        many were replaced.  The choices of this process's later calls change with them: call
+        it where no kept forward (``rnn_forward(keep=True)``) awaits its backward."""
+        seen = {key: {} for key in sorted(self.loaded)}
+        quiet = set()
+        for _ in range(passes):
+            for key, times in seen.items():
+                cell, dtype, B, H = _sweep_args(key)
+                choice, waited = measure_sweep(cell, dtype, B, H, self.key["threads"], times)
+                if waited <= LOADED_WAIT:
+                    quiet.add(key)
+                if key in quiet:                   # each candidate's best time, a quiet pass's
+                    self._set_sweep(key, choice, False)
+        if quiet:
+            self.save()
+        return len(quiet)
 
 
 def _ints(values):
@@ -243,22 +289,27 @@ def _plans():
     return {}
 
 
+_loading = threading.Lock()
+
+
 def current(threads):
-    """the plan for this machine at ``threads`` threads, loaded once per process; its
-    products' blocking is measured now if no plan has it yet (config.CPU_AUTOTUNE)"""
+    """the plan for this machine at ``threads`` threads, loaded once per process (one Plan
+    however many threads ask at once); its products' blocking is measured now if no plan
+    has it yet (config.CPU_AUTOTUNE)"""
     plans = _plans()
-    if threads not in plans:
-        key = machine_key(threads)
-        name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        folder = cache_dir() / "plans"
-        with contextlib.suppress(OSError):   # else the plan is this process's alone (Plan.save warns)
-            folder.mkdir(parents=True, exist_ok=True)
-        p = Plan(key, str(folder / f"plan-{name}.json")).load()
-        if not p.tuned and config.CPU_AUTOTUNE:
-            tune_products(p)
-            p.save()
-        plans[threads] = p
-    return plans[threads]
+    with _loading:
+        if threads not in plans:
+            key = machine_key(threads)
+            name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+            folder = cache_dir() / "plans"
+            with contextlib.suppress(OSError):   # else the plan is this process's alone (Plan.save warns)
+                folder.mkdir(parents=True, exist_ok=True)
+            p = Plan(key, str(folder / f"plan-{name}.json")).load()
+            if not p.tuned and config.CPU_AUTOTUNE:
+                tune_products(p)
+                p.save()
+            plans[threads] = p
+        return plans[threads]
 
 
 def forget():
@@ -291,14 +342,48 @@ def _best_times(fns, rounds):
     return best
 
 
+def _waited_ns():
+    """nanoseconds this process's threads have waited for a core (the run queue delay of
+    /proc/self/task/*/schedstat); None where the kernel does not say"""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue                               # a thread that has ended meanwhile
+    return total
+
+
+class waits:
+    """``share``: the time this process's threads waited for a core in the block (other
+    processes held it), as a share of the block's wall time; 0 where the kernel does not say"""
+
+    def __enter__(self):
+        self.share = 0.0
+        self._start = _waited_ns(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end, (waited, t0) = _waited_ns(), self._start
+        if waited is not None and end is not None:
+            self.share = max(0, end - waited) / 1e9 / max(time.perf_counter() - t0, 1e-9)
+
+
 def measure_sweep(cell, dtype, B, H, threads, seen=None):
-    """(lanes, kc, mc): the fastest forward sweeps of ``cell`` (its module's
+    """((lanes, kc, mc), waited): the fastest forward sweeps of ``cell`` (its module's
     ``sweep_probe``) on B x H steps (SWEEP_PROBE_MACS in all, best of 7) on one lane,
     ``threads`` column lanes or ``threads`` row chunks (lanes = -threads; when each has a
     4-row tile), with each of STEP_BLOCKING; a step of at least SPLIT_ALWAYS_MACS runs on
     every thread, its blocking measured on one.  ``seen``: {candidate: best time} of earlier
     measurements of the same sweep, updated and chosen from (``fastbptt tune`` measures each
-    sweep TUNE_PASSES times, far apart, so that a busy spell of the machine does not decide)"""
+    sweep TUNE_PASSES times, far apart, so that a busy spell of the machine does not decide).
+    ``waited``: the share of the measurement's time this process's threads waited for a core
+    (:class:`waits`)."""
     seen = {} if seen is None else seen
     dt = np.dtype(dtype)
     macs = B * cell.G * H * H                   # one step's product
@@ -322,12 +407,13 @@ def measure_sweep(cell, dtype, B, H, threads, seen=None):
     rows = (-threads,) if threads > 1 and B >= 4 * threads else ()     # a 4-row tile per chunk
     lanes = (1,) if threads == 1 or split else (1, threads) + rows
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
-    times = timed(candidates, rounds=3 if split else 7)
-    if split:
-        kc, mc = candidates[int(np.argmin(times))][1:]
-        candidates = [(threads, kc, mc)] + [(r, kc, mc) for r in rows]
-        times = timed(candidates, rounds=3)
-    return _sweep_choice(cell, candidates, times)
+    with waits() as w:
+        times = timed(candidates, rounds=3 if split else 7)
+        if split:
+            kc, mc = candidates[int(np.argmin(times))][1:]
+            candidates = [(threads, kc, mc)] + [(r, kc, mc) for r in rows]
+            times = timed(candidates, rounds=3)
+    return _sweep_choice(cell, candidates, times), w.share
 
 
 def probe_inputs(dt, B, G, H, T, rng):
@@ -450,10 +536,16 @@ def tune(threads, progress=True, sweeps=()):
         tune_products(plan, bar)
         plan.sweeps.clear()
         plan.products.clear()
+        plan.loaded.clear()
         seen = [{} for _ in sweeps]
+        quiet = set()                              # measured in a quiet pass at least once
         for _ in range(TUNE_PASSES):
             for (cell, dtype, B, H), times in zip(sweeps, seen):
-                plan.sweeps[_sweep_key(cell, dtype, B, H)] = measure_sweep(cell, dtype, B, H, threads, times)
+                key = _sweep_key(cell, dtype, B, H)
+                choice, waited = measure_sweep(cell, dtype, B, H, threads, times)
+                if waited <= LOADED_WAIT:
+                    quiet.add(key)
+                plan._set_sweep(key, choice, key not in quiet)
                 bar.update(1)
     plan.save()
     return plan
@@ -465,4 +557,5 @@ def describe(plan):
     blk = ", ".join(f"{k} kc={v[0]} mc={v[1]}" for k, v in plan.blocking.items())
     return (f"plan {os.path.basename(plan.path)} ({src}; {blk}; {len(plan.products)} product shapes and "
             f"{len(plan.sweeps)} sweep shapes "
-            f"measured; {plan.key['threads']} threads on {plan.key['cpu']})")
+            f"measured{f' ({len(plan.loaded)} under load)' if plan.loaded else ''}; "
+            f"{plan.key['threads']} threads on {plan.key['cpu']})")

@@ -113,6 +113,9 @@ class Run(LayerParams):
     def keep_until(self, holder):
         """nothing to give back: the records are the call's own device arrays"""
 
+    def follow(self, records):
+        """nothing to follow: the sweeps here have no plan, and the columns one order"""
+
     # ---------------------------------------------------------------- layers, columns
     def columns(self, G):
         """a gated cell's column order inside the engine: the natural one (None)"""
