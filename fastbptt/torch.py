@@ -259,9 +259,7 @@ class _Function(torch.autograd.Function):
         with place.running():
             P = _params(cfg, weights)
             Xn = place.array(X)
-            # no ∂L/∂X can be asked for: neither of the layer's input nor of what X holds besides it
-            # (proj_size puts h_0 in X's columns, which stay one-hot when h_0 = 0)
-            if place is _HOST and X.is_floating_point() and not (cfg.input_grad or cfg.grad and X.requires_grad):
+            if place is _HOST and X.is_floating_point() and not cfg.input_grad:   # no ∂L/∂X asked for
                 ids = _one_hot_ids(Xn)
                 Xn = Xn if ids is None else ids
             keep = cfg.grad or cfg.cell_states
@@ -418,6 +416,9 @@ def _projected(cfg, x, s0, w, w_hr):
     if h0 is not None or xi is not None:             # the input takes more columns: dense
         x = x if x.is_floating_point() else torch.nn.functional.one_hot(x, w[0].shape[1]).to(w[0].dtype)
     if h0 is not None:
+        if h0.requires_grad and torch.is_grad_enabled() and not cfg.input_grad:
+            cfg = copy.copy(cfg)                     # ∂L/∂h_0 comes from the input's columns: the
+            cfg.input_grad = True                    # call runs dense (h_0 = 0 leaves a one-hot x one-hot)
         if xi is not None:
             h0 = h0.detach() + float(xi[0]) * (h0 - h0.detach())
         x = torch.cat([x, torch.cat([h0, h0.new_zeros((T - 1,) + h0.shape[1:])], 0)], 2)

@@ -383,6 +383,37 @@ def test_tune_marks_a_sweep_under_load_only_when_every_pass_was(plan_dir, monkey
     assert p.loaded == {"lstm float32 B=1 H=48"}
 
 
+def test_a_key_this_version_does_not_make_is_left_as_it_is(plan_dir):
+    # another version of fastbptt may share the plan file
+    p = plan.current(2)
+    p.sweeps["mgu float32 B=1 H=8"] = (1, 128, 64)
+    p.loaded.add("mgu float32 B=1 H=8")
+    assert p.remeasure_loaded(passes=1) == 0 and p.loaded == {"mgu float32 B=1 H=8"}
+
+
+def test_waits_count_each_threads_own_delay(monkeypatch):
+    # a thread that ends inside the block takes its delay with it, not the others'; one that
+    # starts inside it counts from its start
+    s = 1_000_000_000
+    readings = iter([{"1": 5 * s, "2": 40 * s}, {"1": 5 * s + s // 2, "3": s // 4}])
+    monkeypatch.setattr(plan, "_waited_ns", lambda: next(readings))
+    with plan.waits(2) as w:
+        time.sleep(0.05)
+    assert 0.75 / 2 / 1.0 < w.share <= 0.75 / 2 / 0.05
+
+
+def test_a_sweeps_compile_is_not_timed_as_waiting(plan_dir, monkeypatch):
+    # the first call of a probe may compile its kernel (tens of seconds); the waits are taken
+    # over the timed calls alone
+    calls, at_enter = [], []
+    probe = elman.sweep_probe
+    monkeypatch.setattr(elman, "sweep_probe", lambda *a: (lambda *b, f=probe(*a): calls.append(1) or f(*b)))
+    enter = plan.waits.__enter__
+    monkeypatch.setattr(plan.waits, "__enter__", lambda self: at_enter.append(len(calls)) or enter(self))
+    plan.measure_sweep(elman, np.float32, 2, 16, 2)
+    assert at_enter == [1]
+
+
 def test_waits_sees_other_processes_holding_the_cores(rng):
     # the run queue delay of this process's threads, while more busy processes than cores
     # share them: a measurement then is one under load
@@ -395,7 +426,7 @@ def test_waits_sees_other_processes_holding_the_cores(rng):
             for _ in range(2 * len(os.sched_getaffinity(0)))]
     try:
         time.sleep(0.3)
-        with plan.waits() as w:
+        with plan.waits(team.max_threads()) as w:
             end = time.perf_counter() + 1.0
             while time.perf_counter() < end:
                 fastbptt.loss_and_grad(params, X, Y)

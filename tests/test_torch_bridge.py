@@ -957,6 +957,12 @@ def test_proj_size_one_hot_input_and_a_zero_h0_that_needs_its_gradient(truncatio
     if truncation is None:
         for a, b in zip(*got):
             torch.testing.assert_close(a, b, **TOL[torch.float64])
+        # and under torch.func.grad, where the Function's forward cannot see what needs a gradient
+        from torch.func import functional_call, grad
+        c0 = torch.zeros(1, B, H, dtype=torch.float64)
+        by_func = [grad(lambda h, mod=mod: functional_call(mod, dict(mod.named_parameters()), (X, (h, c0)))[0]
+                        .tanh().sum())(torch.zeros(1, B, P, dtype=torch.float64)) for mod in (m, r)]
+        torch.testing.assert_close(by_func[0], by_func[1], **TOL[torch.float64])
     assert all(g is not None and torch.isfinite(g).all() for g in got[0])
 
 

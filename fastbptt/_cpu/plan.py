@@ -83,9 +83,9 @@ SPLIT_ALWAYS_MACS = 1 << 22
 SWEEP_PROBE_MACS = 1 << 23
 SWEEP_PROBE_STEPS = (4, 256)
 #: a sweep measured while this process's threads waited for a core (held by another process)
-#: for more than this share of the wall time is marked as measured under load
-#: (docs/performance.md, "a plan measured under load")
-LOADED_WAIT = 0.25
+#: for more than this share of the wall time, per thread, is marked as measured under load
+#: (docs/performance.md, "a sweep measured under load")
+LOADED_WAIT = 0.1
 #: ``fastbptt tune`` measures each sweep this many times, a pass over all of them apart, and
 #: keeps each candidate's best time
 TUNE_PASSES = 3
@@ -117,11 +117,17 @@ def _sweep_key(cell, dtype, B, H):
 
 
 def _sweep_args(key):
-    """(cell module, dtype, B, H) of a sweep's key in a plan"""
+    """(cell module, dtype, B, H) of a sweep's key in a plan; None for a key this version
+    does not make (another version of fastbptt may share the plan file)"""
     import importlib
-    cell, dtype, B, H = key.split()
-    return (importlib.import_module(f"{__package__}.{cell}"), np.dtype(dtype),
-            int(B.removeprefix("B=")), int(H.removeprefix("H=")))
+    try:
+        cell, dtype, B, H = key.split()
+        if cell not in ("elman", "gru", "lstm") or not (B.startswith("B=") and H.startswith("H=")):
+            return None
+        return (importlib.import_module(f"{__package__}.{cell}"), np.dtype(dtype),
+                int(B.removeprefix("B=")), int(H.removeprefix("H=")))
+    except (ValueError, TypeError):
+        return None
 
 
 def _class(n):
@@ -259,9 +265,9 @@ class Plan:
     def remeasure_loaded(self, passes=TUNE_PASSES):
         """measure the sweeps that were measured under load again (``passes`` passes over
         them), and replace each choice where a pass found the machine quiet; returns how
-        many were replaced.  The choices of this process's later calls change with them: call
-        it where no kept forward (``rnn_forward(keep=True)``) awaits its backward."""
-        seen = {key: {} for key in sorted(self.loaded)}
+        many were replaced.  Later calls take the new choices (a kept forward's backward keeps
+        its forward's: ``Run.follow``).  A key this version does not make is left as it is."""
+        seen = {key: {} for key in sorted(self.loaded) if _sweep_args(key) is not None}
         quiet = set()
         for _ in range(passes):
             for key, times in seen.items():
@@ -343,25 +349,30 @@ def _best_times(fns, rounds):
 
 
 def _waited_ns():
-    """nanoseconds this process's threads have waited for a core (the run queue delay of
-    /proc/self/task/*/schedstat); None where the kernel does not say"""
+    """{thread id: nanoseconds it has waited for a core} of this process's threads (the run
+    queue delay of /proc/self/task/*/schedstat); None where the kernel does not say"""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
         return None
-    total = 0
+    waited = {}
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1])
+                waited[task] = int(f.read().split()[1])
         except (OSError, ValueError, IndexError):
             continue                               # a thread that has ended meanwhile
-    return total
+    return waited
 
 
 class waits:
-    """``share``: the time this process's threads waited for a core in the block (other
-    processes held it), as a share of the block's wall time; 0 where the kernel does not say"""
+    """``share``: the time this process's threads waited for a core in the block (while other
+    threads held it: another process's, mostly), per thread of ``threads`` and as a share of
+    the block's wall time; 0 where the kernel does not say.  Each thread's own delay counts
+    from the block's start (or its own): one that ends inside the block is left out."""
+
+    def __init__(self, threads=1):
+        self.threads = max(1, threads)
 
     def __enter__(self):
         self.share = 0.0
@@ -369,9 +380,10 @@ class waits:
         return self
 
     def __exit__(self, *exc):
-        end, (waited, t0) = _waited_ns(), self._start
-        if waited is not None and end is not None:
-            self.share = max(0, end - waited) / 1e9 / max(time.perf_counter() - t0, 1e-9)
+        end, (start, t0) = _waited_ns(), self._start
+        if start is not None and end:
+            waited = sum(max(0, ns - start.get(task, 0)) for task, ns in end.items())
+            self.share = waited / 1e9 / max(time.perf_counter() - t0, 1e-9) / self.threads
 
 
 def measure_sweep(cell, dtype, B, H, threads, seen=None):
@@ -407,7 +419,8 @@ def measure_sweep(cell, dtype, B, H, threads, seen=None):
     rows = (-threads,) if threads > 1 and B >= 4 * threads else ()     # a 4-row tile per chunk
     lanes = (1,) if threads == 1 or split else (1, threads) + rows
     candidates = [(n, kc, mc) for n in lanes for kc, mc in STEP_BLOCKING]
-    with waits() as w:
+    run(*candidates[0])()                          # the kernel's compile, if any, outside the waits
+    with waits(threads) as w:
         times = timed(candidates, rounds=3 if split else 7)
         if split:
             kc, mc = candidates[int(np.argmin(times))][1:]
@@ -534,9 +547,9 @@ def tune(threads, progress=True, sweeps=()):
     total = sum(len(s) for s in TUNE_SHAPES.values()) * grid + TUNE_PASSES * len(sweeps)
     with tqdm(total=total, disable=not progress, desc="fastbptt tune", unit="case", leave=False) as bar:
         tune_products(plan, bar)
+        plan.loaded.clear()                        # first: a save meanwhile keeps loaded ⊆ sweeps
         plan.sweeps.clear()
         plan.products.clear()
-        plan.loaded.clear()
         seen = [{} for _ in sweeps]
         quiet = set()                              # measured in a quiet pass at least once
         for _ in range(TUNE_PASSES):
