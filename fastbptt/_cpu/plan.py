@@ -267,19 +267,20 @@ class Plan:
         them), and replace each choice where a pass found the machine quiet; returns how
         many were replaced.  Later calls take the new choices (a kept forward's backward keeps
         its forward's: ``Run.follow``).  A key this version does not make is left as it is."""
-        seen = {key: {} for key in sorted(self.loaded) if _sweep_args(key) is not None}
-        quiet = set()
-        for _ in range(passes):
-            for key, times in seen.items():
-                cell, dtype, B, H = _sweep_args(key)
-                choice, waited = measure_sweep(cell, dtype, B, H, self.key["threads"], times)
-                if waited <= LOADED_WAIT:
-                    quiet.add(key)
-                if key in quiet:                   # each candidate's best time, a quiet pass's
-                    self._set_sweep(key, choice, False)
-        if quiet:
-            self.save()
-        return len(quiet)
+        with self._lock:                           # no other thread measures meanwhile
+            seen = {key: {} for key in sorted(self.loaded) if _sweep_args(key) is not None}
+            quiet = set()
+            for _ in range(passes):
+                for key, times in seen.items():
+                    cell, dtype, B, H = _sweep_args(key)
+                    choice, waited = measure_sweep(cell, dtype, B, H, self.key["threads"], times)
+                    if waited <= LOADED_WAIT:
+                        quiet.add(key)
+                    if key in quiet:               # each candidate's best time, a quiet pass's
+                        self._set_sweep(key, choice, False)
+            if quiet:
+                self.save()
+            return len(quiet)
 
 
 def _ints(values):
