@@ -1,4 +1,5 @@
 """matplotlib for the figures of the trainer, the benchmark and the diagnostics (imported lazily)."""
+import os
 
 
 def pyplot():
@@ -10,7 +11,15 @@ def pyplot():
 
 
 def save(fig, path, dpi=80):
+    """``fig`` into ``path`` (its format from the suffix), written beside it and then put in
+    its place: a full disk leaves the file before as it was"""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, dpi=dpi, format=os.path.splitext(str(path))[1][1:] or None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     import matplotlib.pyplot as plt
     plt.close(fig)

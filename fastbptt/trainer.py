@@ -877,10 +877,17 @@ def check_memory(cfg, V):
 
 
 def _write_json_log(path, history):
+    """the log written whole beside ``path`` and then put in its place: a full disk leaves
+    the log of the epochs before as it was"""
     buf = io.StringIO()
     for row in history:
         buf.write(json.dumps({k: row[k] for k in LOG_KEYS + ("partial",) if k in row}) + "\n")
-    Path(path).write_text(buf.getvalue())
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_history(history, path):

@@ -1,4 +1,5 @@
 """The CPU engine's packing, plan, thread choice, waits under load and kernel cache."""
+import errno
 import json
 import os
 import subprocess
@@ -287,6 +288,31 @@ def test_a_plan_that_cannot_be_saved_warns_once_and_leaves_no_temporary(plan_dir
         p.save()
         p.save()
     assert len(got) == 1 and os.listdir(os.path.dirname(p.path)) == [os.path.basename(p.path)]
+
+
+def test_a_kernel_that_cannot_be_saved_warns_once_and_runs():
+    # a full disk under the cache: the kernel is compiled and runs, and compiles again in the
+    # next process; another library's kernels keep numba's own behaviour
+    import contextlib
+    import types
+    from numba.core import caching
+    from fastbptt._cpu import cache
+
+    def full(sig, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fake(locator):
+        return types.SimpleNamespace(_impl=types.SimpleNamespace(locator=locator), _save_overload=full,
+                                     _guard_against_spurious_io_errors=contextlib.nullcontext)
+    ours = object.__new__(cache._KernelLocator)
+    save = cache._saving_or_warning(lambda self, sig, data: self._save_overload(sig, data))
+    with pytest.warns(RuntimeWarning, match="cannot save a compiled kernel") as got:
+        save(fake(ours), None, None)
+        save(fake(ours), None, None)
+    assert len(got) == 1
+    with pytest.raises(OSError):
+        save(fake(object()), None, None)
+    assert getattr(caching.Cache.save_overload, "fastbptt", False)          # installed
 
 
 def test_a_cache_folder_that_cannot_be_written_is_passed_over_with_a_warning(tmp_path, monkeypatch):

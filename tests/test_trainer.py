@@ -734,6 +734,36 @@ def test_a_failing_json_log_write_exits_2(tmp_path, capsys, monkeypatch):
     assert len(log.read_text().splitlines()) == 1
 
 
+def test_the_json_log_and_the_plot_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    # a disk that fills while writing leaves the file of the epochs before as it was
+    from pathlib import Path
+    log, png = tmp_path / "log.jsonl", tmp_path / "p.png"
+    rows = [{k: 1.0 for k in trainer.LOG_KEYS}]
+    trainer._write_json_log(log, rows)
+    before = log.read_text()
+    trainer.plot_history([dict(rows[0], epoch=1)], png)
+    before_png = png.read_bytes()
+
+    def half_then_full(self, text, *a, **k):
+        with open(self, "w") as f:
+            f.write(text[:len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(OSError):
+        trainer._write_json_log(log, rows * 3)
+    import matplotlib.figure
+
+    def savefig(self, path, **k):
+        with open(path, "wb") as f:
+            f.write(b"\x89PN")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError):
+        trainer.plot_history([dict(rows[0], epoch=e) for e in (1, 2)], png)
+    assert log.read_text() == before and png.read_bytes() == before_png
+    assert sorted(os.listdir(tmp_path)) == ["log.jsonl", "p.png"]
+
+
 @pytest.mark.parametrize("argv", [("--lr", 1e6), ("--lr", 100, "--clip", "inf", "--hidden", 32),
                                   ("--optimizer", "adam", "--lr", 1e4)])
 def test_a_diverging_run_exits_3_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, argv):

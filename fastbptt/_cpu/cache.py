@@ -112,8 +112,32 @@ class _KernelLocator(caching._CacheLocator):
         return self
 
 
+def _saving_or_warning(save):
+    """numba's Cache.save_overload, which for fastbptt's kernels warns (once) instead of
+    raising when the file cannot be written (a full disk): the kernel runs all the same,
+    and compiles again in the next process"""
+    warned = []
+
+    def save_overload(self, sig, data):
+        try:
+            save(self, sig, data)
+        except OSError as e:
+            if not isinstance(getattr(self._impl, "locator", None), _KernelLocator):
+                raise
+            if not warned:
+                warned.append(e)
+                warnings.warn(f"fastbptt: cannot save a compiled kernel into {cache_dir()} "
+                              f"({e.strerror or e}); the kernels not saved compile again in the next "
+                              "process", RuntimeWarning, stacklevel=2)
+    save_overload.fastbptt = True
+    return save_overload
+
+
 def install():
-    """put _KernelLocator first in numba's list of cache locators (once)"""
+    """put _KernelLocator first in numba's list of cache locators, and its kernels' saves
+    behind _saving_or_warning (once)"""
     impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
     if _KernelLocator not in impl._locator_classes:
         impl._locator_classes = [_KernelLocator] + list(impl._locator_classes)
+    if not getattr(caching.Cache.save_overload, "fastbptt", False):
+        caching.Cache.save_overload = _saving_or_warning(caching.Cache.save_overload)
