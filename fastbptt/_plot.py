@@ -11,15 +11,11 @@ def pyplot():
 
 
 def save(fig, path, dpi=80):
-    """``fig`` into ``path`` (its format from the suffix), written beside it and then put in
-    its place: a full disk leaves the file before as it was"""
+    """``fig`` into ``path`` (its format from the suffix), written whole (a full disk leaves the
+    file before as it was)"""
+    from ._preflight import written_whole
     fig.tight_layout()
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with written_whole(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format=os.path.splitext(str(path))[1][1:] or None)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     import matplotlib.pyplot as plt
     plt.close(fig)

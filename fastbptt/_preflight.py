@@ -6,6 +6,7 @@ Each check raises with a one-line message that starts with the parameter that as
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -97,6 +98,20 @@ def check_folder(what, folder):
     if not base.is_dir():
         raise ValueError(f"{what}: {base} is a file, not a folder")
     _probe(what, base)
+
+
+@contextlib.contextmanager
+def written_whole(path):
+    """a temporary path beside ``path`` to write the output into, put in its place when the
+    block ends without an error and removed when it raises: a write that fails (a full disk)
+    leaves the file before as it was"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_output(what, path, *, replaced=False):

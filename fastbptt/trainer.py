@@ -27,7 +27,7 @@ import numpy as np
 from . import api, data, distributed
 from ._plot import pyplot, save
 from ._preflight import (check_distinct, check_figure, check_input, check_output, figure_file, require_cuda,
-                         require_matplotlib)
+                         require_matplotlib, written_whole)
 from .corpus import split, token_ids
 from .truncation import Randomized, Truncated
 
@@ -424,15 +424,8 @@ def save_checkpoint(path, params, opt_state, vocab, cfg, rng_state, epoch, histo
     arrays.update({f"opt/{k}": v for k, v in opt_state.items()})
     arrays["format"] = np.array(CHECKPOINT_FORMAT)
     arrays["meta"] = np.array(json.dumps(meta))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with written_whole(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def param_shapes(cell, num_layers, V, H):
@@ -877,17 +870,12 @@ def check_memory(cfg, V):
 
 
 def _write_json_log(path, history):
-    """the log written whole beside ``path`` and then put in its place: a full disk leaves
-    the log of the epochs before as it was"""
+    """the log, written whole (a full disk leaves the log of the epochs before as it was)"""
     buf = io.StringIO()
     for row in history:
         buf.write(json.dumps({k: row[k] for k in LOG_KEYS + ("partial",) if k in row}) + "\n")
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    try:
+    with written_whole(path) as tmp:
         tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def plot_history(history, path):

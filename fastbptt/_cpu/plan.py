@@ -119,14 +119,14 @@ def _sweep_key(cell, dtype, B, H):
 def _sweep_args(key):
     """(cell module, dtype, B, H) of a sweep's key in a plan; None for a key this version
     does not make (another version of fastbptt may share the plan file)"""
-    import importlib
+    from . import CELLS
+    cells = {cell_name(m): m for m in CELLS.values()}
     try:
         cell, dtype, B, H = key.split()
-        if cell not in ("elman", "gru", "lstm") or not (B.startswith("B=") and H.startswith("H=")):
+        if not (B.startswith("B=") and H.startswith("H=")):
             return None
-        return (importlib.import_module(f"{__package__}.{cell}"), np.dtype(dtype),
-                int(B.removeprefix("B=")), int(H.removeprefix("H=")))
-    except (ValueError, TypeError):
+        return cells[cell], np.dtype(dtype), int(B[2:]), int(H[2:])
+    except (KeyError, ValueError, TypeError):
         return None
 
 
