@@ -315,6 +315,27 @@ def test_a_kernel_that_cannot_be_saved_warns_once_and_runs():
     assert getattr(caching.Cache.save_overload, "fastbptt", False)          # installed
 
 
+_FOREIGN_INDEX = """
+import glob, pickle, numba, numpy as np
+from fastbptt._cpu import arrays, cache
+if {write}:                                   # an index another fastbptt wrote: classes this one lacks
+    index, = glob.glob(str(cache.cache_dir() / "arrays.id_range_cpu-*.nbi"))
+    with open(index, "wb") as f:
+        f.write(pickle.dumps(numba.__version__) + b"cfastbptt_elsewhere\\nGone\\n.")
+print(arrays.id_range_cpu(np.arange(3, 9)))
+"""
+
+
+def test_a_kernel_index_another_fastbptt_wrote_is_read_as_stale(tmp_path):
+    # two fastbptt sharing a cache folder: one's kernel index names classes the other cannot
+    # import; numba would raise on each load and save of that kernel
+    env = dict(os.environ, FASTBPTT_CACHE_DIR=str(tmp_path))
+    for write in (False, True, False):
+        got = subprocess.run([sys.executable, "-c", _FOREIGN_INDEX.format(write=write)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0 and got.stdout.strip() == "(3, 8)", got.stderr[-3000:]
+
+
 def test_a_cache_folder_that_cannot_be_written_is_passed_over_with_a_warning(tmp_path, monkeypatch):
     from fastbptt._cpu import cache
     (tmp_path / "afile").write_text("")

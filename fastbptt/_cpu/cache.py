@@ -6,6 +6,8 @@ cell's epilogue) and read tunables from ``fastbptt.config`` at compile time, so 
 alone could run stale code after an upgrade or an edited tunable.  The rule here: every
 kernel of ``fastbptt/_cpu`` is keyed by one stamp, a hash of all the engine's sources,
 ``config.py`` and the tunables' current values; change any and every kernel recompiles.
+An index that another fastbptt sharing the folder wrote, and this one cannot read, is
+stale too.
 
 Kernels go where numba would put them (``__pycache__`` beside the sources when it is
 writable, else the user-wide cache); plans (:mod:`fastbptt._cpu.plan`) go beside them.
@@ -133,11 +135,30 @@ def _saving_or_warning(save):
     return save_overload
 
 
+def _foreign_index_as_stale(load_index):
+    """numba's IndexDataCacheFile._load_index, which for fastbptt's kernels reads an index
+    that cannot be unpickled as a stale one (empty): written by another fastbptt sharing the
+    folder (another version, or a copy under another name), it names classes this one lacks,
+    and numba would raise on every load and save of that kernel"""
+    def _load_index(self):
+        try:
+            return load_index(self)
+        except Exception:
+            if self._source_stamp != stamp():
+                raise
+            return {}
+    _load_index.fastbptt = True
+    return _load_index
+
+
 def install():
-    """put _KernelLocator first in numba's list of cache locators, and its kernels' saves
-    behind _saving_or_warning (once)"""
+    """put _KernelLocator first in numba's list of cache locators, its kernels' saves behind
+    _saving_or_warning and their index loads behind _foreign_index_as_stale (once)"""
     impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl")
     if _KernelLocator not in impl._locator_classes:
         impl._locator_classes = [_KernelLocator] + list(impl._locator_classes)
     if not getattr(caching.Cache.save_overload, "fastbptt", False):
         caching.Cache.save_overload = _saving_or_warning(caching.Cache.save_overload)
+    index = caching.IndexDataCacheFile
+    if not getattr(index._load_index, "fastbptt", False):
+        index._load_index = _foreign_index_as_stale(index._load_index)
