@@ -126,8 +126,9 @@ def _run_train(args):
                           resume=args.resume, overwrite=args.overwrite, json_log=args.json_log, plot=args.plot,
                           max_minutes=args.max_minutes, quiet=args.quiet or not root, comm=comm, **given)
     except tr.TrainingDiverged as e:
-        if root:
-            print(f"fastbptt train: {e}", file=sys.stderr)
+        if root:                             # the config's fields named as the flags that set them
+            told = str(e).replace("lower lr (", "lower --lr (").replace("(clip, now", "(--clip, now")
+            print(f"fastbptt train: {told}", file=sys.stderr)
         return EXIT_DIVERGED
     except tr.TrainingInterrupted as e:
         if root:

@@ -676,8 +676,8 @@ def _train(comm, held, checkpoint, checkpoint_every, resume, overwrite, json_log
             save(snapshot)
             saved_epoch, snapshot = snapshot[0], None
         return distributed.collective(TrainingDiverged(
-            f"epoch {epoch + 1}: the {what} became {value} — lower --lr (now {cfg.lr}) "
-            f"or clip harder (--clip, now {cfg.clip}){kept()}"))
+            f"epoch {epoch + 1}: the {what} became {value} — lower lr (now {cfg.lr}) "
+            f"or clip harder (clip, now {cfg.clip}){kept()}"))
 
     def log():
         try:

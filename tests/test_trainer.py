@@ -306,6 +306,14 @@ def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
     assert ck.read_bytes() == before
 
 
+def test_a_diverging_train_call_names_the_configs_fields_not_the_flags():
+    # trainer.train from Python: its message speaks of its own arguments (the CLI's, of --lr)
+    with pytest.raises(trainer.TrainingDiverged) as got:
+        trainer.train(**dict(TINY, epochs=5), lr=1e30, clip=math.inf)
+    msg = str(got.value)
+    assert "lower lr (now 1e+30)" in msg and "(clip, now inf)" in msg and "--" not in msg
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--text", "/no/such/file"], "--text"), (["--hidden", "0"], "--hidden"), (["--lr", "-1"], "--lr"),
     (["--clip", "0"], "--clip"), (["--epochs", "0"], "--epochs"), (["--truncation", "k:0"], "--truncation"),
