@@ -16,6 +16,7 @@ torch-scratch and jax.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -25,6 +26,7 @@ import numpy as np
 
 from . import api, peers
 from ._plot import pyplot, save
+from ._preflight import written_whole
 
 #: name: (T, B, V, H) — V = D = Q
 CONFIGS = {
@@ -464,7 +466,7 @@ def add_parser(sub):
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cell", choices=list(GATES), default="rnn",
                    help="the recurrent cell (default: rnn); gru and lstm run the gated configs")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS) + list(GATED_CONFIGS), metavar="NAME",
+    p.add_argument("--configs", nargs="+", choices=list(dict.fromkeys([*CONFIGS, *GATED_CONFIGS])), metavar="NAME",
                    help=f"configs to run (default: all of the cell's: rnn {', '.join(CONFIGS)}; "
                         f"gru and lstm {', '.join(GATED_CONFIGS)})")
     p.add_argument("--peers", nargs="+", choices=list(dict.fromkeys(SYSTEMS[1:] + GATED_SYSTEMS[1:])),
@@ -494,6 +496,24 @@ def peer_names(names, cell):
     return tuple(dict.fromkeys(torch_name if n in ("torch", "torch-rnn") else n for n in names))
 
 
+def sweep_figure(path):
+    """the file of --sweep's figure beside --plot's ``path``: PATH-sweep with its suffix"""
+    root, ext = os.path.splitext(path)
+    return f"{root}-sweep{ext or '.png'}"
+
+
+def _json_safe(x):
+    """``x`` with every non-finite float as None (JSON's null: NaN is not JSON, and a peer
+    skipped or not timed has no time)"""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _run_cli(args):
     known = configs_of(args.cell)
     chosen, args.configs = args.configs, args.configs or list(known)
@@ -510,8 +530,7 @@ def _run_cli(args):
         print(table(rows_h + rows_b, info))
         result["sweep"] = [asdict(r) for r in rows_h + rows_b]
         if args.plot:
-            root, ext = os.path.splitext(args.plot)
-            plot_sweep(rows_h, rows_b, f"{root}-sweep{ext or '.png'}")
+            plot_sweep(rows_h, rows_b, sweep_figure(args.plot))
     if args.load:
         from . import loadbench
         under_load = loadbench.configs_of(args.cell)
@@ -521,10 +540,10 @@ def _run_cli(args):
         result["load"] = [dict(zip(("condition", "config", "fastbptt_ms", "numpy_ms", "numpy_1thread_ms",
                                     "speedup"), r)) for r in rows_load]
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        with written_whole(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(_json_safe(result), f, indent=1, allow_nan=False)
     if args.markdown:
-        with open(args.markdown, "w") as f:
+        with written_whole(args.markdown) as tmp, open(tmp, "w") as f:
             f.write(markdown(rows, info))
     if args.plot:
         plot(rows, args.plot)

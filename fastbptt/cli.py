@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 import warnings
@@ -228,7 +229,7 @@ def _diagnose_parser(sub):
 
 def _run_diagnose(args):
     from . import api, data, diagnostics
-    from .trainer import CELLS, TrainConfig, check_memory
+    from .trainer import CELLS, TrainConfig, TrainingDiverged, TrainingInterrupted, check_memory
     given = [name for name in INIT_MODEL if getattr(args, name) is not None]
     if args.checkpoint is not None and given:
         flag = "--" + given[0].replace("_", "-")
@@ -269,11 +270,24 @@ def _run_diagnose(args):
         params = {k: v * np.float32(args.scale / 0.01) for k, v in params.items()}
     if args.max_chars is not None:
         tokens = tokens[:args.max_chars]
-    result = diagnostics.run(params, vocab, vocab.encode(tokens), text=text, tokenize=tokenize,
-                             max_chars=args.max_chars, activation=activation, num_steps=args.num_steps,
-                             batch_size=args.batch_size, seeds=args.seeds, train_epochs=args.train_epochs,
-                             history=history, report=args.report, json_path=args.json, seed=args.seed,
-                             progress=not args.quiet)
+    if args.checkpoint is not None and (unknown := vocab.unknown(tokens)):
+        unk = set(unknown)
+        share = sum(t in unk for t in tokens) / len(tokens)
+        warnings.warn(f"text: {share:.1%} of its tokens are not in the checkpoint's vocabulary ({len(unknown)} "
+                      f"distinct, e.g. {unknown[0]!r}); the probe reads them as <unk>: diagnose the model on "
+                      f"a text it was trained on", RuntimeWarning, stacklevel=2)
+    try:
+        result = diagnostics.run(params, vocab, vocab.encode(tokens), text=text, tokenize=tokenize,
+                                 max_chars=args.max_chars, activation=activation, num_steps=args.num_steps,
+                                 batch_size=args.batch_size, seeds=args.seeds, train_epochs=args.train_epochs,
+                                 history=history, report=args.report, json_path=args.json, seed=args.seed,
+                                 progress=not args.quiet)
+    except TrainingInterrupted:                 # Ctrl-C in part 4's training: as anywhere else
+        raise KeyboardInterrupt from None
+    except TrainingDiverged as e:               # part 4 trains models with train's lr and clip
+        print(f"fastbptt diagnose: part 4 (the book's comparison) trains models with fastbptt train's lr and "
+              f"clip, and one diverged: {str(e).split(' — ')[0]}", file=sys.stderr)
+        return EXIT_DIVERGED
     for name, run in result["book_figure"].items():
         print(f"{name:>10}: final validation perplexity {run['history'][-1]['val_ppl']:.3f}")
     if args.report:
@@ -325,8 +339,8 @@ def _bench_needs(args):
     when named with --peers; by default a missing one is reported as skipped."""
     if args.peers:
         require_modules("peers", [m for p in args.peers for m in PEER_MODULES.get(p, ())])
-    from .bench import check_threads
-    check_threads(args.threads)
+    from . import bench
+    bench.check_threads(args.threads)
     if args.device == "cuda":
         require_cuda("device")
     for name in ("json", "markdown"):
@@ -335,7 +349,8 @@ def _bench_needs(args):
     if args.plot is not None:
         require_matplotlib("plot")
         check_figure("plot", args.plot)
-    check_distinct({"json": args.json, "markdown": args.markdown, "plot": figure_file(args.plot)})
+    sweep = {"plot (its -sweep figure)": bench.sweep_figure(args.plot)} if args.sweep and args.plot else {}
+    check_distinct({**sweep, "json": args.json, "markdown": args.markdown, "plot": figure_file(args.plot)})
 
 
 def _diagnose_needs(args):
@@ -345,6 +360,10 @@ def _diagnose_needs(args):
         require_matplotlib("report")
     if args.json is not None:
         check_output("json", args.json)
+    from .diagnostics import REPORT_FILES
+    report = {} if args.report is None else {f"report ({name})": os.path.join(args.report, name)
+                                             for name in REPORT_FILES}
+    check_distinct({**report, "json": args.json}, inputs=(args.checkpoint, args.text))
 
 
 #: checks of a command's needs before it does any work (train's are in :func:`trainer.train`)

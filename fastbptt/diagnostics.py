@@ -33,6 +33,7 @@ import numpy as np
 
 from . import api, data
 from ._plot import pyplot, save
+from ._preflight import written_whole
 from .truncation import Randomized, Truncated
 
 #: the validation share of the texts part 4 (the book figure) trains on
@@ -418,7 +419,8 @@ def check_splits(n_tokens, num_steps, batch_size):
 def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activation="tanh",
         num_steps=32, batch_size=32, seeds=30, train_epochs=10, history=None, report=None,
         json_path=None, seed=0, progress=True):
-    """All five studies; writes the figures, the JSON and report.md into ``report`` (a folder).
+    """All five studies; writes the figures, diagnostics.json and report.md into ``report`` (a
+    folder: REPORT_FILES), and the JSON into ``json_path`` too.
     ``params`` of any cell and depth (the models of part 4 are of the same)."""
     from tqdm.auto import tqdm
     cell, num_layers = api.cell_of(params)
@@ -446,6 +448,7 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
                         "V": len(vocab), "cell": cell, "num_layers": num_layers}, "seeds": seeds,
               "lag_norms": {k: v.tolist() for k, v in lags.items()}, "spectrum": spec,
               "truncation": trunc, "book_figure": book, "clipping": clip}
+    paths = [json_path]
     if report:
         out = Path(report)
         out.mkdir(parents=True, exist_ok=True)
@@ -454,11 +457,22 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
         plot_truncation(trunc, out / "truncation.png")
         plot_book_figure(book, out / "book_figure.png")
         plot_clipping(clip, out / "clipping.png")
-        (out / "report.md").write_text(write_report(result))
-        json_path = json_path or out / "diagnostics.json"
-    if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=1))
+        _write_text(out / "report.md", write_report(result))
+        paths.append(out / "diagnostics.json")          # the report's numbers, beside it
+    for path in filter(None, paths):
+        _write_text(path, json.dumps(result, indent=1))
     return result
+
+
+#: the files ``run`` writes into its report folder
+REPORT_FILES = ("lag_norms.png", "spectrum.png", "truncation.png", "book_figure.png", "clipping.png",
+                "report.md", "diagnostics.json")
+
+
+def _write_text(path, text):
+    """``text`` into ``path``, written whole (a failed write leaves the file before as it was)"""
+    with written_whole(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def _decay_rate(norms):

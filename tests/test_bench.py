@@ -115,6 +115,32 @@ def test_bench_cli_writes_json_markdown_and_plot(tmp_path, capsys):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+def test_bench_cli_writes_strict_json_when_a_peer_is_skipped(tmp_path, capsys, monkeypatch):
+    # a skipped peer has no time: null, not NaN (which strict JSON parsers reject)
+    def missing(*a, **k):
+        raise ImportError("No module named 'jax'")
+    monkeypatch.setitem(bench.MAKERS, "jax", missing)
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(bench, "peer_names", lambda names, cell: ("numpy", "jax"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--quick", "--configs", "latency", "--json", str(out)])
+    assert e.value.code == 0
+    capsys.readouterr()
+
+    def no_constants(name):
+        raise ValueError(f"{name} in the JSON")
+    rows = {r["system"]: r for r in json.loads(out.read_text(), parse_constant=no_constants)["rows"]}
+    assert rows["jax"]["status"].startswith("skipped") and rows["jax"]["median_ms"] is None
+    assert rows["numpy"]["median_ms"] > 0
+
+
+def test_bench_refuses_a_sweep_figure_that_is_another_output(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "--sweep", "--plot", str(tmp_path / "out.png"), "--json", str(tmp_path / "out-sweep.png")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("fastbptt bench: error: --json: ")
+
+
 def test_bench_cli_parses_cell(capsys):
     parser = cli.build_parser()
     args = parser.parse_args(["bench"])

@@ -1,12 +1,13 @@
 """fastbptt.diagnostics and `fastbptt diagnose` against direct computations."""
 import json
+import warnings
 
 import numpy as np
 import pytest
 
 import fastbptt
 import reference
-from fastbptt import api, cli, data, diagnostics
+from fastbptt import api, cli, data, diagnostics, trainer
 from helpers import make_case
 
 
@@ -340,3 +341,54 @@ def test_diagnose_refuses_an_empty_checkpoint_path_and_a_model_larger_than_memor
     err = capsys.readouterr().err
     assert err.startswith("fastbptt diagnose: error: --hidden: the rnn model of hidden=100000000") and \
         "of memory" in err and err.count("\n") == 1
+
+
+def test_diagnose_refuses_a_json_that_is_an_input_or_a_file_of_the_report(tmp_path, capsys):
+    ck = tmp_path / "ck.npz"
+    ck.write_bytes(b"a checkpoint")
+    text = tmp_path / "t.txt"
+    text.write_text("the time machine " * 200)
+    cases = [("--checkpoint", ck, "--json", ck), ("--init", "--text", text, "--json", text),
+             ("--init", "--report", tmp_path, "--json", tmp_path / "lag_norms.png")]
+    for argv in cases:
+        assert diagnose(*argv, "--quiet") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastbptt diagnose: error: --json: {argv[-1]} is the same file as ") and \
+            err.count("\n") == 1, err
+    assert ck.read_bytes() == b"a checkpoint" and text.read_text().startswith("the time")
+
+
+def test_diagnose_writes_the_reports_json_and_the_json_asked_for(tmp_path):
+    out, js = tmp_path / "report", tmp_path / "d.json"
+    assert diagnose("--init", "--hidden", 6, "--report", out, "--json", js, *DIAGNOSE_TINY) == 0
+    assert json.loads((out / "diagnostics.json").read_text()) == json.loads(js.read_text())
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (trainer.TrainingDiverged("epoch 1: the loss became nan — lower lr (now 1.0) or clip harder (clip, now 1.0)"),
+     3, "fastbptt diagnose: part 4 (the book's comparison) trains models with fastbptt train's lr and clip, "
+        "and one diverged: epoch 1: the loss became nan\n"),
+    (trainer.TrainingInterrupted("interrupted after epoch 1; pass --checkpoint PATH to be able to resume"),
+     130, "fastbptt diagnose: interrupted\n")])
+def test_diagnose_ends_with_one_line_when_part_4s_training_diverges_or_is_interrupted(
+        monkeypatch, capsys, raised, code, line):
+    def train(**kw):
+        raise raised
+    monkeypatch.setattr(trainer, "train", train)
+    assert diagnose("--init", "--hidden", 6, *DIAGNOSE_TINY) == code
+    assert capsys.readouterr().err == line
+
+
+def test_diagnose_warns_of_a_text_outside_the_checkpoints_vocabulary(tmp_path, monkeypatch):
+    ck = tmp_path / "ck.npz"
+    fastbptt.train(max_chars=2000, hidden=6, num_steps=6, batch_size=4, epochs=1, checkpoint=ck, quiet=True,
+                   sample_prefixes=())
+    greek = tmp_path / "g.txt"
+    greek.write_text("the time machine " * 100 + "αβγ" * 100)
+    monkeypatch.setattr(diagnostics, "run", lambda *a, **k: {"book_figure": {}})
+    with pytest.warns(RuntimeWarning, match=r"^text: 15\.0% of its tokens are not in the checkpoint's "
+                                            r"vocabulary \(3 distinct, e\.g\. 'α'\)"):
+        assert diagnose("--checkpoint", ck, "--text", greek, "--tokenize", "chars", *DIAGNOSE_TINY) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # its own text: no warning
+        assert diagnose("--checkpoint", ck, *DIAGNOSE_TINY) == 0
