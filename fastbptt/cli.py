@@ -307,7 +307,8 @@ def _tune_parser(sub):
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048], metavar="H",
                    help="hidden sizes of the sweeps to measure (default: %(default)s)")
     p.add_argument("--cell", nargs="+", choices=("rnn", "gru", "lstm"), default=["rnn", "gru", "lstm"],
-                   help="the cells whose sweeps to measure (default: all)")
+                   help="the cells whose sweeps to measure again (default: all); the other cells' "
+                        "sweeps in the plan are kept")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_tune)
 

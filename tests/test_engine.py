@@ -430,6 +430,20 @@ def test_tune_marks_a_sweep_under_load_only_when_every_pass_was(plan_dir, monkey
     assert p.loaded == {"lstm float32 B=1 H=48"}
 
 
+def test_tune_of_some_cells_keeps_the_other_cells_sweeps(plan_dir, monkeypatch):
+    # fastbptt tune --cell rnn measures the rnn's sweeps again, and leaves the gru's
+    monkeypatch.setattr(plan, "TUNE_SHAPES", {k: [(8, 40, 20)] for k in plan.DEFAULT_BLOCKING})
+    monkeypatch.setattr(plan, "KC_CANDIDATES", (64,))
+    monkeypatch.setattr(plan, "MC_CANDIDATES", (64,))
+    p = plan.current(2)
+    p.sweeps.update({"gru float32 B=3 H=8": (1, 128, 64), "elman float32 B=3 H=8": (1, 128, 64)})
+    p.loaded.add("gru float32 B=3 H=8")
+    monkeypatch.setattr(plan, "measure_sweep", _measured(*[((2, 64, 64), 0.0)] * plan.TUNE_PASSES))
+    p = plan.tune(2, progress=False, sweeps=[(elman, np.float32, 1, 48)])
+    assert p.sweeps == {"gru float32 B=3 H=8": (1, 128, 64), "elman float32 B=1 H=48": (2, 64, 64)}
+    assert p.loaded == {"gru float32 B=3 H=8"}
+
+
 def test_a_key_this_version_does_not_make_is_left_as_it_is(plan_dir):
     # another version of fastbptt may share the plan file
     p = plan.current(2)

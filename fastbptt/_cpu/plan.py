@@ -541,16 +541,20 @@ def tune_products(plan, bar=None):
 def tune(threads, progress=True, sweeps=()):
     """Measure the blocking of every product kind, and the sweeps of each (cell module,
     dtype, B, H) in ``sweeps`` (TUNE_PASSES times each, one pass over all of them after
-    another), again (with a progress bar); save the plan and return it."""
+    another), again (with a progress bar); save the plan and return it.  The other sweeps of
+    the cells in ``sweeps`` are dropped (measured again when next run), those of other
+    cells kept."""
     from tqdm.auto import tqdm
     plan = current(threads)
     grid = len(KC_CANDIDATES) * len(MC_CANDIDATES)
     total = sum(len(s) for s in TUNE_SHAPES.values()) * grid + TUNE_PASSES * len(sweeps)
     with tqdm(total=total, disable=not progress, desc="fastbptt tune", unit="case", leave=False) as bar:
         tune_products(plan, bar)
-        plan.loaded.clear()                        # first: a save meanwhile keeps loaded ⊆ sweeps
-        plan.sweeps.clear()
-        plan.products.clear()
+        cells = {cell_name(c) for c, *_ in sweeps}     # the cells tuned: their old sweeps go
+        for key in [k for k in plan.sweeps if k.split(" ", 1)[0] in cells]:
+            plan.loaded.discard(key)               # first: a save meanwhile keeps loaded ⊆ sweeps
+            del plan.sweeps[key]
+        plan.products.clear()                      # each measured against its kind's blocking
         seen = [{} for _ in sweeps]
         quiet = set()                              # measured in a quiet pass at least once
         for _ in range(TUNE_PASSES):
