@@ -257,9 +257,16 @@ def _run_diagnose(args):
         cfg = meta["config"]
         vocab = data.Vocab(idx_to_token=meta["vocab"])
         history, activation = meta["history"], cfg.activation
-        text = text if text is not None else cfg.text
         tokenize = args.tokenize or cfg.tokenize
-        tokens = data.tokenize(data.load_text(text), tokenize)
+        if text is None and cfg.text is not None:       # the checkpoint's text, where it was
+            try:
+                tokens = data.tokenize(data.load_text(cfg.text), tokenize)
+            except ValueError as e:
+                raise ValueError(f"--checkpoint: its text cannot be read ({str(e).partition(': ')[2]}); "
+                                 f"give it with --text") from None
+            text = cfg.text
+        else:
+            tokens = data.tokenize(data.load_text(text), tokenize)
     else:
         tokens = data.tokenize(data.load_text(text), tokenize)
         vocab = data.Vocab(tokens)
@@ -405,9 +412,12 @@ def main(argv=None):
     warnings.formatwarning = (lambda msg, cat, *a, **k:
                               f"fastbptt {args.command}: warning: {flag_message(str(msg), options)}\n")
 
+    # a text shorter than a minibatch: the flag that cut it short, if given, else the text's
+    aliases = dict(PARAM_FLAGS, n_tokens="--max-chars" if getattr(args, "max_chars", None) else "--text")
+
     def error(message):
         message = " ".join(str(message).split("\n")).strip()       # one line, always
-        print(f"fastbptt {args.command}: error: {flag_message(message, options)}", file=sys.stderr)
+        print(f"fastbptt {args.command}: error: {flag_message(message, options, aliases)}", file=sys.stderr)
         return EXIT_USAGE
 
     try:

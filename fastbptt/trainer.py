@@ -218,7 +218,7 @@ def load_corpus(cfg: TrainConfig, quiet=False) -> Corpus:
     with _named("path", "text"), _named("mode", "tokenize"):
         ids = token_ids(cfg.text, cfg.tokenize, quiet=quiet)
     vocab, train, val = split(ids, cfg.max_chars, cfg.val_fraction)
-    with _named("n_tokens", "text"):
+    with _named("n_tokens", "max_chars" if cfg.max_chars is not None else "text"):   # what cut it short
         data.check_length(len(train), cfg.num_steps, cfg.batch_size, "training split")
     return Corpus(vocab, train, val, ids.sha256, ids.file)
 

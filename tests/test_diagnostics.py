@@ -314,7 +314,7 @@ def test_diagnose_checks_part_4s_training_split_before_any_work(capsys, monkeypa
     assert diagnose("--init", "--max-chars", 34, "--hidden", 8, "--num-steps", 8, "--batch-size", 4,
                     "--quiet") == 2
     err = capsys.readouterr().err
-    assert err.startswith("fastbptt diagnose: error: --text: the training split of part 4 (the text less its "
+    assert err.startswith("fastbptt diagnose: error: --max-chars: the training split of part 4 (the text less its "
                           "last 10%, held out) has 31 tokens, fewer than one minibatch") and err.count("\n") == 1
 
 
@@ -323,9 +323,9 @@ def test_diagnose_checks_part_4s_validation_split_before_any_work(capsys, monkey
     monkeypatch.setattr(api, "init_params", lambda *a, **k: pytest.fail("parameters drawn"))
     assert diagnose("--init", "--max-chars", 9, "--hidden", 2, "--num-steps", 1, "--batch-size", 1,
                     "--quiet") == 2
-    assert capsys.readouterr().err == ("fastbptt diagnose: error: --text: part 4 reports the validation perplexity "
-                                       "of the text's last 10%, 0 of its 9 tokens; it needs at least 2 (use a "
-                                       "longer text)\n")
+    assert capsys.readouterr().err == ("fastbptt diagnose: error: --max-chars: part 4 reports the validation "
+                                       "perplexity of the text's last 10%, 0 of its 9 tokens; it needs at least 2 "
+                                       "(use a longer text)\n")
 
 
 def test_diagnose_refuses_an_empty_checkpoint_path_and_a_model_larger_than_memory(capsys, monkeypatch):
@@ -392,3 +392,15 @@ def test_diagnose_warns_of_a_text_outside_the_checkpoints_vocabulary(tmp_path, m
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                  # its own text: no warning
         assert diagnose("--checkpoint", ck, *DIAGNOSE_TINY) == 0
+
+
+def test_diagnose_of_a_checkpoint_whose_text_moved_names_the_checkpoint(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the time machine by h g wells " * 100)
+    ck = tmp_path / "ck.npz"
+    fastbptt.train(text=str(text), hidden=6, num_steps=6, batch_size=4, epochs=1, checkpoint=ck, quiet=True,
+                   sample_prefixes=())
+    text.unlink()
+    assert diagnose("--checkpoint", ck, *DIAGNOSE_TINY) == 2
+    assert capsys.readouterr().err == (f"fastbptt diagnose: error: --checkpoint: its text cannot be read (no such "
+                                       f"file: {text}); give it with --text\n")

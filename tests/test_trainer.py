@@ -357,16 +357,18 @@ def test_train_errors_name_its_parameters_not_flags(options, message):
     assert str(e.value) == message
 
 
-def test_train_too_short_a_text_names_text(tmp_path, capsys):
+def test_train_too_short_a_text_names_max_chars_or_text(tmp_path, capsys):
     with pytest.raises(ValueError) as e:
         fastbptt.train(**{**SMALL, "num_steps": 500, "batch_size": 500})
-    assert str(e.value).startswith("text: the training split has 4000 tokens, fewer than one minibatch "
+    assert str(e.value).startswith("max_chars: the training split has 4000 tokens, fewer than one minibatch "
                                    "(num_steps·batch_size + 1 = 250001)")
     short = tmp_path / "short.txt"
     short.write_text("only a few words")
     assert run_cli("train", "--text", short, "--quiet") == 2
     err = cli_error(capsys, "train")
     assert err.startswith("--text: the training split has") and "fewer than one minibatch" in err
+    assert run_cli("train", "--max-chars", 50, "--quiet") == 2                  # the flag that cut it short
+    assert cli_error(capsys, "train").startswith("--max-chars: the training split has 50 tokens")
 
 
 def test_missing_text_is_path_in_the_library_and_text_flag_on_the_command_line(tmp_path, capsys):
