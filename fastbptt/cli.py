@@ -169,7 +169,8 @@ def _generate_parser(sub):
     p = sub.add_parser("generate", help="generate text from a checkpoint",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", metavar="PATH", required=True, help="a checkpoint of fastbptt train")
-    p.add_argument("--prefix", default="time traveller", help="text to warm the state up on")
+    p.add_argument("--prefix", default="time traveller",
+                   help="text to warm the state up on, tokenized as the checkpoint's text was")
     p.add_argument("--length", type=int, default=50, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the book); > 0: sampled")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling")
@@ -177,11 +178,16 @@ def _generate_parser(sub):
 
 
 def _run_generate(args):
-    from .data import Vocab
+    from .data import Vocab, tokenize
     from .generation import generate
     params, _, meta = _load_checkpoint(args.checkpoint)
     params = {k: v.astype(np.float32) for k, v in params.items()}
-    print(generate(params, Vocab(idx_to_token=meta["vocab"]), args.prefix, args.length,
+    mode = meta["config"].tokenize                  # the prefix read as the model's text was
+    prefix = "".join(tokenize(args.prefix, mode)) if args.prefix else args.prefix
+    if args.prefix and not prefix:
+        raise ValueError(f"--prefix: {args.prefix!r} has no letters, all that the checkpoint's {mode} "
+                         "tokenizer keeps")
+    print(generate(params, Vocab(idx_to_token=meta["vocab"]), prefix, args.length,
                    temperature=args.temperature, seed=args.seed, activation=meta["config"].activation))
     return 0
 

@@ -124,6 +124,16 @@ def test_cli_generate_bad_checkpoint_names_the_flag(tmp_path, capsys):
     assert err.startswith(f"fastbptt generate: error: --checkpoint: {junk} is ") and err.count("\n") == 1
 
 
+def test_cli_generate_reads_the_prefix_as_the_checkpoints_tokenizer_read_its_text(checkpoint, capsys):
+    # the book's tokenizer: letters lowercased, the rest one space
+    assert run_cli("generate", "--checkpoint", checkpoint, "--prefix", "AB, c!", "--length", 3) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("ab c") and len(captured.out.rstrip("\n")) == 4 + 3 and captured.err == ""
+    assert run_cli("generate", "--checkpoint", checkpoint, "--prefix", "1, 2!") == 2
+    assert capsys.readouterr().err == ("fastbptt generate: error: --prefix: '1, 2!' has no letters, all that the "
+                                       "checkpoint's book tokenizer keeps\n")
+
+
 def test_cli_generate_unknown_prefix_warns_with_the_flag(checkpoint):
     # a subprocess: pytest records warnings itself, so they never reach stderr here
     out = subprocess.run([sys.executable, "-m", "fastbptt", "generate", "--checkpoint", str(checkpoint),
