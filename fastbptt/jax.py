@@ -14,6 +14,7 @@ imports it.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import os
 import threading
@@ -85,7 +86,7 @@ def rnn(params, X, h0=None, *, cell=None, activation="tanh", truncation=None):
     state0, flat = _check_state(h0, found, L, B, H, dt)
     P = tuple(jnp.asarray(params[k]).astype(dt) for k in keys)
     core = _core(keys, found, L, act, truncation, tokens, np.dtype(dt), (T, B, H))
-    Hs, last = core(P, X, state0)
+    Hs, last = core(*_varying_alike((P, X, state0)))
     if flat:
         last = tuple(s[0] for s in last)
     return Hs, (last if found == "lstm" else last[0])
@@ -110,6 +111,8 @@ def _check_params(params, cell):
     if len(np.shape(W_xh)) != 2:
         raise ValueError(f"params['W_xh']: expected 2 dimensions, got shape {tuple(np.shape(W_xh))}")
     D, H = np.shape(W_xh)[0], np.shape(params["W_hh"])[0]
+    if D < 1 or H < 1:
+        raise ValueError(f"params['W_xh']: empty shape {tuple(np.shape(W_xh))}; sizes must be >= 1")
     shapes = api._schema(found, L, D, H, None)
     extra = sorted(str(k) for k in params if k not in shapes and k not in api.HEAD_KEYS)
     if extra:
@@ -143,11 +146,15 @@ def _check_truncation(truncation):
 def _check_state(h0, cell, L, B, H, dt):
     """((h0,) or (h0, c0), each (L,B,H) of dt; whether the caller gave (B,H))"""
     names, given = api._state_parts(h0, cell)
-    if h0 is None:
-        return tuple(jnp.zeros((L, B, H), dt) for _ in names), False
     out, flat = [], []
     for name, a in zip(names, given):
-        a = jnp.asarray(a)
+        if a is None:                                      # zeros, as rnn_forward reads it
+            out.append(None)
+            continue
+        try:
+            a = jnp.asarray(a)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: expected an array, got {type(a).__name__}") from None
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
         if L == 1 and a.shape == (B, H):
@@ -161,19 +168,25 @@ def _check_state(h0, cell, L, B, H, dt):
         flat.append(f)
     if len(set(flat)) > 1:
         raise ValueError("h0: h0 and c0 must both be (B,H) or both (num_layers,B,H)")
-    return tuple(out), flat[0]
+    return tuple(jnp.zeros((L, B, H), dt) if a is None else a for a in out), bool(flat and flat[0])
 
 
+@functools.lru_cache(maxsize=256)
 def _core(keys, cell, L, act, truncation, tokens, dt, shape):
-    """f(P, X, state0) -> (Hs, last state tuple), with its custom VJP, for one configuration"""
+    """f(P, X, state0) -> (Hs, last state tuple), with its custom VJP, for one configuration:
+    made once, with its callbacks (JAX compiles a callback it has not seen for every call, and
+    keeps what it compiled)"""
     T, B, H = shape
     n_state = 2 if cell == "lstm" else 1
-    out_shapes = (jax.ShapeDtypeStruct((T, B, H), dt),) + (jax.ShapeDtypeStruct((L, B, H), dt),) * n_state
+    out_shapes = ((jax.ShapeDtypeStruct((T, B, H), dt),) + (jax.ShapeDtypeStruct((L, B, H), dt),) * n_state
+                  + (jax.ShapeDtypeStruct((), jnp.int32),))
+    forward_np = {keep: functools.partial(_on_worker, _forward_np, keys, cell, act, dt, keep)
+                  for keep in (False, True)}
+    backward_np = {want_dx: functools.partial(_on_worker, _backward_np, keys, cell, L, act, truncation, dt, want_dx)
+                   for want_dx in (False, True)}
 
     def forward(P, X, state0, keep):
-        res = jax.pure_callback(
-            lambda P, X, s0: _on_worker(_forward_np, keys, cell, act, P, X, s0, dt, keep),
-            out_shapes + (jax.ShapeDtypeStruct((), jnp.int32),), P, X, state0, vmap_method="sequential")
+        res = _varying_as(jax.pure_callback(forward_np[keep], out_shapes, P, X, state0, vmap_method="sequential"), X)
         return res[0], tuple(res[1:-1]), res[-1]
 
     @jax.custom_vjp
@@ -198,13 +211,50 @@ def _core(keys, cell, L, act, truncation, tokens, dt, shape):
         grad_shapes = (tuple(jax.ShapeDtypeStruct(p.shape, dt) for p in P),
                        None if want_dx is None else jax.ShapeDtypeStruct(X.shape, dt),
                        tuple(jax.ShapeDtypeStruct(s.shape, dt) for s in state0))
-        gP, gX, gs = jax.pure_callback(
-            lambda *a: _on_worker(_backward_np, keys, cell, L, act, truncation, dt, want_dx is not None, *a),
-            grad_shapes, P, X, state0, Hs, handle, dHs, dlast, vmap_method="sequential")
-        return gP, gX, gs
+        return _varying_as(jax.pure_callback(backward_np[want_dx is not None], grad_shapes, P, X, state0, Hs,
+                                             handle, dHs, dlast, vmap_method="sequential"), X)
 
     f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f
+
+
+# ------------------------------------------------------------------ inside jax.shard_map
+_typeof = getattr(jax, "typeof", None) or jax.core.get_aval
+
+
+def _varying(a):
+    """the mesh axes along which ``a`` differs inside ``jax.shard_map`` (none outside it)"""
+    t = _typeof(a)
+    mat = getattr(t, "manual_axis_type", None)             # newer JAX; older: t.vma
+    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+def _varying_alike(tree):
+    """every array of ``tree`` varying along the axes that any of them varies along: a callback
+    of varying inputs has varying outputs, and the cast of an input that does not vary (the
+    weights beside a batch split over the devices) transposes to the sum of its cotangents
+    over the devices"""
+    leaves, treedef = jax.tree.flatten(tree)
+    axes = frozenset().union(*map(_varying, leaves))
+    if not axes:
+        return tree
+    return jax.tree.unflatten(treedef, [a if _varying(a) == axes else _vary(a, tuple(sorted(axes - _varying(a))))
+                                        for a in leaves])
+
+
+def _vary(a, axes):
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(a, axes, to="varying")
+    return jax.lax.pvary(a, axes)                           # older JAX
+
+
+def _varying_as(tree, like):
+    """the arrays of ``tree`` (a callback's results) varying as ``like`` (its input) does: a
+    callback's results come back typed alike on every device, though each device computed
+    its own"""
+    axes = _varying(like)
+    return tree if not axes else jax.tree.map(lambda a: a if _varying(a) == axes else
+                                              _vary(a, tuple(sorted(axes - _varying(a)))), tree)
 
 
 # -------------------------------------------------------------------------- callbacks
@@ -256,7 +306,7 @@ class _KeptForwards:
 _kept = _KeptForwards()
 
 
-def _forward_np(keys, cell, act, P, X, s0, dt, keep):
+def _forward_np(keys, cell, act, dt, keep, P, X, s0):
     """(Hs, the last states..., the kept forward's handle: 0 if none kept)"""
     params = dict(zip(keys, P))
     Hs, last, *kept = api.rnn_forward(params, X, _state_arg(cell, s0), activation=act, cell=cell,

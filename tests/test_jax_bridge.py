@@ -231,6 +231,64 @@ def test_state_forms_and_errors(rng):
         fj.rnn(p, X, activation="relu")
 
 
+def test_an_lstm_state_part_given_as_none_is_zeros_and_bad_parts_name_their_argument(rng):
+    p, X, s0, _ = make("lstm", 1, rng)
+    zeros = jnp.zeros((1, B, H))
+    close(fj.rnn(p, X, (s0[0], None)), fj.rnn(p, X, (s0[0], zeros)))
+    close(fj.rnn(p, X, (None, s0[1])), fj.rnn(p, X, (zeros, s0[1])))
+    close(fj.rnn(p, X, (None, None)), fj.rnn(p, X))
+    with pytest.raises(TypeError, match=r"^h0: expected an array, got dict"):
+        fj.rnn(make("rnn", 1, rng)[0], X, {"h": 1})
+    with pytest.raises(ValueError, match=r"^params\['W_xh'\]: empty shape \(0, 4\)"):
+        fj.rnn({"W_xh": jnp.zeros((0, 4)), "W_hh": jnp.zeros((4, 4)), "b_h": jnp.zeros(4)}, jnp.zeros((5, 2, 0)))
+
+
+def test_eager_calls_reuse_one_function_and_its_callbacks(rng):
+    # a callback JAX has not seen is compiled anew on every call, and what it compiled is kept:
+    # memory grew without bound and every eager step compiled
+    p, X, s0, _ = make("gru", 1, rng)
+    grad = jax.grad(lambda p: fj.rnn(p, X)[0].sum())
+    fj._core.cache_clear()
+    first = grad(p)
+    compiled = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiled.append(event) if "backend_compile" in event else None)
+    for _ in range(3):
+        close(grad(p), first)
+    assert fj._core.cache_info().misses == 1 and not compiled
+
+
+_SHARDED = """
+import os; os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax; jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+import fastbptt, fastbptt.jax as fj
+params = {k: jnp.asarray(v, jnp.float64) for k, v in fastbptt.init_params(3, 4, 2, seed=0, cell="{cell}").items()
+          if not k.endswith("q")}
+X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4, 3)))
+mesh = Mesh(np.array(jax.devices()), ("b",))
+loss = lambda p, X: jnp.sum(jnp.sin(fj.rnn(p, X)[0]))
+spread = jax.shard_map(lambda p, X: jax.lax.psum(loss(p, X), "b"), mesh=mesh, in_specs=(P(), P(None, "b")),
+                       out_specs=P())
+want = jax.grad(loss, argnums=(0, 1))(params, X)
+got = jax.jit(jax.grad(spread, argnums=(0, 1)))(params, X)
+print(max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))))
+"""
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_a_batch_split_over_devices_by_shard_map_sums_the_weights_gradients(cell):
+    # the weights are the same on every device, the batch is split: their gradient is the sum
+    # of the devices' (it was one device's times their number), and ∂L/∂X each device's own
+    if not hasattr(jax, "shard_map"):
+        pytest.skip("this JAX has no jax.shard_map")
+    out = subprocess.run([sys.executable, "-c", _SHARDED.replace("{cell}", cell)], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout) < 1e-12
+
+
 def test_jax_stays_optional():
     code = ("import sys; import fastbptt; assert 'jax' not in sys.modules, 'import fastbptt imported jax'\n"
             "sys.modules['jax'] = None\n"
