@@ -333,6 +333,9 @@ def _run_tune(args):
     for name in ("batch", "hidden"):
         if min(getattr(args, name)) < 1:
             raise ValueError(f"--{name}: expected positive integers, got {getattr(args, name)}")
+    from .trainer import TrainConfig, check_memory
+    for cell in args.cell:                    # a sweep's weights at the largest --hidden: fail now
+        check_memory(TrainConfig(cell=cell, hidden=max(args.hidden)), 1)
     shapes = {(B, H) for B in args.batch for H in args.hidden}
     shapes |= {(B, H) for _, B, _, H in bench.CONFIGS.values()}
     shapes |= {(B, H) for _, B, _, H, _, _ in bench.GATED_CONFIGS.values()}

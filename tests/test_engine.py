@@ -810,6 +810,11 @@ def test_tune_command_measures_and_prints_the_plan(plan_dir, monkeypatch, capsys
     with pytest.raises(SystemExit) as done:
         cli.main(["tune", "--batch", "0", "--quiet"])
     assert done.value.code == 2 and "--batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:                          # weights larger than memory: before any work
+        cli.main(["tune", "--batch", "1", "--hidden", "99999999", "--cell", "rnn", "--quiet"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("fastbptt tune: error: --hidden: the rnn model of "
+                                                   "hidden=99999999") and err.count("\n") == 1
 
 
 _FORK_CHILD = """
