@@ -426,6 +426,9 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     cell, num_layers = api.cell_of(params)
     check_splits(len(ids), num_steps, batch_size)
     X, Y = probe_batch(ids, num_steps, batch_size, seed)
+    if not np.isfinite(api.rnn_forward(params, X, activation=activation)).all():
+        raise ValueError("params: the model's hidden states on the probe batch overflow to non-finite values "
+                         "(its weights are too large to study)")
     steps = tqdm(total=5, disable=not progress, desc="diagnose", unit="part")
     lags = {"model": lag_norms(params, X, Y, activation=activation)}
     for r in RADII if cell == "rnn" else ():

@@ -404,3 +404,10 @@ def test_diagnose_of_a_checkpoint_whose_text_moved_names_the_checkpoint(tmp_path
     assert diagnose("--checkpoint", ck, *DIAGNOSE_TINY) == 2
     assert capsys.readouterr().err == (f"fastbptt diagnose: error: --checkpoint: its text cannot be read (no such "
                                        f"file: {text}); give it with --text\n")
+
+
+def test_diagnose_of_weights_whose_states_overflow_names_scale(capsys):
+    assert diagnose("--init", "--scale", "1e30", "--activation", "identity", "--hidden", 6, *DIAGNOSE_TINY) == 2
+    assert capsys.readouterr().err == ("fastbptt diagnose: error: --scale: the model's hidden states on the probe "
+                                       "batch overflow to non-finite values (its weights are too large to study); "
+                                       "use a smaller --scale\n")
