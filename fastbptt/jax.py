@@ -234,27 +234,26 @@ def _varying_alike(tree):
     of varying inputs has varying outputs, and the cast of an input that does not vary (the
     weights beside a batch split over the devices) transposes to the sum of its cotangents
     over the devices"""
-    leaves, treedef = jax.tree.flatten(tree)
-    axes = frozenset().union(*map(_varying, leaves))
-    if not axes:
-        return tree
-    return jax.tree.unflatten(treedef, [a if _varying(a) == axes else _vary(a, tuple(sorted(axes - _varying(a))))
-                                        for a in leaves])
-
-
-def _vary(a, axes):
-    if hasattr(jax.lax, "pcast"):
-        return jax.lax.pcast(a, axes, to="varying")
-    return jax.lax.pvary(a, axes)                           # older JAX
+    return _varying_along(tree, frozenset().union(*map(_varying, jax.tree.leaves(tree))))
 
 
 def _varying_as(tree, like):
     """the arrays of ``tree`` (a callback's results) varying as ``like`` (its input) does: a
     callback's results come back typed alike on every device, though each device computed
     its own"""
-    axes = _varying(like)
-    return tree if not axes else jax.tree.map(lambda a: a if _varying(a) == axes else
-                                              _vary(a, tuple(sorted(axes - _varying(a)))), tree)
+    return _varying_along(tree, _varying(like))
+
+
+def _varying_along(tree, axes):
+    """every array of ``tree`` cast to vary along ``axes`` (those it varies along already kept)"""
+    def cast(a):
+        more = tuple(sorted(axes - _varying(a)))
+        if not more:
+            return a
+        if hasattr(jax.lax, "pcast"):
+            return jax.lax.pcast(a, more, to="varying")
+        return jax.lax.pvary(a, more)                           # older JAX
+    return jax.tree.map(cast, tree) if axes else tree
 
 
 # -------------------------------------------------------------------------- callbacks
