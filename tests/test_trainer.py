@@ -318,7 +318,7 @@ def test_a_diverging_train_call_names_the_configs_fields_not_the_flags():
     (["--text", "/no/such/file"], "--text"), (["--hidden", "0"], "--hidden"), (["--lr", "-1"], "--lr"),
     (["--clip", "0"], "--clip"), (["--epochs", "0"], "--epochs"), (["--truncation", "k:0"], "--truncation"),
     (["--truncation", "rand:0.5"], "--truncation"), (["--truncation", "random:1.5"], "--truncation"),
-    (["--resume"], "--resume"), (["--num-steps", "500", "--batch-size", "500"], "--text"),
+    (["--resume"], "--resume"), (["--num-steps", "500", "--batch-size", "500"], "--max-chars"),
     (["--batch-size", "-3"], "--batch-size"), (["--seed", "-1"], "--seed"),
     (["--val-fraction", "1.5"], "--val-fraction"), (["--max-minutes", "0"], "--max-minutes"),
     (["--checkpoint-every", "0"], "--checkpoint-every"),
