@@ -682,7 +682,7 @@ def _states(be, h0, cell, L, B, H, dt, names=("h0", "c0")):
         ndim = len(getattr(a, "shape", np.shape(a)))
         if ndim == 2 and L == 1:
             stacked = False
-            arrays.append(_floats(be, name, a, (B, H), dt)[None])
+            arrays.append(_floats(be, name, a, (B, H), dt).reshape((1, B, H)))    # a CUDA array has no [None]
         else:
             stacked = True
             arrays.append(_floats(be, name, a, (L, B, H), dt))

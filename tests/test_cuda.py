@@ -146,8 +146,12 @@ def test_gpu_matches_cpu_at_benchmark_shapes(shape, path, monkeypatch):
 
 
 @sim_only
-def test_rnn_adjoints_equal_cpu(rng):
-    params, X, _, h0 = make_case(rng, T=4, B=2, D=5, H=6, Q=3)
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_rnn_adjoints_equal_cpu(rng, cell):
+    params = fastbptt.init_params(5, 6, 3, np.float64, seed=3, cell=cell)
+    X = rng.integers(0, 5, (4, 2))
+    h0 = rng.normal(size=(2, 6))
+    h0 = (h0, rng.normal(size=(2, 6))) if cell == "lstm" else h0
     Hs = fastbptt.rnn_forward(params, X, h0)
     dHs = rng.normal(size=Hs.shape)
     want = fastbptt.rnn_adjoints(params, X, Hs, dHs, h0)
@@ -423,6 +427,22 @@ def test_gated_randomized_with_every_crossing_dropped(cell, rng):
     for k in grads:
         assert_close(grads[k], want[k], np.float64, k)
     assert np.all(grads["h0"] == 0) and (cell != "lstm" or np.all(grads["c0"] == 0))
+
+
+@gpu
+@pytest.mark.parametrize("cell", CELLS)
+def test_gpu_a_one_layer_state_given_as_a_device_array(cell):
+    """the last state a call on device params returns, (B,H) device arrays for one layer, fed
+    back as the next call's h0 (a device array cannot be indexed with None)"""
+    params = fastbptt.init_params(5, 4, 5, np.float64, seed=3, cell=cell)
+    X = np.arange(12).reshape(3, 4) % 5
+    D = fastbptt.to_device(params)
+    _, _, h_T = fastbptt.loss_and_grad(D, X, X, device="cuda")
+    loss, _, _ = fastbptt.loss_and_grad(D, X, X, h0=h_T, device="cuda")
+    host = tuple(h.copy_to_host() for h in h_T) if cell == "lstm" else h_T.copy_to_host()
+    _, _, h_cpu = fastbptt.loss_and_grad(params, X, X)
+    assert loss == pytest.approx(fastbptt.loss_and_grad(params, X, X, h0=h_cpu)[0], rel=1e-9)
+    assert loss == pytest.approx(fastbptt.loss_and_grad(params, X, X, h0=host)[0], rel=1e-9)
 
 
 @gpu

@@ -139,6 +139,13 @@ class Run(LayerParams):
         able to change) as the API returns it: a copy, on the device when the params are"""
         return _copied(a, self.keep)
 
+    def prepended(self, a0, A):
+        """(T+1,B,H) on the device: a0 (B,H), then A (T,B,H) (the CPU's np.concatenate)"""
+        out = cuda.device_array((A.shape[0] + 1,) + tuple(A.shape[1:]), A.dtype)
+        out[0].copy_to_device(a0)
+        out[1:].copy_to_device(A)
+        return out
+
     def fresh(self, shape):
         """a new zero device array of the call's dtype that outlives the call"""
         return zeros(tuple(shape), self.dtype)

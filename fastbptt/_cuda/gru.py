@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 from numba import cuda
 
 from .products import axpy, gemm, launch, scaled, sigmoid
@@ -160,6 +161,12 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None):
     if xi[0] != 0:
         axpy(dh0, float(xi[0]), carry)
     return weight_grads(run, l, X, lay, dP, dR), (dh0,), run.input_adjoint(l, dP, G) if want_dx else None
+
+
+def adjoints(run, l, X, lay, A, act):
+    """(T+1,B,H): ∂L/∂h_0, then the adjoints a_1..a_T that the full sweep leaves in A"""
+    _, d0, _ = backward(run, l, X, lay, A, act, np.ones(A.shape[0], A.dtype), False)
+    return run.prepended(d0[0], A)
 
 
 def weight_grads(run, l, X, lay, dP, dR):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 from numba import cuda
 
 from .products import gemm, launch, scaled, sigmoid
@@ -151,6 +152,12 @@ def backward(run, l, X, lay, A, act, xi, want_dx, end=None, dC=None):
     dc0 = scaled(float(xi[0]), carry)
     return (weight_grads(run, l, X, lay, dZ, dZ), (run.cross(dZ[0], W_hh, xi[0]), dc0),
             run.input_adjoint(l, dZ, G) if want_dx else None)
+
+
+def adjoints(run, l, X, lay, A, act):
+    """(T+1,B,H): ∂L/∂h_0, then the adjoints a_1..a_T that the full sweep leaves in A"""
+    _, d0, _ = backward(run, l, X, lay, A, act, np.ones(A.shape[0], A.dtype), False)
+    return run.prepended(d0[0], A)
 
 
 def weight_grads(run, l, X, lay, dP, dR):
