@@ -295,8 +295,8 @@ def _run_diagnose(args):
                                  batch_size=args.batch_size, seeds=args.seeds, train_epochs=args.train_epochs,
                                  history=history, report=args.report, json_path=args.json, seed=args.seed,
                                  progress=not args.quiet)
-    except ValueError as e:
-        if args.init and str(e).startswith("params: the model's hidden states"):    # the --scale drawn
+    except diagnostics.StatesOverflow as e:
+        if args.init:                           # the weights are the --scale drawn
             raise ValueError(f"--scale: {str(e).partition(': ')[2]}; use a smaller --scale") from None
         raise
     except TrainingInterrupted:                 # Ctrl-C in part 4's training: as anywhere else

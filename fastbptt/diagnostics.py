@@ -416,6 +416,10 @@ def check_splits(n_tokens, num_steps, batch_size):
                          f"(use a longer text)")
 
 
+class StatesOverflow(ValueError):
+    """The probe's forward overflows: nothing of the model can be measured."""
+
+
 def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activation="tanh",
         num_steps=32, batch_size=32, seeds=30, train_epochs=10, history=None, report=None,
         json_path=None, seed=0, progress=True):
@@ -427,8 +431,8 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
     check_splits(len(ids), num_steps, batch_size)
     X, Y = probe_batch(ids, num_steps, batch_size, seed)
     if not np.isfinite(api.rnn_forward(params, X, activation=activation)).all():
-        raise ValueError("params: the model's hidden states on the probe batch overflow to non-finite values "
-                         "(its weights are too large to study)")
+        raise StatesOverflow("params: the model's hidden states on the probe batch overflow to non-finite values "
+                             "(its weights are too large to study)")
     steps = tqdm(total=5, disable=not progress, desc="diagnose", unit="part")
     lags = {"model": lag_norms(params, X, Y, activation=activation)}
     for r in RADII if cell == "rnn" else ():
