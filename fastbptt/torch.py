@@ -53,7 +53,9 @@ afresh.
 Parameters must be float32 or float64 (the compute dtype); under ``torch.autocast`` a
 lower-precision input runs in it too, and the outputs are of it (autocast's later ops cast them
 as they need).  The gradients are not differentiable again (a second backward raises
-``RuntimeError``); ``torch.func.grad`` works, ``torch.func.vmap`` does not.  ``torch.export``
+``RuntimeError``); ``torch.func.grad`` works, ``torch.func.vmap`` (and ``jacrev``, ``jacfwd``,
+``hessian``) raise ``NotImplementedError``.  Under ``torch.compile`` the module runs as its own
+graph break (``fullgraph=True`` cannot hold it).  ``torch.export``
 and TorchScript (``torch.jit.script``/``trace``, ONNX) raise ``NotImplementedError``: export
 the ``torch.nn`` module with the same state_dict instead.
 """
@@ -246,11 +248,20 @@ def _nonzero(g):
     return g is not None and bool(g.any())
 
 
+def _no_vmap(info, in_dims, *args):
+    """torch.func.vmap of a fastbptt call (and jacrev, jacfwd, hessian, made of it): a clear error,
+    not torch's advice to write a vmap rule for an internal class"""
+    raise NotImplementedError("fastbptt.torch: torch.func.vmap, and jacrev, jacfwd and hessian, which run on it, "
+                              "are not supported (one fastbptt call takes the whole batch already: give the "
+                              "batch as B); use the torch.nn module with the same state_dict for them")
+
+
 class _Function(torch.autograd.Function):
     """(output (T,B,H), h_n (L,B,H)[, c_n][, the top layer's c_1..c_T (T,B,H) with
     ``cfg.cell_states``]) = the stack on X (T,B,D) dense or (T,B) ids from (h0, c0) (None:
     zeros), one fastbptt call each way.  The forward and its context apart
     (``setup_context``), as torch.func's transforms (``torch.func.grad``) need."""
+    vmap = staticmethod(_no_vmap)
 
     @staticmethod
     def forward(cfg, X, h0, c0, *weights):
@@ -309,6 +320,7 @@ class _Gradients(torch.autograd.Function):
     one fastbptt backward from what the forward kept.  A Function of its own, so that torch.func's
     transforms (``torch.func.grad``) hand its numpy and numba calls plain tensors; it has no
     backward of its own (no double backward)."""
+    vmap = staticmethod(_no_vmap)
 
     @staticmethod
     def forward(cfg, kept, needs, X, h0, c0, d_out, d_hn, d_cn, d_cs, *weights):

@@ -334,6 +334,15 @@ def test_under_torch_func_grad(kind):
         gx.sum().backward()
 
 
+def test_vmap_and_the_transforms_on_it_say_they_are_not_supported():
+    from torch.func import jacrev, vmap
+    m, _ = pair(list(KINDS)[0], 1)
+    X = inputs(1, False, torch.float64, m, False)[0]
+    for transform, arg in ((vmap, torch.stack([X, X])), (jacrev, X)):
+        with pytest.raises(NotImplementedError, match="^fastbptt.torch: torch.func.vmap, and jacrev"):
+            transform(lambda x: m(x)[0])(arg)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("name", ["weight_hh_l1", "bias_ih_l0", "bias_hh_l1"])
 def test_a_second_backward_through_any_weight_raises(kind, name):
