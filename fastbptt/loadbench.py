@@ -13,7 +13,9 @@ never spins).  Above 1: fastbptt is faster there.
     one-core         the process pinned to one core, threads as usual
 
 Measurements run in child processes (``python -m fastbptt.loadbench --child ...``) with
-a warm kernel cache and plan (the parent makes one call first).
+a warm kernel cache and plan (the parent makes one call first); each child's timed calls
+follow ``bench.warmup_calls()`` untimed ones, as ``fastbptt bench``'s do: the steady state,
+after the engine's first choice of its thread count (docs/performance.md, "under load").
 """
 from __future__ import annotations
 
@@ -57,8 +59,8 @@ def child(system, configs, budget, cell="rnn"):
     for name in configs:
         params, X, Y, h0 = bench.config_workload(shapes[name], cell)
         fn = bench.make_fastbptt(params, X, Y, h0) if system == "fastbptt" else peers.make_numpy(params, X, Y, h0)
-        fn()
-        fn()
+        for _ in range(bench.warmup_calls()):      # compiles, caches, the engine's first thread count
+            fn()
         times, end = [], time.perf_counter() + budget
         while len(times) < 5 or time.perf_counter() < end:
             t = time.perf_counter()

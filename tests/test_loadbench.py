@@ -35,6 +35,16 @@ def test_a_child_times_the_gated_cell_on_its_shape(cell, capsys):
     assert set(out["ms"]) == {"latency"} and out["ms"]["latency"] > 0 and out["cores"] >= 1
 
 
+def test_a_child_times_only_calls_after_the_benchs_warm_up(capsys, monkeypatch):
+    # the engine chooses its thread count over its first calls: those are not timed
+    calls, stamps = [], iter(range(10**6))
+    monkeypatch.setattr(bench, "make_fastbptt", lambda *a: lambda: calls.append(len(calls)))
+    monkeypatch.setattr(loadbench.time, "perf_counter", lambda: float(next(stamps)))
+    loadbench.child("fastbptt", ["latency"], 0.0, "rnn")
+    capsys.readouterr()
+    assert len(calls) == bench.warmup_calls() + 5                      # then five timed, budget 0
+
+
 def test_measure_runs_fresh_processes_of_the_cell():
     ms = loadbench.measure("numpy-1thread", "quiet", ["latency"], 0.0, "lstm")
     assert set(ms) == {"latency"} and ms["latency"] > 0
