@@ -120,6 +120,11 @@ def _run_train(args):
     root = comm.rank == 0
     fields = {f.name for f in dataclasses.fields(tr.TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    for flag, value, default in (("--overwrite", args.overwrite, False),
+                                 ("--checkpoint-every", args.checkpoint_every, 1)):
+        if root and args.checkpoint is None and value != default:       # given, with nothing to apply it to
+            warnings.warn(f"{flag}: applies to the checkpoint, and none is written (no --checkpoint)",
+                          RuntimeWarning, stacklevel=2)
     try:
         if args.resume and args.checkpoint is None:
             raise distributed.collective(ValueError("--resume: needs --checkpoint PATH of the run to continue"))
@@ -138,6 +143,9 @@ def _run_train(args):
     except (ValueError, TypeError, MissingExtra, OSError) as e:
         if not root and distributed.is_collective(e):
             return EXIT_USAGE            # rank 0 says it
+        if str(e).startswith("resume: options conflict"):       # the config's fields as the flags that set them
+            e.args = (re.sub(r"(: |; )([a-z_]+)=", lambda m: f"{m.group(1)}--{m.group(2).replace('_', '-')} ",
+                             str(e)),)
         raise
     if not root:
         return 0

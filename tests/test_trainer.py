@@ -306,6 +306,13 @@ def test_divergence_stops_keeps_the_checkpoint_and_exits_3(tmp_path, capsys):
     assert ck.read_bytes() == before
 
 
+@pytest.mark.parametrize("argv, flag", [(["--overwrite"], "--overwrite"),
+                                        (["--checkpoint-every", 3], "--checkpoint-every")])
+def test_a_checkpoints_option_without_checkpoint_warns(argv, flag):
+    with pytest.warns(RuntimeWarning, match=f"^{flag}: applies to the checkpoint, and none is written"):
+        assert run_cli(*TINY_ARGV, "--epochs", 1, *argv) == 0
+
+
 def test_a_diverging_train_call_names_the_configs_fields_not_the_flags():
     # trainer.train from Python: its message speaks of its own arguments (the CLI's, of --lr)
     with pytest.raises(trainer.TrainingDiverged) as got:
@@ -432,7 +439,8 @@ def test_cli_train_then_generate_every_cell(tmp_path, capsys, cell, layers):
     assert run_cli("train", "--cell", "rnn" if cell != "rnn" else "lstm", "--epochs", 3, "--checkpoint", ck,
                    "--resume", "--quiet") == 2
     assert cli_error(capsys, "train").startswith("--resume: options conflict with the checkpoint's "
-                                                 "configuration: cell=")
+                                                 f"configuration: --cell '{'rnn' if cell != 'rnn' else 'lstm'}' "
+                                                 f"(checkpoint: '{cell}')")
     assert run_cli("generate", "--checkpoint", ck, "--prefix", "the time", "--length", 20) == 0
     text = capsys.readouterr().out
     assert text.startswith("the time") and len(text) == len("the time") + 20 + 1     # and "\n"
