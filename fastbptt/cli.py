@@ -121,7 +121,7 @@ def _run_train(args):
     fields = {f.name for f in dataclasses.fields(tr.TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     for flag, value, default in (("--overwrite", args.overwrite, False),
-                                 ("--checkpoint-every", args.checkpoint_every, 1)):
+                                 ("--checkpoint-every", max(1, args.checkpoint_every), 1)):   # < 1: an error below
         if root and args.checkpoint is None and value != default:       # given, with nothing to apply it to
             warnings.warn(f"{flag}: applies to the checkpoint, and none is written (no --checkpoint)",
                           RuntimeWarning, stacklevel=2)
