@@ -1,5 +1,6 @@
 """What a run needs, checked before it does any work: the optional dependencies (extras) and
-hardware a feature asked for, and folders the outputs can be written into.
+hardware a feature asked for, and folders the outputs can be written into; and how the outputs
+are written (whole, and as strict JSON).
 
 Each check raises with a one-line message that starts with the parameter that asked for it
 (``plot: …``); the command line replaces that with the flag (``--plot: …``).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -112,6 +114,18 @@ def written_whole(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def json_safe(x):
+    """``x`` with every non-finite float as None: JSON's null (NaN and inf are not JSON, and
+    strict parsers refuse them); dicts, lists and tuples gone through"""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def check_output(what, path, *, replaced=False):

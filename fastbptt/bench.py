@@ -16,7 +16,6 @@ torch-scratch and jax.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -26,7 +25,7 @@ import numpy as np
 
 from . import api, peers
 from ._plot import pyplot, save
-from ._preflight import written_whole
+from ._preflight import json_safe, written_whole
 
 #: name: (T, B, V, H) — V = D = Q
 CONFIGS = {
@@ -502,18 +501,6 @@ def sweep_figure(path):
     return f"{root}-sweep{ext or '.png'}"
 
 
-def _json_safe(x):
-    """``x`` with every non-finite float as None (JSON's null: NaN is not JSON, and a peer
-    skipped or not timed has no time)"""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def _run_cli(args):
     known = configs_of(args.cell)
     chosen, args.configs = args.configs, args.configs or list(known)
@@ -541,7 +528,7 @@ def _run_cli(args):
                                     "speedup"), r)) for r in rows_load]
     if args.json:
         with written_whole(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(_json_safe(result), f, indent=1, allow_nan=False)
+            json.dump(json_safe(result), f, indent=1, allow_nan=False)
     if args.markdown:
         with written_whole(args.markdown) as tmp, open(tmp, "w") as f:
             f.write(markdown(rows, info))

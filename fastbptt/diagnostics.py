@@ -33,7 +33,7 @@ import numpy as np
 
 from . import api, data
 from ._plot import pyplot, save
-from ._preflight import written_whole
+from ._preflight import json_safe, written_whole
 from .truncation import Randomized, Truncated
 
 #: the validation share of the texts part 4 (the book figure) trains on
@@ -467,7 +467,7 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
         _write_text(out / "report.md", write_report(result))
         paths.append(out / "diagnostics.json")          # the report's numbers, beside it
     for path in filter(None, paths):
-        _write_text(path, json.dumps(result, indent=1))
+        _write_text(path, json.dumps(json_safe(result), indent=1, allow_nan=False))
     return result
 
 
