@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import importlib.util
 import math
 import os
@@ -116,15 +117,26 @@ def written_whole(path):
         tmp.unlink(missing_ok=True)
 
 
-def json_safe(x):
+def write_text_whole(path, text):
+    """``text`` into ``path``, written whole (written_whole)"""
+    with written_whole(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_whole(path, obj):
+    """``obj`` as strict JSON into ``path``, written whole: a non-finite number as null (_json_safe)"""
+    write_text_whole(path, json.dumps(_json_safe(obj), indent=1, allow_nan=False))
+
+
+def _json_safe(x):
     """``x`` with every non-finite float as None: JSON's null (NaN and inf are not JSON, and
     strict parsers refuse them); dicts, lists and tuples gone through"""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
+        return {k: _json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
+        return [_json_safe(v) for v in x]
     return x
 
 

@@ -15,7 +15,6 @@ torch-scratch and jax.
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 from . import api, peers
 from ._plot import pyplot, save
-from ._preflight import json_safe, written_whole
+from ._preflight import write_json_whole, write_text_whole
 
 #: name: (T, B, V, H) — V = D = Q
 CONFIGS = {
@@ -527,11 +526,9 @@ def _run_cli(args):
         result["load"] = [dict(zip(("condition", "config", "fastbptt_ms", "numpy_ms", "numpy_1thread_ms",
                                     "speedup"), r)) for r in rows_load]
     if args.json:
-        with written_whole(args.json) as tmp, open(tmp, "w") as f:
-            json.dump(json_safe(result), f, indent=1, allow_nan=False)
+        write_json_whole(args.json, result)
     if args.markdown:
-        with written_whole(args.markdown) as tmp, open(tmp, "w") as f:
-            f.write(markdown(rows, info))
+        write_text_whole(args.markdown, markdown(rows, info))
     if args.plot:
         plot(rows, args.plot)
     return 0

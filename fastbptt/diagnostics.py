@@ -24,7 +24,6 @@ no eigenvalues, no rescaled spectral radius.  Parts 3 and 4 take the whole model
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 
 from . import api, data
 from ._plot import pyplot, save
-from ._preflight import json_safe, written_whole
+from ._preflight import write_json_whole, write_text_whole
 from .truncation import Randomized, Truncated
 
 #: the validation share of the texts part 4 (the book figure) trains on
@@ -464,22 +463,16 @@ def run(params, vocab, ids, *, text=None, tokenize="book", max_chars=None, activ
         plot_truncation(trunc, out / "truncation.png")
         plot_book_figure(book, out / "book_figure.png")
         plot_clipping(clip, out / "clipping.png")
-        _write_text(out / "report.md", write_report(result))
+        write_text_whole(out / "report.md", write_report(result))
         paths.append(out / "diagnostics.json")          # the report's numbers, beside it
     for path in filter(None, paths):
-        _write_text(path, json.dumps(json_safe(result), indent=1, allow_nan=False))
+        write_json_whole(path, result)
     return result
 
 
 #: the files ``run`` writes into its report folder
 REPORT_FILES = ("lag_norms.png", "spectrum.png", "truncation.png", "book_figure.png", "clipping.png",
                 "report.md", "diagnostics.json")
-
-
-def _write_text(path, text):
-    """``text`` into ``path``, written whole (a failed write leaves the file before as it was)"""
-    with written_whole(path) as tmp:
-        Path(tmp).write_text(text)
 
 
 def _decay_rate(norms):

@@ -27,7 +27,7 @@ import numpy as np
 from . import api, data, distributed
 from ._plot import pyplot, save
 from ._preflight import (check_distinct, check_figure, check_input, check_output, figure_file, require_cuda,
-                         require_matplotlib, written_whole)
+                         require_matplotlib, write_text_whole, written_whole)
 from .corpus import split, token_ids
 from .truncation import Randomized, Truncated
 
@@ -874,8 +874,7 @@ def _write_json_log(path, history):
     buf = io.StringIO()
     for row in history:
         buf.write(json.dumps({k: row[k] for k in LOG_KEYS + ("partial",) if k in row}) + "\n")
-    with written_whole(path) as tmp:
-        tmp.write_text(buf.getvalue())
+    write_text_whole(path, buf.getvalue())
 
 
 def plot_history(history, path):
